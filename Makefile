@@ -1,0 +1,42 @@
+# Switchboard: the verbs. `make run` starts everything locally, `make test` passes the suite.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+UV_VERSION := 0.13.8
+UV := .cache/uv-venv/bin/uv
+VENV := .venv
+export UV_PYTHON_DOWNLOADS := never
+
+.PHONY: run test lint format proto bench setup clean
+
+run: setup ## start Redis, the simulator (without OPENAI_API_KEY) and the four services
+	$(VENV)/bin/python -m tools.stack
+
+test: setup ## the whole suite: unit, integration (real Redis, gRPC) and end-to-end
+	$(VENV)/bin/python -m pytest
+
+lint: setup ## ruff (lint + format check) and mypy (strict on services/)
+	$(VENV)/bin/ruff check services tools tests
+	$(VENV)/bin/ruff format --check services tools tests
+	$(VENV)/bin/mypy
+
+format: setup
+	$(VENV)/bin/ruff check --fix services tools tests
+	$(VENV)/bin/ruff format services tools tests
+
+proto: setup ## regenerate services/switchboard/v1 from proto/switchboard/v1
+	$(VENV)/bin/python tools/genproto.py
+
+bench: setup ## time to first token and tokens/s: gateway vs the simulator directly
+	$(VENV)/bin/python -m tools.bench_ttft
+
+setup: $(VENV)/.synced
+
+$(UV):
+	$(PYTHON) -m venv .cache/uv-venv
+	.cache/uv-venv/bin/pip install --quiet uv==$(UV_VERSION)
+
+$(VENV)/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --python $(PYTHON)
+	touch $@
+
+clean:
+	rm -rf $(VENV) .cache .run .pytest_cache .mypy_cache .ruff_cache
