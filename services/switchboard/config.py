@@ -1,0 +1,234 @@
+"""Settings: loaded once at start from the environment, validated, passed explicitly.
+
+Each service has a frozen dataclass built by `from_environ(environ)`; tests pass
+a dict instead of patching `os.environ`. Variables are named
+`SWITCHBOARD_<SERVICE>_<NAME>` (shared ones `SWITCHBOARD_<NAME>`), and a bad
+value fails start-up with a `ConfigError` that names the variable. Secrets are
+held in `Secret`, which never prints itself. docs/configuration.md lists them all.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+class Secret:
+    """A secret string that shows as `Secret('***')` in logs, reprs and tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+class Env:
+    """Typed reads from an environment mapping; errors name the variable."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self._environ = os.environ if environ is None else environ
+
+    def string(self, key: str, default: str) -> str:
+        value = self._environ.get(key)
+        return default if value is None or value == "" else value
+
+    def optional(self, key: str) -> str | None:
+        value = self._environ.get(key)
+        return value if value else None
+
+    def integer(
+        self, key: str, default: int, *, minimum: int = 0, maximum: int | None = None
+    ) -> int:
+        raw = self._environ.get(key)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{key} must be an integer, got {raw!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise ConfigError(f"{key} must be {bound}, got {value}")
+        return value
+
+    def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
+        raw = self._environ.get(key)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{key} must be a number, got {raw!r}") from None
+        if value < minimum:
+            raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+        return value
+
+    def address(self, key: str, default: str) -> str:
+        value = self.string(key, default)
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(f"{key} must be HOST:PORT, got {value!r}")
+        return value
+
+    def url(self, key: str, default: str, *, schemes: tuple[str, ...]) -> str:
+        value = self.string(key, default)
+        parts = urlsplit(value)
+        if parts.scheme not in schemes or not parts.netloc:
+            raise ConfigError(f"{key} must be a {'/'.join(schemes)} URL, got {value!r}")
+        return value
+
+    def secret(self, key: str) -> Secret | None:
+        value = self._environ.get(key)
+        return Secret(value) if value else None
+
+
+DEFAULT_SESSION_ADDRESS = "127.0.0.1:50051"
+DEFAULT_BROKER_ADDRESS = "127.0.0.1:50052"
+DEFAULT_TOOLEXEC_ADDRESS = "127.0.0.1:50053"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_MODEL = "gpt-realtime"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    host: str
+    port: int
+    session_target: str
+    broker_target: str
+    toolexec_target: str
+    # `tenant=sha256hex` pairs: which key hash belongs to which tenant.
+    tenant_keys: str
+    default_model: str
+    # Text frames larger than this get a `frame_too_large` error and are dropped.
+    max_event_bytes: int
+    # Frames larger than this close the connection with 1009 (the transport cap).
+    max_frame_bytes: int
+    # Server events buffered per connection before the response stream waits.
+    send_queue_events: int
+    # Deadline of unary calls to the backends.
+    rpc_timeout_s: float
+    log_level: str
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> GatewaySettings:
+        env = Env(environ)
+        max_event = env.integer("SWITCHBOARD_GATEWAY_MAX_EVENT_BYTES", 256 * 1024, minimum=1024)
+        max_frame = env.integer(
+            "SWITCHBOARD_GATEWAY_MAX_FRAME_BYTES", 4 * 1024 * 1024, minimum=1024
+        )
+        if max_frame < max_event:
+            raise ConfigError(
+                "SWITCHBOARD_GATEWAY_MAX_FRAME_BYTES must be >= SWITCHBOARD_GATEWAY_MAX_EVENT_BYTES"
+            )
+        return cls(
+            host=env.string("SWITCHBOARD_GATEWAY_HOST", "127.0.0.1"),
+            port=env.integer("SWITCHBOARD_GATEWAY_PORT", 8080, maximum=65535),
+            session_target=env.address(
+                "SWITCHBOARD_GATEWAY_SESSION_TARGET", DEFAULT_SESSION_ADDRESS
+            ),
+            broker_target=env.address("SWITCHBOARD_GATEWAY_BROKER_TARGET", DEFAULT_BROKER_ADDRESS),
+            toolexec_target=env.address(
+                "SWITCHBOARD_GATEWAY_TOOLEXEC_TARGET", DEFAULT_TOOLEXEC_ADDRESS
+            ),
+            tenant_keys=env.string("SWITCHBOARD_TENANT_KEYS", ""),
+            default_model=env.string("SWITCHBOARD_GATEWAY_DEFAULT_MODEL", DEFAULT_MODEL),
+            max_event_bytes=max_event,
+            max_frame_bytes=max_frame,
+            send_queue_events=env.integer("SWITCHBOARD_GATEWAY_SEND_QUEUE_EVENTS", 256, minimum=8),
+            rpc_timeout_s=env.number("SWITCHBOARD_GATEWAY_RPC_TIMEOUT_S", 5.0, minimum=0.1),
+            log_level=env.string("SWITCHBOARD_LOG_LEVEL", "INFO"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    listen: str
+    redis_url: Secret
+    # Idle sessions (and their items) expire after this long.
+    session_ttl_s: int
+    # Budget of the context sent to the model when a call does not set one.
+    context_tokens: int
+    log_level: str
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> SessionSettings:
+        env = Env(environ)
+        redis_url = env.url(
+            "SWITCHBOARD_REDIS_URL", DEFAULT_REDIS_URL, schemes=("redis", "rediss", "unix")
+        )
+        return cls(
+            listen=env.address("SWITCHBOARD_SESSION_LISTEN", DEFAULT_SESSION_ADDRESS),
+            redis_url=Secret(redis_url),
+            session_ttl_s=env.integer("SWITCHBOARD_SESSION_TTL_S", 24 * 3600, minimum=60),
+            context_tokens=env.integer("SWITCHBOARD_SESSION_CONTEXT_TOKENS", 16_000, minimum=64),
+            log_level=env.string("SWITCHBOARD_LOG_LEVEL", "INFO"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    listen: str
+    # Any OpenAI-compatible base URL, e.g. https://api.openai.com/v1.
+    upstream_base_url: str
+    upstream_api_key: Secret
+    # Upstream model used for every requested model, when set (e.g. a realtime
+    # model name mapped to a chat model).
+    upstream_model: str | None
+    connect_timeout_s: float
+    # Longest silence allowed between two chunks of an upstream stream.
+    read_timeout_s: float
+    log_level: str
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> BrokerSettings:
+        env = Env(environ)
+        key = env.secret("SWITCHBOARD_BROKER_UPSTREAM_API_KEY") or env.secret("OPENAI_API_KEY")
+        default_url = env.string("OPENAI_BASE_URL", "https://api.openai.com/v1")
+        return cls(
+            listen=env.address("SWITCHBOARD_BROKER_LISTEN", DEFAULT_BROKER_ADDRESS),
+            upstream_base_url=env.url(
+                "SWITCHBOARD_BROKER_UPSTREAM_URL", default_url, schemes=("http", "https")
+            ),
+            upstream_api_key=key or Secret(""),
+            upstream_model=env.optional("SWITCHBOARD_BROKER_UPSTREAM_MODEL"),
+            connect_timeout_s=env.number("SWITCHBOARD_BROKER_CONNECT_TIMEOUT_S", 5.0, minimum=0.1),
+            read_timeout_s=env.number("SWITCHBOARD_BROKER_READ_TIMEOUT_S", 60.0, minimum=0.1),
+            log_level=env.string("SWITCHBOARD_LOG_LEVEL", "INFO"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ToolExecSettings:
+    listen: str
+    log_level: str
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> ToolExecSettings:
+        env = Env(environ)
+        return cls(
+            listen=env.address("SWITCHBOARD_TOOLEXEC_LISTEN", DEFAULT_TOOLEXEC_ADDRESS),
+            log_level=env.string("SWITCHBOARD_LOG_LEVEL", "INFO"),
+        )

@@ -1,0 +1,272 @@
+"""The one catalogue of Switchboard errors and how each crosses every transport.
+
+`ErrorCode` comes from the proto (switchboard.v1.ErrorCode). Each code has one
+`Spec`: the gRPC status a backend answers with, the HTTP status of a refused
+request, the Realtime `error.type`, and the WebSocket close code when the error
+ends the connection. Services raise a `SwitchboardError` subclass; the transports
+translate it with the helpers here, so a code means the same thing everywhere.
+The table is documented for users in docs/errors.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from switchboard.v1 import common_pb2
+
+ErrorCode = common_pb2.ErrorCode
+
+# Trailing-metadata key that carries the code across a gRPC call.
+GRPC_CODE_KEY = "switchboard-error-code"
+GRPC_PARAM_KEY = "switchboard-error-param"
+GRPC_RETRY_KEY = "switchboard-retry-after"
+
+INVALID_REQUEST = "invalid_request_error"
+SERVER_ERROR = "server_error"
+AUTH_ERROR = "authentication_error"
+RATE_LIMIT = "rate_limit_error"
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    grpc_status: grpc.StatusCode
+    http_status: int
+    error_type: str
+    # WebSocket close code when this error ends a connection; None keeps it open.
+    close_code: int | None = None
+    retryable: bool = False
+
+
+_C = common_pb2
+SPECS: dict[int, Spec] = {
+    _C.ERROR_CODE_INVALID_JSON: Spec(grpc.StatusCode.INVALID_ARGUMENT, 400, INVALID_REQUEST),
+    _C.ERROR_CODE_BINARY_FRAME_UNSUPPORTED: Spec(
+        grpc.StatusCode.INVALID_ARGUMENT, 400, INVALID_REQUEST
+    ),
+    _C.ERROR_CODE_FRAME_TOO_LARGE: Spec(grpc.StatusCode.INVALID_ARGUMENT, 413, INVALID_REQUEST),
+    _C.ERROR_CODE_UNKNOWN_EVENT_TYPE: Spec(grpc.StatusCode.INVALID_ARGUMENT, 400, INVALID_REQUEST),
+    _C.ERROR_CODE_MISSING_REQUIRED_PARAMETER: Spec(
+        grpc.StatusCode.INVALID_ARGUMENT, 400, INVALID_REQUEST
+    ),
+    _C.ERROR_CODE_INVALID_VALUE: Spec(grpc.StatusCode.INVALID_ARGUMENT, 400, INVALID_REQUEST),
+    _C.ERROR_CODE_UNKNOWN_PARAMETER: Spec(grpc.StatusCode.INVALID_ARGUMENT, 400, INVALID_REQUEST),
+    _C.ERROR_CODE_UNSUPPORTED_FEATURE: Spec(grpc.StatusCode.UNIMPLEMENTED, 400, INVALID_REQUEST),
+    _C.ERROR_CODE_ITEM_NOT_FOUND: Spec(grpc.StatusCode.NOT_FOUND, 404, INVALID_REQUEST),
+    _C.ERROR_CODE_CONVERSATION_ALREADY_HAS_ACTIVE_RESPONSE: Spec(
+        grpc.StatusCode.FAILED_PRECONDITION, 409, INVALID_REQUEST
+    ),
+    _C.ERROR_CODE_RESPONSE_CANCEL_NOT_ACTIVE: Spec(
+        grpc.StatusCode.FAILED_PRECONDITION, 409, INVALID_REQUEST
+    ),
+    _C.ERROR_CODE_SESSION_NOT_FOUND: Spec(grpc.StatusCode.NOT_FOUND, 404, INVALID_REQUEST, 4004),
+    _C.ERROR_CODE_INVALID_API_KEY: Spec(grpc.StatusCode.UNAUTHENTICATED, 401, AUTH_ERROR, 4001),
+    _C.ERROR_CODE_MODEL_NOT_ALLOWED: Spec(
+        grpc.StatusCode.PERMISSION_DENIED, 403, INVALID_REQUEST, 4003
+    ),
+    _C.ERROR_CODE_PERMISSION_DENIED: Spec(grpc.StatusCode.PERMISSION_DENIED, 403, AUTH_ERROR, 4003),
+    _C.ERROR_CODE_RATE_LIMIT_EXCEEDED: Spec(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, 429, RATE_LIMIT, retryable=True
+    ),
+    _C.ERROR_CODE_INSUFFICIENT_QUOTA: Spec(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, 429, RATE_LIMIT, 4029
+    ),
+    _C.ERROR_CODE_SERVER_BUSY: Spec(grpc.StatusCode.UNAVAILABLE, 503, SERVER_ERROR, 1013, True),
+    _C.ERROR_CODE_SLOW_CONSUMER: Spec(grpc.StatusCode.RESOURCE_EXHAUSTED, 503, SERVER_ERROR, 4008),
+    _C.ERROR_CODE_SESSION_STORE_UNAVAILABLE: Spec(
+        grpc.StatusCode.UNAVAILABLE, 503, SERVER_ERROR, retryable=True
+    ),
+    _C.ERROR_CODE_SERVICE_UNAVAILABLE: Spec(
+        grpc.StatusCode.UNAVAILABLE, 503, SERVER_ERROR, retryable=True
+    ),
+    _C.ERROR_CODE_UPSTREAM_ERROR: Spec(grpc.StatusCode.UNAVAILABLE, 502, SERVER_ERROR, None, True),
+    _C.ERROR_CODE_UPSTREAM_RATE_LIMITED: Spec(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, 429, RATE_LIMIT, None, True
+    ),
+    _C.ERROR_CODE_UPSTREAM_TIMEOUT: Spec(
+        grpc.StatusCode.DEADLINE_EXCEEDED, 504, SERVER_ERROR, None, True
+    ),
+    _C.ERROR_CODE_UPSTREAM_STREAM_BROKEN: Spec(grpc.StatusCode.ABORTED, 502, SERVER_ERROR),
+    _C.ERROR_CODE_TOOL_NOT_FOUND: Spec(grpc.StatusCode.NOT_FOUND, 404, INVALID_REQUEST),
+    _C.ERROR_CODE_TOOL_NOT_ALLOWED: Spec(grpc.StatusCode.PERMISSION_DENIED, 403, INVALID_REQUEST),
+    _C.ERROR_CODE_TOOL_INVALID_ARGUMENTS: Spec(
+        grpc.StatusCode.INVALID_ARGUMENT, 400, INVALID_REQUEST
+    ),
+    _C.ERROR_CODE_TOOL_TIMEOUT: Spec(grpc.StatusCode.DEADLINE_EXCEEDED, 504, SERVER_ERROR),
+    _C.ERROR_CODE_TOOL_EXECUTION_FAILED: Spec(grpc.StatusCode.INTERNAL, 502, SERVER_ERROR),
+    _C.ERROR_CODE_INTERNAL_ERROR: Spec(grpc.StatusCode.INTERNAL, 500, SERVER_ERROR, 1011),
+}
+
+_PREFIX = "ERROR_CODE_"
+
+
+def code_name(code: int) -> str:
+    """The wire name of a code: `ERROR_CODE_ITEM_NOT_FOUND` -> `item_not_found`."""
+    return ErrorCode.Name(code).removeprefix(_PREFIX).lower()  # type: ignore[arg-type]
+
+
+def code_from_name(name: str) -> int | None:
+    """The inverse of `code_name`; None for a name that is not in the catalogue."""
+    try:
+        return int(ErrorCode.Value(_PREFIX + name.upper()))
+    except ValueError:
+        return None
+
+
+def spec(code: int) -> Spec:
+    return SPECS.get(code, SPECS[common_pb2.ERROR_CODE_INTERNAL_ERROR])
+
+
+class SwitchboardError(Exception):
+    """An error with a stable code. Its message is safe to show to the client.
+
+    Never put keys, tokens or prompt text in the message: it reaches clients and logs.
+    """
+
+    code: int = common_pb2.ERROR_CODE_INTERNAL_ERROR
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int | None = None,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+    @property
+    def name(self) -> str:
+        return code_name(self.code)
+
+    @property
+    def spec(self) -> Spec:
+        return spec(self.code)
+
+    def to_event_error(self, client_event_id: str | None = None) -> dict[str, Any]:
+        """The `error` object of a Realtime `error` event."""
+        return {
+            "type": self.spec.error_type,
+            "code": self.name,
+            "message": self.message,
+            "param": self.param,
+            "event_id": client_event_id,
+        }
+
+    def to_http_body(self) -> dict[str, Any]:
+        """An OpenAI-style JSON error body for an HTTP response."""
+        return {
+            "error": {
+                "type": self.spec.error_type,
+                "code": self.name,
+                "message": self.message,
+                "param": self.param,
+            }
+        }
+
+    def grpc_trailers(self) -> tuple[tuple[str, str], ...]:
+        trailers = [(GRPC_CODE_KEY, self.name)]
+        if self.param:
+            trailers.append((GRPC_PARAM_KEY, self.param))
+        if self.retry_after is not None:
+            trailers.append((GRPC_RETRY_KEY, f"{self.retry_after:.3f}"))
+        return tuple(trailers)
+
+
+class InvalidRequest(SwitchboardError):
+    """A client event that cannot be served as sent (code set per case)."""
+
+    code = common_pb2.ERROR_CODE_INVALID_VALUE
+
+
+class ItemNotFound(SwitchboardError):
+    code = common_pb2.ERROR_CODE_ITEM_NOT_FOUND
+
+
+class SessionNotFound(SwitchboardError):
+    code = common_pb2.ERROR_CODE_SESSION_NOT_FOUND
+
+
+class AuthenticationFailed(SwitchboardError):
+    code = common_pb2.ERROR_CODE_INVALID_API_KEY
+
+
+class SessionStoreUnavailable(SwitchboardError):
+    code = common_pb2.ERROR_CODE_SESSION_STORE_UNAVAILABLE
+
+
+class ServiceUnavailable(SwitchboardError):
+    code = common_pb2.ERROR_CODE_SERVICE_UNAVAILABLE
+
+
+class UpstreamError(SwitchboardError):
+    code = common_pb2.ERROR_CODE_UPSTREAM_ERROR
+
+
+class UpstreamRateLimited(SwitchboardError):
+    code = common_pb2.ERROR_CODE_UPSTREAM_RATE_LIMITED
+
+
+class UpstreamTimeout(SwitchboardError):
+    code = common_pb2.ERROR_CODE_UPSTREAM_TIMEOUT
+
+
+class UpstreamStreamBroken(SwitchboardError):
+    code = common_pb2.ERROR_CODE_UPSTREAM_STREAM_BROKEN
+
+
+class ServerBusy(SwitchboardError):
+    code = common_pb2.ERROR_CODE_SERVER_BUSY
+
+
+class InternalError(SwitchboardError):
+    code = common_pb2.ERROR_CODE_INTERNAL_ERROR
+
+
+async def abort_with(context: Any, error: SwitchboardError) -> None:
+    """Abort a grpc.aio servicer call with the error's status, code and message."""
+    context.set_trailing_metadata(error.grpc_trailers())
+    await context.abort(error.spec.grpc_status, error.message)
+
+
+def from_rpc_error(exc: grpc.RpcError, *, service: str) -> SwitchboardError:
+    """Rebuild the SwitchboardError a backend raised, from a failed gRPC call.
+
+    A call that failed without our trailers (the backend is down, a deadline
+    passed) becomes `service_unavailable` naming the service, never a traceback.
+    """
+    trailers = dict(_metadata(exc))
+    name = trailers.get(GRPC_CODE_KEY)
+    code = code_from_name(name) if name else None
+    if code is not None:
+        retry = trailers.get(GRPC_RETRY_KEY)
+        return SwitchboardError(
+            str(_details(exc)),
+            code=code,
+            param=trailers.get(GRPC_PARAM_KEY),
+            retry_after=float(retry) if retry else None,
+        )
+    status = exc.code() if hasattr(exc, "code") else None
+    if status == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ServiceUnavailable(f"The {service} service did not answer in time.")
+    if status == grpc.StatusCode.CANCELLED:
+        return ServiceUnavailable(f"The call to the {service} service was cancelled.")
+    return ServiceUnavailable(f"The {service} service is unavailable.")
+
+
+def _metadata(exc: grpc.RpcError) -> list[tuple[str, str]]:
+    getter = getattr(exc, "trailing_metadata", None)
+    raw = getter() if getter else None
+    return [(str(k), str(v)) for k, v in (raw or ())]
+
+
+def _details(exc: grpc.RpcError) -> str:
+    getter = getattr(exc, "details", None)
+    return str(getter() if getter else "") or "error"

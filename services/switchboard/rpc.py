@@ -1,0 +1,122 @@
+"""gRPC plumbing shared by the services: serving with health and drain, dialing.
+
+`serve()` runs a grpc.aio server with the standard `grpc.health.v1` service,
+optionally driven by a readiness probe (the session service reports NOT_SERVING
+while Redis does not answer), and on SIGTERM/SIGINT marks itself NOT_SERVING,
+stops accepting calls and lets in-flight calls finish for `grace_s`.
+`channel()` dials a backend with settings that reconnect fast after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+# Reconnect quickly after a backend restarts (gRPC's default backoff grows to
+# two minutes, which would keep a recovered backend unused for that long).
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
+def channel(target: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+async def check_health(target_channel: grpc.aio.Channel, timeout_s: float = 1.0) -> bool:
+    """True when the backend behind the channel answers SERVING."""
+    stub = health_pb2_grpc.HealthStub(target_channel)
+    try:
+        reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+    except grpc.RpcError:
+        return False
+    return bool(reply.status == SERVING)
+
+
+async def serve(
+    name: str,
+    listen: str,
+    register: Callable[[grpc.aio.Server], None],
+    *,
+    probe: Callable[[], Awaitable[bool]] | None = None,
+    probe_interval_s: float = 1.0,
+    grace_s: float = 10.0,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain for `grace_s`.
+
+    Args:
+        name: the full gRPC service name, reported by the health service.
+        listen: HOST:PORT to bind.
+        register: adds the service's servicers to the server.
+        probe: readiness check; while it returns False health is NOT_SERVING.
+    """
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {listen}")
+    await server.start()
+
+    async def set_status(status: int) -> None:
+        await health_servicer.set("", status)
+        await health_servicer.set(name, status)
+
+    await set_status(SERVING if probe is None else NOT_SERVING)
+    log.info("listening", extra={"address": listen, "grpc_service": name})
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    async def watch() -> None:
+        assert probe is not None
+        last: bool | None = None
+        while True:
+            try:
+                ok = await probe()
+            except Exception:
+                ok = False
+            if ok != last:
+                await set_status(SERVING if ok else NOT_SERVING)
+                log.info("readiness changed", extra={"ready": ok})
+                last = ok
+            await asyncio.sleep(probe_interval_s)
+
+    watcher = asyncio.create_task(watch()) if probe is not None else None
+    try:
+        await stop.wait()
+    finally:
+        log.info("draining", extra={"grace_s": grace_s})
+        if watcher is not None:
+            watcher.cancel()
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace_s)
+        log.info("stopped")

@@ -1,0 +1,53 @@
+"""Logs for every service: structured JSON, one event per line, no secrets.
+
+`configure_logging(service, level)` installs a JSON formatter on the root logger.
+Extra fields passed with `logger.info("...", extra={"tenant_id": ...})` are
+emitted as top-level keys. Messages must never carry keys, tokens or prompt
+text; log identifiers (tenant, session, response ids) instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+
+# LogRecord attributes that are not user-supplied `extra` fields.
+_STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        event: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "service": self.service,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                event[key] = value
+        if record.exc_info:
+            event["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(event, default=str).decode()
+
+
+def configure_logging(service: str, level: str = "INFO") -> None:
+    """Send every log record to stderr as one JSON object per line."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(service))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Library loggers that would otherwise print request lines with URLs.
+    for noisy in ("httpx", "httpcore", "openai", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
