@@ -97,7 +97,8 @@ class Env:
         value = self.string(key, default)
         parts = urlsplit(value)
         if parts.scheme not in schemes or not parts.netloc:
-            raise ConfigError(f"{key} must be a {'/'.join(schemes)} URL, got {value!r}")
+            # Name the variable but not the value: a URL may carry a password.
+            raise ConfigError(f"{key} must be a {'/'.join(schemes)} URL")
         return value
 
     def secret(self, key: str) -> Secret | None:

@@ -16,7 +16,13 @@ from typing import Any
 import orjson
 
 # LogRecord attributes that are not user-supplied `extra` fields.
-_STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+# uvicorn adds `color_message` and the protocol object `websocket` to its records.
+_STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {
+    "message",
+    "asctime",
+    "color_message",
+    "websocket",
+}
 
 
 class JsonFormatter(logging.Formatter):

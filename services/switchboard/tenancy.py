@@ -8,12 +8,15 @@ prints a fresh key and the line to configure for it.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
 
 from switchboard.config import ConfigError
 
 KEY_PREFIX = "sk-sb-"
+# Tenant ids become part of Redis keys and log fields: keep them plain.
+TENANT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,10 @@ class KeyRing:
                 bytes.fromhex(digest)
             except ValueError:
                 raise ConfigError(f"{variable}: {tenant_id.strip()!r} has a non-hex hash") from None
+            if not TENANT_ID.fullmatch(tenant_id.strip()):
+                raise ConfigError(
+                    f"{variable}: tenant id {tenant_id.strip()[:64]!r} must match {TENANT_ID.pattern}"
+                )
             hashes[digest] = Tenant(tenant_id.strip())
         return cls(hashes)
 

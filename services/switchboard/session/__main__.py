@@ -1,0 +1,58 @@
+"""Run the session service: `python -m switchboard.session`.
+
+Reads `SessionSettings` from the environment (a bad value exits with status 2 and
+a one-line message naming the variable), opens the Redis client, serves gRPC with
+a readiness probe that reports NOT_SERVING while Redis does not answer, and
+closes the client after the server has drained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from redis.asyncio.connection import parse_url
+
+from switchboard import rpc
+from switchboard.config import ConfigError, SessionSettings
+from switchboard.session.service import SERVICE_NAME, SessionServicer
+from switchboard.session.store import SessionStore, redis_client
+from switchboard.telemetry import configure_logging
+
+
+async def run(settings: SessionSettings, *, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then close the Redis client."""
+    client = redis_client(settings.redis_url.reveal())
+    try:
+        store = SessionStore(client, ttl_s=settings.session_ttl_s)
+        servicer = SessionServicer(store, default_context_tokens=settings.context_tokens)
+        await rpc.serve(
+            SERVICE_NAME, settings.listen, servicer.register, probe=store.ping, stop=stop
+        )
+    finally:
+        await client.aclose()
+
+
+def main() -> None:
+    try:
+        settings = SessionSettings.from_environ()
+        # Parse the URL now so a malformed one fails start-up, not the first call.
+        parse_url(settings.redis_url.reveal())
+    except ConfigError as exc:
+        print(f"session: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ValueError as exc:
+        # redis-py's messages name the bad part, never the URL (it may hold a password).
+        print(f"session: configuration error: SWITCHBOARD_REDIS_URL: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging("session", settings.log_level)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(run(settings))
+    else:
+        uvloop.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The grpc.aio servicer of `switchboard.v1.SessionService`.
+
+A thin layer over `SessionStore` and `build_context`: each RPC unpacks its
+request, calls the store, and packs the reply. Every `SwitchboardError` becomes a
+gRPC abort carrying its code in the trailing metadata (`abort_with`); anything
+else is logged with the tenant and session ids (never item text) and becomes
+`internal_error`, so a caller never sees a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from switchboard.errors import InternalError, SwitchboardError, abort_with
+from switchboard.session.context import build_context
+from switchboard.session.store import SessionStore
+from switchboard.v1 import common_pb2, session_pb2, session_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "switchboard.v1.SessionService"
+
+
+class _RpcErrors:
+    """Async context manager that aborts the RPC with the error raised inside it."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, method: str, request: Any) -> None:
+        self._context = context
+        self._method = method
+        self._request = request
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        # Returning None lets every exception continue; abort_with raises the
+        # gRPC abort in its place. Cancellation (a BaseException) passes untouched.
+        if not isinstance(exc, Exception):
+            return
+        ids = {
+            "rpc": self._method,
+            "tenant_id": getattr(self._request, "tenant_id", ""),
+            "session_id": getattr(self._request, "session_id", ""),
+        }
+        if isinstance(exc, SwitchboardError):
+            if exc.spec.grpc_status == grpc.StatusCode.UNAVAILABLE:
+                log.warning("session store unavailable", extra={**ids, "code": exc.name})
+            await abort_with(self._context, exc)
+            return
+        log.error("session call failed", exc_info=exc, extra=ids)
+        await abort_with(self._context, InternalError("The session service failed."))
+
+
+class SessionServicer(session_pb2_grpc.SessionServiceServicer):
+    """Serves SessionService from a `SessionStore`."""
+
+    def __init__(self, store: SessionStore, *, default_context_tokens: int) -> None:
+        """Args:
+        store: where sessions live; the caller owns its Redis client.
+        default_context_tokens: the context budget when a request sets none.
+        """
+        self._store = store
+        self._default_context_tokens = default_context_tokens
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add this servicer to a grpc.aio server (the `register` of `rpc.serve`)."""
+        session_pb2_grpc.add_SessionServiceServicer_to_server(self, server)
+
+    async def CreateSession(
+        self, request: session_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.Session:
+        async with _RpcErrors(context, "CreateSession", request):
+            return await self._store.create_session(request.tenant_id, request.config)
+
+    async def GetSession(
+        self, request: session_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.Session:
+        async with _RpcErrors(context, "GetSession", request):
+            return await self._store.get_session(request.tenant_id, request.session_id)
+
+    async def UpdateSession(
+        self, request: session_pb2.UpdateSessionRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.Session:
+        async with _RpcErrors(context, "UpdateSession", request):
+            return await self._store.update_session(
+                request.tenant_id, request.session_id, request.config
+            )
+
+    async def DeleteSession(
+        self, request: session_pb2.DeleteSessionRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.DeleteSessionResponse:
+        async with _RpcErrors(context, "DeleteSession", request):
+            await self._store.delete_session(request.tenant_id, request.session_id)
+            return session_pb2.DeleteSessionResponse()
+
+    async def AppendItem(
+        self, request: session_pb2.AppendItemRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.AppendItemResponse:
+        async with _RpcErrors(context, "AppendItem", request):
+            item, previous_item_id = await self._store.append_item(
+                request.tenant_id, request.session_id, request.item, request.previous_item_id
+            )
+            return session_pb2.AppendItemResponse(item=item, previous_item_id=previous_item_id)
+
+    async def GetItem(
+        self, request: session_pb2.GetItemRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.Item:
+        async with _RpcErrors(context, "GetItem", request):
+            return await self._store.get_item(
+                request.tenant_id, request.session_id, request.item_id
+            )
+
+    async def DeleteItem(
+        self, request: session_pb2.DeleteItemRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.DeleteItemResponse:
+        async with _RpcErrors(context, "DeleteItem", request):
+            await self._store.delete_item(request.tenant_id, request.session_id, request.item_id)
+            return session_pb2.DeleteItemResponse()
+
+    async def ListItems(
+        self, request: session_pb2.ListItemsRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.ListItemsResponse:
+        async with _RpcErrors(context, "ListItems", request):
+            items = await self._store.list_items(request.tenant_id, request.session_id)
+            return session_pb2.ListItemsResponse(items=items)
+
+    async def BuildContext(
+        self, request: session_pb2.BuildContextRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.Context:
+        async with _RpcErrors(context, "BuildContext", request):
+            session, items = await self._store.load_conversation(
+                request.tenant_id, request.session_id
+            )
+            requested = request.max_context_tokens
+            budget = requested if requested > 0 else self._default_context_tokens
+            instructions = session.config.instructions
+            window = build_context(instructions, items, budget)
+            return session_pb2.Context(
+                instructions=instructions,
+                items=window.items,
+                estimated_tokens=window.estimated_tokens,
+                dropped_items=window.dropped_items,
+            )
+
+    async def AppendEvents(
+        self, request: session_pb2.AppendEventsRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.AppendEventsResponse:
+        async with _RpcErrors(context, "AppendEvents", request):
+            last_seq = await self._store.append_events(
+                request.tenant_id, request.session_id, request.events
+            )
+            return session_pb2.AppendEventsResponse(last_seq=last_seq)
+
+    async def ReadEvents(
+        self, request: session_pb2.ReadEventsRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.ReadEventsResponse:
+        async with _RpcErrors(context, "ReadEvents", request):
+            events, last_seq = await self._store.read_events(
+                request.tenant_id, request.session_id, request.after_seq, request.limit
+            )
+            return session_pb2.ReadEventsResponse(events=events, last_seq=last_seq)

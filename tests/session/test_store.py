@@ -1,0 +1,345 @@
+"""SessionStore against a real redis-server: layout, atomicity, TTLs, event logs."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from redis.asyncio import Redis
+from redis.crc import key_slot
+
+from switchboard.errors import (
+    InvalidRequest,
+    ItemNotFound,
+    SessionNotFound,
+    SessionStoreUnavailable,
+)
+from switchboard.session.store import SessionStore, redis_client, session_keys
+from switchboard.v1 import common_pb2, session_pb2
+from tools.redis_server import RedisServer
+
+TTL_S = 600
+C = common_pb2
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    redis = redis_client(redis_server.url)
+    yield redis
+    await redis.aclose()
+
+
+@pytest.fixture
+def store(client: Redis) -> SessionStore:
+    return SessionStore(client, ttl_s=TTL_S)
+
+
+@pytest.fixture
+def tenant() -> str:
+    """A tenant of this test alone: the Redis server is shared by the whole run."""
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+def message(item_id: str = "", text: str = "hi") -> C.Item:
+    return C.Item(
+        id=item_id,
+        type=C.ITEM_TYPE_MESSAGE,
+        role=C.ROLE_USER,
+        content=[C.ContentPart(type=C.CONTENT_TYPE_INPUT_TEXT, text=text)],
+    )
+
+
+def event(event_id: str, seq: int = 0) -> session_pb2.SessionEvent:
+    return session_pb2.SessionEvent(
+        seq=seq, event_id=event_id, payload=f'{{"id":"{event_id}"}}'.encode()
+    )
+
+
+async def item_ids(store: SessionStore, tenant: str, session_id: str) -> list[str]:
+    return [item.id for item in await store.list_items(tenant, session_id)]
+
+
+async def test_create_get_update_delete(store: SessionStore, tenant: str) -> None:
+    config = session_pb2.SessionConfig(model="gpt-realtime", instructions="be brief")
+    before_ms = int(time.time() * 1000)
+    created = await store.create_session(tenant, config)
+    assert created.id.startswith("sess_") and len(created.id) >= 24
+    assert created.tenant_id == tenant
+    assert created.config == config
+    assert before_ms <= created.created_at_ms <= before_ms + 5000
+    assert created.expires_at_ms == created.created_at_ms + TTL_S * 1000
+
+    fetched = await store.get_session(tenant, created.id)
+    assert fetched.config == config
+    assert fetched.created_at_ms == created.created_at_ms
+    assert abs(fetched.expires_at_ms - created.expires_at_ms) < 5000
+    assert fetched.last_event_seq == 0
+
+    new_config = session_pb2.SessionConfig(model="other", tool_choice="none")
+    updated = await store.update_session(tenant, created.id, new_config)
+    assert updated.config == new_config
+    assert (await store.get_session(tenant, created.id)).config == new_config
+
+    await store.append_item(tenant, created.id, message("m1"))
+    await store.delete_session(tenant, created.id)
+    with pytest.raises(SessionNotFound):
+        await store.get_session(tenant, created.id)
+    with pytest.raises(SessionNotFound):
+        await store.delete_session(tenant, created.id)
+    assert await store._redis.exists(*session_keys(tenant, created.id)) == 0
+
+
+async def test_session_ids_are_unique_and_unguessable(store: SessionStore, tenant: str) -> None:
+    ids = {(await store.create_session(tenant, session_pb2.SessionConfig())).id for _ in range(20)}
+    assert len(ids) == 20
+
+
+async def test_all_keys_share_one_cluster_slot_and_are_tenant_scoped(
+    store: SessionStore, client: Redis, tenant: str
+) -> None:
+    session = await store.create_session(tenant, session_pb2.SessionConfig())
+    await store.append_item(tenant, session.id, message("m1"))
+    await store.append_events(tenant, session.id, [event("e1")])
+    keys = sorted(k.decode() for k in await client.keys(f"sb:{{{tenant}:*"))
+    prefix = f"sb:{{{tenant}:{session.id}}}"
+    assert keys == [f"{prefix}:events", f"{prefix}:items", f"{prefix}:meta", f"{prefix}:order"]
+    assert len({key_slot(k.encode()) for k in keys}) == 1
+
+
+async def test_every_write_refreshes_the_ttl_of_every_key(
+    store: SessionStore, client: Redis, tenant: str
+) -> None:
+    session = await store.create_session(tenant, session_pb2.SessionConfig())
+    keys = session_keys(tenant, session.id)
+    await store.append_item(tenant, session.id, message("m1"))
+    await store.append_events(tenant, session.id, [event("e1")])
+    writes = [
+        lambda: store.append_item(tenant, session.id, message()),
+        lambda: store.update_session(tenant, session.id, session_pb2.SessionConfig(model="m")),
+        lambda: store.append_events(tenant, session.id, [event("e2")]),
+        lambda: store.delete_item(tenant, session.id, "m1"),
+    ]
+    for write in writes:
+        for key in keys:
+            await client.pexpire(key, 5_000)
+        await write()
+        for key in keys:
+            ttl_ms = await client.pttl(key)
+            assert TTL_S * 1000 - 5_000 < ttl_ms <= TTL_S * 1000, key
+    session_after = await store.get_session(tenant, session.id)
+    assert session_after.expires_at_ms > int(time.time() * 1000) + (TTL_S - 5) * 1000
+
+
+async def test_another_tenant_sees_nothing(store: SessionStore, tenant: str) -> None:
+    session = await store.create_session(tenant, session_pb2.SessionConfig())
+    await store.append_item(tenant, session.id, message("m1"))
+    other = tenant + "-b"
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: store.get_session(other, session.id),
+        lambda: store.update_session(other, session.id, session_pb2.SessionConfig()),
+        lambda: store.append_item(other, session.id, message("m2")),
+        lambda: store.get_item(other, session.id, "m1"),
+        lambda: store.delete_item(other, session.id, "m1"),
+        lambda: store.list_items(other, session.id),
+        lambda: store.append_events(other, session.id, [event("e")]),
+        lambda: store.read_events(other, session.id),
+        lambda: store.delete_session(other, session.id),
+    ]
+    for call in calls:
+        with pytest.raises(SessionNotFound):
+            await call()
+    assert await item_ids(store, tenant, session.id) == ["m1"]
+
+
+@pytest.mark.parametrize(
+    ("tenant_id", "session_id", "code", "param"),
+    [
+        ("", "sess_x", C.ERROR_CODE_MISSING_REQUIRED_PARAMETER, "tenant_id"),
+        ("a:b", "sess_x", C.ERROR_CODE_INVALID_VALUE, "tenant_id"),
+        ("a}b", "sess_x", C.ERROR_CODE_INVALID_VALUE, "tenant_id"),
+        ("x" * 65, "sess_x", C.ERROR_CODE_INVALID_VALUE, "tenant_id"),
+        ("acme", "", C.ERROR_CODE_MISSING_REQUIRED_PARAMETER, "session_id"),
+        ("acme", "sess x", C.ERROR_CODE_INVALID_VALUE, "session_id"),
+        ("acme", "{sess}", C.ERROR_CODE_INVALID_VALUE, "session_id"),
+        ("acme", "s" * 129, C.ERROR_CODE_INVALID_VALUE, "session_id"),
+    ],
+)
+async def test_ids_are_validated_before_they_reach_a_key(
+    store: SessionStore, tenant_id: str, session_id: str, code: int, param: str
+) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        await store.get_session(tenant_id, session_id)
+    assert (caught.value.code, caught.value.param) == (code, param)
+
+
+async def test_append_orders_by_previous_item_id(store: SessionStore, tenant: str) -> None:
+    session = await store.create_session(tenant, session_pb2.SessionConfig())
+    sid = session.id
+    assert (await store.append_item(tenant, sid, message("a")))[1] == ""
+    assert (await store.append_item(tenant, sid, message("c")))[1] == "a"
+    assert (await store.append_item(tenant, sid, message("b"), "a"))[1] == "a"
+    assert (await store.append_item(tenant, sid, message("first"), "root"))[1] == ""
+    assert (await store.append_item(tenant, sid, message("d"), ""))[1] == "c"
+    assert await item_ids(store, tenant, sid) == ["first", "a", "b", "c", "d"]
+
+    with pytest.raises(ItemNotFound) as caught:
+        await store.append_item(tenant, sid, message("e"), "nope")
+    assert caught.value.param == "previous_item_id"
+    with pytest.raises(InvalidRequest) as duplicate:
+        await store.append_item(tenant, sid, message("b"))
+    assert (duplicate.value.code, duplicate.value.param) == (C.ERROR_CODE_INVALID_VALUE, "item.id")
+    with pytest.raises(InvalidRequest):
+        await store.append_item(tenant, sid, message("root"))
+    assert await item_ids(store, tenant, sid) == ["first", "a", "b", "c", "d"]
+
+
+async def test_item_without_id_gets_one_and_round_trips(store: SessionStore, tenant: str) -> None:
+    session = await store.create_session(tenant, session_pb2.SessionConfig())
+    original = message("", "hello there")
+    stored, _ = await store.append_item(tenant, session.id, original)
+    assert stored.id.startswith("item_")
+    assert original.id == ""  # the caller's message is not modified
+    fetched = await store.get_item(tenant, session.id, stored.id)
+    assert fetched == stored
+    assert fetched.content[0].text == "hello there"
+
+
+async def test_get_and_delete_unknown_items(store: SessionStore, tenant: str) -> None:
+    session = await store.create_session(tenant, session_pb2.SessionConfig())
+    await store.append_item(tenant, session.id, message("a"))
+    await store.append_item(tenant, session.id, message("b"))
+    await store.delete_item(tenant, session.id, "a")
+    assert await item_ids(store, tenant, session.id) == ["b"]
+    with pytest.raises(ItemNotFound):
+        await store.get_item(tenant, session.id, "a")
+    with pytest.raises(ItemNotFound):
+        await store.delete_item(tenant, session.id, "a")
+    with pytest.raises(SessionNotFound):
+        await store.get_item(tenant, "sess_missing", "b")
+
+
+async def test_concurrent_appends_are_each_kept_once(store: SessionStore, tenant: str) -> None:
+    session = await store.create_session(tenant, session_pb2.SessionConfig())
+    await store.append_item(tenant, session.id, message("anchor"))
+    results = await asyncio.gather(
+        *(store.append_item(tenant, session.id, message(f"m{i}"), "anchor") for i in range(50))
+    )
+    ids = await item_ids(store, tenant, session.id)
+    assert sorted(ids) == sorted(["anchor", *(f"m{i}" for i in range(50))])
+    assert ids[0] == "anchor"
+    assert all(previous == "anchor" for _, previous in results)
+
+
+async def test_events_get_increasing_seq_from_one(store: SessionStore, tenant: str) -> None:
+    session = await store.create_session(tenant, session_pb2.SessionConfig())
+    sid = session.id
+    assert await store.read_events(tenant, sid) == ([], 0)
+    assert await store.append_events(tenant, sid, [event("e1", seq=99), event("e2")]) == 2
+    assert await store.append_events(tenant, sid, [event("e3")]) == 3
+    assert await store.append_events(tenant, sid, []) == 3
+    events, last = await store.read_events(tenant, sid)
+    assert [(e.seq, e.event_id) for e in events] == [(1, "e1"), (2, "e2"), (3, "e3")]
+    assert events[0].payload == b'{"id":"e1"}'
+    assert last == 3
+    assert (await store.get_session(tenant, sid)).last_event_seq == 3
+
+
+async def test_read_events_pages(store: SessionStore, tenant: str) -> None:
+    session = await store.create_session(tenant, session_pb2.SessionConfig())
+    await store.append_events(tenant, session.id, [event(f"e{i}") for i in range(1, 11)])
+    seen: list[int] = []
+    after = 0
+    while True:
+        page, last = await store.read_events(tenant, session.id, after_seq=after, limit=4)
+        assert last == 10
+        if not page:
+            break
+        assert len(page) <= 4
+        seen += [e.seq for e in page]
+        after = page[-1].seq
+    assert seen == list(range(1, 11))
+
+
+async def test_event_log_keeps_the_newest_max_events(client: Redis, tenant: str) -> None:
+    store = SessionStore(client, ttl_s=TTL_S, max_events=5)
+    session = await store.create_session(tenant, session_pb2.SessionConfig())
+    for i in range(1, 9):
+        await store.append_events(tenant, session.id, [event(f"e{i}")])
+    events, last = await store.read_events(tenant, session.id)
+    assert [e.seq for e in events] == [4, 5, 6, 7, 8]
+    assert last == 8
+
+
+async def test_concurrent_event_batches_never_share_a_seq(store: SessionStore, tenant: str) -> None:
+    session = await store.create_session(tenant, session_pb2.SessionConfig())
+    batches = [[event(f"b{b}-{i}") for i in range(3)] for b in range(20)]
+    await asyncio.gather(*(store.append_events(tenant, session.id, batch) for batch in batches))
+    events, last = await store.read_events(tenant, session.id)
+    assert [e.seq for e in events] == list(range(1, 61))
+    assert last == 60
+    # Each batch got a contiguous run of seqs, in its own order.
+    by_batch: dict[str, list[int]] = {}
+    for e in events:
+        by_batch.setdefault(e.event_id.split("-")[0], []).append(e.seq)
+    assert all(seqs == list(range(seqs[0], seqs[0] + 3)) for seqs in by_batch.values())
+
+
+async def test_unreachable_redis_fails_fast_as_unavailable() -> None:
+    dead = RedisServer()  # never started: nothing listens on its port
+    client = redis_client(dead.url)
+    store = SessionStore(client, ttl_s=TTL_S)
+    try:
+        started = time.monotonic()
+        assert await store.ping() is False
+        with pytest.raises(SessionStoreUnavailable) as caught:
+            await store.get_session("acme", "sess_x")
+        assert caught.value.message == "The session store is unavailable."
+        with pytest.raises(SessionStoreUnavailable):
+            await store.append_item("acme", "sess_x", message("m"))
+        assert time.monotonic() - started < 2.0
+    finally:
+        await client.aclose()
+        dead.close()
+
+
+async def test_first_call_after_a_redis_restart_succeeds() -> None:
+    with RedisServer() as server:
+        client = redis_client(server.url)
+        store = SessionStore(client, ttl_s=TTL_S)
+        try:
+            # Fill the pool with several connections the restart will break.
+            await asyncio.gather(*(store.ping() for _ in range(5)))
+            server.stop(kill=True)
+            server.start()
+            # Let the loop see the old sockets close, as it would between requests
+            # in a running service (stop/start above block the loop).
+            await asyncio.sleep(0.1)
+            session = await store.create_session("acme", session_pb2.SessionConfig())
+            assert (await store.get_session("acme", session.id)).id == session.id
+            # A restarted server has no cached Lua scripts; they are loaded on demand.
+            await store.append_item("acme", session.id, message("m1"))
+            assert await item_ids(store, "acme", session.id) == ["m1"]
+        finally:
+            await client.aclose()
+
+
+async def test_a_hung_redis_times_out_instead_of_hanging() -> None:
+    with RedisServer() as server:
+        client = redis_client(server.url)
+        store = SessionStore(client, ttl_s=TTL_S)
+        process = server._process
+        assert process is not None
+        try:
+            session = await store.create_session("acme", session_pb2.SessionConfig())
+            process.send_signal(signal.SIGSTOP)  # accepts connections, never answers
+            started = time.monotonic()
+            with pytest.raises(SessionStoreUnavailable):
+                await store.get_session("acme", session.id)
+            assert time.monotonic() - started < 2.0
+        finally:
+            process.send_signal(signal.SIGCONT)
+            await client.aclose()
