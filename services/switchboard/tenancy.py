@@ -52,11 +52,12 @@ class KeyRing:
                 bytes.fromhex(digest)
             except ValueError:
                 raise ConfigError(f"{variable}: {tenant_id.strip()!r} has a non-hex hash") from None
-            if not TENANT_ID.fullmatch(tenant_id.strip()):
+            tenant_id = tenant_id.strip()
+            if not TENANT_ID.fullmatch(tenant_id):
                 raise ConfigError(
-                    f"{variable}: tenant id {tenant_id.strip()[:64]!r} must match {TENANT_ID.pattern}"
+                    f"{variable}: tenant id {tenant_id[:64]!r} must match {TENANT_ID.pattern}"
                 )
-            hashes[digest] = Tenant(tenant_id.strip())
+            hashes[digest] = Tenant(tenant_id)
         return cls(hashes)
 
     def authenticate(self, key: str) -> Tenant | None:
