@@ -101,6 +101,14 @@ class Env:
             raise ConfigError(f"{key} must be a {'/'.join(schemes)} URL")
         return value
 
+    def log_level(self) -> str:
+        value = self.string("SWITCHBOARD_LOG_LEVEL", "INFO").upper()
+        if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(
+                f"SWITCHBOARD_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {value!r}"
+            )
+        return value
+
     def secret(self, key: str) -> Secret | None:
         value = self._environ.get(key)
         return Secret(value) if value else None
@@ -160,7 +168,7 @@ class GatewaySettings:
             max_frame_bytes=max_frame,
             send_queue_events=env.integer("SWITCHBOARD_GATEWAY_SEND_QUEUE_EVENTS", 256, minimum=8),
             rpc_timeout_s=env.number("SWITCHBOARD_GATEWAY_RPC_TIMEOUT_S", 5.0, minimum=0.1),
-            log_level=env.string("SWITCHBOARD_LOG_LEVEL", "INFO"),
+            log_level=env.log_level(),
         )
 
 
@@ -185,7 +193,7 @@ class SessionSettings:
             redis_url=Secret(redis_url),
             session_ttl_s=env.integer("SWITCHBOARD_SESSION_TTL_S", 24 * 3600, minimum=60),
             context_tokens=env.integer("SWITCHBOARD_SESSION_CONTEXT_TOKENS", 16_000, minimum=64),
-            log_level=env.string("SWITCHBOARD_LOG_LEVEL", "INFO"),
+            log_level=env.log_level(),
         )
 
 
@@ -217,7 +225,7 @@ class BrokerSettings:
             upstream_model=env.optional("SWITCHBOARD_BROKER_UPSTREAM_MODEL"),
             connect_timeout_s=env.number("SWITCHBOARD_BROKER_CONNECT_TIMEOUT_S", 5.0, minimum=0.1),
             read_timeout_s=env.number("SWITCHBOARD_BROKER_READ_TIMEOUT_S", 60.0, minimum=0.1),
-            log_level=env.string("SWITCHBOARD_LOG_LEVEL", "INFO"),
+            log_level=env.log_level(),
         )
 
 
@@ -231,5 +239,5 @@ class ToolExecSettings:
         env = Env(environ)
         return cls(
             listen=env.address("SWITCHBOARD_TOOLEXEC_LISTEN", DEFAULT_TOOLEXEC_ADDRESS),
-            log_level=env.string("SWITCHBOARD_LOG_LEVEL", "INFO"),
+            log_level=env.log_level(),
         )

@@ -1,0 +1,480 @@
+"""The ToolExecService over real gRPC: a grpc.aio server on 127.0.0.1:0 and a real stub."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from switchboard import rpc
+from switchboard.toolexec.builtins import CALCULATE, CURRENT_TIME
+from switchboard.toolexec.registry import Registry, Tool, ToolFailed
+from switchboard.toolexec.service import (
+    MemoryResultStore,
+    StoredResult,
+    ToolExecServicer,
+)
+from switchboard.v1 import common_pb2, toolexec_pb2, toolexec_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+T = toolexec_pb2
+C = common_pb2
+Stub = Any  # toolexec_pb2_grpc.ToolExecServiceAsyncStub exists only for type checkers
+
+
+class Probe:
+    """Test tools that count their runs, track concurrency and can be held open."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.active = 0
+        self.peak = 0
+        self.release = asyncio.Event()
+
+    async def count(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        self.runs += 1
+        return {"runs": self.runs, "echo": arguments.get("text")}
+
+    async def held(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        self.runs += 1
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            await self.release.wait()
+        finally:
+            self.active -= 1
+        return {"ok": True}
+
+    async def brief(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        await asyncio.sleep(0.05)
+        self.active -= 1
+        return {"ok": True}
+
+    async def slow(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        self.runs += 1
+        await asyncio.sleep(5)
+        return {"ok": True}
+
+    async def crash(self, arguments: dict[str, Any]) -> Any:
+        self.runs += 1
+        raise RuntimeError(f"cannot handle {arguments['text']}")
+
+    async def refuse(self, arguments: dict[str, Any]) -> Any:
+        raise ToolFailed("The upstream CRM said no.")
+
+    async def own_timeout(self, arguments: dict[str, Any]) -> Any:
+        raise TimeoutError
+
+    async def big(self, arguments: dict[str, Any]) -> Any:
+        return {"blob": "x" * 70_000}
+
+    async def not_json(self, arguments: dict[str, Any]) -> Any:
+        return {"value": float("nan")}
+
+
+TEXT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"text": {"type": "string"}},
+    "additionalProperties": False,
+}
+
+
+def probe_registry(probe: Probe) -> Registry:
+    def make(name: str, executor: Any, **limits: Any) -> Tool:
+        return Tool(name, f"test tool {name}", TEXT_SCHEMA, executor, **limits)
+
+    return Registry(
+        [
+            CALCULATE,
+            CURRENT_TIME,
+            make("count", probe.count, timeout_s=0.3),
+            make("held", probe.held, timeout_s=5, max_concurrency=1),
+            make("brief", probe.brief, timeout_s=5, max_concurrency=2),
+            make("slow", probe.slow, timeout_s=0.2),
+            make("crash", probe.crash),
+            make("refuse", probe.refuse),
+            make("own_timeout", probe.own_timeout),
+            make("big", probe.big),
+            make("not_json", probe.not_json),
+        ]
+    )
+
+
+@asynccontextmanager
+async def serving(registry: Registry, **options: Any) -> AsyncIterator[Stub]:
+    server = grpc.aio.server()
+    servicer = ToolExecServicer(registry, **options)
+    toolexec_pb2_grpc.add_ToolExecServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield toolexec_pb2_grpc.ToolExecServiceStub(channel)
+    finally:
+        await channel.close()
+        await server.stop(None)
+
+
+@pytest.fixture
+def probe() -> Probe:
+    return Probe()
+
+
+@pytest.fixture
+async def stub(probe: Probe) -> AsyncIterator[Stub]:
+    async with serving(probe_registry(probe)) as client:
+        yield client
+
+
+async def call(
+    stub: Stub, name: str, arguments: Any = None, *, call_id: str = "", tenant: str = "acme"
+) -> toolexec_pb2.ExecuteResponse:
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments or {})
+    request = T.ExecuteRequest(
+        tenant_id=tenant, session_id="sess_1", call_id=call_id, name=name, arguments=text
+    )
+    response: toolexec_pb2.ExecuteResponse = await stub.Execute(request, timeout=10)
+    return response
+
+
+def error_of(response: toolexec_pb2.ExecuteResponse) -> dict[str, Any]:
+    """The model-facing error object, checked against the typed fields."""
+    error: dict[str, Any] = json.loads(response.output)["error"]
+    assert set(error) == {"code", "message"}
+    assert error["message"] == response.error_message
+    assert (
+        error["code"] == C.ErrorCode.Name(response.error_code).removeprefix("ERROR_CODE_").lower()
+    )
+    return error
+
+
+# --- listing and the outcomes --------------------------------------------
+
+
+async def test_list_tools_describes_server_tools(stub: Stub) -> None:
+    reply = await stub.ListTools(T.ListToolsRequest(tenant_id="acme"))
+    names = [t.name for t in reply.tools]
+    assert names == sorted(names)
+    assert {"calculate", "current_time"} <= set(names)
+    calculate = next(t for t in reply.tools if t.name == "calculate")
+    assert calculate.location == C.TOOL_LOCATION_SERVER
+    assert json.loads(calculate.parameters_json) == CALCULATE.parameters
+    assert calculate.description == CALCULATE.description
+
+
+async def test_ok_returns_compact_json(stub: Stub) -> None:
+    response = await call(stub, "calculate", {"expression": "6 * 7"}, call_id="c1")
+    assert response.outcome == T.TOOL_OUTCOME_OK
+    assert response.output == '{"result":42}'
+    assert response.error_code == C.ERROR_CODE_UNSPECIFIED
+    assert response.error_message == ""
+    assert response.call_id == "c1"
+    assert not response.replayed
+    response = await call(stub, "count", {"text": "é"})
+    assert response.output == '{"runs":1,"echo":"é"}'
+
+
+async def test_unknown_tool(stub: Stub) -> None:
+    response = await call(stub, "launch_rockets", {})
+    assert response.outcome == T.TOOL_OUTCOME_UNKNOWN_TOOL
+    assert response.error_code == C.ERROR_CODE_TOOL_NOT_FOUND
+    error = error_of(response)
+    assert error["code"] == "tool_not_found"
+    assert "launch_rockets" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("name", "arguments", "expected"),
+    [
+        ("calculate", "{not json", "not valid JSON"),
+        ("calculate", "[1]", "must be a JSON object, got an array"),
+        ("calculate", {}, "Missing required field 'expression'."),
+        ("calculate", {"expression": 7}, "Field 'expression' must be a string, got a number."),
+        ("calculate", {"expression": "1", "x": 1}, "Unexpected field 'x'"),
+        ("calculate", {"expression": "__import__('os')"}, "found a function call"),
+        ("calculate", {"expression": "2**99999999"}, "too large"),
+        ("current_time", {"timezone": "Mars/Olympus"}, "Field 'timezone' must be an IANA"),
+    ],
+)
+async def test_invalid_arguments_name_the_field(
+    stub: Stub, name: str, arguments: Any, expected: str
+) -> None:
+    response = await call(stub, name, arguments)
+    assert response.outcome == T.TOOL_OUTCOME_INVALID_ARGUMENTS
+    assert response.error_code == C.ERROR_CODE_TOOL_INVALID_ARGUMENTS
+    assert expected in error_of(response)["message"]
+
+
+async def test_timeout(stub: Stub, probe: Probe) -> None:
+    started = time.monotonic()
+    response = await call(stub, "slow", {})
+    assert time.monotonic() - started < 2
+    assert response.outcome == T.TOOL_OUTCOME_TIMEOUT
+    assert response.error_code == C.ERROR_CODE_TOOL_TIMEOUT
+    assert error_of(response)["message"] == "The tool 'slow' did not finish within 0.2 s."
+    assert 200 <= response.duration_ms < 2000
+    assert probe.runs == 1
+
+
+async def test_a_tools_own_timeout_error_is_a_failure_not_our_timeout(stub: Stub) -> None:
+    response = await call(stub, "own_timeout", {})
+    assert response.outcome == T.TOOL_OUTCOME_EXECUTOR_ERROR
+    assert response.error_code == C.ERROR_CODE_TOOL_EXECUTION_FAILED
+
+
+async def test_executor_exception_is_logged_without_argument_values(
+    stub: Stub, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="switchboard.toolexec")
+    response = await call(stub, "crash", {"text": "hunter2"}, call_id="call_9")
+    assert response.outcome == T.TOOL_OUTCOME_EXECUTOR_ERROR
+    assert response.error_code == C.ERROR_CODE_TOOL_EXECUTION_FAILED
+    # The model learns only that it failed: the exception could quote anything.
+    assert error_of(response)["message"] == "The tool 'crash' failed."
+    (record,) = [r for r in caplog.records if r.getMessage() == "tool raised"]
+    assert record.levelno == logging.ERROR
+    fields = vars(record)
+    assert (fields["tenant_id"], fields["session_id"], fields["call_id"]) == (
+        "acme",
+        "sess_1",
+        "call_9",
+    )
+    assert fields["tool"] == "crash"
+    assert fields["error_type"] == "RuntimeError"
+    assert ", in crash" in fields["traceback"]
+    assert "hunter2" not in repr(fields)
+    assert "hunter2" not in caplog.text
+
+
+async def test_tool_failed_message_reaches_the_model(stub: Stub) -> None:
+    response = await call(stub, "refuse", {})
+    assert response.outcome == T.TOOL_OUTCOME_EXECUTOR_ERROR
+    assert error_of(response) == {
+        "code": "tool_execution_failed",
+        "message": "The upstream CRM said no.",
+    }
+
+
+async def test_results_over_the_cap_are_refused(stub: Stub) -> None:
+    response = await call(stub, "big", {})
+    assert response.outcome == T.TOOL_OUTCOME_EXECUTOR_ERROR
+    assert error_of(response)["message"] == (
+        "The tool 'big' returned 70011 bytes, more than the limit of 65536 bytes."
+    )
+
+
+async def test_the_cap_is_configurable(probe: Probe) -> None:
+    async with serving(probe_registry(probe), max_output_bytes=10) as client:
+        response = await call(client, "calculate", {"expression": "10**20"})
+    assert response.outcome == T.TOOL_OUTCOME_EXECUTOR_ERROR
+    assert "more than the limit of 10 bytes" in response.error_message
+
+
+async def test_a_result_that_is_not_json_is_an_executor_error(stub: Stub) -> None:
+    response = await call(stub, "not_json", {})
+    assert response.outcome == T.TOOL_OUTCOME_EXECUTOR_ERROR
+    assert (
+        error_of(response)["message"] == "The tool 'not_json' returned a result that is not JSON."
+    )
+
+
+async def test_a_policy_hides_and_refuses_tools(probe: Probe) -> None:
+    class OnlyCalculatorForGlobex:
+        def allows(self, tenant_id: str, tool: Tool) -> bool:
+            return tenant_id != "globex" or tool.name == "calculate"
+
+    async with serving(probe_registry(probe), policy=OnlyCalculatorForGlobex()) as client:
+        listed = await client.ListTools(T.ListToolsRequest(tenant_id="globex"))
+        assert [t.name for t in listed.tools] == ["calculate"]
+        response = await call(client, "count", {}, tenant="globex")
+        assert response.outcome == T.TOOL_OUTCOME_NOT_ALLOWED
+        assert response.error_code == C.ERROR_CODE_TOOL_NOT_ALLOWED
+        assert error_of(response)["code"] == "tool_not_allowed"
+        assert (await call(client, "count", {}, tenant="acme")).outcome == T.TOOL_OUTCOME_OK
+    assert probe.runs == 1
+
+
+# --- idempotency ----------------------------------------------------------
+
+
+async def test_a_retried_call_is_replayed_not_run_again(stub: Stub, probe: Probe) -> None:
+    first = await call(stub, "count", {"text": "a"}, call_id="call_1")
+    again = await call(stub, "count", {"text": "a"}, call_id="call_1")
+    assert probe.runs == 1
+    assert not first.replayed
+    assert again.replayed
+    assert again.output == first.output == '{"runs":1,"echo":"a"}'
+    assert again.duration_ms == first.duration_ms
+
+
+async def test_call_ids_are_per_tenant_and_optional(stub: Stub, probe: Probe) -> None:
+    await call(stub, "count", {}, call_id="call_1", tenant="acme")
+    other = await call(stub, "count", {}, call_id="call_1", tenant="globex")
+    assert not other.replayed
+    await call(stub, "count", {})
+    await call(stub, "count", {})
+    assert probe.runs == 4
+
+
+async def test_a_reused_call_id_with_other_arguments_is_refused(stub: Stub, probe: Probe) -> None:
+    await call(stub, "count", {"text": "a"}, call_id="call_1")
+    response = await call(stub, "count", {"text": "b"}, call_id="call_1")
+    assert response.outcome == T.TOOL_OUTCOME_INVALID_ARGUMENTS
+    assert "already used" in error_of(response)["message"]
+    assert probe.runs == 1
+
+
+async def test_concurrent_duplicates_run_once(stub: Stub, probe: Probe) -> None:
+    calls = [asyncio.create_task(call(stub, "held", {}, call_id="dup")) for _ in range(5)]
+    while probe.runs == 0:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    probe.release.set()
+    responses = await asyncio.gather(*calls)
+    assert probe.runs == 1
+    assert all(r.outcome == T.TOOL_OUTCOME_OK for r in responses)
+    assert sorted(r.replayed for r in responses) == [False, True, True, True, True]
+
+
+async def test_failures_of_a_run_are_kept(stub: Stub, probe: Probe) -> None:
+    first = await call(stub, "slow", {}, call_id="call_t")
+    again = await call(stub, "slow", {}, call_id="call_t")
+    assert first.outcome == again.outcome == T.TOOL_OUTCOME_TIMEOUT
+    assert again.replayed
+    assert probe.runs == 1
+
+
+async def test_refusals_before_running_are_not_kept(stub: Stub) -> None:
+    first = await call(stub, "count", {"text": 1}, call_id="call_r")
+    again = await call(stub, "count", {"text": 1}, call_id="call_r")
+    assert first.outcome == again.outcome == T.TOOL_OUTCOME_INVALID_ARGUMENTS
+    assert not again.replayed
+
+
+async def test_a_caller_giving_up_does_not_cancel_the_run(stub: Stub, probe: Probe) -> None:
+    request = T.ExecuteRequest(tenant_id="acme", call_id="call_d", name="held", arguments="{}")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Execute(request, timeout=0.2)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    retry = asyncio.ensure_future(stub.Execute(request, timeout=10))
+    await asyncio.sleep(0.05)
+    probe.release.set()
+    response = await retry
+    assert response.outcome == T.TOOL_OUTCOME_OK
+    assert response.replayed
+    assert probe.runs == 1
+
+
+async def test_memory_store_drops_the_least_recently_used() -> None:
+    store = MemoryResultStore(max_entries=2)
+    for call_id in ("a", "b"):
+        await store.put("t", call_id, StoredResult("f", call_id.encode()))
+    assert await store.get("t", "a") is not None  # "a" is now the most recent
+    await store.put("t", "c", StoredResult("f", b"c"))
+    assert len(store) == 2
+    assert await store.get("t", "b") is None
+    assert await store.get("t", "a") is not None
+    assert await store.get("t", "c") is not None
+    with pytest.raises(ValueError, match="max_entries"):
+        MemoryResultStore(max_entries=0)
+
+
+# --- concurrency ----------------------------------------------------------
+
+
+async def test_concurrency_limit_is_respected(stub: Stub, probe: Probe) -> None:
+    responses = await asyncio.gather(*(call(stub, "brief", {}) for _ in range(6)))
+    assert all(r.outcome == T.TOOL_OUTCOME_OK for r in responses)
+    assert probe.peak == 2
+
+
+async def test_no_free_slot_in_time_is_a_timeout_that_is_not_kept(probe: Probe) -> None:
+    registry = probe_registry(probe)
+    async with serving(registry) as client:
+        slot = registry.semaphore("count")
+        # Take the tool's only slots, as calls already running would.
+        for _ in range(16):
+            await slot.acquire()
+        busy = await call(client, "count", {}, call_id="call_b")
+        assert busy.outcome == T.TOOL_OUTCOME_TIMEOUT
+        assert busy.error_code == C.ERROR_CODE_TOOL_TIMEOUT
+        assert "busy: no free slot within 0.3 s (16 calls already running)" in busy.error_message
+        assert probe.runs == 0
+        for _ in range(16):
+            slot.release()
+        retry = await call(client, "count", {}, call_id="call_b")
+    assert retry.outcome == T.TOOL_OUTCOME_OK
+    assert not retry.replayed
+    assert probe.runs == 1
+
+
+# --- the process ----------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_bad_settings_exit_2_naming_the_variable() -> None:
+    env = {**os.environ, "SWITCHBOARD_TOOLEXEC_LISTEN": "nowhere"}
+    done = subprocess.run(
+        [sys.executable, "-m", "switchboard.toolexec"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "toolexec: configuration error: SWITCHBOARD_TOOLEXEC_LISTEN must be HOST:PORT, "
+        "got 'nowhere'"
+    ]
+
+
+async def test_the_process_serves_health_and_tools_then_drains() -> None:
+    port = free_port()
+    env = {**os.environ, "SWITCHBOARD_TOOLEXEC_LISTEN": f"127.0.0.1:{port}"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "switchboard.toolexec",
+        env=env,
+        cwd=ROOT,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    channel = rpc.channel(f"127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 20
+        while not await rpc.check_health(channel, timeout_s=0.5):
+            assert time.monotonic() < deadline, "toolexec did not become healthy"
+            await asyncio.sleep(0.1)
+        stub = toolexec_pb2_grpc.ToolExecServiceStub(channel)
+        response = await call(stub, "calculate", {"expression": "2 + 2"})
+        assert response.output == '{"result":4}'
+    finally:
+        await channel.close()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=20)
+    assert process.returncode == 0
+    messages = [json.loads(line)["msg"] for line in stderr.decode().splitlines()]
+    assert messages[0] == "listening"
+    assert messages[-1] == "stopped"
