@@ -105,7 +105,7 @@ class Env:
         value = self.string("SWITCHBOARD_LOG_LEVEL", "INFO").upper()
         if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(
-                f"SWITCHBOARD_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {value!r}"
+                f"SWITCHBOARD_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL: {value!r}"
             )
         return value
 
