@@ -18,7 +18,8 @@ from switchboard.errors import (
     SessionNotFound,
     SessionStoreUnavailable,
 )
-from switchboard.session.store import SessionStore, redis_client, session_keys
+from switchboard.session.keys import session_keys
+from switchboard.session.store import SessionStore, redis_client
 from switchboard.v1 import common_pb2, session_pb2
 from tools.redis_server import RedisServer
 

@@ -18,11 +18,9 @@ TTL of all four keys. A Redis outage surfaces as `SessionStoreUnavailable`.
 from __future__ import annotations
 
 import functools
-import re
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, NamedTuple, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import redis.exceptions
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -30,26 +28,23 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 
-from switchboard.errors import (
-    InvalidRequest,
-    ItemNotFound,
-    SessionNotFound,
-    SessionStoreUnavailable,
+from switchboard.errors import ItemNotFound, SessionNotFound, SessionStoreUnavailable
+from switchboard.session import scripts
+from switchboard.session.keys import (
+    MAX_ITEM_ID_CHARS,
+    ROOT_ITEM_ID,
+    invalid,
+    new_item_id,
+    new_session_id,
+    session_keys,
 )
 from switchboard.v1 import common_pb2, session_pb2
 
-ROOT_ITEM_ID = "root"
-MAX_TENANT_ID_CHARS = 64
-MAX_SESSION_ID_CHARS = 128
-MAX_ITEM_ID_CHARS = 128
 DEFAULT_MAX_EVENTS = 10_000
 DEFAULT_READ_LIMIT = 1000
 MAX_READ_LIMIT = 10_000
 UNAVAILABLE_MESSAGE = "The session store is unavailable."
 
-# Tenant and session ids become part of Redis keys: no braces (hash tags), no
-# colons (separators), no spaces or control characters.
-_KEY_SAFE_ID = re.compile(r"[A-Za-z0-9_.-]+")
 # Failures that mean "Redis cannot serve right now" (down, restarting, loading its
 # data set, a replica not yet promoted, out of memory), as opposed to a bug in a
 # command.
@@ -64,133 +59,6 @@ _UNAVAILABLE_ERRORS = (
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-# Every write script takes the TTL in ms as ARGV[1] and ends by calling touch().
-_TOUCH = """
-local function touch()
-  for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
-end
-"""
-
-# KEYS: meta items order events. ARGV: ttl_ms config.
-# Returns the meta hash as a flat list, or nil when the session does not exist.
-_UPDATE_CONFIG = (
-    _TOUCH
-    + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-redis.call('HSET', KEYS[1], 'config', ARGV[2])
-touch()
-return redis.call('HGETALL', KEYS[1])
-"""
-)
-
-# KEYS: meta items order events. ARGV: ttl_ms item_id item_bytes previous_item_id.
-# previous_item_id: '' appends at the end, 'root' inserts first, else after that id.
-# Returns {status, id of the item now before the new one ('' when first)}.
-_APPEND_ITEM = (
-    _TOUCH
-    + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'no_session', ''} end
-local id, previous = ARGV[2], ARGV[4]
-if redis.call('HEXISTS', KEYS[2], id) == 1 then return {'duplicate', ''} end
-local before = ''
-if previous == '' then
-  before = redis.call('LINDEX', KEYS[3], -1) or ''
-  redis.call('RPUSH', KEYS[3], id)
-elseif previous == 'root' then
-  redis.call('LPUSH', KEYS[3], id)
-else
-  if redis.call('HEXISTS', KEYS[2], previous) == 0 then return {'no_previous', ''} end
-  redis.call('LINSERT', KEYS[3], 'AFTER', previous, id)
-  before = previous
-end
-redis.call('HSET', KEYS[2], id, ARGV[3])
-touch()
-return {'ok', before}
-"""
-)
-
-# KEYS: meta items order events. ARGV: ttl_ms item_id. Returns a status.
-_DELETE_ITEM = (
-    _TOUCH
-    + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 'no_session' end
-if redis.call('HDEL', KEYS[2], ARGV[2]) == 0 then return 'no_item' end
-redis.call('LREM', KEYS[3], 1, ARGV[2])
-touch()
-return 'ok'
-"""
-)
-
-# KEYS: meta items order events. ARGV: ttl_ms max_events event_bytes...
-# Numbers the events after the session's last seq, keeps the newest max_events,
-# and returns the new last seq, or -1 when the session does not exist.
-_APPEND_EVENTS = (
-    _TOUCH
-    + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local seq = tonumber(redis.call('HGET', KEYS[1], 'last_event_seq') or '0')
-for i = 3, #ARGV do
-  seq = seq + 1
-  local member = string.format('%d', seq) .. '\\n' .. ARGV[i]
-  redis.call('ZADD', KEYS[4], seq, member)
-end
-redis.call('HSET', KEYS[1], 'last_event_seq', string.format('%d', seq))
-local excess = redis.call('ZCARD', KEYS[4]) - tonumber(ARGV[2])
-if excess > 0 then redis.call('ZREMRANGEBYRANK', KEYS[4], 0, excess - 1) end
-touch()
-return seq
-"""
-)
-
-
-class SessionKeys(NamedTuple):
-    """The Redis keys of one session, all in the same hash slot."""
-
-    meta: str
-    items: str
-    order: str
-    events: str
-
-
-def _invalid(param: str, message: str) -> InvalidRequest:
-    return InvalidRequest(message, code=common_pb2.ERROR_CODE_INVALID_VALUE, param=param)
-
-
-def validate_key_id(value: str, param: str, max_chars: int) -> str:
-    """Return `value` if it may become part of a Redis key, else raise.
-
-    Raises:
-        InvalidRequest: `missing_required_parameter` when empty, `invalid_value`
-            when longer than `max_chars` or outside `[A-Za-z0-9_.-]`; `param` names it.
-    """
-    if not value:
-        raise InvalidRequest(
-            f"Missing required parameter: '{param}'.",
-            code=common_pb2.ERROR_CODE_MISSING_REQUIRED_PARAMETER,
-            param=param,
-        )
-    if len(value) > max_chars or not _KEY_SAFE_ID.fullmatch(value):
-        raise _invalid(param, f"'{param}' must be 1 to {max_chars} characters from [A-Za-z0-9_.-].")
-    return value
-
-
-def session_keys(tenant_id: str, session_id: str) -> SessionKeys:
-    """The keys of a session, after validating both ids (see `validate_key_id`)."""
-    validate_key_id(tenant_id, "tenant_id", MAX_TENANT_ID_CHARS)
-    validate_key_id(session_id, "session_id", MAX_SESSION_ID_CHARS)
-    prefix = f"sb:{{{tenant_id}:{session_id}}}"
-    return SessionKeys(f"{prefix}:meta", f"{prefix}:items", f"{prefix}:order", f"{prefix}:events")
-
-
-def new_session_id() -> str:
-    """An unguessable session id: `sess_` and 144 random bits, URL-safe."""
-    return "sess_" + secrets.token_urlsafe(18)
-
-
-def new_item_id() -> str:
-    """A random item id: `item_` and 96 random bits, URL-safe."""
-    return "item_" + secrets.token_urlsafe(12)
 
 
 def redis_client(url: str, *, timeout_s: float = 1.0, max_connections: int = 64) -> Redis:
@@ -267,10 +135,10 @@ class SessionStore:
         self._ttl_ms = ttl_s * 1000
         self._max_events = max_events
         self._clock = clock
-        self._update_config = client.register_script(_UPDATE_CONFIG)
-        self._append_item = client.register_script(_APPEND_ITEM)
-        self._delete_item = client.register_script(_DELETE_ITEM)
-        self._append_events = client.register_script(_APPEND_EVENTS)
+        self._update_config = client.register_script(scripts.UPDATE_CONFIG)
+        self._append_item = client.register_script(scripts.APPEND_ITEM)
+        self._delete_item = client.register_script(scripts.DELETE_ITEM)
+        self._append_events = client.register_script(scripts.APPEND_EVENTS)
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -384,7 +252,7 @@ class SessionStore:
         if not stored.id:
             stored.id = new_item_id()
         elif len(stored.id) > MAX_ITEM_ID_CHARS or stored.id == ROOT_ITEM_ID:
-            raise _invalid(
+            raise invalid(
                 "item.id", f"'item.id' must be at most {MAX_ITEM_ID_CHARS} chars and not 'root'."
             )
         status, before = await self._append_item(
@@ -397,7 +265,7 @@ class SessionStore:
             case "no_session":
                 raise SessionNotFound("Session not found.", param="session_id")
             case "duplicate":
-                raise _invalid("item.id", f"Item with id '{stored.id}' already exists.")
+                raise invalid("item.id", f"Item with id '{stored.id}' already exists.")
             case "no_previous":
                 raise ItemNotFound(
                     f"Previous item with id '{previous_item_id}' does not exist.",
