@@ -55,5 +55,5 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Library loggers that would otherwise print request lines with URLs.
-    for noisy in ("httpx", "httpcore", "openai", "uvicorn.access"):
+    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "openai", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,47 @@
+"""Run the broker service: `python -m switchboard.broker`.
+
+Reads `BrokerSettings` from the environment (a bad value exits with status 2
+and a one-line message naming the variable), builds the upstream client, serves
+gRPC until SIGTERM/SIGINT, and closes the client after the server has drained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from switchboard import rpc
+from switchboard.broker.service import SERVICE_NAME, BrokerServicer
+from switchboard.broker.upstream import Upstream
+from switchboard.config import BrokerSettings, ConfigError
+from switchboard.telemetry import configure_logging
+
+
+async def run(settings: BrokerSettings, *, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then close the upstream client."""
+    upstream = Upstream.from_settings(settings)
+    try:
+        servicer = BrokerServicer(upstream, settings)
+        await rpc.serve(SERVICE_NAME, settings.listen, servicer.register, stop=stop)
+    finally:
+        # After the drain: in-flight streams have finished or been cancelled.
+        await upstream.aclose()
+
+
+def main() -> None:
+    try:
+        settings = BrokerSettings.from_environ()
+    except ConfigError as exc:
+        print(f"broker: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging("broker", settings.log_level)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(run(settings))
+    else:
+        uvloop.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The grpc.aio servicer of `switchboard.v1.BrokerService`.
+
+`Generate` streams one model call: `Started` once the upstream accepted the
+request, then `TextDelta` / `ToolCallDelta` events as the upstream produces
+them, then `Finished` with the usage. A `SwitchboardError` aborts the call with
+its gRPC status and the `switchboard-error-code` trailer (`abort_with`);
+anything else is logged with the call's ids (never prompt text or keys) and
+becomes `internal_error`. Cancelling the call closes the upstream response, and
+with it the upstream's TCP connection, so the model stops generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from switchboard.broker.translate import ChunkTranslator, chat_request
+from switchboard.broker.upstream import Upstream
+from switchboard.config import BrokerSettings
+from switchboard.errors import InternalError, SwitchboardError, abort_with
+from switchboard.v1 import broker_pb2, broker_pb2_grpc, common_pb2
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "switchboard.v1.BrokerService"
+
+
+class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
+    """Serves BrokerService from one `Upstream`."""
+
+    def __init__(self, upstream: Upstream, settings: BrokerSettings) -> None:
+        """Args:
+        upstream: the upstream client; the caller owns it and closes it.
+        settings: `upstream_model`, when set, replaces every requested model.
+        """
+        self._upstream = upstream
+        self._settings = settings
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add this servicer to a grpc.aio server (the `register` of `rpc.serve`)."""
+        broker_pb2_grpc.add_BrokerServiceServicer_to_server(self, server)
+
+    async def Generate(
+        self, request: broker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[broker_pb2.GenerateEvent]:
+        """Stream one model call: `Started`, the deltas, then `Finished`.
+
+        Errors abort the call (gRPC status plus `switchboard-error-code`);
+        nothing is retried once the first event went out.
+        """
+        ids = {
+            "tenant_id": request.tenant_id,
+            "session_id": request.session_id,
+            "response_id": request.response_id,
+        }
+        started = time.monotonic()
+        translator = ChunkTranslator(
+            estimated_input_tokens=request.context.estimated_tokens,
+            call_id_prefix=f"call_{request.response_id}_" if request.response_id else "call_",
+        )
+        call = _CallLog(ids, started)
+        try:
+            payload = chat_request(request, self._settings.upstream_model)
+            call.model = payload["model"]
+            async with self._upstream.stream(payload) as chunks:
+                # grpc.aio does not close a generator whose call was cancelled
+                # while it waited at a `yield` (the cancellation lands in grpc's
+                # own write), so the response would stay open until the generator
+                # is garbage-collected. Close it as soon as the call is done.
+                context.add_done_callback(lambda _context: chunks.close_soon())
+                call.request_id = chunks.request_id
+                yield broker_pb2.GenerateEvent(
+                    started=broker_pb2.Started(
+                        upstream=self._upstream.label, upstream_model=call.model
+                    )
+                )
+                async for chunk in chunks:
+                    events = translator.feed(chunk)
+                    if events and call.first_event is None:
+                        call.first_event = time.monotonic()
+                    for event in events:
+                        yield event
+            finished = translator.finish()
+        except SwitchboardError as err:
+            call.log_failure(err, translator)
+            await abort_with(context, err)
+            return
+        except (asyncio.CancelledError, GeneratorExit):
+            # The caller went away: CancelledError inside the upstream read, or
+            # GeneratorExit when the abandoned generator is closed at a `yield`.
+            call.log_cancelled(translator)
+            raise
+        except Exception:
+            log.exception("generate failed", extra={**ids, "model": call.model})
+            await abort_with(context, InternalError("The broker failed."))
+            return
+        call.log_completed(finished.finished)
+        yield finished
+
+
+class _CallLog:
+    """The one log line of a Generate call: ids, model, timings and usage."""
+
+    def __init__(self, ids: dict[str, str], started: float) -> None:
+        self.ids = ids
+        self.started = started
+        self.model = ""
+        self.request_id: str | None = None
+        self.first_event: float | None = None
+
+    def _fields(self, usage: common_pb2.Usage) -> dict[str, Any]:
+        now = time.monotonic()
+        ttft = None if self.first_event is None else round((self.first_event - self.started) * 1000)
+        return {
+            **self.ids,
+            "model": self.model,
+            "upstream_request_id": self.request_id,
+            "duration_ms": round((now - self.started) * 1000),
+            "ttft_ms": ttft,
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "cached_input_tokens": usage.cached_input_tokens,
+            "usage_estimated": usage.estimated,
+        }
+
+    def log_completed(self, finished: broker_pb2.Finished) -> None:
+        fields = self._fields(finished.usage)
+        fields["finish_reason"] = broker_pb2.FinishReason.Name(finished.reason)
+        log.info("generate completed", extra=fields)
+
+    def log_failure(self, err: SwitchboardError, translator: ChunkTranslator) -> None:
+        log.warning("generate failed", extra={**self._fields(translator.usage()), "code": err.name})
+
+    def log_cancelled(self, translator: ChunkTranslator) -> None:
+        log.info("generate cancelled", extra=self._fields(translator.usage()))
