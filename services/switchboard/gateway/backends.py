@@ -1,0 +1,113 @@
+"""The gateway's gRPC clients of the session, broker and toolexec services.
+
+Each unary call has a deadline and turns any failure into a `SwitchboardError`
+(a backend's own error code when it sent one, else `service_unavailable`), so
+the connection code never sees a raw `grpc.RpcError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import grpc
+
+from switchboard import rpc
+from switchboard.config import GatewaySettings
+from switchboard.errors import from_rpc_error
+from switchboard.v1 import (
+    broker_pb2,
+    broker_pb2_grpc,
+    common_pb2,
+    session_pb2,
+    session_pb2_grpc,
+    toolexec_pb2_grpc,
+)
+
+T = TypeVar("T")
+
+
+class Backends:
+    """Channels and stubs to the three backends, opened in the app's lifespan."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.timeout_s = settings.rpc_timeout_s
+        self.channels = {
+            "session": rpc.channel(settings.session_target),
+            "broker": rpc.channel(settings.broker_target),
+            "toolexec": rpc.channel(settings.toolexec_target),
+        }
+        self.session = session_pb2_grpc.SessionServiceStub(self.channels["session"])
+        self.broker = broker_pb2_grpc.BrokerServiceStub(self.channels["broker"])
+        self.toolexec = toolexec_pb2_grpc.ToolExecServiceStub(self.channels["toolexec"])
+
+    async def close(self) -> None:
+        await asyncio.gather(*(channel.close() for channel in self.channels.values()))
+
+    async def readiness(self) -> dict[str, bool]:
+        """Whether each backend answers its gRPC health check with SERVING."""
+        names = list(self.channels)
+        results = await asyncio.gather(
+            *(rpc.check_health(self.channels[name], timeout_s=1.0) for name in names)
+        )
+        return dict(zip(names, results, strict=True))
+
+    async def _call(self, service: str, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, service=service) from None
+
+    # --- session ---------------------------------------------------------------------
+
+    async def create_session(
+        self, tenant_id: str, config: session_pb2.SessionConfig
+    ) -> session_pb2.Session:
+        request = session_pb2.CreateSessionRequest(tenant_id=tenant_id, config=config)
+        return await self._call(
+            "session", self.session.CreateSession(request, timeout=self.timeout_s)
+        )
+
+    async def update_session(
+        self, tenant_id: str, session_id: str, config: session_pb2.SessionConfig
+    ) -> session_pb2.Session:
+        request = session_pb2.UpdateSessionRequest(
+            tenant_id=tenant_id, session_id=session_id, config=config
+        )
+        return await self._call(
+            "session", self.session.UpdateSession(request, timeout=self.timeout_s)
+        )
+
+    async def append_item(
+        self, tenant_id: str, session_id: str, item: common_pb2.Item, previous_item_id: str = ""
+    ) -> session_pb2.AppendItemResponse:
+        request = session_pb2.AppendItemRequest(
+            tenant_id=tenant_id, session_id=session_id, item=item, previous_item_id=previous_item_id
+        )
+        return await self._call("session", self.session.AppendItem(request, timeout=self.timeout_s))
+
+    async def get_item(self, tenant_id: str, session_id: str, item_id: str) -> common_pb2.Item:
+        request = session_pb2.GetItemRequest(
+            tenant_id=tenant_id, session_id=session_id, item_id=item_id
+        )
+        return await self._call("session", self.session.GetItem(request, timeout=self.timeout_s))
+
+    async def delete_item(self, tenant_id: str, session_id: str, item_id: str) -> None:
+        request = session_pb2.DeleteItemRequest(
+            tenant_id=tenant_id, session_id=session_id, item_id=item_id
+        )
+        await self._call("session", self.session.DeleteItem(request, timeout=self.timeout_s))
+
+    async def build_context(self, tenant_id: str, session_id: str) -> session_pb2.Context:
+        request = session_pb2.BuildContextRequest(tenant_id=tenant_id, session_id=session_id)
+        return await self._call(
+            "session", self.session.BuildContext(request, timeout=self.timeout_s)
+        )
+
+    # --- broker ----------------------------------------------------------------------
+
+    def generate(self, request: broker_pb2.GenerateRequest) -> grpc.aio.UnaryStreamCall:
+        """Start a streaming model call. No deadline: a response may stream for minutes;
+        the connection cancels the call when the client cancels or leaves."""
+        return self.broker.Generate(request)

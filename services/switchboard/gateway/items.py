@@ -1,0 +1,194 @@
+"""Conversation items: Realtime JSON <-> `switchboard.v1.Item`, with validation.
+
+Client items are checked field by field; a bad field raises `InvalidRequest`
+whose `param` names it the way OpenAI does (`item.content[0].text`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from switchboard.errors import InvalidRequest
+from switchboard.v1 import common_pb2
+
+MAX_ITEM_ID_CHARS = 64
+
+_ROLES = {
+    "user": common_pb2.ROLE_USER,
+    "assistant": common_pb2.ROLE_ASSISTANT,
+    "system": common_pb2.ROLE_SYSTEM,
+}
+_ROLE_NAMES = {v: k for k, v in _ROLES.items()}
+_STATUS_NAMES = {
+    common_pb2.ITEM_STATUS_COMPLETED: "completed",
+    common_pb2.ITEM_STATUS_INCOMPLETE: "incomplete",
+    common_pb2.ITEM_STATUS_IN_PROGRESS: "in_progress",
+}
+# Which content part types each role may send, and how they are stored.
+_PART_TYPES = {
+    "user": {"input_text": common_pb2.CONTENT_TYPE_INPUT_TEXT},
+    "system": {"input_text": common_pb2.CONTENT_TYPE_INPUT_TEXT},
+    "assistant": {
+        "output_text": common_pb2.CONTENT_TYPE_OUTPUT_TEXT,
+        "text": common_pb2.CONTENT_TYPE_OUTPUT_TEXT,
+    },
+}
+_UNSUPPORTED_PARTS = {"input_audio", "input_image", "output_audio", "audio"}
+
+_C = common_pb2
+
+
+def _missing(param: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"Missing required parameter: '{param}'.",
+        code=_C.ERROR_CODE_MISSING_REQUIRED_PARAMETER,
+        param=param,
+    )
+
+
+def _invalid(param: str, message: str) -> InvalidRequest:
+    return InvalidRequest(message, code=_C.ERROR_CODE_INVALID_VALUE, param=param)
+
+
+def _string(obj: dict[str, Any], key: str, param: str, *, required: bool = True) -> str:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise _missing(f"{param}.{key}")
+        return ""
+    if not isinstance(value, str):
+        raise _invalid(f"{param}.{key}", f"Invalid type for '{param}.{key}': expected a string.")
+    return value
+
+
+def item_from_client(raw: Any, param: str = "item") -> common_pb2.Item:
+    """Validate a client `conversation.item.create` item and convert it.
+
+    Raises:
+        InvalidRequest: naming the offending field.
+    """
+    if raw is None:
+        raise _missing(param)
+    if not isinstance(raw, dict):
+        raise _invalid(param, f"Invalid type for '{param}': expected an object.")
+    item_id = _string(raw, "id", param, required=False)
+    if len(item_id) > MAX_ITEM_ID_CHARS:
+        raise _invalid(f"{param}.id", f"'{param}.id' is longer than {MAX_ITEM_ID_CHARS} chars.")
+    kind = _string(raw, "type", param)
+    if kind == "message":
+        return _message_from_client(raw, item_id, param)
+    if kind == "function_call_output":
+        return _C.Item(
+            id=item_id,
+            type=_C.ITEM_TYPE_FUNCTION_CALL_OUTPUT,
+            status=_C.ITEM_STATUS_COMPLETED,
+            call_id=_string(raw, "call_id", param),
+            output=_string(raw, "output", param),
+        )
+    if kind == "function_call":
+        return _C.Item(
+            id=item_id,
+            type=_C.ITEM_TYPE_FUNCTION_CALL,
+            status=_C.ITEM_STATUS_COMPLETED,
+            call_id=_string(raw, "call_id", param),
+            name=_string(raw, "name", param),
+            arguments=_string(raw, "arguments", param, required=False) or "{}",
+        )
+    raise _invalid(
+        f"{param}.type",
+        f"Invalid value: '{kind}'. Supported values are: 'message', 'function_call', "
+        "and 'function_call_output'.",
+    )
+
+
+def _message_from_client(raw: dict[str, Any], item_id: str, param: str) -> common_pb2.Item:
+    role = _string(raw, "role", param)
+    if role not in _ROLES:
+        raise _invalid(
+            f"{param}.role",
+            f"Invalid value: '{role}'. Supported values are: 'user', 'assistant', and 'system'.",
+        )
+    content = raw.get("content")
+    if content is None:
+        raise _missing(f"{param}.content")
+    if not isinstance(content, list) or not content:
+        raise _invalid(f"{param}.content", f"'{param}.content' must be a non-empty array.")
+    allowed = _PART_TYPES[role]
+    parts = []
+    for index, part in enumerate(content):
+        where = f"{param}.content[{index}]"
+        if not isinstance(part, dict):
+            raise _invalid(where, f"Invalid type for '{where}': expected an object.")
+        part_type = _string(part, "type", where)
+        if part_type in _UNSUPPORTED_PARTS:
+            raise InvalidRequest(
+                f"Content type '{part_type}' is not supported: Switchboard serves text.",
+                code=_C.ERROR_CODE_UNSUPPORTED_FEATURE,
+                param=f"{where}.type",
+            )
+        if part_type not in allowed:
+            supported = ", ".join(f"'{t}'" for t in allowed)
+            raise _invalid(
+                f"{where}.type",
+                f"Invalid value: '{part_type}' for a {role} message. Supported: {supported}.",
+            )
+        parts.append(_C.ContentPart(type=allowed[part_type], text=_string(part, "text", where)))
+    return _C.Item(
+        id=item_id,
+        type=_C.ITEM_TYPE_MESSAGE,
+        role=_ROLES[role],
+        status=_C.ITEM_STATUS_COMPLETED,
+        content=parts,
+    )
+
+
+def item_to_json(item: common_pb2.Item) -> dict[str, Any]:
+    """The Realtime JSON form of a stored item."""
+    status = _STATUS_NAMES.get(item.status, "completed")
+    if item.type == _C.ITEM_TYPE_FUNCTION_CALL:
+        return {
+            "id": item.id,
+            "object": "realtime.item",
+            "type": "function_call",
+            "status": status,
+            "call_id": item.call_id,
+            "name": item.name,
+            "arguments": item.arguments,
+        }
+    if item.type == _C.ITEM_TYPE_FUNCTION_CALL_OUTPUT:
+        return {
+            "id": item.id,
+            "object": "realtime.item",
+            "type": "function_call_output",
+            "call_id": item.call_id,
+            "output": item.output,
+        }
+    role = _ROLE_NAMES.get(item.role, "user")
+    return {
+        "id": item.id,
+        "object": "realtime.item",
+        "type": "message",
+        "status": status,
+        "role": role,
+        "content": [_part_to_json(part) for part in item.content],
+    }
+
+
+def _part_to_json(part: common_pb2.ContentPart) -> dict[str, Any]:
+    if part.type == _C.CONTENT_TYPE_OUTPUT_TEXT:
+        return {"type": "output_text", "text": part.text}
+    return {"type": "input_text", "text": part.text}
+
+
+def assistant_message(
+    item_id: str, text: str, *, status: common_pb2.ItemStatus.ValueType, response_id: str
+) -> common_pb2.Item:
+    """The assistant message item a response produced."""
+    return _C.Item(
+        id=item_id,
+        type=_C.ITEM_TYPE_MESSAGE,
+        role=_C.ROLE_ASSISTANT,
+        status=status,
+        content=[_C.ContentPart(type=_C.CONTENT_TYPE_OUTPUT_TEXT, text=text)],
+        response_id=response_id,
+    )

@@ -1,0 +1,699 @@
+"""The OpenAI Realtime (GA) protocol of one connection, as a state machine with no I/O.
+
+Call order, in the manner of python-websockets' protocol module:
+
+1. `open()` once: queues `session.created`.
+2. For every client frame, `receive_text()` / `receive_bytes()`: validates the
+   event and returns the `Command`s the driver must carry out (store an item,
+   start a response, ...). Protocol errors are queued as `error` events and
+   return no command; the connection stays usable.
+3. When a command's I/O finishes, report it: `session_updated()`,
+   `item_added()`, `item_deleted()`, `item_retrieved()`, or `fail()` with the
+   error. A response is reported with `text_delta()` per chunk, then
+   `complete_output()` (returns the items to store), then `response_done()`.
+4. After any call, `take_events()` returns the server events to send, in order.
+
+Every server event gets an `event_id`; usage numbers are never null.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+import orjson
+
+from switchboard.errors import InvalidRequest, SwitchboardError
+from switchboard.gateway import items
+from switchboard.v1 import common_pb2, session_pb2
+
+Event = dict[str, Any]
+_C = common_pb2
+
+# Realtime events this gateway does not implement (audio, truncation): a client
+# sending them gets `unsupported_feature`, not `unknown_event_type`.
+_UNSUPPORTED_EVENTS = frozenset(
+    {
+        "input_audio_buffer.append",
+        "input_audio_buffer.commit",
+        "input_audio_buffer.clear",
+        "output_audio_buffer.clear",
+        "conversation.item.truncate",
+        "transcription_session.update",
+    }
+)
+_SESSION_FIELDS = frozenset(
+    {
+        "type",
+        "model",
+        "instructions",
+        "output_modalities",
+        "tools",
+        "tool_choice",
+        "max_output_tokens",
+        "audio",
+        "include",
+        "tracing",
+        "prompt",
+        "truncation",
+        "parallel_tool_calls",
+        "reasoning",
+    }
+)
+_RESPONSE_FIELDS = frozenset(
+    {
+        "instructions",
+        "tools",
+        "tool_choice",
+        "max_output_tokens",
+        "output_modalities",
+        "metadata",
+        "conversation",
+        "audio",
+        "prompt",
+        "input",
+    }
+)
+MAX_OUTPUT_TOKENS_LIMIT = 1_000_000
+
+
+# --- Commands: what the driver must do -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateSession:
+    config: session_pb2.SessionConfig
+    session: Event
+    client_event_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreItem:
+    item: common_pb2.Item
+    previous_item_id: str
+    client_event_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteItem:
+    item_id: str
+    client_event_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RetrieveItem:
+    item_id: str
+    client_event_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StartResponse:
+    """Run one model response. `instructions`/`tools` are None when not overridden."""
+
+    response_id: str
+    model: str
+    instructions: str | None
+    tools: tuple[common_pb2.ToolDefinition, ...]
+    tool_choice: str
+    max_output_tokens: int
+    client_event_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CancelResponse:
+    response_id: str
+    client_event_id: str | None
+
+
+Command = UpdateSession | StoreItem | DeleteItem | RetrieveItem | StartResponse | CancelResponse
+
+
+@dataclass(slots=True)
+class _Response:
+    id: str
+    max_output_tokens: int
+    metadata: Any
+    item_id: str = ""
+    text: list[str] = field(default_factory=list)
+    output: list[Event] = field(default_factory=list)
+    cancelling: bool = False
+
+
+class Ids:
+    """Unique ids with a random per-connection prefix and a counter (cheap per event)."""
+
+    def __init__(self, token: Callable[[int], str] = secrets.token_hex) -> None:
+        self._prefix = token(6)
+        self._counter = count(1)
+
+    def new(self, kind: str) -> str:
+        return f"{kind}_{self._prefix}{next(self._counter):x}"
+
+
+class RealtimeProtocol:
+    """The Realtime protocol state of one connection. See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        config: session_pb2.SessionConfig,
+        max_event_bytes: int,
+        ids: Ids | None = None,
+    ) -> None:
+        self.session_id = session_id
+        self.config = config
+        self.max_event_bytes = max_event_bytes
+        self.ids = ids or Ids()
+        self.conversation_id = "conv_" + session_id.removeprefix("sess_")
+        self.session: Event = {
+            "type": "realtime",
+            "object": "realtime.session",
+            "id": session_id,
+            "model": config.model,
+            "output_modalities": ["text"],
+            "instructions": config.instructions,
+            "tools": [],
+            "tool_choice": config.tool_choice or "auto",
+            "max_output_tokens": config.max_output_tokens or "inf",
+            "tracing": None,
+            "prompt": None,
+            "truncation": "auto",
+            "include": None,
+        }
+        self.response: _Response | None = None
+        self._events: list[Event] = []
+
+    # --- output ----------------------------------------------------------------------
+
+    def take_events(self) -> list[Event]:
+        """The server events queued since the last call, oldest first."""
+        events, self._events = self._events, []
+        return events
+
+    def _emit(self, event_type: str, **fields: Any) -> None:
+        self._events.append({"type": event_type, "event_id": self.ids.new("event"), **fields})
+
+    def fail(self, error: SwitchboardError, client_event_id: str | None = None) -> None:
+        """Queue an `error` event for a failed client event or command."""
+        self._emit("error", error=error.to_event_error(client_event_id))
+
+    # --- input -----------------------------------------------------------------------
+
+    def open(self) -> None:
+        self._emit("session.created", session=self.session)
+
+    def receive_bytes(self, data: bytes) -> list[Command]:
+        self.fail(
+            InvalidRequest(
+                "Binary frames are not supported: send each event as a JSON text frame.",
+                code=_C.ERROR_CODE_BINARY_FRAME_UNSUPPORTED,
+            )
+        )
+        return []
+
+    def receive_text(self, text: str) -> list[Command]:
+        """Handle one client text frame; returns the commands it asks for."""
+        # A str is at most 4 bytes a character, so most frames need no encoding.
+        if len(text) * 4 > self.max_event_bytes and len(text.encode()) > self.max_event_bytes:
+            self.fail(
+                InvalidRequest(
+                    f"The event is larger than {self.max_event_bytes} bytes and was ignored.",
+                    code=_C.ERROR_CODE_FRAME_TOO_LARGE,
+                )
+            )
+            return []
+        try:
+            event = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            self.fail(
+                InvalidRequest(
+                    f"The event is not valid JSON ({exc.msg} at position {exc.pos}).",
+                    code=_C.ERROR_CODE_INVALID_JSON,
+                )
+            )
+            return []
+        client_event_id = None
+        try:
+            if not isinstance(event, dict):
+                raise InvalidRequest(
+                    "An event must be a JSON object.", code=_C.ERROR_CODE_INVALID_VALUE
+                )
+            raw_id = event.get("event_id")
+            client_event_id = raw_id if isinstance(raw_id, str) else None
+            return self._dispatch(event, client_event_id)
+        except SwitchboardError as error:
+            self.fail(error, client_event_id)
+            return []
+
+    def _dispatch(self, event: Event, client_event_id: str | None) -> list[Command]:
+        event_type = event.get("type")
+        if event_type is None:
+            raise _missing("type")
+        if not isinstance(event_type, str):
+            raise _invalid("type", "Invalid type for 'type': expected a string.")
+        handler = self._handlers.get(event_type)
+        if handler is not None:
+            return handler(self, event, client_event_id)
+        if event_type in _UNSUPPORTED_EVENTS:
+            raise InvalidRequest(
+                f"'{event_type}' is not supported: Switchboard serves text conversations.",
+                code=_C.ERROR_CODE_UNSUPPORTED_FEATURE,
+                param="type",
+            )
+        raise InvalidRequest(
+            f"Unknown event type '{event_type[:64]}'.",
+            code=_C.ERROR_CODE_UNKNOWN_EVENT_TYPE,
+            param="type",
+        )
+
+    # --- session.update --------------------------------------------------------------
+
+    def _on_session_update(self, event: Event, client_event_id: str | None) -> list[Command]:
+        raw = _object(event, "session")
+        _reject_unknown(raw, _SESSION_FIELDS, "session")
+        session_type = raw.get("type")
+        if session_type is None:
+            raise _missing("session.type")
+        if session_type == "transcription":
+            raise InvalidRequest(
+                "Transcription sessions are not supported.",
+                code=_C.ERROR_CODE_UNSUPPORTED_FEATURE,
+                param="session.type",
+            )
+        if session_type != "realtime":
+            raise _invalid("session.type", f"Invalid value: '{session_type}'. Expected 'realtime'.")
+        session = dict(self.session)
+        config = session_pb2.SessionConfig()
+        config.CopyFrom(self.config)
+        if "model" in raw:
+            config.model = _str_field(raw, "model", "session")
+            session["model"] = config.model
+        if "instructions" in raw:
+            config.instructions = _str_field(raw, "instructions", "session")
+            session["instructions"] = config.instructions
+        if "max_output_tokens" in raw:
+            config.max_output_tokens = _max_tokens(raw["max_output_tokens"], "session")
+            session["max_output_tokens"] = config.max_output_tokens or "inf"
+        if "tools" in raw:
+            tools = _tools(raw["tools"], "session.tools")
+            del config.tools[:]
+            config.tools.extend(tools)
+            session["tools"] = raw["tools"]
+        if "tool_choice" in raw:
+            config.tool_choice = _tool_choice(raw["tool_choice"], "session.tool_choice")
+            session["tool_choice"] = raw["tool_choice"]
+        if "output_modalities" in raw:
+            session["output_modalities"] = _modalities(raw["output_modalities"], "session")
+        for passthrough in ("audio", "include", "tracing", "prompt", "truncation"):
+            if passthrough in raw:
+                session[passthrough] = raw[passthrough]
+        return [UpdateSession(config=config, session=session, client_event_id=client_event_id)]
+
+    def session_updated(self, command: UpdateSession) -> None:
+        self.config = command.config
+        self.session = command.session
+        self._emit("session.updated", session=self.session)
+
+    # --- conversation items ----------------------------------------------------------
+
+    def _on_item_create(self, event: Event, client_event_id: str | None) -> list[Command]:
+        item = items.item_from_client(event.get("item"))
+        if not item.id:
+            item.id = self.ids.new("item")
+        previous = event.get("previous_item_id")
+        if previous is not None and not isinstance(previous, str):
+            raise _invalid(
+                "previous_item_id", "Invalid type for 'previous_item_id': expected a string."
+            )
+        return [
+            StoreItem(item=item, previous_item_id=previous or "", client_event_id=client_event_id)
+        ]
+
+    def item_added(self, item: common_pb2.Item, previous_item_id: str) -> None:
+        """A client-created item is stored: `conversation.item.added` then `.done`."""
+        body = items.item_to_json(item)
+        previous = previous_item_id or None
+        self._emit("conversation.item.added", previous_item_id=previous, item=body)
+        self._emit("conversation.item.done", previous_item_id=previous, item=body)
+
+    def _on_item_delete(self, event: Event, client_event_id: str | None) -> list[Command]:
+        return [DeleteItem(item_id=_str_field(event, "item_id"), client_event_id=client_event_id)]
+
+    def item_deleted(self, item_id: str) -> None:
+        self._emit("conversation.item.deleted", item_id=item_id)
+
+    def _on_item_retrieve(self, event: Event, client_event_id: str | None) -> list[Command]:
+        return [RetrieveItem(item_id=_str_field(event, "item_id"), client_event_id=client_event_id)]
+
+    def item_retrieved(self, item: common_pb2.Item) -> None:
+        self._emit("conversation.item.retrieved", item=items.item_to_json(item))
+
+    # --- responses -------------------------------------------------------------------
+
+    def _on_response_create(self, event: Event, client_event_id: str | None) -> list[Command]:
+        raw = event.get("response") or {}
+        if not isinstance(raw, dict):
+            raise _invalid("response", "Invalid type for 'response': expected an object.")
+        _reject_unknown(raw, _RESPONSE_FIELDS, "response")
+        if self.response is not None:
+            raise InvalidRequest(
+                f"Conversation already has an active response in progress: {self.response.id}. "
+                "Wait until the response is finished before creating a new one.",
+                code=_C.ERROR_CODE_CONVERSATION_ALREADY_HAS_ACTIVE_RESPONSE,
+            )
+        if raw.get("conversation", "auto") != "auto" or raw.get("input") is not None:
+            raise InvalidRequest(
+                "Out-of-band responses ('conversation': 'none' or 'input') are not supported yet.",
+                code=_C.ERROR_CODE_UNSUPPORTED_FEATURE,
+                param="response.conversation",
+            )
+        instructions = (
+            _str_field(raw, "instructions", "response") if "instructions" in raw else None
+        )
+        max_tokens = (
+            _max_tokens(raw["max_output_tokens"], "response")
+            if "max_output_tokens" in raw
+            else self.config.max_output_tokens
+        )
+        tools = (
+            tuple(_tools(raw["tools"], "response.tools"))
+            if "tools" in raw
+            else tuple(self.config.tools)
+        )
+        tool_choice = (
+            _tool_choice(raw["tool_choice"], "response.tool_choice")
+            if "tool_choice" in raw
+            else self.config.tool_choice
+        )
+        if "output_modalities" in raw:
+            _modalities(raw["output_modalities"], "response")
+        metadata = raw.get("metadata")
+        response = _Response(
+            id=self.ids.new("resp"), max_output_tokens=max_tokens, metadata=metadata
+        )
+        self.response = response
+        self._emit("response.created", response=self._response_body(response, "in_progress"))
+        return [
+            StartResponse(
+                response_id=response.id,
+                model=self.config.model,
+                instructions=instructions,
+                tools=tools,
+                tool_choice=tool_choice,
+                max_output_tokens=max_tokens,
+                client_event_id=client_event_id,
+            )
+        ]
+
+    def _on_response_cancel(self, event: Event, client_event_id: str | None) -> list[Command]:
+        requested = event.get("response_id")
+        response = self.response
+        if response is None or response.cancelling or (requested and requested != response.id):
+            raise InvalidRequest(
+                "Cancellation failed: no active response found.",
+                code=_C.ERROR_CODE_RESPONSE_CANCEL_NOT_ACTIVE,
+            )
+        response.cancelling = True
+        return [CancelResponse(response_id=response.id, client_event_id=client_event_id)]
+
+    def _active(self, response_id: str) -> _Response:
+        if self.response is None or self.response.id != response_id:
+            raise RuntimeError(f"response {response_id} is not active")
+        return self.response
+
+    def text_delta(self, response_id: str, delta: str) -> None:
+        """A chunk of assistant text; the first one opens the message item."""
+        response = self._active(response_id)
+        if not response.item_id:
+            response.item_id = self.ids.new("item")
+            item = {
+                "id": response.item_id,
+                "object": "realtime.item",
+                "type": "message",
+                "status": "in_progress",
+                "role": "assistant",
+                "content": [],
+            }
+            previous = None
+            self._emit(
+                "response.output_item.added", response_id=response_id, output_index=0, item=item
+            )
+            self._emit("conversation.item.added", previous_item_id=previous, item=item)
+            self._emit(
+                "response.content_part.added",
+                response_id=response_id,
+                item_id=response.item_id,
+                output_index=0,
+                content_index=0,
+                part={"type": "text", "text": ""},
+            )
+        response.text.append(delta)
+        self._emit(
+            "response.output_text.delta",
+            response_id=response_id,
+            item_id=response.item_id,
+            output_index=0,
+            content_index=0,
+            delta=delta,
+        )
+
+    def output_text(self, response_id: str) -> str:
+        return "".join(self._active(response_id).text)
+
+    def complete_output(self, response_id: str, *, complete: bool) -> list[common_pb2.Item]:
+        """Close the response's output items; returns them for the driver to store.
+
+        Args:
+            complete: False when the response was cancelled or broke off, which
+                marks its items `incomplete`.
+        """
+        response = self._active(response_id)
+        if not response.item_id:
+            return []
+        text = "".join(response.text)
+        status = _C.ITEM_STATUS_COMPLETED if complete else _C.ITEM_STATUS_INCOMPLETE
+        item = items.assistant_message(
+            response.item_id, text, status=status, response_id=response_id
+        )
+        body = items.item_to_json(item)
+        where = {"response_id": response_id, "item_id": response.item_id, "output_index": 0}
+        self._emit("response.output_text.done", **where, content_index=0, text=text)
+        self._emit(
+            "response.content_part.done",
+            **where,
+            content_index=0,
+            part={"type": "text", "text": text},
+        )
+        self._emit("response.output_item.done", response_id=response_id, output_index=0, item=body)
+        response.output.append(body)
+        return [item]
+
+    def response_done(
+        self,
+        response_id: str,
+        *,
+        status: str,
+        usage: common_pb2.Usage,
+        reason: str | None = None,
+        error: SwitchboardError | None = None,
+    ) -> None:
+        """Finish the response: `conversation.item.done` per item, then `response.done`.
+
+        Args:
+            status: completed, cancelled, incomplete or failed.
+            reason: the `status_details.reason` (client_cancelled, max_output_tokens).
+            error: for failed responses; also queued as an `error` event.
+        """
+        response = self._active(response_id)
+        for body in response.output:
+            self._emit("conversation.item.done", previous_item_id=None, item=body)
+        if error is not None:
+            self.fail(error)
+        details: Event | None = None
+        if status != "completed":
+            details = {"type": status, "reason": reason}
+            if error is not None:
+                details["error"] = {
+                    "type": error.spec.error_type,
+                    "code": error.name,
+                    "message": error.message,
+                }
+        body = self._response_body(response, status, details=details, usage=usage_to_json(usage))
+        self.response = None
+        self._emit("response.done", response=body)
+
+    def _response_body(
+        self,
+        response: _Response,
+        status: str,
+        *,
+        details: Event | None = None,
+        usage: Event | None = None,
+    ) -> Event:
+        return {
+            "object": "realtime.response",
+            "id": response.id,
+            "status": status,
+            "status_details": details,
+            "output": list(response.output),
+            "conversation_id": self.conversation_id,
+            "output_modalities": ["text"],
+            "max_output_tokens": response.max_output_tokens or "inf",
+            "audio": None,
+            "usage": usage,
+            "metadata": response.metadata,
+        }
+
+    _handlers: dict[str, Callable[[RealtimeProtocol, Event, str | None], list[Command]]] = {
+        "session.update": _on_session_update,
+        "conversation.item.create": _on_item_create,
+        "conversation.item.delete": _on_item_delete,
+        "conversation.item.retrieve": _on_item_retrieve,
+        "response.create": _on_response_create,
+        "response.cancel": _on_response_cancel,
+    }
+
+
+def usage_to_json(usage: common_pb2.Usage) -> Event:
+    """The Realtime `usage` object; every count is a number, never null."""
+    cached = int(usage.cached_input_tokens)
+    return {
+        "total_tokens": int(usage.total_tokens or usage.input_tokens + usage.output_tokens),
+        "input_tokens": int(usage.input_tokens),
+        "output_tokens": int(usage.output_tokens),
+        "input_token_details": {
+            "text_tokens": int(usage.input_tokens),
+            "audio_tokens": 0,
+            "image_tokens": 0,
+            "cached_tokens": cached,
+            "cached_tokens_details": {"text_tokens": cached, "audio_tokens": 0, "image_tokens": 0},
+        },
+        "output_token_details": {"text_tokens": int(usage.output_tokens), "audio_tokens": 0},
+    }
+
+
+def estimate_usage(input_tokens: int, output_text: str) -> common_pb2.Usage:
+    """Usage when the upstream reported none (a cancelled or broken stream)."""
+    output_tokens = math.ceil(len(output_text) / 4)
+    return common_pb2.Usage(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        total_tokens=input_tokens + output_tokens,
+        estimated=True,
+    )
+
+
+# --- field validation ----------------------------------------------------------------
+
+
+def _missing(param: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"Missing required parameter: '{param}'.",
+        code=_C.ERROR_CODE_MISSING_REQUIRED_PARAMETER,
+        param=param,
+    )
+
+
+def _invalid(param: str, message: str) -> InvalidRequest:
+    return InvalidRequest(message, code=_C.ERROR_CODE_INVALID_VALUE, param=param)
+
+
+def _object(event: Event, key: str) -> Event:
+    value = event.get(key)
+    if value is None:
+        raise _missing(key)
+    if not isinstance(value, dict):
+        raise _invalid(key, f"Invalid type for '{key}': expected an object.")
+    return value
+
+
+def _str_field(obj: Event, key: str, parent: str = "") -> str:
+    param = f"{parent}.{key}" if parent else key
+    value = obj.get(key)
+    if value is None:
+        raise _missing(param)
+    if not isinstance(value, str):
+        raise _invalid(param, f"Invalid type for '{param}': expected a string.")
+    return value
+
+
+def _reject_unknown(obj: Event, known: frozenset[str], parent: str) -> None:
+    for key in obj:
+        if key not in known:
+            raise InvalidRequest(
+                f"Unknown parameter: '{parent}.{key[:64]}'.",
+                code=_C.ERROR_CODE_UNKNOWN_PARAMETER,
+                param=f"{parent}.{key[:64]}",
+            )
+
+
+def _max_tokens(value: Any, parent: str) -> int:
+    param = f"{parent}.max_output_tokens"
+    if value == "inf":
+        return 0
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not 1 <= value <= MAX_OUTPUT_TOKENS_LIMIT
+    ):
+        raise _invalid(param, f"Invalid value for '{param}': expected 'inf' or a positive integer.")
+    return value
+
+
+def _modalities(value: Any, parent: str) -> list[str]:
+    param = f"{parent}.output_modalities"
+    if not isinstance(value, list) or not all(v in ("text", "audio") for v in value):
+        raise _invalid(param, f"Invalid value for '{param}': expected a list of 'text' or 'audio'.")
+    # Switchboard answers in text whatever the client asked for; see docs/protocol.md.
+    return ["text"]
+
+
+def _tools(value: Any, param: str) -> list[common_pb2.ToolDefinition]:
+    if not isinstance(value, list):
+        raise _invalid(param, f"Invalid type for '{param}': expected an array.")
+    tools = []
+    for index, raw in enumerate(value):
+        where = f"{param}[{index}]"
+        if not isinstance(raw, dict):
+            raise _invalid(where, f"Invalid type for '{where}': expected an object.")
+        if raw.get("type", "function") != "function":
+            raise InvalidRequest(
+                f"Tool type '{raw.get('type')}' is not supported; use 'function'.",
+                code=_C.ERROR_CODE_UNSUPPORTED_FEATURE,
+                param=f"{where}.type",
+            )
+        name = _str_field(raw, "name", where)
+        description = raw.get("description") or ""
+        parameters = raw.get("parameters") or {}
+        if not isinstance(description, str):
+            raise _invalid(f"{where}.description", "Invalid type: expected a string.")
+        if not isinstance(parameters, dict):
+            raise _invalid(f"{where}.parameters", "Invalid type: expected a JSON Schema object.")
+        tools.append(
+            common_pb2.ToolDefinition(
+                name=name,
+                description=description,
+                parameters_json=orjson.dumps(parameters).decode(),
+                location=_C.TOOL_LOCATION_CLIENT,
+            )
+        )
+    return tools
+
+
+def _tool_choice(value: Any, param: str) -> str:
+    if value in ("auto", "none", "required"):
+        return str(value)
+    if isinstance(value, dict) and value.get("type") == "function":
+        name = value.get("name")
+        if isinstance(name, str) and name:
+            return name
+    raise _invalid(
+        param,
+        f"Invalid value for '{param}': expected 'auto', 'none', 'required' or "
+        "{'type': 'function', 'name': ...}.",
+    )

@@ -1,0 +1,95 @@
+"""End-to-end fixtures: the real processes, started by the same launcher as `make run`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import orjson
+import pytest
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from tools.stack import Ports, Stack
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    """Redis, the simulator and the four services, on free ports, once per test run.
+
+    Redis keeps an append-only file so a test can kill and restart it without
+    losing the sessions other tests hold (as a production Redis would).
+    """
+    stack = Stack(
+        ports=Ports.free(),
+        simulator_args=["--ttft-ms", "20", "--token-delay-ms", "5", "--reply-tokens", "12"],
+        redis_args=("--appendonly", "yes", "--appendfsync", "always"),
+    )
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+class RealtimeClient:
+    """A raw WebSocket client of the Realtime protocol, for what SDKs won't send."""
+
+    def __init__(self, connection: ClientConnection) -> None:
+        self.connection = connection
+
+    async def send(self, event: dict[str, Any]) -> None:
+        await self.connection.send(orjson.dumps(event).decode())
+
+    async def recv(self, timeout_s: float = 10.0) -> dict[str, Any]:
+        import asyncio
+
+        frame = await asyncio.wait_for(self.connection.recv(), timeout_s)
+        event: dict[str, Any] = orjson.loads(frame)
+        return event
+
+    async def recv_until(self, event_type: str, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """All events up to and including the first of `event_type`."""
+        events = []
+        while True:
+            event = await self.recv(timeout_s)
+            events.append(event)
+            if event["type"] == event_type:
+                return events
+
+    async def say(self, text: str) -> dict[str, Any]:
+        await self.send(
+            {
+                "type": "conversation.item.create",
+                "item": {
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": text}],
+                },
+            }
+        )
+        return (await self.recv_until("conversation.item.done"))[-1]
+
+    async def respond(self) -> list[dict[str, Any]]:
+        await self.send({"type": "response.create"})
+        return await self.recv_until("response.done", timeout_s=30)
+
+
+def connect(stack: Stack, *, key: str | None = None, **kwargs: Any) -> Any:
+    headers = {"Authorization": f"Bearer {key if key is not None else stack.dev_key}"}
+    return websockets.connect(
+        f"{stack.websocket_url}?model=gpt-realtime", additional_headers=headers, **kwargs
+    )
+
+
+@pytest.fixture
+async def client(stack: Stack) -> AsyncIterator[RealtimeClient]:
+    async with connect(stack) as connection:
+        client = RealtimeClient(connection)
+        created = await client.recv()
+        assert created["type"] == "session.created"
+        yield client
+
+
+def reply_text(events: list[dict[str, Any]]) -> str:
+    return "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")

@@ -1,0 +1,369 @@
+"""The Realtime protocol core, driven by feeding events: no sockets, no backends."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from switchboard.errors import ServiceUnavailable
+from switchboard.gateway.protocol import (
+    CancelResponse,
+    DeleteItem,
+    RealtimeProtocol,
+    RetrieveItem,
+    StartResponse,
+    StoreItem,
+    UpdateSession,
+)
+from switchboard.v1 import common_pb2, session_pb2
+
+
+def make_protocol(max_event_bytes: int = 4096) -> RealtimeProtocol:
+    config = session_pb2.SessionConfig(model="gpt-realtime", tool_choice="auto")
+    protocol = RealtimeProtocol(
+        session_id="sess_abc", config=config, max_event_bytes=max_event_bytes
+    )
+    protocol.open()
+    return protocol
+
+
+def send(protocol: RealtimeProtocol, event: Any) -> list[Any]:
+    return protocol.receive_text(json.dumps(event))
+
+
+def types(events: list[dict[str, Any]]) -> list[str]:
+    return [e["type"] for e in events]
+
+
+def only_error(protocol: RealtimeProtocol) -> dict[str, Any]:
+    events = protocol.take_events()
+    assert types(events) == ["error"]
+    return events[0]["error"]
+
+
+def test_open_sends_session_created_with_event_id() -> None:
+    protocol = RealtimeProtocol(
+        session_id="sess_x", config=session_pb2.SessionConfig(model="m"), max_event_bytes=1024
+    )
+    protocol.open()
+    (event,) = protocol.take_events()
+    assert event["type"] == "session.created"
+    assert event["event_id"].startswith("event_")
+    assert event["session"]["id"] == "sess_x"
+    assert event["session"]["model"] == "m"
+    assert event["session"]["type"] == "realtime"
+
+
+def test_every_event_id_is_unique() -> None:
+    protocol = make_protocol()
+    for _ in range(50):
+        send(protocol, {"type": "nope"})
+    ids = [e["event_id"] for e in protocol.take_events()]
+    assert len(ids) == len(set(ids)) == 51
+
+
+def test_session_update_requires_type() -> None:
+    protocol = make_protocol()
+    protocol.take_events()
+    assert send(protocol, {"type": "session.update", "session": {"instructions": "x"}}) == []
+    error = only_error(protocol)
+    assert error["code"] == "missing_required_parameter"
+    assert error["param"] == "session.type"
+
+
+def test_session_update_then_updated() -> None:
+    protocol = make_protocol()
+    protocol.take_events()
+    (command,) = send(
+        protocol,
+        {
+            "type": "session.update",
+            "event_id": "c1",
+            "session": {
+                "type": "realtime",
+                "instructions": "Be brief.",
+                "max_output_tokens": 50,
+                "tools": [{"type": "function", "name": "lookup", "parameters": {"type": "object"}}],
+            },
+        },
+    )
+    assert isinstance(command, UpdateSession)
+    assert command.config.instructions == "Be brief."
+    assert command.config.max_output_tokens == 50
+    assert [t.name for t in command.config.tools] == ["lookup"]
+    assert protocol.take_events() == []  # nothing until the store confirms
+    protocol.session_updated(command)
+    (event,) = protocol.take_events()
+    assert event["type"] == "session.updated"
+    assert event["session"]["instructions"] == "Be brief."
+    assert event["session"]["max_output_tokens"] == 50
+
+
+@pytest.mark.parametrize(
+    ("session", "code", "param"),
+    [
+        ({"type": "realtime", "bogus": 1}, "unknown_parameter", "session.bogus"),
+        ({"type": "translation"}, "invalid_value", "session.type"),
+        ({"type": "transcription"}, "unsupported_feature", "session.type"),
+        (
+            {"type": "realtime", "max_output_tokens": -3},
+            "invalid_value",
+            "session.max_output_tokens",
+        ),
+        ({"type": "realtime", "instructions": 7}, "invalid_value", "session.instructions"),
+        (
+            {"type": "realtime", "tools": [{"type": "mcp"}]},
+            "unsupported_feature",
+            "session.tools[0].type",
+        ),
+        ({"type": "realtime", "tool_choice": "sometimes"}, "invalid_value", "session.tool_choice"),
+    ],
+)
+def test_session_update_rejects_bad_fields(session: dict[str, Any], code: str, param: str) -> None:
+    protocol = make_protocol()
+    protocol.take_events()
+    assert send(protocol, {"type": "session.update", "event_id": "e9", "session": session}) == []
+    error = only_error(protocol)
+    assert (error["code"], error["param"], error["event_id"]) == (code, param, "e9")
+
+
+def test_item_create_validates_and_asks_to_store() -> None:
+    protocol = make_protocol()
+    protocol.take_events()
+    (command,) = send(
+        protocol,
+        {
+            "type": "conversation.item.create",
+            "item": {
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": "hi"}],
+            },
+        },
+    )
+    assert isinstance(command, StoreItem)
+    assert command.item.id.startswith("item_")
+    assert command.item.content[0].text == "hi"
+    protocol.item_added(command.item, "item_prev")
+    added, done = protocol.take_events()
+    assert (added["type"], done["type"]) == ("conversation.item.added", "conversation.item.done")
+    assert added["previous_item_id"] == "item_prev"
+    assert added["item"]["content"] == [{"type": "input_text", "text": "hi"}]
+    assert added["item"]["role"] == "user"
+
+
+@pytest.mark.parametrize(
+    ("item", "code", "param"),
+    [
+        (None, "missing_required_parameter", "item"),
+        ({"type": "message", "role": "user"}, "missing_required_parameter", "item.content"),
+        (
+            {"type": "message", "content": [{"type": "input_text", "text": "x"}]},
+            "missing_required_parameter",
+            "item.role",
+        ),
+        (
+            {"type": "message", "role": "user", "content": [{"type": "input_text"}]},
+            "missing_required_parameter",
+            "item.content[0].text",
+        ),
+        (
+            {"type": "message", "role": "user", "content": [{"type": "input_audio", "audio": ""}]},
+            "unsupported_feature",
+            "item.content[0].type",
+        ),
+        ({"type": "message", "role": "wizard", "content": []}, "invalid_value", "item.role"),
+        ({"type": "reasoning"}, "invalid_value", "item.type"),
+        (
+            {"type": "function_call_output", "output": "x"},
+            "missing_required_parameter",
+            "item.call_id",
+        ),
+    ],
+)
+def test_item_create_errors_name_the_field(item: Any, code: str, param: str) -> None:
+    protocol = make_protocol()
+    protocol.take_events()
+    event: dict[str, Any] = {"type": "conversation.item.create"}
+    if item is not None:
+        event["item"] = item
+    assert send(protocol, event) == []
+    error = only_error(protocol)
+    assert (error["code"], error["param"]) == (code, param)
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("{not json", "invalid_json"),
+        ("[1, 2]", "invalid_value"),
+        ('{"event_id": "x"}', "missing_required_parameter"),
+        ('{"type": "conversation.shout"}', "unknown_event_type"),
+        ('{"type": "input_audio_buffer.append", "audio": ""}', "unsupported_feature"),
+        ('{"type": "conversation.item.delete"}', "missing_required_parameter"),
+    ],
+)
+def test_malformed_frames_get_specific_codes(frame: str, code: str) -> None:
+    protocol = make_protocol()
+    protocol.take_events()
+    assert protocol.receive_text(frame) == []
+    assert only_error(protocol)["code"] == code
+
+
+def test_binary_and_oversized_frames() -> None:
+    protocol = make_protocol(max_event_bytes=2048)
+    protocol.take_events()
+    assert protocol.receive_bytes(b"\x00\x01") == []
+    assert only_error(protocol)["code"] == "binary_frame_unsupported"
+    big = json.dumps({"type": "conversation.item.create", "pad": "é" * 1500})  # > 2048 bytes
+    assert protocol.receive_text(big) == []
+    assert only_error(protocol)["code"] == "frame_too_large"
+    # The connection stays usable afterwards.
+    assert send(protocol, {"type": "response.create"})
+
+
+def run_response(
+    protocol: RealtimeProtocol, deltas: list[str]
+) -> tuple[StartResponse, list[dict[str, Any]]]:
+    (command,) = send(protocol, {"type": "response.create"})
+    assert isinstance(command, StartResponse)
+    for delta in deltas:
+        protocol.text_delta(command.response_id, delta)
+    return command, protocol.take_events()
+
+
+def test_response_full_ga_sequence() -> None:
+    protocol = make_protocol()
+    protocol.take_events()
+    command, events = run_response(protocol, ["Hel", "lo"])
+    stored = protocol.complete_output(command.response_id, complete=True)
+    usage = common_pb2.Usage(input_tokens=10, output_tokens=2, total_tokens=12)
+    protocol.response_done(command.response_id, status="completed", usage=usage)
+    events += protocol.take_events()
+    assert types(events) == [
+        "response.created",
+        "response.output_item.added",
+        "conversation.item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "conversation.item.done",
+        "response.done",
+    ]
+    assert events[6]["text"] == "Hello"
+    assert [i.content[0].text for i in stored] == ["Hello"]
+    assert stored[0].role == common_pb2.ROLE_ASSISTANT
+    done = events[-1]["response"]
+    assert done["status"] == "completed"
+    assert done["usage"]["input_tokens"] == 10
+    assert done["usage"]["output_tokens"] == 2
+    assert done["usage"]["total_tokens"] == 12
+    assert done["output"][0]["content"] == [{"type": "output_text", "text": "Hello"}]
+    assert all(isinstance(v, int) for v in done["usage"]["output_token_details"].values())
+    assert len({e["event_id"] for e in events}) == len(events)
+
+
+def test_second_response_while_one_runs_is_refused() -> None:
+    protocol = make_protocol()
+    protocol.take_events()
+    run_response(protocol, [])
+    assert send(protocol, {"type": "response.create"}) == []
+    assert only_error(protocol)["code"] == "conversation_already_has_active_response"
+
+
+def test_cancel_without_response_is_an_error() -> None:
+    protocol = make_protocol()
+    protocol.take_events()
+    assert send(protocol, {"type": "response.cancel"}) == []
+    assert only_error(protocol)["code"] == "response_cancel_not_active"
+
+
+def test_cancel_ends_response_cancelled_with_usage() -> None:
+    protocol = make_protocol()
+    protocol.take_events()
+    command, _ = run_response(protocol, ["par"])
+    (cancel,) = send(protocol, {"type": "response.cancel"})
+    assert isinstance(cancel, CancelResponse)
+    assert cancel.response_id == command.response_id
+    # A second cancel while the first is in flight is refused.
+    assert send(protocol, {"type": "response.cancel"}) == []
+    assert only_error(protocol)["code"] == "response_cancel_not_active"
+    (item,) = protocol.complete_output(command.response_id, complete=False)
+    assert item.status == common_pb2.ITEM_STATUS_INCOMPLETE
+    protocol.response_done(
+        command.response_id,
+        status="cancelled",
+        usage=common_pb2.Usage(input_tokens=3, output_tokens=1),
+        reason="client_cancelled",
+    )
+    done = protocol.take_events()[-1]
+    assert done["response"]["status"] == "cancelled"
+    assert done["response"]["status_details"] == {"type": "cancelled", "reason": "client_cancelled"}
+    assert done["response"]["usage"]["total_tokens"] == 4
+    # The conversation is free for the next response.
+    assert send(protocol, {"type": "response.create"})
+
+
+def test_failed_response_reports_error_event_and_details() -> None:
+    protocol = make_protocol()
+    protocol.take_events()
+    command, _ = run_response(protocol, [])
+    assert protocol.complete_output(command.response_id, complete=False) == []
+    protocol.response_done(
+        command.response_id,
+        status="failed",
+        usage=common_pb2.Usage(),
+        error=ServiceUnavailable("The broker service is unavailable."),
+    )
+    error, done = protocol.take_events()
+    assert error["type"] == "error"
+    assert error["error"]["code"] == "service_unavailable"
+    assert done["response"]["status"] == "failed"
+    assert done["response"]["status_details"]["error"]["code"] == "service_unavailable"
+    assert done["response"]["usage"]["total_tokens"] == 0
+
+
+def test_response_overrides() -> None:
+    protocol = make_protocol()
+    protocol.take_events()
+    (command,) = send(
+        protocol,
+        {"type": "response.create", "response": {"instructions": "Shout.", "max_output_tokens": 5}},
+    )
+    assert isinstance(command, StartResponse)
+    assert command.instructions == "Shout."
+    assert command.max_output_tokens == 5
+    created = protocol.take_events()[0]
+    assert created["response"]["max_output_tokens"] == 5
+    assert created["response"]["status"] == "in_progress"
+
+
+def test_delete_and_retrieve_commands() -> None:
+    protocol = make_protocol()
+    protocol.take_events()
+    (delete,) = send(protocol, {"type": "conversation.item.delete", "item_id": "item_1"})
+    assert delete == DeleteItem(item_id="item_1", client_event_id=None)
+    protocol.item_deleted("item_1")
+    (retrieve,) = send(
+        protocol, {"type": "conversation.item.retrieve", "item_id": "item_1", "event_id": "q"}
+    )
+    assert retrieve == RetrieveItem(item_id="item_1", client_event_id="q")
+    item = common_pb2.Item(
+        id="item_1",
+        type=common_pb2.ITEM_TYPE_MESSAGE,
+        role=common_pb2.ROLE_USER,
+        content=[common_pb2.ContentPart(type=common_pb2.CONTENT_TYPE_INPUT_TEXT, text="x")],
+    )
+    protocol.item_retrieved(item)
+    deleted, retrieved = protocol.take_events()
+    assert deleted == {
+        "type": "conversation.item.deleted",
+        "event_id": deleted["event_id"],
+        "item_id": "item_1",
+    }
+    assert retrieved["item"]["id"] == "item_1"
