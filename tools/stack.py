@@ -285,7 +285,7 @@ Switchboard is running.
   Health:     {stack.gateway_url}/readyz
   Logs:       {stack.log_dir}/
 
-Try it:  python -m tools.chat --url {stack.websocket_url} --key {stack.dev_key}
+Try it:  .venv/bin/python -m tools.chat --url {stack.websocket_url} --key {stack.dev_key}
 Press Ctrl-C to stop.""",
         flush=True,
     )
