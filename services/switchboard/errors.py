@@ -186,6 +186,20 @@ class InvalidRequest(SwitchboardError):
     code = common_pb2.ERROR_CODE_INVALID_VALUE
 
 
+def missing_parameter(param: str) -> InvalidRequest:
+    """`missing_required_parameter` naming the field, worded as OpenAI words it."""
+    return InvalidRequest(
+        f"Missing required parameter: '{param}'.",
+        code=common_pb2.ERROR_CODE_MISSING_REQUIRED_PARAMETER,
+        param=param,
+    )
+
+
+def invalid_value(param: str, message: str) -> InvalidRequest:
+    """`invalid_value` naming the field."""
+    return InvalidRequest(message, code=common_pb2.ERROR_CODE_INVALID_VALUE, param=param)
+
+
 class ItemNotFound(SwitchboardError):
     code = common_pb2.ERROR_CODE_ITEM_NOT_FOUND
 

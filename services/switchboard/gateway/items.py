@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from switchboard.errors import InvalidRequest
+from switchboard.errors import InvalidRequest, invalid_value, missing_parameter
 from switchboard.v1 import common_pb2
 
 MAX_ITEM_ID_CHARS = 64
@@ -38,26 +38,16 @@ _UNSUPPORTED_PARTS = {"input_audio", "input_image", "output_audio", "audio"}
 _C = common_pb2
 
 
-def _missing(param: str) -> InvalidRequest:
-    return InvalidRequest(
-        f"Missing required parameter: '{param}'.",
-        code=_C.ERROR_CODE_MISSING_REQUIRED_PARAMETER,
-        param=param,
-    )
-
-
-def _invalid(param: str, message: str) -> InvalidRequest:
-    return InvalidRequest(message, code=_C.ERROR_CODE_INVALID_VALUE, param=param)
-
-
 def _string(obj: dict[str, Any], key: str, param: str, *, required: bool = True) -> str:
     value = obj.get(key)
     if value is None:
         if required:
-            raise _missing(f"{param}.{key}")
+            raise missing_parameter(f"{param}.{key}")
         return ""
     if not isinstance(value, str):
-        raise _invalid(f"{param}.{key}", f"Invalid type for '{param}.{key}': expected a string.")
+        raise invalid_value(
+            f"{param}.{key}", f"Invalid type for '{param}.{key}': expected a string."
+        )
     return value
 
 
@@ -68,12 +58,14 @@ def item_from_client(raw: Any, param: str = "item") -> common_pb2.Item:
         InvalidRequest: naming the offending field.
     """
     if raw is None:
-        raise _missing(param)
+        raise missing_parameter(param)
     if not isinstance(raw, dict):
-        raise _invalid(param, f"Invalid type for '{param}': expected an object.")
+        raise invalid_value(param, f"Invalid type for '{param}': expected an object.")
     item_id = _string(raw, "id", param, required=False)
     if len(item_id) > MAX_ITEM_ID_CHARS:
-        raise _invalid(f"{param}.id", f"'{param}.id' is longer than {MAX_ITEM_ID_CHARS} chars.")
+        raise invalid_value(
+            f"{param}.id", f"'{param}.id' is longer than {MAX_ITEM_ID_CHARS} chars."
+        )
     kind = _string(raw, "type", param)
     if kind == "message":
         return _message_from_client(raw, item_id, param)
@@ -94,7 +86,7 @@ def item_from_client(raw: Any, param: str = "item") -> common_pb2.Item:
             name=_string(raw, "name", param),
             arguments=_string(raw, "arguments", param, required=False) or "{}",
         )
-    raise _invalid(
+    raise invalid_value(
         f"{param}.type",
         f"Invalid value: '{kind}'. Supported values are: 'message', 'function_call', "
         "and 'function_call_output'.",
@@ -104,21 +96,21 @@ def item_from_client(raw: Any, param: str = "item") -> common_pb2.Item:
 def _message_from_client(raw: dict[str, Any], item_id: str, param: str) -> common_pb2.Item:
     role = _string(raw, "role", param)
     if role not in _ROLES:
-        raise _invalid(
+        raise invalid_value(
             f"{param}.role",
             f"Invalid value: '{role}'. Supported values are: 'user', 'assistant', and 'system'.",
         )
     content = raw.get("content")
     if content is None:
-        raise _missing(f"{param}.content")
+        raise missing_parameter(f"{param}.content")
     if not isinstance(content, list) or not content:
-        raise _invalid(f"{param}.content", f"'{param}.content' must be a non-empty array.")
+        raise invalid_value(f"{param}.content", f"'{param}.content' must be a non-empty array.")
     allowed = _PART_TYPES[role]
     parts = []
     for index, part in enumerate(content):
         where = f"{param}.content[{index}]"
         if not isinstance(part, dict):
-            raise _invalid(where, f"Invalid type for '{where}': expected an object.")
+            raise invalid_value(where, f"Invalid type for '{where}': expected an object.")
         part_type = _string(part, "type", where)
         if part_type in _UNSUPPORTED_PARTS:
             raise InvalidRequest(
@@ -128,7 +120,7 @@ def _message_from_client(raw: dict[str, Any], item_id: str, param: str) -> commo
             )
         if part_type not in allowed:
             supported = ", ".join(f"'{t}'" for t in allowed)
-            raise _invalid(
+            raise invalid_value(
                 f"{where}.type",
                 f"Invalid value: '{part_type}' for a {role} message. Supported: {supported}.",
             )

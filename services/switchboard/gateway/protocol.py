@@ -27,8 +27,8 @@ from typing import Any
 
 import orjson
 
-from switchboard.errors import InvalidRequest, SwitchboardError
-from switchboard.gateway import items
+from switchboard.errors import InvalidRequest, SwitchboardError, invalid_value, missing_parameter
+from switchboard.gateway import fields, items
 from switchboard.v1 import common_pb2, session_pb2
 
 Event = dict[str, Any]
@@ -78,7 +78,6 @@ _RESPONSE_FIELDS = frozenset(
         "input",
     }
 )
-MAX_OUTPUT_TOKENS_LIMIT = 1_000_000
 
 
 # --- Commands: what the driver must do -------------------------------------------------
@@ -253,9 +252,9 @@ class RealtimeProtocol:
     def _dispatch(self, event: Event, client_event_id: str | None) -> list[Command]:
         event_type = event.get("type")
         if event_type is None:
-            raise _missing("type")
+            raise missing_parameter("type")
         if not isinstance(event_type, str):
-            raise _invalid("type", "Invalid type for 'type': expected a string.")
+            raise invalid_value("type", "Invalid type for 'type': expected a string.")
         handler = self._handlers.get(event_type)
         if handler is not None:
             return handler(self, event, client_event_id)
@@ -274,11 +273,11 @@ class RealtimeProtocol:
     # --- session.update --------------------------------------------------------------
 
     def _on_session_update(self, event: Event, client_event_id: str | None) -> list[Command]:
-        raw = _object(event, "session")
-        _reject_unknown(raw, _SESSION_FIELDS, "session")
+        raw = fields.require_object(event, "session")
+        fields.reject_unknown(raw, _SESSION_FIELDS, "session")
         session_type = raw.get("type")
         if session_type is None:
-            raise _missing("session.type")
+            raise missing_parameter("session.type")
         if session_type == "transcription":
             raise InvalidRequest(
                 "Transcription sessions are not supported.",
@@ -286,29 +285,33 @@ class RealtimeProtocol:
                 param="session.type",
             )
         if session_type != "realtime":
-            raise _invalid("session.type", f"Invalid value: '{session_type}'. Expected 'realtime'.")
+            raise invalid_value(
+                "session.type", f"Invalid value: '{session_type}'. Expected 'realtime'."
+            )
         session = dict(self.session)
         config = session_pb2.SessionConfig()
         config.CopyFrom(self.config)
         if "model" in raw:
-            config.model = _str_field(raw, "model", "session")
+            config.model = fields.require_str(raw, "model", "session")
             session["model"] = config.model
         if "instructions" in raw:
-            config.instructions = _str_field(raw, "instructions", "session")
+            config.instructions = fields.require_str(raw, "instructions", "session")
             session["instructions"] = config.instructions
         if "max_output_tokens" in raw:
-            config.max_output_tokens = _max_tokens(raw["max_output_tokens"], "session")
+            config.max_output_tokens = fields.max_output_tokens(raw["max_output_tokens"], "session")
             session["max_output_tokens"] = config.max_output_tokens or "inf"
         if "tools" in raw:
-            tools = _tools(raw["tools"], "session.tools")
+            tools = fields.function_tools(raw["tools"], "session.tools")
             del config.tools[:]
             config.tools.extend(tools)
             session["tools"] = raw["tools"]
         if "tool_choice" in raw:
-            config.tool_choice = _tool_choice(raw["tool_choice"], "session.tool_choice")
+            config.tool_choice = fields.tool_choice(raw["tool_choice"], "session.tool_choice")
             session["tool_choice"] = raw["tool_choice"]
         if "output_modalities" in raw:
-            session["output_modalities"] = _modalities(raw["output_modalities"], "session")
+            session["output_modalities"] = fields.output_modalities(
+                raw["output_modalities"], "session"
+            )
         for passthrough in ("audio", "include", "tracing", "prompt", "truncation"):
             if passthrough in raw:
                 session[passthrough] = raw[passthrough]
@@ -327,7 +330,7 @@ class RealtimeProtocol:
             item.id = self.ids.new("item")
         previous = event.get("previous_item_id")
         if previous is not None and not isinstance(previous, str):
-            raise _invalid(
+            raise invalid_value(
                 "previous_item_id", "Invalid type for 'previous_item_id': expected a string."
             )
         return [
@@ -342,13 +345,21 @@ class RealtimeProtocol:
         self._emit("conversation.item.done", previous_item_id=previous, item=body)
 
     def _on_item_delete(self, event: Event, client_event_id: str | None) -> list[Command]:
-        return [DeleteItem(item_id=_str_field(event, "item_id"), client_event_id=client_event_id)]
+        return [
+            DeleteItem(
+                item_id=fields.require_str(event, "item_id"), client_event_id=client_event_id
+            )
+        ]
 
     def item_deleted(self, item_id: str) -> None:
         self._emit("conversation.item.deleted", item_id=item_id)
 
     def _on_item_retrieve(self, event: Event, client_event_id: str | None) -> list[Command]:
-        return [RetrieveItem(item_id=_str_field(event, "item_id"), client_event_id=client_event_id)]
+        return [
+            RetrieveItem(
+                item_id=fields.require_str(event, "item_id"), client_event_id=client_event_id
+            )
+        ]
 
     def item_retrieved(self, item: common_pb2.Item) -> None:
         self._emit("conversation.item.retrieved", item=items.item_to_json(item))
@@ -358,8 +369,8 @@ class RealtimeProtocol:
     def _on_response_create(self, event: Event, client_event_id: str | None) -> list[Command]:
         raw = event.get("response") or {}
         if not isinstance(raw, dict):
-            raise _invalid("response", "Invalid type for 'response': expected an object.")
-        _reject_unknown(raw, _RESPONSE_FIELDS, "response")
+            raise invalid_value("response", "Invalid type for 'response': expected an object.")
+        fields.reject_unknown(raw, _RESPONSE_FIELDS, "response")
         if self.response is not None:
             raise InvalidRequest(
                 f"Conversation already has an active response in progress: {self.response.id}. "
@@ -373,25 +384,25 @@ class RealtimeProtocol:
                 param="response.conversation",
             )
         instructions = (
-            _str_field(raw, "instructions", "response") if "instructions" in raw else None
+            fields.require_str(raw, "instructions", "response") if "instructions" in raw else None
         )
         max_tokens = (
-            _max_tokens(raw["max_output_tokens"], "response")
+            fields.max_output_tokens(raw["max_output_tokens"], "response")
             if "max_output_tokens" in raw
             else self.config.max_output_tokens
         )
         tools = (
-            tuple(_tools(raw["tools"], "response.tools"))
+            tuple(fields.function_tools(raw["tools"], "response.tools"))
             if "tools" in raw
             else tuple(self.config.tools)
         )
         tool_choice = (
-            _tool_choice(raw["tool_choice"], "response.tool_choice")
+            fields.tool_choice(raw["tool_choice"], "response.tool_choice")
             if "tool_choice" in raw
             else self.config.tool_choice
         )
         if "output_modalities" in raw:
-            _modalities(raw["output_modalities"], "response")
+            fields.output_modalities(raw["output_modalities"], "response")
         metadata = raw.get("metadata")
         response = _Response(
             id=self.ids.new("resp"), max_output_tokens=max_tokens, metadata=metadata
@@ -585,115 +596,4 @@ def estimate_usage(input_tokens: int, output_text: str) -> common_pb2.Usage:
         output_tokens=output_tokens,
         total_tokens=input_tokens + output_tokens,
         estimated=True,
-    )
-
-
-# --- field validation ----------------------------------------------------------------
-
-
-def _missing(param: str) -> InvalidRequest:
-    return InvalidRequest(
-        f"Missing required parameter: '{param}'.",
-        code=_C.ERROR_CODE_MISSING_REQUIRED_PARAMETER,
-        param=param,
-    )
-
-
-def _invalid(param: str, message: str) -> InvalidRequest:
-    return InvalidRequest(message, code=_C.ERROR_CODE_INVALID_VALUE, param=param)
-
-
-def _object(event: Event, key: str) -> Event:
-    value = event.get(key)
-    if value is None:
-        raise _missing(key)
-    if not isinstance(value, dict):
-        raise _invalid(key, f"Invalid type for '{key}': expected an object.")
-    return value
-
-
-def _str_field(obj: Event, key: str, parent: str = "") -> str:
-    param = f"{parent}.{key}" if parent else key
-    value = obj.get(key)
-    if value is None:
-        raise _missing(param)
-    if not isinstance(value, str):
-        raise _invalid(param, f"Invalid type for '{param}': expected a string.")
-    return value
-
-
-def _reject_unknown(obj: Event, known: frozenset[str], parent: str) -> None:
-    for key in obj:
-        if key not in known:
-            raise InvalidRequest(
-                f"Unknown parameter: '{parent}.{key[:64]}'.",
-                code=_C.ERROR_CODE_UNKNOWN_PARAMETER,
-                param=f"{parent}.{key[:64]}",
-            )
-
-
-def _max_tokens(value: Any, parent: str) -> int:
-    param = f"{parent}.max_output_tokens"
-    if value == "inf":
-        return 0
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or not 1 <= value <= MAX_OUTPUT_TOKENS_LIMIT
-    ):
-        raise _invalid(param, f"Invalid value for '{param}': expected 'inf' or a positive integer.")
-    return value
-
-
-def _modalities(value: Any, parent: str) -> list[str]:
-    param = f"{parent}.output_modalities"
-    if not isinstance(value, list) or not all(v in ("text", "audio") for v in value):
-        raise _invalid(param, f"Invalid value for '{param}': expected a list of 'text' or 'audio'.")
-    # Switchboard answers in text whatever the client asked for; see docs/protocol.md.
-    return ["text"]
-
-
-def _tools(value: Any, param: str) -> list[common_pb2.ToolDefinition]:
-    if not isinstance(value, list):
-        raise _invalid(param, f"Invalid type for '{param}': expected an array.")
-    tools = []
-    for index, raw in enumerate(value):
-        where = f"{param}[{index}]"
-        if not isinstance(raw, dict):
-            raise _invalid(where, f"Invalid type for '{where}': expected an object.")
-        if raw.get("type", "function") != "function":
-            raise InvalidRequest(
-                f"Tool type '{raw.get('type')}' is not supported; use 'function'.",
-                code=_C.ERROR_CODE_UNSUPPORTED_FEATURE,
-                param=f"{where}.type",
-            )
-        name = _str_field(raw, "name", where)
-        description = raw.get("description") or ""
-        parameters = raw.get("parameters") or {}
-        if not isinstance(description, str):
-            raise _invalid(f"{where}.description", "Invalid type: expected a string.")
-        if not isinstance(parameters, dict):
-            raise _invalid(f"{where}.parameters", "Invalid type: expected a JSON Schema object.")
-        tools.append(
-            common_pb2.ToolDefinition(
-                name=name,
-                description=description,
-                parameters_json=orjson.dumps(parameters).decode(),
-                location=_C.TOOL_LOCATION_CLIENT,
-            )
-        )
-    return tools
-
-
-def _tool_choice(value: Any, param: str) -> str:
-    if value in ("auto", "none", "required"):
-        return str(value)
-    if isinstance(value, dict) and value.get("type") == "function":
-        name = value.get("name")
-        if isinstance(name, str) and name:
-            return name
-    raise _invalid(
-        param,
-        f"Invalid value for '{param}': expected 'auto', 'none', 'required' or "
-        "{'type': 'function', 'name': ...}.",
     )

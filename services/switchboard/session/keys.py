@@ -6,7 +6,7 @@ import re
 import secrets
 from typing import NamedTuple
 
-from switchboard.errors import InvalidRequest
+from switchboard.errors import InvalidRequest, invalid_value
 from switchboard.v1 import common_pb2
 
 ROOT_ITEM_ID = "root"
@@ -28,10 +28,6 @@ class SessionKeys(NamedTuple):
     events: str
 
 
-def invalid(param: str, message: str) -> InvalidRequest:
-    return InvalidRequest(message, code=common_pb2.ERROR_CODE_INVALID_VALUE, param=param)
-
-
 def validate_key_id(value: str, param: str, max_chars: int) -> str:
     """Return `value` if it may become part of a Redis key, else raise.
 
@@ -46,7 +42,9 @@ def validate_key_id(value: str, param: str, max_chars: int) -> str:
             param=param,
         )
     if len(value) > max_chars or not _KEY_SAFE_ID.fullmatch(value):
-        raise invalid(param, f"'{param}' must be 1 to {max_chars} characters from [A-Za-z0-9_.-].")
+        raise invalid_value(
+            param, f"'{param}' must be 1 to {max_chars} characters from [A-Za-z0-9_.-]."
+        )
     return value
 
 

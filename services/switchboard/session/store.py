@@ -28,12 +28,16 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 
-from switchboard.errors import ItemNotFound, SessionNotFound, SessionStoreUnavailable
+from switchboard.errors import (
+    ItemNotFound,
+    SessionNotFound,
+    SessionStoreUnavailable,
+    invalid_value,
+)
 from switchboard.session import scripts
 from switchboard.session.keys import (
     MAX_ITEM_ID_CHARS,
     ROOT_ITEM_ID,
-    invalid,
     new_item_id,
     new_session_id,
     session_keys,
@@ -252,7 +256,7 @@ class SessionStore:
         if not stored.id:
             stored.id = new_item_id()
         elif len(stored.id) > MAX_ITEM_ID_CHARS or stored.id == ROOT_ITEM_ID:
-            raise invalid(
+            raise invalid_value(
                 "item.id", f"'item.id' must be at most {MAX_ITEM_ID_CHARS} chars and not 'root'."
             )
         status, before = await self._append_item(
@@ -265,7 +269,7 @@ class SessionStore:
             case "no_session":
                 raise SessionNotFound("Session not found.", param="session_id")
             case "duplicate":
-                raise invalid("item.id", f"Item with id '{stored.id}' already exists.")
+                raise invalid_value("item.id", f"Item with id '{stored.id}' already exists.")
             case "no_previous":
                 raise ItemNotFound(
                     f"Previous item with id '{previous_item_id}' does not exist.",
