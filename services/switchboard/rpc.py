@@ -13,10 +13,15 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from switchboard.config import ConfigError
+from switchboard.telemetry import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +125,33 @@ async def serve(
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace_s)
         log.info("stopped")
+
+
+class _Settings(Protocol):
+    @property
+    def log_level(self) -> str: ...
+
+
+S = TypeVar("S", bound=_Settings)
+
+
+def main(
+    service: str, load: Callable[[], S], run: Callable[[S], Coroutine[Any, Any, None]]
+) -> None:
+    """The entry point of a backend: load settings, configure logs, run on uvloop.
+
+    A `ConfigError` from `load` ends the process with status 2 and one line
+    naming the variable, never a traceback.
+    """
+    try:
+        settings = load()
+    except ConfigError as exc:
+        print(f"{service}: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(service, settings.log_level)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(run(settings))
+    else:
+        uvloop.run(run(settings))

@@ -8,13 +8,11 @@ gRPC until SIGTERM/SIGINT, and closes the client after the server has drained.
 from __future__ import annotations
 
 import asyncio
-import sys
 
 from switchboard import rpc
 from switchboard.broker.service import SERVICE_NAME, BrokerServicer
 from switchboard.broker.upstream import Upstream
-from switchboard.config import BrokerSettings, ConfigError
-from switchboard.telemetry import configure_logging
+from switchboard.config import BrokerSettings
 
 
 async def run(settings: BrokerSettings, *, stop: asyncio.Event | None = None) -> None:
@@ -29,18 +27,7 @@ async def run(settings: BrokerSettings, *, stop: asyncio.Event | None = None) ->
 
 
 def main() -> None:
-    try:
-        settings = BrokerSettings.from_environ()
-    except ConfigError as exc:
-        print(f"broker: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    configure_logging("broker", settings.log_level)
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(run(settings))
-    else:
-        uvloop.run(run(settings))
+    rpc.main("broker", BrokerSettings.from_environ, run)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ closes the client after the server has drained.
 from __future__ import annotations
 
 import asyncio
-import sys
 
 from redis.asyncio.connection import parse_url
 
@@ -17,7 +16,6 @@ from switchboard import rpc
 from switchboard.config import ConfigError, SessionSettings
 from switchboard.session.service import SERVICE_NAME, SessionServicer
 from switchboard.session.store import SessionStore, redis_client
-from switchboard.telemetry import configure_logging
 
 
 async def run(settings: SessionSettings, *, stop: asyncio.Event | None = None) -> None:
@@ -33,25 +31,19 @@ async def run(settings: SessionSettings, *, stop: asyncio.Event | None = None) -
         await client.aclose()
 
 
-def main() -> None:
+def load_settings() -> SessionSettings:
+    settings = SessionSettings.from_environ()
     try:
-        settings = SessionSettings.from_environ()
         # Parse the URL now so a malformed one fails start-up, not the first call.
         parse_url(settings.redis_url.reveal())
-    except ConfigError as exc:
-        print(f"session: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     except ValueError as exc:
         # redis-py's messages name the bad part, never the URL (it may hold a password).
-        print(f"session: configuration error: SWITCHBOARD_REDIS_URL: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    configure_logging("session", settings.log_level)
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(run(settings))
-    else:
-        uvloop.run(run(settings))
+        raise ConfigError(f"SWITCHBOARD_REDIS_URL: {exc}") from None
+    return settings
+
+
+def main() -> None:
+    rpc.main("session", load_settings, run)
 
 
 if __name__ == "__main__":
