@@ -303,7 +303,11 @@ async def test_disconnect_mid_stream_is_a_broken_stream(stub: Stub, sim: Running
     )
     assert error.code() == grpc.StatusCode.ABORTED
     assert trailers(error)[GRPC_CODE_KEY] == "upstream_stream_broken"
-    assert seen == ["started"] + ["text_delta"] * 3
+    # The simulator closes right after the third token; when that token and the
+    # close arrive in one read, the transport reports the broken body without
+    # handing over the token, so the count is 2 or 3 (never more, never a finish).
+    assert seen[0] == "started"
+    assert seen[1:] in (["text_delta"] * 2, ["text_delta"] * 3)
     # Never retried once the stream started.
     assert [r["outcome"] for r in await sim.streams()] == ["sim_disconnected"]
 

@@ -171,12 +171,18 @@ async def _due(deadline: float) -> None:
         await asyncio.sleep(delay)
 
 
-def _abort(request: web.Request, record: StreamRecord) -> None:
+def _abort(request: web.Request, record: StreamRecord, *, flush: bool = False) -> None:
     # Mark first: aborting makes aiohttp cancel this handler, and that path must not
     # relabel the simulator's own disconnect as the client's.
     record.finish("sim_disconnected")
     if request.transport is not None:
-        request.transport.abort()
+        if flush:
+            # Close after the bytes already written (FIN, the body left unterminated):
+            # an abort (RST) may make the client's kernel drop tokens it had
+            # received, so the number of tokens before the break would vary.
+            request.transport.close()
+        else:
+            request.transport.abort()
 
 
 async def _models(request: web.Request) -> web.Response:
@@ -290,7 +296,7 @@ async def _stream(
         if limit is not None:
             # Reached even when the reply is shorter than disconnect_after, so the
             # directive always yields a stream with no finish chunk and no [DONE].
-            _abort(request, record)
+            _abort(request, record, flush=True)
             return response
         await response.write(events.tail)
         await response.write_eof()
