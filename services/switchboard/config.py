@@ -139,6 +139,10 @@ class GatewaySettings:
     send_queue_events: int
     # Deadline of unary calls to the backends.
     rpc_timeout_s: float
+    # Deadline of one server-side tool call (toolexec enforces each tool's own).
+    tool_timeout_s: float
+    # Server-side tool rounds one turn may take before the loop stops.
+    max_tool_rounds: int
     log_level: str
 
     @classmethod
@@ -168,6 +172,8 @@ class GatewaySettings:
             max_frame_bytes=max_frame,
             send_queue_events=env.integer("SWITCHBOARD_GATEWAY_SEND_QUEUE_EVENTS", 256, minimum=8),
             rpc_timeout_s=env.number("SWITCHBOARD_GATEWAY_RPC_TIMEOUT_S", 5.0, minimum=0.1),
+            tool_timeout_s=env.number("SWITCHBOARD_GATEWAY_TOOL_TIMEOUT_S", 65.0, minimum=0.1),
+            max_tool_rounds=env.integer("SWITCHBOARD_GATEWAY_MAX_TOOL_ROUNDS", 8, minimum=0),
             log_level=env.log_level(),
         )
 

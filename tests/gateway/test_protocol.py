@@ -367,3 +367,95 @@ def test_delete_and_retrieve_commands() -> None:
         "item_id": "item_1",
     }
     assert retrieved["item"]["id"] == "item_1"
+
+
+def test_function_calls_stream_as_output_items() -> None:
+    protocol = make_protocol()
+    protocol.take_events()
+    command, events = run_response(protocol, ["Let me check. "])
+    rid = command.response_id
+    protocol.call_delta(rid, 0, "call_a", "lookup", "")
+    protocol.call_delta(rid, 1, "call_b", "clock", '{"tz"')
+    protocol.call_delta(rid, 0, "", "", '{"q": 1}')
+    protocol.call_delta(rid, 1, "", "", ': "UTC"}')
+    stored = protocol.complete_output(rid, complete=True)
+    protocol.response_done(rid, status="completed", usage=common_pb2.Usage(input_tokens=1))
+    events += protocol.take_events()
+    assert types(events) == [
+        "response.created",
+        "response.output_item.added",
+        "conversation.item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_item.added",
+        "conversation.item.added",
+        "response.output_item.added",
+        "conversation.item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "conversation.item.done",
+        "conversation.item.done",
+        "conversation.item.done",
+        "response.done",
+    ]
+    added = [e for e in events if e["type"] == "response.output_item.added"]
+    assert [(e["output_index"], e["item"]["type"]) for e in added] == [
+        (0, "message"),
+        (1, "function_call"),
+        (2, "function_call"),
+    ]
+    assert added[1]["item"]["call_id"] == "call_a"
+    args_done = [e for e in events if e["type"] == "response.function_call_arguments.done"]
+    assert [(e["call_id"], e["name"], e["arguments"]) for e in args_done] == [
+        ("call_a", "lookup", '{"q": 1}'),
+        ("call_b", "clock", '{"tz": "UTC"}'),
+    ]
+    deltas = [e for e in events if e["type"] == "response.function_call_arguments.delta"]
+    assert [e["output_index"] for e in deltas] == [2, 1, 2]
+    assert [i.type for i in stored] == [
+        common_pb2.ITEM_TYPE_MESSAGE,
+        common_pb2.ITEM_TYPE_FUNCTION_CALL,
+        common_pb2.ITEM_TYPE_FUNCTION_CALL,
+    ]
+    output = events[-1]["response"]["output"]
+    assert [o["type"] for o in output] == ["message", "function_call", "function_call"]
+    assert output[1]["status"] == "completed"
+
+
+def test_follow_up_response_during_a_tool_round() -> None:
+    protocol = make_protocol()
+    protocol.take_events()
+    command, _ = run_response(protocol, [])
+    protocol.call_delta(command.response_id, 0, "call_a", "calculate", "{}")
+    protocol.complete_output(command.response_id, complete=True)
+    protocol.response_done(command.response_id, status="completed", usage=common_pb2.Usage())
+    protocol.take_events()
+    protocol.tools_running = True
+    # The client cannot start its own response while the server runs tools.
+    assert send(protocol, {"type": "response.create"}) == []
+    assert only_error(protocol)["code"] == "conversation_already_has_active_response"
+    protocol.tools_running = False
+    follow = protocol.follow_up(command)
+    assert follow.response_id != command.response_id
+    assert follow.max_output_tokens == command.max_output_tokens
+    (created,) = protocol.take_events()
+    assert created["type"] == "response.created"
+    assert created["response"]["id"] == follow.response_id
+
+
+def test_cancelled_call_is_incomplete() -> None:
+    protocol = make_protocol()
+    protocol.take_events()
+    command, _ = run_response(protocol, [])
+    protocol.call_delta(command.response_id, 0, "call_a", "calculate", '{"expr')
+    (item,) = protocol.complete_output(command.response_id, complete=False)
+    assert item.status == common_pb2.ITEM_STATUS_INCOMPLETE
+    assert item.arguments == '{"expr'

@@ -144,6 +144,22 @@ def test_tool_result_reply_names_the_tool() -> None:
     assert len(p.tokens) == 6
 
 
+def test_tool_loop_calls_again_after_each_tool_result() -> None:
+    directive = '[[sim {"tool_calls": [{"name": "spin"}], "tool_loop": true}]]'
+    first = plan([user(f"go {directive}")])
+    call = {"id": first.tool_calls[0].id, "type": "function", "function": {"name": "spin"}}
+    second = plan(
+        [
+            user(f"go {directive}"),
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": "{}"},
+        ]
+    )
+    assert [c.name for c in second.tool_calls] == ["spin"]
+    # A new request, so a new call id: a loop, not a replay.
+    assert second.tool_calls[0].id != first.tool_calls[0].id
+
+
 def test_tool_result_for_an_unknown_call_uses_question_mark() -> None:
     p = plan([user("x"), {"role": "tool", "tool_call_id": "nope", "content": "42"}])
     assert p.text.startswith("tool ? returned 42")

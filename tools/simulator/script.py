@@ -74,6 +74,9 @@ class Behaviour:
     args_chunk: int = 5
     quirk: str | None = None
     echo_context: bool = False
+    # Call `tool_calls` again after every tool result: a model stuck in a tool
+    # loop, for testing a caller's guard against it.
+    tool_loop: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +149,7 @@ _OVERRIDE_RULES: Final[dict[str, tuple[Callable[[object], bool], str, bool]]] = 
     "fail_times": (_number(0), "an integer >= 0", True),
     "disconnect_after": (_number(0), "an integer >= 0", True),
     "tool_calls": (lambda v: isinstance(v, list), "a list of tool calls", False),
+    "tool_loop": (lambda v: isinstance(v, bool), "true or false", False),
     "args_chunk": (_number(1), "an integer >= 1", False),
     "quirk": (lambda v: isinstance(v, str) and v in QUIRKS, f"one of {sorted(QUIRKS)}", True),
     "echo_context": (lambda v: isinstance(v, bool), "a boolean", False),
@@ -361,14 +365,15 @@ def plan_completion(
     last = messages[-1]
     role = last["role"]
     overrides = parse_overrides(directive)
-    if role != "user":
+    looping = role == "tool" and overrides.get("tool_loop") is True
+    if role != "user" and not looping:
         overrides = {k: v for k, v in overrides.items() if k in TIMING_KEYS}
     behaviour = dataclasses.replace(defaults, **overrides)
     key = request_key(model, messages)
 
     calls: list[ToolCall] = []
     tokens: list[str] = []
-    if role == "user" and behaviour.tool_calls:
+    if (role == "user" or looping) and behaviour.tool_calls:
         calls = [
             ToolCall(
                 id=spec.id or "call_" + hashlib.sha256(f"{key}{i}".encode()).hexdigest()[:12],

@@ -83,6 +83,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
             backends,
             tenant,
             send_queue_events=settings.send_queue_events,
+            max_tool_rounds=settings.max_tool_rounds,
         )
         try:
             await connection.run()

@@ -12,16 +12,18 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 import grpc
+import orjson
 
 from switchboard import rpc
 from switchboard.config import GatewaySettings
-from switchboard.errors import from_rpc_error
+from switchboard.errors import SwitchboardError, from_rpc_error
 from switchboard.v1 import (
     broker_pb2,
     broker_pb2_grpc,
     common_pb2,
     session_pb2,
     session_pb2_grpc,
+    toolexec_pb2,
     toolexec_pb2_grpc,
 )
 
@@ -33,6 +35,7 @@ class Backends:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.timeout_s = settings.rpc_timeout_s
+        self.tool_timeout_s = settings.tool_timeout_s
         self.channels = {
             "session": rpc.channel(settings.session_target),
             "broker": rpc.channel(settings.broker_target),
@@ -111,3 +114,38 @@ class Backends:
         """Start a streaming model call. No deadline: a response may stream for minutes;
         the connection cancels the call when the client cancels or leaves."""
         return self.broker.Generate(request)
+
+    # --- toolexec --------------------------------------------------------------------
+
+    async def list_tools(self, tenant_id: str) -> list[common_pb2.ToolDefinition]:
+        request = toolexec_pb2.ListToolsRequest(tenant_id=tenant_id)
+        reply = await self._call(
+            "toolexec", self.toolexec.ListTools(request, timeout=self.timeout_s)
+        )
+        return list(reply.tools)
+
+    async def execute_tool(
+        self, tenant_id: str, session_id: str, call_id: str, name: str, arguments: str
+    ) -> toolexec_pb2.ExecuteResponse:
+        """Run a server-side tool. Never raises: an unreachable toolexec is an outcome too."""
+        request = toolexec_pb2.ExecuteRequest(
+            tenant_id=tenant_id,
+            session_id=session_id,
+            call_id=call_id,
+            name=name,
+            arguments=arguments,
+        )
+        try:
+            return await self._call(
+                "toolexec", self.toolexec.Execute(request, timeout=self.tool_timeout_s)
+            )
+        except SwitchboardError as error:
+            return toolexec_pb2.ExecuteResponse(
+                call_id=call_id,
+                outcome=toolexec_pb2.TOOL_OUTCOME_EXECUTOR_ERROR,
+                output=orjson.dumps(
+                    {"error": {"code": error.name, "message": error.message}}
+                ).decode(),
+                error_code=common_pb2.ErrorCode.ValueType(error.code),
+                error_message=error.message,
+            )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import grpc
 import orjson
@@ -31,7 +32,7 @@ from switchboard.gateway.protocol import (
     estimate_usage,
 )
 from switchboard.tenancy import Tenant
-from switchboard.v1 import broker_pb2, common_pb2
+from switchboard.v1 import broker_pb2, common_pb2, toolexec_pb2
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class RealtimeConnection:
         tenant: Tenant,
         *,
         send_queue_events: int,
+        max_tool_rounds: int,
     ) -> None:
         self.websocket = websocket
         self.protocol = protocol
@@ -63,6 +65,8 @@ class RealtimeConnection:
         # so a late cancel cannot interrupt storing its items).
         self._cancellable: str | None = None
         self._cancel_requested: str | None = None
+        self.max_tool_rounds = max_tool_rounds
+        self._server_tool_cache: tuple[float, dict[str, common_pb2.ToolDefinition]] | None = None
         self._log = {"tenant_id": tenant.id, "session_id": self.session_id}
 
     async def run(self) -> None:
@@ -132,7 +136,7 @@ class RealtimeConnection:
                     item = await self.backends.get_item(tenant, session, command.item_id)
                     self.protocol.item_retrieved(item)
                 case StartResponse():
-                    self._response_task = asyncio.create_task(self._run_response(command))
+                    self._response_task = asyncio.create_task(self._run_turn(command))
                 case CancelResponse():
                     if self._response_task is not None and self._cancellable == command.response_id:
                         self._cancel_requested = command.response_id
@@ -141,8 +145,44 @@ class RealtimeConnection:
             self.protocol.fail(error, command.client_event_id)
         await self._flush()
 
-    async def _run_response(self, command: StartResponse) -> None:
-        """Stream one response from the broker and finish it, whatever happens."""
+    async def _run_turn(self, command: StartResponse) -> None:
+        """Run a response; while it ends in server-side function calls, run them and
+        start the follow-up response, up to `max_tool_rounds` rounds."""
+        for round_number in range(self.max_tool_rounds + 1):
+            calls = await self._run_response(command)
+            # Calls to tools the client declared are the client's to run; toolexec
+            # answers every other name (an unknown or forbidden tool is an outcome).
+            client_tools = {tool.name for tool in command.tools}
+            server_calls = [c for c in calls if c.name not in client_tools]
+            if not server_calls:
+                return
+            if round_number == self.max_tool_rounds:
+                self.protocol.fail(
+                    SwitchboardError(
+                        f"Stopped after {self.max_tool_rounds} rounds of server-side tool "
+                        "calls in one turn.",
+                        code=common_pb2.ERROR_CODE_TOOL_ROUNDS_EXCEEDED,
+                    )
+                )
+                await self._flush()
+                return
+            self.protocol.tools_running = True
+            try:
+                await self._run_tools(server_calls)
+            finally:
+                self.protocol.tools_running = False
+            if len(server_calls) < len(calls):
+                # The client runs the other calls and asks for the next response itself.
+                return
+            command = self.protocol.follow_up(command)
+            await self._flush()
+
+    async def _run_response(self, command: StartResponse) -> list[common_pb2.Item]:
+        """Stream one response from the broker and finish it, whatever happens.
+
+        Returns:
+            The function calls of a completed response (empty otherwise).
+        """
         response_id = command.response_id
         status, reason = "completed", None
         error: SwitchboardError | None = None
@@ -160,7 +200,7 @@ class RealtimeConnection:
                 response_id=response_id,
                 model=command.model,
                 context=context,
-                tools=command.tools,
+                tools=await self._offered_tools(command),
                 tool_choice=command.tool_choice,
                 max_output_tokens=command.max_output_tokens,
             )
@@ -170,6 +210,12 @@ class RealtimeConnection:
                     kind = event.WhichOneof("event")
                     if kind == "text_delta":
                         self.protocol.text_delta(response_id, event.text_delta.text)
+                        await self._flush()
+                    elif kind == "tool_call_delta":
+                        delta = event.tool_call_delta
+                        self.protocol.call_delta(
+                            response_id, delta.index, delta.call_id, delta.name, delta.arguments
+                        )
                         await self._flush()
                     elif kind == "finished":
                         usage = event.finished.usage
@@ -191,8 +237,9 @@ class RealtimeConnection:
         finally:
             self._cancellable = None
         if usage is None:
-            usage = estimate_usage(prompt_tokens, self.protocol.output_text(response_id))
-        for item in self.protocol.complete_output(response_id, complete=status == "completed"):
+            usage = estimate_usage(prompt_tokens, self.protocol.generated_chars(response_id))
+        output = self.protocol.complete_output(response_id, complete=status == "completed")
+        for item in output:
             try:
                 await self.backends.append_item(self.tenant.id, self.session_id, item)
             except SwitchboardError as exc:
@@ -201,3 +248,64 @@ class RealtimeConnection:
             response_id, status=status, usage=usage, reason=reason, error=error
         )
         await self._flush()
+        if status != "completed":
+            return []
+        return [item for item in output if item.type == common_pb2.ITEM_TYPE_FUNCTION_CALL]
+
+    # --- server-side tools -------------------------------------------------------------
+
+    async def _server_tools(self) -> dict[str, common_pb2.ToolDefinition]:
+        """The tenant's toolexec tools, cached for a minute. Without toolexec, none."""
+        now = time.monotonic()
+        if self._server_tool_cache is None or now - self._server_tool_cache[0] > 60:
+            try:
+                tools = await self.backends.list_tools(self.tenant.id)
+            except SwitchboardError as exc:
+                log.warning("server tools unavailable", extra={**self._log, "code": exc.name})
+                return {}
+            self._server_tool_cache = (now, {tool.name: tool for tool in tools})
+        return self._server_tool_cache[1]
+
+    async def _offered_tools(self, command: StartResponse) -> list[common_pb2.ToolDefinition]:
+        """Client tools plus the tenant's server tools; a client tool of the same name wins."""
+        offered = list(command.tools)
+        names = {tool.name for tool in offered}
+        server = await self._server_tools()
+        offered.extend(tool for name, tool in server.items() if name not in names)
+        return offered
+
+    async def _run_tools(self, calls: list[common_pb2.Item]) -> None:
+        """Run server-side calls in parallel; add each output to the conversation."""
+        results = await asyncio.gather(
+            *(
+                self.backends.execute_tool(
+                    self.tenant.id, self.session_id, call.call_id, call.name, call.arguments
+                )
+                for call in calls
+            )
+        )
+        for call, result in zip(calls, results, strict=True):
+            if result.outcome != toolexec_pb2.TOOL_OUTCOME_OK:
+                # The model gets the error as the tool's output, to recover from it;
+                # the client is told too.
+                self.protocol.fail(
+                    SwitchboardError(
+                        f"Tool '{call.name}' ({call.call_id}) failed: {result.error_message}",
+                        code=result.error_code or common_pb2.ERROR_CODE_TOOL_EXECUTION_FAILED,
+                        param=call.call_id,
+                    )
+                )
+            item = common_pb2.Item(
+                id=self.protocol.ids.new("item"),
+                type=common_pb2.ITEM_TYPE_FUNCTION_CALL_OUTPUT,
+                status=common_pb2.ITEM_STATUS_COMPLETED,
+                call_id=call.call_id,
+                output=result.output,
+            )
+            try:
+                stored = await self.backends.append_item(self.tenant.id, self.session_id, item)
+            except SwitchboardError as exc:
+                self.protocol.fail(exc)
+                continue
+            self.protocol.item_added(stored.item, stored.previous_item_id)
+            await self._flush()

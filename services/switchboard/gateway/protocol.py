@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from itertools import count
 from typing import Any
 
@@ -29,6 +29,7 @@ import orjson
 
 from switchboard.errors import InvalidRequest, SwitchboardError, invalid_value, missing_parameter
 from switchboard.gateway import fields, items
+from switchboard.gateway.responses import ResponseOutput
 from switchboard.v1 import common_pb2, session_pb2
 
 Event = dict[str, Any]
@@ -119,6 +120,7 @@ class StartResponse:
     tools: tuple[common_pb2.ToolDefinition, ...]
     tool_choice: str
     max_output_tokens: int
+    metadata: Any
     client_event_id: str | None
 
 
@@ -129,17 +131,6 @@ class CancelResponse:
 
 
 Command = UpdateSession | StoreItem | DeleteItem | RetrieveItem | StartResponse | CancelResponse
-
-
-@dataclass(slots=True)
-class _Response:
-    id: str
-    max_output_tokens: int
-    metadata: Any
-    item_id: str = ""
-    text: list[str] = field(default_factory=list)
-    output: list[Event] = field(default_factory=list)
-    cancelling: bool = False
 
 
 class Ids:
@@ -184,7 +175,10 @@ class RealtimeProtocol:
             "truncation": "auto",
             "include": None,
         }
-        self.response: _Response | None = None
+        self.response: ResponseOutput | None = None
+        # True while the connection runs server-side tools between two responses
+        # of one turn: the follow-up response is coming, a client one must wait.
+        self.tools_running = False
         self._events: list[Event] = []
 
     # --- output ----------------------------------------------------------------------
@@ -371,9 +365,10 @@ class RealtimeProtocol:
         if not isinstance(raw, dict):
             raise invalid_value("response", "Invalid type for 'response': expected an object.")
         fields.reject_unknown(raw, _RESPONSE_FIELDS, "response")
-        if self.response is not None:
+        if self.response is not None or self.tools_running:
+            active = self.response.id if self.response else "a tool round"
             raise InvalidRequest(
-                f"Conversation already has an active response in progress: {self.response.id}. "
+                f"Conversation already has an active response in progress: {active}. "
                 "Wait until the response is finished before creating a new one.",
                 code=_C.ERROR_CODE_CONVERSATION_ALREADY_HAS_ACTIVE_RESPONSE,
             )
@@ -404,22 +399,39 @@ class RealtimeProtocol:
         if "output_modalities" in raw:
             fields.output_modalities(raw["output_modalities"], "response")
         metadata = raw.get("metadata")
-        response = _Response(
-            id=self.ids.new("resp"), max_output_tokens=max_tokens, metadata=metadata
-        )
-        self.response = response
-        self._emit("response.created", response=self._response_body(response, "in_progress"))
         return [
-            StartResponse(
-                response_id=response.id,
-                model=self.config.model,
-                instructions=instructions,
-                tools=tools,
-                tool_choice=tool_choice,
-                max_output_tokens=max_tokens,
-                client_event_id=client_event_id,
+            self._start(
+                StartResponse(
+                    response_id=self.ids.new("resp"),
+                    model=self.config.model,
+                    instructions=instructions,
+                    tools=tools,
+                    tool_choice=tool_choice,
+                    max_output_tokens=max_tokens,
+                    metadata=metadata,
+                    client_event_id=client_event_id,
+                )
             )
         ]
+
+    def _start(self, command: StartResponse) -> StartResponse:
+        self.response = ResponseOutput(
+            command.response_id,
+            emit=self._emit,
+            new_id=self.ids.new,
+            max_output_tokens=command.max_output_tokens,
+            metadata=command.metadata,
+        )
+        self._emit("response.created", response=self._response_body(self.response, "in_progress"))
+        return command
+
+    def follow_up(self, previous: StartResponse) -> StartResponse:
+        """Start the next response of a tool loop, with the settings of the previous one."""
+        if self.response is not None:
+            raise RuntimeError("a response is still active")
+        return self._start(
+            replace(previous, response_id=self.ids.new("resp"), client_event_id=None)
+        )
 
     def _on_response_cancel(self, event: Event, client_event_id: str | None) -> list[Command]:
         requested = event.get("response_id")
@@ -432,49 +444,21 @@ class RealtimeProtocol:
         response.cancelling = True
         return [CancelResponse(response_id=response.id, client_event_id=client_event_id)]
 
-    def _active(self, response_id: str) -> _Response:
+    def _active(self, response_id: str) -> ResponseOutput:
         if self.response is None or self.response.id != response_id:
             raise RuntimeError(f"response {response_id} is not active")
         return self.response
 
     def text_delta(self, response_id: str, delta: str) -> None:
-        """A chunk of assistant text; the first one opens the message item."""
-        response = self._active(response_id)
-        if not response.item_id:
-            response.item_id = self.ids.new("item")
-            item = {
-                "id": response.item_id,
-                "object": "realtime.item",
-                "type": "message",
-                "status": "in_progress",
-                "role": "assistant",
-                "content": [],
-            }
-            previous = None
-            self._emit(
-                "response.output_item.added", response_id=response_id, output_index=0, item=item
-            )
-            self._emit("conversation.item.added", previous_item_id=previous, item=item)
-            self._emit(
-                "response.content_part.added",
-                response_id=response_id,
-                item_id=response.item_id,
-                output_index=0,
-                content_index=0,
-                part={"type": "text", "text": ""},
-            )
-        response.text.append(delta)
-        self._emit(
-            "response.output_text.delta",
-            response_id=response_id,
-            item_id=response.item_id,
-            output_index=0,
-            content_index=0,
-            delta=delta,
-        )
+        self._active(response_id).text_delta(delta)
 
-    def output_text(self, response_id: str) -> str:
-        return "".join(self._active(response_id).text)
+    def call_delta(
+        self, response_id: str, index: int, call_id: str, name: str, arguments: str
+    ) -> None:
+        self._active(response_id).call_delta(index, call_id, name, arguments)
+
+    def generated_chars(self, response_id: str) -> int:
+        return self._active(response_id).generated_chars
 
     def complete_output(self, response_id: str, *, complete: bool) -> list[common_pb2.Item]:
         """Close the response's output items; returns them for the driver to store.
@@ -483,26 +467,7 @@ class RealtimeProtocol:
             complete: False when the response was cancelled or broke off, which
                 marks its items `incomplete`.
         """
-        response = self._active(response_id)
-        if not response.item_id:
-            return []
-        text = "".join(response.text)
-        status = _C.ITEM_STATUS_COMPLETED if complete else _C.ITEM_STATUS_INCOMPLETE
-        item = items.assistant_message(
-            response.item_id, text, status=status, response_id=response_id
-        )
-        body = items.item_to_json(item)
-        where = {"response_id": response_id, "item_id": response.item_id, "output_index": 0}
-        self._emit("response.output_text.done", **where, content_index=0, text=text)
-        self._emit(
-            "response.content_part.done",
-            **where,
-            content_index=0,
-            part={"type": "text", "text": text},
-        )
-        self._emit("response.output_item.done", response_id=response_id, output_index=0, item=body)
-        response.output.append(body)
-        return [item]
+        return self._active(response_id).complete(complete=complete)
 
     def response_done(
         self,
@@ -521,7 +486,7 @@ class RealtimeProtocol:
             error: for failed responses; also queued as an `error` event.
         """
         response = self._active(response_id)
-        for body in response.output:
+        for body in response.done_items:
             self._emit("conversation.item.done", previous_item_id=None, item=body)
         if error is not None:
             self.fail(error)
@@ -540,7 +505,7 @@ class RealtimeProtocol:
 
     def _response_body(
         self,
-        response: _Response,
+        response: ResponseOutput,
         status: str,
         *,
         details: Event | None = None,
@@ -551,7 +516,7 @@ class RealtimeProtocol:
             "id": response.id,
             "status": status,
             "status_details": details,
-            "output": list(response.output),
+            "output": list(response.done_items),
             "conversation_id": self.conversation_id,
             "output_modalities": ["text"],
             "max_output_tokens": response.max_output_tokens or "inf",
@@ -588,9 +553,9 @@ def usage_to_json(usage: common_pb2.Usage) -> Event:
     }
 
 
-def estimate_usage(input_tokens: int, output_text: str) -> common_pb2.Usage:
+def estimate_usage(input_tokens: int, generated_chars: int) -> common_pb2.Usage:
     """Usage when the upstream reported none (a cancelled or broken stream)."""
-    output_tokens = math.ceil(len(output_text) / 4)
+    output_tokens = math.ceil(generated_chars / 4)
     return common_pb2.Usage(
         input_tokens=input_tokens,
         output_tokens=output_tokens,

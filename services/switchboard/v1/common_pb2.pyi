@@ -61,6 +61,7 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     ERROR_CODE_TOOL_INVALID_ARGUMENTS: _ErrorCode.ValueType  # 52
     ERROR_CODE_TOOL_TIMEOUT: _ErrorCode.ValueType  # 53
     ERROR_CODE_TOOL_EXECUTION_FAILED: _ErrorCode.ValueType  # 54
+    ERROR_CODE_TOOL_ROUNDS_EXCEEDED: _ErrorCode.ValueType  # 55
     ERROR_CODE_INTERNAL_ERROR: _ErrorCode.ValueType  # 99
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
@@ -106,6 +107,7 @@ ERROR_CODE_TOOL_NOT_ALLOWED: ErrorCode.ValueType  # 51
 ERROR_CODE_TOOL_INVALID_ARGUMENTS: ErrorCode.ValueType  # 52
 ERROR_CODE_TOOL_TIMEOUT: ErrorCode.ValueType  # 53
 ERROR_CODE_TOOL_EXECUTION_FAILED: ErrorCode.ValueType  # 54
+ERROR_CODE_TOOL_ROUNDS_EXCEEDED: ErrorCode.ValueType  # 55
 ERROR_CODE_INTERNAL_ERROR: ErrorCode.ValueType  # 99
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
