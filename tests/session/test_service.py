@@ -19,8 +19,9 @@ import pytest
 
 from switchboard import rpc
 from switchboard.errors import GRPC_CODE_KEY, GRPC_PARAM_KEY
+from switchboard.redis_client import redis_client
 from switchboard.session.service import SERVICE_NAME, SessionServicer
-from switchboard.session.store import SessionStore, redis_client
+from switchboard.session.store import SessionStore
 from switchboard.v1 import common_pb2, session_pb2, session_pb2_grpc
 from tools.redis_server import RedisServer, free_port
 

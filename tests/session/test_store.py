@@ -18,8 +18,9 @@ from switchboard.errors import (
     SessionNotFound,
     SessionStoreUnavailable,
 )
+from switchboard.redis_client import redis_client
 from switchboard.session.keys import session_keys
-from switchboard.session.store import SessionStore, redis_client
+from switchboard.session.store import SessionStore
 from switchboard.v1 import common_pb2, session_pb2
 from tools.redis_server import RedisServer
 

@@ -14,8 +14,9 @@ from redis.asyncio.connection import parse_url
 
 from switchboard import rpc
 from switchboard.config import ConfigError, SessionSettings
+from switchboard.redis_client import redis_client
 from switchboard.session.service import SERVICE_NAME, SessionServicer
-from switchboard.session.store import SessionStore, redis_client
+from switchboard.session.store import SessionStore
 
 
 async def run(settings: SessionSettings, *, stop: asyncio.Event | None = None) -> None:

@@ -23,10 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import redis.exceptions
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.maint_notifications import MaintNotificationsConfig
+from redis.asyncio import Redis
 
 from switchboard.errors import (
     ItemNotFound,
@@ -34,6 +31,7 @@ from switchboard.errors import (
     SessionStoreUnavailable,
     invalid_value,
 )
+from switchboard.redis_client import redis_client as redis_client  # re-export
 from switchboard.session import scripts
 from switchboard.session.keys import (
     MAX_ITEM_ID_CHARS,
@@ -63,32 +61,6 @@ _UNAVAILABLE_ERRORS = (
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-def redis_client(url: str, *, timeout_s: float = 1.0, max_connections: int = 64) -> Redis:
-    """A redis.asyncio client for the store that fails fast when Redis is away.
-
-    Connect and read timeouts are `timeout_s`. Commands are not retried (a retried
-    script could apply a write twice); the pool instead replaces connections that a
-    restarted Redis closed before handing them out. Callers beyond
-    `max_connections` wait up to `timeout_s` for one. Close it with `aclose()`.
-
-    Raises:
-        ValueError: the URL cannot be parsed.
-    """
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        socket_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0),
-        # Left on ("auto"), redis-py skips its check for connections a restarted
-        # server closed, and the first command on each fails. Maintenance
-        # notifications are a managed-Redis feature Switchboard does not use.
-        maint_notifications_config=MaintNotificationsConfig(enabled=False),
-    )
-    return Redis.from_pool(pool)
 
 
 def _store_call(method: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
