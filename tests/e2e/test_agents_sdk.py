@@ -52,9 +52,9 @@ async def test_realtime_runner_runs_a_function_tool(stack: Stack) -> None:
                     data = event.data
                     if getattr(data, "type", None) == "output_text_delta":
                         answer += data.delta
-                    if tool_output is not None and getattr(data, "type", None) == "turn_ended":
-                        if answer:
-                            return
+                    ended = getattr(data, "type", None) == "turn_ended"
+                    if ended and tool_output is not None and answer:
+                        return
 
         await asyncio.wait_for(read(), 30)
     assert not errors, errors
