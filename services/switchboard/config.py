@@ -143,6 +143,8 @@ class GatewaySettings:
     tool_timeout_s: float
     # Server-side tool rounds one turn may take before the loop stops.
     max_tool_rounds: int
+    # Redis for ephemeral client secrets (and tenant limits).
+    redis_url: Secret
     log_level: str
 
     @classmethod
@@ -174,6 +176,11 @@ class GatewaySettings:
             rpc_timeout_s=env.number("SWITCHBOARD_GATEWAY_RPC_TIMEOUT_S", 5.0, minimum=0.1),
             tool_timeout_s=env.number("SWITCHBOARD_GATEWAY_TOOL_TIMEOUT_S", 65.0, minimum=0.1),
             max_tool_rounds=env.integer("SWITCHBOARD_GATEWAY_MAX_TOOL_ROUNDS", 8, minimum=0),
+            redis_url=Secret(
+                env.url(
+                    "SWITCHBOARD_REDIS_URL", DEFAULT_REDIS_URL, schemes=("redis", "rediss", "unix")
+                )
+            ),
             log_level=env.log_level(),
         )
 
@@ -239,11 +246,36 @@ class BrokerSettings:
 class ToolExecSettings:
     listen: str
     log_level: str
+    # YAML file of per-tenant tools and webhooks (docs/toolexec.md); None: every
+    # tenant may use every built-in and there are no webhooks.
+    tools_file: str | None = None
+    # Redis for idempotency across replicas; None keeps results in process memory.
+    redis_url: Secret | None = None
+    # How long a finished call is kept for replays of its call_id.
+    result_ttl_s: int = 24 * 3600
+    # A tool result (compact JSON) larger than this is refused.
+    max_output_bytes: int = 64 * 1024
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> ToolExecSettings:
         env = Env(environ)
+        redis_url = None
+        if env.optional("SWITCHBOARD_REDIS_URL") is not None:
+            redis_url = Secret(
+                env.url("SWITCHBOARD_REDIS_URL", "", schemes=("redis", "rediss", "unix"))
+            )
         return cls(
             listen=env.address("SWITCHBOARD_TOOLEXEC_LISTEN", DEFAULT_TOOLEXEC_ADDRESS),
             log_level=env.log_level(),
+            tools_file=env.optional("SWITCHBOARD_TOOLEXEC_TOOLS_FILE"),
+            redis_url=redis_url,
+            result_ttl_s=env.integer(
+                "SWITCHBOARD_TOOLEXEC_RESULT_TTL_S", 24 * 3600, minimum=60, maximum=30 * 24 * 3600
+            ),
+            max_output_bytes=env.integer(
+                "SWITCHBOARD_TOOLEXEC_MAX_OUTPUT_BYTES",
+                64 * 1024,
+                minimum=1024,
+                maximum=1024 * 1024,
+            ),
         )

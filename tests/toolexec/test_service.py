@@ -21,12 +21,11 @@ import pytest
 
 from switchboard import rpc
 from switchboard.toolexec.builtins import CALCULATE, CURRENT_TIME
-from switchboard.toolexec.registry import Registry, Tool, ToolFailed
-from switchboard.toolexec.service import (
-    MemoryResultStore,
-    StoredResult,
-    ToolExecServicer,
-)
+from switchboard.toolexec.catalog import Catalog
+from switchboard.toolexec.registry import CallInfo, Registry, Tool, ToolFailed
+from switchboard.toolexec.results import Claimed, MemoryResultStore, StoredResult
+from switchboard.toolexec.service import ToolExecServicer
+from switchboard.toolexec.tools_config import TenantTools, ToolsConfig
 from switchboard.v1 import common_pb2, toolexec_pb2, toolexec_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,11 +43,11 @@ class Probe:
         self.peak = 0
         self.release = asyncio.Event()
 
-    async def count(self, arguments: dict[str, Any]) -> dict[str, Any]:
+    async def count(self, arguments: dict[str, Any], call: CallInfo) -> dict[str, Any]:
         self.runs += 1
         return {"runs": self.runs, "echo": arguments.get("text")}
 
-    async def held(self, arguments: dict[str, Any]) -> dict[str, Any]:
+    async def held(self, arguments: dict[str, Any], call: CallInfo) -> dict[str, Any]:
         self.runs += 1
         self.active += 1
         self.peak = max(self.peak, self.active)
@@ -58,32 +57,32 @@ class Probe:
             self.active -= 1
         return {"ok": True}
 
-    async def brief(self, arguments: dict[str, Any]) -> dict[str, Any]:
+    async def brief(self, arguments: dict[str, Any], call: CallInfo) -> dict[str, Any]:
         self.active += 1
         self.peak = max(self.peak, self.active)
         await asyncio.sleep(0.05)
         self.active -= 1
         return {"ok": True}
 
-    async def slow(self, arguments: dict[str, Any]) -> dict[str, Any]:
+    async def slow(self, arguments: dict[str, Any], call: CallInfo) -> dict[str, Any]:
         self.runs += 1
         await asyncio.sleep(5)
         return {"ok": True}
 
-    async def crash(self, arguments: dict[str, Any]) -> Any:
+    async def crash(self, arguments: dict[str, Any], call: CallInfo) -> Any:
         self.runs += 1
         raise RuntimeError(f"cannot handle {arguments['text']}")
 
-    async def refuse(self, arguments: dict[str, Any]) -> Any:
+    async def refuse(self, arguments: dict[str, Any], call: CallInfo) -> Any:
         raise ToolFailed("The upstream CRM said no.")
 
-    async def own_timeout(self, arguments: dict[str, Any]) -> Any:
+    async def own_timeout(self, arguments: dict[str, Any], call: CallInfo) -> Any:
         raise TimeoutError
 
-    async def big(self, arguments: dict[str, Any]) -> Any:
+    async def big(self, arguments: dict[str, Any], call: CallInfo) -> Any:
         return {"blob": "x" * 70_000}
 
-    async def not_json(self, arguments: dict[str, Any]) -> Any:
+    async def not_json(self, arguments: dict[str, Any], call: CallInfo) -> Any:
         return {"value": float("nan")}
 
 
@@ -118,7 +117,7 @@ def probe_registry(probe: Probe) -> Registry:
 @asynccontextmanager
 async def serving(registry: Registry, **options: Any) -> AsyncIterator[Stub]:
     server = grpc.aio.server()
-    servicer = ToolExecServicer(registry, **options)
+    servicer = ToolExecServicer(Catalog(registry), **options)
     toolexec_pb2_grpc.add_ToolExecServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -293,19 +292,36 @@ async def test_a_result_that_is_not_json_is_an_executor_error(stub: Stub) -> Non
     )
 
 
-async def test_a_policy_hides_and_refuses_tools(probe: Probe) -> None:
-    class OnlyCalculatorForGlobex:
-        def allows(self, tenant_id: str, tool: Tool) -> bool:
-            return tenant_id != "globex" or tool.name == "calculate"
-
-    async with serving(probe_registry(probe), policy=OnlyCalculatorForGlobex()) as client:
-        listed = await client.ListTools(T.ListToolsRequest(tenant_id="globex"))
-        assert [t.name for t in listed.tools] == ["calculate"]
-        response = await call(client, "count", {}, tenant="globex")
-        assert response.outcome == T.TOOL_OUTCOME_NOT_ALLOWED
-        assert response.error_code == C.ERROR_CODE_TOOL_NOT_ALLOWED
-        assert error_of(response)["code"] == "tool_not_allowed"
-        assert (await call(client, "count", {}, tenant="acme")).outcome == T.TOOL_OUTCOME_OK
+async def test_the_catalog_hides_and_refuses_tools(probe: Probe) -> None:
+    registry = probe_registry(probe)
+    config = ToolsConfig(
+        tenants={
+            "globex": TenantTools(builtins=frozenset({"calculate"})),
+            "acme": TenantTools(builtins=registry.names()),
+        }
+    )
+    server = grpc.aio.server()
+    servicer = ToolExecServicer(Catalog(registry, config))
+    toolexec_pb2_grpc.add_ToolExecServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            client = toolexec_pb2_grpc.ToolExecServiceStub(channel)
+            listed = await client.ListTools(T.ListToolsRequest(tenant_id="globex"))
+            assert [t.name for t in listed.tools] == ["calculate"]
+            response = await call(client, "count", {}, tenant="globex")
+            assert response.outcome == T.TOOL_OUTCOME_NOT_ALLOWED
+            assert response.error_code == C.ERROR_CODE_TOOL_NOT_ALLOWED
+            assert error_of(response)["code"] == "tool_not_allowed"
+            # A tenant the file does not name may use nothing.
+            nobody = await client.ListTools(T.ListToolsRequest(tenant_id="initech"))
+            assert list(nobody.tools) == []
+            refused = await call(client, "calculate", {"expression": "1"}, tenant="initech")
+            assert refused.outcome == T.TOOL_OUTCOME_NOT_ALLOWED
+            assert (await call(client, "count", {}, tenant="acme")).outcome == T.TOOL_OUTCOME_OK
+    finally:
+        await server.stop(None)
     assert probe.runs == 1
 
 
@@ -383,13 +399,14 @@ async def test_a_caller_giving_up_does_not_cancel_the_run(stub: Stub, probe: Pro
 async def test_memory_store_drops_the_least_recently_used() -> None:
     store = MemoryResultStore(max_entries=2)
     for call_id in ("a", "b"):
+        assert isinstance(await store.claim("t", call_id, "f", lease_s=1), Claimed)
         await store.put("t", call_id, StoredResult("f", call_id.encode()))
-    assert await store.get("t", "a") is not None  # "a" is now the most recent
+    assert await store.peek("t", "a") is not None  # "a" is now the most recent
     await store.put("t", "c", StoredResult("f", b"c"))
     assert len(store) == 2
-    assert await store.get("t", "b") is None
-    assert await store.get("t", "a") is not None
-    assert await store.get("t", "c") is not None
+    assert await store.peek("t", "b") is None
+    assert await store.claim("t", "a", "f", lease_s=1) == StoredResult("f", b"a")
+    assert await store.peek("t", "c") is not None
     with pytest.raises(ValueError, match="max_entries"):
         MemoryResultStore(max_entries=0)
 
@@ -433,8 +450,15 @@ def free_port() -> int:
         return port
 
 
+def clean_environ(**overrides: str) -> dict[str, str]:
+    """os.environ without toolexec's optional settings, plus `overrides`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+    env.update(overrides)
+    return env
+
+
 def test_bad_settings_exit_2_naming_the_variable() -> None:
-    env = {**os.environ, "SWITCHBOARD_TOOLEXEC_LISTEN": "nowhere"}
+    env = clean_environ(SWITCHBOARD_TOOLEXEC_LISTEN="nowhere")
     done = subprocess.run(
         [sys.executable, "-m", "switchboard.toolexec"],
         env=env,
@@ -452,7 +476,7 @@ def test_bad_settings_exit_2_naming_the_variable() -> None:
 
 async def test_the_process_serves_health_and_tools_then_drains() -> None:
     port = free_port()
-    env = {**os.environ, "SWITCHBOARD_TOOLEXEC_LISTEN": f"127.0.0.1:{port}"}
+    env = clean_environ(SWITCHBOARD_TOOLEXEC_LISTEN=f"127.0.0.1:{port}")
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

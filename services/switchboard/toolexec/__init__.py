@@ -1,9 +1,16 @@
 """The toolexec service: server-side function tools behind gRPC.
 
-`registry` defines what a tool is (`Tool`) and holds the registered ones with a
-concurrency limit each; `builtins` holds the tools shipped with Switchboard,
-written as examples of how to add one; `validation` checks call arguments
-against a tool's JSON Schema; `service` is the `ToolExecService` servicer that
-turns every call into a typed `ExecuteResponse`. docs/toolexec.md is the user
-guide.
+- `registry`: what a tool is (`Tool`, `CallInfo`) and the `Registry` of built-ins.
+- `builtins`: the tools shipped with Switchboard, written as examples.
+- `validation`: call arguments checked against a tool's JSON Schema (Draft 2020-12).
+- `tools_config`: the tools file, which tenant may use which built-in, and
+  each tenant's webhook tools.
+- `catalog`: what each tenant may list and call; `LiveCatalog` reloads the file.
+- `webhooks`: the HTTP client that calls webhook tools; `signing` signs the
+  requests (and `verify_signature` checks them, for receivers); `addresses`
+  keeps webhooks away from private addresses.
+- `results`: idempotency records, in memory or in Redis across replicas.
+- `service`: the `ToolExecService` servicer; `outcomes` builds its answers.
+
+docs/toolexec.md is the user guide.
 """

@@ -1,10 +1,11 @@
 """The tools shipped with Switchboard, written as examples of how to add one.
 
 A tool is three things: an async executor that takes the validated arguments
-and returns a JSON-able value, a JSON Schema of those arguments, and a `Tool`
-that ties them together with a description for the model, a timeout and a
-concurrency limit. Register it in `BUILTIN_TOOLS` (or in your own `Registry`)
-and it is listed and callable. docs/toolexec.md walks through it.
+and the `CallInfo` of the call and returns a JSON-able value, a JSON Schema
+of those arguments, and a `Tool` that ties them together with a description
+for the model, a timeout and a concurrency limit. Register it in
+`BUILTIN_TOOLS` (or in your own `Registry`) and it is listed and callable.
+docs/toolexec.md walks through it.
 
 - `calculate`: exact arithmetic on an expression, evaluated from its syntax
   tree with a whitelist of node types. Nothing is ever passed to
@@ -25,7 +26,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from switchboard.toolexec.registry import Registry, Tool
+from switchboard.toolexec.registry import CallInfo, Registry, Tool
 from switchboard.toolexec.validation import InvalidArguments
 
 Number = int | float
@@ -83,7 +84,7 @@ def evaluate(expression: str) -> Number:
         raise _invalid("has a result too large to represent") from None
 
 
-async def calculate(arguments: dict[str, Any]) -> dict[str, Number]:
+async def calculate(arguments: dict[str, Any], call: CallInfo) -> dict[str, Number]:
     """Executor of the `calculate` tool: `{"expression": str}` -> `{"result": number}`.
 
     It runs on the event loop rather than in a thread: `evaluate`'s bounds keep
@@ -93,7 +94,7 @@ async def calculate(arguments: dict[str, Any]) -> dict[str, Number]:
 
 
 async def current_time(
-    arguments: dict[str, Any], *, clock: Callable[[], float] = time.time
+    arguments: dict[str, Any], call: CallInfo, *, clock: Callable[[], float] = time.time
 ) -> dict[str, Any]:
     """Executor of `current_time`: `{"timezone"?: str}` -> `{"timezone", "iso8601", "unix"}`.
 

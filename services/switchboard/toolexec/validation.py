@@ -1,53 +1,81 @@
 """Tool arguments: parsed from JSON text and checked against the tool's JSON Schema.
 
-Only the subset of JSON Schema that Switchboard's tools use is supported: an
-object schema with `properties`, `required` and `additionalProperties` (a
-boolean), whose properties have a `type` of string, number, integer or
-boolean, optionally with `enum` and, for strings, `minLength`/`maxLength`.
-Annotations (`description`, `title`, `default`, `examples`) are allowed and
-ignored. `check_schema` refuses anything else when a tool is registered, so a
-tool can never declare a constraint that would silently go unchecked. A later
-version may swap this module for the `jsonschema` library behind the same
-three functions.
+Schemas are JSON Schema Draft 2020-12, checked by the `jsonschema` library:
+`ArgumentsSchema(schema)` checks the schema itself once (when a tool is built
+or a tools file is loaded) and then validates any number of calls. The top
+level must be an object schema, as for OpenAI function parameters; `$ref`
+may only point inside the schema (`#...`), so validating never fetches
+anything. `format` is an annotation, as the specification says, not checked.
 
-Error messages name the field and the rule, never the offending value (it may
-be anything the model produced, and messages reach logs); they are written to
-be given back to the model so it can correct the call.
+Error messages name the field by its path (`items[2].sku`) and the rule,
+never the offending value (it may be anything the model produced, and
+messages reach logs); they are written to be given back to the model so it
+can correct the call. Schema values (an `enum`'s options, a `pattern`) may be
+quoted: they come from the tool's author, not the call.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
+
+import jsonschema
+import referencing.exceptions
 
 from switchboard.errors import SwitchboardError
 from switchboard.v1 import common_pb2
 
-_ANNOTATIONS = frozenset({"description", "title", "default", "examples"})
-_OBJECT_KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties"})
-_PROPERTY_KEYWORDS = frozenset({"type", "enum", "minLength", "maxLength"})
-_TYPES = frozenset({"string", "number", "integer", "boolean"})
-
 # Field names come from the model; keep them, and their number, from bloating a message.
-_MAX_NAME_CHARS = 64
+_MAX_FIELD_CHARS = 96
 _MAX_PROBLEMS = 5
+# Schema values quoted in a message (enum options, patterns) are cut here.
+_MAX_QUOTE_CHARS = 120
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_KINDS = {
+    "string": "a string",
+    "number": "a number",
+    "integer": "an integer",
+    "boolean": "a boolean",
+    "object": "an object",
+    "array": "an array",
+    "null": "null",
+}
+_BOUNDS = {
+    "minimum": ">=",
+    "maximum": "<=",
+    "exclusiveMinimum": ">",
+    "exclusiveMaximum": "<",
+}
+_REF_KEYWORDS = ("$ref", "$dynamicRef")
 
 
 class SchemaError(ValueError):
-    """A tool's parameter schema is malformed or uses an unsupported keyword.
+    """A tool's parameter schema is not a valid Draft 2020-12 object schema.
 
-    Raised at registration: it is a programming error, never a call outcome.
+    Raised when a tool is built or a tools file is loaded, never for a call.
+
+    Attributes:
+        path: where in the schema the problem is, as keys and indexes.
+        problem: what is wrong there.
     """
+
+    def __init__(self, problem: str, path: Sequence[str | int] = ()) -> None:
+        self.path = tuple(path)
+        self.problem = problem
+        where = format_path(self.path)
+        super().__init__(f"{where}: {problem}" if where else problem)
 
 
 class InvalidArguments(SwitchboardError):
     """The arguments of a call cannot be used; the message says which field and why.
 
-    Raised by `parse_arguments` and `validate`, and by executors for arguments
-    that pass the schema but still make no sense (an unknown time zone). The
-    message is shown to the model; `field` (also `param`) names the first bad field.
+    Raised by `parse_arguments` and `ArgumentsSchema.validate`, and by executors
+    for arguments that pass the schema but still make no sense (an unknown time
+    zone). The message is shown to the model; `field` (also `param`) is the
+    path of the first bad field.
     """
 
     code = common_pb2.ERROR_CODE_TOOL_INVALID_ARGUMENTS
@@ -60,28 +88,72 @@ class InvalidArguments(SwitchboardError):
         return self.param
 
 
-def check_schema(schema: Mapping[str, Any]) -> None:
-    """Check that `schema` is an object schema within the supported subset.
+class ArgumentsSchema:
+    """A checked parameter schema, ready to validate calls.
 
     Raises:
-        SchemaError: naming the keyword or property that is not supported.
+        SchemaError: (at construction) the schema is not a Draft 2020-12 schema,
+            its top level is not `"type": "object"`, or it has a `$ref` that
+            points outside itself.
+    """
+
+    __slots__ = ("_validator",)
+
+    def __init__(self, schema: Mapping[str, Any]) -> None:
+        check_schema(schema)
+        self._validator = jsonschema.Draft202012Validator(schema)
+
+    def validate(self, arguments: Mapping[str, Any]) -> None:
+        """Check parsed arguments against the schema.
+
+        Problems are reported in a stable order (missing required fields,
+        unexpected fields, then the others by path), the first five in full
+        and the rest counted.
+
+        Raises:
+            InvalidArguments: one sentence per problem; `field` is the first bad field.
+        """
+        try:
+            errors = list(self._validator.iter_errors(arguments))
+        except RecursionError:
+            raise InvalidArguments("The arguments nest too deeply.") from None
+        except referencing.exceptions.Unresolvable:
+            # check_schema refuses remote references; a local one that points
+            # nowhere is the tool author's bug, reported without detail.
+            raise InvalidArguments("The tool's parameter schema cannot be applied.") from None
+        if not errors:
+            return
+        problems: dict[str, tuple[int, str, str]] = {}
+        for error in errors:
+            for rank, field, sentence in _describe(error):
+                problems.setdefault(sentence, (rank, field, sentence))
+        ordered = sorted(problems.values(), key=lambda p: (p[0], p[1]))
+        sentences = [sentence for _, _, sentence in ordered[:_MAX_PROBLEMS]]
+        if len(ordered) > _MAX_PROBLEMS:
+            sentences.append(f"And {len(ordered) - _MAX_PROBLEMS} more problems.")
+        raise InvalidArguments(" ".join(sentences), field=ordered[0][1] or None)
+
+
+def check_schema(schema: Mapping[str, Any]) -> None:
+    """Check that `schema` is a Draft 2020-12 object schema with local references only.
+
+    Raises:
+        SchemaError: naming the path inside the schema and the problem.
     """
     if not isinstance(schema, Mapping) or schema.get("type") != "object":
         raise SchemaError('the parameters schema must have "type": "object"')
-    _check_keywords(schema, _OBJECT_KEYWORDS, "the parameters schema")
-    properties = schema.get("properties", {})
-    if not isinstance(properties, Mapping):
-        raise SchemaError('"properties" must be an object')
-    for name, prop in properties.items():
-        _check_property(str(name), prop)
-    required = schema.get("required", [])
-    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
-        raise SchemaError('"required" must be a list of property names')
-    for name in required:
-        if name not in properties:
-            raise SchemaError(f'"required" names {name!r}, which is not in "properties"')
-    if not isinstance(schema.get("additionalProperties", True), bool):
-        raise SchemaError('"additionalProperties" must be true or false')
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise SchemaError(_cut(exc.message), list(exc.absolute_path)) from None
+    for path, keyword, target in _references(schema, ()):
+        if not isinstance(target, str) or not target.startswith("#"):
+            raise SchemaError(f"{keyword} must point inside the schema (start with '#')", path)
+
+
+def validate(arguments: Mapping[str, Any], schema: Mapping[str, Any]) -> None:
+    """`ArgumentsSchema(schema).validate(arguments)`, for one-off checks."""
+    ArgumentsSchema(schema).validate(arguments)
 
 
 def parse_arguments(text: str) -> dict[str, Any]:
@@ -97,7 +169,7 @@ def parse_arguments(text: str) -> dict[str, Any]:
     if not text.strip():
         return {}
     try:
-        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = parse_json(text)
     except json.JSONDecodeError as exc:
         raise InvalidArguments(
             f"The arguments are not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}."
@@ -113,113 +185,115 @@ def parse_arguments(text: str) -> dict[str, Any]:
     return value
 
 
-def validate(arguments: Mapping[str, Any], schema: Mapping[str, Any]) -> None:
-    """Check parsed arguments against a schema that passed `check_schema`.
-
-    Problems are reported in a stable order (missing required fields,
-    unexpected fields, then each field's value in schema order), the first
-    five in full and the rest counted.
+def parse_json(text: str | bytes) -> Any:
+    """Strict JSON: `NaN`, `Infinity` and numbers beyond the float range are refused.
 
     Raises:
-        InvalidArguments: one sentence per problem; `field` is the first bad field.
+        ValueError: (json.JSONDecodeError included) the text is not such JSON.
+        RecursionError: it nests deeper than the decoder can follow.
     """
-    properties: Mapping[str, Mapping[str, Any]] = schema.get("properties", {})
-    problems: list[tuple[str, str]] = []
-    for name in schema.get("required", []):
-        if name not in arguments:
-            problems.append((name, f"Missing required field {name!r}."))
-    if schema.get("additionalProperties", True) is False:
-        accepted = ", ".join(properties) or "no fields"
-        for name in arguments:
-            if name not in properties:
-                shown = _short(name)
-                problems.append(
-                    (shown, f"Unexpected field {shown!r}; this tool accepts {accepted}.")
-                )
-    for name, prop in properties.items():
-        if name in arguments:
-            problem = _check_value(name, arguments[name], prop)
-            if problem is not None:
-                problems.append((name, problem))
-    if problems:
-        sentences = [text for _, text in problems[:_MAX_PROBLEMS]]
-        if len(problems) > _MAX_PROBLEMS:
-            sentences.append(f"And {len(problems) - _MAX_PROBLEMS} more problems.")
-        raise InvalidArguments(" ".join(sentences), field=problems[0][0])
+    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
-def _check_keywords(schema: Mapping[str, Any], allowed: frozenset[str], where: str) -> None:
-    for keyword in schema:
-        if keyword not in allowed and keyword not in _ANNOTATIONS:
-            raise SchemaError(f"{where} uses {keyword!r}, which this validator does not support")
+def format_path(path: Sequence[str | int]) -> str:
+    """A JSON path for people: `order.items[2].sku`; odd keys as `["a b"]`."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif _IDENTIFIER.fullmatch(part):
+            text += f".{part}" if text else part
+        else:
+            text += f"[{json.dumps(part, ensure_ascii=False)}]"
+    return text
 
 
-def _check_property(name: str, prop: Any) -> None:
-    where = f"property {name!r}"
-    if not isinstance(prop, Mapping):
-        raise SchemaError(f"{where} must be a schema object")
-    _check_keywords(prop, _PROPERTY_KEYWORDS, where)
-    kind = prop.get("type")
-    if kind not in _TYPES:
-        raise SchemaError(f"{where} must have a type among {sorted(_TYPES)}")
-    if "enum" in prop:
-        enum = prop["enum"]
-        if not isinstance(enum, list) or not enum:
-            raise SchemaError(f"{where}: enum must be a non-empty list")
-        for option in enum:
-            if _type_problem(option, kind) is not None:
-                raise SchemaError(f"{where}: enum option {option!r} is not a {kind}")
-    for keyword in ("minLength", "maxLength"):
-        if keyword in prop:
-            bound = prop[keyword]
-            if kind != "string":
-                raise SchemaError(f"{where}: {keyword} applies to strings only")
-            if not isinstance(bound, int) or isinstance(bound, bool) or bound < 0:
-                raise SchemaError(f"{where}: {keyword} must be a non-negative integer")
-    if prop.get("minLength", 0) > prop.get("maxLength", math.inf):
-        raise SchemaError(f"{where}: minLength is greater than maxLength")
+def _describe(error: Any) -> Iterator[tuple[int, str, str]]:
+    """(rank, field, sentence) for one jsonschema error; ranks order the report."""
+    path = list(error.absolute_path)
+    field = _field(path)
+    keyword: str | None = error.validator
+    rule: Any = error.validator_value
+    instance: Any = error.instance
+    subject = f"Field {field!r}" if field else "The arguments"
+    if keyword == "required" and isinstance(instance, Mapping):
+        for name in rule:
+            if name not in instance:
+                missing = _field([*path, name])
+                yield 0, missing, f"Missing required field {missing!r}."
+        return
+    if keyword == "additionalProperties" and isinstance(instance, Mapping):
+        schema: Mapping[str, Any] = error.schema
+        declared = schema.get("properties", {})
+        patterns = [re.compile(p) for p in schema.get("patternProperties", {})]
+        accepted = ", ".join(declared) or "no fields"
+        owner = "this tool" if not field else f"field {field!r}"
+        for name in instance:
+            if name in declared or any(p.search(name) for p in patterns):
+                continue
+            extra = _field([*path, name])
+            yield 1, extra, f"Unexpected field {extra!r}; {owner} accepts {accepted}."
+        return
+    yield 2, field, f"{subject} {_rule(keyword, rule, instance)}."
 
 
-def _check_value(name: str, value: Any, prop: Mapping[str, Any]) -> str | None:
-    kind: str = prop["type"]
-    problem = _type_problem(value, kind)
-    if problem is not None:
-        got = _kind(value)
-        if kind == "integer" and got == "a number":
+def _rule(keyword: str | None, rule: Any, instance: Any) -> str:
+    """What `instance` should be, by the keyword it failed, without quoting it."""
+    if keyword == "type":
+        wanted = rule if isinstance(rule, list) else [rule]
+        got = _kind(instance)
+        if "integer" in wanted and got == "a number":
             got = "a number with a fraction"
-        return f"Field {name!r} must be {problem}, got {got}."
-    enum = prop.get("enum")
-    if enum is not None and not any(_same(value, option) for option in enum):
-        options = ", ".join(json.dumps(option) for option in enum)
-        return f"Field {name!r} must be one of {options}."
-    if kind == "string":
-        low, high = prop.get("minLength"), prop.get("maxLength")
-        if low is not None and len(value) < low:
-            return f"Field {name!r} must be at least {low} characters long."
-        if high is not None and len(value) > high:
-            return f"Field {name!r} must be at most {high} characters long, got {len(value)}."
-    return None
+        return f"must be {' or '.join(_KINDS.get(w, str(w)) for w in wanted)}, got {got}"
+    if keyword == "enum":
+        return f"must be one of {_cut(', '.join(_json(option) for option in rule))}"
+    if keyword == "const":
+        return f"must be {_cut(_json(rule))}"
+    if keyword in _BOUNDS:
+        return f"must be {_BOUNDS[keyword]} {_json(rule)}"
+    if keyword == "multipleOf":
+        return f"must be a multiple of {_json(rule)}"
+    if keyword == "minLength":
+        return f"must be at least {_count(rule, 'character')} long"
+    if keyword == "maxLength":
+        return f"must be at most {_count(rule, 'character')} long, got {len(instance)}"
+    if keyword == "pattern":
+        return f"must match the pattern {_cut(str(rule))!r}"
+    if keyword == "minItems":
+        return f"must have at least {_count(rule, 'item')}"
+    if keyword == "maxItems":
+        return f"must have at most {_count(rule, 'item')}"
+    if keyword == "uniqueItems":
+        return "must not contain duplicate items"
+    if keyword == "minProperties":
+        return f"must have at least {_count(rule, 'field')}"
+    if keyword == "maxProperties":
+        return f"must have at most {_count(rule, 'field')}"
+    if keyword in ("anyOf", "oneOf"):
+        exactly = "exactly one" if keyword == "oneOf" else "one"
+        return f"must match {exactly} of the allowed forms"
+    if keyword == "not":
+        return "has a form that is not allowed"
+    if keyword == "dependentRequired":
+        return "is missing fields that its other fields require"
+    if keyword in ("unevaluatedProperties", "propertyNames"):
+        return "has fields that are not allowed"
+    if keyword is None or keyword == "false":
+        return "is not allowed"
+    return f"does not satisfy the schema's {keyword!r} rule"
 
 
-def _type_problem(value: Any, kind: str) -> str | None:
-    """None when `value` is of JSON Schema type `kind`, else what it should be."""
-    # bool is an int subclass in Python, but never a number in JSON.
-    is_number = isinstance(value, int | float) and not isinstance(value, bool)
-    if kind == "string":
-        return None if isinstance(value, str) else "a string"
-    if kind == "boolean":
-        return None if isinstance(value, bool) else "a boolean"
-    if kind == "number":
-        return None if is_number else "a number"
-    # integer: JSON Schema counts 2.0 as an integer too.
-    if is_number and (isinstance(value, int) or float(value).is_integer()):
-        return None
-    return "an integer"
-
-
-def _same(value: Any, option: Any) -> bool:
-    # JSON Schema equality: 1 equals 1.0, but true never equals 1.
-    return isinstance(value, bool) == isinstance(option, bool) and bool(value == option)
+def _references(value: Any, path: tuple[str | int, ...]) -> Iterator[tuple[Any, str, Any]]:
+    """(path, keyword, target) of every `$ref` / `$dynamicRef` in a schema."""
+    if isinstance(value, Mapping):
+        for key, child in value.items():
+            if key in _REF_KEYWORDS:
+                yield (*path, key), key, child
+            else:
+                yield from _references(child, (*path, key))
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            yield from _references(child, (*path, index))
 
 
 def _kind(value: Any) -> str:
@@ -236,8 +310,22 @@ def _kind(value: Any) -> str:
     return "an object"
 
 
-def _short(name: str) -> str:
-    return name if len(name) <= _MAX_NAME_CHARS else name[:_MAX_NAME_CHARS] + "…"
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= _MAX_QUOTE_CHARS else text[:_MAX_QUOTE_CHARS] + "…"
+
+
+def _field(path: Sequence[str | int]) -> str:
+    """The path of a field as messages show it, cut so a huge name cannot bloat them."""
+    text = format_path(path)
+    return text if len(text) <= _MAX_FIELD_CHARS else text[:_MAX_FIELD_CHARS] + "…"
 
 
 def _refuse_constant(name: str) -> Any:
