@@ -1,0 +1,92 @@
+"""`python -m switchboard.tenancy`: make tenant keys, check tenants files.
+
+new-key TENANT      print a fresh API key once, and the line to configure its hash
+check [--no-env] FILE
+                    validate a tenants file and print a summary without secrets;
+                    exit 1 with the one-line error when it is invalid
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from switchboard.config import ConfigError
+from switchboard.tenancy.directory import TenantDirectory
+from switchboard.tenancy.keys import TENANT_ID, hash_key, new_key
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (argparse exits 2 on misuse)."""
+    parser = argparse.ArgumentParser(prog="python -m switchboard.tenancy")
+    sub = parser.add_subparsers(dest="command", required=True)
+    create = sub.add_parser("new-key", help="create a tenant API key")
+    create.add_argument("tenant", help="tenant id")
+    check = sub.add_parser("check", help="validate a tenants file")
+    check.add_argument("file", help="the tenants YAML file")
+    check.add_argument(
+        "--no-env",
+        action="store_true",
+        help="do not require the api_key_env variables to be set (e.g. in CI)",
+    )
+    args = parser.parse_args(argv)
+    if args.command == "new-key":
+        if not TENANT_ID.fullmatch(args.tenant):
+            parser.error(f"tenant id must match {TENANT_ID.pattern}")
+        print_new_key(args.tenant, sys.stdout)
+        return 0
+    try:
+        directory = TenantDirectory.load(args.file, require_env=not args.no_env)
+    except ConfigError as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 1
+    print_summary(directory, sys.stdout)
+    return 0
+
+
+def print_new_key(tenant_id: str, out: TextIO) -> None:
+    """Print a new key and the tenants-file line holding its hash."""
+    key = new_key()
+    digest = hash_key(key)
+    today = datetime.datetime.now(datetime.UTC).date().isoformat()
+    out.write(
+        f"key: {key}\n"
+        f"# Give this key to tenant {tenant_id} now: only its hash is configured,\n"
+        "# so it cannot be shown again. Add this line under "
+        f"tenants.{tenant_id}.keys in the tenants file:\n"
+        f'- "{digest}"  # created {today}\n'
+        f"# (without a tenants file: SWITCHBOARD_TENANT_KEYS={tenant_id}={digest})\n"
+    )
+
+
+def print_summary(directory: TenantDirectory, out: TextIO) -> None:
+    """Print what a directory holds: names, routes and limits; never keys or instructions."""
+    out.write(f"ok: {directory.source}\n")
+    out.write(f"upstreams ({len(directory.upstreams)}):\n")
+    for upstream in directory.upstreams.values():
+        key = f"key from ${upstream.api_key_env}" if upstream.api_key_env else "no key"
+        if upstream.api_key_env and not upstream.api_key:
+            key += ", not set here"
+        out.write(f"  {upstream.name}: {upstream.base_url} ({key})\n")
+    out.write(f"tenants ({len(directory)}), tiers: {', '.join(directory.tiers)}\n")
+    for tenant in directory:
+        out.write(f"  {tenant.id}: tier {tenant.tier}, {len(tenant.key_hashes)} key(s)\n")
+        for route in tenant.models.values():
+            out.write(f"    model {route.name} -> {route.upstream}: {route.upstream_model}\n")
+        if tenant.any_model_upstream is not None:
+            out.write(f"    any model -> {tenant.any_model_upstream}\n")
+        builtins = "all" if tenant.all_builtins else ", ".join(tenant.builtins) or "none"
+        out.write(f"    builtins: {builtins}; webhooks: {len(tenant.webhooks)}\n")
+        limits = [f"{name}={value}" for name, value in tenant.limits.configured().items()]
+        if tenant.daily_token_budget is not None:
+            limits.append(f"daily_token_budget={tenant.daily_token_budget}")
+        out.write(f"    limits: {', '.join(limits) or 'none'}\n")
+    if directory.allow_private_hosts:
+        out.write(f"allow_private_hosts: {', '.join(directory.allow_private_hosts)}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""What a tenant is: its keys, models, tools, limits and session defaults.
+
+These are plain frozen values built by the tenants file parser
+(`switchboard.tenancy.tenants_file`) or by the development fallbacks in
+`switchboard.tenancy.directory`. None of them prints a secret: upstream API
+keys are `Secret`s, and key hashes and instructions stay out of reprs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any
+
+from switchboard.config import Secret
+from switchboard.errors import SwitchboardError
+from switchboard.v1 import common_pb2
+
+DEFAULT_TIER = "standard"
+DEFAULT_UPSTREAM = "default"
+
+
+class ModelNotAllowed(SwitchboardError):
+    """A tenant asked for a model its configuration does not route."""
+
+    code = common_pb2.ERROR_CODE_MODEL_NOT_ALLOWED
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-tenant limits; None means unlimited.
+
+    Attributes:
+        requests_per_minute: responses a tenant may start per minute.
+        tokens_per_minute: input plus output tokens per minute.
+        concurrent_connections: open WebSockets at once.
+        concurrent_responses: responses generating at once.
+        max_session_seconds: longest a connection may stay open.
+        max_output_tokens: ceiling on any one response's output tokens.
+    """
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    concurrent_connections: int | None = None
+    concurrent_responses: int | None = None
+    max_session_seconds: int | None = None
+    max_output_tokens: int | None = None
+
+    def configured(self) -> dict[str, int]:
+        """The limits that are set, by name (for summaries and logs)."""
+        values = ((item.name, getattr(self, item.name)) for item in fields(self))
+        return {name: value for name, value in values if value is not None}
+
+
+LIMIT_NAMES: tuple[str, ...] = tuple(item.name for item in fields(Limits))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    """Where a model name a client sends goes.
+
+    Attributes:
+        name: the model name clients send (`session.model`).
+        upstream: the name of the `Upstream` that serves it.
+        upstream_model: the model name sent to that upstream.
+    """
+
+    name: str
+    upstream: str
+    upstream_model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """An OpenAI-compatible deployment the broker may call.
+
+    Attributes:
+        name: the name routes refer to (`default` when a model names none).
+        base_url: an http(s) URL without credentials, query or fragment.
+        api_key: the key sent upstream; empty when the upstream needs none.
+        api_key_env: the variable the key was read from (safe to log).
+    """
+
+    name: str
+    base_url: str
+    api_key: Secret = field(default=Secret(""), repr=False)
+    api_key_env: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionDefaults:
+    """Settings applied to a tenant's new sessions; None leaves the service default.
+
+    Attributes:
+        model: the model of a session that names none (one of the tenant's models).
+        instructions: the system instructions of a session that sets none.
+        max_output_tokens: per-response output tokens when the client sets none.
+    """
+
+    model: str | None = None
+    instructions: str | None = field(default=None, repr=False)
+    max_output_tokens: int | None = None
+
+
+def _no_models() -> Mapping[str, ModelRoute]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    """One customer of the deployment. `Tenant("acme")` alone may use nothing.
+
+    Attributes:
+        id: the tenant id; goes on spans, logs and Redis keys, never on metrics.
+        tier: a label from a small configured set; safe as a metric label.
+        key_hashes: SHA-256 hex digests of the tenant's API keys.
+        models: the models the tenant may use, by the name clients send.
+        builtins: the server-side built-in tools it may use (toolexec checks names).
+        webhooks: its webhook tool definitions, as written (toolexec checks them).
+        limits: rate, concurrency and size limits.
+        daily_token_budget: tokens per UTC day; None is unlimited.
+        session: defaults for new sessions.
+        any_model_upstream: development tenants only: a model not in `models`
+            is allowed too, and goes to this upstream under its own name.
+        all_builtins: development tenants only: every built-in tool is allowed.
+    """
+
+    id: str
+    tier: str = DEFAULT_TIER
+    key_hashes: frozenset[str] = field(default=frozenset(), repr=False)
+    models: Mapping[str, ModelRoute] = field(default_factory=_no_models)
+    builtins: tuple[str, ...] = ()
+    webhooks: tuple[Mapping[str, Any], ...] = field(default=(), repr=False)
+    limits: Limits = Limits()
+    daily_token_budget: int | None = None
+    session: SessionDefaults = SessionDefaults()
+    any_model_upstream: str | None = None
+    all_builtins: bool = False
+
+    def allows_model(self, name: str) -> bool:
+        """Whether the tenant may use the model clients call `name`."""
+        return name in self.models or (self.any_model_upstream is not None and bool(name))
+
+    def route(self, name: str) -> ModelRoute:
+        """Where the model clients call `name` goes for this tenant.
+
+        Raises:
+            ModelNotAllowed: the tenant may not use `name` (code
+                `model_not_allowed`, param `model`); safe to send to the client.
+        """
+        route = self.models.get(name)
+        if route is not None:
+            return route
+        if self.any_model_upstream is not None and name:
+            return ModelRoute(name, self.any_model_upstream, name)
+        raise ModelNotAllowed(
+            f"The model '{name[:128]}' does not exist or you do not have access to it.",
+            param="model",
+        )
+
+    def allows_builtin(self, name: str) -> bool:
+        """Whether the tenant may use the built-in tool `name`."""
+        return self.all_builtins or name in self.builtins

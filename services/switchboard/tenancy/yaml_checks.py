@@ -1,0 +1,131 @@
+"""Checks of parsed YAML values whose errors name the key path, and the YAML reader.
+
+`decode` parses YAML but refuses a mapping that repeats a key (YAML would keep
+the last one silently). The checkers return the value when it is right and
+raise a one-line `ConfigError("<key path>: <problem>")` otherwise; messages
+never quote the value, which may be a secret pasted in the wrong place.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import yaml
+
+from switchboard.config import ConfigError
+
+# Counts and budgets travel as int64 in the protos.
+MAX_INTEGER = 2**62
+_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+
+KeyPath = tuple[str | int, ...]
+
+
+def format_path(path: Sequence[str | int]) -> str:
+    """A key path for people: `tenants.acme.keys[0]`; odd keys as `["gpt-4.1"]`."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif _PLAIN_SEGMENT.fullmatch(part):
+            text += f".{part}" if text else part
+        else:
+            text += f"[{json.dumps(part, ensure_ascii=False)}]"
+    return text
+
+
+def decode(content: bytes) -> Any:
+    """The YAML document in `content` as plain data (None for an empty file).
+
+    Raises:
+        ConfigError: not UTF-8, not YAML, or a mapping repeats a key.
+    """
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("the file is not UTF-8 text") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML ({_yaml_problem(exc)})") from None
+
+
+def count(raw: Any, path: KeyPath) -> int | None:
+    """A positive integer, or None for an absent or null (unlimited) value."""
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+        raise error(path, "must be a positive integer")
+    if raw > MAX_INTEGER:
+        raise error(path, "must be at most 2**62")
+    return raw
+
+
+def mapping(raw: Any, path: KeyPath, keys: Sequence[str] | None = None) -> dict[Any, Any]:
+    """`raw` if it is a mapping whose keys are all in `keys` (any keys when None)."""
+    if not isinstance(raw, dict):
+        raise error(path, "must be a mapping" if path else "the file must hold a mapping")
+    if keys is not None:
+        for key in raw:
+            if key not in keys:
+                raise error(
+                    (*path, str(key)[:64]), f"unknown key (expected one of: {', '.join(keys)})"
+                )
+    return raw
+
+
+def sequence(raw: Any, path: KeyPath) -> list[Any]:
+    """`raw` if it is a list."""
+    if not isinstance(raw, list):
+        raise error(path, "must be a list")
+    return raw
+
+
+def string(raw: Any, path: KeyPath) -> str:
+    """`raw` if it is a non-empty string."""
+    if not isinstance(raw, str) or not raw:
+        raise error(path, "must be a non-empty string")
+    return raw
+
+
+def error(path: KeyPath, problem: str) -> ConfigError:
+    """The error `<key path>: <problem>` (just the problem at the top level)."""
+    where = format_path(path)
+    return ConfigError(f"{where}: {problem}" if where else problem)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    if mark is None:
+        return str(problem)
+    return f"line {mark.line + 1} column {mark.column + 1}: {problem}"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate keys instead of keeping the last one.
+
+    A tenant listed twice would otherwise lose its first block without a word.
+    """
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Hashable] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if isinstance(key, Hashable):
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {str(key)[:64]!r}", key_node.start_mark
+                )
+            seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,
+)

@@ -1,0 +1,275 @@
+"""TenantConfig: reloading the tenants file as Kubernetes updates it, and load_tenants."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from switchboard.config import ConfigError
+from switchboard.tenancy import TenantConfig, TenantDirectory, hash_key, load_tenants, new_key
+from tests.tenancy.documents import ACME_KEY, ENVIRON, SECRETS, UPSTREAM_SECRET, document, write
+
+LOGGER = "switchboard.tenancy"
+
+
+class SecretVolume:
+    """A directory laid out as the kubelet lays out a Secret volume.
+
+    `tenants.yaml -> ..data/tenants.yaml`, `..data -> ..<timestamp>`; an update
+    writes a new timestamped directory, swaps `..data` atomically with a
+    rename, and deletes the old directory.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.generation = 0
+        self.path = root / "tenants.yaml"
+
+    def publish(self, data: Any) -> None:
+        self.generation += 1
+        target = self.root / f"..2025_01_01_00_00_00.{self.generation:09d}"
+        target.mkdir()
+        (target / "tenants.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+        previous = (self.root / "..data").resolve() if (self.root / "..data").exists() else None
+        staging = self.root / "..data_tmp"
+        staging.symlink_to(target.name)
+        os.replace(staging, self.root / "..data")
+        if not self.path.is_symlink():
+            self.path.symlink_to("..data/tenants.yaml")
+        if previous is not None:
+            shutil.rmtree(previous)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def with_tenant(tenant_id: str, key: str) -> dict[str, Any]:
+    data = document()
+    data["tenants"][tenant_id] = {"keys": [hash_key(key)], "models": {"gpt-4o-mini": {}}}
+    return data
+
+
+def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records]
+
+
+def test_a_kubernetes_symlink_swap_is_picked_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    volume = SecretVolume(tmp_path)
+    volume.publish(document())
+    config = TenantConfig(volume.path, ENVIRON)
+    first = config.current
+    assert config.version == 1 and len(first) == 2
+    assert config.reload() is False
+
+    key = new_key()
+    volume.publish(with_tenant("gamma", key))
+    assert config.reload() is True
+    assert config.version == 2
+    assert config.current is not first
+    gamma = config.current.authenticate(key)
+    assert gamma is not None and gamma.id == "gamma"
+    assert first.authenticate(key) is None  # snapshots never change
+    [record] = [r for r in caplog.records if r.getMessage() == "tenants reloaded"]
+    assert record.__dict__["tenants"] == 3 and record.__dict__["version"] == 2
+    assert config.reload() is False
+
+
+def test_republishing_the_same_content_is_not_a_reload(tmp_path: Path) -> None:
+    volume = SecretVolume(tmp_path)
+    volume.publish(document())
+    config = TenantConfig(volume.path, ENVIRON)
+    volume.publish(document())
+    assert config.reload() is False
+    assert config.version == 1
+
+
+def test_an_in_place_edit_is_picked_up_even_with_the_same_size_and_mtime(tmp_path: Path) -> None:
+    path = write(tmp_path / "tenants.yaml", with_tenant("aaaa", "k1"))
+    config = TenantConfig(path, ENVIRON)
+    before = path.stat()
+    write(path, with_tenant("bbbb", "k1"))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size
+    assert config.reload() is True
+    assert config.current.get("bbbb") is not None and config.current.get("aaaa") is None
+
+
+def test_an_invalid_new_file_keeps_the_previous_tenants(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    volume = SecretVolume(tmp_path)
+    volume.publish(document())
+    config = TenantConfig(volume.path, ENVIRON)
+    current = config.current
+
+    bad = document()
+    bad["tenants"]["acme"]["limits"]["requests_per_minute"] = 0
+    bad["upstreams"]["default"]["base_url"] = f"https://api.example/v1?key={UPSTREAM_SECRET}"
+    volume.publish(bad)
+    assert config.reload() is False
+    volume.publish(bad)  # the same bad file again: not logged twice
+    assert config.reload() is False
+    assert config.current is current and config.version == 1
+    assert config.current.authenticate(ACME_KEY) is not None
+
+    [record] = caplog.records
+    assert record.levelno == logging.ERROR
+    assert record.getMessage() == "tenants file rejected, previous tenants kept"
+    error = record.__dict__["error"]
+    assert error == f"{volume.path}: upstreams.default.base_url: must not hold credentials, " + (
+        "a query or a fragment (put the key in api_key_env)"
+    )
+    assert not [secret for secret in SECRETS if secret in caplog.text + error]
+
+    volume.publish(with_tenant("gamma", "k"))
+    assert config.reload() is True
+    assert config.version == 2 and config.current.get("gamma") is not None
+
+
+def test_a_reload_needing_an_unset_variable_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(tmp_path / "tenants.yaml", document())
+    config = TenantConfig(path, ENVIRON)
+    data = document()
+    data["upstreams"]["extra"] = {"base_url": "http://extra/v1", "api_key_env": "EXTRA_KEY"}
+    write(path, data)
+    assert config.reload() is False
+    assert "environment variable EXTRA_KEY is not set" in caplog.records[0].__dict__["error"]
+
+
+def test_a_vanished_file_keeps_the_previous_tenants(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(tmp_path / "tenants.yaml", document())
+    config = TenantConfig(path, ENVIRON)
+    path.unlink()
+    assert config.reload() is False
+    assert config.reload() is False
+    assert config.current.authenticate(ACME_KEY) is not None
+    assert messages(caplog) == ["tenants file rejected, previous tenants kept"]
+    assert "cannot read the tenants file" in caplog.records[0].__dict__["error"]
+    write(path, with_tenant("gamma", "k"))
+    assert config.reload() is True
+
+
+def test_maybe_reload_checks_at_most_once_per_interval(tmp_path: Path) -> None:
+    clock = FakeClock()
+    path = write(tmp_path / "tenants.yaml", document())
+    config = TenantConfig(path, ENVIRON, interval_s=1.0, clock=clock)
+    write(path, with_tenant("gamma", "k"))
+    clock.now += 0.5
+    assert config.maybe_reload() is False
+    assert config.current.get("gamma") is None
+    clock.now += 0.5
+    assert config.maybe_reload() is True
+    assert config.current.get("gamma") is not None
+    write(path, with_tenant("delta", "k"))
+    clock.now += 0.1
+    assert config.maybe_reload() is False
+
+
+async def test_watch_reloads_until_cancelled(tmp_path: Path) -> None:
+    volume = SecretVolume(tmp_path)
+    volume.publish(document())
+    config = TenantConfig(volume.path, ENVIRON)
+    task = asyncio.create_task(config.watch(interval_s=0.01))
+    try:
+        volume.publish(with_tenant("gamma", "k"))
+        async with asyncio.timeout(2):
+            while config.version == 1:
+                await asyncio.sleep(0.01)
+        assert config.current.get("gamma") is not None
+    finally:
+        task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def test_subscribers_hear_of_each_new_directory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(tmp_path / "tenants.yaml", document())
+    config = TenantConfig(path, ENVIRON)
+    seen: list[TenantDirectory] = []
+
+    def broken(directory: TenantDirectory) -> None:
+        raise RuntimeError("subscriber bug")
+
+    config.subscribe(broken)
+    unsubscribe = config.subscribe(seen.append)
+    write(path, with_tenant("gamma", "k"))
+    assert config.reload() is True
+    assert seen == [config.current]
+    assert "tenants subscriber failed" in messages(caplog)
+    unsubscribe()
+    write(path, with_tenant("delta", "k"))
+    assert config.reload() is True
+    assert len(seen) == 1
+
+
+def test_start_up_fails_on_a_missing_or_invalid_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"absent\.yaml: cannot read the tenants file"):
+        TenantConfig(tmp_path / "absent.yaml", ENVIRON)
+    bad = document()
+    bad["tenants"]["acme"]["limits"]["requests_per_minute"] = -1
+    path = write(tmp_path / "tenants.yaml", bad)
+    with pytest.raises(ConfigError) as caught:
+        TenantConfig(path, ENVIRON)
+    assert str(caught.value) == (
+        f"{path}: tenants.acme.limits.requests_per_minute: must be a positive integer"
+    )
+
+
+def test_load_tenants_prefers_the_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write(tmp_path / "tenants.yaml", document())
+    environ = {
+        **ENVIRON,
+        "SWITCHBOARD_TENANTS_FILE": str(path),
+        "SWITCHBOARD_TENANT_KEYS": f"legacy={hash_key('legacy-key')}",
+    }
+    config = load_tenants(environ)
+    assert config.path == path
+    assert config.current.get("acme") is not None
+    assert config.current.authenticate("legacy-key") is None
+    assert "SWITCHBOARD_TENANT_KEYS ignored: SWITCHBOARD_TENANTS_FILE is set" in messages(caplog)
+
+
+def test_load_tenants_falls_back_to_the_key_variable() -> None:
+    key = new_key()
+    config = load_tenants({"SWITCHBOARD_TENANT_KEYS": f"dev={hash_key(key)}"})
+    tenant = config.current.authenticate(key)
+    assert tenant is not None and tenant.allows_model("any-model") and tenant.all_builtins
+    assert config.path is None
+    assert config.maybe_reload() is False and config.reload() is False
+
+
+async def test_load_tenants_without_configuration_refuses_every_key(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = load_tenants({})
+    assert len(config.current) == 0
+    assert config.current.authenticate(ACME_KEY) is None
+    assert any("no tenants configured" in message for message in messages(caplog))
+    await asyncio.wait_for(config.watch(), 1)  # nothing to watch: returns at once
+
+
+def test_load_tenants_reports_a_bad_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the tenants file"):
+        load_tenants({"SWITCHBOARD_TENANTS_FILE": str(tmp_path / "absent.yaml")})
