@@ -25,6 +25,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,8 @@ class Service:
     argv: list[str]
     env: dict[str, str]
     log_path: Path
+    # True when the service answers its health check.
+    healthy: Callable[[], bool]
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -98,8 +101,12 @@ class Stack:
     extra_env: dict[str, str] = field(default_factory=dict)
     simulator_args: list[str] = field(default_factory=list)
     redis_args: tuple[str, ...] = ()
+    # Gateway and broker processes (replica i > 1 of each gets free ports; gateway i
+    # talks to broker i), to show that limits hold across replicas.
+    replicas: int = 1
     redis: RedisServer | None = None
     services: dict[str, Service] = field(default_factory=dict)
+    _extra_gateway_ports: list[int] = field(default_factory=list)
 
     @property
     def gateway_url(self) -> str:
@@ -135,18 +142,54 @@ class Stack:
             env["SWITCHBOARD_BROKER_UPSTREAM_API_KEY"] = SIMULATOR_KEY
         return env
 
+    @property
+    def gateway_ports(self) -> list[int]:
+        """The port of every gateway replica, the first one first."""
+        return [self.ports.gateway, *self._extra_gateway_ports]
+
     def _define(self) -> None:
         env = self._env()
         python = sys.executable
         if self.simulate:
             sim_argv = [python, "-m", "tools.simulator", "--host", "127.0.0.1"]
             sim_argv += ["--port", str(self.ports.simulator), *self.simulator_args]
-            self._add("simulator", sim_argv, env)
-        for name in ("session", "toolexec", "broker", "gateway"):
-            self._add(name, [python, "-m", f"switchboard.{name}"], env)
+            self._add("simulator", sim_argv, env, lambda: _http_ok(f"{self.simulator_url}/healthz"))
+        for name in ("session", "toolexec", "broker"):
+            target = f"127.0.0.1:{getattr(self.ports, name)}"
+            self._add(name, [python, "-m", f"switchboard.{name}"], env, _grpc_probe(target))
+        self._add(
+            "gateway",
+            [python, "-m", "switchboard.gateway"],
+            env,
+            lambda: _http_ok(f"{self.gateway_url}/readyz"),
+        )
+        self._extra_gateway_ports = []
+        for replica in range(2, self.replicas + 1):
+            broker_port, gateway_port = free_port(), free_port()
+            self._extra_gateway_ports.append(gateway_port)
+            broker_env = {**env, "SWITCHBOARD_BROKER_LISTEN": f"127.0.0.1:{broker_port}"}
+            self._add(
+                f"broker-{replica}",
+                [python, "-m", "switchboard.broker"],
+                broker_env,
+                _grpc_probe(f"127.0.0.1:{broker_port}"),
+            )
+            gateway_env = {
+                **env,
+                "SWITCHBOARD_GATEWAY_PORT": str(gateway_port),
+                "SWITCHBOARD_GATEWAY_BROKER_TARGET": f"127.0.0.1:{broker_port}",
+            }
+            self._add(
+                f"gateway-{replica}",
+                [python, "-m", "switchboard.gateway"],
+                gateway_env,
+                _http_probe(f"http://127.0.0.1:{gateway_port}/readyz"),
+            )
 
-    def _add(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        self.services[name] = Service(name, argv, env, self.log_dir / f"{name}.log")
+    def _add(
+        self, name: str, argv: list[str], env: dict[str, str], healthy: Callable[[], bool]
+    ) -> None:
+        self.services[name] = Service(name, argv, env, self.log_dir / f"{name}.log", healthy)
 
     def start(self, timeout_s: float = 60.0) -> None:
         """Start everything and wait until all of it is healthy."""
@@ -174,7 +217,7 @@ class Stack:
                 service = self.services[name]
                 if not service.alive():
                     raise RuntimeError(f"{name} exited; see {service.log_path}")
-                if self._healthy(name):
+                if service.healthy():
                     pending.discard(name)
             if pending and time.monotonic() > deadline:
                 raise TimeoutError(
@@ -182,13 +225,6 @@ class Stack:
                 )
             if pending:
                 time.sleep(0.1)
-
-    def _healthy(self, name: str) -> bool:
-        if name == "simulator":
-            return _http_ok(f"{self.simulator_url}/healthz")
-        if name == "gateway":
-            return _http_ok(f"{self.gateway_url}/readyz")
-        return _grpc_serving(f"127.0.0.1:{getattr(self.ports, name)}")
 
     def restart(self, name: str, timeout_s: float = 30.0) -> None:
         service = self.services[name]
@@ -198,9 +234,11 @@ class Stack:
 
     def stop(self) -> None:
         """Stop the gateway first so clients are closed before their backends go."""
-        for name in ("gateway", "broker", "toolexec", "session", "simulator"):
-            if name in self.services:
-                self.services[name].stop()
+        order = ("gateway", "broker", "toolexec", "session", "simulator")
+        for service in sorted(
+            self.services.values(), key=lambda s: order.index(s.name.split("-")[0])
+        ):
+            service.stop()
         if self.redis is not None:
             self.redis.close()
             self.redis = None
@@ -219,6 +257,14 @@ def _http_ok(url: str) -> bool:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False
+
+
+def _http_probe(url: str) -> Callable[[], bool]:
+    return lambda: _http_ok(url)
+
+
+def _grpc_probe(target: str) -> Callable[[], bool]:
+    return lambda: _grpc_serving(target)
 
 
 def _grpc_serving(target: str) -> bool:

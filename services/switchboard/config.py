@@ -135,8 +135,9 @@ class GatewaySettings:
     max_event_bytes: int
     # Frames larger than this close the connection with 1009 (the transport cap).
     max_frame_bytes: int
-    # Server events buffered per connection before the response stream waits.
-    send_queue_events: int
+    # Bytes of server events one connection may have waiting for a slow client
+    # (deltas merged meanwhile) before it is closed with 4008 slow_consumer.
+    max_buffered_bytes: int
     # Deadline of unary calls to the backends.
     rpc_timeout_s: float
     # Deadline of one server-side tool call (toolexec enforces each tool's own).
@@ -172,7 +173,9 @@ class GatewaySettings:
             default_model=env.string("SWITCHBOARD_GATEWAY_DEFAULT_MODEL", DEFAULT_MODEL),
             max_event_bytes=max_event,
             max_frame_bytes=max_frame,
-            send_queue_events=env.integer("SWITCHBOARD_GATEWAY_SEND_QUEUE_EVENTS", 256, minimum=8),
+            max_buffered_bytes=env.integer(
+                "SWITCHBOARD_GATEWAY_MAX_BUFFERED_BYTES", 1024 * 1024, minimum=16 * 1024
+            ),
             rpc_timeout_s=env.number("SWITCHBOARD_GATEWAY_RPC_TIMEOUT_S", 5.0, minimum=0.1),
             tool_timeout_s=env.number("SWITCHBOARD_GATEWAY_TOOL_TIMEOUT_S", 65.0, minimum=0.1),
             max_tool_rounds=env.integer("SWITCHBOARD_GATEWAY_MAX_TOOL_ROUNDS", 8, minimum=0),

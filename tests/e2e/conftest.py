@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from tools.stack import Ports, Stack
+from tools.stack import SIMULATOR_KEY, Ports, Stack
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +31,28 @@ def stack() -> Iterator[Stack]:
         yield stack
     finally:
         stack.stop()
+    leaks = secret_leaks(stack)
+    assert not leaks, f"secret material in service logs: {leaks}"
+
+
+# Credential shapes Switchboard handles: tenant keys, ephemeral secrets, the
+# upstream key the launcher gives the broker.
+SECRET_PATTERNS = (
+    re.compile(r"sk-sb-[A-Za-z0-9_-]{16,}"),
+    re.compile(r"ek_[A-Za-z0-9_-]{16,}"),
+    re.compile(re.escape(SIMULATOR_KEY)),
+)
+
+
+def secret_leaks(stack: Stack) -> list[str]:
+    """Every line of every service log that holds key or secret material."""
+    leaks = []
+    for path in sorted(stack.log_dir.glob("*.log")):
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if stack.dev_key in line or any(p.search(line) for p in SECRET_PATTERNS):
+                leaks.append(f"{path.name}:{number}: {line[:200]}")
+    assert any(stack.log_dir.glob("*.log")), "no service logs to scan"
+    return leaks
 
 
 class RealtimeClient:

@@ -83,5 +83,5 @@ async def test_health_endpoints(stack: Stack) -> None:
             body = await ready.json()
         assert body == {
             "ready": True,
-            "checks": {"session": True, "broker": True, "toolexec": True},
+            "checks": {"session": True, "broker": True, "toolexec": True, "redis": True},
         }

@@ -1,9 +1,10 @@
 """The gateway's Starlette application: routes, authentication, resources.
 
 Routes:
-    GET /v1/realtime   WebSocket, the OpenAI Realtime protocol (docs/protocol.md)
-    GET /healthz       the process is up
-    GET /readyz        every backend answers its health check (503 otherwise)
+    GET  /v1/realtime                 WebSocket, the OpenAI Realtime protocol (docs/protocol.md)
+    POST /v1/realtime/client_secrets  mint an ephemeral `ek_` secret for a browser
+    GET  /healthz                     the process is up
+    GET  /readyz                      every backend and Redis answer (503 otherwise)
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
+import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -19,12 +22,23 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from switchboard.config import GatewaySettings
-from switchboard.errors import AuthenticationFailed, SwitchboardError
+from switchboard.errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    SwitchboardError,
+    invalid_value,
+)
+from switchboard.gateway import client_secrets, sessions
 from switchboard.gateway.backends import Backends
+from switchboard.gateway.client_secrets import ClientSecrets, Grant
 from switchboard.gateway.connection import RealtimeConnection
 from switchboard.gateway.protocol import RealtimeProtocol
-from switchboard.tenancy import KeyRing
-from switchboard.v1 import session_pb2
+from switchboard.redis_client import redis_client
+from switchboard.tenancy import KeyRing, Tenant
+from switchboard.v1 import common_pb2, session_pb2
+
+# The browser subprotocol that carries a credential (as OpenAI's endpoint takes it).
+KEY_SUBPROTOCOL = "openai-insecure-api-key."
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +50,13 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
+def subprotocol_key(subprotocols: list[str]) -> str | None:
+    for protocol in subprotocols:
+        if protocol.startswith(KEY_SUBPROTOCOL):
+            return protocol[len(KEY_SUBPROTOCOL) :] or None
+    return None
+
+
 def create_app(settings: GatewaySettings) -> Starlette:
     """Build the gateway app. Backends are dialed in the lifespan, closed on shutdown."""
     keyring = KeyRing.parse(settings.tenant_keys)
@@ -43,38 +64,111 @@ def create_app(settings: GatewaySettings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         backends = Backends(settings)
+        redis = redis_client(settings.redis_url.reveal())
         app.state.backends = backends
+        app.state.redis = redis
+        app.state.client_secrets = ClientSecrets(redis)
         try:
             yield
         finally:
             await backends.close()
+            await redis.aclose()
 
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok")
 
     async def readyz(request: Request) -> Response:
         checks = await request.app.state.backends.readiness()
+        try:
+            checks["redis"] = bool(await request.app.state.redis.ping())
+        except Exception:
+            checks["redis"] = False
         ready = all(checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
-    async def realtime(websocket: WebSocket) -> None:
-        backends: Backends = websocket.app.state.backends
-        # Resolve the tenant before accept() so a refused socket costs no backend call.
-        key = bearer_token(websocket.headers.get("authorization"))
+    async def mint_client_secret(request: Request) -> Response:
+        key = bearer_token(request.headers.get("authorization"))
         tenant = keyring.authenticate(key) if key else None
         if tenant is None:
-            await _deny(websocket, AuthenticationFailed("Missing or invalid API key."))
-            return
-        model = websocket.query_params.get("model") or settings.default_model
-        config = session_pb2.SessionConfig(model=model, tool_choice="auto")
+            return _error_response(AuthenticationFailed("Missing or invalid API key."))
         try:
+            body = await _json_object(request)
+            ttl_s = client_secrets.parse_ttl(body)
+            config = session_pb2.SessionConfig(model=settings.default_model, tool_choice="auto")
+            session, config = sessions.apply_update(
+                sessions.initial_session("", config),
+                config,
+                body.get("session") or {"type": "realtime"},
+            )
+            session.pop("id")
+            value, expires_at = await request.app.state.client_secrets.mint(
+                tenant.id, session, config, ttl_s
+            )
+        except SwitchboardError as error:
+            return _error_response(error)
+        log.info("client secret minted", extra={"tenant_id": tenant.id, "ttl_s": ttl_s})
+        return JSONResponse({"value": value, "expires_at": expires_at, "session": session})
+
+    async def authenticate(websocket: WebSocket) -> tuple[Tenant, Grant | None]:
+        """The tenant (and ephemeral grant) behind a handshake's credential.
+
+        Browsers send an `ek_` secret as a subprotocol; servers send a tenant key
+        or an `ek_` secret as a bearer token. A tenant key is never accepted from
+        the subprotocol: it would mean a long-lived key sits in a browser.
+        """
+        from_browser = subprotocol_key(websocket.scope.get("subprotocols") or [])
+        key = from_browser or bearer_token(websocket.headers.get("authorization"))
+        if key and key.startswith(client_secrets.PREFIX):
+            grant = await websocket.app.state.client_secrets.redeem(key)
+            tenant = keyring.tenant(grant.tenant_id) if grant else None
+            if grant is not None and tenant is not None:
+                return tenant, grant
+            raise AuthenticationFailed("Invalid or expired client secret.")
+        if from_browser:
+            raise AuthenticationFailed(
+                "Only ephemeral client secrets (ek_...) may be sent as a subprotocol."
+            )
+        tenant = keyring.authenticate(key) if key else None
+        if tenant is None:
+            raise AuthenticationFailed("Missing or invalid API key.")
+        return tenant, None
+
+    async def realtime(websocket: WebSocket) -> None:
+        backends: Backends = websocket.app.state.backends
+        # Resolve the tenant before accept() so a refused socket costs no session.
+        try:
+            tenant, grant = await authenticate(websocket)
+            requested = websocket.query_params.get("model")
+            if grant is None:
+                config = session_pb2.SessionConfig(
+                    model=requested or settings.default_model, tool_choice="auto"
+                )
+            else:
+                config = grant.config
+                if requested and requested != config.model:
+                    raise InvalidRequest(
+                        f"This client secret is for model '{config.model}'.",
+                        code=common_pb2.ERROR_CODE_FIELD_LOCKED,
+                        param="model",
+                    )
             session = await backends.create_session(tenant.id, config)
         except SwitchboardError as error:
             await _deny(websocket, error)
             return
-        await websocket.accept()
+        requested_protocols = websocket.scope.get("subprotocols") or []
+        await websocket.accept(
+            subprotocol="realtime" if "realtime" in requested_protocols else None
+        )
+        initial = None
+        if grant is not None:
+            initial = {**sessions.initial_session(session.id, session.config), **grant.session}
+            initial["id"] = session.id
         protocol = RealtimeProtocol(
-            session_id=session.id, config=session.config, max_event_bytes=settings.max_event_bytes
+            session_id=session.id,
+            config=session.config,
+            max_event_bytes=settings.max_event_bytes,
+            session=initial,
+            locked=grant.locked if grant else frozenset(),
         )
         log.info("connected", extra={"tenant_id": tenant.id, "session_id": session.id})
         connection = RealtimeConnection(
@@ -82,7 +176,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
             protocol,
             backends,
             tenant,
-            send_queue_events=settings.send_queue_events,
+            max_buffered_bytes=settings.max_buffered_bytes,
             max_tool_rounds=settings.max_tool_rounds,
         )
         try:
@@ -94,20 +188,35 @@ def create_app(settings: GatewaySettings) -> Starlette:
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
+            Route("/v1/realtime/client_secrets", mint_client_secret, methods=["POST"]),
             WebSocketRoute("/v1/realtime", realtime),
         ],
         lifespan=lifespan,
     )
 
 
-async def _deny(websocket: WebSocket, error: SwitchboardError) -> None:
-    """Refuse the handshake with the error's HTTP status and an OpenAI-style body."""
+def _error_response(error: SwitchboardError) -> JSONResponse:
+    """The error's HTTP status and an OpenAI-style JSON body."""
     headers = {}
     if error.retry_after is not None:
         headers["retry-after"] = str(max(1, round(error.retry_after)))
     if error.spec.http_status == 401:
         headers["www-authenticate"] = "Bearer"
-    response = JSONResponse(
-        error.to_http_body(), status_code=error.spec.http_status, headers=headers
-    )
-    await websocket.send_denial_response(response)
+    return JSONResponse(error.to_http_body(), status_code=error.spec.http_status, headers=headers)
+
+
+async def _deny(websocket: WebSocket, error: SwitchboardError) -> None:
+    """Refuse the handshake before it upgrades."""
+    await websocket.send_denial_response(_error_response(error))
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        raise InvalidRequest(
+            "The request body is not valid JSON.", code=common_pb2.ERROR_CODE_INVALID_JSON
+        ) from None
+    if not isinstance(body, dict):
+        raise invalid_value("body", "The request body must be a JSON object.")
+    return body

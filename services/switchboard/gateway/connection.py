@@ -2,9 +2,9 @@
 
 Reads frames, feeds them to the protocol, carries out the commands it returns
 against the backends, and sends the events it queues through one writer task
-and a bounded queue: a client that reads slowly makes the response stream wait
-(and, through gRPC flow control, the broker and the upstream), instead of
-growing memory.
+and a bounded `Outbox`: a client that reads slowly gets merged deltas, and one
+that falls too far behind is closed with 4008 `slow_consumer` instead of growing
+the gateway's memory (see outbox.py).
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import logging
 import time
 
 import grpc
-import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from switchboard import errors
 from switchboard.errors import SwitchboardError, from_rpc_error
 from switchboard.gateway.backends import Backends
+from switchboard.gateway.outbox import Outbox, SlowConsumer
 from switchboard.gateway.protocol import (
     CancelResponse,
     Command,
@@ -36,6 +37,9 @@ from switchboard.v1 import broker_pb2, common_pb2, toolexec_pb2
 
 log = logging.getLogger(__name__)
 
+# The close code of a client that fell too far behind (docs/errors.md: slow_consumer).
+SLOW_CONSUMER_CLOSE = errors.spec(common_pb2.ERROR_CODE_SLOW_CONSUMER).close_code or 4008
+
 _FINISH = {
     broker_pb2.FINISH_REASON_LENGTH: ("incomplete", "max_output_tokens"),
     broker_pb2.FINISH_REASON_CONTENT_FILTER: ("incomplete", "content_filter"),
@@ -50,7 +54,7 @@ class RealtimeConnection:
         backends: Backends,
         tenant: Tenant,
         *,
-        send_queue_events: int,
+        max_buffered_bytes: int,
         max_tool_rounds: int,
     ) -> None:
         self.websocket = websocket
@@ -58,8 +62,7 @@ class RealtimeConnection:
         self.backends = backends
         self.tenant = tenant
         self.session_id = protocol.session_id
-        self._outgoing: asyncio.Queue[str | None] = asyncio.Queue(maxsize=send_queue_events)
-        self._flush_lock = asyncio.Lock()
+        self.outbox = Outbox(max_bytes=max_buffered_bytes)
         self._response_task: asyncio.Task[None] | None = None
         # The response whose stream may be cancelled now (None once it is finishing,
         # so a late cancel cannot interrupt storing its items).
@@ -99,16 +102,21 @@ class RealtimeConnection:
     # --- sending ---------------------------------------------------------------------
 
     async def _flush(self) -> None:
-        """Move the protocol's queued events to the writer, in order."""
-        async with self._flush_lock:
+        """Move the protocol's queued events to the outbox, in order. Never waits on
+        the client (it is async so that callers may yield to the writer)."""
+        try:
             for event in self.protocol.take_events():
-                await self._outgoing.put(orjson.dumps(event).decode())
+                self.outbox.put(event)
+        except SlowConsumer as exc:
+            log.warning("slow consumer", extra={**self._log, "detail": str(exc)})
+            self.outbox.abort()
 
     async def _write_loop(self) -> None:
         try:
             while True:
-                text = await self._outgoing.get()
+                text = await self.outbox.get()
                 if text is None:
+                    await self.websocket.close(code=SLOW_CONSUMER_CLOSE, reason="slow_consumer")
                     return
                 await self.websocket.send_text(text)
         except (WebSocketDisconnect, RuntimeError, OSError):

@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from switchboard.errors import InvalidRequest, SwitchboardError, invalid_value, missing_parameter
-from switchboard.gateway import fields, items
+from switchboard.gateway import fields, items, sessions
 from switchboard.gateway.responses import ResponseOutput
 from switchboard.v1 import common_pb2, session_pb2
 
@@ -45,24 +45,6 @@ _UNSUPPORTED_EVENTS = frozenset(
         "output_audio_buffer.clear",
         "conversation.item.truncate",
         "transcription_session.update",
-    }
-)
-_SESSION_FIELDS = frozenset(
-    {
-        "type",
-        "model",
-        "instructions",
-        "output_modalities",
-        "tools",
-        "tool_choice",
-        "max_output_tokens",
-        "audio",
-        "include",
-        "tracing",
-        "prompt",
-        "truncation",
-        "parallel_tool_calls",
-        "reasoning",
     }
 )
 _RESPONSE_FIELDS = frozenset(
@@ -154,27 +136,17 @@ class RealtimeProtocol:
         config: session_pb2.SessionConfig,
         max_event_bytes: int,
         ids: Ids | None = None,
+        session: Event | None = None,
+        locked: frozenset[str] = frozenset(),
     ) -> None:
         self.session_id = session_id
         self.config = config
         self.max_event_bytes = max_event_bytes
         self.ids = ids or Ids()
         self.conversation_id = "conv_" + session_id.removeprefix("sess_")
-        self.session: Event = {
-            "type": "realtime",
-            "object": "realtime.session",
-            "id": session_id,
-            "model": config.model,
-            "output_modalities": ["text"],
-            "instructions": config.instructions,
-            "tools": [],
-            "tool_choice": config.tool_choice or "auto",
-            "max_output_tokens": config.max_output_tokens or "inf",
-            "tracing": None,
-            "prompt": None,
-            "truncation": "auto",
-            "include": None,
-        }
+        self.session: Event = session or sessions.initial_session(session_id, config)
+        # Session fields the client may not change (set by an ephemeral secret).
+        self.locked = locked
         self.response: ResponseOutput | None = None
         # True while the connection runs server-side tools between two responses
         # of one turn: the follow-up response is coming, a client one must wait.
@@ -267,48 +239,9 @@ class RealtimeProtocol:
     # --- session.update --------------------------------------------------------------
 
     def _on_session_update(self, event: Event, client_event_id: str | None) -> list[Command]:
-        raw = fields.require_object(event, "session")
-        fields.reject_unknown(raw, _SESSION_FIELDS, "session")
-        session_type = raw.get("type")
-        if session_type is None:
-            raise missing_parameter("session.type")
-        if session_type == "transcription":
-            raise InvalidRequest(
-                "Transcription sessions are not supported.",
-                code=_C.ERROR_CODE_UNSUPPORTED_FEATURE,
-                param="session.type",
-            )
-        if session_type != "realtime":
-            raise invalid_value(
-                "session.type", f"Invalid value: '{session_type}'. Expected 'realtime'."
-            )
-        session = dict(self.session)
-        config = session_pb2.SessionConfig()
-        config.CopyFrom(self.config)
-        if "model" in raw:
-            config.model = fields.require_str(raw, "model", "session")
-            session["model"] = config.model
-        if "instructions" in raw:
-            config.instructions = fields.require_str(raw, "instructions", "session")
-            session["instructions"] = config.instructions
-        if "max_output_tokens" in raw:
-            config.max_output_tokens = fields.max_output_tokens(raw["max_output_tokens"], "session")
-            session["max_output_tokens"] = config.max_output_tokens or "inf"
-        if "tools" in raw:
-            tools = fields.function_tools(raw["tools"], "session.tools")
-            del config.tools[:]
-            config.tools.extend(tools)
-            session["tools"] = raw["tools"]
-        if "tool_choice" in raw:
-            config.tool_choice = fields.tool_choice(raw["tool_choice"], "session.tool_choice")
-            session["tool_choice"] = raw["tool_choice"]
-        if "output_modalities" in raw:
-            session["output_modalities"] = fields.output_modalities(
-                raw["output_modalities"], "session"
-            )
-        for passthrough in ("audio", "include", "tracing", "prompt", "truncation"):
-            if passthrough in raw:
-                session[passthrough] = raw[passthrough]
+        session, config = sessions.apply_update(
+            self.session, self.config, event.get("session"), locked=self.locked
+        )
         return [UpdateSession(config=config, session=session, client_event_id=client_event_id)]
 
     def session_updated(self, command: UpdateSession) -> None:

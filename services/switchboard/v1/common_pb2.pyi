@@ -39,6 +39,7 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     ERROR_CODE_RESPONSE_CANCEL_NOT_ACTIVE: _ErrorCode.ValueType  # 10
     ERROR_CODE_SESSION_NOT_FOUND: _ErrorCode.ValueType  # 11
     ERROR_CODE_UNKNOWN_PARAMETER: _ErrorCode.ValueType  # 12
+    ERROR_CODE_FIELD_LOCKED: _ErrorCode.ValueType  # 13
     ERROR_CODE_INVALID_API_KEY: _ErrorCode.ValueType  # 20
     """Authentication and tenancy."""
     ERROR_CODE_MODEL_NOT_ALLOWED: _ErrorCode.ValueType  # 21
@@ -85,6 +86,7 @@ ERROR_CODE_CONVERSATION_ALREADY_HAS_ACTIVE_RESPONSE: ErrorCode.ValueType  # 9
 ERROR_CODE_RESPONSE_CANCEL_NOT_ACTIVE: ErrorCode.ValueType  # 10
 ERROR_CODE_SESSION_NOT_FOUND: ErrorCode.ValueType  # 11
 ERROR_CODE_UNKNOWN_PARAMETER: ErrorCode.ValueType  # 12
+ERROR_CODE_FIELD_LOCKED: ErrorCode.ValueType  # 13
 ERROR_CODE_INVALID_API_KEY: ErrorCode.ValueType  # 20
 """Authentication and tenancy."""
 ERROR_CODE_MODEL_NOT_ALLOWED: ErrorCode.ValueType  # 21

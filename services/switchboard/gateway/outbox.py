@@ -1,0 +1,112 @@
+"""Server events waiting to be written to one client, bounded, merging deltas.
+
+A client that reads slower than the model writes falls behind. While a text (or
+function-call arguments) delta waits unsent at the tail of the outbox, the next
+delta of the same item is appended to it instead of queued: the client gets
+fewer, larger events, with no text lost and the order kept. When what waits
+still grows past `max_bytes`, `put` raises `SlowConsumer` and the connection is
+closed (a documented, resumable close), so one slow client never holds more
+than `max_bytes` of the gateway's memory or slows the stream of another.
+
+The producer never waits on the client: generation runs at the model's pace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+Event = dict[str, Any]
+
+# Deltas that may be merged, with the fields that must match for a merge.
+_MERGEABLE = {
+    "response.output_text.delta": ("item_id", "content_index"),
+    "response.function_call_arguments.delta": ("item_id",),
+}
+# Rough size of a delta event besides its text, for the byte budget.
+_DELTA_OVERHEAD = 192
+
+
+@dataclass(slots=True)
+class _Entry:
+    event: Event
+    # The serialized event; None for a delta, which may still grow by merging.
+    data: bytes | None
+    size: int
+
+
+class SlowConsumer(Exception):
+    """The client fell behind by more than the outbox may hold."""
+
+
+class Outbox:
+    """A FIFO of server events between the protocol and the connection's writer."""
+
+    def __init__(self, *, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.merged = 0
+        self._queue: deque[_Entry] = deque()
+        self._ready = asyncio.Event()
+        self.aborted = False
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def put(self, event: Event) -> None:
+        """Queue an event, merging it into an unsent delta of the same item.
+
+        Raises:
+            SlowConsumer: what waits would exceed `max_bytes`.
+        """
+        if self.aborted:
+            return
+        keys = _MERGEABLE.get(event["type"])
+        if keys is not None:
+            delta = event["delta"]
+            tail = self._queue[-1] if self._queue else None
+            if (
+                tail is not None
+                and tail.data is None
+                and tail.event["type"] == event["type"]
+                and all(tail.event[k] == event[k] for k in keys)
+            ):
+                tail.event["delta"] += delta
+                tail.size += len(delta)
+                self._grow(len(delta))
+                self.merged += 1
+                return
+            entry = _Entry(event, None, _DELTA_OVERHEAD + len(delta))
+        else:
+            data = orjson.dumps(event)
+            entry = _Entry(event, data, len(data))
+        self._grow(entry.size)
+        self._queue.append(entry)
+        self._ready.set()
+
+    def _grow(self, size: int) -> None:
+        self.size += size
+        if self.size > self.max_bytes:
+            raise SlowConsumer(f"more than {self.max_bytes} bytes of events waiting")
+
+    def abort(self) -> None:
+        """Drop what waits and make `get` return None: the connection is closing."""
+        self.aborted = True
+        self._queue.clear()
+        self.size = 0
+        self._ready.set()
+
+    async def get(self) -> str | None:
+        """The oldest event as JSON text; waits for one. None once aborted."""
+        while not self._queue:
+            if self.aborted:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        entry = self._queue.popleft()
+        self.size -= entry.size
+        return (entry.data if entry.data is not None else orjson.dumps(entry.event)).decode()
