@@ -138,6 +138,8 @@ class GatewaySettings:
     # Bytes of server events one connection may have waiting for a slow client
     # (deltas merged meanwhile) before it is closed with 4008 slow_consumer.
     max_buffered_bytes: int
+    # SO_SNDBUF of client sockets; 0 leaves the kernel's autotuning (up to MiBs).
+    send_buffer_bytes: int
     # Deadline of unary calls to the backends.
     rpc_timeout_s: float
     # Deadline of one server-side tool call (toolexec enforces each tool's own).
@@ -176,6 +178,7 @@ class GatewaySettings:
             max_buffered_bytes=env.integer(
                 "SWITCHBOARD_GATEWAY_MAX_BUFFERED_BYTES", 1024 * 1024, minimum=16 * 1024
             ),
+            send_buffer_bytes=env.integer("SWITCHBOARD_GATEWAY_SEND_BUFFER_BYTES", 0),
             rpc_timeout_s=env.number("SWITCHBOARD_GATEWAY_RPC_TIMEOUT_S", 5.0, minimum=0.1),
             tool_timeout_s=env.number("SWITCHBOARD_GATEWAY_TOOL_TIMEOUT_S", 65.0, minimum=0.1),
             max_tool_rounds=env.integer("SWITCHBOARD_GATEWAY_MAX_TOOL_ROUNDS", 8, minimum=0),

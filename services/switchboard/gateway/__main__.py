@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 
 import uvicorn
@@ -33,7 +34,23 @@ def main() -> None:
         access_log=False,
         timeout_graceful_shutdown=10,
     )
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[listen(settings)])
+
+
+def listen(settings: GatewaySettings) -> socket.socket:
+    """The listening socket; its send buffer size is inherited by every connection.
+
+    A fixed SO_SNDBUF caps the kernel memory one client that stops reading can
+    hold (autotuning lets it grow to megabytes), and makes such a client felt in
+    the gateway's outbox sooner.
+    """
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if settings.send_buffer_bytes:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.send_buffer_bytes)
+    sock.bind((settings.host, settings.port))
+    return sock
 
 
 if __name__ == "__main__":

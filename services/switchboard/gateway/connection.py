@@ -108,8 +108,15 @@ class RealtimeConnection:
             for event in self.protocol.take_events():
                 self.outbox.put(event)
         except SlowConsumer as exc:
-            log.warning("slow consumer", extra={**self._log, "detail": str(exc)})
+            log.warning(
+                "slow consumer",
+                extra={**self._log, "detail": str(exc), "waiting_events": len(self.outbox)},
+            )
             self.outbox.abort()
+            # Stop generating for a client that will be closed: the close frame
+            # itself may wait until the client reads again.
+            if self._response_task is not None:
+                self._response_task.cancel()
 
     async def _write_loop(self) -> None:
         try:

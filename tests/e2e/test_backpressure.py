@@ -1,0 +1,141 @@
+"""A client that stops reading: its deltas are merged, then it is cut with 4008
+`slow_consumer`; a client that reads on the same gateway is never held up."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import websockets
+
+from tests.e2e.conftest import RealtimeClient, reply_text
+from tools.stack import Ports, Stack
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    """A stack whose gateway caps each client socket's kernel send buffer, so a
+    client that stops reading is felt in the outbox after ~128 KiB, not ~4 MiB."""
+    stack = Stack(ports=Ports.free(), extra_env={"SWITCHBOARD_GATEWAY_SEND_BUFFER_BYTES": "65536"})
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+# Directive prefix: no delays, the reply length follows.
+FAST = '[[sim {"ttft_ms": 5, "token_delay_ms": 0, "tokens":'
+
+
+async def connect_lagging(stack: Stack) -> Any:
+    """A client whose socket holds little, so the gateway feels it not reading."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", stack.ports.gateway))
+    sock.setblocking(False)
+    return await websockets.connect(
+        f"{stack.websocket_url}?model=gpt-realtime",
+        additional_headers={"Authorization": f"Bearer {stack.dev_key}"},
+        sock=sock,
+        max_queue=1,
+        max_size=None,
+    )
+
+
+@pytest.fixture
+async def sim(stack: Stack) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(base_url=stack.simulator_url) as session:
+        yield session
+
+
+async def stream_outcome(sim: aiohttp.ClientSession, marker: str) -> str:
+    async with sim.get("/_sim/streams") as reply:
+        streams = (await reply.json())["streams"]
+    return str(next(s for s in reversed(streams) if marker in s["last_user"])["outcome"])
+
+
+async def ask(client: RealtimeClient, text: str) -> None:
+    await client.say(text)
+    await client.send({"type": "response.create"})
+
+
+async def test_a_slow_reader_gets_every_word_in_fewer_events(
+    stack: Stack, sim: aiohttp.ClientSession
+) -> None:
+    # A reply whose text (~140 KB, and ~5 x that in the closing events that carry
+    # the whole text) fits the default 1 MiB outbox once merged, but whose 20,000
+    # delta events (~190 bytes each, ~3.8 MB) do not fit the socket buffers of a
+    # client that does not read.
+    prompt = f"slow reader {FAST} 20000}}]]"
+    # What the reply is when read promptly (the simulator's reply is a function of
+    # the conversation, so a new session with the same question gets the same text).
+    async with websockets.connect(
+        f"{stack.websocket_url}?model=gpt-realtime",
+        additional_headers={"Authorization": f"Bearer {stack.dev_key}"},
+    ) as connection:
+        prompt_reader = RealtimeClient(connection)
+        await prompt_reader.recv()
+        await prompt_reader.say(prompt)
+        expected = reply_text(await prompt_reader.respond())
+    assert len(expected.split()) == 20000
+
+    connection = await connect_lagging(stack)
+    client = RealtimeClient(connection)
+    await client.recv()
+    await ask(client, prompt)
+    # Read one event every 2 ms: a tenth or less of the rate the stream arrives at.
+    events = []
+    while not events or events[-1]["type"] != "response.done":
+        events.append(await client.recv(timeout_s=60))
+        await asyncio.sleep(0.002)
+    await connection.close()
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert reply_text(events) == expected
+    assert events[-1]["response"]["status"] == "completed"
+    assert len(deltas) < 20000 / 2  # merged while the client lagged
+    assert [e["type"] for e in events].count("response.output_text.done") == 1
+
+
+async def test_a_reader_that_falls_too_far_behind_is_cut_and_others_go_on(
+    stack: Stack, sim: aiohttp.ClientSession
+) -> None:
+    stalled = RealtimeClient(await connect_lagging(stack))
+    await stalled.recv()
+    await ask(stalled, f"never reads {FAST} 400000}}]]")
+
+    async with websockets.connect(
+        f"{stack.websocket_url}?model=gpt-realtime",
+        additional_headers={"Authorization": f"Bearer {stack.dev_key}"},
+    ) as connection:
+        reader = RealtimeClient(connection)
+        await reader.recv()
+        await reader.say("a quick question")
+        done = (await reader.respond())[-1]
+        assert done["response"]["status"] == "completed"
+        # The fast client finished while the stalled one was still being streamed.
+        assert await stream_outcome(sim, "never reads") == "in_progress"
+
+    # The stalled client is cut once 1 MiB waits for it, and the gateway
+    # stops the upstream stream. Wait for that without reading (reading would
+    # make it a fast client), then read what the socket holds and the close frame.
+    for _ in range(1200):
+        if await stream_outcome(sim, "never reads") != "in_progress":
+            break
+        await asyncio.sleep(0.05)
+    assert await stream_outcome(sim, "never reads") == "client_closed"
+
+    async def read_to_the_end() -> None:
+        while True:
+            orjson.loads(await asyncio.wait_for(stalled.connection.recv(), 60))
+
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await read_to_the_end()
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 4008
+    assert closed.value.rcvd.reason == "slow_consumer"
