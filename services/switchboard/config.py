@@ -128,8 +128,6 @@ class GatewaySettings:
     session_target: str
     broker_target: str
     toolexec_target: str
-    # `tenant=sha256hex` pairs: which key hash belongs to which tenant.
-    tenant_keys: str
     default_model: str
     # Text frames larger than this get a `frame_too_large` error and are dropped.
     max_event_bytes: int
@@ -146,8 +144,11 @@ class GatewaySettings:
     tool_timeout_s: float
     # Server-side tool rounds one turn may take before the loop stops.
     max_tool_rounds: int
-    # Redis for ephemeral client secrets (and tenant limits).
+    # Redis for ephemeral client secrets and tenant limits.
     redis_url: Secret
+    # Output tokens reserved for a response whose output is not capped, until its
+    # real usage is known (only for tenants with token limits).
+    reserve_output_tokens: int
     log_level: str
 
     @classmethod
@@ -171,7 +172,6 @@ class GatewaySettings:
             toolexec_target=env.address(
                 "SWITCHBOARD_GATEWAY_TOOLEXEC_TARGET", DEFAULT_TOOLEXEC_ADDRESS
             ),
-            tenant_keys=env.string("SWITCHBOARD_TENANT_KEYS", ""),
             default_model=env.string("SWITCHBOARD_GATEWAY_DEFAULT_MODEL", DEFAULT_MODEL),
             max_event_bytes=max_event,
             max_frame_bytes=max_frame,
@@ -186,6 +186,9 @@ class GatewaySettings:
                 env.url(
                     "SWITCHBOARD_REDIS_URL", DEFAULT_REDIS_URL, schemes=("redis", "rediss", "unix")
                 )
+            ),
+            reserve_output_tokens=env.integer(
+                "SWITCHBOARD_GATEWAY_RESERVE_OUTPUT_TOKENS", 4096, minimum=1
             ),
             log_level=env.log_level(),
         )
@@ -219,11 +222,16 @@ class SessionSettings:
 @dataclass(frozen=True, slots=True)
 class BrokerSettings:
     listen: str
-    # Any OpenAI-compatible base URL, e.g. https://api.openai.com/v1.
+    # The development `default` upstream (any OpenAI-compatible base URL, e.g.
+    # https://api.openai.com/v1, and its key), validated at start. Calls are
+    # routed by the tenants (switchboard.tenancy): without a tenants file the
+    # development tenants' `default` upstream is built from these same
+    # variables (`environment_upstream`); with one, the file's upstreams apply.
     upstream_base_url: str
     upstream_api_key: Secret
-    # Upstream model used for every requested model, when set (e.g. a realtime
-    # model name mapped to a chat model).
+    # When set, sent upstream instead of every routed upstream model (a
+    # development convenience, e.g. a realtime model name mapped to a chat
+    # model); the tenant must still be allowed the model it asked for.
     upstream_model: str | None
     connect_timeout_s: float
     # Longest silence allowed between two chunks of an upstream stream.
@@ -255,6 +263,9 @@ class ToolExecSettings:
     # YAML file of per-tenant tools and webhooks (docs/toolexec.md); None: every
     # tenant may use every built-in and there are no webhooks.
     tools_file: str | None = None
+    # The tenants file (docs/tenants.md): its tenants' builtins and webhooks are
+    # the tools when no separate tools file is set.
+    tenants_file: str | None = None
     # Redis for idempotency across replicas; None keeps results in process memory.
     redis_url: Secret | None = None
     # How long a finished call is kept for replays of its call_id.
@@ -274,6 +285,7 @@ class ToolExecSettings:
             listen=env.address("SWITCHBOARD_TOOLEXEC_LISTEN", DEFAULT_TOOLEXEC_ADDRESS),
             log_level=env.log_level(),
             tools_file=env.optional("SWITCHBOARD_TOOLEXEC_TOOLS_FILE"),
+            tenants_file=env.optional("SWITCHBOARD_TENANTS_FILE"),
             redis_url=redis_url,
             result_ttl_s=env.integer(
                 "SWITCHBOARD_TOOLEXEC_RESULT_TTL_S", 24 * 3600, minimum=60, maximum=30 * 24 * 3600

@@ -10,16 +10,17 @@ import uvicorn
 from switchboard.config import ConfigError, GatewaySettings
 from switchboard.gateway.app import create_app
 from switchboard.telemetry import configure_logging
+from switchboard.tenancy import load_tenants
 
 
 def main() -> None:
     try:
         settings = GatewaySettings.from_environ()
-        app = create_app(settings)
+        configure_logging("gateway", settings.log_level)
+        app = create_app(settings, load_tenants())
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    configure_logging("gateway", settings.log_level)
     config = uvicorn.Config(
         app,
         host=settings.host,

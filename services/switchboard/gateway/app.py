@@ -9,7 +9,9 @@ Routes:
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -29,12 +31,14 @@ from switchboard.errors import (
     invalid_value,
 )
 from switchboard.gateway import client_secrets, sessions
+from switchboard.gateway.admission import Admission
 from switchboard.gateway.backends import Backends
 from switchboard.gateway.client_secrets import ClientSecrets, Grant
 from switchboard.gateway.connection import RealtimeConnection
 from switchboard.gateway.protocol import RealtimeProtocol
+from switchboard.limits import TenantLimiter
 from switchboard.redis_client import redis_client
-from switchboard.tenancy import KeyRing, Tenant
+from switchboard.tenancy import Tenant, TenantConfig
 from switchboard.v1 import common_pb2, session_pb2
 
 # The browser subprotocol that carries a credential (as OpenAI's endpoint takes it).
@@ -57,9 +61,9 @@ def subprotocol_key(subprotocols: list[str]) -> str | None:
     return None
 
 
-def create_app(settings: GatewaySettings) -> Starlette:
-    """Build the gateway app. Backends are dialed in the lifespan, closed on shutdown."""
-    keyring = KeyRing.parse(settings.tenant_keys)
+def create_app(settings: GatewaySettings, tenants: TenantConfig) -> Starlette:
+    """Build the gateway app. Backends are dialed in the lifespan, closed on shutdown;
+    the tenants file is watched for changes meanwhile."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -68,9 +72,14 @@ def create_app(settings: GatewaySettings) -> Starlette:
         app.state.backends = backends
         app.state.redis = redis
         app.state.client_secrets = ClientSecrets(redis)
+        app.state.admission = Admission(
+            TenantLimiter(redis), reserve_output_tokens=settings.reserve_output_tokens
+        )
+        watcher = asyncio.create_task(tenants.watch())
         try:
             yield
         finally:
+            watcher.cancel()
             await backends.close()
             await redis.aclose()
 
@@ -88,18 +97,19 @@ def create_app(settings: GatewaySettings) -> Starlette:
 
     async def mint_client_secret(request: Request) -> Response:
         key = bearer_token(request.headers.get("authorization"))
-        tenant = keyring.authenticate(key) if key else None
+        tenant = tenants.current.authenticate(key) if key else None
         if tenant is None:
             return _error_response(AuthenticationFailed("Missing or invalid API key."))
         try:
             body = await _json_object(request)
             ttl_s = client_secrets.parse_ttl(body)
-            config = session_pb2.SessionConfig(model=settings.default_model, tool_choice="auto")
+            config = new_session_config(tenant, None)
             session, config = sessions.apply_update(
                 sessions.initial_session("", config),
                 config,
                 body.get("session") or {"type": "realtime"},
             )
+            tenant.route(config.model)  # a secret for a model the tenant may not use is refused
             session.pop("id")
             value, expires_at = await request.app.state.client_secrets.mint(
                 tenant.id, session, config, ttl_s
@@ -120,7 +130,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
         key = from_browser or bearer_token(websocket.headers.get("authorization"))
         if key and key.startswith(client_secrets.PREFIX):
             grant = await websocket.app.state.client_secrets.redeem(key)
-            tenant = keyring.tenant(grant.tenant_id) if grant else None
+            tenant = tenants.current.get(grant.tenant_id) if grant else None
             if grant is not None and tenant is not None:
                 return tenant, grant
             raise AuthenticationFailed("Invalid or expired client secret.")
@@ -128,21 +138,29 @@ def create_app(settings: GatewaySettings) -> Starlette:
             raise AuthenticationFailed(
                 "Only ephemeral client secrets (ek_...) may be sent as a subprotocol."
             )
-        tenant = keyring.authenticate(key) if key else None
+        tenant = tenants.current.authenticate(key) if key else None
         if tenant is None:
             raise AuthenticationFailed("Missing or invalid API key.")
         return tenant, None
 
+    def new_session_config(tenant: Tenant, model: str | None) -> session_pb2.SessionConfig:
+        """A new session's settings: the tenant's defaults, then the requested model."""
+        defaults = tenant.session
+        return session_pb2.SessionConfig(
+            model=model or defaults.model or settings.default_model,
+            instructions=defaults.instructions or "",
+            max_output_tokens=defaults.max_output_tokens or 0,
+            tool_choice="auto",
+        )
+
     async def realtime(websocket: WebSocket) -> None:
-        backends: Backends = websocket.app.state.backends
+        admission: Admission = websocket.app.state.admission
         # Resolve the tenant before accept() so a refused socket costs no session.
         try:
             tenant, grant = await authenticate(websocket)
             requested = websocket.query_params.get("model")
             if grant is None:
-                config = session_pb2.SessionConfig(
-                    model=requested or settings.default_model, tool_choice="auto"
-                )
+                config = new_session_config(tenant, requested)
             else:
                 config = grant.config
                 if requested and requested != config.model:
@@ -151,6 +169,29 @@ def create_app(settings: GatewaySettings) -> Starlette:
                         code=common_pb2.ERROR_CODE_FIELD_LOCKED,
                         param="model",
                     )
+            tenant.route(config.model)
+            holder = "conn_" + secrets.token_urlsafe(12)
+            await admission.open_connection(tenant, holder)
+        except SwitchboardError as error:
+            await _deny(websocket, error)
+            return
+        try:
+            await serve(websocket, tenant, grant, config, holder)
+        finally:
+            try:
+                await admission.close_connection(tenant, holder)
+            except SwitchboardError as exc:
+                log.warning("connection slot not released", extra={"code": exc.name})
+
+    async def serve(
+        websocket: WebSocket,
+        tenant: Tenant,
+        grant: Grant | None,
+        config: session_pb2.SessionConfig,
+        holder: str,
+    ) -> None:
+        backends: Backends = websocket.app.state.backends
+        try:
             session = await backends.create_session(tenant.id, config)
         except SwitchboardError as error:
             await _deny(websocket, error)
@@ -176,6 +217,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
             protocol,
             backends,
             tenant,
+            websocket.app.state.admission,
+            holder=holder,
             max_buffered_bytes=settings.max_buffered_bytes,
             max_tool_rounds=settings.max_tool_rounds,
         )

@@ -19,6 +19,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from switchboard import errors
 from switchboard.errors import SwitchboardError, from_rpc_error
+from switchboard.gateway.admission import CONNECTION_LEASE_S, Admission, Admitted
 from switchboard.gateway.backends import Backends
 from switchboard.gateway.outbox import Outbox, SlowConsumer
 from switchboard.gateway.protocol import (
@@ -53,14 +54,17 @@ class RealtimeConnection:
         protocol: RealtimeProtocol,
         backends: Backends,
         tenant: Tenant,
+        admission: Admission,
         *,
         max_buffered_bytes: int,
         max_tool_rounds: int,
+        holder: str,
     ) -> None:
         self.websocket = websocket
         self.protocol = protocol
         self.backends = backends
         self.tenant = tenant
+        self.admission = admission
         self.session_id = protocol.session_id
         self.outbox = Outbox(max_bytes=max_buffered_bytes)
         self._response_task: asyncio.Task[None] | None = None
@@ -71,10 +75,13 @@ class RealtimeConnection:
         self.max_tool_rounds = max_tool_rounds
         self._server_tool_cache: tuple[float, dict[str, common_pb2.ToolDefinition]] | None = None
         self._log = {"tenant_id": tenant.id, "session_id": self.session_id}
+        # Who holds this connection's slot in the limits store.
+        self.holder = holder
 
     async def run(self) -> None:
         """Serve the connection until the client leaves."""
         writer = asyncio.create_task(self._write_loop())
+        keeper = asyncio.create_task(self._keep_connection_slot())
         try:
             self.protocol.open()
             await self._flush()
@@ -95,9 +102,19 @@ class RealtimeConnection:
                 self._response_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._response_task
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+            for task in (writer, keeper):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _keep_connection_slot(self) -> None:
+        """Renew the connection's slot lease while the connection lives."""
+        while True:
+            await asyncio.sleep(CONNECTION_LEASE_S / 3)
+            try:
+                await self.admission.keep_connection(self.tenant, self.holder)
+            except SwitchboardError as exc:
+                log.warning("connection slot not renewed", extra={**self._log, "code": exc.name})
 
     # --- sending ---------------------------------------------------------------------
 
@@ -142,6 +159,7 @@ class RealtimeConnection:
                     )
                     self.protocol.item_added(stored.item, stored.previous_item_id)
                 case UpdateSession():
+                    self.tenant.route(command.config.model)  # model_not_allowed
                     await self.backends.update_session(tenant, session, command.config)
                     self.protocol.session_updated(command)
                 case DeleteItem():
@@ -203,12 +221,20 @@ class RealtimeConnection:
         error: SwitchboardError | None = None
         usage: common_pb2.Usage | None = None
         prompt_tokens = 0
+        admitted: Admitted | None = None
+        max_output_tokens = self._output_cap(command.max_output_tokens)
         self._cancellable = response_id
         try:
             context = await self.backends.build_context(self.tenant.id, self.session_id)
             if command.instructions is not None:
                 context.instructions = command.instructions
             prompt_tokens = context.estimated_tokens
+            admitted = await self.admission.start_response(
+                self.tenant,
+                response_id,
+                prompt_tokens=prompt_tokens,
+                max_output_tokens=max_output_tokens,
+            )
             request = broker_pb2.GenerateRequest(
                 tenant_id=self.tenant.id,
                 session_id=self.session_id,
@@ -217,7 +243,7 @@ class RealtimeConnection:
                 context=context,
                 tools=await self._offered_tools(command),
                 tool_choice=command.tool_choice,
-                max_output_tokens=command.max_output_tokens,
+                max_output_tokens=max_output_tokens,
             )
             call = self.backends.generate(request)
             try:
@@ -253,6 +279,11 @@ class RealtimeConnection:
             self._cancellable = None
         if usage is None:
             usage = estimate_usage(prompt_tokens, self.protocol.generated_chars(response_id))
+        if admitted is not None:
+            try:
+                await self.admission.finish_response(self.tenant, admitted, usage.total_tokens)
+            except SwitchboardError as exc:
+                log.warning("usage not settled", extra={**self._log, "code": exc.name})
         output = self.protocol.complete_output(response_id, complete=status == "completed")
         for item in output:
             try:
@@ -262,10 +293,24 @@ class RealtimeConnection:
         self.protocol.response_done(
             response_id, status=status, usage=usage, reason=reason, error=error
         )
+        try:
+            rate_limits = await self.admission.rate_limits(self.tenant)
+        except SwitchboardError:
+            rate_limits = None
+        if rate_limits is not None:
+            self.protocol.rate_limits_updated(rate_limits)
         await self._flush()
         if status != "completed":
             return []
         return [item for item in output if item.type == common_pb2.ITEM_TYPE_FUNCTION_CALL]
+
+    def _output_cap(self, requested: int) -> int:
+        """The response's output tokens: what was asked (0 = no limit), within the
+        tenant's `max_output_tokens`."""
+        limit = self.tenant.limits.max_output_tokens
+        if limit is None:
+            return requested
+        return min(requested, limit) if requested else limit
 
     # --- server-side tools -------------------------------------------------------------
 

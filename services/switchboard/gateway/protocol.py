@@ -278,6 +278,9 @@ class RealtimeProtocol:
             )
         ]
 
+    def rate_limits_updated(self, rate_limits: list[Event]) -> None:
+        self._emit("rate_limits.updated", rate_limits=rate_limits)
+
     def item_deleted(self, item_id: str) -> None:
         self._emit("conversation.item.deleted", item_id=item_id)
 

@@ -32,7 +32,12 @@ from switchboard.config import ConfigError, ToolExecSettings
 from switchboard.redis_client import redis_client
 from switchboard.telemetry import configure_logging
 from switchboard.toolexec.builtins import BUILTIN_TOOLS, builtin_registry
-from switchboard.toolexec.catalog import Catalog, CatalogSource, LiveCatalog
+from switchboard.toolexec.catalog import (
+    Catalog,
+    CatalogSource,
+    LiveCatalog,
+    load_tenants_tools,
+)
 from switchboard.toolexec.results import MemoryResultStore, RedisResultStore, ResultStore
 from switchboard.toolexec.service import ToolExecServicer
 from switchboard.toolexec.tools_config import ToolsConfig, load_tools_file
@@ -68,13 +73,15 @@ async def run(
         if settings.redis_url is not None:
             redis = redis_client(settings.redis_url.reveal())
         tools: CatalogSource = Catalog(registry)
-        if settings.tools_file is not None:
+        source = settings.tools_file or settings.tenants_file
+        if source is not None:
             tools = LiveCatalog(
-                settings.tools_file,
+                source,
                 registry=registry,
                 client=webhooks,
                 environ=environ,
                 initial=tools_config,
+                tenants_file=settings.tools_file is None,
             )
         results: ResultStore = MemoryResultStore()
         if redis is not None:
@@ -103,11 +110,13 @@ def main() -> None:
             # Parse the URL now so a malformed one fails start-up, not the first call.
             parse_url(settings.redis_url.reveal())
         tools_config = None
+        names = {tool.name for tool in BUILTIN_TOOLS}
         if settings.tools_file is not None:
-            names = {tool.name for tool in BUILTIN_TOOLS}
             tools_config = load_tools_file(
                 settings.tools_file, environ=os.environ, builtin_names=names
             )
+        elif settings.tenants_file is not None:
+            tools_config = load_tenants_tools(settings.tenants_file, os.environ, names)
     except ConfigError as exc:
         _refuse(str(exc))
     except ValueError as exc:

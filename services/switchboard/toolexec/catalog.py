@@ -22,13 +22,19 @@ import enum
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from switchboard.config import ConfigError
+from switchboard.tenancy import TenantDirectory
 from switchboard.toolexec.registry import Registry, Tool
-from switchboard.toolexec.tools_config import ToolsConfig, WebhookSpec, load_tools_file
+from switchboard.toolexec.tools_config import (
+    ToolsConfig,
+    WebhookSpec,
+    load_tools_file,
+    parse_tools_config,
+)
 from switchboard.toolexec.webhooks import WebhookClient
 
 log = logging.getLogger(__name__)
@@ -183,8 +189,10 @@ class LiveCatalog:
         initial: ToolsConfig | None = None,
         check_interval_s: float = DEFAULT_CHECK_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
+        tenants_file: bool = False,
     ) -> None:
         self._path = path
+        self._tenants_file = tenants_file
         self._registry = registry
         self._client = client
         self._environ = environ
@@ -230,9 +238,27 @@ class LiveCatalog:
         return self._catalog
 
     def _load(self) -> ToolsConfig:
+        if self._tenants_file:
+            return load_tenants_tools(self._path, self._environ, self._registry.names())
         return load_tools_file(
             self._path, environ=self._environ, builtin_names=self._registry.names()
         )
+
+
+def load_tenants_tools(
+    path: str | os.PathLike[str], environ: Mapping[str, str], builtin_names: Collection[str]
+) -> ToolsConfig:
+    """The tools part of a tenants file (docs/tenants.md): each tenant's `builtins`
+    and `webhooks`, and `allow_private_hosts`, checked as a tools file would be.
+
+    Raises:
+        ConfigError: naming the file and the key path.
+    """
+    # Upstream keys are the broker's business: toolexec need not have them.
+    directory = TenantDirectory.load(path, environ, require_env=False)
+    return parse_tools_config(
+        directory.tools_document(), environ=environ, builtin_names=builtin_names
+    )
 
 
 def _signature(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:

@@ -1,0 +1,138 @@
+"""Tenant limits at the gateway's doors: connections, responses and tokens.
+
+Every check is one atomic script in Redis (`switchboard.limits`), so the limits
+hold however many gateway replicas serve a tenant:
+
+- a connection holds a `connections` slot (leased, renewed while it lives);
+- a response counts against `requests_per_minute`, holds a `responses` slot,
+  and reserves its prompt estimate plus its maximum output against
+  `tokens_per_minute` and the daily budget *before* the upstream call; the
+  reservation is settled to the real usage when the response ends, so
+  concurrent responses cannot overshoot a budget by more than one response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from switchboard.errors import SwitchboardError
+from switchboard.limits import TenantLimiter
+from switchboard.tenancy import Tenant
+
+CONNECTION_LEASE_S = 60.0
+# A response's slot outlives any response; released explicitly when it ends.
+RESPONSE_LEASE_S = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A response that passed admission; `finish` it exactly once."""
+
+    response_id: str
+    reserved_tokens: int
+    holds_slot: bool
+
+
+class Admission:
+    def __init__(self, limiter: TenantLimiter, *, reserve_output_tokens: int) -> None:
+        """Args:
+        limiter: the shared limits store.
+        reserve_output_tokens: reserved for a response's output when neither the
+            response nor the tenant caps it.
+        """
+        self.limiter = limiter
+        self.reserve_output_tokens = reserve_output_tokens
+
+    async def open_connection(self, tenant: Tenant, holder: str) -> None:
+        """Take a connection slot, or raise `rate_limit_exceeded` with retry_after."""
+        limit = tenant.limits.concurrent_connections
+        if limit is None:
+            return
+        decision = await self.limiter.acquire(
+            tenant.id, "connections", holder, limit=limit, lease_s=CONNECTION_LEASE_S
+        )
+        if not decision.allowed:
+            raise decision.error(f"Too many open connections (limit {limit}).")
+
+    async def keep_connection(self, tenant: Tenant, holder: str) -> None:
+        if tenant.limits.concurrent_connections is not None:
+            await self.limiter.renew(tenant.id, "connections", holder, lease_s=CONNECTION_LEASE_S)
+
+    async def close_connection(self, tenant: Tenant, holder: str) -> None:
+        if tenant.limits.concurrent_connections is not None:
+            await self.limiter.release(tenant.id, "connections", holder)
+
+    async def start_response(
+        self, tenant: Tenant, response_id: str, *, prompt_tokens: int, max_output_tokens: int
+    ) -> Admitted:
+        """Admit a response, or raise the error to fail it with.
+
+        Raises:
+            RateLimitExceeded: requests, concurrent responses or tokens per minute.
+            QuotaExceeded: the daily token budget.
+            LimitsStoreUnavailable: Redis does not answer (fail closed).
+        """
+        limits = tenant.limits
+        if limits.requests_per_minute is not None:
+            decision = await self.limiter.admit_request(
+                tenant.id, per_minute=limits.requests_per_minute
+            )
+            if not decision.allowed:
+                raise decision.error(
+                    f"Rate limit reached: {limits.requests_per_minute} responses per minute."
+                )
+        holds_slot = False
+        if limits.concurrent_responses is not None:
+            decision = await self.limiter.acquire(
+                tenant.id,
+                "responses",
+                response_id,
+                limit=limits.concurrent_responses,
+                lease_s=RESPONSE_LEASE_S,
+            )
+            if not decision.allowed:
+                raise decision.error(
+                    f"Too many responses at once (limit {limits.concurrent_responses})."
+                )
+            holds_slot = True
+        reserved = 0
+        if limits.tokens_per_minute is not None or tenant.daily_token_budget is not None:
+            reserved = prompt_tokens + (max_output_tokens or self.reserve_output_tokens)
+            try:
+                decision = await self.limiter.reserve_tokens(
+                    tenant.id,
+                    response_id,
+                    reserved,
+                    per_minute=limits.tokens_per_minute,
+                    per_day=tenant.daily_token_budget,
+                )
+            except SwitchboardError:
+                await self._release(tenant, response_id, holds_slot)
+                raise
+            if not decision.allowed:
+                await self._release(tenant, response_id, holds_slot)
+                raise decision.error("Not enough tokens left for this response.")
+        return Admitted(response_id, reserved, holds_slot)
+
+    async def finish_response(self, tenant: Tenant, admitted: Admitted, used_tokens: int) -> None:
+        """Settle the reservation to what was used and free the response slot."""
+        if admitted.reserved_tokens:
+            await self.limiter.settle_tokens(tenant.id, admitted.response_id, used_tokens)
+        await self._release(tenant, admitted.response_id, admitted.holds_slot)
+
+    async def _release(self, tenant: Tenant, response_id: str, holds_slot: bool) -> None:
+        if holds_slot:
+            await self.limiter.release(tenant.id, "responses", response_id)
+
+    async def rate_limits(self, tenant: Tenant) -> list[dict[str, Any]] | None:
+        """The `rate_limits` of a `rate_limits.updated` event; None without limits."""
+        limits = tenant.limits
+        if limits.requests_per_minute is None and limits.tokens_per_minute is None:
+            return None
+        state = await self.limiter.usage(
+            tenant.id,
+            requests_per_minute=limits.requests_per_minute,
+            tokens_per_minute=limits.tokens_per_minute,
+        )
+        return state.to_event()
