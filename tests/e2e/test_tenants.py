@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,34 +16,45 @@ from switchboard.tenancy import hash_key, new_key
 from tests.e2e.conftest import RealtimeClient, reply_text
 from tools.stack import Ports, Stack
 
-ACME_KEY, GLOBEX_KEY = new_key(), new_key()
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    ports = Ports.free()
-    tenants = tmp_path_factory.mktemp("tenants") / "tenants.yaml"
-    tenants.write_text(
-        f"""
+ACME_KEY, GLOBEX_KEY, GONE_KEY = new_key(), new_key(), new_key()
+TENANTS = """
 upstreams:
   default:
-    base_url: http://127.0.0.1:{ports.simulator}/v1
+    base_url: http://127.0.0.1:{simulator}/v1
     api_key_env: SWITCHBOARD_BROKER_UPSTREAM_API_KEY
 tenants:
   acme:
-    keys: ["{hash_key(ACME_KEY)}"]
+    keys: ["{acme}"]
     models:
       gpt-realtime: {{upstream: default}}
     builtins: [calculate]
     limits: {{max_output_tokens: 6}}
     session: {{instructions: "You are Acme's assistant."}}
   globex:
-    keys: ["{hash_key(GLOBEX_KEY)}"]
+    keys: ["{globex}"]
     models:
       fast: {{upstream: default, upstream_model: sim-small}}
     builtins: []
 """
-    )
+GONE = """
+  gone:
+    keys: ["{gone}"]
+    models:
+      gpt-realtime: {{upstream: default}}
+"""
+
+
+def tenants_document(simulator: int, *, with_gone: bool) -> str:
+    keys = {"acme": hash_key(ACME_KEY), "globex": hash_key(GLOBEX_KEY), "gone": hash_key(GONE_KEY)}
+    document = TENANTS.format(simulator=simulator, **keys)
+    return document + GONE.format(**keys) if with_gone else document
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    ports = Ports.free()
+    tenants = tmp_path_factory.mktemp("tenants") / "tenants.yaml"
+    tenants.write_text(tenants_document(ports.simulator, with_gone=True))
     stack = Stack(ports=ports, extra_env={"SWITCHBOARD_TENANTS_FILE": str(tenants)})
     stack.start()
     try:
@@ -154,3 +166,32 @@ def test_the_example_tenants_file_is_valid() -> None:
     example = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "tenants.yaml"
     directory = TenantDirectory.load(example, require_env=False)
     assert len(directory) >= 1
+
+
+async def refused_status(stack: Stack, credential: str) -> int:
+    """The status a handshake with `credential` is refused with, once it is refused."""
+    for _ in range(50):  # the gateway looks at the tenants file once a second
+        try:
+            client = await open_client(stack, credential, "gpt-realtime")
+        except websockets.InvalidStatus as refused:
+            return refused.response.status_code
+        await client.connection.close()
+        await asyncio.sleep(0.1)
+    raise AssertionError("still let in after 5 s")
+
+
+async def test_a_revoked_tenant_is_refused_after_the_file_changes(stack: Stack) -> None:
+    client = AsyncOpenAI(api_key=GONE_KEY, base_url=f"{stack.gateway_url}/v1")
+    secret = await client.realtime.client_secrets.create(
+        session={"type": "realtime", "model": "gpt-realtime"}
+    )
+    await client.close()
+    gone = await open_client(stack, GONE_KEY, "gpt-realtime")
+    await gone.connection.close()
+
+    path = Path(stack.extra_env["SWITCHBOARD_TENANTS_FILE"])
+    path.write_text(tenants_document(stack.ports.simulator, with_gone=False))
+    for credential in (GONE_KEY, secret.value):
+        assert await refused_status(stack, credential) == 401
+    # The others are untouched by the reload.
+    await (await open_client(stack, ACME_KEY, "gpt-realtime")).connection.close()
