@@ -2,6 +2,8 @@
 
 The upstream is `tools.simulator` on 127.0.0.1:0 (a SIMULATOR, not a model); the
 broker reaches it through the real `openai` SDK with the aiohttp transport.
+These tests run the development setup of `make run` (`SWITCHBOARD_TENANT_KEYS`
+and the broker's upstream variables); test_routing.py covers a tenants file.
 """
 
 from __future__ import annotations
@@ -12,137 +14,64 @@ import logging
 import math
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 import pytest
 
-from switchboard.broker.service import BrokerServicer
+from switchboard.broker.service import running
 from switchboard.broker.translate import chat_request
 from switchboard.broker.upstream import (
     SseDecoder,
-    Upstream,
     retry_after_seconds,
     sanitize,
+    upstream_host,
     upstream_label,
 )
+from switchboard.broker.upstreams import UpstreamClient
 from switchboard.config import BrokerSettings
 from switchboard.errors import GRPC_CODE_KEY, GRPC_RETRY_KEY
-from switchboard.v1 import broker_pb2, broker_pb2_grpc, common_pb2, session_pb2
+from switchboard.tenancy import Upstream, load_tenants
+from tests.broker.harness import (
+    B,
+    C,
+    Stub,
+    assistant,
+    collect,
+    dev_env,
+    directive,
+    eventually,
+    generate_request,
+    kinds,
+    rpc_error,
+    serving,
+    text_of,
+    trailers,
+    user,
+)
 from tools.simulator import RunningSimulator, SimulatorConfig, run_simulator
 
-B = broker_pb2
-C = common_pb2
-Stub = Any  # broker_pb2_grpc.BrokerServiceAsyncStub
 REPLY_TOKENS = 12
 
 
 @pytest.fixture
 async def sim() -> AsyncIterator[RunningSimulator]:
     config = SimulatorConfig(port=0, ttft_ms=10, token_delay_ms=1, reply_tokens=REPLY_TOKENS)
-    async with run_simulator(config) as running:
-        yield running
-
-
-def settings(base_url: str, **env: str) -> BrokerSettings:
-    environ = {
-        "SWITCHBOARD_BROKER_UPSTREAM_URL": base_url,
-        "SWITCHBOARD_BROKER_UPSTREAM_API_KEY": "sk-test-broker-key",
-        **env,
-    }
-    return BrokerSettings.from_environ(environ)
-
-
-@asynccontextmanager
-async def serving(config: BrokerSettings) -> AsyncIterator[tuple[Stub, BrokerServicer]]:
-    """A broker on 127.0.0.1:0 and a stub for it; everything closed on exit."""
-    upstream = Upstream.from_settings(config)
-    servicer = BrokerServicer(upstream, config)
-    server = grpc.aio.server()
-    servicer.register(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield broker_pb2_grpc.BrokerServiceStub(channel), servicer
-    finally:
-        await server.stop(None)
-        await upstream.aclose()
+    async with run_simulator(config) as running_sim:
+        yield running_sim
 
 
 @pytest.fixture
 async def stub(sim: RunningSimulator) -> AsyncIterator[Stub]:
-    async with serving(settings(sim.base_url)) as (client, _):
+    async with serving(dev_env(sim.base_url)) as (client, _, _):
         yield client
-
-
-def user(text: str) -> C.Item:
-    part = C.ContentPart(type=C.CONTENT_TYPE_INPUT_TEXT, text=text)
-    return C.Item(type=C.ITEM_TYPE_MESSAGE, role=C.ROLE_USER, content=[part])
-
-
-def assistant(text: str) -> C.Item:
-    part = C.ContentPart(type=C.CONTENT_TYPE_OUTPUT_TEXT, text=text)
-    return C.Item(type=C.ITEM_TYPE_MESSAGE, role=C.ROLE_ASSISTANT, content=[part])
 
 
 WEATHER = C.ToolDefinition(
     name="get_weather", parameters_json='{"type":"object","properties":{"city":{}}}'
 )
 CLOCK = C.ToolDefinition(name="get_time", parameters_json='{"type":"object"}')
-
-
-def generate_request(*items: C.Item, **fields: Any) -> B.GenerateRequest:
-    context = session_pb2.Context(items=list(items), estimated_tokens=50)
-    fields.setdefault("model", "sim-small")
-    return B.GenerateRequest(
-        tenant_id="t1", session_id="sess_1", response_id="resp_1", context=context, **fields
-    )
-
-
-def directive(**behaviour: Any) -> str:
-    return f"[[sim {json.dumps(behaviour)}]]"
-
-
-async def collect(stub: Stub, req: B.GenerateRequest) -> list[B.GenerateEvent]:
-    return [event async for event in stub.Generate(req)]
-
-
-def kinds(events: list[B.GenerateEvent]) -> list[str]:
-    return [str(e.WhichOneof("event")) for e in events]
-
-
-def text_of(events: list[B.GenerateEvent]) -> str:
-    return "".join(e.text_delta.text for e in events if e.WhichOneof("event") == "text_delta")
-
-
-async def rpc_error(stub: Stub, req: B.GenerateRequest) -> tuple[grpc.aio.AioRpcError, list[str]]:
-    """The error a Generate call ends with, and the kinds of the events before it."""
-    seen: list[str] = []
-
-    async def consume() -> None:
-        async for event in stub.Generate(req):
-            seen.append(str(event.WhichOneof("event")))
-
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await consume()
-    return caught.value, seen
-
-
-def trailers(error: grpc.aio.AioRpcError) -> dict[str, str]:
-    return {key: value for key, value in error.trailing_metadata() or ()}
-
-
-async def eventually(
-    check: Callable[[], Awaitable[dict[str, Any] | None]], timeout_s: float = 2.0
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while (found := await check()) is None:
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.002)
-    return found
 
 
 async def stream_ended(sim: RunningSimulator) -> dict[str, Any] | None:
@@ -160,7 +89,9 @@ async def test_text_reply_streams_and_reports_the_upstream_usage(
     events = await collect(stub, generate_request(user("Hello there")))
     kinds_seen = kinds(events)
     assert kinds_seen == ["started"] + ["text_delta"] * REPLY_TOKENS + ["finished"]
-    assert events[0].started == B.Started(upstream=sim.base_url, upstream_model="sim-small")
+    # The development upstream is called `default`; Started names it and its host.
+    host = sim.url.removeprefix("http://")
+    assert events[0].started == B.Started(upstream=f"default ({host})", upstream_model="sim-small")
     text = text_of(events)
     assert text.startswith('turn 1: you said "Hello there". ')
     assert len(text.split()) == REPLY_TOKENS
@@ -190,14 +121,17 @@ async def test_one_log_line_per_call_without_prompt_text(
 ) -> None:
     caplog.set_level(logging.INFO, logger="switchboard.broker")
     await collect(stub, generate_request(user("my secret plans")))
-    (record,) = [r for r in caplog.records if r.name.startswith("switchboard.broker")]
+    (record,) = [r for r in caplog.records if r.name == "switchboard.broker.service"]
     assert record.getMessage() == "generate completed"
     fields = vars(record)
-    assert {k: fields[k] for k in ("tenant_id", "session_id", "response_id", "model")} == {
+    names = ("tenant_id", "session_id", "response_id", "model", "upstream", "upstream_model")
+    assert {k: fields[k] for k in names} == {
         "tenant_id": "t1",
         "session_id": "sess_1",
         "response_id": "resp_1",
         "model": "sim-small",
+        "upstream": "default",
+        "upstream_model": "sim-small",
     }
     assert fields["output_tokens"] == REPLY_TOKENS
     assert fields["finish_reason"] == "FINISH_REASON_STOP"
@@ -208,8 +142,8 @@ async def test_one_log_line_per_call_without_prompt_text(
 async def test_upstream_model_setting_replaces_the_requested_model(
     sim: RunningSimulator,
 ) -> None:
-    config = settings(sim.base_url, SWITCHBOARD_BROKER_UPSTREAM_MODEL="gpt-4o-mini")
-    async with serving(config) as (stub, _):
+    config = dev_env(sim.base_url, SWITCHBOARD_BROKER_UPSTREAM_MODEL="gpt-4o-mini")
+    async with serving(config) as (stub, _, _):
         events = await collect(stub, generate_request(user("hi")))
     assert events[0].started.upstream_model == "gpt-4o-mini"
     assert (await sim.streams())[0]["model"] == "gpt-4o-mini"
@@ -313,8 +247,8 @@ async def test_disconnect_mid_stream_is_a_broken_stream(stub: Stub, sim: Running
 
 
 async def test_silent_upstream_is_a_timeout(sim: RunningSimulator) -> None:
-    config = settings(sim.base_url, SWITCHBOARD_BROKER_READ_TIMEOUT_S="0.2")
-    async with serving(config) as (stub, _):
+    config = dev_env(sim.base_url, SWITCHBOARD_BROKER_READ_TIMEOUT_S="0.2")
+    async with serving(config) as (stub, _, _):
         started = time.monotonic()
         error, seen = await rpc_error(stub, generate_request(user(f"x {directive(ttft_ms=3000)}")))
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -328,7 +262,7 @@ async def test_rejected_key_is_never_revealed() -> None:
     config = SimulatorConfig(port=0, ttft_ms=0, token_delay_ms=0, api_key="sk-the-right-key")
     async with (
         run_simulator(config) as sim,
-        serving(settings(sim.base_url, SWITCHBOARD_BROKER_UPSTREAM_API_KEY=secret)) as (stub, _),
+        serving(dev_env(sim.base_url, SWITCHBOARD_BROKER_UPSTREAM_API_KEY=secret)) as (stub, _, _),
     ):
         error, _ = await rpc_error(stub, generate_request(user("hi")))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
@@ -342,7 +276,7 @@ async def test_upstream_down_fails_fast() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     # Nothing listens on the port any more: every connection is refused.
-    async with serving(settings(f"http://127.0.0.1:{port}/v1")) as (stub, _):
+    async with serving(dev_env(f"http://127.0.0.1:{port}/v1")) as (stub, _, _):
         started = time.monotonic()
         error, seen = await rpc_error(stub, generate_request(user("hi")))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
@@ -388,7 +322,9 @@ async def test_cancelled_reader_exits_the_response_and_closes_the_connection(
 ) -> None:
     # Everything stays referenced here, so garbage collection cannot be what closes
     # the connection: leaving the `async with` on CancelledError must.
-    upstream = Upstream.from_settings(settings(sim.base_url))
+    upstream = UpstreamClient.build(
+        Upstream("default", sim.base_url), BrokerSettings.from_environ({})
+    )
     stream = upstream.stream(chat_request(long_reply(), None))
     two_chunks = asyncio.Event()
 
@@ -410,6 +346,7 @@ async def test_cancelled_reader_exits_the_response_and_closes_the_connection(
         record = await eventually(lambda: stream_ended(sim))
         assert record["outcome"] == "client_closed"
         assert record["ended_at"] - cancelled_at < 0.1
+        assert upstream.active == 0
     finally:
         await upstream.aclose()
 
@@ -427,23 +364,22 @@ class _Context:
 async def test_done_callback_closes_an_abandoned_generator(sim: RunningSimulator) -> None:
     # grpc.aio leaves the generator suspended at a `yield` when the cancellation
     # lands in its own write; the done callback must close the upstream anyway.
-    config = settings(sim.base_url)
-    upstream = Upstream.from_settings(config)
+    environ = dev_env(sim.base_url)
     context = _Context()
-    generator = BrokerServicer(upstream, config).Generate(long_reply(), context)
-    try:
-        assert (await anext(generator)).WhichOneof("event") == "started"
-        assert (await anext(generator)).WhichOneof("event") == "text_delta"
-        done_at = time.time()
-        for callback in context.callbacks:
-            callback(context)
+    async with running(BrokerSettings.from_environ(environ), load_tenants(environ)) as servicer:
+        generator = servicer.Generate(long_reply(), context)
+        try:
+            assert (await anext(generator)).WhichOneof("event") == "started"
+            assert (await anext(generator)).WhichOneof("event") == "text_delta"
+            done_at = time.time()
+            for callback in context.callbacks:
+                callback(context)
 
-        record = await eventually(lambda: stream_ended(sim))
-        assert record["outcome"] == "client_closed"
-        assert record["ended_at"] - done_at < 0.1
-    finally:
-        await generator.aclose()
-        await upstream.aclose()
+            record = await eventually(lambda: stream_ended(sim))
+            assert record["outcome"] == "client_closed"
+            assert record["ended_at"] - done_at < 0.1
+        finally:
+            await generator.aclose()
 
 
 # ------------------------------------------------- upstream wire helpers (pure)
@@ -486,5 +422,7 @@ def test_retry_after_forms() -> None:
     assert retry_after_seconds({}) is None
 
 
-def test_label_drops_credentials_and_query() -> None:
+def test_label_and_host_drop_credentials_and_query() -> None:
     assert upstream_label("https://u:p@example.com:8443/v1/?key=s") == "https://example.com:8443/v1"
+    assert upstream_host("https://u:p@example.com:8443/v1/?key=s") == "example.com:8443"
+    assert upstream_host("http://[::1]/v1") == "[::1]"

@@ -1,8 +1,11 @@
 """The broker service: the only part of Switchboard that talks to model providers.
 
 `translate` is the pure core (a `GenerateRequest` in, a Chat Completions payload
-out; upstream stream chunks in, `GenerateEvent`s out), `upstream` wraps the
-`openai` SDK client (streaming, SSE parsing, error mapping, closing), `service`
-is the grpc.aio servicer of `switchboard.v1.BrokerService` over both, and
-`__main__` wires them together: `python -m switchboard.broker`. See docs/broker.md.
+out; upstream stream chunks in, `GenerateEvent`s out), `routing` picks the
+upstream and model of a call from the tenants configuration (pure as well),
+`upstream` is the wire of one streamed call (SSE parsing, error mapping,
+closing), `upstreams` keeps one `openai` SDK client per upstream deployment,
+`service` is the grpc.aio servicer of `switchboard.v1.BrokerService` over all
+of them, and `__main__` wires them together: `python -m switchboard.broker`.
+See docs/broker.md.
 """

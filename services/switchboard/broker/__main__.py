@@ -1,33 +1,63 @@
 """Run the broker service: `python -m switchboard.broker`.
 
-Reads `BrokerSettings` from the environment (a bad value exits with status 2
-and a one-line message naming the variable), builds the upstream client, serves
-gRPC until SIGTERM/SIGINT, and closes the client after the server has drained.
+Reads `BrokerSettings` and the tenants (`SWITCHBOARD_TENANTS_FILE`, or the
+development `SWITCHBOARD_TENANT_KEYS`) from the environment; a bad value or a
+bad tenants file exits with status 2 and a one-line message naming the
+variable or the key path. Then it serves gRPC until SIGTERM/SIGINT while
+watching the tenants file, and closes the upstream clients after the server
+has drained.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from switchboard import rpc
-from switchboard.broker.service import SERVICE_NAME, BrokerServicer
-from switchboard.broker.upstream import Upstream
+from switchboard.broker.service import SERVICE_NAME, running
 from switchboard.config import BrokerSettings
+from switchboard.telemetry import configure_logging
+from switchboard.tenancy import TenantConfig, load_tenants
 
 
-async def run(settings: BrokerSettings, *, stop: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM/SIGINT (or `stop` is set), then close the upstream client."""
-    upstream = Upstream.from_settings(settings)
-    try:
-        servicer = BrokerServicer(upstream, settings)
+@dataclass(frozen=True, slots=True)
+class BrokerStartup:
+    """What the broker loads before it serves: its settings and the tenants."""
+
+    settings: BrokerSettings
+    tenants: TenantConfig
+
+    @property
+    def log_level(self) -> str:
+        return self.settings.log_level
+
+
+def load(environ: Mapping[str, str] | None = None) -> BrokerStartup:
+    """Settings and tenants from one environment (os.environ if None).
+
+    Raises:
+        ConfigError: a bad variable or tenants file (one line, no secrets).
+    """
+    env = os.environ if environ is None else environ
+    settings = BrokerSettings.from_environ(env)
+    # Loading the tenants may log (e.g. "no tenants configured"): as JSON, like the rest.
+    configure_logging("broker", settings.log_level)
+    return BrokerStartup(settings, load_tenants(env))
+
+
+async def run(startup: BrokerStartup, *, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then close the upstream clients."""
+    settings = startup.settings
+    async with running(settings, startup.tenants) as servicer:
         await rpc.serve(SERVICE_NAME, settings.listen, servicer.register, stop=stop)
-    finally:
-        # After the drain: in-flight streams have finished or been cancelled.
-        await upstream.aclose()
+    # Leaving `running` after the drain: in-flight streams have finished or been
+    # cancelled, so the clients close under no one.
 
 
 def main() -> None:
-    rpc.main("broker", BrokerSettings.from_environ, run)
+    rpc.main("broker", load, run)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The grpc.aio servicer of `switchboard.v1.BrokerService`.
 
-`Generate` streams one model call: `Started` once the upstream accepted the
+`Generate` streams one model call to the upstream that the calling tenant's
+configuration routes the model to (`routing.resolve`, on the `TenantConfig`
+snapshot taken when the call starts): `Started` once the upstream accepted the
 request, then `TextDelta` / `ToolCallDelta` events as the upstream produces
 them, then `Finished` with the usage. A `SwitchboardError` aborts the call with
 its gRPC status and the `switchboard-error-code` trailer (`abort_with`);
@@ -12,6 +14,7 @@ with it the upstream's TCP connection, so the model stops generating.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,10 +22,12 @@ from typing import Any
 
 import grpc
 
+from switchboard.broker.routing import resolve
 from switchboard.broker.translate import ChunkTranslator, chat_request
-from switchboard.broker.upstream import Upstream
+from switchboard.broker.upstreams import Upstreams
 from switchboard.config import BrokerSettings
 from switchboard.errors import InternalError, SwitchboardError, abort_with
+from switchboard.tenancy import TenantConfig
 from switchboard.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
@@ -30,16 +35,46 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "switchboard.v1.BrokerService"
 
 
-class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
-    """Serves BrokerService from one `Upstream`."""
+@contextlib.asynccontextmanager
+async def running(settings: BrokerSettings, tenants: TenantConfig) -> AsyncIterator[BrokerServicer]:
+    """A servicer whose upstream clients follow the tenants file while the block runs.
 
-    def __init__(self, upstream: Upstream, settings: BrokerSettings) -> None:
+    Watches `tenants` for changes (`TenantConfig.watch`), retires the clients
+    of upstreams a reload changed (`Upstreams.reconcile`), and on exit, which
+    must come after the gRPC server has drained, closes every client.
+    """
+    upstreams = Upstreams(settings)
+    unsubscribe = tenants.subscribe(upstreams.reconcile)
+    watcher = asyncio.create_task(tenants.watch())
+    try:
+        yield BrokerServicer(tenants, upstreams, settings)
+    finally:
+        watcher.cancel()
+        unsubscribe()
+        await upstreams.aclose()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+
+class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
+    """Serves BrokerService: each call to the upstream its tenant's route names."""
+
+    def __init__(
+        self, tenants: TenantConfig, upstreams: Upstreams, settings: BrokerSettings
+    ) -> None:
         """Args:
-        upstream: the upstream client; the caller owns it and closes it.
-        settings: `upstream_model`, when set, replaces every requested model.
+        tenants: the live tenants; `current` is read once per call.
+        upstreams: the upstream clients; the caller owns them and closes them.
+        settings: `upstream_model`, when set, replaces every routed upstream model.
         """
-        self._upstream = upstream
+        self._tenants = tenants
+        self._upstreams = upstreams
         self._settings = settings
+
+    @property
+    def upstreams(self) -> Upstreams:
+        """The upstream clients calls go through."""
+        return self._upstreams
 
     def register(self, server: grpc.aio.Server) -> None:
         """Add this servicer to a grpc.aio server (the `register` of `rpc.serve`)."""
@@ -63,11 +98,18 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
             estimated_input_tokens=request.context.estimated_tokens,
             call_id_prefix=f"call_{request.response_id}_" if request.response_id else "call_",
         )
-        call = _CallLog(ids, started)
+        call = _CallLog(ids, request.model, started)
         try:
-            payload = chat_request(request, self._settings.upstream_model)
-            call.model = payload["model"]
-            async with self._upstream.stream(payload) as chunks:
+            target = resolve(
+                self._tenants.current,
+                request.tenant_id,
+                request.model,
+                model_override=self._settings.upstream_model,
+            )
+            call.upstream, call.upstream_model = target.upstream.name, target.model
+            payload = chat_request(request, target.model)
+            client = self._upstreams.client(target.upstream)
+            async with client.stream(payload) as chunks:
                 # grpc.aio does not close a generator whose call was cancelled
                 # while it waited at a `yield` (the cancellation lands in grpc's
                 # own write), so the response would stay open until the generator
@@ -76,7 +118,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
                 call.request_id = chunks.request_id
                 yield broker_pb2.GenerateEvent(
                     started=broker_pb2.Started(
-                        upstream=self._upstream.label, upstream_model=call.model
+                        upstream=client.description, upstream_model=target.model
                     )
                 )
                 async for chunk in chunks:
@@ -96,7 +138,10 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
             call.log_cancelled(translator)
             raise
         except Exception:
-            log.exception("generate failed", extra={**ids, "model": call.model})
+            log.exception(
+                "generate failed",
+                extra={**ids, "model": call.model, "upstream": call.upstream},
+            )
             await abort_with(context, InternalError("The broker failed."))
             return
         call.log_completed(finished.finished)
@@ -104,12 +149,15 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
 
 
 class _CallLog:
-    """The one log line of a Generate call: ids, model, timings and usage."""
+    """The one log line of a Generate call: ids, model, upstream, timings and usage."""
 
-    def __init__(self, ids: dict[str, str], started: float) -> None:
+    def __init__(self, ids: dict[str, str], model: str, started: float) -> None:
         self.ids = ids
         self.started = started
-        self.model = ""
+        self.model = model
+        # Known once the call is routed ("" when it was refused before).
+        self.upstream = ""
+        self.upstream_model = ""
         self.request_id: str | None = None
         self.first_event: float | None = None
 
@@ -119,6 +167,8 @@ class _CallLog:
         return {
             **self.ids,
             "model": self.model,
+            "upstream": self.upstream,
+            "upstream_model": self.upstream_model,
             "upstream_request_id": self.request_id,
             "duration_ms": round((now - self.started) * 1000),
             "ttft_ms": ttft,

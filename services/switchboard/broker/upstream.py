@@ -1,11 +1,9 @@
-"""The upstream model API: one `openai.AsyncOpenAI` client and the streams it opens.
+"""The wire to an upstream model API: one streamed Chat Completions call and its errors.
 
-`Upstream.from_settings` builds the client once at start (aiohttp transport,
-connect and read timeouts, two SDK retries before the first byte); `aclose()`
-closes it on shutdown. `Upstream.stream(payload)` opens one streamed Chat
-Completions call:
+`ChatStream` is one call through an `openai.AsyncOpenAI` client (the clients
+themselves, one per upstream deployment, live in `switchboard.broker.upstreams`):
 
-    async with upstream.stream(payload) as chunks:   # HTTP status checked here
+    async with client.stream(payload) as chunks:     # HTTP status checked here
         async for chunk in chunks:                    # dicts, until `[DONE]`
             ...
 
@@ -32,7 +30,6 @@ from urllib.parse import urlsplit
 import openai
 import orjson
 
-from switchboard.config import BrokerSettings, Secret
 from switchboard.errors import (
     SwitchboardError,
     UpstreamError,
@@ -105,11 +102,16 @@ class SseDecoder:
 def upstream_label(base_url: str) -> str:
     """The base URL without credentials, query or fragment: safe to log and report."""
     parts = urlsplit(base_url)
+    return f"{parts.scheme}://{upstream_host(base_url)}{parts.path.rstrip('/')}"
+
+
+def upstream_host(base_url: str) -> str:
+    """`host` or `host:port` of a base URL (IPv6 in brackets), without credentials."""
+    parts = urlsplit(base_url)
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path.rstrip('/')}"
+    return f"{host}:{parts.port}" if parts.port else host
 
 
 def sanitize(message: str, secrets: tuple[str, ...] = ()) -> str:
@@ -199,7 +201,12 @@ class ChatStream:
 
     Entering sends the request (with the SDK's retries) and raises the mapped
     error if it fails; iterating yields each chunk as a dict until `[DONE]`;
-    exiting closes the response. Iterate it once.
+    exiting closes the response. Enter and iterate it once.
+
+    `opened` is called when entering starts and `closed` exactly once when the
+    call is over (the request failed, or the response was closed): the owner of
+    the client counts calls in flight with them, to close a replaced client
+    only once nothing uses it.
     """
 
     def __init__(
@@ -209,20 +216,31 @@ class ChatStream:
         *,
         secrets: tuple[str, ...],
         background: set[asyncio.Task[None]],
+        opened: Callable[[], None] = lambda: None,
+        closed: Callable[[], None] = lambda: None,
     ) -> None:
         self._client = client
         self._payload = payload
         self._secrets = secrets
         self._background = background
+        self._opened = opened
+        self._closed = closed
         self._response: openai.AsyncAPIResponse[Any] | None = None
         self.request_id: str | None = None
 
     async def __aenter__(self) -> ChatStream:
+        # Counted before the first await, so the client cannot be closed under
+        # a request that is being sent.
+        self._opened()
         manager = self._client.chat.completions.with_streaming_response.create(**self._payload)
         try:
             self._response = await manager.__aenter__()
         except openai.APIError as exc:
+            self._closed()
             raise api_error(exc, self._secrets) from exc
+        except BaseException:
+            self._closed()
+            raise
         self.request_id = self._response.request_id
         return self
 
@@ -237,8 +255,13 @@ class ChatStream:
     async def aclose(self) -> None:
         """Close the response (idempotent). Unread, its connection is closed, not pooled."""
         response, self._response = self._response, None
-        if response is not None:
+        if response is None:
+            return
+        try:
             await response.close()
+        finally:
+            # Only the caller that took the response reports the end: once.
+            self._closed()
 
     def close_soon(self) -> None:
         """Schedule `aclose()` from synchronous code, e.g. a gRPC done callback."""
@@ -300,47 +323,3 @@ def _read_error(exc: Exception) -> SwitchboardError:
     if caused_by_timeout(exc):
         return UpstreamTimeout("The upstream stopped sending before the response was complete.")
     return UpstreamStreamBroken("The upstream stream broke off.")
-
-
-class Upstream:
-    """The client of one OpenAI-compatible upstream, shared by every call.
-
-    Build it with `from_settings` at start and `await aclose()` on shutdown.
-    """
-
-    def __init__(self, client: openai.AsyncOpenAI, *, base_url: str, api_key: Secret) -> None:
-        """Args:
-        client: the SDK client; this object closes it in `aclose()`.
-        base_url: where it points, shown (without credentials) in `label`.
-        api_key: redacted from any upstream message that is passed on.
-        """
-        self._client = client
-        self._secrets = (api_key.reveal(),) if api_key else ()
-        self._background: set[asyncio.Task[None]] = set()
-        self.label = upstream_label(base_url)
-
-    @classmethod
-    def from_settings(cls, settings: BrokerSettings) -> Upstream:
-        """The client for `settings`: aiohttp transport, connect/read timeouts, 2 retries."""
-        # `read` bounds the silence between two chunks, not the whole stream.
-        timeout = openai.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s)
-        client = openai.AsyncOpenAI(
-            base_url=settings.upstream_base_url,
-            # Local servers (vLLM, Ollama, the simulator) need no key, but the SDK
-            # requires one; a placeholder makes a real API answer with a clear 401.
-            api_key=settings.upstream_api_key.reveal() or "no-key-configured",
-            http_client=openai.DefaultAioHttpClient(timeout=timeout),
-            max_retries=MAX_RETRIES,
-            timeout=timeout,
-        )
-        return cls(client, base_url=settings.upstream_base_url, api_key=settings.upstream_api_key)
-
-    def stream(self, payload: dict[str, Any]) -> ChatStream:
-        """A streamed Chat Completions call with this JSON body (see `translate`)."""
-        return ChatStream(self._client, payload, secrets=self._secrets, background=self._background)
-
-    async def aclose(self) -> None:
-        """Finish pending closes, then close the client and its connection pool."""
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
-        await self._client.close()
