@@ -2,12 +2,53 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
+
+import redis.exceptions
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 
-__all__ = ["redis_client"]
+from switchboard.errors import SwitchboardError
+
+__all__ = ["REDIS_UNAVAILABLE", "redis_client", "translate_outage"]
+
+# Failures that mean "Redis cannot serve right now" (down, restarting, loading its
+# data set, a replica not yet promoted, out of memory, a cluster without a
+# reachable node or slot owner), as opposed to a bug in a command.
+REDIS_UNAVAILABLE = (
+    redis.exceptions.ConnectionError,  # includes BusyLoadingError, MaxConnectionsError
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterError,  # ClusterDownError, MasterDownError
+    redis.exceptions.RedisClusterException,  # SlotNotCoveredError, no reachable node
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def translate_outage(
+    error: Callable[[], SwitchboardError],
+) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Coroutine[Any, Any, R]]]:
+    """Decorate a store method so that a Redis outage inside it raises `error()`."""
+
+    def decorate(method: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+        @functools.wraps(method)
+        async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return await method(*args, **kwargs)
+            except REDIS_UNAVAILABLE as exc:
+                raise error() from exc
+
+        return call
+
+    return decorate
 
 
 def redis_client(url: str, *, timeout_s: float = 1.0, max_connections: int = 64) -> Redis:

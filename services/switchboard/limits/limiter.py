@@ -17,13 +17,12 @@ behaviour. A Redis outage raises `LimitsStoreUnavailable` (fail closed).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import redis.exceptions
 from redis.asyncio import Redis
@@ -40,6 +39,7 @@ from switchboard.limits.decision import (
     RateLimit,
     RateLimitState,
 )
+from switchboard.redis_client import translate_outage
 
 UNAVAILABLE_MESSAGE = "The limits store is unavailable."
 # A pending reservation may be settled up to this long after it was made (the
@@ -54,34 +54,7 @@ _RESERVATION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _KIND = re.compile(r"[a-z_]{1,32}")
 MAX_HOLDER_CHARS = 256
 
-# Failures that mean "the limits store cannot answer now" rather than a bug in a
-# command. RedisClusterException covers "cannot connect to any startup node" and
-# uncovered slots; its other cases (cross-slot pipelines) are never used here.
-_UNAVAILABLE_ERRORS = (
-    redis.exceptions.ConnectionError,  # includes BusyLoadingError, MaxConnectionsError
-    redis.exceptions.TimeoutError,
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.OutOfMemoryError,
-    redis.exceptions.TryAgainError,
-    redis.exceptions.ClusterError,  # ClusterDownError, MasterDownError
-    redis.exceptions.RedisClusterException,  # SlotNotCoveredError, no reachable node
-)
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _store_call(method: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Turn a Redis outage inside `method` into `LimitsStoreUnavailable`."""
-
-    @functools.wraps(method)
-    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await method(*args, **kwargs)
-        except _UNAVAILABLE_ERRORS as exc:
-            raise LimitsStoreUnavailable(UNAVAILABLE_MESSAGE, retry_after=1.0) from exc
-
-    return call
+_store_call = translate_outage(lambda: LimitsStoreUnavailable(UNAVAILABLE_MESSAGE, retry_after=1.0))
 
 
 def _prefix(tenant_id: str) -> str:

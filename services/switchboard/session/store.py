@@ -17,10 +17,8 @@ TTL of all four keys. A Redis outage surfaces as `SessionStoreUnavailable`.
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Callable, Sequence
 
 import redis.exceptions
 from redis.asyncio import Redis
@@ -32,6 +30,7 @@ from switchboard.errors import (
     invalid_value,
 )
 from switchboard.redis_client import redis_client as redis_client  # re-export
+from switchboard.redis_client import translate_outage
 from switchboard.session import scripts
 from switchboard.session.keys import (
     MAX_ITEM_ID_CHARS,
@@ -47,33 +46,9 @@ DEFAULT_READ_LIMIT = 1000
 MAX_READ_LIMIT = 10_000
 UNAVAILABLE_MESSAGE = "The session store is unavailable."
 
-# Failures that mean "Redis cannot serve right now" (down, restarting, loading its
-# data set, a replica not yet promoted, out of memory), as opposed to a bug in a
-# command.
-_UNAVAILABLE_ERRORS = (
-    redis.exceptions.ConnectionError,  # includes BusyLoadingError, MaxConnectionsError
-    redis.exceptions.TimeoutError,
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.OutOfMemoryError,
-    redis.exceptions.TryAgainError,
-    redis.exceptions.ClusterDownError,
+_store_call = translate_outage(
+    lambda: SessionStoreUnavailable(UNAVAILABLE_MESSAGE, retry_after=1.0)
 )
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _store_call(method: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Turn a Redis outage inside `method` into `SessionStoreUnavailable`."""
-
-    @functools.wraps(method)
-    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await method(*args, **kwargs)
-        except _UNAVAILABLE_ERRORS as exc:
-            raise SessionStoreUnavailable(UNAVAILABLE_MESSAGE, retry_after=1.0) from exc
-
-    return call
 
 
 def _text(value: bytes | str) -> str:
