@@ -27,18 +27,21 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Collection, Hashable, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
 from switchboard.config import ConfigError, Secret
 from switchboard.tenancy import TENANT_ID
+from switchboard.tenancy.yaml_checks import decode
+from switchboard.tenancy.yaml_checks import error as _error
+from switchboard.tenancy.yaml_checks import mapping as _mapping
+from switchboard.tenancy.yaml_checks import sequence as _list
+from switchboard.tenancy.yaml_checks import string as _string
 from switchboard.toolexec.registry import TOOL_NAME
-from switchboard.toolexec.validation import ArgumentsSchema, SchemaError, format_path
+from switchboard.toolexec.validation import ArgumentsSchema, SchemaError
 
 DEFAULT_TIMEOUT_S = 5.0
 MAX_TIMEOUT_S = 60.0
@@ -137,15 +140,12 @@ def load_tools_file(
         ConfigError: one line, `<file>: <key path>: <problem>`.
     """
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        content = Path(path).read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
         raise ConfigError(f"{path}: cannot read the tools file ({reason})") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
-    try:
+        data = decode(content)
         return parse_tools_config(data, environ=environ, builtin_names=builtin_names)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
@@ -325,66 +325,3 @@ def _integer(raw: Any, path: Path_, maximum: int) -> int:
     if not 1 <= raw <= maximum:
         raise _error(path, f"must be between 1 and {maximum}")
     return raw
-
-
-def _mapping(raw: Any, path: Path_, keys: Sequence[str] | None = None) -> dict[Any, Any]:
-    if not isinstance(raw, dict):
-        raise _error(path, "must be a mapping" if path else "the file must hold a mapping")
-    if keys is not None:
-        for key in raw:
-            if key not in keys:
-                raise _error(
-                    (*path, str(key)[:64]), f"unknown key (expected one of: {', '.join(keys)})"
-                )
-    return raw
-
-
-def _list(raw: Any, path: Path_) -> list[Any]:
-    if not isinstance(raw, list):
-        raise _error(path, "must be a list")
-    return raw
-
-
-def _string(raw: Any, path: Path_) -> str:
-    if not isinstance(raw, str) or not raw:
-        raise _error(path, "must be a non-empty string")
-    return raw
-
-
-def _error(path: Path_, problem: str) -> ConfigError:
-    where = format_path(path)
-    return ConfigError(f"{where}: {problem}" if where else problem)
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or type(exc).__name__
-    if mark is None:
-        return str(problem)
-    return f"line {mark.line + 1} column {mark.column + 1}: {problem}"
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses duplicate keys instead of keeping the last one.
-
-    A tenant listed twice would otherwise lose its first block without a word.
-    """
-
-
-def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: set[Hashable] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node)
-        if isinstance(key, Hashable):
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {str(key)[:64]!r}", key_node.start_mark
-                )
-            seen.add(key)
-    return loader.construct_mapping(node)
-
-
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,
-)
