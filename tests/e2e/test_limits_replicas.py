@@ -80,7 +80,13 @@ async def one_response(
         errors = [e["error"] for e in events if e["type"] == "error"]
         limits = [e for e in events if e["type"] == "rate_limits.updated"]
         done = events[-1]["response"]
-        return {"done": done, "errors": errors, "limits": limits}
+        closed = None
+        if any(e["code"] == "insufficient_quota" for e in errors):
+            # A spent budget is terminal: the gateway ends the connection.
+            with pytest.raises(websockets.ConnectionClosed) as ended:
+                await asyncio.wait_for(connection.recv(), 10)
+            closed = ended.value.rcvd
+        return {"done": done, "errors": errors, "limits": limits, "closed": closed}
 
 
 async def test_requests_per_minute_admit_exactly_the_limit(stack: Stack) -> None:
@@ -126,6 +132,8 @@ async def test_a_token_budget_is_never_overshot_by_more_than_one_response(stack:
     assert spent <= BUDGET + MAX_OUTPUT
     for result in refused:
         assert [e["code"] for e in result["errors"]] == ["insufficient_quota"]
+        assert result["closed"].code == 4029
+        assert result["closed"].reason == "insufficient_quota"
     # Each served response was capped by the tenant's max_output_tokens.
     assert all(r["done"]["usage"]["output_tokens"] <= MAX_OUTPUT for r in served)
 

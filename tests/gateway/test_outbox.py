@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from switchboard.gateway.outbox import Outbox, SlowConsumer
+from switchboard.gateway.outbox import Close, Outbox, SlowConsumer
 
 
 def delta(text: str, item: str = "item_1", kind: str = "response.output_text.delta") -> dict:
@@ -83,3 +83,14 @@ async def test_too_far_behind_is_a_slow_consumer_and_abort_stops_the_writer() ->
     assert outbox.size == 0
     outbox.put(delta("late"))  # ignored once aborted
     assert len(outbox) == 0
+
+
+async def test_close_sends_what_waits_then_the_close() -> None:
+    outbox = Outbox(max_bytes=1 << 20)
+    outbox.put(delta("last words"))
+    outbox.close(4029, "insufficient_quota")
+    outbox.put(delta("too late"))  # dropped: the connection is ending
+    first = await outbox.get()
+    assert isinstance(first, str)
+    assert json.loads(first)["delta"] == "last words"
+    assert await outbox.get() == Close(4029, "insufficient_quota")

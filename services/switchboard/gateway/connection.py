@@ -21,7 +21,7 @@ from switchboard import errors
 from switchboard.errors import SwitchboardError, from_rpc_error
 from switchboard.gateway.admission import CONNECTION_LEASE_S, Admission, Admitted
 from switchboard.gateway.backends import Backends
-from switchboard.gateway.outbox import Outbox, SlowConsumer
+from switchboard.gateway.outbox import Close, Outbox, SlowConsumer
 from switchboard.gateway.protocol import (
     CancelResponse,
     Command,
@@ -141,6 +141,9 @@ class RealtimeConnection:
                 text = await self.outbox.get()
                 if text is None:
                     await self.websocket.close(code=SLOW_CONSUMER_CLOSE, reason="slow_consumer")
+                    return
+                if isinstance(text, Close):
+                    await self.websocket.close(code=text.code, reason=text.reason)
                     return
                 await self.websocket.send_text(text)
         except (WebSocketDisconnect, RuntimeError, OSError):
@@ -300,6 +303,11 @@ class RealtimeConnection:
         if rate_limits is not None:
             self.protocol.rate_limits_updated(rate_limits)
         await self._flush()
+        close_code = error.spec.close_code if error is not None else None
+        if error is not None and close_code is not None and close_code >= 4000:
+            # A terminal refusal (the daily budget is spent): nothing more can be
+            # served on this connection, so it ends with the documented code.
+            self.outbox.close(close_code, error.name)
         if status != "completed":
             return []
         return [item for item in output if item.type == common_pb2.ITEM_TYPE_FUNCTION_CALL]

@@ -39,6 +39,14 @@ class _Entry:
     size: int
 
 
+@dataclass(frozen=True, slots=True)
+class Close:
+    """The end of the outbox: close the connection with this code once sent."""
+
+    code: int
+    reason: str
+
+
 class SlowConsumer(Exception):
     """The client fell behind by more than the outbox may hold."""
 
@@ -53,6 +61,7 @@ class Outbox:
         self._queue: deque[_Entry] = deque()
         self._ready = asyncio.Event()
         self.aborted = False
+        self._close: Close | None = None
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -63,7 +72,7 @@ class Outbox:
         Raises:
             SlowConsumer: what waits would exceed `max_bytes`.
         """
-        if self.aborted:
+        if self.aborted or self._close is not None:
             return
         keys = _MERGEABLE.get(event["type"])
         if keys is not None:
@@ -93,6 +102,12 @@ class Outbox:
         if self.size > self.max_bytes:
             raise SlowConsumer(f"more than {self.max_bytes} bytes of events waiting")
 
+    def close(self, code: int, reason: str) -> None:
+        """Send what waits, then close the connection with `code`; later puts are dropped."""
+        if self._close is None and not self.aborted:
+            self._close = Close(code, reason)
+            self._ready.set()
+
     def abort(self) -> None:
         """Drop what waits and make `get` return None: the connection is closing."""
         self.aborted = True
@@ -100,11 +115,14 @@ class Outbox:
         self.size = 0
         self._ready.set()
 
-    async def get(self) -> str | None:
-        """The oldest event as JSON text; waits for one. None once aborted."""
+    async def get(self) -> str | Close | None:
+        """The oldest event as JSON text; waits for one. After the last event of a
+        closing outbox, its `Close`; None once aborted."""
         while not self._queue:
             if self.aborted:
                 return None
+            if self._close is not None:
+                return self._close
             self._ready.clear()
             await self._ready.wait()
         entry = self._queue.popleft()
