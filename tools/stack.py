@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tools.redis_server import RedisServer, free_port
+from tools.redis_server import RedisCluster3, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEV_TENANT = "dev"
@@ -101,6 +101,9 @@ class Stack:
     extra_env: dict[str, str] = field(default_factory=dict)
     simulator_args: list[str] = field(default_factory=list)
     redis_args: tuple[str, ...] = ()
+    # Start a 3-node Redis Cluster instead of one Redis server.
+    redis_cluster: bool = False
+    cluster: RedisCluster3 | None = None
     # Gateway and broker processes (replica i > 1 of each gets free ports; gateway i
     # talks to broker i), to show that limits hold across replicas.
     replicas: int = 1
@@ -197,7 +200,12 @@ class Stack:
             from switchboard.tenancy import new_key
 
             self.dev_key = new_key()
-        if self.redis_url is None:
+        if self.redis_cluster:
+            self.cluster = RedisCluster3()
+            self.cluster.start()
+            self.redis_url = f"redis://127.0.0.1:{self.cluster.ports[0]}"
+            self.extra_env["SWITCHBOARD_REDIS_CLUSTER"] = "true"
+        elif self.redis_url is None:
             self.redis = RedisServer(self.ports.redis, extra_args=self.redis_args)
             self.redis.start()
         self._define()
@@ -242,6 +250,9 @@ class Stack:
         if self.redis is not None:
             self.redis.close()
             self.redis = None
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
 
     def __enter__(self) -> Stack:
         self.start()

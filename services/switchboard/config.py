@@ -109,6 +109,16 @@ class Env:
             )
         return value
 
+    def boolean(self, key: str, default: bool) -> bool:
+        raw = self._environ.get(key)
+        if raw is None or raw == "":
+            return default
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key} must be true or false, got {raw!r}")
+
     def secret(self, key: str) -> Secret | None:
         value = self._environ.get(key)
         return Secret(value) if value else None
@@ -146,6 +156,8 @@ class GatewaySettings:
     max_tool_rounds: int
     # Redis for ephemeral client secrets and tenant limits.
     redis_url: Secret
+    # SWITCHBOARD_REDIS_CLUSTER: the URL names a node of a Redis Cluster.
+    redis_cluster: bool
     # Output tokens reserved for a response whose output is not capped, until its
     # real usage is known (only for tenants with token limits).
     reserve_output_tokens: int
@@ -187,6 +199,7 @@ class GatewaySettings:
                     "SWITCHBOARD_REDIS_URL", DEFAULT_REDIS_URL, schemes=("redis", "rediss", "unix")
                 )
             ),
+            redis_cluster=env.boolean("SWITCHBOARD_REDIS_CLUSTER", False),
             reserve_output_tokens=env.integer(
                 "SWITCHBOARD_GATEWAY_RESERVE_OUTPUT_TOKENS", 4096, minimum=1
             ),
@@ -198,6 +211,8 @@ class GatewaySettings:
 class SessionSettings:
     listen: str
     redis_url: Secret
+    # SWITCHBOARD_REDIS_CLUSTER: the URL names a node of a Redis Cluster.
+    redis_cluster: bool
     # Idle sessions (and their items) expire after this long.
     session_ttl_s: int
     # Budget of the context sent to the model when a call does not set one.
@@ -213,6 +228,7 @@ class SessionSettings:
         return cls(
             listen=env.address("SWITCHBOARD_SESSION_LISTEN", DEFAULT_SESSION_ADDRESS),
             redis_url=Secret(redis_url),
+            redis_cluster=env.boolean("SWITCHBOARD_REDIS_CLUSTER", False),
             session_ttl_s=env.integer("SWITCHBOARD_SESSION_TTL_S", 24 * 3600, minimum=60),
             context_tokens=env.integer("SWITCHBOARD_SESSION_CONTEXT_TOKENS", 16_000, minimum=64),
             log_level=env.log_level(),
@@ -268,6 +284,7 @@ class ToolExecSettings:
     tenants_file: str | None = None
     # Redis for idempotency across replicas; None keeps results in process memory.
     redis_url: Secret | None = None
+    redis_cluster: bool = False
     # How long a finished call is kept for replays of its call_id.
     result_ttl_s: int = 24 * 3600
     # A tool result (compact JSON) larger than this is refused.
@@ -287,6 +304,7 @@ class ToolExecSettings:
             tools_file=env.optional("SWITCHBOARD_TOOLEXEC_TOOLS_FILE"),
             tenants_file=env.optional("SWITCHBOARD_TENANTS_FILE"),
             redis_url=redis_url,
+            redis_cluster=env.boolean("SWITCHBOARD_REDIS_CLUSTER", False),
             result_ttl_s=env.integer(
                 "SWITCHBOARD_TOOLEXEC_RESULT_TTL_S", 24 * 3600, minimum=60, maximum=30 * 24 * 3600
             ),

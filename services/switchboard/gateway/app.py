@@ -37,7 +37,7 @@ from switchboard.gateway.client_secrets import ClientSecrets, Grant
 from switchboard.gateway.connection import RealtimeConnection
 from switchboard.gateway.protocol import RealtimeProtocol
 from switchboard.limits import TenantLimiter
-from switchboard.redis_client import redis_client
+from switchboard.redis_client import any_client, warm_up
 from switchboard.tenancy import Tenant, TenantConfig
 from switchboard.v1 import common_pb2, session_pb2
 
@@ -68,7 +68,8 @@ def create_app(settings: GatewaySettings, tenants: TenantConfig) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         backends = Backends(settings)
-        redis = redis_client(settings.redis_url.reveal())
+        redis = any_client(settings.redis_url.reveal(), cluster=settings.redis_cluster)
+        await warm_up(redis)
         app.state.backends = backends
         app.state.redis = redis
         app.state.client_secrets = ClientSecrets(redis)

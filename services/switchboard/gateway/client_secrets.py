@@ -20,10 +20,10 @@ from typing import Any
 
 import orjson
 import redis.exceptions
-from redis.asyncio import Redis
 
 from switchboard.errors import ServiceUnavailable, invalid_value
 from switchboard.gateway import sessions
+from switchboard.redis_client import AnyRedis
 from switchboard.v1 import session_pb2
 
 PREFIX = "ek_"
@@ -72,7 +72,7 @@ def parse_ttl(body: dict[str, Any]) -> int:
 class ClientSecrets:
     """Mints and redeems ephemeral secrets. Redis failures raise `ServiceUnavailable`."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: AnyRedis) -> None:
         self._redis = redis
 
     async def mint(

@@ -14,14 +14,15 @@ from redis.asyncio.connection import parse_url
 
 from switchboard import rpc
 from switchboard.config import ConfigError, SessionSettings
-from switchboard.redis_client import redis_client
+from switchboard.redis_client import any_client, warm_up
 from switchboard.session.service import SERVICE_NAME, SessionServicer
 from switchboard.session.store import SessionStore
 
 
 async def run(settings: SessionSettings, *, stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then close the Redis client."""
-    client = redis_client(settings.redis_url.reveal())
+    client = any_client(settings.redis_url.reveal(), cluster=settings.redis_cluster)
+    await warm_up(client)
     try:
         store = SessionStore(client, ttl_s=settings.session_ttl_s)
         servicer = SessionServicer(store, default_context_tokens=settings.context_tokens)

@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Sequence
 
 import redis.exceptions
-from redis.asyncio import Redis
 
 from switchboard.errors import (
     ItemNotFound,
@@ -29,8 +28,7 @@ from switchboard.errors import (
     SessionStoreUnavailable,
     invalid_value,
 )
-from switchboard.redis_client import redis_client as redis_client  # re-export
-from switchboard.redis_client import translate_outage
+from switchboard.redis_client import AnyRedis, translate_outage
 from switchboard.session import scripts
 from switchboard.session.keys import (
     MAX_ITEM_ID_CHARS,
@@ -70,14 +68,14 @@ class SessionStore:
 
     def __init__(
         self,
-        client: Redis,
+        client: AnyRedis,
         *,
         ttl_s: int,
         max_events: int = DEFAULT_MAX_EVENTS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """Args:
-        client: a client from `redis_client()`; the caller owns and closes it.
+        client: from `switchboard.redis_client.any_client()`; the caller owns and closes it.
         ttl_s: an idle session and all its keys expire this long after the last write.
         max_events: the event log of a session keeps at most this many newest events.
         clock: wall-clock seconds, for timestamps.

@@ -24,12 +24,11 @@ from collections.abc import Coroutine, Mapping
 from typing import Any, NoReturn
 
 import grpc
-from redis.asyncio import Redis
 from redis.asyncio.connection import parse_url
 
 from switchboard import rpc
 from switchboard.config import ConfigError, ToolExecSettings
-from switchboard.redis_client import redis_client
+from switchboard.redis_client import AnyRedis, any_client, warm_up
 from switchboard.telemetry import configure_logging
 from switchboard.toolexec.builtins import BUILTIN_TOOLS, builtin_registry
 from switchboard.toolexec.catalog import (
@@ -68,10 +67,11 @@ async def run(
     environ = os.environ if environ is None else environ
     registry = builtin_registry()
     webhooks = WebhookClient()
-    redis: Redis | None = None
+    redis: AnyRedis | None = None
     try:
         if settings.redis_url is not None:
-            redis = redis_client(settings.redis_url.reveal())
+            redis = any_client(settings.redis_url.reveal(), cluster=settings.redis_cluster)
+            await warm_up(redis)
         tools: CatalogSource = Catalog(registry)
         source = settings.tools_file or settings.tenants_file
         if source is not None:

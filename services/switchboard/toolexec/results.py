@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis.exceptions
-from redis.asyncio import Redis
 
 from switchboard.errors import SwitchboardError
+from switchboard.redis_client import AnyRedis
 from switchboard.v1 import common_pb2
 
 DEFAULT_MAX_STORED_RESULTS = 10_000
@@ -158,12 +158,12 @@ class RedisResultStore:
     """A `ResultStore` in Redis, shared by every toolexec replica.
 
     Args:
-        client: a bytes-returning client, e.g. `switchboard.session.store.redis_client`;
+        client: a bytes-returning client, e.g. from `switchboard.redis_client.any_client`;
             the caller owns and closes it.
         ttl_s: how long a finished call is kept for replays.
     """
 
-    def __init__(self, client: Redis, *, ttl_s: int = DEFAULT_RESULT_TTL_S) -> None:
+    def __init__(self, client: AnyRedis, *, ttl_s: int = DEFAULT_RESULT_TTL_S) -> None:
         if ttl_s < 1:
             raise ValueError("ttl_s must be >= 1")
         self._redis = client
