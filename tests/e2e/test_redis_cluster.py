@@ -14,10 +14,10 @@ from openai import AsyncOpenAI
 
 from switchboard.tenancy import hash_key, new_key
 from tests.e2e.conftest import RealtimeClient, reply_text
-from tests.e2e.test_limits_replicas import one_response
+from tests.e2e.test_limits_replicas import BUDGET, MAX_OUTPUT, one_response
 from tools.stack import Ports, Stack
 
-KEY, BURST_KEY = new_key(), new_key()
+KEY, BURST_KEY, BUDGET_KEY = new_key(), new_key(), new_key()
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,11 @@ tenants:
     keys: ["{hash_key(BURST_KEY)}"]
     models: {{gpt-realtime: {{upstream: default}}}}
     limits: {{requests_per_minute: 7}}
+  budget:
+    keys: ["{hash_key(BUDGET_KEY)}"]
+    models: {{gpt-realtime: {{upstream: default}}}}
+    limits: {{max_output_tokens: {MAX_OUTPUT}}}
+    daily_token_budget: {BUDGET}
 """
     )
     stack = Stack(
@@ -87,3 +92,19 @@ async def test_requests_per_minute_are_exact_on_the_cluster(stack: Stack) -> Non
     statuses = [r["done"]["status"] for r in results]
     assert statuses.count("completed") == 7
     assert statuses.count("failed") == 13
+
+
+async def test_a_token_budget_holds_on_the_cluster(stack: Stack) -> None:
+    ports = itertools.cycle(stack.gateway_ports)
+    results = await asyncio.gather(
+        *(
+            one_response(next(ports), BUDGET_KEY, f'spend {n} [[sim {{"tokens": 200}}]]')
+            for n in range(30)
+        )
+    )
+    served = [r for r in results if r["done"]["status"] != "failed"]
+    refused = [r for r in results if r["done"]["status"] == "failed"]
+    assert served
+    assert refused
+    assert sum(r["done"]["usage"]["total_tokens"] for r in served) <= BUDGET + MAX_OUTPUT
+    assert all(r["closed"].code == 4029 for r in refused)
