@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -96,6 +98,36 @@ class RealtimeClient:
     async def respond(self) -> list[dict[str, Any]]:
         await self.send({"type": "response.create"})
         return await self.recv_until("response.done", timeout_s=30)
+
+
+def tenants_file(directory: Path, ports: Ports, tenants: str, *, preamble: str = "") -> Path:
+    """A tenants file whose `default` upstream is the stack's simulator.
+
+    Args:
+        tenants: the YAML under `tenants:`, each tenant indented by two spaces.
+        preamble: top-level YAML before it (e.g. `allow_private_hosts`).
+    """
+    path = directory / "tenants.yaml"
+    path.write_text(
+        f"""{preamble}
+upstreams:
+  default:
+    base_url: http://127.0.0.1:{ports.simulator}/v1
+    api_key_env: SWITCHBOARD_BROKER_UPSTREAM_API_KEY
+tenants:
+{tenants}"""
+    )
+    return path
+
+
+@contextmanager
+def running(stack: Stack) -> Iterator[Stack]:
+    """Start the stack, stop it afterwards whatever happens."""
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
 
 
 def connect(stack: Stack, *, key: str | None = None, **kwargs: Any) -> Any:

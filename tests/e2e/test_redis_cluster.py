@@ -13,24 +13,14 @@ import websockets
 from openai import AsyncOpenAI
 
 from switchboard.tenancy import hash_key, new_key
-from tests.e2e.conftest import RealtimeClient, reply_text
+from tests.e2e.conftest import RealtimeClient, reply_text, running, tenants_file
 from tests.e2e.test_limits_replicas import BUDGET, MAX_OUTPUT, one_response
 from tools.stack import Ports, Stack
 
 KEY, BURST_KEY, BUDGET_KEY = new_key(), new_key(), new_key()
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    ports = Ports.free()
-    tenants = tmp_path_factory.mktemp("tenants") / "tenants.yaml"
-    tenants.write_text(
-        f"""
-upstreams:
-  default:
-    base_url: http://127.0.0.1:{ports.simulator}/v1
-    api_key_env: SWITCHBOARD_BROKER_UPSTREAM_API_KEY
-tenants:
+TENANTS = f"""
   clustered:
     keys: ["{hash_key(KEY)}"]
     models: {{gpt-realtime: {{upstream: default}}}}
@@ -45,19 +35,22 @@ tenants:
     limits: {{max_output_tokens: {MAX_OUTPUT}}}
     daily_token_budget: {BUDGET}
 """
-    )
-    stack = Stack(
-        ports=ports,
-        replicas=2,
-        redis_cluster=True,
-        simulator_args=["--ttft-ms", "10", "--token-delay-ms", "1", "--reply-tokens", "12"],
-        extra_env={"SWITCHBOARD_TENANTS_FILE": str(tenants)},
-    )
-    stack.start()
-    try:
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    ports = Ports.free()
+    path = tenants_file(tmp_path_factory.mktemp("tenants"), ports, TENANTS)
+    with running(
+        Stack(
+            ports=ports,
+            replicas=2,
+            redis_cluster=True,
+            simulator_args=["--ttft-ms", "10", "--token-delay-ms", "1", "--reply-tokens", "12"],
+            extra_env={"SWITCHBOARD_TENANTS_FILE": str(path)},
+        )
+    ) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 async def test_a_conversation_and_a_server_tool_on_the_cluster(stack: Stack) -> None:
@@ -99,7 +92,8 @@ async def test_a_token_budget_holds_on_the_cluster(stack: Stack) -> None:
     results = await asyncio.gather(
         *(
             one_response(next(ports), BUDGET_KEY, f'spend {n} [[sim {{"tokens": 200}}]]')
-            for n in range(30)
+            # Even one after another these need more than the budget (~52 tokens each).
+            for n in range(40)
         )
     )
     served = [r for r in results if r["done"]["status"] != "failed"]

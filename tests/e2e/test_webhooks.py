@@ -15,7 +15,7 @@ from aiohttp import web
 
 from switchboard.tenancy import hash_key, new_key
 from switchboard.toolexec.signing import SIGNATURE_HEADER, verify_signature
-from tests.e2e.conftest import RealtimeClient, reply_text
+from tests.e2e.conftest import RealtimeClient, reply_text, running, tenants_file
 from tools.redis_server import free_port
 from tools.stack import Ports, Stack
 
@@ -34,18 +34,7 @@ def hook(name: str, path: str, host: str = "127.0.0.1", timeout_s: float = 5) ->
         timeout_s: {timeout_s}"""
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    ports = Ports.free()
-    tenants = tmp_path_factory.mktemp("tenants") / "tenants.yaml"
-    tenants.write_text(
-        f"""
-allow_private_hosts: ["127.0.0.1"]
-upstreams:
-  default:
-    base_url: http://127.0.0.1:{ports.simulator}/v1
-    api_key_env: SWITCHBOARD_BROKER_UPSTREAM_API_KEY
-tenants:
+TENANTS = f"""
   shop:
     keys: ["{hash_key(KEY)}"]
     models: {{gpt-realtime: {{upstream: default}}}}
@@ -53,16 +42,20 @@ tenants:
     webhooks:{hook("lookup_order", "/echo")}{hook("broken", "/fail")}{hook("flood", "/huge")}
 {hook("sleepy", "/slow", timeout_s=0.5)}{hook("internal", "/x", host="10.0.0.5")}
 """
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    ports = Ports.free()
+    path = tenants_file(
+        tmp_path_factory.mktemp("tenants"),
+        ports,
+        TENANTS,
+        preamble='allow_private_hosts: ["127.0.0.1"]',
     )
-    stack = Stack(
-        ports=ports,
-        extra_env={"SWITCHBOARD_TENANTS_FILE": str(tenants), "E2E_WEBHOOK_SECRET": SECRET},
-    )
-    stack.start()
-    try:
+    env = {"SWITCHBOARD_TENANTS_FILE": str(path), "E2E_WEBHOOK_SECRET": SECRET}
+    with running(Stack(ports=ports, extra_env=env)) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 class Receiver:
