@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -35,6 +36,7 @@ from switchboard.gateway.admission import Admission
 from switchboard.gateway.backends import Backends
 from switchboard.gateway.client_secrets import ClientSecrets, Grant
 from switchboard.gateway.connection import RealtimeConnection
+from switchboard.gateway.metrics import GatewayMetrics, refusal_reason
 from switchboard.gateway.protocol import RealtimeProtocol
 from switchboard.limits import TenantLimiter
 from switchboard.redis_client import any_client, warm_up
@@ -61,9 +63,12 @@ def subprotocol_key(subprotocols: list[str]) -> str | None:
     return None
 
 
-def create_app(settings: GatewaySettings, tenants: TenantConfig) -> Starlette:
+def create_app(
+    settings: GatewaySettings, tenants: TenantConfig, metrics: GatewayMetrics | None = None
+) -> Starlette:
     """Build the gateway app. Backends are dialed in the lifespan, closed on shutdown;
     the tenants file is watched for changes meanwhile."""
+    metrics = metrics or GatewayMetrics()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -86,6 +91,9 @@ def create_app(settings: GatewaySettings, tenants: TenantConfig) -> Starlette:
 
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok")
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def readyz(request: Request) -> Response:
         checks = await request.app.state.backends.readiness()
@@ -174,6 +182,7 @@ def create_app(settings: GatewaySettings, tenants: TenantConfig) -> Starlette:
             holder = "conn_" + secrets.token_urlsafe(12)
             await admission.open_connection(tenant, holder)
         except SwitchboardError as error:
+            refused(error)
             await _deny(websocket, error)
             return
         try:
@@ -183,6 +192,12 @@ def create_app(settings: GatewaySettings, tenants: TenantConfig) -> Starlette:
                 await admission.close_connection(tenant, holder)
             except SwitchboardError as exc:
                 log.warning("connection slot not released", extra={"code": exc.name})
+
+    def refused(error: SwitchboardError) -> None:
+        reason = refusal_reason(error.name)
+        metrics.disconnects.labels(reason).inc()
+        if reason == "quota":
+            metrics.rejections.labels(error.name, "unknown").inc()
 
     async def serve(
         websocket: WebSocket,
@@ -195,6 +210,7 @@ def create_app(settings: GatewaySettings, tenants: TenantConfig) -> Starlette:
         try:
             session = await backends.create_session(tenant.id, config)
         except SwitchboardError as error:
+            refused(error)
             await _deny(websocket, error)
             return
         requested_protocols = websocket.scope.get("subprotocols") or []
@@ -219,19 +235,37 @@ def create_app(settings: GatewaySettings, tenants: TenantConfig) -> Starlette:
             backends,
             tenant,
             websocket.app.state.admission,
+            metrics,
             holder=holder,
             max_buffered_bytes=settings.max_buffered_bytes,
             max_tool_rounds=settings.max_tool_rounds,
         )
+        metrics.connections_opened.labels(tenant.tier).inc()
+        metrics.connections_active.inc()
+        metrics.sessions_active.inc()
         try:
             await connection.run()
+        except Exception:
+            connection.end_reason = "server_error"
+            raise
         finally:
-            log.info("disconnected", extra={"tenant_id": tenant.id, "session_id": session.id})
+            metrics.connections_active.dec()
+            metrics.sessions_active.dec()
+            metrics.disconnects.labels(connection.end_reason).inc()
+            log.info(
+                "disconnected",
+                extra={
+                    "tenant_id": tenant.id,
+                    "session_id": session.id,
+                    "reason": connection.end_reason,
+                },
+            )
 
     return Starlette(
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
+            Route("/metrics", metrics_endpoint),
             Route("/v1/realtime/client_secrets", mint_client_secret, methods=["POST"]),
             WebSocketRoute("/v1/realtime", realtime),
         ],

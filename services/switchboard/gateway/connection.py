@@ -21,6 +21,7 @@ from switchboard import errors
 from switchboard.errors import SwitchboardError, from_rpc_error
 from switchboard.gateway.admission import CONNECTION_LEASE_S, Admission, Admitted
 from switchboard.gateway.backends import Backends
+from switchboard.gateway.metrics import GatewayMetrics, refusal_reason
 from switchboard.gateway.outbox import Close, Outbox, SlowConsumer
 from switchboard.gateway.protocol import (
     CancelResponse,
@@ -37,6 +38,8 @@ from switchboard.tenancy import Tenant
 from switchboard.v1 import broker_pb2, common_pb2, toolexec_pb2
 
 log = logging.getLogger(__name__)
+
+_DELTAS = frozenset({"response.output_text.delta", "response.function_call_arguments.delta"})
 
 # The close code of a client that fell too far behind (docs/errors.md: slow_consumer).
 SLOW_CONSUMER_CLOSE = errors.spec(common_pb2.ERROR_CODE_SLOW_CONSUMER).close_code or 4008
@@ -55,6 +58,7 @@ class RealtimeConnection:
         backends: Backends,
         tenant: Tenant,
         admission: Admission,
+        metrics: GatewayMetrics,
         *,
         max_buffered_bytes: int,
         max_tool_rounds: int,
@@ -65,6 +69,12 @@ class RealtimeConnection:
         self.backends = backends
         self.tenant = tenant
         self.admission = admission
+        self.metrics = metrics
+        # Why the connection ended, for the disconnects metric.
+        self.end_reason = "client_closed"
+        # The response being timed: when it was asked for, when its last delta went out.
+        self._asked_at = 0.0
+        self._last_delta_at: float | None = None
         self.session_id = protocol.session_id
         self.outbox = Outbox(max_bytes=max_buffered_bytes)
         self._response_task: asyncio.Task[None] | None = None
@@ -107,6 +117,23 @@ class RealtimeConnection:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
+    @property
+    def _model_label(self) -> str:
+        """The session's model as a metric label: only models a tenants file lists
+        (development tenants may send any name, which would be an unbounded label)."""
+        model = self.protocol.config.model
+        return model if model in self.tenant.models else "other"
+
+    def _timed_delta(self) -> None:
+        """Time to first token for the first delta of a response, gaps after it."""
+        now = time.monotonic()
+        model = self._model_label
+        if self._last_delta_at is None:
+            self.metrics.time_to_first_token.labels(model).observe(now - self._asked_at)
+        else:
+            self.metrics.inter_token.labels(model).observe(now - self._last_delta_at)
+        self._last_delta_at = now
+
     async def _keep_connection_slot(self) -> None:
         """Renew the connection's slot lease while the connection lives."""
         while True:
@@ -123,8 +150,14 @@ class RealtimeConnection:
         the client (it is async so that callers may yield to the writer)."""
         try:
             for event in self.protocol.take_events():
+                kind = event["type"]
+                if kind in _DELTAS:
+                    self._timed_delta()
+                elif kind == "error":
+                    self.metrics.errors.labels(event["error"]["code"]).inc()
                 self.outbox.put(event)
         except SlowConsumer as exc:
+            self.end_reason = "slow_consumer"
             log.warning(
                 "slow consumer",
                 extra={**self._log, "detail": str(exc), "waiting_events": len(self.outbox)},
@@ -220,6 +253,8 @@ class RealtimeConnection:
             The function calls of a completed response (empty otherwise).
         """
         response_id = command.response_id
+        self._asked_at = time.monotonic()
+        self._last_delta_at = None
         status, reason = "completed", None
         error: SwitchboardError | None = None
         usage: common_pb2.Usage | None = None
@@ -296,6 +331,7 @@ class RealtimeConnection:
         self.protocol.response_done(
             response_id, status=status, usage=usage, reason=reason, error=error
         )
+        self._count_response(status, usage, error)
         try:
             rate_limits = await self.admission.rate_limits(self.tenant)
         except SwitchboardError:
@@ -307,10 +343,23 @@ class RealtimeConnection:
         if error is not None and close_code is not None and close_code >= 4000:
             # A terminal refusal (the daily budget is spent): nothing more can be
             # served on this connection, so it ends with the documented code.
+            self.end_reason = refusal_reason(error.name)
             self.outbox.close(close_code, error.name)
         if status != "completed":
             return []
         return [item for item in output if item.type == common_pb2.ITEM_TYPE_FUNCTION_CALL]
+
+    def _count_response(
+        self, status: str, usage: common_pb2.Usage, error: SwitchboardError | None
+    ) -> None:
+        model = self._model_label
+        metrics = self.metrics
+        metrics.responses.labels(model, status).inc()
+        metrics.response_duration.labels(model, status).observe(time.monotonic() - self._asked_at)
+        metrics.tokens.labels(model, "input").inc(usage.input_tokens)
+        metrics.tokens.labels(model, "output").inc(usage.output_tokens)
+        if error is not None and refusal_reason(error.name) == "quota":
+            metrics.rejections.labels(error.name, self.tenant.tier).inc()
 
     def _output_cap(self, requested: int) -> int:
         """The response's output tokens: what was asked (0 = no limit), within the

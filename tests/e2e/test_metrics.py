@@ -1,0 +1,56 @@
+"""The gateway's /metrics reflect what clients went through."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import aiohttp
+import pytest
+import websockets
+
+from tests.e2e.conftest import RealtimeClient, connect
+from tools.stack import Stack
+
+
+async def scrape(stack: Stack) -> str:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{stack.gateway_url}/metrics") as reply,
+    ):
+        assert reply.status == 200
+        return await reply.text()
+
+
+def value(text: str, sample: str) -> float:
+    match = re.search(rf"^{re.escape(sample)} ([0-9.e+-]+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+async def test_ttft_tokens_and_disconnects_are_counted(stack: Stack) -> None:
+    before = await scrape(stack)
+    ttft = 'switchboard_gateway_time_to_first_token_seconds_count{model="other"}'
+    done = 'switchboard_gateway_responses_total{model="other",status="completed"}'
+    closed = 'switchboard_gateway_disconnects_total{reason="client_closed"}'
+    auth = 'switchboard_gateway_disconnects_total{reason="auth"}'
+    output = 'switchboard_gateway_tokens_total{direction="output",model="other"}'
+    async with connect(stack) as connection:
+        client = RealtimeClient(connection)
+        await client.recv()
+        await client.say("count me")
+        usage = (await client.respond())[-1]["response"]["usage"]
+    with pytest.raises(websockets.InvalidStatus):
+        async with connect(stack, key="sk-sb-not-a-key"):
+            pass
+    after = await scrape(stack)
+    for _ in range(50):  # the gateway counts the close once it has processed it
+        if value(after, closed) > value(before, closed):
+            break
+        await asyncio.sleep(0.05)
+        after = await scrape(stack)
+    assert value(after, ttft) == value(before, ttft) + 1
+    assert value(after, done) == value(before, done) + 1
+    assert value(after, output) == value(before, output) + usage["output_tokens"]
+    assert value(after, closed) >= value(before, closed) + 1
+    assert value(after, auth) == value(before, auth) + 1
+    assert "switchboard_gateway_connections_active " in after
