@@ -44,10 +44,11 @@ class Ports:
     toolexec: int = 50053
     redis: int = 6379
     simulator: int = 8090
+    broker_metrics: int = 9102
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(*(free_port() for _ in range(6)))
+        return cls(*(free_port() for _ in range(7)))
 
     @classmethod
     def from_environ(cls) -> Ports:
@@ -135,6 +136,7 @@ class Stack:
             SWITCHBOARD_GATEWAY_PORT=str(self.ports.gateway),
             SWITCHBOARD_SESSION_LISTEN=f"127.0.0.1:{self.ports.session}",
             SWITCHBOARD_BROKER_LISTEN=f"127.0.0.1:{self.ports.broker}",
+            SWITCHBOARD_BROKER_METRICS_LISTEN=f"127.0.0.1:{self.ports.broker_metrics}",
             SWITCHBOARD_TOOLEXEC_LISTEN=f"127.0.0.1:{self.ports.toolexec}",
             SWITCHBOARD_GATEWAY_SESSION_TARGET=f"127.0.0.1:{self.ports.session}",
             SWITCHBOARD_GATEWAY_BROKER_TARGET=f"127.0.0.1:{self.ports.broker}",
@@ -170,7 +172,11 @@ class Stack:
         for replica in range(2, self.replicas + 1):
             broker_port, gateway_port = free_port(), free_port()
             self._extra_gateway_ports.append(gateway_port)
-            broker_env = {**env, "SWITCHBOARD_BROKER_LISTEN": f"127.0.0.1:{broker_port}"}
+            broker_env = {
+                **env,
+                "SWITCHBOARD_BROKER_LISTEN": f"127.0.0.1:{broker_port}",
+                "SWITCHBOARD_BROKER_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
+            }
             self._add(
                 f"broker-{replica}",
                 [python, "-m", "switchboard.broker"],

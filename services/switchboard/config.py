@@ -238,6 +238,8 @@ class SessionSettings:
 @dataclass(frozen=True, slots=True)
 class BrokerSettings:
     listen: str
+    # HOST:PORT of the /metrics HTTP endpoint; "off" turns it off.
+    metrics_listen: str
     # The development `default` upstream (any OpenAI-compatible base URL, e.g.
     # https://api.openai.com/v1, and its key), validated at start. Calls are
     # routed by the tenants (switchboard.tenancy): without a tenants file the
@@ -261,6 +263,11 @@ class BrokerSettings:
         default_url = env.string("OPENAI_BASE_URL", "https://api.openai.com/v1")
         return cls(
             listen=env.address("SWITCHBOARD_BROKER_LISTEN", DEFAULT_BROKER_ADDRESS),
+            metrics_listen=(
+                ""
+                if env.string("SWITCHBOARD_BROKER_METRICS_LISTEN", "") == "off"
+                else env.address("SWITCHBOARD_BROKER_METRICS_LISTEN", "127.0.0.1:9102")
+            ),
             upstream_base_url=env.url(
                 "SWITCHBOARD_BROKER_UPSTREAM_URL", default_url, schemes=("http", "https")
             ),

@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, start_http_server
 
 from switchboard.config import ConfigError
 from switchboard.telemetry import configure_logging
@@ -70,6 +71,7 @@ async def serve(
     probe_interval_s: float = 1.0,
     grace_s: float = 10.0,
     stop: asyncio.Event | None = None,
+    metrics: tuple[str, CollectorRegistry] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain for `grace_s`.
 
@@ -78,6 +80,8 @@ async def serve(
         listen: HOST:PORT to bind.
         register: adds the service's servicers to the server.
         probe: readiness check; while it returns False health is NOT_SERVING.
+        metrics: HOST:PORT and the registry to serve at `/metrics` over HTTP
+            (a small thread of prometheus_client's), when given.
     """
     server = grpc.aio.server(options=SERVER_OPTIONS)
     register(server)
@@ -87,6 +91,16 @@ async def serve(
     if port == 0:
         raise RuntimeError(f"cannot listen on {listen}")
     await server.start()
+    if metrics is not None:
+        address, registry = metrics
+        host, _, port = address.rpartition(":")
+        try:
+            start_http_server(int(port), addr=host, registry=registry)
+        except OSError as exc:
+            # Metrics are not worth refusing to serve for; say so loudly.
+            log.error("metrics endpoint not started", extra={"address": address, "error": str(exc)})
+        else:
+            log.info("metrics listening", extra={"address": address})
 
     async def set_status(status: int) -> None:
         await health_servicer.set("", status)

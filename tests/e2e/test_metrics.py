@@ -54,3 +54,25 @@ async def test_ttft_tokens_and_disconnects_are_counted(stack: Stack) -> None:
     assert value(after, closed) >= value(before, closed) + 1
     assert value(after, auth) == value(before, auth) + 1
     assert "switchboard_gateway_connections_active " in after
+
+
+async def test_the_broker_counts_upstream_calls(stack: Stack) -> None:
+    url = f"http://127.0.0.1:{stack.ports.broker_metrics}/metrics"
+
+    async def broker_metrics() -> str:
+        async with aiohttp.ClientSession() as http, http.get(url) as reply:
+            assert reply.status == 200
+            return await reply.text()
+
+    completed = 'switchboard_broker_upstream_requests_total{outcome="completed",upstream="default"}'
+    ttft = 'switchboard_broker_upstream_time_to_first_token_seconds_count{upstream="default"}'
+    before = await broker_metrics()
+    async with connect(stack) as connection:
+        client = RealtimeClient(connection)
+        await client.recv()
+        await client.say("count me upstream")
+        await client.respond()
+    after = await broker_metrics()
+    assert value(after, completed) == value(before, completed) + 1
+    assert value(after, ttft) == value(before, ttft) + 1
+    assert "switchboard_broker_streams_active 0.0" in after

@@ -51,7 +51,12 @@ async def run(startup: BrokerStartup, *, stop: asyncio.Event | None = None) -> N
     """Serve until SIGTERM/SIGINT (or `stop` is set), then close the upstream clients."""
     settings = startup.settings
     async with running(settings, startup.tenants) as servicer:
-        await rpc.serve(SERVICE_NAME, settings.listen, servicer.register, stop=stop)
+        metrics = None
+        if settings.metrics_listen:
+            metrics = (settings.metrics_listen, servicer.metrics.registry)
+        await rpc.serve(
+            SERVICE_NAME, settings.listen, servicer.register, stop=stop, metrics=metrics
+        )
     # Leaving `running` after the drain: in-flight streams have finished or been
     # cancelled, so the clients close under no one.
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 
+from switchboard.broker.metrics import BrokerMetrics
 from switchboard.broker.routing import resolve
 from switchboard.broker.translate import ChunkTranslator, chat_request
 from switchboard.broker.upstreams import Upstreams
@@ -60,7 +61,11 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
     """Serves BrokerService: each call to the upstream its tenant's route names."""
 
     def __init__(
-        self, tenants: TenantConfig, upstreams: Upstreams, settings: BrokerSettings
+        self,
+        tenants: TenantConfig,
+        upstreams: Upstreams,
+        settings: BrokerSettings,
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         """Args:
         tenants: the live tenants; `current` is read once per call.
@@ -70,6 +75,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
         self._tenants = tenants
         self._upstreams = upstreams
         self._settings = settings
+        self.metrics = metrics or BrokerMetrics()
 
     @property
     def upstreams(self) -> Upstreams:
@@ -98,7 +104,8 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
             estimated_input_tokens=request.context.estimated_tokens,
             call_id_prefix=f"call_{request.response_id}_" if request.response_id else "call_",
         )
-        call = _CallLog(ids, request.model, started)
+        call = _CallLog(ids, request.model, started, self.metrics)
+        self.metrics.streams_active.inc()
         try:
             target = resolve(
                 self._tenants.current,
@@ -144,6 +151,8 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
             )
             await abort_with(context, InternalError("The broker failed."))
             return
+        finally:
+            self.metrics.streams_active.dec()
         call.log_completed(finished.finished)
         yield finished
 
@@ -151,8 +160,11 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
 class _CallLog:
     """The one log line of a Generate call: ids, model, upstream, timings and usage."""
 
-    def __init__(self, ids: dict[str, str], model: str, started: float) -> None:
+    def __init__(
+        self, ids: dict[str, str], model: str, started: float, metrics: BrokerMetrics
+    ) -> None:
         self.ids = ids
+        self.metrics = metrics
         self.started = started
         self.model = model
         # Known once the call is routed ("" when it was refused before).
@@ -178,13 +190,27 @@ class _CallLog:
             "usage_estimated": usage.estimated,
         }
 
+    def _observe(self, outcome: str) -> None:
+        upstream = self.upstream or "none"
+        metrics = self.metrics
+        metrics.upstream_requests.labels(upstream, outcome).inc()
+        metrics.upstream_duration.labels(upstream, outcome).observe(time.monotonic() - self.started)
+        if self.first_event is not None:
+            metrics.upstream_time_to_first_token.labels(upstream).observe(
+                self.first_event - self.started
+            )
+
     def log_completed(self, finished: broker_pb2.Finished) -> None:
+        self._observe("completed")
         fields = self._fields(finished.usage)
         fields["finish_reason"] = broker_pb2.FinishReason.Name(finished.reason)
         log.info("generate completed", extra=fields)
 
     def log_failure(self, err: SwitchboardError, translator: ChunkTranslator) -> None:
+        self._observe("failed")
+        self.metrics.upstream_errors.labels(self.upstream or "none", err.name).inc()
         log.warning("generate failed", extra={**self._fields(translator.usage()), "code": err.name})
 
     def log_cancelled(self, translator: ChunkTranslator) -> None:
+        self._observe("cancelled")
         log.info("generate cancelled", extra=self._fields(translator.usage()))
