@@ -45,10 +45,11 @@ class Ports:
     redis: int = 6379
     simulator: int = 8090
     broker_metrics: int = 9102
+    toolexec_metrics: int = 9103
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(*(free_port() for _ in range(7)))
+        return cls(*(free_port() for _ in range(8)))
 
     @classmethod
     def from_environ(cls) -> Ports:
@@ -137,6 +138,7 @@ class Stack:
             SWITCHBOARD_SESSION_LISTEN=f"127.0.0.1:{self.ports.session}",
             SWITCHBOARD_BROKER_LISTEN=f"127.0.0.1:{self.ports.broker}",
             SWITCHBOARD_BROKER_METRICS_LISTEN=f"127.0.0.1:{self.ports.broker_metrics}",
+            SWITCHBOARD_TOOLEXEC_METRICS_LISTEN=f"127.0.0.1:{self.ports.toolexec_metrics}",
             SWITCHBOARD_TOOLEXEC_LISTEN=f"127.0.0.1:{self.ports.toolexec}",
             SWITCHBOARD_GATEWAY_SESSION_TARGET=f"127.0.0.1:{self.ports.session}",
             SWITCHBOARD_GATEWAY_BROKER_TARGET=f"127.0.0.1:{self.ports.broker}",

@@ -282,6 +282,8 @@ class BrokerSettings:
 @dataclass(frozen=True, slots=True)
 class ToolExecSettings:
     listen: str
+    # HOST:PORT of the /metrics HTTP endpoint; "off" turns it off.
+    metrics_listen: str
     log_level: str
     # YAML file of per-tenant tools and webhooks (docs/toolexec.md); None: every
     # tenant may use every built-in and there are no webhooks.
@@ -307,6 +309,11 @@ class ToolExecSettings:
             )
         return cls(
             listen=env.address("SWITCHBOARD_TOOLEXEC_LISTEN", DEFAULT_TOOLEXEC_ADDRESS),
+            metrics_listen=(
+                ""
+                if env.string("SWITCHBOARD_TOOLEXEC_METRICS_LISTEN", "") == "off"
+                else env.address("SWITCHBOARD_TOOLEXEC_METRICS_LISTEN", "127.0.0.1:9103")
+            ),
             log_level=env.log_level(),
             tools_file=env.optional("SWITCHBOARD_TOOLEXEC_TOOLS_FILE"),
             tenants_file=env.optional("SWITCHBOARD_TENANTS_FILE"),

@@ -91,6 +91,13 @@ async def serve(
     if port == 0:
         raise RuntimeError(f"cannot listen on {listen}")
     await server.start()
+
+    async def set_status(status: int) -> None:
+        await health_servicer.set("", status)
+        await health_servicer.set(name, status)
+
+    await set_status(SERVING if probe is None else NOT_SERVING)
+    log.info("listening", extra={"address": listen, "grpc_service": name})
     if metrics is not None:
         address, registry = metrics
         host, _, port = address.rpartition(":")
@@ -101,13 +108,6 @@ async def serve(
             log.error("metrics endpoint not started", extra={"address": address, "error": str(exc)})
         else:
             log.info("metrics listening", extra={"address": address})
-
-    async def set_status(status: int) -> None:
-        await health_servicer.set("", status)
-        await health_servicer.set(name, status)
-
-    await set_status(SERVING if probe is None else NOT_SERVING)
-    log.info("listening", extra={"address": listen, "grpc_service": name})
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -76,3 +76,30 @@ async def test_the_broker_counts_upstream_calls(stack: Stack) -> None:
     assert value(after, completed) == value(before, completed) + 1
     assert value(after, ttft) == value(before, ttft) + 1
     assert "switchboard_broker_streams_active 0.0" in after
+
+
+async def test_toolexec_counts_calls_by_tool_and_outcome(stack: Stack) -> None:
+    url = f"http://127.0.0.1:{stack.ports.toolexec_metrics}/metrics"
+
+    async def toolexec_metrics() -> str:
+        async with aiohttp.ClientSession() as http, http.get(url) as reply:
+            return await reply.text()
+
+    ok = 'switchboard_toolexec_calls_total{outcome="ok",tool="calculate"}'
+    unknown = 'switchboard_toolexec_calls_total{outcome="unknown_tool",tool="unknown"}'
+    before = await toolexec_metrics()
+    async with connect(stack) as connection:
+        client = RealtimeClient(connection)
+        await client.recv()
+        for name, arguments in (("calculate", '{"expression": "1+1"}'), ("teleport", "{}")):
+            directive = (
+                f'[[sim {{"tool_calls": [{{"name": "{name}", "arguments": {arguments}}}]}}]]'
+            )
+            await client.say(f"call {directive}")
+            await client.send({"type": "response.create"})
+            await client.recv_until("response.done", timeout_s=30)
+            await client.recv_until("response.done", timeout_s=30)
+    after = await toolexec_metrics()
+    assert value(after, ok) == value(before, ok) + 1
+    assert value(after, unknown) == value(before, unknown) + 1
+    assert "teleport" not in after  # model-invented names never become labels

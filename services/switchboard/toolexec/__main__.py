@@ -96,7 +96,10 @@ async def run(
         def register(server: grpc.aio.Server) -> None:
             toolexec_pb2_grpc.add_ToolExecServiceServicer_to_server(servicer, server)
 
-        await rpc.serve(SERVICE_NAME, settings.listen, register, stop=stop)
+        metrics = None
+        if settings.metrics_listen:
+            metrics = (settings.metrics_listen, servicer.metrics.registry)
+        await rpc.serve(SERVICE_NAME, settings.listen, register, stop=stop, metrics=metrics)
     finally:
         await webhooks.close()
         if redis is not None:

@@ -34,6 +34,7 @@ from typing import Any
 
 from switchboard.toolexec import outcomes
 from switchboard.toolexec.catalog import CatalogSource, Refusal, Usable
+from switchboard.toolexec.metrics import ToolExecMetrics
 from switchboard.toolexec.outcomes import Attempt, fingerprint, ran, refused, short
 from switchboard.toolexec.registry import CallInfo, ToolFailed
 from switchboard.toolexec.results import (
@@ -100,8 +101,10 @@ class ToolExecServicer(toolexec_pb2_grpc.ToolExecServiceServicer):
         results: ResultStore | None = None,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
         poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
+        metrics: ToolExecMetrics | None = None,
     ) -> None:
         self._tools = tools
+        self.metrics = metrics or ToolExecMetrics()
         self._results: ResultStore = results if results is not None else MemoryResultStore()
         self._max_output_bytes = max_output_bytes
         self._poll_s = poll_interval_s
@@ -127,7 +130,9 @@ class ToolExecServicer(toolexec_pb2_grpc.ToolExecServiceServicer):
         self, request: toolexec_pb2.ExecuteRequest, context: Any
     ) -> toolexec_pb2.ExecuteResponse:
         """Run one call; see `execute`."""
-        return await self.execute(request)
+        response = await self.execute(request)
+        self.metrics.observe(request.name, response)
+        return response
 
     async def execute(self, request: toolexec_pb2.ExecuteRequest) -> toolexec_pb2.ExecuteResponse:
         """Run one call, or replay its stored result, and describe the outcome.

@@ -1,0 +1,44 @@
+"""toolexec's Prometheus metrics: tool calls and their durations by tool and outcome.
+
+`tool` is a configured tool name, or `unknown` for a name that exists nowhere
+(models invent names, which must not become labels); `outcome` is the
+lower-case `ToolOutcome` (ok, invalid_arguments, unknown_tool, not_allowed,
+timeout, executor_error).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from switchboard.v1 import toolexec_pb2
+
+_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class ToolExecMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        ns, sub, r = "switchboard", "toolexec", self.registry
+        self.calls = Counter(
+            "calls_total",
+            "Tool calls answered, by tool and outcome (replays included).",
+            ["tool", "outcome"],
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "call_duration_seconds",
+            "Time to answer a tool call, by tool and outcome.",
+            ["tool", "outcome"],
+            namespace=ns,
+            subsystem=sub,
+            buckets=_BUCKETS,
+            registry=r,
+        )
+
+    def observe(self, name: str, response: toolexec_pb2.ExecuteResponse) -> None:
+        outcome = toolexec_pb2.ToolOutcome.Name(response.outcome).removeprefix("TOOL_OUTCOME_")
+        tool = "unknown" if response.outcome == toolexec_pb2.TOOL_OUTCOME_UNKNOWN_TOOL else name
+        self.calls.labels(tool, outcome.lower()).inc()
+        self.duration.labels(tool, outcome.lower()).observe(response.duration_ms / 1000)
