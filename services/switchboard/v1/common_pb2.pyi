@@ -40,6 +40,14 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     ERROR_CODE_SESSION_NOT_FOUND: _ErrorCode.ValueType  # 11
     ERROR_CODE_UNKNOWN_PARAMETER: _ErrorCode.ValueType  # 12
     ERROR_CODE_FIELD_LOCKED: _ErrorCode.ValueType  # 13
+    ERROR_CODE_SESSION_TAKEN_OVER: _ErrorCode.ValueType  # 14
+    """Another connection resumed this session; this one is closed."""
+    ERROR_CODE_RESUME_UNAVAILABLE: _ErrorCode.ValueType  # 15
+    """The events after the given last event id are no longer in the session's log."""
+    ERROR_CODE_IDLE_TIMEOUT: _ErrorCode.ValueType  # 16
+    """No client event for longer than the idle timeout."""
+    ERROR_CODE_SESSION_EXPIRED: _ErrorCode.ValueType  # 17
+    """The connection reached the tenant's maximum session length."""
     ERROR_CODE_INVALID_API_KEY: _ErrorCode.ValueType  # 20
     """Authentication and tenancy."""
     ERROR_CODE_MODEL_NOT_ALLOWED: _ErrorCode.ValueType  # 21
@@ -56,6 +64,8 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     ERROR_CODE_UPSTREAM_RATE_LIMITED: _ErrorCode.ValueType  # 43
     ERROR_CODE_UPSTREAM_TIMEOUT: _ErrorCode.ValueType  # 44
     ERROR_CODE_UPSTREAM_STREAM_BROKEN: _ErrorCode.ValueType  # 45
+    ERROR_CODE_RESPONSE_INTERRUPTED: _ErrorCode.ValueType  # 46
+    """The gateway running the response stopped before it ended."""
     ERROR_CODE_TOOL_NOT_FOUND: _ErrorCode.ValueType  # 50
     """Tools."""
     ERROR_CODE_TOOL_NOT_ALLOWED: _ErrorCode.ValueType  # 51
@@ -87,6 +97,14 @@ ERROR_CODE_RESPONSE_CANCEL_NOT_ACTIVE: ErrorCode.ValueType  # 10
 ERROR_CODE_SESSION_NOT_FOUND: ErrorCode.ValueType  # 11
 ERROR_CODE_UNKNOWN_PARAMETER: ErrorCode.ValueType  # 12
 ERROR_CODE_FIELD_LOCKED: ErrorCode.ValueType  # 13
+ERROR_CODE_SESSION_TAKEN_OVER: ErrorCode.ValueType  # 14
+"""Another connection resumed this session; this one is closed."""
+ERROR_CODE_RESUME_UNAVAILABLE: ErrorCode.ValueType  # 15
+"""The events after the given last event id are no longer in the session's log."""
+ERROR_CODE_IDLE_TIMEOUT: ErrorCode.ValueType  # 16
+"""No client event for longer than the idle timeout."""
+ERROR_CODE_SESSION_EXPIRED: ErrorCode.ValueType  # 17
+"""The connection reached the tenant's maximum session length."""
 ERROR_CODE_INVALID_API_KEY: ErrorCode.ValueType  # 20
 """Authentication and tenancy."""
 ERROR_CODE_MODEL_NOT_ALLOWED: ErrorCode.ValueType  # 21
@@ -103,6 +121,8 @@ ERROR_CODE_UPSTREAM_ERROR: ErrorCode.ValueType  # 42
 ERROR_CODE_UPSTREAM_RATE_LIMITED: ErrorCode.ValueType  # 43
 ERROR_CODE_UPSTREAM_TIMEOUT: ErrorCode.ValueType  # 44
 ERROR_CODE_UPSTREAM_STREAM_BROKEN: ErrorCode.ValueType  # 45
+ERROR_CODE_RESPONSE_INTERRUPTED: ErrorCode.ValueType  # 46
+"""The gateway running the response stopped before it ended."""
 ERROR_CODE_TOOL_NOT_FOUND: ErrorCode.ValueType  # 50
 """Tools."""
 ERROR_CODE_TOOL_NOT_ALLOWED: ErrorCode.ValueType  # 51

@@ -93,6 +93,16 @@ class SessionServiceStub:
                 request_serializer=switchboard_dot_v1_dot_session__pb2.ReadEventsRequest.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_session__pb2.ReadEventsResponse.FromString,
                 _registered_method=True)
+        self.ClaimSession = channel.unary_unary(
+                '/switchboard.v1.SessionService/ClaimSession',
+                request_serializer=switchboard_dot_v1_dot_session__pb2.ClaimSessionRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_session__pb2.ClaimSessionResponse.FromString,
+                _registered_method=True)
+        self.ReleaseSession = channel.unary_unary(
+                '/switchboard.v1.SessionService/ReleaseSession',
+                request_serializer=switchboard_dot_v1_dot_session__pb2.ReleaseSessionRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_session__pb2.ReleaseSessionResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -170,6 +180,21 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClaimSession(self, request, context):
+        """The session's writer lease: one connection at a time writes a session's
+        event log. A claim on a session held by another asks that holder to hand it
+        over (it does when its running response ends).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -227,6 +252,16 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.ReadEvents,
                     request_deserializer=switchboard_dot_v1_dot_session__pb2.ReadEventsRequest.FromString,
                     response_serializer=switchboard_dot_v1_dot_session__pb2.ReadEventsResponse.SerializeToString,
+            ),
+            'ClaimSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimSession,
+                    request_deserializer=switchboard_dot_v1_dot_session__pb2.ClaimSessionRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_session__pb2.ClaimSessionResponse.SerializeToString,
+            ),
+            'ReleaseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseSession,
+                    request_deserializer=switchboard_dot_v1_dot_session__pb2.ReleaseSessionRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_session__pb2.ReleaseSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -529,6 +564,60 @@ class SessionService:
             '/switchboard.v1.SessionService/ReadEvents',
             switchboard_dot_v1_dot_session__pb2.ReadEventsRequest.SerializeToString,
             switchboard_dot_v1_dot_session__pb2.ReadEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.SessionService/ClaimSession',
+            switchboard_dot_v1_dot_session__pb2.ClaimSessionRequest.SerializeToString,
+            switchboard_dot_v1_dot_session__pb2.ClaimSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.SessionService/ReleaseSession',
+            switchboard_dot_v1_dot_session__pb2.ReleaseSessionRequest.SerializeToString,
+            switchboard_dot_v1_dot_session__pb2.ReleaseSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

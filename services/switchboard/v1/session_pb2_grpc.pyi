@@ -51,6 +51,12 @@ class SessionServiceStub:
     AppendEvents: _grpc.UnaryUnaryMultiCallable[_session_pb2.AppendEventsRequest, _session_pb2.AppendEventsResponse]
     """The resumable event log: server events of a session with their sequence."""
     ReadEvents: _grpc.UnaryUnaryMultiCallable[_session_pb2.ReadEventsRequest, _session_pb2.ReadEventsResponse]
+    ClaimSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.ClaimSessionRequest, _session_pb2.ClaimSessionResponse]
+    """The session's writer lease: one connection at a time writes a session's
+    event log. A claim on a session held by another asks that holder to hand it
+    over (it does when its running response ends).
+    """
+    ReleaseSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.ReleaseSessionRequest, _session_pb2.ReleaseSessionResponse]
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
@@ -74,6 +80,12 @@ class SessionServiceAsyncStub(SessionServiceStub):
     AppendEvents: _aio.UnaryUnaryMultiCallable[_session_pb2.AppendEventsRequest, _session_pb2.AppendEventsResponse]  # type: ignore[assignment]
     """The resumable event log: server events of a session with their sequence."""
     ReadEvents: _aio.UnaryUnaryMultiCallable[_session_pb2.ReadEventsRequest, _session_pb2.ReadEventsResponse]  # type: ignore[assignment]
+    ClaimSession: _aio.UnaryUnaryMultiCallable[_session_pb2.ClaimSessionRequest, _session_pb2.ClaimSessionResponse]  # type: ignore[assignment]
+    """The session's writer lease: one connection at a time writes a session's
+    event log. A claim on a session held by another asks that holder to hand it
+    over (it does when its running response ends).
+    """
+    ReleaseSession: _aio.UnaryUnaryMultiCallable[_session_pb2.ReleaseSessionRequest, _session_pb2.ReleaseSessionResponse]  # type: ignore[assignment]
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Owns conversation state in Redis: sessions, their items, the event log that
@@ -160,5 +172,23 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _session_pb2.ReadEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.ReadEventsResponse, _abc.Awaitable[_session_pb2.ReadEventsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ClaimSession(
+        self,
+        request: _session_pb2.ClaimSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.ClaimSessionResponse, _abc.Awaitable[_session_pb2.ClaimSessionResponse]]:
+        """The session's writer lease: one connection at a time writes a session's
+        event log. A claim on a session held by another asks that holder to hand it
+        over (it does when its running response ends).
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseSession(
+        self,
+        request: _session_pb2.ReleaseSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.ReleaseSessionResponse, _abc.Awaitable[_session_pb2.ReleaseSessionResponse]]: ...
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
