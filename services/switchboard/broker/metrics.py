@@ -2,7 +2,8 @@
 
 Served on `SWITCHBOARD_BROKER_METRICS_LISTEN` (see `switchboard.rpc.serve`).
 `upstream` is the name of an upstream in the tenants file (a bounded set);
-`outcome` is completed, failed or cancelled; `code` is an error code.
+`outcome` is completed, failed or cancelled; `code` is an error code; `reason`
+and `state` take the fixed values below. docs/metrics.md lists every metric.
 """
 
 from __future__ import annotations
@@ -11,6 +12,19 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+# Why an attempt was repeated, here or on another deployment (docs/broker.md#retries).
+RETRY_REASONS = (
+    "rate_limited",
+    "server_error",
+    "connection",
+    "timeout",
+    "stream_broken",
+    "server_busy",
+)
+# Why admission control refused a call with server_busy.
+REJECTION_REASONS = ("queue_full", "tenant_queue_full", "queue_timeout")
+BREAKER_STATES = ("closed", "open", "half_open")
 
 
 class BrokerMetrics:
@@ -58,3 +72,57 @@ class BrokerMetrics:
             subsystem=sub,
             registry=r,
         )
+        self.upstream_retries = Counter(
+            "upstream_retries_total",
+            "Attempts that failed before the first token and were tried again, here or "
+            "on another deployment, by the failing upstream and the reason.",
+            ["upstream", "reason"],
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
+        )
+        self.admission_rejections = Counter(
+            "admission_rejections_total",
+            "Calls refused with server_busy by an upstream's admission control.",
+            ["upstream", "reason"],
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
+        )
+        self.admission_queued = Gauge(
+            "admission_queued_requests",
+            "Calls waiting for a concurrency slot of the upstream (the queue depth).",
+            ["upstream"],
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
+        )
+        self.admission_running = Gauge(
+            "admission_running_requests",
+            "Calls holding a concurrency slot of the upstream.",
+            ["upstream"],
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "circuit_breaker_state",
+            "1 for the current state of each upstream's circuit breaker, 0 for the others.",
+            ["upstream", "state"],
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
+        )
+        self.breaker_transitions = Counter(
+            "circuit_breaker_transitions_total",
+            "Circuit breaker state changes, by the state entered.",
+            ["upstream", "state"],
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
+        )
+
+    def set_breaker_state(self, upstream: str, state: str) -> None:
+        """Export `state` as the current one of `upstream`'s breaker."""
+        for name in BREAKER_STATES:
+            self.breaker_state.labels(upstream, name).set(1 if name == state else 0)
