@@ -219,6 +219,10 @@ class SessionNotFound(SwitchboardError):
     code = common_pb2.ERROR_CODE_SESSION_NOT_FOUND
 
 
+class SessionTakenOver(SwitchboardError):
+    code = common_pb2.ERROR_CODE_SESSION_TAKEN_OVER
+
+
 class AuthenticationFailed(SwitchboardError):
     code = common_pb2.ERROR_CODE_INVALID_API_KEY
 

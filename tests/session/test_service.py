@@ -231,7 +231,7 @@ async def test_event_log_seq_and_paging(stub: Stub, tenant: str) -> None:
     ids = {"tenant_id": tenant, "session_id": sid}
 
     def batch(*names: str) -> list[S.SessionEvent]:
-        return [S.SessionEvent(seq=7, event_id=n, payload=n.encode()) for n in names]
+        return [S.SessionEvent(event_id=n, payload=n.encode()) for n in names]
 
     assert (
         await stub.AppendEvents(S.AppendEventsRequest(**ids, events=batch("a", "b")))

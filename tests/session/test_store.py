@@ -17,6 +17,7 @@ from switchboard.errors import (
     ItemNotFound,
     SessionNotFound,
     SessionStoreUnavailable,
+    SessionTakenOver,
 )
 from switchboard.redis_client import redis_client
 from switchboard.session.keys import session_keys
@@ -240,7 +241,7 @@ async def test_events_get_increasing_seq_from_one(store: SessionStore, tenant: s
     session = await store.create_session(tenant, session_pb2.SessionConfig())
     sid = session.id
     assert await store.read_events(tenant, sid) == ([], 0)
-    assert await store.append_events(tenant, sid, [event("e1", seq=99), event("e2")]) == 2
+    assert await store.append_events(tenant, sid, [event("e1"), event("e2")]) == 2
     assert await store.append_events(tenant, sid, [event("e3")]) == 3
     assert await store.append_events(tenant, sid, []) == 3
     events, last = await store.read_events(tenant, sid)
@@ -248,6 +249,58 @@ async def test_events_get_increasing_seq_from_one(store: SessionStore, tenant: s
     assert events[0].payload == b'{"id":"e1"}'
     assert last == 3
     assert (await store.get_session(tenant, sid)).last_event_seq == 3
+
+
+async def test_events_keep_the_seq_their_writer_gives(store: SessionStore, tenant: str) -> None:
+    session = await store.create_session(tenant, session_pb2.SessionConfig())
+    sid = session.id
+    assert await store.append_events(tenant, sid, [event("e5", seq=5), event("e9", seq=9)]) == 9
+    assert await store.append_events(tenant, sid, [event("next")]) == 10
+    # Not increasing, or not above the last: refused, and nothing of the batch written.
+    for batch in ([event("x", seq=12), event("y", seq=11)], [event("z", seq=10)]):
+        with pytest.raises(InvalidRequest) as refused:
+            await store.append_events(tenant, sid, batch)
+        assert refused.value.param == "events.seq"
+    events, last = await store.read_events(tenant, sid)
+    assert [(e.seq, e.event_id) for e in events] == [(5, "e5"), (9, "e9"), (10, "next")]
+    assert last == 10
+
+
+async def test_the_writer_lease_fences_appends_and_hands_over(
+    store: SessionStore, tenant: str
+) -> None:
+    sid = (await store.create_session(tenant, session_pb2.SessionConfig())).id
+    first = await store.claim_session(tenant, sid, "conn-a", 10_000)
+    assert (first.claimed, first.handoff_requested, first.last_event_seq) == (True, False, 0)
+    assert await store.append_events(tenant, sid, [event("a1")], holder="conn-a", lease_ms=10_000)
+    # B cannot claim or write while A holds the lease; its claim asks A to hand over.
+    second = await store.claim_session(tenant, sid, "conn-b", 10_000)
+    assert (second.claimed, second.last_event_seq) == (False, 1)
+    with pytest.raises(SessionTakenOver):
+        await store.append_events(tenant, sid, [event("b1")], holder="conn-b", lease_ms=10_000)
+    renewed = await store.claim_session(tenant, sid, "conn-a", 10_000)
+    assert (renewed.claimed, renewed.handoff_requested) == (True, True)
+    # A releases; B claims, and A's next write is refused: one writer at a time.
+    await store.release_session(tenant, sid, "conn-b")  # not B's to release: no effect
+    assert not (await store.claim_session(tenant, sid, "conn-b", 10_000)).claimed
+    await store.release_session(tenant, sid, "conn-a")
+    taken = await store.claim_session(tenant, sid, "conn-b", 10_000)
+    assert (taken.claimed, taken.handoff_requested) == (True, False)
+    with pytest.raises(SessionTakenOver):
+        await store.append_events(tenant, sid, [event("a2")], holder="conn-a", lease_ms=10_000)
+    assert await store.append_events(tenant, sid, [event("b1")], holder="conn-b") == 2
+    events, _ = await store.read_events(tenant, sid)
+    assert [e.event_id for e in events] == ["a1", "b1"]
+
+
+async def test_an_expired_lease_is_free_to_claim(store: SessionStore, tenant: str) -> None:
+    sid = (await store.create_session(tenant, session_pb2.SessionConfig())).id
+    assert (await store.claim_session(tenant, sid, "dead-gateway", 200)).claimed
+    assert not (await store.claim_session(tenant, sid, "next", 10_000)).claimed
+    await asyncio.sleep(0.3)
+    assert (await store.claim_session(tenant, sid, "next", 10_000)).claimed
+    with pytest.raises(SessionNotFound):
+        await store.claim_session(tenant, "sess_missing", "next", 10_000)
 
 
 async def test_read_events_pages(store: SessionStore, tenant: str) -> None:

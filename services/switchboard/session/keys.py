@@ -56,6 +56,23 @@ def session_keys(tenant_id: str, session_id: str) -> SessionKeys:
     return SessionKeys(f"{prefix}:meta", f"{prefix}:items", f"{prefix}:order", f"{prefix}:events")
 
 
+class LeaseKeys(NamedTuple):
+    """The writer lease of one session (same hash slot as its `SessionKeys`).
+
+    They expire with the lease, not with the session, so they stay out of
+    `SessionKeys` (whose keys every write script refreshes to the session TTL).
+    """
+
+    owner: str
+    wanted: str
+
+
+def lease_keys(tenant_id: str, session_id: str) -> LeaseKeys:
+    """The lease keys of a session, after validating both ids."""
+    prefix = session_keys(tenant_id, session_id).meta.removesuffix(":meta")
+    return LeaseKeys(f"{prefix}:owner", f"{prefix}:wanted")
+
+
 def new_session_id() -> str:
     """An unguessable session id: `sess_` and 144 random bits, URL-safe."""
     return "sess_" + secrets.token_urlsafe(18)

@@ -1,14 +1,15 @@
 """The Lua scripts of the session store: each write is one atomic script.
 
-Every script takes the session's four keys (meta items order events) as KEYS,
-the TTL in ms as ARGV[1], checks that the session exists, and refreshes the TTL
-of all four keys before it returns.
+Every write script takes the session's four keys (meta items order events) as
+its first KEYS, the TTL in ms as ARGV[1], checks that the session exists, and
+refreshes the TTL of those four keys before it returns. The lease scripts take
+the lease keys, which expire with the lease.
 """
 
 # Every write script takes the TTL in ms as ARGV[1] and ends by calling touch().
 TOUCH = """
 local function touch()
-  for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
+  for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
 end
 """
 
@@ -62,19 +63,36 @@ return 'ok'
 """
 )
 
-# KEYS: meta items order events. ARGV: ttl_ms max_events event_bytes...
-# Numbers the events after the session's last seq, keeps the newest max_events,
-# and returns the new last seq, or -1 when the session does not exist.
+# KEYS: meta items order events owner.
+# ARGV: ttl_ms max_events holder lease_ms, then seq event_bytes per event.
+# With a holder, refuses (-2) unless the lease is free or the holder's, and renews
+# it. Seq 0 numbers an event after the last; others must be increasing and above
+# the last (-3 otherwise, nothing written). Keeps the newest max_events and
+# returns the new last seq, or -1 when the session does not exist.
 APPEND_EVENTS = (
     TOUCH
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local seq = tonumber(redis.call('HGET', KEYS[1], 'last_event_seq') or '0')
-for i = 3, #ARGV do
-  seq = seq + 1
-  local member = string.format('%d', seq) .. '\\n' .. ARGV[i]
-  redis.call('ZADD', KEYS[4], seq, member)
+local holder = ARGV[3]
+if holder ~= '' then
+  local owner = redis.call('GET', KEYS[5])
+  if owner and owner ~= holder then return -2 end
 end
+local last = tonumber(redis.call('HGET', KEYS[1], 'last_event_seq') or '0')
+local seqs = {}
+local seq = last
+for i = 5, #ARGV, 2 do
+  local given = tonumber(ARGV[i])
+  if given == 0 then seq = seq + 1
+  elseif given <= seq then return -3
+  else seq = given end
+  seqs[#seqs + 1] = seq
+end
+for n, s in ipairs(seqs) do
+  local member = string.format('%d', s) .. '\\n' .. ARGV[4 + 2 * n]
+  redis.call('ZADD', KEYS[4], s, member)
+end
+if holder ~= '' then redis.call('SET', KEYS[5], holder, 'PX', ARGV[4]) end
 redis.call('HSET', KEYS[1], 'last_event_seq', string.format('%d', seq))
 local excess = redis.call('ZCARD', KEYS[4]) - tonumber(ARGV[2])
 if excess > 0 then redis.call('ZREMRANGEBYRANK', KEYS[4], 0, excess - 1) end
@@ -82,3 +100,30 @@ touch()
 return seq
 """
 )
+
+# KEYS: meta owner wanted. ARGV: holder lease_ms.
+# Takes (or renews) the lease when it is free or the holder's; otherwise marks it
+# wanted by the holder, which the owner learns at its next renewal.
+# Returns {claimed, handoff_requested, last_event_seq}; claimed -1: no session.
+CLAIM_SESSION = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0, 0} end
+local last = tonumber(redis.call('HGET', KEYS[1], 'last_event_seq') or '0')
+local owner = redis.call('GET', KEYS[2])
+local wanted = redis.call('GET', KEYS[3])
+if owner and owner ~= ARGV[1] then
+  redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+  return {0, 0, last}
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+if wanted == ARGV[1] then
+  redis.call('DEL', KEYS[3])
+  wanted = false
+end
+return {1, wanted and 1 or 0, last}
+"""
+
+# KEYS: owner. ARGV: holder. Frees the lease if the holder has it.
+RELEASE_SESSION = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""

@@ -9,6 +9,8 @@ details the layout:
     sb:{<tenant_id>:<session_id>}:items   hash  item id -> Item bytes
     sb:{<tenant_id>:<session_id>}:order   list  item ids, oldest first
     sb:{<tenant_id>:<session_id>}:events  zset  score seq, member "<seq>\\n<SessionEvent bytes>"
+    sb:{<tenant_id>:<session_id>}:owner   string  holder of the writer lease (expires with it)
+    sb:{<tenant_id>:<session_id>}:wanted  string  a holder waiting for the lease
 
 A session looked up under another tenant is simply absent. Each write is one Lua
 script (or MULTI) that checks the session exists, changes it, and refreshes the
@@ -26,6 +28,7 @@ from switchboard.errors import (
     ItemNotFound,
     SessionNotFound,
     SessionStoreUnavailable,
+    SessionTakenOver,
     invalid_value,
 )
 from switchboard.redis_client import AnyRedis, translate_outage
@@ -33,6 +36,7 @@ from switchboard.session import scripts
 from switchboard.session.keys import (
     MAX_ITEM_ID_CHARS,
     ROOT_ITEM_ID,
+    lease_keys,
     new_item_id,
     new_session_id,
     session_keys,
@@ -40,6 +44,8 @@ from switchboard.session.keys import (
 from switchboard.v1 import common_pb2, session_pb2
 
 DEFAULT_MAX_EVENTS = 10_000
+# How long a session's writer lease lasts unless renewed (appends renew it).
+DEFAULT_LEASE_MS = 10_000
 DEFAULT_READ_LIMIT = 1000
 MAX_READ_LIMIT = 10_000
 UNAVAILABLE_MESSAGE = "The session store is unavailable."
@@ -88,6 +94,8 @@ class SessionStore:
         self._append_item = client.register_script(scripts.APPEND_ITEM)
         self._delete_item = client.register_script(scripts.DELETE_ITEM)
         self._append_events = client.register_script(scripts.APPEND_EVENTS)
+        self._claim_session = client.register_script(scripts.CLAIM_SESSION)
+        self._release_session = client.register_script(scripts.RELEASE_SESSION)
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -171,7 +179,7 @@ class SessionStore:
         keys = session_keys(tenant_id, session_id)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.exists(keys.meta)
-            pipe.delete(*keys)
+            pipe.delete(*keys, *lease_keys(tenant_id, session_id))
             existed, _ = await pipe.execute()
         if not existed:
             raise SessionNotFound("Session not found.", param="session_id")
@@ -271,25 +279,67 @@ class SessionStore:
 
     @_store_call
     async def append_events(
-        self, tenant_id: str, session_id: str, events: Sequence[session_pb2.SessionEvent]
+        self,
+        tenant_id: str,
+        session_id: str,
+        events: Sequence[session_pb2.SessionEvent],
+        *,
+        holder: str = "",
+        lease_ms: int = 0,
     ) -> int:
-        """Append events to the session's log, numbering them after the last seq.
+        """Append events to the session's log and return the seq of the last one
+        (the previous last seq when `events` is empty).
 
-        Client-provided `seq` values are ignored. The log keeps the newest
-        `max_events` events. Returns the seq of the last event (the previous last
-        seq when `events` is empty).
+        An event with seq 0 is numbered after the last; others keep their seq,
+        which must be increasing and above the log's last (`invalid_value`
+        otherwise, and nothing is written). With a `holder`, the append is refused
+        with `SessionTakenOver` unless the writer lease is free or the holder's,
+        and renews it for `lease_ms`. The log keeps the newest `max_events` events.
         """
         keys = session_keys(tenant_id, session_id)
-        encoded = [
-            session_pb2.SessionEvent(event_id=e.event_id, payload=e.payload).SerializeToString()
-            for e in events
-        ]
-        last_seq = await self._append_events(
-            keys=list(keys), args=[self._ttl_ms, self._max_events, *encoded]
+        lease_ms = lease_ms if lease_ms > 0 else DEFAULT_LEASE_MS
+        args: list[int | str | bytes] = [self._ttl_ms, self._max_events, holder, lease_ms]
+        for e in events:
+            args.append(e.seq)
+            args.append(
+                session_pb2.SessionEvent(event_id=e.event_id, payload=e.payload).SerializeToString()
+            )
+        last_seq = int(
+            await self._append_events(
+                keys=[*keys, lease_keys(tenant_id, session_id).owner], args=args
+            )
         )
-        if last_seq < 0:
+        if last_seq == -1:
             raise SessionNotFound("Session not found.", param="session_id")
-        return int(last_seq)
+        if last_seq == -2:
+            raise SessionTakenOver("Another connection resumed this session.")
+        if last_seq == -3:
+            raise invalid_value(
+                "events.seq", "Event seqs must increase and follow the log's last seq."
+            )
+        return last_seq
+
+    @_store_call
+    async def claim_session(
+        self, tenant_id: str, session_id: str, holder: str, lease_ms: int
+    ) -> session_pb2.ClaimSessionResponse:
+        """Take or renew the session's writer lease for `holder`; see CLAIM_SESSION."""
+        keys = session_keys(tenant_id, session_id)
+        lease = lease_keys(tenant_id, session_id)
+        lease_ms = lease_ms if lease_ms > 0 else DEFAULT_LEASE_MS
+        claimed, handoff, last_seq = await self._claim_session(
+            keys=[keys.meta, lease.owner, lease.wanted], args=[holder, lease_ms]
+        )
+        if int(claimed) < 0:
+            raise SessionNotFound("Session not found.", param="session_id")
+        return session_pb2.ClaimSessionResponse(
+            claimed=bool(claimed), handoff_requested=bool(handoff), last_event_seq=int(last_seq)
+        )
+
+    @_store_call
+    async def release_session(self, tenant_id: str, session_id: str, holder: str) -> None:
+        """Free the writer lease if `holder` has it."""
+        await self._release_session(keys=[lease_keys(tenant_id, session_id).owner], args=[holder])
 
     @_store_call
     async def read_events(
