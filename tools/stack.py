@@ -26,7 +26,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from tools.redis_server import RedisCluster3, RedisServer, free_port
@@ -46,10 +46,11 @@ class Ports:
     simulator: int = 8090
     broker_metrics: int = 9102
     toolexec_metrics: int = 9103
+    session_metrics: int = 9101
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(*(free_port() for _ in range(8)))
+        return cls(*(free_port() for _ in fields(cls)))
 
     @classmethod
     def from_environ(cls) -> Ports:
@@ -136,6 +137,7 @@ class Stack:
             SWITCHBOARD_GATEWAY_HOST="127.0.0.1",
             SWITCHBOARD_GATEWAY_PORT=str(self.ports.gateway),
             SWITCHBOARD_SESSION_LISTEN=f"127.0.0.1:{self.ports.session}",
+            SWITCHBOARD_SESSION_METRICS_LISTEN=f"127.0.0.1:{self.ports.session_metrics}",
             SWITCHBOARD_BROKER_LISTEN=f"127.0.0.1:{self.ports.broker}",
             SWITCHBOARD_BROKER_METRICS_LISTEN=f"127.0.0.1:{self.ports.broker_metrics}",
             SWITCHBOARD_TOOLEXEC_METRICS_LISTEN=f"127.0.0.1:{self.ports.toolexec_metrics}",

@@ -210,6 +210,8 @@ class GatewaySettings:
 @dataclass(frozen=True, slots=True)
 class SessionSettings:
     listen: str
+    # HOST:PORT of the /metrics HTTP endpoint; "off" turns it off.
+    metrics_listen: str
     redis_url: Secret
     # SWITCHBOARD_REDIS_CLUSTER: the URL names a node of a Redis Cluster.
     redis_cluster: bool
@@ -227,6 +229,11 @@ class SessionSettings:
         )
         return cls(
             listen=env.address("SWITCHBOARD_SESSION_LISTEN", DEFAULT_SESSION_ADDRESS),
+            metrics_listen=(
+                ""
+                if env.string("SWITCHBOARD_SESSION_METRICS_LISTEN", "") == "off"
+                else env.address("SWITCHBOARD_SESSION_METRICS_LISTEN", "127.0.0.1:9101")
+            ),
             redis_url=Secret(redis_url),
             redis_cluster=env.boolean("SWITCHBOARD_REDIS_CLUSTER", False),
             session_ttl_s=env.integer("SWITCHBOARD_SESSION_TTL_S", 24 * 3600, minimum=60),

@@ -51,6 +51,11 @@ def test_check_summarizes_a_valid_file_without_secrets(
     assert captured.out.startswith(f"ok: {EXAMPLE}\n")
     assert "default: https://api.openai.com/v1 (key from $OPENAI_API_KEY)" in captured.out
     assert "model fast -> local-vllm: meta-llama/Llama-3.1-8B-Instruct" in captured.out
+    assert (
+        "model chat -> local-vllm: meta-llama/Llama-3.1-8B-Instruct weight 3, default: gpt-4o-mini"
+    ) in captured.out
+    assert "admission: max_concurrent=64, max_queued=256" in captured.out
+    assert "circuit_breaker: failures=3, cooldown_s=15" in captured.out
     assert "requests_per_minute=600" in captured.out
     assert "daily_token_budget=5000000" in captured.out
     directory = TenantDirectory.load(EXAMPLE, ENVIRON)

@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 
 from switchboard.config import ConfigError, Secret
-from switchboard.tenancy import Limits, ModelRoute, SessionDefaults, TenantDirectory, hash_key
+from switchboard.tenancy import (
+    Deployment,
+    Limits,
+    ModelRoute,
+    SessionDefaults,
+    TenantDirectory,
+    UpstreamAdmission,
+    UpstreamBreaker,
+    hash_key,
+)
 from tests.tenancy.documents import (
     ACME_KEY,
     ENVIRON,
@@ -38,6 +47,23 @@ def test_the_example_file_loads_completely() -> None:
     assert acme.models["gpt-realtime"] == ModelRoute("gpt-realtime", "default", "gpt-4o-mini")
     assert acme.models["gpt-4o-mini"] == ModelRoute("gpt-4o-mini", "default", "gpt-4o-mini")
     assert acme.route("fast").upstream == "local-vllm"
+    assert acme.route("fast").deployments == (
+        Deployment("local-vllm", "meta-llama/Llama-3.1-8B-Instruct"),
+    )
+    assert acme.route("chat").deployments == (
+        Deployment("local-vllm", "meta-llama/Llama-3.1-8B-Instruct", weight=3),
+        Deployment("default", "gpt-4o-mini"),
+    )
+    careful = acme.route("careful")
+    assert careful.deployments == (
+        Deployment("default", "gpt-4o"),
+        Deployment("local-vllm", "meta-llama/Llama-3.1-70B-Instruct", priority=1),
+    )
+    assert (careful.upstream, careful.upstream_model) == ("default", "gpt-4o")
+    assert directory.upstreams["default"].admission == UpstreamAdmission(64, 256, 32, 10.0)
+    assert directory.upstreams["default"].circuit_breaker == UpstreamBreaker()
+    assert directory.upstreams["local-vllm"].circuit_breaker == UpstreamBreaker(3, 15.0)
+    assert directory.upstreams["local-vllm"].admission == UpstreamAdmission()
     assert acme.builtins == ("calculate", "current_time")
     assert acme.webhooks[0]["name"] == "lookup_order"
     assert acme.webhooks[0]["secret_env"] == "ACME_LOOKUP_ORDER_SECRET"
@@ -81,6 +107,31 @@ def test_null_limits_mean_unlimited_and_upstream_keys_are_optional() -> None:
     assert acme is not None and acme.limits == Limits(max_output_tokens=10)
     assert not directory.upstreams["local-vllm"].api_key
     assert directory.upstreams["local-vllm"].api_key_env is None
+
+
+def test_a_model_may_list_deployments_with_weights_and_priorities() -> None:
+    data = document()
+    data["tenants"]["acme"]["models"]["gpt-realtime"] = {
+        "upstream_model": "gpt-4o-mini",
+        "deployments": [
+            {"upstream": "local-vllm", "upstream_model": "llama", "priority": 2},
+            {"upstream": "default", "weight": 5, "priority": 0},
+        ],
+    }
+    data["upstreams"]["default"]["admission"] = {"max_queued": 0, "queue_timeout_s": 0.5}
+    directory = TenantDirectory.parse(data, ENVIRON)
+    acme = directory.get("acme")
+    assert acme is not None
+    route = acme.route("gpt-realtime")
+    assert route.deployments == (
+        Deployment("local-vllm", "llama", weight=1, priority=2),
+        Deployment("default", "gpt-4o-mini", weight=5, priority=0),
+    )
+    # `upstream` and `upstream_model` name the preferred deployment.
+    assert (route.upstream, route.upstream_model) == ("default", "gpt-4o-mini")
+    assert directory.upstreams["default"].admission == UpstreamAdmission(
+        max_queued=0, queue_timeout_s=0.5
+    )
 
 
 def test_hashes_are_normalized_to_lowercase() -> None:

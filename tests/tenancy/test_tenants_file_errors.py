@@ -295,6 +295,81 @@ BAD_DOCUMENTS: list[tuple[str, Edit, str]] = [
         "tenants.acme.session.max_output_tokens: must be at most limits.max_output_tokens (4096)",
     ),
     (
+        "upstream and deployments",
+        put(*ACME, "models", "fast", "deployments", value=[{"upstream": "default"}]),
+        "tenants.acme.models.fast.upstream: name the upstream in each of `deployments` instead",
+    ),
+    (
+        "deployments empty",
+        put(*ACME, "models", "beta-model", value={"deployments": []}),
+        "tenants.acme.models.beta-model.deployments: must list at least one deployment",
+    ),
+    (
+        "deployment without upstream",
+        put(*ACME, "models", "m", value={"deployments": [{"weight": 2}]}),
+        "tenants.acme.models.m.deployments[0].upstream: is required",
+    ),
+    (
+        "deployment of an unknown upstream",
+        put(*ACME, "models", "m", value={"deployments": [{"upstream": "azure"}]}),
+        "tenants.acme.models.m.deployments[0].upstream: no upstream named 'azure'",
+    ),
+    (
+        "deployment listed twice",
+        put(
+            *ACME,
+            "models",
+            "m",
+            value={"deployments": [{"upstream": "default"}, {"upstream": "default"}]},
+        ),
+        "tenants.acme.models.m.deployments[1].upstream: 'default' is listed twice",
+    ),
+    (
+        "deployment weight",
+        put(*ACME, "models", "m", value={"deployments": [{"upstream": "default", "weight": 0}]}),
+        "tenants.acme.models.m.deployments[0].weight: must be a positive integer",
+    ),
+    (
+        "deployment priority",
+        put(*ACME, "models", "m", value={"deployments": [{"upstream": "default", "priority": -1}]}),
+        "tenants.acme.models.m.deployments[0].priority: must be an integer >= 0",
+    ),
+    (
+        "deployment unknown key",
+        put(*ACME, "models", "m", value={"deployments": [{"upstream": "default", "order": 1}]}),
+        "tenants.acme.models.m.deployments[0].order: unknown key",
+    ),
+    (
+        "admission unknown key",
+        put("upstreams", "default", "admission", value={"max_streams": 3}),
+        "upstreams.default.admission.max_streams: unknown key",
+    ),
+    (
+        "admission concurrency",
+        put("upstreams", "default", "admission", value={"max_concurrent": 0}),
+        "upstreams.default.admission.max_concurrent: must be a positive integer",
+    ),
+    (
+        "admission queue",
+        put("upstreams", "default", "admission", value={"max_queued": -1}),
+        "upstreams.default.admission.max_queued: must be an integer >= 0",
+    ),
+    (
+        "admission timeout",
+        put("upstreams", "default", "admission", value={"queue_timeout_s": "5s"}),
+        "upstreams.default.admission.queue_timeout_s: must be a number of seconds above 0",
+    ),
+    (
+        "breaker failures",
+        put("upstreams", "default", "circuit_breaker", value={"failures": 0}),
+        "upstreams.default.circuit_breaker.failures: must be a positive integer",
+    ),
+    (
+        "breaker cooldown",
+        put("upstreams", "default", "circuit_breaker", value={"cooldown_s": 0}),
+        "upstreams.default.circuit_breaker.cooldown_s: must be a number of seconds above 0",
+    ),
+    (
         "allow_private_hosts a string",
         put("allow_private_hosts", value="tools.internal"),
         "allow_private_hosts: must be a list",

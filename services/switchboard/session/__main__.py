@@ -2,8 +2,9 @@
 
 Reads `SessionSettings` from the environment (a bad value exits with status 2 and
 a one-line message naming the variable), opens the Redis client, serves gRPC with
-a readiness probe that reports NOT_SERVING while Redis does not answer, and
-closes the client after the server has drained.
+a readiness probe that reports NOT_SERVING while Redis does not answer (and
+Prometheus metrics on `SWITCHBOARD_SESSION_METRICS_LISTEN`), and closes the
+client after the server has drained.
 """
 
 from __future__ import annotations
@@ -26,8 +27,22 @@ async def run(settings: SessionSettings, *, stop: asyncio.Event | None = None) -
     try:
         store = SessionStore(client, ttl_s=settings.session_ttl_s)
         servicer = SessionServicer(store, default_context_tokens=settings.context_tokens)
+
+        async def ready() -> bool:
+            up = await store.ping()
+            servicer.metrics.redis_up.set(1 if up else 0)
+            return up
+
+        metrics = None
+        if settings.metrics_listen:
+            metrics = (settings.metrics_listen, servicer.metrics.registry)
         await rpc.serve(
-            SERVICE_NAME, settings.listen, servicer.register, probe=store.ping, stop=stop
+            SERVICE_NAME,
+            settings.listen,
+            servicer.register,
+            probe=ready,
+            stop=stop,
+            metrics=metrics,
         )
     finally:
         await client.aclose()

@@ -4,19 +4,23 @@ A thin layer over `SessionStore` and `build_context`: each RPC unpacks its
 request, calls the store, and packs the reply. Every `SwitchboardError` becomes a
 gRPC abort carrying its code in the trailing metadata (`abort_with`); anything
 else is logged with the tenant and session ids (never item text) and becomes
-`internal_error`, so a caller never sees a traceback.
+`internal_error`, so a caller never sees a traceback. Every call is counted and
+timed by method and outcome (`SessionMetrics`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from types import TracebackType
 from typing import Any
 
 import grpc
+import redis.exceptions
 
 from switchboard.errors import InternalError, SwitchboardError, abort_with
 from switchboard.session.context import build_context
+from switchboard.session.metrics import SessionMetrics
 from switchboard.session.store import SessionStore
 from switchboard.v1 import common_pb2, session_pb2, session_pb2_grpc
 
@@ -26,15 +30,27 @@ SERVICE_NAME = "switchboard.v1.SessionService"
 
 
 class _RpcErrors:
-    """Async context manager that aborts the RPC with the error raised inside it."""
+    """Async context manager that aborts the RPC with the error raised inside it,
+    and counts and times the call by its outcome."""
 
-    def __init__(self, context: grpc.aio.ServicerContext, method: str, request: Any) -> None:
+    def __init__(
+        self,
+        context: grpc.aio.ServicerContext,
+        method: str,
+        request: Any,
+        metrics: SessionMetrics,
+    ) -> None:
         self._context = context
         self._method = method
         self._request = request
+        self._metrics = metrics
+        self._started = 0.0
 
     async def __aenter__(self) -> None:
-        return None
+        self._started = time.monotonic()
+
+    def _observe(self, outcome: str) -> None:
+        self._metrics.observe(self._method, outcome, time.monotonic() - self._started)
 
     async def __aexit__(
         self,
@@ -44,32 +60,52 @@ class _RpcErrors:
     ) -> None:
         # Returning None lets every exception continue; abort_with raises the
         # gRPC abort in its place. Cancellation (a BaseException) passes untouched.
-        if not isinstance(exc, Exception):
+        if exc is None:
+            self._observe("ok")
             return
+        if not isinstance(exc, Exception):
+            self._observe("cancelled")
+            return
+        # A store method turns a Redis outage into SessionStoreUnavailable
+        # (the redis-py error is its cause); other Redis errors arrive as they are.
+        cause = exc if isinstance(exc, redis.exceptions.RedisError) else exc.__cause__
+        if isinstance(cause, redis.exceptions.RedisError):
+            self._metrics.redis_errors.labels(type(cause).__name__).inc()
         ids = {
             "rpc": self._method,
             "tenant_id": getattr(self._request, "tenant_id", ""),
             "session_id": getattr(self._request, "session_id", ""),
         }
         if isinstance(exc, SwitchboardError):
+            self._observe(exc.name)
             if exc.spec.grpc_status == grpc.StatusCode.UNAVAILABLE:
                 log.warning("session store unavailable", extra={**ids, "code": exc.name})
             await abort_with(self._context, exc)
             return
+        error = InternalError("The session service failed.")
+        self._observe(error.name)
         log.error("session call failed", exc_info=exc, extra=ids)
-        await abort_with(self._context, InternalError("The session service failed."))
+        await abort_with(self._context, error)
 
 
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     """Serves SessionService from a `SessionStore`."""
 
-    def __init__(self, store: SessionStore, *, default_context_tokens: int) -> None:
+    def __init__(
+        self,
+        store: SessionStore,
+        *,
+        default_context_tokens: int,
+        metrics: SessionMetrics | None = None,
+    ) -> None:
         """Args:
         store: where sessions live; the caller owns its Redis client.
         default_context_tokens: the context budget when a request sets none.
+        metrics: where calls are counted; a fresh registry of its own when None.
         """
         self._store = store
         self._default_context_tokens = default_context_tokens
+        self.metrics = metrics or SessionMetrics()
 
     def register(self, server: grpc.aio.Server) -> None:
         """Add this servicer to a grpc.aio server (the `register` of `rpc.serve`)."""
@@ -78,19 +114,19 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     async def CreateSession(
         self, request: session_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.Session:
-        async with _RpcErrors(context, "CreateSession", request):
+        async with _RpcErrors(context, "CreateSession", request, self.metrics):
             return await self._store.create_session(request.tenant_id, request.config)
 
     async def GetSession(
         self, request: session_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.Session:
-        async with _RpcErrors(context, "GetSession", request):
+        async with _RpcErrors(context, "GetSession", request, self.metrics):
             return await self._store.get_session(request.tenant_id, request.session_id)
 
     async def UpdateSession(
         self, request: session_pb2.UpdateSessionRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.Session:
-        async with _RpcErrors(context, "UpdateSession", request):
+        async with _RpcErrors(context, "UpdateSession", request, self.metrics):
             return await self._store.update_session(
                 request.tenant_id, request.session_id, request.config
             )
@@ -98,14 +134,14 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     async def DeleteSession(
         self, request: session_pb2.DeleteSessionRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.DeleteSessionResponse:
-        async with _RpcErrors(context, "DeleteSession", request):
+        async with _RpcErrors(context, "DeleteSession", request, self.metrics):
             await self._store.delete_session(request.tenant_id, request.session_id)
             return session_pb2.DeleteSessionResponse()
 
     async def AppendItem(
         self, request: session_pb2.AppendItemRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.AppendItemResponse:
-        async with _RpcErrors(context, "AppendItem", request):
+        async with _RpcErrors(context, "AppendItem", request, self.metrics):
             item, previous_item_id = await self._store.append_item(
                 request.tenant_id, request.session_id, request.item, request.previous_item_id
             )
@@ -114,7 +150,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     async def GetItem(
         self, request: session_pb2.GetItemRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.Item:
-        async with _RpcErrors(context, "GetItem", request):
+        async with _RpcErrors(context, "GetItem", request, self.metrics):
             return await self._store.get_item(
                 request.tenant_id, request.session_id, request.item_id
             )
@@ -122,21 +158,21 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     async def DeleteItem(
         self, request: session_pb2.DeleteItemRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.DeleteItemResponse:
-        async with _RpcErrors(context, "DeleteItem", request):
+        async with _RpcErrors(context, "DeleteItem", request, self.metrics):
             await self._store.delete_item(request.tenant_id, request.session_id, request.item_id)
             return session_pb2.DeleteItemResponse()
 
     async def ListItems(
         self, request: session_pb2.ListItemsRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.ListItemsResponse:
-        async with _RpcErrors(context, "ListItems", request):
+        async with _RpcErrors(context, "ListItems", request, self.metrics):
             items = await self._store.list_items(request.tenant_id, request.session_id)
             return session_pb2.ListItemsResponse(items=items)
 
     async def BuildContext(
         self, request: session_pb2.BuildContextRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.Context:
-        async with _RpcErrors(context, "BuildContext", request):
+        async with _RpcErrors(context, "BuildContext", request, self.metrics):
             session, items = await self._store.load_conversation(
                 request.tenant_id, request.session_id
             )
@@ -154,7 +190,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     async def AppendEvents(
         self, request: session_pb2.AppendEventsRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.AppendEventsResponse:
-        async with _RpcErrors(context, "AppendEvents", request):
+        async with _RpcErrors(context, "AppendEvents", request, self.metrics):
             last_seq = await self._store.append_events(
                 request.tenant_id, request.session_id, request.events
             )
@@ -163,7 +199,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     async def ReadEvents(
         self, request: session_pb2.ReadEventsRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.ReadEventsResponse:
-        async with _RpcErrors(context, "ReadEvents", request):
+        async with _RpcErrors(context, "ReadEvents", request, self.metrics):
             events, last_seq = await self._store.read_events(
                 request.tenant_id, request.session_id, request.after_seq, request.limit
             )

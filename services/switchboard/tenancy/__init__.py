@@ -27,12 +27,15 @@ from switchboard.tenancy.keys import KEY_PREFIX, TENANT_ID, hash_key, new_key
 from switchboard.tenancy.tenants import (
     DEFAULT_TIER,
     DEFAULT_UPSTREAM,
+    Deployment,
     Limits,
     ModelNotAllowed,
     ModelRoute,
     SessionDefaults,
     Tenant,
     Upstream,
+    UpstreamAdmission,
+    UpstreamBreaker,
 )
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "TENANTS_FILE_VARIABLE",
     "TENANT_ID",
     "TENANT_KEYS_VARIABLE",
+    "Deployment",
     "KeyRing",
     "Limits",
     "ModelNotAllowed",
@@ -51,6 +55,8 @@ __all__ = [
     "TenantConfig",
     "TenantDirectory",
     "Upstream",
+    "UpstreamAdmission",
+    "UpstreamBreaker",
     "environment_upstream",
     "hash_key",
     "load_tenants",

@@ -12,11 +12,13 @@ import argparse
 import datetime
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import TextIO
 
 from switchboard.config import ConfigError
 from switchboard.tenancy.directory import TenantDirectory
 from switchboard.tenancy.keys import TENANT_ID, hash_key, new_key
+from switchboard.tenancy.tenants import Deployment, UpstreamAdmission, UpstreamBreaker
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,11 +73,18 @@ def print_summary(directory: TenantDirectory, out: TextIO) -> None:
         if upstream.api_key_env and not upstream.api_key:
             key += ", not set here"
         out.write(f"  {upstream.name}: {upstream.base_url} ({key})\n")
+        for name, settings in (
+            ("admission", upstream.admission),
+            ("circuit_breaker", upstream.circuit_breaker),
+        ):
+            if configured := _configured(settings):
+                out.write(f"    {name}: {', '.join(configured)}\n")
     out.write(f"tenants ({len(directory)}), tiers: {', '.join(directory.tiers)}\n")
     for tenant in directory:
         out.write(f"  {tenant.id}: tier {tenant.tier}, {len(tenant.key_hashes)} key(s)\n")
         for route in tenant.models.values():
-            out.write(f"    model {route.name} -> {route.upstream}: {route.upstream_model}\n")
+            targets = ", ".join(_deployment(d) for d in route.deployments)
+            out.write(f"    model {route.name} -> {targets}\n")
         if tenant.any_model_upstream is not None:
             out.write(f"    any model -> {tenant.any_model_upstream}\n")
         builtins = "all" if tenant.all_builtins else ", ".join(tenant.builtins) or "none"
@@ -86,6 +95,21 @@ def print_summary(directory: TenantDirectory, out: TextIO) -> None:
         out.write(f"    limits: {', '.join(limits) or 'none'}\n")
     if directory.allow_private_hosts:
         out.write(f"allow_private_hosts: {', '.join(directory.allow_private_hosts)}\n")
+
+
+def _deployment(deployment: Deployment) -> str:
+    text = f"{deployment.upstream}: {deployment.upstream_model}"
+    if deployment.weight != 1:
+        text += f" weight {deployment.weight}"
+    if deployment.priority:
+        text += f" priority {deployment.priority}"
+    return text
+
+
+def _configured(settings: UpstreamAdmission | UpstreamBreaker) -> list[str]:
+    """`name=value` of the settings a file sets (the rest are the broker's defaults)."""
+    values = ((item.name, getattr(settings, item.name)) for item in fields(settings))
+    return [f"{name}={value:g}" for name, value in values if value is not None]
 
 
 if __name__ == "__main__":

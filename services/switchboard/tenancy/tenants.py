@@ -57,18 +57,75 @@ LIMIT_NAMES: tuple[str, ...] = tuple(item.name for item in fields(Limits))
 
 
 @dataclass(frozen=True, slots=True)
+class Deployment:
+    """One upstream deployment that can serve a model, and how it is chosen.
+
+    Attributes:
+        upstream: the name of the `Upstream` to call.
+        upstream_model: the model name sent to it.
+        weight: share of the calls among deployments of the same priority.
+        priority: deployments with the lowest number are tried first; the
+            others only when those fail or their circuit breakers are open.
+    """
+
+    upstream: str
+    upstream_model: str
+    weight: int = 1
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ModelRoute:
     """Where a model name a client sends goes.
 
     Attributes:
         name: the model name clients send (`session.model`).
-        upstream: the name of the `Upstream` that serves it.
+        upstream: the name of the `Upstream` of the first deployment.
         upstream_model: the model name sent to that upstream.
+        deployments: every deployment that serves the model, as listed; just
+            `(upstream, upstream_model)` when none is given.
     """
 
     name: str
     upstream: str
     upstream_model: str
+    deployments: tuple[Deployment, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.deployments:
+            object.__setattr__(
+                self, "deployments", (Deployment(self.upstream, self.upstream_model),)
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamAdmission:
+    """Admission control of one upstream; None leaves the broker's default.
+
+    Attributes:
+        max_concurrent: calls streaming from the upstream at once.
+        max_queued: calls waiting for a slot, all tenants together.
+        max_queued_per_tenant: calls one tenant may have waiting.
+        queue_timeout_s: the longest a call waits for a slot.
+    """
+
+    max_concurrent: int | None = None
+    max_queued: int | None = None
+    max_queued_per_tenant: int | None = None
+    queue_timeout_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamBreaker:
+    """Circuit breaker of one upstream; None leaves the broker's default.
+
+    Attributes:
+        failures: consecutive failed calls that open the breaker.
+        cooldown_s: how long it stays open before one probe call is let through.
+    """
+
+    failures: int | None = None
+    cooldown_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,12 +137,16 @@ class Upstream:
         base_url: an http(s) URL without credentials, query or fragment.
         api_key: the key sent upstream; empty when the upstream needs none.
         api_key_env: the variable the key was read from (safe to log).
+        admission: its concurrency limit and wait queue (broker defaults if unset).
+        circuit_breaker: when the broker stops sending to it for a while.
     """
 
     name: str
     base_url: str
     api_key: Secret = field(default=Secret(""), repr=False)
     api_key_env: str | None = None
+    admission: UpstreamAdmission = UpstreamAdmission()
+    circuit_breaker: UpstreamBreaker = UpstreamBreaker()
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,13 +28,17 @@ from switchboard.tenancy.tenants import (
     DEFAULT_TIER,
     DEFAULT_UPSTREAM,
     LIMIT_NAMES,
+    Deployment,
     Limits,
     ModelRoute,
     SessionDefaults,
     Tenant,
     Upstream,
+    UpstreamAdmission,
+    UpstreamBreaker,
 )
 from switchboard.tenancy.yaml_checks import (
+    MAX_INTEGER,
     KeyPath,
     count,
     error,
@@ -54,7 +58,11 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_INSTRUCTIONS_CHARS = 64 * 1024
 
 _TOP_KEYS = ("upstreams", "tenants", "tiers", "allow_private_hosts")
-_UPSTREAM_KEYS = ("base_url", "api_key_env")
+_UPSTREAM_KEYS = ("base_url", "api_key_env", "admission", "circuit_breaker")
+_ADMISSION_KEYS = ("max_concurrent", "max_queued", "max_queued_per_tenant", "queue_timeout_s")
+_BREAKER_KEYS = ("failures", "cooldown_s")
+# A day: longer waits or cooldowns are typos (milliseconds written as seconds).
+MAX_SECONDS = 86_400.0
 _TENANT_KEYS = (
     "keys",
     "tier",
@@ -65,7 +73,8 @@ _TENANT_KEYS = (
     "daily_token_budget",
     "session",
 )
-_MODEL_KEYS = ("upstream", "upstream_model")
+_MODEL_KEYS = ("upstream", "upstream_model", "deployments")
+_DEPLOYMENT_KEYS = ("upstream", "upstream_model", "weight", "priority")
 _SESSION_KEYS = ("model", "instructions", "max_output_tokens")
 
 
@@ -185,10 +194,57 @@ def _upstreams(raw: Any, environ: Mapping[str, str], require_env: bool) -> dict[
             base_url=_base_url(fields["base_url"], (*path, "base_url")),
             api_key=secret,
             api_key_env=key_env,
+            admission=_admission(fields.get("admission"), (*path, "admission")),
+            circuit_breaker=_breaker(fields.get("circuit_breaker"), (*path, "circuit_breaker")),
         )
     if not upstreams:
         raise error(("upstreams",), "must define at least one upstream")
     return upstreams
+
+
+def _admission(raw: Any, path: KeyPath) -> UpstreamAdmission:
+    if raw is None:
+        return UpstreamAdmission()
+    fields = mapping(raw, path, _ADMISSION_KEYS)
+    return UpstreamAdmission(
+        max_concurrent=count(fields.get("max_concurrent"), (*path, "max_concurrent")),
+        # 0 is a real choice: refuse at once when every slot is taken.
+        max_queued=_non_negative(fields.get("max_queued"), (*path, "max_queued")),
+        max_queued_per_tenant=_non_negative(
+            fields.get("max_queued_per_tenant"), (*path, "max_queued_per_tenant")
+        ),
+        queue_timeout_s=_seconds(fields.get("queue_timeout_s"), (*path, "queue_timeout_s")),
+    )
+
+
+def _breaker(raw: Any, path: KeyPath) -> UpstreamBreaker:
+    if raw is None:
+        return UpstreamBreaker()
+    fields = mapping(raw, path, _BREAKER_KEYS)
+    return UpstreamBreaker(
+        failures=count(fields.get("failures"), (*path, "failures")),
+        cooldown_s=_seconds(fields.get("cooldown_s"), (*path, "cooldown_s")),
+    )
+
+
+def _non_negative(raw: Any, path: KeyPath) -> int | None:
+    """An integer >= 0, or None when absent."""
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+        raise error(path, "must be an integer >= 0")
+    if raw > MAX_INTEGER:
+        raise error(path, "must be at most 2**62")
+    return raw
+
+
+def _seconds(raw: Any, path: KeyPath) -> float | None:
+    """A positive number of seconds up to a day, or None when absent."""
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 < raw <= MAX_SECONDS:
+        raise error(path, f"must be a number of seconds above 0 and at most {MAX_SECONDS:.0f}")
+    return float(raw)
 
 
 def _base_url(raw: Any, path: KeyPath) -> str:
@@ -287,23 +343,73 @@ def _models(raw: Any, path: KeyPath, upstreams: Mapping[str, Upstream]) -> dict[
             )
         where = (*path, name)
         fields = mapping({} if body is None else body, where, _MODEL_KEYS)
-        upstream = string(fields.get("upstream", DEFAULT_UPSTREAM), (*where, "upstream"))
-        if upstream not in upstreams:
-            known = ", ".join(sorted(upstreams))
-            if "upstream" not in fields:
+        target = _upstream_model(fields.get("upstream_model", name), (*where, "upstream_model"))
+        if "deployments" in fields:
+            if "upstream" in fields:
                 raise error(
-                    (*where, "upstream"),
-                    f"is required: there is no upstream named {DEFAULT_UPSTREAM!r} "
-                    f"(defined: {known})",
+                    (*where, "upstream"), "name the upstream in each of `deployments` instead"
                 )
-            raise error(
-                (*where, "upstream"), f"no upstream named {upstream[:64]!r} (defined: {known})"
+            deployments = _deployments(
+                fields["deployments"], (*where, "deployments"), target, upstreams
             )
-        target = string(fields.get("upstream_model", name), (*where, "upstream_model"))
-        if not UPSTREAM_MODEL.fullmatch(target):
-            raise error((*where, "upstream_model"), "must be 1-256 characters without spaces")
+            # The preferred deployment: the first listed of the lowest priority.
+            first = min(deployments, key=lambda deployment: deployment.priority)
+            models[name] = ModelRoute(name, first.upstream, first.upstream_model, deployments)
+            continue
+        upstream = _upstream_name(fields, where, upstreams)
         models[name] = ModelRoute(name=name, upstream=upstream, upstream_model=target)
     return models
+
+
+def _upstream_name(
+    fields: Mapping[str, Any], where: KeyPath, upstreams: Mapping[str, Upstream]
+) -> str:
+    """The `upstream` of a model or deployment: defined, `default` when absent."""
+    upstream = string(fields.get("upstream", DEFAULT_UPSTREAM), (*where, "upstream"))
+    if upstream not in upstreams:
+        known = ", ".join(sorted(upstreams))
+        if "upstream" not in fields:
+            raise error(
+                (*where, "upstream"),
+                f"is required: there is no upstream named {DEFAULT_UPSTREAM!r} (defined: {known})",
+            )
+        raise error((*where, "upstream"), f"no upstream named {upstream[:64]!r} (defined: {known})")
+    return upstream
+
+
+def _upstream_model(raw: Any, path: KeyPath) -> str:
+    target = string(raw, path)
+    if not UPSTREAM_MODEL.fullmatch(target):
+        raise error(path, "must be 1-256 characters without spaces")
+    return target
+
+
+def _deployments(
+    raw: Any, path: KeyPath, default_model: str, upstreams: Mapping[str, Upstream]
+) -> tuple[Deployment, ...]:
+    items = sequence(raw, path)
+    if not items:
+        raise error(path, "must list at least one deployment")
+    deployments: list[Deployment] = []
+    for index, item in enumerate(items):
+        where = (*path, index)
+        fields = mapping(item, where, _DEPLOYMENT_KEYS)
+        if "upstream" not in fields:
+            raise error((*where, "upstream"), "is required")
+        upstream = _upstream_name(fields, where, upstreams)
+        if any(deployment.upstream == upstream for deployment in deployments):
+            # One breaker and one queue per upstream: listing it twice would only skew weights.
+            raise error((*where, "upstream"), f"{upstream!r} is listed twice")
+        model = fields.get("upstream_model", default_model)
+        deployments.append(
+            Deployment(
+                upstream=upstream,
+                upstream_model=_upstream_model(model, (*where, "upstream_model")),
+                weight=count(fields.get("weight", 1), (*where, "weight")) or 1,
+                priority=_non_negative(fields.get("priority", 0), (*where, "priority")) or 0,
+            )
+        )
+    return tuple(deployments)
 
 
 def _builtins(raw: Any, path: KeyPath) -> tuple[str, ...]:

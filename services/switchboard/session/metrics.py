@@ -1,0 +1,60 @@
+"""The session service's Prometheus metrics: every RPC and the Redis behind it.
+
+Served on `SWITCHBOARD_SESSION_METRICS_LISTEN` (see `switchboard.rpc.serve`).
+`method` is a SessionService method name (a fixed set); `outcome` is `ok` or
+the error code the call was answered with (`session_not_found`,
+`session_store_unavailable`, `internal_error`, ...); `error` is the redis-py
+exception class behind a failed call (`ConnectionError`, `TimeoutError`, ...),
+a small fixed set of the library's own.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Seconds: a Redis round trip is sub-millisecond; a timeout is one second.
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class SessionMetrics:
+    """The session service's metrics in a registry of their own (no global state)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        ns, sub, r = "switchboard", "session", self.registry
+        self.rpcs = Counter(
+            "rpcs_total",
+            "SessionService calls answered, by method and outcome.",
+            ["method", "outcome"],
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
+        )
+        self.rpc_duration = Histogram(
+            "rpc_duration_seconds",
+            "Time to answer a SessionService call, by method and outcome.",
+            ["method", "outcome"],
+            namespace=ns,
+            subsystem=sub,
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            "redis_errors_total",
+            "Calls failed by Redis (down, timing out, read-only, ...), by redis-py error.",
+            ["error"],
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
+        )
+        self.redis_up = Gauge(
+            "redis_up",
+            "1 while Redis answers the readiness probe, 0 while it does not.",
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
+        )
+
+    def observe(self, method: str, outcome: str, seconds: float) -> None:
+        self.rpcs.labels(method, outcome).inc()
+        self.rpc_duration.labels(method, outcome).observe(seconds)
