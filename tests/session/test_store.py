@@ -240,11 +240,11 @@ async def test_concurrent_appends_are_each_kept_once(store: SessionStore, tenant
 async def test_events_get_increasing_seq_from_one(store: SessionStore, tenant: str) -> None:
     session = await store.create_session(tenant, session_pb2.SessionConfig())
     sid = session.id
-    assert await store.read_events(tenant, sid) == ([], 0)
+    assert await store.read_events(tenant, sid) == ([], 0, 0)
     assert await store.append_events(tenant, sid, [event("e1"), event("e2")]) == 2
     assert await store.append_events(tenant, sid, [event("e3")]) == 3
     assert await store.append_events(tenant, sid, []) == 3
-    events, last = await store.read_events(tenant, sid)
+    events, last, _ = await store.read_events(tenant, sid)
     assert [(e.seq, e.event_id) for e in events] == [(1, "e1"), (2, "e2"), (3, "e3")]
     assert events[0].payload == b'{"id":"e1"}'
     assert last == 3
@@ -261,9 +261,16 @@ async def test_events_keep_the_seq_their_writer_gives(store: SessionStore, tenan
         with pytest.raises(InvalidRequest) as refused:
             await store.append_events(tenant, sid, batch)
         assert refused.value.param == "events.seq"
-    events, last = await store.read_events(tenant, sid)
+    events, last, _ = await store.read_events(tenant, sid)
     assert [(e.seq, e.event_id) for e in events] == [(5, "e5"), (9, "e9"), (10, "next")]
     assert last == 10
+    # The writer marks the response in progress with its events; "" ends it.
+    assert (await store.get_session(tenant, sid)).open_response_id == ""
+    await store.append_events(tenant, sid, [event("r1")], open_response_id="resp_1")
+    await store.append_events(tenant, sid, [event("r2")])
+    assert (await store.get_session(tenant, sid)).open_response_id == "resp_1"
+    await store.append_events(tenant, sid, [], open_response_id="")
+    assert (await store.get_session(tenant, sid)).open_response_id == ""
 
 
 async def test_the_writer_lease_fences_appends_and_hands_over(
@@ -289,7 +296,7 @@ async def test_the_writer_lease_fences_appends_and_hands_over(
     with pytest.raises(SessionTakenOver):
         await store.append_events(tenant, sid, [event("a2")], holder="conn-a", lease_ms=10_000)
     assert await store.append_events(tenant, sid, [event("b1")], holder="conn-b") == 2
-    events, _ = await store.read_events(tenant, sid)
+    events, _, _ = await store.read_events(tenant, sid)
     assert [e.event_id for e in events] == ["a1", "b1"]
 
 
@@ -309,7 +316,7 @@ async def test_read_events_pages(store: SessionStore, tenant: str) -> None:
     seen: list[int] = []
     after = 0
     while True:
-        page, last = await store.read_events(tenant, session.id, after_seq=after, limit=4)
+        page, last, _ = await store.read_events(tenant, session.id, after_seq=after, limit=4)
         assert last == 10
         if not page:
             break
@@ -324,16 +331,18 @@ async def test_event_log_keeps_the_newest_max_events(client: Redis, tenant: str)
     session = await store.create_session(tenant, session_pb2.SessionConfig())
     for i in range(1, 9):
         await store.append_events(tenant, session.id, [event(f"e{i}")])
-    events, last = await store.read_events(tenant, session.id)
+    events, last, trimmed = await store.read_events(tenant, session.id)
     assert [e.seq for e in events] == [4, 5, 6, 7, 8]
     assert last == 8
+    # A reader can tell what it missed: everything up to seq 3 is gone.
+    assert trimmed == 3
 
 
 async def test_concurrent_event_batches_never_share_a_seq(store: SessionStore, tenant: str) -> None:
     session = await store.create_session(tenant, session_pb2.SessionConfig())
     batches = [[event(f"b{b}-{i}") for i in range(3)] for b in range(20)]
     await asyncio.gather(*(store.append_events(tenant, session.id, batch) for batch in batches))
-    events, last = await store.read_events(tenant, session.id)
+    events, last, _ = await store.read_events(tenant, session.id)
     assert [e.seq for e in events] == list(range(1, 61))
     assert last == 60
     # Each batch got a contiguous run of seqs, in its own order.

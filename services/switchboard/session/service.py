@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import redis.exceptions
 
-from switchboard.errors import InternalError, SwitchboardError, abort_with
+from switchboard.errors import InternalError, SwitchboardError, abort_with, missing_parameter
 from switchboard.session.context import build_context
 from switchboard.session.metrics import SessionMetrics
 from switchboard.session.store import SessionStore
@@ -192,7 +192,14 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     ) -> session_pb2.AppendEventsResponse:
         async with _RpcErrors(context, "AppendEvents", request, self.metrics):
             last_seq = await self._store.append_events(
-                request.tenant_id, request.session_id, request.events
+                request.tenant_id,
+                request.session_id,
+                request.events,
+                holder=request.holder,
+                lease_ms=_lease_ms(request.lease_ms),
+                open_response_id=(
+                    request.open_response_id if request.HasField("open_response_id") else None
+                ),
             )
             return session_pb2.AppendEventsResponse(last_seq=last_seq)
 
@@ -200,7 +207,32 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self, request: session_pb2.ReadEventsRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.ReadEventsResponse:
         async with _RpcErrors(context, "ReadEvents", request, self.metrics):
-            events, last_seq = await self._store.read_events(
+            events, last_seq, trimmed_seq = await self._store.read_events(
                 request.tenant_id, request.session_id, request.after_seq, request.limit
             )
-            return session_pb2.ReadEventsResponse(events=events, last_seq=last_seq)
+            return session_pb2.ReadEventsResponse(
+                events=events, last_seq=last_seq, trimmed_seq=trimmed_seq
+            )
+
+    async def ClaimSession(
+        self, request: session_pb2.ClaimSessionRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.ClaimSessionResponse:
+        async with _RpcErrors(context, "ClaimSession", request, self.metrics):
+            if not request.holder:
+                raise missing_parameter("holder")
+            return await self._store.claim_session(
+                request.tenant_id, request.session_id, request.holder, _lease_ms(request.lease_ms)
+            )
+        raise AssertionError("unreachable")  # _RpcErrors aborts or re-raises
+
+    async def ReleaseSession(
+        self, request: session_pb2.ReleaseSessionRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.ReleaseSessionResponse:
+        async with _RpcErrors(context, "ReleaseSession", request, self.metrics):
+            await self._store.release_session(request.tenant_id, request.session_id, request.holder)
+        return session_pb2.ReleaseSessionResponse()
+
+
+def _lease_ms(requested: int) -> int:
+    """A lease between 100 ms and 5 minutes; 0 (the store's default) when not given."""
+    return min(max(requested, 100), 300_000) if requested > 0 else 0

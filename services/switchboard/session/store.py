@@ -107,6 +107,7 @@ class SessionStore:
             created_at_ms=int(meta[b"created_at_ms"]),
             expires_at_ms=self._now_ms() + max(pttl_ms, 0),
             last_event_seq=int(meta.get(b"last_event_seq", b"0")),
+            open_response_id=_text(meta.get(b"open_response", b"")),
         )
         session.config.ParseFromString(meta.get(b"config", b""))
         return session
@@ -286,6 +287,7 @@ class SessionStore:
         *,
         holder: str = "",
         lease_ms: int = 0,
+        open_response_id: str | None = None,
     ) -> int:
         """Append events to the session's log and return the seq of the last one
         (the previous last seq when `events` is empty).
@@ -294,11 +296,19 @@ class SessionStore:
         which must be increasing and above the log's last (`invalid_value`
         otherwise, and nothing is written). With a `holder`, the append is refused
         with `SessionTakenOver` unless the writer lease is free or the holder's,
-        and renews it for `lease_ms`. The log keeps the newest `max_events` events.
+        and renews it for `lease_ms`. `open_response_id`, when not None, becomes
+        the session's response in progress. The log keeps the newest `max_events`.
         """
         keys = session_keys(tenant_id, session_id)
         lease_ms = lease_ms if lease_ms > 0 else DEFAULT_LEASE_MS
-        args: list[int | str | bytes] = [self._ttl_ms, self._max_events, holder, lease_ms]
+        open_response = "-" if open_response_id is None else open_response_id
+        args: list[int | str | bytes] = [
+            self._ttl_ms,
+            self._max_events,
+            holder,
+            lease_ms,
+            open_response,
+        ]
         for e in events:
             args.append(e.seq)
             args.append(
@@ -344,7 +354,7 @@ class SessionStore:
     @_store_call
     async def read_events(
         self, tenant_id: str, session_id: str, after_seq: int = 0, limit: int = 0
-    ) -> tuple[list[session_pb2.SessionEvent], int]:
+    ) -> tuple[list[session_pb2.SessionEvent], int, int]:
         """Events with seq > `after_seq`, oldest first, at most `limit` of them.
 
         `limit` <= 0 means `DEFAULT_READ_LIMIT`; it is capped at `MAX_READ_LIMIT`.
@@ -352,15 +362,16 @@ class SessionStore:
         may then be greater than `after_seq + 1`.
 
         Returns:
-            The events and the session's last seq (0 when it has none).
+            The events, the session's last seq (0 when it has none) and the seq
+            up to which events were dropped from the log (0 when none were).
         """
         keys = session_keys(tenant_id, session_id)
         count = min(limit, MAX_READ_LIMIT) if limit > 0 else DEFAULT_READ_LIMIT
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.exists(keys.meta)
-            pipe.hget(keys.meta, "last_event_seq")
+            pipe.hmget(keys.meta, ["last_event_seq", "trimmed_seq"])
             pipe.zrangebyscore(keys.events, f"({max(after_seq, 0)}", "+inf", start=0, num=count)
-            exists, last_seq, members = await pipe.execute()
+            exists, (last_seq, trimmed_seq), members = await pipe.execute()
         if not exists:
             raise SessionNotFound("Session not found.", param="session_id")
         events = []
@@ -369,4 +380,4 @@ class SessionStore:
             event = session_pb2.SessionEvent.FromString(encoded)
             event.seq = int(seq)
             events.append(event)
-        return events, int(last_seq or 0)
+        return events, int(last_seq or 0), int(float(trimmed_seq or 0))

@@ -71,12 +71,17 @@ class Session(_message.Message):
     CREATED_AT_MS_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
     LAST_EVENT_SEQ_FIELD_NUMBER: _builtins.int
+    OPEN_RESPONSE_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     tenant_id: _builtins.str
     created_at_ms: _builtins.int
     expires_at_ms: _builtins.int
     last_event_seq: _builtins.int
     """Sequence number of the newest recorded event, 0 when none."""
+    open_response_id: _builtins.str
+    """The response the event log's writer started and has not ended ("" when
+    none): after a writer died, the one that resumes the session ends it.
+    """
     @_builtins.property
     def config(self) -> Global___SessionConfig: ...
     def __init__(
@@ -88,10 +93,11 @@ class Session(_message.Message):
         created_at_ms: _builtins.int = ...,
         expires_at_ms: _builtins.int = ...,
         last_event_seq: _builtins.int = ...,
+        open_response_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "created_at_ms", b"created_at_ms", "expires_at_ms", b"expires_at_ms", "id", b"id", "last_event_seq", b"last_event_seq", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "created_at_ms", b"created_at_ms", "expires_at_ms", b"expires_at_ms", "id", b"id", "last_event_seq", b"last_event_seq", "open_response_id", b"open_response_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -462,6 +468,7 @@ class AppendEventsRequest(_message.Message):
     EVENTS_FIELD_NUMBER: _builtins.int
     HOLDER_FIELD_NUMBER: _builtins.int
     LEASE_MS_FIELD_NUMBER: _builtins.int
+    OPEN_RESPONSE_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     session_id: _builtins.str
     holder: _builtins.str
@@ -469,6 +476,8 @@ class AppendEventsRequest(_message.Message):
     holds the session's lease (which the append renews for `lease_ms`).
     """
     lease_ms: _builtins.int
+    open_response_id: _builtins.str
+    """When set, the response in progress after these events ("" for none)."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionEvent]:
         """Events with seq 0 are numbered after the log's last seq; others keep theirs,
@@ -483,12 +492,15 @@ class AppendEventsRequest(_message.Message):
         events: _abc.Iterable[Global___SessionEvent] | None = ...,
         holder: _builtins.str = ...,
         lease_ms: _builtins.int = ...,
+        open_response_id: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_open_response_id", b"_open_response_id", "open_response_id", b"open_response_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "holder", b"holder", "lease_ms", b"lease_ms", "session_id", b"session_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_open_response_id", b"_open_response_id", "events", b"events", "holder", b"holder", "lease_ms", b"lease_ms", "open_response_id", b"open_response_id", "session_id", b"session_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__open_response_id: _TypeAlias = _typing.Literal["open_response_id"]  # noqa: Y015
+    _WhichOneofArgType__open_response_id: _TypeAlias = _typing.Literal["_open_response_id", b"_open_response_id"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__open_response_id) -> _WhichOneofReturnType__open_response_id | None: ...
 
 Global___AppendEventsRequest: _TypeAlias = AppendEventsRequest  # noqa: Y015
 
@@ -546,7 +558,10 @@ class ReadEventsResponse(_message.Message):
 
     EVENTS_FIELD_NUMBER: _builtins.int
     LAST_SEQ_FIELD_NUMBER: _builtins.int
+    TRIMMED_SEQ_FIELD_NUMBER: _builtins.int
     last_seq: _builtins.int
+    trimmed_seq: _builtins.int
+    """Events up to this seq were dropped from the log (it keeps the newest ones)."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionEvent]: ...
     def __init__(
@@ -554,10 +569,11 @@ class ReadEventsResponse(_message.Message):
         *,
         events: _abc.Iterable[Global___SessionEvent] | None = ...,
         last_seq: _builtins.int = ...,
+        trimmed_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "last_seq", b"last_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "last_seq", b"last_seq", "trimmed_seq", b"trimmed_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
