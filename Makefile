@@ -5,7 +5,7 @@ UV := .cache/uv-venv/bin/uv
 VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: run test lint format proto bench setup clean
+.PHONY: run test lint format proto dashboards bench setup clean
 
 run: setup ## start Redis, the simulator (without OPENAI_API_KEY) and the four services
 	$(VENV)/bin/python -m tools.stack
@@ -24,6 +24,9 @@ format: setup
 
 proto: setup ## regenerate services/switchboard/v1 from proto/switchboard/v1
 	$(VENV)/bin/python tools/genproto.py
+
+dashboards: setup ## regenerate deploy/grafana/dashboards from tools/dashboards
+	$(VENV)/bin/python -m tools.dashboards
 
 bench: setup ## time to first token and tokens/s: gateway vs the simulator directly
 	$(VENV)/bin/python -m tools.bench_ttft
