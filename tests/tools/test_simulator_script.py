@@ -415,6 +415,7 @@ def test_parse_overrides_accepts_every_key() -> None:
         "tokens": 3,
         "status": 429,
         "retry_after": 1.5,
+        "retry_after_ms": 1500,
         "fail_times": 2,
         "disconnect_after": 4,
         "tool_calls": [{"name": "f", "arguments": "not json", "id": "c1"}],

@@ -138,6 +138,14 @@ async def test_fail_times_with_retry_after(
         await client.chat.completions.create(model="other", messages=messages)
 
 
+async def test_retry_after_in_milliseconds(client: openai.AsyncOpenAI) -> None:
+    messages = [user('hi [[sim {"status": 429, "retry_after_ms": 250}]]')]
+    with pytest.raises(openai.RateLimitError) as caught:
+        await client.chat.completions.create(model="m", messages=messages)
+    assert caught.value.response.headers["retry-after-ms"] == "250"
+    assert "retry-after" not in caught.value.response.headers
+
+
 async def test_status_without_fail_times_always_fails(client: openai.AsyncOpenAI) -> None:
     messages = [user('[[sim {"status": 503}]]')]
     for _ in range(3):

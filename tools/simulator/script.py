@@ -68,6 +68,8 @@ class Behaviour:
     tokens: int = 24
     status: int | None = None
     retry_after: float | None = None
+    # Sent as `retry-after-ms` (OpenAI's precise form), next to or instead of `retry-after`.
+    retry_after_ms: int | None = None
     fail_times: int | None = None
     disconnect_after: int | None = None
     tool_calls: tuple[ToolCallSpec, ...] = ()
@@ -146,6 +148,7 @@ _OVERRIDE_RULES: Final[dict[str, tuple[Callable[[object], bool], str, bool]]] = 
     "tokens": (_number(0), "an integer >= 0", False),
     "status": (_number(400, 599), "an HTTP error status 400..599", True),
     "retry_after": (_number(0, integer=False), "a number of seconds >= 0", True),
+    "retry_after_ms": (_number(0), "an integer number of milliseconds >= 0", True),
     "fail_times": (_number(0), "an integer >= 0", True),
     "disconnect_after": (_number(0), "an integer >= 0", True),
     "tool_calls": (lambda v: isinstance(v, list), "a list of tool calls", False),

@@ -266,6 +266,8 @@ async def _answer(
         if behaviour.retry_after is not None:
             seconds = float(behaviour.retry_after)
             headers["retry-after"] = str(int(seconds)) if seconds.is_integer() else str(seconds)
+        if behaviour.retry_after_ms is not None:
+            headers["retry-after-ms"] = str(behaviour.retry_after_ms)
         message = f"Simulated HTTP {status} injected by the Switchboard upstream simulator."
         return _json(script.error_body(status, message), status, headers)
     if plan.stream:
