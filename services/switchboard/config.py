@@ -161,6 +161,22 @@ class GatewaySettings:
     # Output tokens reserved for a response whose output is not capped, until its
     # real usage is known (only for tenants with token limits).
     reserve_output_tokens: int
+    # A response whose client left without cancelling runs on (and is recorded
+    # for a resume) this long at most.
+    disconnect_grace_s: float
+    # A connection with no client event and no response for this long is closed
+    # with 4010 idle_timeout; 0 never.
+    idle_timeout_s: float
+    # WebSocket ping every interval; a client that does not answer within the
+    # timeout is dropped (1011). 0 turns the heartbeat off.
+    ping_interval_s: float
+    ping_timeout_s: float
+    # On SIGTERM, how long running responses may take to finish before the
+    # remaining connections are closed with 1012.
+    drain_timeout_s: float
+    # The writer lease of a session: how long a gateway that stopped renewing it
+    # (killed) keeps its sessions from being resumed elsewhere.
+    session_lease_s: float
     log_level: str
 
     @classmethod
@@ -203,6 +219,12 @@ class GatewaySettings:
             reserve_output_tokens=env.integer(
                 "SWITCHBOARD_GATEWAY_RESERVE_OUTPUT_TOKENS", 4096, minimum=1
             ),
+            disconnect_grace_s=env.number("SWITCHBOARD_GATEWAY_DISCONNECT_GRACE_S", 30.0),
+            idle_timeout_s=env.number("SWITCHBOARD_GATEWAY_IDLE_TIMEOUT_S", 900.0),
+            ping_interval_s=env.number("SWITCHBOARD_GATEWAY_PING_INTERVAL_S", 20.0),
+            ping_timeout_s=env.number("SWITCHBOARD_GATEWAY_PING_TIMEOUT_S", 20.0, minimum=0.1),
+            drain_timeout_s=env.number("SWITCHBOARD_GATEWAY_DRAIN_TIMEOUT_S", 25.0),
+            session_lease_s=env.number("SWITCHBOARD_GATEWAY_SESSION_LEASE_S", 10.0, minimum=0.5),
             log_level=env.log_level(),
         )
 

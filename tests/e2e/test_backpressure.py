@@ -20,8 +20,15 @@ from tools.stack import Ports, Stack
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     """A stack whose gateway caps each client socket's kernel send buffer, so a
-    client that stops reading is felt in the outbox after ~128 KiB, not ~4 MiB."""
-    stack = Stack(ports=Ports.free(), extra_env={"SWITCHBOARD_GATEWAY_SEND_BUFFER_BYTES": "65536"})
+    client that stops reading is felt in the outbox after ~128 KiB, not ~4 MiB;
+    a cut client's response runs on (recorded for a resume) for 2 s."""
+    stack = Stack(
+        ports=Ports.free(),
+        extra_env={
+            "SWITCHBOARD_GATEWAY_SEND_BUFFER_BYTES": "65536",
+            "SWITCHBOARD_GATEWAY_DISCONNECT_GRACE_S": "2",
+        },
+    )
     stack.start()
     try:
         yield stack
@@ -121,9 +128,10 @@ async def test_a_reader_that_falls_too_far_behind_is_cut_and_others_go_on(
         # The fast client finished while the stalled one was still being streamed.
         assert await stream_outcome(sim, "never reads") == "in_progress"
 
-    # The stalled client is cut once 1 MiB waits for it, and the gateway
-    # stops the upstream stream. Wait for that without reading (reading would
-    # make it a fast client), then read what the socket holds and the close frame.
+    # The stalled client is cut once 1 MiB waits for it; its response runs on,
+    # recorded, for the 2 s disconnect grace, and then the gateway stops the
+    # upstream stream. Wait for that without reading (reading would make it a
+    # fast client), then read what the socket holds and the close frame.
     for _ in range(1200):
         if await stream_outcome(sim, "never reads") != "in_progress":
             break

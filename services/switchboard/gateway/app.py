@@ -4,17 +4,23 @@ Routes:
     GET  /v1/realtime                 WebSocket, the OpenAI Realtime protocol (docs/protocol.md)
     POST /v1/realtime/client_secrets  mint an ephemeral `ek_` secret for a browser
     GET  /healthz                     the process is up
-    GET  /readyz                      every backend and Redis answer (503 otherwise)
+    GET  /readyz                      every backend and Redis answer (503 otherwise,
+                                      and while the gateway drains)
+
+`GET /v1/realtime?session_id=...&last_event_id=...` resumes a session (the
+resume extension, docs/protocol.md): the events the client missed, then the
+live stream, on any gateway replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -22,7 +28,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from switchboard.config import GatewaySettings
 from switchboard.errors import (
@@ -36,8 +42,9 @@ from switchboard.gateway.admission import Admission
 from switchboard.gateway.backends import Backends
 from switchboard.gateway.client_secrets import ClientSecrets, Grant
 from switchboard.gateway.connection import RealtimeConnection
+from switchboard.gateway.eventlog import SessionWriter, replay
 from switchboard.gateway.metrics import GatewayMetrics, refusal_reason
-from switchboard.gateway.protocol import RealtimeProtocol
+from switchboard.gateway.protocol import RealtimeProtocol, event_seq
 from switchboard.limits import TenantLimiter
 from switchboard.redis_client import any_client, warm_up
 from switchboard.tenancy import Tenant, TenantConfig
@@ -69,6 +76,7 @@ def create_app(
     """Build the gateway app. Backends are dialed in the lifespan, closed on shutdown;
     the tenants file is watched for changes meanwhile."""
     metrics = metrics or GatewayMetrics()
+    drainer = Drainer()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -96,6 +104,9 @@ def create_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def readyz(request: Request) -> Response:
+        if drainer.draining:
+            # Out of the load balancer first, while running responses finish.
+            return JSONResponse({"ready": False, "draining": True}, status_code=503)
         checks = await request.app.state.backends.readiness()
         try:
             checks["redis"] = bool(await request.app.state.redis.ping())
@@ -166,6 +177,12 @@ def create_app(
         admission: Admission = websocket.app.state.admission
         # Resolve the tenant before accept() so a refused socket costs no session.
         try:
+            if drainer.draining:
+                raise SwitchboardError(
+                    "This gateway is shutting down; connect again.",
+                    code=common_pb2.ERROR_CODE_SERVER_BUSY,
+                    retry_after=1.0,
+                )
             tenant, grant = await authenticate(websocket)
             requested = websocket.query_params.get("model")
             if grant is None:
@@ -207,8 +224,20 @@ def create_app(
         holder: str,
     ) -> None:
         backends: Backends = websocket.app.state.backends
+        writer = None
         try:
-            session = await backends.create_session(tenant.id, config)
+            resume = resume_point(websocket)
+            if resume is None:
+                session = await backends.create_session(tenant.id, config)
+            else:
+                session = await backends.get_session(tenant.id, resume.session_id)
+                await check_resumable(backends, tenant, session, resume.after_seq)
+                if grant is not None and session.config.model != config.model:
+                    raise InvalidRequest(
+                        f"This client secret is for model '{config.model}'.",
+                        code=common_pb2.ERROR_CODE_FIELD_LOCKED,
+                        param="model",
+                    )
         except SwitchboardError as error:
             refused(error)
             await _deny(websocket, error)
@@ -217,6 +246,19 @@ def create_app(
         await websocket.accept(
             subprotocol="realtime" if "realtime" in requested_protocols else None
         )
+        writer = SessionWriter(backends, tenant.id, session.id, holder, settings.session_lease_s)
+        if resume is not None:
+            try:
+                await replay(writer, resume.after_seq, websocket.send_text)
+                # The session as its last writer left it (config, last seq, and a
+                # response it may have left unfinished when it was killed).
+                session = await backends.get_session(tenant.id, session.id)
+            except SwitchboardError as error:
+                await _close_with(websocket, error)
+                return
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                await writer.release()
+                return
         initial = None
         if grant is not None:
             initial = {**sessions.initial_session(session.id, session.config), **grant.session}
@@ -227,8 +269,14 @@ def create_app(
             max_event_bytes=settings.max_event_bytes,
             session=initial,
             locked=grant.locked if grant else frozenset(),
+            first_event_seq=session.last_event_seq + 1,
         )
-        log.info("connected", extra={"tenant_id": tenant.id, "session_id": session.id})
+        if resume is not None and session.open_response_id:
+            protocol.interrupted(session.open_response_id)
+        log.info(
+            "resumed" if resume is not None else "connected",
+            extra={"tenant_id": tenant.id, "session_id": session.id},
+        )
         connection = RealtimeConnection(
             websocket,
             protocol,
@@ -239,16 +287,21 @@ def create_app(
             holder=holder,
             max_buffered_bytes=settings.max_buffered_bytes,
             max_tool_rounds=settings.max_tool_rounds,
+            disconnect_grace_s=settings.disconnect_grace_s,
+            idle_timeout_s=settings.idle_timeout_s,
+            session_lease_s=settings.session_lease_s,
         )
         metrics.connections_opened.labels(tenant.tier).inc()
         metrics.connections_active.inc()
         metrics.sessions_active.inc()
+        drainer.add(connection)
         try:
-            await connection.run()
+            await connection.run(resumed=resume is not None)
         except Exception:
             connection.end_reason = "server_error"
             raise
         finally:
+            drainer.discard(connection)
             metrics.connections_active.dec()
             metrics.sessions_active.dec()
             metrics.disconnects.labels(connection.end_reason).inc()
@@ -261,7 +314,7 @@ def create_app(
                 },
             )
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
@@ -271,6 +324,78 @@ def create_app(
         ],
         lifespan=lifespan,
     )
+    app.state.drainer = drainer
+    return app
+
+
+class Resume(NamedTuple):
+    session_id: str
+    after_seq: int
+
+
+def resume_point(websocket: WebSocket) -> Resume | None:
+    """The resume extension's query parameters: `session_id` and the
+    `last_event_id` the client saw (none: replay the whole log)."""
+    session_id = websocket.query_params.get("session_id")
+    if session_id is None:
+        return None
+    last_event_id = websocket.query_params.get("last_event_id") or ""
+    after_seq = event_seq(last_event_id) if last_event_id else 0
+    if after_seq is None:
+        raise invalid_value("last_event_id", "'last_event_id' is not an event id of this session.")
+    return Resume(session_id, after_seq)
+
+
+async def check_resumable(
+    backends: Backends, tenant: Tenant, session: session_pb2.Session, after_seq: int
+) -> None:
+    """Refuse a resume whose missed events are not all in the session's log."""
+    page = await backends.read_events(tenant.id, session.id, after_seq, limit=1)
+    if after_seq > page.last_seq or after_seq < page.trimmed_seq:
+        raise SwitchboardError(
+            "The events after 'last_event_id' are not in this session's log any more; "
+            "start a new session.",
+            code=common_pb2.ERROR_CODE_RESUME_UNAVAILABLE,
+            param="last_event_id",
+        )
+
+
+class Drainer:
+    """The gateway's live connections, and the drain that ends them on SIGTERM."""
+
+    def __init__(self) -> None:
+        self.connections: set[RealtimeConnection] = set()
+        self.draining = False
+        self._none_left = asyncio.Event()
+        self._none_left.set()
+
+    def add(self, connection: RealtimeConnection) -> None:
+        self.connections.add(connection)
+        self._none_left.clear()
+        if self.draining:
+            connection.drain()
+
+    def discard(self, connection: RealtimeConnection) -> None:
+        self.connections.discard(connection)
+        if not self.connections:
+            self._none_left.set()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop taking connections (readiness false), let running responses
+        finish for up to `timeout_s`, closing each connection with 1012 when its
+        turn ends; then cut the rest (their responses end `cancelled`)."""
+        self.draining = True
+        log.info("draining", extra={"connections": len(self.connections)})
+        for connection in list(self.connections):
+            connection.drain()
+        try:
+            await asyncio.wait_for(self._none_left.wait(), timeout_s)
+        except TimeoutError:
+            log.warning("drain deadline passed", extra={"connections": len(self.connections)})
+            for connection in list(self.connections):
+                connection.stop_now()
+            await self._none_left.wait()
+        log.info("drained")
 
 
 def _error_response(error: SwitchboardError) -> JSONResponse:
@@ -286,6 +411,15 @@ def _error_response(error: SwitchboardError) -> JSONResponse:
 async def _deny(websocket: WebSocket, error: SwitchboardError) -> None:
     """Refuse the handshake before it upgrades."""
     await websocket.send_denial_response(_error_response(error))
+
+
+async def _close_with(websocket: WebSocket, error: SwitchboardError) -> None:
+    """End an accepted connection: the `error` event, then its close code."""
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+        await websocket.send_json(
+            {"type": "error", "event_id": "", "error": error.to_event_error(None)}
+        )
+        await websocket.close(code=error.spec.close_code or 1011, reason=error.name)
 
 
 async def _json_object(request: Request) -> dict[str, Any]:

@@ -149,3 +149,40 @@ class Backends:
                 error_code=common_pb2.ErrorCode.ValueType(error.code),
                 error_message=error.message,
             )
+
+    # --- session event log (resume) ------------------------------------------------------
+
+    async def get_session(self, tenant_id: str, session_id: str) -> session_pb2.Session:
+        request = session_pb2.GetSessionRequest(tenant_id=tenant_id, session_id=session_id)
+        return await self._call("session", self.session.GetSession(request, timeout=self.timeout_s))
+
+    async def append_events(
+        self, request: session_pb2.AppendEventsRequest
+    ) -> session_pb2.AppendEventsResponse:
+        return await self._call(
+            "session", self.session.AppendEvents(request, timeout=self.timeout_s)
+        )
+
+    async def read_events(
+        self, tenant_id: str, session_id: str, after_seq: int, limit: int = 0
+    ) -> session_pb2.ReadEventsResponse:
+        request = session_pb2.ReadEventsRequest(
+            tenant_id=tenant_id, session_id=session_id, after_seq=after_seq, limit=limit
+        )
+        return await self._call("session", self.session.ReadEvents(request, timeout=self.timeout_s))
+
+    async def claim_session(
+        self, tenant_id: str, session_id: str, holder: str, lease_ms: int
+    ) -> session_pb2.ClaimSessionResponse:
+        request = session_pb2.ClaimSessionRequest(
+            tenant_id=tenant_id, session_id=session_id, holder=holder, lease_ms=lease_ms
+        )
+        return await self._call(
+            "session", self.session.ClaimSession(request, timeout=self.timeout_s)
+        )
+
+    async def release_session(self, tenant_id: str, session_id: str, holder: str) -> None:
+        request = session_pb2.ReleaseSessionRequest(
+            tenant_id=tenant_id, session_id=session_id, holder=holder
+        )
+        await self._call("session", self.session.ReleaseSession(request, timeout=self.timeout_s))

@@ -5,6 +5,15 @@ against the backends, and sends the events it queues through one writer task
 and a bounded `Outbox`: a client that reads slowly gets merged deltas, and one
 that falls too far behind is closed with 4008 `slow_consumer` instead of growing
 the gateway's memory (see outbox.py).
+
+The writer records each batch of events in the session's event log before it
+sends it (eventlog.py), so a client that loses the connection can resume. A
+client that leaves (or is cut as a slow consumer) while a response runs does
+not lose it: the connection goes on "detached", recording without sending,
+for up to `disconnect_grace_s`, and hands the session to a resuming connection
+when the response ends. The same end-of-turn hook closes a draining gateway's
+connections (1012), connections past their session length (4011) and idle ones
+(4010).
 """
 
 from __future__ import annotations
@@ -18,9 +27,10 @@ import grpc
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from switchboard import errors
-from switchboard.errors import SwitchboardError, from_rpc_error
+from switchboard.errors import SessionTakenOver, SwitchboardError, from_rpc_error
 from switchboard.gateway.admission import CONNECTION_LEASE_S, Admission, Admitted
 from switchboard.gateway.backends import Backends
+from switchboard.gateway.eventlog import SessionWriter
 from switchboard.gateway.metrics import GatewayMetrics, refusal_reason
 from switchboard.gateway.outbox import Close, Outbox, SlowConsumer
 from switchboard.gateway.protocol import (
@@ -43,11 +53,17 @@ _DELTAS = frozenset({"response.output_text.delta", "response.function_call_argum
 
 # The close code of a client that fell too far behind (docs/errors.md: slow_consumer).
 SLOW_CONSUMER_CLOSE = errors.spec(common_pb2.ERROR_CODE_SLOW_CONSUMER).close_code or 4008
+# A gateway that drains closes its connections with 1012 "service restart".
+DRAIN_CLOSE = 1012
 
 _FINISH = {
     broker_pb2.FINISH_REASON_LENGTH: ("incomplete", "max_output_tokens"),
     broker_pb2.FINISH_REASON_CONTENT_FILTER: ("incomplete", "content_filter"),
 }
+
+# What a detached connection may hold while it records: far above what Redis
+# needs to keep up, but a bound all the same.
+_DETACHED_MAX_BYTES = 64 * 1024 * 1024
 
 
 class RealtimeConnection:
@@ -63,6 +79,9 @@ class RealtimeConnection:
         max_buffered_bytes: int,
         max_tool_rounds: int,
         holder: str,
+        disconnect_grace_s: float = 30.0,
+        idle_timeout_s: float = 0.0,
+        session_lease_s: float = 10.0,
     ) -> None:
         self.websocket = websocket
         self.protocol = protocol
@@ -82,23 +101,51 @@ class RealtimeConnection:
         # so a late cancel cannot interrupt storing its items).
         self._cancellable: str | None = None
         self._cancel_requested: str | None = None
+        self._cancel_reason = "client_cancelled"
         self.max_tool_rounds = max_tool_rounds
         self._server_tool_cache: tuple[float, dict[str, common_pb2.ToolDefinition]] | None = None
         self._log = {"tenant_id": tenant.id, "session_id": self.session_id}
-        # Who holds this connection's slot in the limits store.
+        # Who holds this connection's slot in the limits store (and the session's lease).
         self.holder = holder
+        self.writer = SessionWriter(backends, tenant.id, self.session_id, holder, session_lease_s)
+        # False once the client is gone (or cut): events are recorded, not sent.
+        self.attached = True
+        self.disconnect_grace_s = disconnect_grace_s
+        self.idle_timeout_s = idle_timeout_s
+        self.session_lease_s = session_lease_s
+        self.opened_at = time.monotonic()
+        self._last_client_event = self.opened_at
+        # Set when the connection must end after the running turn: (code, reason).
+        self._ending: tuple[int, str] | None = None
+        self._unrecorded_warned = False
+        self._writer: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
+        # True while the writer waits on the client's socket (it may be cut then).
+        self._sending = False
 
-    async def run(self) -> None:
-        """Serve the connection until the client leaves."""
-        writer = asyncio.create_task(self._write_loop())
-        keeper = asyncio.create_task(self._keep_connection_slot())
+    async def run(self, *, resumed: bool = False) -> None:
+        """Serve the connection until the client leaves (or it must end), then let
+        a running response finish detached, within the disconnect grace."""
+        self._writer = asyncio.create_task(self._write_loop())
+        helpers = [
+            asyncio.create_task(self._keep_connection_slot()),
+            asyncio.create_task(self._keep_session_lease()),
+            asyncio.create_task(self._watch_time_limits()),
+        ]
         try:
-            self.protocol.open()
+            if not resumed:
+                self.protocol.open()
             await self._flush()
-            while not writer.done():
-                message = await self.websocket.receive()
+            while not self._writer.done():
+                receive = asyncio.ensure_future(self.websocket.receive())
+                await asyncio.wait((receive, self._writer), return_when=asyncio.FIRST_COMPLETED)
+                if not receive.done():
+                    receive.cancel()
+                    break
+                message = receive.result()
                 if message["type"] == "websocket.disconnect":
                     break
+                self._last_client_event = time.monotonic()
                 text = message.get("text")
                 if text is not None:
                     commands = self.protocol.receive_text(text)
@@ -108,14 +155,86 @@ class RealtimeConnection:
                 for command in commands:
                     await self._execute(command)
         finally:
-            if self._response_task is not None:
-                self._response_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._response_task
-            for task in (writer, keeper):
+            self.attached = False
+            if self._writer.done() and not self.outbox.ended:
+                # The writer was stopped mid-send to a cut client: record the rest.
+                self._writer = asyncio.create_task(self._write_loop())
+            await self._finish_detached()
+            self.outbox.close(DRAIN_CLOSE, "closed")
+            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._writer, timeout=self.session_lease_s)
+            for task in (self._writer, *helpers):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            try:
+                await self.writer.release()
+            except SwitchboardError as exc:
+                log.warning("session lease not released", extra={**self._log, "code": exc.name})
+
+    async def _finish_detached(self) -> None:
+        """Let the running turn end within the disconnect grace; then cancel it (its
+        response ends `cancelled` with reason `client_disconnected`)."""
+        task = self._response_task
+        if task is None or task.done():
+            return
+        if self.end_reason == "client_closed" and self._ending is None:
+            log.info("client left during a response", extra=self._log)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=self.disconnect_grace_s)
+            return
+        except TimeoutError:
+            pass
+        except (asyncio.CancelledError, Exception):
+            # The turn failed or was cancelled on its own; nothing more to wait for.
+            if task.done():
+                return
+        if self._cancellable is not None:
+            self._cancel_requested = self._cancellable
+            self._cancel_reason = "client_disconnected"
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        await self._flush()
+
+    def drain(self) -> None:
+        """The gateway is draining: close with 1012 once the running turn ends."""
+        self._end_after_turn(DRAIN_CLOSE, "draining", "drain")
+
+    def stop_now(self) -> None:
+        """The drain deadline passed: end the running response (`cancelled`, reason
+        `drain`) and close with 1012; the client resumes elsewhere."""
+        self.disconnect_grace_s = 0.0
+        self._ending = (DRAIN_CLOSE, "draining")
+        self.end_reason = "drain"
+        task = self._response_task
+        if task is not None and not task.done():
+            if self._cancellable is not None:
+                self._cancel_requested = self._cancellable
+                self._cancel_reason = "drain"
+            task.cancel()
+        else:
+            self.outbox.close(DRAIN_CLOSE, "draining")
+
+    def _end_after_turn(self, code: int, reason: str, end_reason: str) -> None:
+        if self._ending is not None:
+            return
+        self._ending = (code, reason)
+        self.end_reason = end_reason
+        if self._response_task is None or self._response_task.done():
+            self.outbox.close(code, reason)
+
+    def _end_with_error(self, error: SwitchboardError, end_reason: str) -> None:
+        """Tell the client why, then close with the error's code after the turn."""
+        if self._ending is not None:
+            return
+        self.protocol.fail(error)
+        self._queue_events()
+        self._end_after_turn(error.spec.close_code or 1000, error.name, end_reason)
+
+    def _turn_ended(self, task: asyncio.Task[None]) -> None:
+        if self._ending is not None and task is self._response_task:
+            self.outbox.close(*self._ending)
 
     @property
     def _model_label(self) -> str:
@@ -143,45 +262,145 @@ class RealtimeConnection:
             except SwitchboardError as exc:
                 log.warning("connection slot not renewed", extra={**self._log, "code": exc.name})
 
+    async def _keep_session_lease(self) -> None:
+        """Renew the session's writer lease; hand the session over when another
+        connection asks for it (after the running turn)."""
+        while True:
+            await asyncio.sleep(min(self.session_lease_s / 3, 1.0))
+            try:
+                wanted = await self.writer.renew()
+            except SessionTakenOver:
+                self._taken_over()
+                return
+            except SwitchboardError as exc:
+                log.warning("session lease not renewed", extra={**self._log, "code": exc.name})
+                continue
+            if wanted:
+                log.info("session handed over", extra=self._log)
+                self._end_with_error(
+                    SessionTakenOver("Another connection resumed this session."), "taken_over"
+                )
+
+    async def _watch_time_limits(self) -> None:
+        """Close an idle connection (4010), or one past the tenant's session length
+        (4011), once no response runs."""
+        max_session_s = self.tenant.limits.max_session_seconds
+        while self._ending is None:
+            await asyncio.sleep(1.0)
+            if self._response_task is not None and not self._response_task.done():
+                continue
+            now = time.monotonic()
+            if max_session_s and now - self.opened_at >= max_session_s:
+                self._end_with_error(
+                    SwitchboardError(
+                        f"The session reached its maximum length of {max_session_s} s.",
+                        code=common_pb2.ERROR_CODE_SESSION_EXPIRED,
+                    ),
+                    "session_expired",
+                )
+            elif self.idle_timeout_s and now - self._last_client_event >= self.idle_timeout_s:
+                self._end_with_error(
+                    SwitchboardError(
+                        f"No client event for {self.idle_timeout_s:g} s.",
+                        code=common_pb2.ERROR_CODE_IDLE_TIMEOUT,
+                    ),
+                    "idle",
+                )
+            await self._flush()
+
+    def _taken_over(self) -> None:
+        """Another connection holds the session: stop at once, sending nothing more."""
+        if self.end_reason == "taken_over":
+            return
+        log.info("session taken over", extra=self._log)
+        self.end_reason = "taken_over"
+        self._ending = (4009, "session_taken_over")
+        if self._response_task is not None:
+            self._response_task.cancel()
+        self.outbox.abort()
+
     # --- sending ---------------------------------------------------------------------
 
     async def _flush(self) -> None:
         """Move the protocol's queued events to the outbox, in order. Never waits on
         the client (it is async so that callers may yield to the writer)."""
-        try:
-            for event in self.protocol.take_events():
-                kind = event["type"]
-                if kind in _DELTAS:
-                    self._timed_delta()
-                elif kind == "error":
-                    self.metrics.errors.labels(event["error"]["code"]).inc()
+        self._queue_events()
+
+    def _queue_events(self) -> None:
+        for event in self.protocol.take_events():
+            kind = event["type"]
+            if kind in _DELTAS:
+                self._timed_delta()
+            elif kind == "error":
+                self.metrics.errors.labels(event["error"]["code"]).inc()
+            try:
                 self.outbox.put(event)
-        except SlowConsumer as exc:
-            self.end_reason = "slow_consumer"
-            log.warning(
-                "slow consumer",
-                extra={**self._log, "detail": str(exc), "waiting_events": len(self.outbox)},
-            )
-            self.outbox.abort()
-            # Stop generating for a client that will be closed: the close frame
-            # itself may wait until the client reads again.
-            if self._response_task is not None:
-                self._response_task.cancel()
+            except SlowConsumer as exc:
+                self._slow_consumer(exc)
+
+    def _slow_consumer(self, exc: SlowConsumer) -> None:
+        """Cut a client that fell too far behind (4008): it resumes from the log,
+        where what it missed (and the rest of the running response) is recorded."""
+        self.end_reason = "slow_consumer"
+        log.warning(
+            "slow consumer",
+            extra={**self._log, "detail": str(exc), "waiting_events": len(self.outbox)},
+        )
+        self.attached = False
+        self.outbox.max_bytes = _DETACHED_MAX_BYTES
+        self._ending = (SLOW_CONSUMER_CLOSE, "slow_consumer")
+        if self._sending and self._writer is not None:
+            # Stuck on the client's full socket: what it was sending is recorded.
+            self._writer.cancel()
+        # The close frame itself may wait until the client reads again (or the
+        # heartbeat gives up on it).
+        self._closer = asyncio.create_task(self._close_socket(SLOW_CONSUMER_CLOSE, "slow_consumer"))
+
+    async def _close_socket(self, code: int, reason: str) -> None:
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+            await self.websocket.close(code=code, reason=reason)
 
     async def _write_loop(self) -> None:
-        try:
-            while True:
-                text = await self.outbox.get()
-                if text is None:
-                    await self.websocket.close(code=SLOW_CONSUMER_CLOSE, reason="slow_consumer")
-                    return
-                if isinstance(text, Close):
-                    await self.websocket.close(code=text.code, reason=text.reason)
-                    return
-                await self.websocket.send_text(text)
-        except (WebSocketDisconnect, RuntimeError, OSError):
-            # The client is gone; the reader sees the disconnect and cleans up.
-            return
+        """Record each batch of events in the session's log, then send it."""
+        while True:
+            batch = await self.outbox.get_batch()
+            if batch is None:
+                if self.end_reason == "taken_over" and self.attached:
+                    await self._send_taken_over()
+                return
+            if isinstance(batch, Close):
+                if self.attached:
+                    await self._close_socket(batch.code, batch.reason)
+                return
+            try:
+                await self.writer.record(batch)
+            except SessionTakenOver:
+                self._taken_over()
+                continue
+            except SwitchboardError as exc:
+                # Serving goes on; only a resume across these events could miss them.
+                if not self._unrecorded_warned:
+                    log.warning("events not recorded", extra={**self._log, "code": exc.name})
+                    self._unrecorded_warned = True
+            if not self.attached:
+                continue
+            self._sending = True
+            try:
+                for _, text in batch:
+                    await self.websocket.send_text(text)
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                # The client is gone; the reader sees the disconnect. Keep recording.
+                self.attached = False
+            finally:
+                self._sending = False
+
+    async def _send_taken_over(self) -> None:
+        error = SessionTakenOver("Another connection resumed this session.")
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+            await self.websocket.send_json(
+                {"type": "error", "event_id": "", "error": error.to_event_error(None)}
+            )
+        await self._close_socket(4009, "session_taken_over")
 
     # --- commands --------------------------------------------------------------------
 
@@ -206,9 +425,11 @@ class RealtimeConnection:
                     self.protocol.item_retrieved(item)
                 case StartResponse():
                     self._response_task = asyncio.create_task(self._run_turn(command))
+                    self._response_task.add_done_callback(self._turn_ended)
                 case CancelResponse():
                     if self._response_task is not None and self._cancellable == command.response_id:
                         self._cancel_requested = command.response_id
+                        self._cancel_reason = "client_cancelled"
                         self._response_task.cancel()
         except SwitchboardError as error:
             self.protocol.fail(error, command.client_event_id)
@@ -309,7 +530,7 @@ class RealtimeConnection:
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
-            status, reason = "cancelled", "client_cancelled"
+            status, reason = "cancelled", self._cancel_reason
         except SwitchboardError as exc:
             status, error = "failed", exc
             log.warning("response failed", extra={**self._log, "code": exc.name})

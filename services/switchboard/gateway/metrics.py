@@ -27,6 +27,8 @@ DISCONNECT_REASONS = (
     "auth",
     "quota",
     "idle",
+    "session_expired",
+    "taken_over",
     "protocol_error",
     "server_error",
 )

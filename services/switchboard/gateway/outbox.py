@@ -75,32 +75,37 @@ class Outbox:
         if self.aborted or self._close is not None:
             return
         keys = _MERGEABLE.get(event["type"])
-        if keys is not None:
+        tail = self._queue[-1] if self._queue else None
+        if (
+            keys is not None
+            and tail is not None
+            and tail.data is None
+            and tail.event["type"] == event["type"]
+            and all(tail.event[k] == event[k] for k in keys)
+        ):
             delta = event["delta"]
-            tail = self._queue[-1] if self._queue else None
-            if (
-                tail is not None
-                and tail.data is None
-                and tail.event["type"] == event["type"]
-                and all(tail.event[k] == event[k] for k in keys)
-            ):
-                tail.event["delta"] += delta
-                tail.size += len(delta)
-                self._grow(len(delta))
-                self.merged += 1
-                return
-            entry = _Entry(event, None, _DELTA_OVERHEAD + len(delta))
+            tail.event["delta"] += delta
+            tail.size += len(delta)
+            self.size += len(delta)
+            self.merged += 1
         else:
-            data = orjson.dumps(event)
-            entry = _Entry(event, data, len(data))
-        self._grow(entry.size)
-        self._queue.append(entry)
-        self._ready.set()
-
-    def _grow(self, size: int) -> None:
-        self.size += size
+            if keys is not None:
+                entry = _Entry(event, None, _DELTA_OVERHEAD + len(event["delta"]))
+            else:
+                data = orjson.dumps(event)
+                entry = _Entry(event, data, len(data))
+            self.size += entry.size
+            self._queue.append(entry)
+            self._ready.set()
+        # The event is queued either way: the connection decides what a slow
+        # client costs it (it is cut, and what waits is still recorded).
         if self.size > self.max_bytes:
             raise SlowConsumer(f"more than {self.max_bytes} bytes of events waiting")
+
+    @property
+    def ended(self) -> bool:
+        """Closing or aborted: nothing more will be queued."""
+        return self.aborted or self._close is not None
 
     def close(self, code: int, reason: str) -> None:
         """Send what waits, then close the connection with `code`; later puts are dropped."""
@@ -114,6 +119,25 @@ class Outbox:
         self._queue.clear()
         self.size = 0
         self._ready.set()
+
+    async def get_batch(self, max_events: int = 256) -> list[tuple[Event, str]] | Close | None:
+        """Up to `max_events` of the oldest events, each with its JSON text; waits
+        for one. After the last event of a closing outbox, its `Close`; None once
+        aborted. (A batch lets the writer record many events in one round trip.)"""
+        while not self._queue:
+            if self.aborted:
+                return None
+            if self._close is not None:
+                return self._close
+            self._ready.clear()
+            await self._ready.wait()
+        batch = []
+        for _ in range(min(max_events, len(self._queue))):
+            entry = self._queue.popleft()
+            self.size -= entry.size
+            data = entry.data if entry.data is not None else orjson.dumps(entry.event)
+            batch.append((entry.event, data.decode()))
+        return batch
 
     async def get(self) -> str | Close | None:
         """The oldest event as JSON text; waits for one. After the last event of a

@@ -19,6 +19,7 @@ Every server event gets an `event_id`; usage numbers are never null.
 from __future__ import annotations
 
 import math
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -115,15 +116,35 @@ class CancelResponse:
 Command = UpdateSession | StoreItem | DeleteItem | RetrieveItem | StartResponse | CancelResponse
 
 
-class Ids:
-    """Unique ids with a random per-connection prefix and a counter (cheap per event)."""
+# An event id: "event_", the connection's 12-hex-digit prefix, its seq in hex.
+_EVENT_ID = re.compile(r"event_[0-9a-f]{12}([0-9a-f]{1,15})")
 
-    def __init__(self, token: Callable[[int], str] = secrets.token_hex) -> None:
+
+class Ids:
+    """Unique ids with a random per-connection prefix and a counter (cheap per event).
+
+    Event ids carry the event's place in the session's event log (its seq), so a
+    client's last event id says where a resume starts; a resumed connection goes
+    on counting from `first_event_seq`.
+    """
+
+    def __init__(
+        self, token: Callable[[int], str] = secrets.token_hex, *, first_event_seq: int = 1
+    ) -> None:
         self._prefix = token(6)
         self._counter = count(1)
+        self._event_seq = count(first_event_seq)
 
     def new(self, kind: str) -> str:
+        if kind == "event":
+            return f"event_{self._prefix}{next(self._event_seq):x}"
         return f"{kind}_{self._prefix}{next(self._counter):x}"
+
+
+def event_seq(event_id: str) -> int | None:
+    """The seq an event id of ours carries; None for anything else."""
+    match = _EVENT_ID.fullmatch(event_id)
+    return int(match.group(1), 16) if match else None
 
 
 class RealtimeProtocol:
@@ -138,11 +159,12 @@ class RealtimeProtocol:
         ids: Ids | None = None,
         session: Event | None = None,
         locked: frozenset[str] = frozenset(),
+        first_event_seq: int = 1,
     ) -> None:
         self.session_id = session_id
         self.config = config
         self.max_event_bytes = max_event_bytes
-        self.ids = ids or Ids()
+        self.ids = ids or Ids(first_event_seq=first_event_seq)
         self.conversation_id = "conv_" + session_id.removeprefix("sess_")
         self.session: Event = session or sessions.initial_session(session_id, config)
         # Session fields the client may not change (set by an ephemeral secret).
@@ -438,6 +460,23 @@ class RealtimeProtocol:
         body = self._response_body(response, status, details=details, usage=usage_to_json(usage))
         self.response = None
         self._emit("response.done", response=body)
+
+    def interrupted(self, response_id: str) -> None:
+        """End a response that another gateway started and never finished (it was
+        killed): `response.done` with status `failed` and `response_interrupted`.
+        The text it streamed was sent and recorded; its output items were not
+        stored, so later turns do not see them."""
+        self.response = ResponseOutput(
+            response_id, emit=self._emit, new_id=self.ids.new, max_output_tokens=0, metadata=None
+        )
+        error = SwitchboardError(
+            "The gateway running this response stopped before the response ended; "
+            "the text sent so far is all there is. Ask again with response.create.",
+            code=_C.ERROR_CODE_RESPONSE_INTERRUPTED,
+        )
+        self.response_done(
+            response_id, status="failed", usage=common_pb2.Usage(), reason=None, error=error
+        )
 
     def _response_body(
         self,

@@ -1,0 +1,119 @@
+"""A session's event log as the gateway writes and replays it (the resume extension).
+
+Every server event a connection sends is first recorded in the session's log
+(session service, Redis) in batches: the connection's writer takes what waits
+in its outbox, appends it in one call, then sends it. So whatever a client has
+seen is in the log, and a client that reconnects with the id of the last event
+it saw gets exactly the events after it (docs/protocol.md, Resume).
+
+One connection at a time writes a session's log: it holds the session's writer
+lease, renewed by every append and by `SessionWriter.renew`. A connection that
+resumes a session elsewhere asks for the lease; the holder hands it over when
+its running response ends (it keeps recording that response for the resumer,
+which follows the log meanwhile), or at once when idle. An append by a holder
+that lost the lease is refused (`session_taken_over`), so two gateways never
+interleave events in one log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from switchboard.errors import SessionTakenOver
+from switchboard.gateway.backends import Backends
+from switchboard.gateway.protocol import event_seq
+from switchboard.v1 import session_pb2
+
+Event = dict[str, Any]
+
+# How often a resuming connection reads the log while another connection writes it.
+FOLLOW_POLL_S = 0.05
+
+
+class SessionWriter:
+    """The writer side of one connection's session log."""
+
+    def __init__(
+        self, backends: Backends, tenant_id: str, session_id: str, holder: str, lease_s: float
+    ) -> None:
+        self.backends = backends
+        self.tenant_id = tenant_id
+        self.session_id = session_id
+        self.holder = holder
+        self.lease_ms = int(lease_s * 1000)
+
+    async def record(self, batch: list[tuple[Event, str]]) -> None:
+        """Append a batch of sent-to-be events, in order, and mark the response in
+        progress after them.
+
+        Raises:
+            SessionTakenOver: another connection holds the session now.
+            SwitchboardError: the session service or Redis failed.
+        """
+        request = session_pb2.AppendEventsRequest(
+            tenant_id=self.tenant_id,
+            session_id=self.session_id,
+            holder=self.holder,
+            lease_ms=self.lease_ms,
+        )
+        open_response: str | None = None
+        for event, text in batch:
+            request.events.add(
+                seq=event_seq(event["event_id"]) or 0,
+                event_id=event["event_id"],
+                payload=text.encode(),
+            )
+            kind = event["type"]
+            if kind == "response.created":
+                open_response = event["response"]["id"]
+            elif kind == "response.done":
+                open_response = ""
+        if open_response is not None:
+            request.open_response_id = open_response
+        await self.backends.append_events(request)
+
+    async def renew(self) -> bool:
+        """Renew the lease; True when another connection asked for the session.
+
+        Raises:
+            SessionTakenOver: the lease lapsed and another connection took it.
+        """
+        claim = await self.backends.claim_session(
+            self.tenant_id, self.session_id, self.holder, self.lease_ms
+        )
+        if not claim.claimed:
+            raise SessionTakenOver("Another connection resumed this session.")
+        return claim.handoff_requested
+
+    async def release(self) -> None:
+        await self.backends.release_session(self.tenant_id, self.session_id, self.holder)
+
+
+async def replay(
+    writer: SessionWriter, after_seq: int, send: Callable[[str], Awaitable[None]]
+) -> int:
+    """Send the logged events after `after_seq`, following the log while another
+    connection still writes it, until `writer` holds the session.
+
+    Returns:
+        The seq of the last event sent (`after_seq` when none was).
+    """
+    backends = writer.backends
+    while True:
+        # Claim first: once claimed nobody else appends, so the read that follows
+        # sees the whole log.
+        claim = await backends.claim_session(
+            writer.tenant_id, writer.session_id, writer.holder, writer.lease_ms
+        )
+        while True:
+            page = await backends.read_events(writer.tenant_id, writer.session_id, after_seq)
+            if not page.events:
+                break
+            for event in page.events:
+                await send(event.payload.decode())
+            after_seq = page.events[-1].seq
+        if claim.claimed:
+            return after_seq
+        await asyncio.sleep(FOLLOW_POLL_S)

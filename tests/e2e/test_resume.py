@@ -1,0 +1,207 @@
+"""Resume: a client that loses its connection reconnects to another gateway process
+with the id of the last event it saw, and gets the rest: nothing lost, nothing twice.
+
+Two gateway processes share the backends and Redis. Every event a gateway sends is
+recorded first (in batches) in the session's event log, so the events a client
+received, plus the ones the resumed connection sends, must be exactly the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+import websockets
+
+from switchboard.gateway.protocol import event_seq
+from tests.e2e.conftest import RealtimeClient, reply_text
+from tools.stack import Ports, Stack
+
+# The writer lease of a killed gateway lapses after 1 s (10 s by default).
+LEASE_S = "1"
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    stack = Stack(
+        ports=Ports.free(),
+        replicas=2,
+        simulator_args=["--ttft-ms", "20", "--token-delay-ms", "5", "--reply-tokens", "12"],
+        extra_env={"SWITCHBOARD_GATEWAY_SESSION_LEASE_S": LEASE_S},
+    )
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def url(stack: Stack, gateway: int, **query: str) -> str:
+    port = stack.gateway_ports[gateway]
+    params = "&".join(f"{k}={v}" for k, v in {"model": "gpt-realtime", **query}.items())
+    return f"ws://127.0.0.1:{port}/v1/realtime?{params}"
+
+
+def open_client(stack: Stack, gateway: int, **query: str) -> Any:
+    return websockets.connect(
+        url(stack, gateway, **query),
+        additional_headers={"Authorization": f"Bearer {stack.dev_key}"},
+        max_size=None,
+    )
+
+
+async def ask(client: RealtimeClient, text: str) -> None:
+    """Add a user message and ask for a response, reading nothing."""
+    item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+    await client.send({"type": "conversation.item.create", "item": item})
+    await client.send({"type": "response.create"})
+
+
+async def read_until_done(client: RealtimeClient) -> list[dict[str, Any]]:
+    events = []
+    while not events or events[-1]["type"] != "response.done":
+        events.append(await client.recv(timeout_s=30))
+    return events
+
+
+async def uninterrupted(stack: Stack, prompt: str) -> str:
+    """The reply to `prompt` in a new session, read to the end (the simulator's
+    reply is a function of the conversation)."""
+    async with open_client(stack, 0) as connection:
+        client = RealtimeClient(connection)
+        await client.recv()
+        await ask(client, prompt)
+        return reply_text(await read_until_done(client))
+
+
+async def whole_log(stack: Stack, session_id: str, gateway: int = 1) -> list[dict[str, Any]]:
+    """Every event of the session's log, by resuming from the start."""
+    async with open_client(stack, gateway, session_id=session_id) as connection:
+        client = RealtimeClient(connection)
+        events = []
+        with pytest.raises(TimeoutError):
+            while True:
+                events.append(await client.recv(timeout_s=1.5))
+        return events
+
+
+def assert_in_order_once(events: list[dict[str, Any]]) -> None:
+    seqs = [event_seq(e["event_id"]) for e in events]
+    assert None not in seqs
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+async def test_drops_at_random_points_lose_and_repeat_nothing(stack: Stack) -> None:
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    prompt = 'resume me [[sim {"tokens": 60, "token_delay_ms": 8}]]'
+    expected = await uninterrupted(stack, prompt)
+    assert len(expected.split()) == 60
+    for trial in range(8):
+        async with open_client(stack, 0) as connection:
+            first = RealtimeClient(connection)
+            created = await first.recv()
+            session_id = created["session"]["id"]
+            await ask(first, prompt)
+            received = [created]
+            # Drop the connection after a random number of events of the response.
+            for _ in range(rng.randrange(1, 40)):
+                received.append(await first.recv())
+            connection.transport.abort()  # as a lost network does: no close frame
+        # Resume on the other gateway from the last event seen.
+        async with open_client(
+            stack, 1, session_id=session_id, last_event_id=received[-1]["event_id"]
+        ) as connection:
+            second = RealtimeClient(connection)
+            if received[-1]["type"] != "response.done":
+                received += await read_until_done(second)
+            # The resumed connection is a live one: a next turn works on it.
+            await ask(second, "and now?")
+            after = await read_until_done(second)
+            assert after[-1]["response"]["status"] == "completed"
+        context = f"seed {seed}, trial {trial}"
+        assert reply_text(received) == expected, context
+        assert received[-1]["response"]["status"] == "completed", context
+        assert_in_order_once(received)
+        # Event for event, what the client saw is the session's log.
+        log = await whole_log(stack, session_id)
+        assert log[: len(received)] == received, context
+        assert log[len(received) :][-1]["type"] == "response.done", context
+
+
+async def test_a_resume_names_a_session_of_its_own_tenant_and_an_event_it_has(
+    stack: Stack,
+) -> None:
+    async with open_client(stack, 0) as connection:
+        session_id = orjson.loads(await connection.recv())["session"]["id"]
+    refusals = [
+        ("sess_unknown", "", 404),
+        (session_id, "not-an-event-id", 400),
+        # An event id past the log's end: events the log never had.
+        (session_id, "event_0123456789ab" + "f" * 6, 410),
+    ]
+    for target, last_event_id, status in refusals:
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with open_client(stack, 1, session_id=target, last_event_id=last_event_id):
+                pass
+        assert refused.value.response.status_code == status, (target, last_event_id)
+
+
+async def test_killed_gateway_the_resumed_client_gets_what_was_recorded(stack: Stack) -> None:
+    """SIGKILL the gateway mid-response: the client resumes on the other one and gets
+    the recorded rest of the stream, then `response.done` failed with
+    `response_interrupted`; earlier turns are intact and the session goes on."""
+    killed = stack.services["gateway"]
+    try:
+        async with open_client(stack, 0) as connection:
+            first = RealtimeClient(connection)
+            created = await first.recv()
+            session_id = created["session"]["id"]
+            await ask(first, "a first turn")
+            received = [created, *await read_until_done(first)]
+            first_text = reply_text(received)
+            await ask(first, 'a long one [[sim {"tokens": 400, "token_delay_ms": 10}]]')
+            while reply_text(received).count(" ") < first_text.count(" ") + 20:
+                received.append(await first.recv())
+            killed.stop(kill=True)
+        assert killed.process is None
+        async with open_client(
+            stack, 1, session_id=session_id, last_event_id=received[-1]["event_id"]
+        ) as connection:
+            second = RealtimeClient(connection)
+            received += await read_until_done(second)
+            done = received[-1]["response"]
+            assert done["status"] == "failed"
+            assert done["status_details"]["error"]["code"] == "response_interrupted"
+            assert_in_order_once(received)
+            await ask(second, "still there?")
+            after = await read_until_done(second)
+            assert after[-1]["response"]["status"] == "completed"
+        assert reply_text(received).startswith(first_text)
+        log = await whole_log(stack, session_id)
+        assert log[: len(received)] == received
+    finally:
+        stack.restart("gateway")
+
+
+async def test_a_second_connection_takes_the_session_over(stack: Stack) -> None:
+    """A client whose old connection still looks open resumes elsewhere: the old
+    connection is told `session_taken_over` and closed with 4009."""
+    async with open_client(stack, 0) as old:
+        created = orjson.loads(await old.recv())
+        async with open_client(
+            stack, 1, session_id=created["session"]["id"], last_event_id=created["event_id"]
+        ) as new:
+            error = orjson.loads(await asyncio.wait_for(old.recv(), 10))
+            assert error["type"] == "error"
+            assert error["error"]["code"] == "session_taken_over"
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(old.recv(), 10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4009
+            client = RealtimeClient(new)
+            await ask(client, "on the new connection")
+            assert (await read_until_done(client))[-1]["response"]["status"] == "completed"
