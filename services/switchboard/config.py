@@ -284,6 +284,21 @@ class BrokerSettings:
     # Longest silence allowed between two chunks of an upstream stream.
     read_timeout_s: float
     log_level: str
+    # Admission control of each upstream whose tenants file entry sets none
+    # (docs/broker.md#admission-control): slots, waiting calls, the wait.
+    max_concurrent: int = 64
+    max_queued: int = 256
+    max_queued_per_tenant: int = 32
+    queue_timeout_s: float = 10.0
+    # Retries and failover before the first token: attempts in all, the
+    # backoff's first and longest step, and the call's deadline for them.
+    retry_attempts: int = 3
+    retry_backoff_s: float = 0.25
+    retry_backoff_max_s: float = 4.0
+    retry_deadline_s: float = 15.0
+    # Circuit breaker of each upstream whose tenants file entry sets none.
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 30.0
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> BrokerSettings:
@@ -305,6 +320,20 @@ class BrokerSettings:
             connect_timeout_s=env.number("SWITCHBOARD_BROKER_CONNECT_TIMEOUT_S", 5.0, minimum=0.1),
             read_timeout_s=env.number("SWITCHBOARD_BROKER_READ_TIMEOUT_S", 60.0, minimum=0.1),
             log_level=env.log_level(),
+            max_concurrent=env.integer("SWITCHBOARD_BROKER_MAX_CONCURRENT", 64, minimum=1),
+            max_queued=env.integer("SWITCHBOARD_BROKER_MAX_QUEUED", 256),
+            max_queued_per_tenant=env.integer("SWITCHBOARD_BROKER_MAX_QUEUED_PER_TENANT", 32),
+            queue_timeout_s=env.number("SWITCHBOARD_BROKER_QUEUE_TIMEOUT_S", 10.0, minimum=0.01),
+            retry_attempts=env.integer("SWITCHBOARD_BROKER_RETRY_ATTEMPTS", 3, minimum=1),
+            retry_backoff_s=env.number("SWITCHBOARD_BROKER_RETRY_BACKOFF_S", 0.25, minimum=0.001),
+            retry_backoff_max_s=env.number(
+                "SWITCHBOARD_BROKER_RETRY_BACKOFF_MAX_S", 4.0, minimum=0.001
+            ),
+            retry_deadline_s=env.number("SWITCHBOARD_BROKER_RETRY_DEADLINE_S", 15.0, minimum=0.1),
+            breaker_failures=env.integer("SWITCHBOARD_BROKER_BREAKER_FAILURES", 5, minimum=1),
+            breaker_cooldown_s=env.number(
+                "SWITCHBOARD_BROKER_BREAKER_COOLDOWN_S", 30.0, minimum=0.01
+            ),
         )
 
 

@@ -193,11 +193,15 @@ async def test_tool_results_are_sent_back(stub: Stub) -> None:
     assert text.startswith("tool get_weather returned 21C sunny")
 
 
-async def test_rate_limit_once_is_retried_by_the_sdk(stub: Stub, sim: RunningSimulator) -> None:
+async def test_rate_limit_once_is_retried_by_the_broker(sim: RunningSimulator) -> None:
     hello = f"hi {directive(status=429, retry_after=0.05, fail_times=1)}"
-    events = await collect(stub, generate_request(user(hello)))
+    async with serving(dev_env(sim.base_url)) as (stub, servicer, _):
+        events = await collect(stub, generate_request(user(hello)))
+    assert kinds(events)[0] == "started"
     assert kinds(events)[-1] == "finished"
     assert [r["outcome"] for r in await sim.streams()] == ["failed_status", "completed"]
+    retries = servicer.metrics.upstream_retries.labels("default", "rate_limited")
+    assert retries._value.get() == 1
 
 
 # -------------------------------------------------------------------- errors
@@ -212,7 +216,8 @@ async def test_persistent_rate_limit_is_resource_exhausted_with_retry_after(
     assert trailers(error)[GRPC_CODE_KEY] == "upstream_rate_limited"
     assert float(trailers(error)[GRPC_RETRY_KEY]) == pytest.approx(0.05)
     assert seen == []
-    # One attempt and the SDK's two retries.
+    assert "retry after 0.05 s" in str(error.details())
+    # SWITCHBOARD_BROKER_RETRY_ATTEMPTS: three attempts in all by default.
     assert [r["outcome"] for r in await sim.streams()] == ["failed_status"] * 3
 
 
@@ -247,13 +252,18 @@ async def test_disconnect_mid_stream_is_a_broken_stream(stub: Stub, sim: Running
 
 
 async def test_silent_upstream_is_a_timeout(sim: RunningSimulator) -> None:
-    config = dev_env(sim.base_url, SWITCHBOARD_BROKER_READ_TIMEOUT_S="0.2")
+    config = dev_env(
+        sim.base_url,
+        SWITCHBOARD_BROKER_READ_TIMEOUT_S="0.2",
+        SWITCHBOARD_BROKER_RETRY_ATTEMPTS="1",
+    )
     async with serving(config) as (stub, _, _):
         started = time.monotonic()
         error, seen = await rpc_error(stub, generate_request(user(f"x {directive(ttft_ms=3000)}")))
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert trailers(error)[GRPC_CODE_KEY] == "upstream_timeout"
-    assert seen == ["started"]
+    # Started goes out with the first delta, which never came.
+    assert seen == []
     assert time.monotonic() - started < 1.5
 
 
@@ -283,7 +293,7 @@ async def test_upstream_down_fails_fast() -> None:
     assert trailers(error)[GRPC_CODE_KEY] == "upstream_error"
     assert error.details() == "The upstream is unreachable."
     assert seen == []
-    # Two quick SDK retries with backoff, no timeouts waited out.
+    # Two quick retries with backoff, no timeouts waited out.
     assert time.monotonic() - started < 3.0
 
 

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
-# Why an attempt was repeated, here or on another deployment (docs/broker.md#retries).
+# Why an attempt was repeated, here or on another deployment (docs/broker.md#retries-and-failover).
 RETRY_REASONS = (
     "rate_limited",
     "server_error",

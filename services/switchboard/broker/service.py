@@ -1,14 +1,17 @@
 """The grpc.aio servicer of `switchboard.v1.BrokerService`.
 
-`Generate` streams one model call to the upstream that the calling tenant's
-configuration routes the model to (`routing.resolve`, on the `TenantConfig`
-snapshot taken when the call starts): `Started` once the upstream accepted the
-request, then `TextDelta` / `ToolCallDelta` events as the upstream produces
-them, then `Finished` with the usage. A `SwitchboardError` aborts the call with
-its gRPC status and the `switchboard-error-code` trailer (`abort_with`);
-anything else is logged with the call's ids (never prompt text or keys) and
-becomes `internal_error`. Cancelling the call closes the upstream response, and
-with it the upstream's TCP connection, so the model stops generating.
+`Generate` streams one model call to the deployments that the calling
+tenant's configuration routes the model to (`routing.resolve`, on the
+`TenantConfig` snapshot taken when the call starts), through the
+`dispatch.Dispatcher`: admission control per upstream, retries and failover
+before the first token, circuit breakers. It yields `Started` once an attempt
+is committed, then `TextDelta` / `ToolCallDelta` events as the upstream
+produces them, then `Finished` with the usage. A `SwitchboardError` aborts
+the call with its gRPC status and the `switchboard-error-code` trailer
+(`abort_with`); anything else is logged with the call's ids (never prompt text
+or keys) and becomes `internal_error`. Cancelling the call closes the upstream
+response, and with it the upstream's TCP connection, so the model stops
+generating.
 """
 
 from __future__ import annotations
@@ -17,14 +20,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 
+from switchboard.broker.admission import Admission, AdmissionLimits
+from switchboard.broker.breaker import BreakerDefaults, Breakers
+from switchboard.broker.dispatch import Dispatcher, Progress
 from switchboard.broker.metrics import BrokerMetrics
+from switchboard.broker.retry import RetryPolicy
 from switchboard.broker.routing import resolve
-from switchboard.broker.translate import ChunkTranslator, chat_request
+from switchboard.broker.spans import ChatSpan
+from switchboard.broker.translate import ChunkTranslator
 from switchboard.broker.upstreams import Upstreams
 from switchboard.config import BrokerSettings
 from switchboard.errors import InternalError, SwitchboardError, abort_with
@@ -37,7 +45,9 @@ SERVICE_NAME = "switchboard.v1.BrokerService"
 
 
 @contextlib.asynccontextmanager
-async def running(settings: BrokerSettings, tenants: TenantConfig) -> AsyncIterator[BrokerServicer]:
+async def running(
+    settings: BrokerSettings, tenants: TenantConfig, metrics: BrokerMetrics | None = None
+) -> AsyncIterator[BrokerServicer]:
     """A servicer whose upstream clients follow the tenants file while the block runs.
 
     Watches `tenants` for changes (`TenantConfig.watch`), retires the clients
@@ -48,7 +58,7 @@ async def running(settings: BrokerSettings, tenants: TenantConfig) -> AsyncItera
     unsubscribe = tenants.subscribe(upstreams.reconcile)
     watcher = asyncio.create_task(tenants.watch())
     try:
-        yield BrokerServicer(tenants, upstreams, settings)
+        yield BrokerServicer(tenants, upstreams, settings, metrics)
     finally:
         watcher.cancel()
         unsubscribe()
@@ -57,8 +67,37 @@ async def running(settings: BrokerSettings, tenants: TenantConfig) -> AsyncItera
             await watcher
 
 
+def dispatcher(
+    settings: BrokerSettings, upstreams: Upstreams, metrics: BrokerMetrics
+) -> Dispatcher:
+    """The dispatcher of a broker with these settings.
+
+    The tenants file may override the admission and breaker settings per upstream.
+    """
+    admission = AdmissionLimits(
+        max_concurrent=settings.max_concurrent,
+        max_queued=settings.max_queued,
+        max_queued_per_tenant=settings.max_queued_per_tenant,
+        queue_timeout_s=settings.queue_timeout_s,
+    )
+    policy = RetryPolicy(
+        attempts=settings.retry_attempts,
+        backoff_s=settings.retry_backoff_s,
+        backoff_max_s=settings.retry_backoff_max_s,
+        deadline_s=settings.retry_deadline_s,
+    )
+    breakers = BreakerDefaults(settings.breaker_failures, settings.breaker_cooldown_s)
+    return Dispatcher(
+        upstreams,
+        Admission(admission, metrics),
+        Breakers(breakers, metrics),
+        policy,
+        metrics,
+    )
+
+
 class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
-    """Serves BrokerService: each call to the upstream its tenant's route names."""
+    """Serves BrokerService: each call to the deployments its tenant's route names."""
 
     def __init__(
         self,
@@ -70,17 +109,18 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
         """Args:
         tenants: the live tenants; `current` is read once per call.
         upstreams: the upstream clients; the caller owns them and closes them.
-        settings: `upstream_model`, when set, replaces every routed upstream model.
+        settings: `upstream_model`, when set, replaces every routed upstream
+            model; the admission, retry and breaker defaults.
         """
         self._tenants = tenants
-        self._upstreams = upstreams
         self._settings = settings
         self.metrics = metrics or BrokerMetrics()
+        self.dispatcher = dispatcher(settings, upstreams, self.metrics)
 
     @property
     def upstreams(self) -> Upstreams:
         """The upstream clients calls go through."""
-        return self._upstreams
+        return self.dispatcher.upstreams
 
     def register(self, server: grpc.aio.Server) -> None:
         """Add this servicer to a grpc.aio server (the `register` of `rpc.serve`)."""
@@ -92,19 +132,26 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
         """Stream one model call: `Started`, the deltas, then `Finished`.
 
         Errors abort the call (gRPC status plus `switchboard-error-code`);
-        nothing is retried once the first event went out.
+        nothing is retried once the first delta went out.
         """
         ids = {
             "tenant_id": request.tenant_id,
             "session_id": request.session_id,
             "response_id": request.response_id,
         }
-        started = time.monotonic()
-        translator = ChunkTranslator(
-            estimated_input_tokens=request.context.estimated_tokens,
-            call_id_prefix=f"call_{request.response_id}_" if request.response_id else "call_",
-        )
-        call = _CallLog(ids, request.model, started, self.metrics)
+        progress = Progress(started=time.monotonic(), translator=ChunkTranslator())
+        call = _CallLog(ids, request.model, progress, self.metrics)
+        call.span = ChatSpan(request, progress)
+        finished: broker_pb2.GenerateEvent | None = None
+
+        def watch(abandon: Callable[[], None]) -> None:
+            # grpc.aio does not close a generator whose call was cancelled
+            # while it waited at a `yield` (the cancellation lands in grpc's
+            # own write), so the upstream response and the admission slot
+            # would be held until the generator is garbage-collected. Let go
+            # of them as soon as the call is done.
+            context.add_done_callback(lambda _context: abandon())
+
         self.metrics.streams_active.inc()
         try:
             target = resolve(
@@ -113,46 +160,39 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
                 request.model,
                 model_override=self._settings.upstream_model,
             )
-            call.upstream, call.upstream_model = target.upstream.name, target.model
-            payload = chat_request(request, target.model)
-            client = self._upstreams.client(target.upstream)
-            async with client.stream(payload) as chunks:
-                # grpc.aio does not close a generator whose call was cancelled
-                # while it waited at a `yield` (the cancellation lands in grpc's
-                # own write), so the response would stay open until the generator
-                # is garbage-collected. Close it as soon as the call is done.
-                context.add_done_callback(lambda _context: chunks.close_soon())
-                call.request_id = chunks.request_id
-                yield broker_pb2.GenerateEvent(
-                    started=broker_pb2.Started(
-                        upstream=client.description, upstream_model=target.model
-                    )
-                )
-                async for chunk in chunks:
-                    events = translator.feed(chunk)
-                    if events and call.first_event is None:
-                        call.first_event = time.monotonic()
-                    for event in events:
-                        yield event
-            finished = translator.finish()
+            dispatched = self.dispatcher.events(request, target, progress, watch)
+            events = call.span.around(dispatched, target)  # the model span, current per step
+            # aclosing: a GeneratorExit at our `yield` closes the dispatcher's
+            # generator too, releasing its slot and stream at once.
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if event.WhichOneof("event") == "finished":
+                        finished = event  # the last event: sent once the call is logged
+                        continue
+                    yield event
         except SwitchboardError as err:
-            call.log_failure(err, translator)
+            call.log_failure(err)
             await abort_with(context, err)
             return
         except (asyncio.CancelledError, GeneratorExit):
             # The caller went away: CancelledError inside the upstream read, or
             # GeneratorExit when the abandoned generator is closed at a `yield`.
-            call.log_cancelled(translator)
+            call.log_cancelled()
             raise
         except Exception:
             log.exception(
                 "generate failed",
-                extra={**ids, "model": call.model, "upstream": call.upstream},
+                extra={**ids, "model": call.model, "upstream": progress.upstream},
             )
             await abort_with(context, InternalError("The broker failed."))
             return
         finally:
             self.metrics.streams_active.dec()
+        if finished is None:
+            # The dispatcher always ends with Finished or an error; never end silently.
+            call.log_failure(InternalError("The broker failed."))
+            await abort_with(context, InternalError("The broker failed."))
+            return
         call.log_completed(finished.finished)
         yield finished
 
@@ -161,29 +201,27 @@ class _CallLog:
     """The one log line of a Generate call: ids, model, upstream, timings and usage."""
 
     def __init__(
-        self, ids: dict[str, str], model: str, started: float, metrics: BrokerMetrics
+        self, ids: dict[str, str], model: str, progress: Progress, metrics: BrokerMetrics
     ) -> None:
         self.ids = ids
         self.metrics = metrics
-        self.started = started
         self.model = model
-        # Known once the call is routed ("" when it was refused before).
-        self.upstream = ""
-        self.upstream_model = ""
-        self.request_id: str | None = None
-        self.first_event: float | None = None
+        self.progress = progress
+        self.span: ChatSpan | None = None
 
     def _fields(self, usage: common_pb2.Usage) -> dict[str, Any]:
-        now = time.monotonic()
-        ttft = None if self.first_event is None else round((self.first_event - self.started) * 1000)
+        progress = self.progress
+        now, started, first = time.monotonic(), progress.started, progress.first_event
         return {
             **self.ids,
             "model": self.model,
-            "upstream": self.upstream,
-            "upstream_model": self.upstream_model,
-            "upstream_request_id": self.request_id,
-            "duration_ms": round((now - self.started) * 1000),
-            "ttft_ms": ttft,
+            # "" when the call was refused before routing.
+            "upstream": progress.upstream,
+            "upstream_model": progress.upstream_model,
+            "upstream_request_id": progress.request_id,
+            "attempts": progress.attempts,
+            "duration_ms": round((now - started) * 1000),
+            "ttft_ms": None if first is None else round((first - started) * 1000),
             "input_tokens": usage.input_tokens,
             "output_tokens": usage.output_tokens,
             "cached_input_tokens": usage.cached_input_tokens,
@@ -191,26 +229,36 @@ class _CallLog:
         }
 
     def _observe(self, outcome: str) -> None:
-        upstream = self.upstream or "none"
+        progress = self.progress
+        upstream = progress.upstream or "none"
         metrics = self.metrics
         metrics.upstream_requests.labels(upstream, outcome).inc()
-        metrics.upstream_duration.labels(upstream, outcome).observe(time.monotonic() - self.started)
-        if self.first_event is not None:
+        metrics.upstream_duration.labels(upstream, outcome).observe(
+            time.monotonic() - progress.started
+        )
+        if progress.first_event is not None:
             metrics.upstream_time_to_first_token.labels(upstream).observe(
-                self.first_event - self.started
+                progress.first_event - progress.started
             )
 
     def log_completed(self, finished: broker_pb2.Finished) -> None:
         self._observe("completed")
+        if self.span is not None:
+            self.span.end(finished=finished)
         fields = self._fields(finished.usage)
         fields["finish_reason"] = broker_pb2.FinishReason.Name(finished.reason)
         log.info("generate completed", extra=fields)
 
-    def log_failure(self, err: SwitchboardError, translator: ChunkTranslator) -> None:
+    def log_failure(self, err: SwitchboardError) -> None:
         self._observe("failed")
-        self.metrics.upstream_errors.labels(self.upstream or "none", err.name).inc()
-        log.warning("generate failed", extra={**self._fields(translator.usage()), "code": err.name})
+        if self.span is not None:
+            self.span.end(error=err)
+        self.metrics.upstream_errors.labels(self.progress.upstream or "none", err.name).inc()
+        fields = self._fields(self.progress.translator.usage())
+        log.warning("generate failed", extra={**fields, "code": err.name})
 
-    def log_cancelled(self, translator: ChunkTranslator) -> None:
+    def log_cancelled(self) -> None:
         self._observe("cancelled")
-        log.info("generate cancelled", extra=self._fields(translator.usage()))
+        if self.span is not None:
+            self.span.end(cancelled=True)
+        log.info("generate cancelled", extra=self._fields(self.progress.translator.usage()))

@@ -29,7 +29,10 @@ from urllib.parse import urlsplit
 
 import openai
 import orjson
+from opentelemetry import trace
 
+from switchboard import tracing
+from switchboard.broker.retry import TransientUpstreamError
 from switchboard.errors import (
     SwitchboardError,
     UpstreamError,
@@ -39,9 +42,9 @@ from switchboard.errors import (
 )
 
 DONE = b"[DONE]"
-# The SDK retries 429, 408, 409, 5xx and connection failures this many times,
-# honouring `retry-after`, before the first byte; never once a stream started.
-MAX_RETRIES = 2
+# The SDK's own retries are off: the broker retries and fails over itself
+# (switchboard.broker.retry), across deployments and until the first token.
+MAX_RETRIES = 0
 MAX_MESSAGE_CHARS = 300
 # Key-shaped strings an upstream may echo back (OpenAI's 401 quotes part of the key).
 _KEY_LIKE = re.compile(r"\b(?:sk|rk|ek|pk)[-_][A-Za-z0-9_\-*.]{6,}|\bBearer\s+\S+", re.IGNORECASE)
@@ -150,15 +153,19 @@ def api_error(exc: openai.APIError, secrets: tuple[str, ...] = ()) -> Switchboar
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         if status == 429:
+            retry_after = retry_after_seconds(exc.response.headers)
+            when = "" if retry_after is None else f"; retry after {retry_after:g} s"
             return UpstreamRateLimited(
-                "The upstream is rate limiting requests.",
-                retry_after=retry_after_seconds(exc.response.headers),
+                f"The upstream is rate limiting requests{when}.", retry_after=retry_after
             )
         if status in (401, 403):
             # OpenAI's 401 message quotes part of the key: never pass it on.
             return UpstreamError("The upstream rejected the configured credentials.")
-        if status >= 500:
-            return UpstreamError(f"The upstream failed (HTTP {status}).")
+        if status >= 500 or status in (408, 409):
+            # The statuses OpenAI's own SDKs retry: the next attempt may well succeed.
+            return TransientUpstreamError(
+                f"The upstream failed (HTTP {status}).", reason="server_error"
+            )
         detail = error_message(exc.body, secrets)
         suffix = f": {detail}" if detail else "."
         return UpstreamError(f"The upstream refused the request (HTTP {status}){suffix}")
@@ -167,7 +174,7 @@ def api_error(exc: openai.APIError, secrets: tuple[str, ...] = ()) -> Switchboar
     if isinstance(exc, openai.APITimeoutError) and caused_by_timeout(exc):
         return UpstreamTimeout("The upstream did not answer in time.")
     if isinstance(exc, openai.APIConnectionError):
-        return UpstreamError("The upstream is unreachable.")
+        return TransientUpstreamError("The upstream is unreachable.", reason="connection")
     return UpstreamError("The upstream call failed.")
 
 
@@ -199,8 +206,8 @@ def caused_by_timeout(exc: BaseException) -> bool:
 class ChatStream:
     """One streamed Chat Completions call; see the module docstring for its use.
 
-    Entering sends the request (with the SDK's retries) and raises the mapped
-    error if it fails; iterating yields each chunk as a dict until `[DONE]`;
+    Entering sends the request (once: the SDK does not retry) and raises the
+    mapped error if it fails; iterating yields each chunk as a dict until `[DONE]`;
     exiting closes the response. Enter and iterate it once.
 
     `opened` is called when entering starts and `closed` exactly once when the
@@ -232,7 +239,12 @@ class ChatStream:
         # Counted before the first await, so the client cannot be closed under
         # a request that is being sent.
         self._opened()
-        manager = self._client.chat.completions.with_streaming_response.create(**self._payload)
+        # The current span (broker.spans.ChatSpan) goes along: an upstream that
+        # reads `traceparent` (vLLM does) continues the trace.
+        headers = tracing.headers(trace.get_current_span())
+        manager = self._client.chat.completions.with_streaming_response.create(
+            **self._payload, extra_headers=headers
+        )
         try:
             self._response = await manager.__aenter__()
         except openai.APIError as exc:

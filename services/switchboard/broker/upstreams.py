@@ -79,7 +79,7 @@ class UpstreamClient:
         *,
         on_idle: Callable[[UpstreamClient], None] = lambda _client: None,
     ) -> UpstreamClient:
-        """The client for `upstream`: aiohttp transport, connect/read timeouts, 2 retries."""
+        """The client for `upstream`: aiohttp transport, connect/read timeouts, no SDK retries."""
         # `read` bounds the silence between two chunks, not the whole stream.
         timeout = openai.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s)
         client = openai.AsyncOpenAI(
