@@ -3,7 +3,9 @@
 `configure_logging(service, level)` installs a JSON formatter on the root logger.
 Extra fields passed with `logger.info("...", extra={"tenant_id": ...})` are
 emitted as top-level keys. Messages must never carry keys, tokens or prompt
-text; log identifiers (tenant, session, response ids) instead.
+text; log identifiers (tenant, session, response ids) instead. A line logged
+while a span is current (tracing on, see `switchboard.tracing`) carries its
+`trace_id` and `span_id`, so a log search can jump to the trace and back.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from typing import Any
 
 import orjson
+from opentelemetry import trace
 
 # LogRecord attributes that are not user-supplied `extra` fields.
 # uvicorn adds `color_message` and the protocol object `websocket` to its records.
@@ -42,6 +45,10 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 event[key] = value
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            event["trace_id"] = format(span.trace_id, "032x")
+            event["span_id"] = format(span.span_id, "016x")
         if record.exc_info:
             event["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(event, default=str).decode()

@@ -6,7 +6,8 @@ message naming the variable or the key path, and exit code 2. Then it opens
 the webhook client (one aiohttp session) and, when `SWITCHBOARD_REDIS_URL` is
 set, the Redis client of the result store, serves gRPC with the standard
 health service until SIGTERM/SIGINT, drains (`switchboard.rpc.serve`) and
-closes both.
+closes both. With an OTLP endpoint set (`switchboard.tracing`) it exports
+spans, and flushes them at exit.
 
 Health stays SERVING while Redis is away: calls without a call_id and every
 refusal still work, and calls that need the store are refused one by one
@@ -41,6 +42,7 @@ from switchboard.toolexec.results import MemoryResultStore, RedisResultStore, Re
 from switchboard.toolexec.service import ToolExecServicer
 from switchboard.toolexec.tools_config import ToolsConfig, load_tools_file
 from switchboard.toolexec.webhooks import WebhookClient
+from switchboard.tracing import configure_tracing
 from switchboard.v1 import toolexec_pb2_grpc
 
 SERVICE_NAME = "switchboard.v1.ToolExecService"
@@ -120,6 +122,7 @@ def main() -> None:
             )
         elif settings.tenants_file is not None:
             tools_config = load_tenants_tools(settings.tenants_file, os.environ, names)
+        traces = configure_tracing("toolexec")
     except ConfigError as exc:
         _refuse(str(exc))
     except ValueError as exc:
@@ -133,7 +136,11 @@ def main() -> None:
             "SWITCHBOARD_LOG_LEVEL must be a log level "
             f"(DEBUG, INFO, WARNING, ERROR), got {settings.log_level!r}"
         )
-    _run_loop(run(settings, tools_config=tools_config))
+    try:
+        _run_loop(run(settings, tools_config=tools_config))
+    finally:
+        if traces is not None:
+            traces.shutdown()
 
 
 def _refuse(message: str) -> NoReturn:

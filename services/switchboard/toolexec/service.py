@@ -32,6 +32,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry.trace import Span
+
+from switchboard import tracing
+from switchboard.errors import code_name
 from switchboard.toolexec import outcomes
 from switchboard.toolexec.catalog import CatalogSource, Refusal, Usable
 from switchboard.toolexec.metrics import ToolExecMetrics
@@ -130,7 +134,16 @@ class ToolExecServicer(toolexec_pb2_grpc.ToolExecServiceServicer):
         self, request: toolexec_pb2.ExecuteRequest, context: Any
     ) -> toolexec_pb2.ExecuteResponse:
         """Run one call; see `execute`."""
-        response = await self.execute(request)
+        attributes = {
+            "gen_ai.operation.name": "execute_tool",
+            "gen_ai.tool.name": short(request.name),
+            **tracing.ids(request.tenant_id, request.session_id),
+        }
+        if request.call_id:
+            attributes["gen_ai.tool.call.id"] = request.call_id
+        with tracing.span(tracing.tracer(__name__), "execute_tool", attributes=attributes) as span:
+            response = await self.execute(request)
+            _trace_outcome(span, request, response)
         self.metrics.observe(request.name, response)
         return response
 
@@ -326,6 +339,20 @@ class ToolExecServicer(toolexec_pb2_grpc.ToolExecServiceServicer):
             return ran(request, started, _ERROR, _FAILED, message)
         outcomes.log_event(logging.DEBUG, "tool ran", tool, request, started)
         return outcomes.ok(request, started, output)
+
+
+def _trace_outcome(
+    span: Span, request: toolexec_pb2.ExecuteRequest, response: toolexec_pb2.ExecuteResponse
+) -> None:
+    outcome = _T.ToolOutcome.Name(response.outcome).removeprefix("TOOL_OUTCOME_").lower()
+    span.set_attributes(
+        {"switchboard.tool.outcome": outcome, "switchboard.tool.replayed": response.replayed}
+    )
+    if response.outcome != _T.TOOL_OUTCOME_UNKNOWN_TOOL:
+        # Only names that exist go into the span name: models invent names.
+        span.update_name(f"execute_tool {short(request.name)}")
+    if response.outcome != _T.TOOL_OUTCOME_OK:
+        tracing.record_error(span, code_name(response.error_code or _FAILED))
 
 
 def _replayed(stored: StoredResult) -> Attempt:
