@@ -13,13 +13,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from switchboard import rpc, tracing
+from switchboard.interceptors import TracingServerInterceptor
 
 
 @asynccontextmanager
 async def served(register: Callable[[grpc.aio.Server], None]) -> AsyncIterator[grpc.aio.Channel]:
     """A real grpc.aio server with the tracing interceptor, and `rpc.channel()` to it."""
     assert tracing.enabled()  # so rpc.channel() installs the client interceptor
-    server = grpc.aio.server(interceptors=[rpc.TracingServerInterceptor()])
+    server = grpc.aio.server(interceptors=[TracingServerInterceptor()])
     register(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

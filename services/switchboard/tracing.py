@@ -3,10 +3,10 @@
 Tracing is on when `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT`
 is set (and `OTEL_SDK_DISABLED` is not true, `OTEL_TRACES_EXPORTER` not `none`).
 Then `configure_tracing(service)` installs the SDK's tracer provider with a
-batch processor and the OTLP/HTTP exporter, and the gRPC channels and servers of
-`switchboard.rpc` propagate the trace context. Otherwise nothing is installed:
-the API's no-op tracer makes the few spans per response cost next to nothing,
-and no gRPC interceptor runs at all.
+batch processor and the OTLP/HTTP exporter, and the gRPC channels and servers
+of `switchboard.rpc` propagate the trace context (`switchboard.interceptors`).
+Otherwise nothing is installed: the API's no-op tracer makes the few spans per
+response cost next to nothing, and no gRPC interceptor runs at all.
 
 Call order: `configure_tracing(service)` once at start, before any channel or
 server is built; `Tracing.shutdown()` at exit flushes the spans still queued
