@@ -6,7 +6,8 @@ upstream's stream chunks (already decoded to dicts) into `GenerateEvent`s.
 
 Call order of `ChunkTranslator`: `feed(chunk)` for every chunk in stream order,
 then `finish()` once, after the stream ended with `[DONE]`. `usage()` may be
-called at any time (for example to log an estimate for a cancelled call).
+called at any time (for example to log an estimate for a cancelled call), and
+`response_model` / `response_id` read once the first chunk is in.
 
 OpenAI-compatible servers differ in small ways; the translator accepts all of
 these: a first chunk with `choices: []` and no usage (Azure), a whole tool call
@@ -176,9 +177,16 @@ class ChunkTranslator:
         self._finish_reason: str | None = None
         self._upstream_usage: dict[str, Any] | None = None
         self._text_chars = 0
+        # What the upstream says it answered with (for traces), from the first chunk that says.
+        self.response_model = ""
+        self.response_id = ""
 
     def feed(self, chunk: dict[str, Any]) -> list[broker_pb2.GenerateEvent]:
         """The events for one upstream chunk, in order (often one, possibly none)."""
+        if not self.response_model:
+            model, completion_id = chunk.get("model"), chunk.get("id")
+            self.response_model = model if isinstance(model, str) else ""
+            self.response_id = completion_id if isinstance(completion_id, str) else ""
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self._upstream_usage = usage
