@@ -13,15 +13,34 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from tools.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tools.stack import SIMULATOR_KEY, Ports, Stack
 
 
+@pytest.fixture(scope="session", autouse=True)
+def otlp_receiver() -> Iterator[OtlpReceiver]:
+    """One real OTLP receiver for the whole end-to-end run, and every stack exporting to it.
+
+    The variables are set for the run (stacks inherit the test process's
+    environment), so every span of every stack a test starts arrives here; when
+    the run ends, after the last stack has stopped and flushed, they are all
+    scanned for key and secret material.
+    """
+    with OtlpReceiver() as receiver, pytest.MonkeyPatch.context() as env:
+        env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        env.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+        yield receiver
+        leaks = span_leaks(receiver.spans())
+    assert not leaks, f"secret material in spans: {leaks}"
+
+
 @pytest.fixture(scope="session")
-def stack() -> Iterator[Stack]:
+def stack(otlp_receiver: OtlpReceiver) -> Iterator[Stack]:
     """Redis, the simulator and the four services, on free ports, once per test run.
 
     Redis keeps an append-only file so a test can kill and restart it without
-    losing the sessions other tests hold (as a production Redis would).
+    losing the sessions other tests hold (as a production Redis would). It
+    exports its spans to `otlp_receiver`, which outlives it.
     """
     stack = Stack(
         ports=Ports.free(),
@@ -38,11 +57,12 @@ def stack() -> Iterator[Stack]:
 
 
 # Credential shapes Switchboard handles: tenant keys, ephemeral secrets, the
-# upstream key the launcher gives the broker.
+# upstream key the launcher gives the broker, webhook signing secrets.
 SECRET_PATTERNS = (
     re.compile(r"sk-sb-[A-Za-z0-9_-]{16,}"),
     re.compile(r"ek_[A-Za-z0-9_-]{16,}"),
     re.compile(re.escape(SIMULATOR_KEY)),
+    re.compile(r"whsec[-_][A-Za-z0-9_-]{16,}"),
 )
 
 
@@ -54,6 +74,18 @@ def secret_leaks(stack: Stack) -> list[str]:
             if stack.dev_key in line or any(p.search(line) for p in SECRET_PATTERNS):
                 leaks.append(f"{path.name}:{number}: {line[:200]}")
     assert any(stack.log_dir.glob("*.log")), "no service logs to scan"
+    return leaks
+
+
+def span_leaks(spans: list[ReceivedSpan]) -> list[str]:
+    """Every span holding key or secret material in any field (name, attributes,
+    events, links, status, resource), named by service, span name and the match."""
+    leaks = []
+    for span in spans:
+        for pattern in SECRET_PATTERNS:
+            found = pattern.search(span.text)
+            if found:
+                leaks.append(f"{span.service} {span.name!r}: {found.group()[:12]}...")
     return leaks
 
 

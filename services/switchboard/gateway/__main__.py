@@ -13,12 +13,15 @@ from switchboard.config import ConfigError, GatewaySettings
 from switchboard.gateway.app import Drainer, create_app
 from switchboard.telemetry import configure_logging
 from switchboard.tenancy import load_tenants
+from switchboard.tracing import configure_tracing
 
 
 def main() -> None:
     try:
         settings = GatewaySettings.from_environ()
         configure_logging("gateway", settings.log_level)
+        # Spans still queued are flushed at exit (switchboard.tracing).
+        configure_tracing("gateway")
         app = create_app(settings, load_tenants())
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)

@@ -28,6 +28,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from switchboard import errors
 from switchboard.errors import SessionTakenOver, SwitchboardError, from_rpc_error
+from switchboard.gateway import spans
 from switchboard.gateway.admission import CONNECTION_LEASE_S, Admission, Admitted
 from switchboard.gateway.backends import Backends
 from switchboard.gateway.eventlog import SessionWriter
@@ -436,10 +437,18 @@ class RealtimeConnection:
         await self._flush()
 
     async def _run_turn(self, command: StartResponse) -> None:
+        """A turn, as the root span of a trace of its own (gateway/spans.py)."""
+        ids = (self.tenant.id, self.session_id, self.holder, command.response_id, command.model)
+        with spans.turn(*ids):
+            await self._run_rounds(command)
+
+    async def _run_rounds(self, command: StartResponse) -> None:
         """Run a response; while it ends in server-side function calls, run them and
         start the follow-up response, up to `max_tool_rounds` rounds."""
         for round_number in range(self.max_tool_rounds + 1):
-            calls = await self._run_response(command)
+            ids = (self.tenant.id, self.session_id, command.response_id, command.model)
+            with spans.response(*ids):
+                calls = await self._run_response(command)
             # Calls to tools the client declared are the client's to run; toolexec
             # answers every other name (an unknown or forbidden tool is an outcome).
             client_tools = {tool.name for tool in command.tools}
@@ -553,6 +562,7 @@ class RealtimeConnection:
             response_id, status=status, usage=usage, reason=reason, error=error
         )
         self._count_response(status, usage, error)
+        spans.response_done(status, reason, usage, error)
         try:
             rate_limits = await self.admission.rate_limits(self.tenant)
         except SwitchboardError:
