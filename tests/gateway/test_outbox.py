@@ -94,3 +94,22 @@ async def test_close_sends_what_waits_then_the_close() -> None:
     assert isinstance(first, str)
     assert json.loads(first)["delta"] == "last words"
     assert await outbox.get() == Close(4029, "insufficient_quota")
+
+
+async def test_a_batch_takes_what_waits_in_order_and_a_slow_consumer_loses_nothing() -> None:
+    outbox = Outbox(max_bytes=1024)
+    outbox.put({"type": "response.created", "event_id": "a"})
+    outbox.put(delta("one "))
+    outbox.put(delta("two "))  # merged into the waiting delta
+    # Past the bound: the event is still queued (and will be recorded for a
+    # resume); the connection decides to cut the client.
+    with pytest.raises(SlowConsumer):
+        outbox.put({"type": "response.done", "event_id": "z", "padding": "x" * 2048})
+    batch = await outbox.get_batch()
+    assert isinstance(batch, list)
+    assert [event["event_id"] for event, _ in batch] == ["a", "eone ", "z"]
+    assert json.loads(batch[1][1])["delta"] == "one two "
+    assert outbox.size == 0 and len(outbox) == 0
+    outbox.close(1012, "draining")
+    assert outbox.ended
+    assert await outbox.get_batch() == Close(1012, "draining")

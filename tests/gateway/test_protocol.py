@@ -11,11 +11,13 @@ from switchboard.errors import ServiceUnavailable
 from switchboard.gateway.protocol import (
     CancelResponse,
     DeleteItem,
+    Ids,
     RealtimeProtocol,
     RetrieveItem,
     StartResponse,
     StoreItem,
     UpdateSession,
+    event_seq,
 )
 from switchboard.v1 import common_pb2, session_pb2
 
@@ -459,3 +461,31 @@ def test_cancelled_call_is_incomplete() -> None:
     (item,) = protocol.complete_output(command.response_id, complete=False)
     assert item.status == common_pb2.ITEM_STATUS_INCOMPLETE
     assert item.arguments == '{"expr'
+
+
+def test_event_ids_carry_their_seq_and_a_resumed_connection_counts_on() -> None:
+    ids = Ids(lambda n: "ab" * n, first_event_seq=41)
+    first, second = ids.new("event"), ids.new("event")
+    assert (event_seq(first), event_seq(second)) == (41, 42)
+    assert ids.new("item").startswith("item_")
+    assert event_seq(ids.new("event")) == 43  # other kinds do not use up seqs
+    for foreign in ("event_abc", "evt_0123456789ab1", "event_0123456789abZ", ""):
+        assert event_seq(foreign) is None
+
+
+def test_a_response_left_unfinished_by_a_killed_gateway_ends_failed() -> None:
+    protocol = RealtimeProtocol(
+        session_id="sess_1",
+        config=session_pb2.SessionConfig(model="gpt-realtime"),
+        max_event_bytes=1 << 16,
+        first_event_seq=7,
+    )
+    protocol.interrupted("resp_old")
+    events = protocol.take_events()
+    assert [e["type"] for e in events] == ["error", "response.done"]
+    assert [event_seq(e["event_id"]) for e in events] == [7, 8]
+    done = events[-1]["response"]
+    assert (done["id"], done["status"]) == ("resp_old", "failed")
+    assert done["status_details"]["error"]["code"] == "response_interrupted"
+    assert done["usage"]["total_tokens"] == 0
+    assert protocol.response is None  # a new response may start
