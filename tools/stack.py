@@ -103,6 +103,9 @@ class Stack:
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="switchboard-")))
     extra_env: dict[str, str] = field(default_factory=dict)
     simulator_args: list[str] = field(default_factory=list)
+    # More simulators (same arguments), one per port, for tenants files with
+    # several upstream deployments: `simulator-2`, `simulator-3`, ...
+    extra_simulator_ports: list[int] = field(default_factory=list)
     redis_args: tuple[str, ...] = ()
     # Start a 3-node Redis Cluster instead of one Redis server.
     redis_cluster: bool = False
@@ -160,9 +163,13 @@ class Stack:
         env = self._env()
         python = sys.executable
         if self.simulate:
-            sim_argv = [python, "-m", "tools.simulator", "--host", "127.0.0.1"]
-            sim_argv += ["--port", str(self.ports.simulator), *self.simulator_args]
+            launch = [python, "-m", "tools.simulator", "--host", "127.0.0.1"]
+            sim_argv = [*launch, "--port", str(self.ports.simulator), *self.simulator_args]
             self._add("simulator", sim_argv, env, lambda: _http_ok(f"{self.simulator_url}/healthz"))
+            for number, port in enumerate(self.extra_simulator_ports, start=2):
+                argv = [*launch, "--port", str(port), *self.simulator_args]
+                url = f"http://127.0.0.1:{port}/healthz"
+                self._add(f"simulator-{number}", argv, env, _http_probe(url))
         for name in ("session", "toolexec", "broker"):
             target = f"127.0.0.1:{getattr(self.ports, name)}"
             self._add(name, [python, "-m", f"switchboard.{name}"], env, _grpc_probe(target))
