@@ -5,7 +5,7 @@ UV := .cache/uv-venv/bin/uv
 VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: run test lint format proto dashboards bench setup clean
+.PHONY: run test lint format proto dashboards bench bench-memory setup clean
 
 run: setup ## start Redis, the simulator (without OPENAI_API_KEY) and the four services
 	$(VENV)/bin/python -m tools.stack
@@ -30,6 +30,9 @@ dashboards: setup ## regenerate deploy/grafana/dashboards from tools/dashboards
 
 bench: setup ## time to first token and tokens/s: gateway vs the simulator directly
 	$(VENV)/bin/python -m tools.bench_ttft
+
+bench-memory: setup ## gateway memory per connection and stream, and its stream ceiling here
+	$(VENV)/bin/python -m tools.bench_memory
 
 setup: $(VENV)/.synced
 
