@@ -5,7 +5,7 @@ UV := .cache/uv-venv/bin/uv
 VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: run test lint format proto dashboards bench bench-memory setup clean
+.PHONY: run test lint format proto dashboards panels bench bench-memory setup clean
 
 run: setup ## start Redis, the simulator (without OPENAI_API_KEY) and the four services
 	$(VENV)/bin/python -m tools.stack
@@ -27,6 +27,9 @@ proto: setup ## regenerate services/switchboard/v1 from proto/switchboard/v1
 
 dashboards: setup ## regenerate deploy/grafana/dashboards from tools/dashboards
 	$(VENV)/bin/python -m tools.dashboards
+
+panels: setup ## draw the key dashboard panels of a demo run to docs/images/panels.png
+	$(VENV)/bin/python -m tools.render_panels --demo 150
 
 bench: setup ## time to first token and tokens/s: gateway vs the simulator directly
 	$(VENV)/bin/python -m tools.bench_ttft

@@ -3,8 +3,10 @@
 Runs Debian's `prometheus` binary (`apt-get install prometheus`, which also
 brings `promtool`) on 127.0.0.1 with a generated configuration, its data in a
 temporary folder, scraping the targets it is given every second and loading
-rule files. Missing binaries raise `PrometheusMissing` with the install hint:
-tests that need them fail with that message instead of being skipped.
+rule files. `PrometheusClient` is the part that talks to the HTTP API, for a
+Prometheus run by someone else. Missing binaries raise `PrometheusMissing` with
+the install hint: tests that need them fail with that message instead of being
+skipped.
 """
 
 from __future__ import annotations
@@ -53,8 +55,47 @@ def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
     )
 
 
+class PrometheusClient:
+    """Prometheus' HTTP API at `url` (a running Prometheus, ours or not)."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url.rstrip("/")
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    def api(self, path: str, **params: str | float) -> Any:
+        """GET /api/v1/<path>; the `data` of a success, QueryError otherwise."""
+        query = urllib.parse.urlencode({k: str(v) for k, v in params.items()})
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=10) as reply:
+                body = json.loads(reply.read())
+        except urllib.error.HTTPError as exc:
+            body = json.loads(exc.read() or b"{}")
+        if body.get("status") != "success":
+            raise QueryError(f"{body.get('errorType')}: {body.get('error')}")
+        return body["data"]
+
+    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+        """An instant query's result (a vector's samples, or [scalar] as one sample)."""
+        params: dict[str, str | float] = {"query": expr}
+        if at is not None:
+            params["time"] = at
+        data = self.api("query", **params)
+        if data["resultType"] in ("scalar", "string"):
+            return [{"metric": {}, "value": data["result"]}]
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
+        data = self.api("query_range", query=expr, start=start, end=end, step=step)
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+
 @dataclass
-class PrometheusServer:
+class PrometheusServer(PrometheusClient):
     """One Prometheus process scraping `targets` (job name -> HOST:PORT list)."""
 
     targets: dict[str, list[str]]
@@ -114,34 +155,6 @@ class PrometheusServer:
                 return bool(reply.status == 200)
         except (urllib.error.URLError, OSError):
             return False
-
-    def api(self, path: str, **params: str | float) -> Any:
-        """GET /api/v1/<path>; the `data` of a success, QueryError otherwise."""
-        query = urllib.parse.urlencode({k: str(v) for k, v in params.items()})
-        try:
-            with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=10) as reply:
-                body = json.loads(reply.read())
-        except urllib.error.HTTPError as exc:
-            body = json.loads(exc.read() or b"{}")
-        if body.get("status") != "success":
-            raise QueryError(f"{body.get('errorType')}: {body.get('error')}")
-        return body["data"]
-
-    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
-        """An instant query's result (a vector's samples, or [scalar] as one sample)."""
-        params: dict[str, str | float] = {"query": expr}
-        if at is not None:
-            params["time"] = at
-        data = self.api("query", **params)
-        if data["resultType"] in ("scalar", "string"):
-            return [{"metric": {}, "value": data["result"]}]
-        result: list[dict[str, Any]] = data["result"]
-        return result
-
-    def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
-        data = self.api("query_range", query=expr, start=start, end=end, step=step)
-        result: list[dict[str, Any]] = data["result"]
-        return result
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

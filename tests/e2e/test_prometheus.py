@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -35,6 +36,7 @@ from tools.dashboards.queries import (
     substitute,
 )
 from tools.prometheus_server import PrometheusServer
+from tools.render_panels import KEY_PANELS, render
 from tools.stack import Ports, Stack
 
 ACME_KEY, RATED_KEY = new_key(), new_key()
@@ -66,6 +68,8 @@ MAY_BE_EMPTY = {
 class Observed:
     stack: Stack
     prometheus: PrometheusServer
+    # When the load started and when it had been scraped.
+    started: float
     at: float
 
 
@@ -181,8 +185,9 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
                 await drive(stack, run)
                 await settle(stack, prometheus)
 
+        started = time.time()
         asyncio.run(load())
-        yield Observed(stack, prometheus, time.time())
+        yield Observed(stack, prometheus, started, time.time())
     leaks = secret_leaks(stack)
     assert not leaks, f"secret material in service logs: {leaks}"
 
@@ -259,3 +264,14 @@ def test_tenants_reach_metrics_only_as_their_tier(observed: Observed) -> None:
     values = {value for labels in series for value in labels.values()}
     assert {"standard", "free"} <= values
     assert not values & {"acme", "rated", ACME_KEY, RATED_KEY}
+
+
+def test_the_key_panels_render_to_a_png(observed: Observed, tmp_path: Path) -> None:
+    out = tmp_path / "panels.png"
+    drawn = render(
+        observed.prometheus, out, observed.started, observed.at, step=1, rate_interval="10s"
+    )
+    ttft, disconnects = KEY_PANELS
+    assert drawn[ttft] == 6  # p50, p95 and p99 of each model
+    assert drawn[disconnects] >= 2  # client_closed and auth at least; all-zero reasons left out
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
