@@ -211,7 +211,10 @@ async def test_a_backend_error_names_its_code_on_both_sides(
             request = session_pb2.GetItemRequest(
                 tenant_id=f"t-{uuid.uuid4().hex[:8]}", session_id="sess_missing", item_id="item_1"
             )
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
+            with (
+                trace.get_tracer("test").start_as_current_span("caller"),
+                pytest.raises(grpc.aio.AioRpcError) as caught,
+            ):
                 await stub.GetItem(request, timeout=5)
     finally:
         await client.aclose()
@@ -226,6 +229,27 @@ async def test_a_backend_error_names_its_code_on_both_sides(
         assert side.status.description == "session_not_found"  # the code, never the message
 
 
+async def test_calls_outside_any_span_are_not_traced(spans: InMemorySpanExporter) -> None:
+    """Background calls (event-log batches, lease renewals) would each start a trace."""
+    servicer = ToolExecServicer(Catalog(builtin_registry()))
+
+    def register(server: grpc.aio.Server) -> None:
+        toolexec_pb2_grpc.add_ToolExecServiceServicer_to_server(servicer, server)
+
+    async with served(register) as channel:
+        stub = toolexec_pb2_grpc.ToolExecServiceStub(channel)
+        reply = await stub.ListTools(toolexec_pb2.ListToolsRequest(tenant_id="t1"), timeout=5)
+        assert reply.tools  # the call itself works
+        with trace.get_tracer("test").start_as_current_span("caller"):
+            await stub.ListTools(toolexec_pb2.ListToolsRequest(tenant_id="t1"), timeout=5)
+    names = sorted((s.name, s.kind.name) for s in spans.get_finished_spans())
+    assert names == [
+        ("caller", "INTERNAL"),
+        ("switchboard.v1.ToolExecService/ListTools", "CLIENT"),
+        ("switchboard.v1.ToolExecService/ListTools", "SERVER"),
+    ]
+
+
 async def test_health_checks_make_no_spans(spans: InMemorySpanExporter) -> None:
     servicer = health.aio.HealthServicer()
 
@@ -234,8 +258,9 @@ async def test_health_checks_make_no_spans(spans: InMemorySpanExporter) -> None:
 
     async with served(register) as channel:
         await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        assert await rpc.check_health(channel)
-    assert spans.get_finished_spans() == ()
+        with trace.get_tracer("test").start_as_current_span("caller"):
+            assert await rpc.check_health(channel)
+    assert [s.name for s in spans.get_finished_spans()] == ["caller"]
 
 
 # --- logs --------------------------------------------------------------------------------

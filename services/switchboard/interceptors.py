@@ -1,9 +1,12 @@
 """gRPC interceptors that carry the trace context between the services.
 
-A channel's calls get a CLIENT span each (`client_interceptors`), sent along
-as W3C `traceparent` metadata; the server continues that trace in a SERVER
-span per call (`TracingServerInterceptor`). Both are installed by
-`switchboard.rpc` only while tracing is on. Health checks are not traced.
+A channel's calls made while a span is current get a CLIENT span each
+(`client_interceptors`), sent along as W3C `traceparent` metadata; the server
+continues that trace in a SERVER span per call (`TracingServerInterceptor`).
+Both are installed by `switchboard.rpc` only while tracing is on. Calls made
+outside any span (background work: event-log batches, lease renewals, the
+session created at connect) and health checks are not traced, so every trace
+is an operation someone asked for.
 Spans carry the RPC attributes of the OpenTelemetry conventions
 (`rpc.system.name`, `rpc.method`, `rpc.response.status_code`, `server.*`), the
 tenant, session and response ids of the request, and on failure `error.type`:
@@ -89,7 +92,10 @@ class _ClientSpans:
     def start(self, details: Any, request: Any) -> tuple[Span, Any] | None:
         """The call's span and its details with the trace context added; None if untraced."""
         method = _method(details.method)
-        if method.startswith(_UNTRACED):
+        if method.startswith(_UNTRACED) or not trace.get_current_span().get_span_context().is_valid:
+            # Only calls made for a traced operation (a turn, a served call) are traced:
+            # background calls (event-log batches, lease renewals) would each be a trace
+            # of their own, many per turn.
             return None
         attributes = {**_RPC_SYSTEM, "rpc.method": method, **self._server, **_request_ids(request)}
         span = self._tracer.start_span(method, kind=SpanKind.CLIENT, attributes=attributes)
@@ -159,7 +165,7 @@ class _StreamClientTracing(grpc.aio.UnaryStreamClientInterceptor):  # type: igno
 
 
 class TracingServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """A SERVER span per call, the child of the caller's span when `traceparent` came along.
+    """A SERVER span per call that came with a `traceparent`, the child of the caller's span.
 
     The span is current while the servicer runs (for a server-streaming call,
     while it produces each message), so the servicer's own spans and log lines
@@ -175,6 +181,8 @@ class TracingServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
         if handler is None or method.startswith(_UNTRACED):
             return handler
         parent = propagate.extract(dict(details.invocation_metadata or ()))
+        if not trace.get_current_span(parent).get_span_context().is_valid:
+            return handler  # the caller traces nothing: neither does this side
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, method, parent),

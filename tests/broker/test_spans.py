@@ -104,7 +104,8 @@ async def test_a_cancelled_stream_ends_every_span(
 ) -> None:
     slow = '[[sim {"ttft_ms": 5, "token_delay_ms": 200, "tokens": 50}]]'
     async with broker(sim) as stub:
-        call = stub.Generate(generate_request(f"long {slow}"))
+        with trace.get_tracer("test").start_as_current_span("caller"):
+            call = stub.Generate(generate_request(f"long {slow}"))
         async for event in call:
             if event.WhichOneof("event") == "text_delta":
                 break
