@@ -372,3 +372,37 @@ async def test_main_serves_and_stops_on_sigterm(redis_server: RedisServer) -> No
         if process.poll() is None:
             process.kill()
             process.communicate()
+
+
+async def test_a_batch_of_appends_answers_each_on_its_own(stub: Stub, tenant: str) -> None:
+    sid = (await create(stub, tenant)).id
+    other = (await create(stub, tenant)).id
+
+    def append(session_id: str, name: str, holder: str) -> S.AppendEventsRequest:
+        return S.AppendEventsRequest(
+            tenant_id=tenant,
+            session_id=session_id,
+            holder=holder,
+            events=[S.SessionEvent(event_id=name, payload=name.encode())],
+        )
+
+    claim = S.ClaimSessionRequest(tenant_id=tenant, session_id=sid, holder="conn-a")
+    assert (await stub.ClaimSession(claim)).claimed
+    reply = await stub.AppendEventsBatch(
+        S.AppendEventsBatchRequest(
+            appends=[
+                append(other, "o1", "conn-o"),
+                append(sid, "b1", "conn-b"),  # A holds sid: refused, alone
+                append("sess_missing", "m1", "conn-m"),
+            ]
+        )
+    )
+    results = [(r.last_seq, C.ErrorCode.Name(r.error_code)) for r in reply.results]
+    assert results == [
+        (1, "ERROR_CODE_UNSPECIFIED"),
+        (0, "ERROR_CODE_SESSION_TAKEN_OVER"),
+        (0, "ERROR_CODE_SESSION_NOT_FOUND"),
+    ]
+    page = await stub.ReadEvents(S.ReadEventsRequest(tenant_id=tenant, session_id=other))
+    assert [e.event_id for e in page.events] == ["o1"]
+    assert not (await stub.ReadEvents(S.ReadEventsRequest(tenant_id=tenant, session_id=sid))).events

@@ -42,7 +42,7 @@ from switchboard.gateway.admission import Admission
 from switchboard.gateway.backends import Backends
 from switchboard.gateway.client_secrets import ClientSecrets, Grant
 from switchboard.gateway.connection import RealtimeConnection
-from switchboard.gateway.eventlog import SessionWriter, replay
+from switchboard.gateway.eventlog import EventRecorder, SessionWriter, replay
 from switchboard.gateway.metrics import GatewayMetrics, refusal_reason
 from switchboard.gateway.protocol import RealtimeProtocol, event_seq
 from switchboard.limits import TenantLimiter
@@ -84,6 +84,7 @@ def create_app(
         redis = any_client(settings.redis_url.reveal(), cluster=settings.redis_cluster)
         await warm_up(redis)
         app.state.backends = backends
+        app.state.recorder = EventRecorder(backends)
         app.state.redis = redis
         app.state.client_secrets = ClientSecrets(redis)
         app.state.admission = Admission(
@@ -94,6 +95,7 @@ def create_app(
             yield
         finally:
             watcher.cancel()
+            await app.state.recorder.close()
             await backends.close()
             await redis.aclose()
 
@@ -246,7 +248,10 @@ def create_app(
         await websocket.accept(
             subprotocol="realtime" if "realtime" in requested_protocols else None
         )
-        writer = SessionWriter(backends, tenant.id, session.id, holder, settings.session_lease_s)
+        recorder: EventRecorder = websocket.app.state.recorder
+        writer = SessionWriter(
+            backends, recorder, tenant.id, session.id, holder, settings.session_lease_s
+        )
         if resume is not None:
             try:
                 await replay(writer, resume.after_seq, websocket.send_text)
@@ -284,6 +289,7 @@ def create_app(
             tenant,
             websocket.app.state.admission,
             metrics,
+            recorder,
             holder=holder,
             max_buffered_bytes=settings.max_buffered_bytes,
             max_tool_rounds=settings.max_tool_rounds,

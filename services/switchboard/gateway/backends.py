@@ -156,11 +156,12 @@ class Backends:
         request = session_pb2.GetSessionRequest(tenant_id=tenant_id, session_id=session_id)
         return await self._call("session", self.session.GetSession(request, timeout=self.timeout_s))
 
-    async def append_events(
-        self, request: session_pb2.AppendEventsRequest
-    ) -> session_pb2.AppendEventsResponse:
+    async def append_events_batch(
+        self, appends: list[session_pb2.AppendEventsRequest]
+    ) -> session_pb2.AppendEventsBatchResponse:
+        request = session_pb2.AppendEventsBatchRequest(appends=appends)
         return await self._call(
-            "session", self.session.AppendEvents(request, timeout=self.timeout_s)
+            "session", self.session.AppendEventsBatch(request, timeout=self.timeout_s)
         )
 
     async def read_events(

@@ -31,7 +31,7 @@ from switchboard.errors import SessionTakenOver, SwitchboardError, from_rpc_erro
 from switchboard.gateway import spans
 from switchboard.gateway.admission import CONNECTION_LEASE_S, Admission, Admitted
 from switchboard.gateway.backends import Backends
-from switchboard.gateway.eventlog import SessionWriter
+from switchboard.gateway.eventlog import EventRecorder, SessionWriter
 from switchboard.gateway.metrics import GatewayMetrics, refusal_reason
 from switchboard.gateway.outbox import Close, Outbox, SlowConsumer
 from switchboard.gateway.protocol import (
@@ -76,6 +76,7 @@ class RealtimeConnection:
         tenant: Tenant,
         admission: Admission,
         metrics: GatewayMetrics,
+        recorder: EventRecorder,
         *,
         max_buffered_bytes: int,
         max_tool_rounds: int,
@@ -108,7 +109,9 @@ class RealtimeConnection:
         self._log = {"tenant_id": tenant.id, "session_id": self.session_id}
         # Who holds this connection's slot in the limits store (and the session's lease).
         self.holder = holder
-        self.writer = SessionWriter(backends, tenant.id, self.session_id, holder, session_lease_s)
+        self.writer = SessionWriter(
+            backends, recorder, tenant.id, self.session_id, holder, session_lease_s
+        )
         # False once the client is gone (or cut): events are recorded, not sent.
         self.attached = True
         self.disconnect_grace_s = disconnect_grace_s

@@ -6,6 +6,11 @@ in its outbox, appends it in one call, then sends it. So whatever a client has
 seen is in the log, and a client that reconnects with the id of the last event
 it saw gets exactly the events after it (docs/protocol.md, Resume).
 
+The appends of all the gateway's connections go through one `EventRecorder`:
+while a call is out, the appends that arrive gather and leave together in the
+next `AppendEventsBatch`, so many slow streams cost a few calls, not one per
+token each, and an idle gateway adds no wait.
+
 One connection at a time writes a session's log: it holds the session's writer
 lease, renewed by every append and by `SessionWriter.renew`. A connection that
 resumes a session elsewhere asks for the lease; the holder hands it over when
@@ -21,10 +26,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from switchboard.errors import SessionTakenOver
+from switchboard.errors import SessionTakenOver, SwitchboardError
 from switchboard.gateway.backends import Backends
 from switchboard.gateway.protocol import event_seq
-from switchboard.v1 import session_pb2
+from switchboard.v1 import common_pb2, session_pb2
 
 Event = dict[str, Any]
 
@@ -32,13 +37,87 @@ Event = dict[str, Any]
 FOLLOW_POLL_S = 0.05
 
 
+class EventRecorder:
+    """The gateway's appends to session event logs, sent in shared batches."""
+
+    def __init__(self, backends: Backends, *, max_in_flight: int = 4, max_batch: int = 512):
+        self.backends = backends
+        self.max_batch = max_batch
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._pending: list[tuple[session_pb2.AppendEventsRequest, asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._calls: set[asyncio.Task[None]] = set()
+
+    async def append(self, request: session_pb2.AppendEventsRequest) -> None:
+        """Append, in the next batch; raises what this append got (see AppendEvents)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((request, future))
+        self._wake.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+        await future
+
+    async def close(self) -> None:
+        for task in (self._task, *self._calls):
+            if task is not None:
+                task.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                await self._slots.acquire()
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+                call = asyncio.create_task(self._send(batch))
+                self._calls.add(call)
+                call.add_done_callback(self._calls.discard)
+
+    async def _send(
+        self, batch: list[tuple[session_pb2.AppendEventsRequest, asyncio.Future[None]]]
+    ) -> None:
+        try:
+            reply = await self.backends.append_events_batch([request for request, _ in batch])
+        except SwitchboardError as error:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        finally:
+            self._slots.release()
+        for (_, future), result in zip(batch, reply.results, strict=True):
+            if future.done():
+                continue
+            if result.error_code == common_pb2.ERROR_CODE_SESSION_TAKEN_OVER:
+                future.set_exception(SessionTakenOver(result.error_message))
+            elif result.error_code:
+                future.set_exception(
+                    SwitchboardError(
+                        result.error_message,
+                        code=result.error_code,
+                        param=result.error_param or None,
+                    )
+                )
+            else:
+                future.set_result(None)
+
+
 class SessionWriter:
     """The writer side of one connection's session log."""
 
     def __init__(
-        self, backends: Backends, tenant_id: str, session_id: str, holder: str, lease_s: float
+        self,
+        backends: Backends,
+        recorder: EventRecorder,
+        tenant_id: str,
+        session_id: str,
+        holder: str,
+        lease_s: float,
     ) -> None:
         self.backends = backends
+        self.recorder = recorder
         self.tenant_id = tenant_id
         self.session_id = session_id
         self.holder = holder
@@ -72,7 +151,7 @@ class SessionWriter:
                 open_response = ""
         if open_response is not None:
             request.open_response_id = open_response
-        await self.backends.append_events(request)
+        await self.recorder.append(request)
 
     async def renew(self) -> bool:
         """Renew the lease; True when another connection asked for the session.

@@ -10,6 +10,7 @@ timed by method and outcome (`SessionMetrics`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from types import TracebackType
@@ -191,17 +192,39 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self, request: session_pb2.AppendEventsRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.AppendEventsResponse:
         async with _RpcErrors(context, "AppendEvents", request, self.metrics):
-            last_seq = await self._store.append_events(
-                request.tenant_id,
-                request.session_id,
-                request.events,
-                holder=request.holder,
-                lease_ms=_lease_ms(request.lease_ms),
-                open_response_id=(
-                    request.open_response_id if request.HasField("open_response_id") else None
-                ),
+            return session_pb2.AppendEventsResponse(last_seq=await self._append(request))
+
+    async def AppendEventsBatch(
+        self, request: session_pb2.AppendEventsBatchRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.AppendEventsBatchResponse:
+        async with _RpcErrors(context, "AppendEventsBatch", request, self.metrics):
+            results = await asyncio.gather(*(self._append_one(a) for a in request.appends))
+            return session_pb2.AppendEventsBatchResponse(results=results)
+
+    async def _append(self, request: session_pb2.AppendEventsRequest) -> int:
+        return await self._store.append_events(
+            request.tenant_id,
+            request.session_id,
+            request.events,
+            holder=request.holder,
+            lease_ms=_lease_ms(request.lease_ms),
+            open_response_id=(
+                request.open_response_id if request.HasField("open_response_id") else None
+            ),
+        )
+
+    async def _append_one(
+        self, request: session_pb2.AppendEventsRequest
+    ) -> session_pb2.AppendEventsResult:
+        """One append of a batch; its own error is its own result."""
+        try:
+            return session_pb2.AppendEventsResult(last_seq=await self._append(request))
+        except SwitchboardError as error:
+            return session_pb2.AppendEventsResult(
+                error_code=common_pb2.ErrorCode.ValueType(error.code),
+                error_message=error.message,
+                error_param=error.param or "",
             )
-            return session_pb2.AppendEventsResponse(last_seq=last_seq)
 
     async def ReadEvents(
         self, request: session_pb2.ReadEventsRequest, context: grpc.aio.ServicerContext

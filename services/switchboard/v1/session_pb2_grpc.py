@@ -88,6 +88,11 @@ class SessionServiceStub:
                 request_serializer=switchboard_dot_v1_dot_session__pb2.AppendEventsRequest.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_session__pb2.AppendEventsResponse.FromString,
                 _registered_method=True)
+        self.AppendEventsBatch = channel.unary_unary(
+                '/switchboard.v1.SessionService/AppendEventsBatch',
+                request_serializer=switchboard_dot_v1_dot_session__pb2.AppendEventsBatchRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_session__pb2.AppendEventsBatchResponse.FromString,
+                _registered_method=True)
         self.ReadEvents = channel.unary_unary(
                 '/switchboard.v1.SessionService/ReadEvents',
                 request_serializer=switchboard_dot_v1_dot_session__pb2.ReadEventsRequest.SerializeToString,
@@ -174,6 +179,14 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AppendEventsBatch(self, request, context):
+        """Several appends in one call (a gateway's connections share it): each is
+        applied as AppendEvents applies it, and answered on its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReadEvents(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -247,6 +260,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.AppendEvents,
                     request_deserializer=switchboard_dot_v1_dot_session__pb2.AppendEventsRequest.FromString,
                     response_serializer=switchboard_dot_v1_dot_session__pb2.AppendEventsResponse.SerializeToString,
+            ),
+            'AppendEventsBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendEventsBatch,
+                    request_deserializer=switchboard_dot_v1_dot_session__pb2.AppendEventsBatchRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_session__pb2.AppendEventsBatchResponse.SerializeToString,
             ),
             'ReadEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ReadEvents,
@@ -537,6 +555,33 @@ class SessionService:
             '/switchboard.v1.SessionService/AppendEvents',
             switchboard_dot_v1_dot_session__pb2.AppendEventsRequest.SerializeToString,
             switchboard_dot_v1_dot_session__pb2.AppendEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendEventsBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.SessionService/AppendEventsBatch',
+            switchboard_dot_v1_dot_session__pb2.AppendEventsBatchRequest.SerializeToString,
+            switchboard_dot_v1_dot_session__pb2.AppendEventsBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

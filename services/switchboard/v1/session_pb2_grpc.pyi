@@ -50,6 +50,10 @@ class SessionServiceStub:
     """The instructions and the newest items that fit the context token budget."""
     AppendEvents: _grpc.UnaryUnaryMultiCallable[_session_pb2.AppendEventsRequest, _session_pb2.AppendEventsResponse]
     """The resumable event log: server events of a session with their sequence."""
+    AppendEventsBatch: _grpc.UnaryUnaryMultiCallable[_session_pb2.AppendEventsBatchRequest, _session_pb2.AppendEventsBatchResponse]
+    """Several appends in one call (a gateway's connections share it): each is
+    applied as AppendEvents applies it, and answered on its own.
+    """
     ReadEvents: _grpc.UnaryUnaryMultiCallable[_session_pb2.ReadEventsRequest, _session_pb2.ReadEventsResponse]
     ClaimSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.ClaimSessionRequest, _session_pb2.ClaimSessionResponse]
     """The session's writer lease: one connection at a time writes a session's
@@ -79,6 +83,10 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """The instructions and the newest items that fit the context token budget."""
     AppendEvents: _aio.UnaryUnaryMultiCallable[_session_pb2.AppendEventsRequest, _session_pb2.AppendEventsResponse]  # type: ignore[assignment]
     """The resumable event log: server events of a session with their sequence."""
+    AppendEventsBatch: _aio.UnaryUnaryMultiCallable[_session_pb2.AppendEventsBatchRequest, _session_pb2.AppendEventsBatchResponse]  # type: ignore[assignment]
+    """Several appends in one call (a gateway's connections share it): each is
+    applied as AppendEvents applies it, and answered on its own.
+    """
     ReadEvents: _aio.UnaryUnaryMultiCallable[_session_pb2.ReadEventsRequest, _session_pb2.ReadEventsResponse]  # type: ignore[assignment]
     ClaimSession: _aio.UnaryUnaryMultiCallable[_session_pb2.ClaimSessionRequest, _session_pb2.ClaimSessionResponse]  # type: ignore[assignment]
     """The session's writer lease: one connection at a time writes a session's
@@ -165,6 +173,16 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.AppendEventsResponse, _abc.Awaitable[_session_pb2.AppendEventsResponse]]:
         """The resumable event log: server events of a session with their sequence."""
+
+    @_abc_1.abstractmethod
+    def AppendEventsBatch(
+        self,
+        request: _session_pb2.AppendEventsBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.AppendEventsBatchResponse, _abc.Awaitable[_session_pb2.AppendEventsBatchResponse]]:
+        """Several appends in one call (a gateway's connections share it): each is
+        applied as AppendEvents applies it, and answered on its own.
+        """
 
     @_abc_1.abstractmethod
     def ReadEvents(
