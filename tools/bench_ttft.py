@@ -13,7 +13,11 @@ streaming. It prints both, with the gateway/direct ratio, for a latency
 profile (the simulator waits before the first token, as a model does) and a
 throughput profile (no delays, long replies, several streams at once).
 
-    python -m tools.bench_ttft [--runs 30] [--concurrency 8]
+With `--tracing` every service exports its spans (OpenTelemetry over OTLP/HTTP)
+to a real receiver in this process (tools/otlp_receiver.py), to measure what
+tracing costs; without it tracing is off, as it is when no endpoint is set.
+
+    python -m tools.bench_ttft [--runs 30] [--concurrency 8] [--tracing]
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import aiohttp
 import orjson
 import websockets
 
+from tools.otlp_receiver import OtlpReceiver
 from tools.stack import Ports, Stack
 
 
@@ -171,26 +176,36 @@ def report(profile: Profile, results: dict[str, list[Sample]]) -> None:
     )
 
 
-async def main_async(runs: int, concurrency: int) -> None:
+async def main_async(runs: int, concurrency: int, tracing: bool) -> None:
     profiles = [
         Profile("latency", ttft_ms=100, token_delay_ms=10, tokens=50, concurrency=1),
         Profile("throughput", ttft_ms=0, token_delay_ms=0, tokens=2000, concurrency=concurrency),
     ]
-    stack = Stack(ports=Ports.free())
+    receiver = OtlpReceiver().start() if tracing else None
+    # An empty endpoint turns tracing off even when this shell exports one.
+    endpoint = receiver.endpoint if receiver is not None else ""
+    stack = Stack(ports=Ports.free(), extra_env={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
+    print(f"tracing: {'on, exporting to ' + endpoint if endpoint else 'off'}")
     await asyncio.to_thread(stack.start)
     try:
         for profile in profiles:
             report(profile, await run_profile(stack, profile, runs))
     finally:
         await asyncio.to_thread(stack.stop)
+        if receiver is not None:
+            receiver.stop()
+            print(f"\nspans received: {len(receiver.spans())} in {receiver.requests} exports")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--tracing", action="store_true", help="export every span to a local OTLP receiver"
+    )
     args = parser.parse_args()
-    asyncio.run(main_async(args.runs, args.concurrency))
+    asyncio.run(main_async(args.runs, args.concurrency, args.tracing))
 
 
 if __name__ == "__main__":
