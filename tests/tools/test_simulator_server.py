@@ -393,7 +393,7 @@ async def test_control_endpoints(
     assert [s["outcome"] for s in streams] == ["failed_status", "failed_status", "completed"]
     assert set(streams[0]) == {
         "id", "model", "stream", "request_key", "started_at", "first_token_at",
-        "ended_at", "outcome", "tokens_sent", "messages", "last_user",
+        "ended_at", "outcome", "tokens_sent", "messages", "last_user", "traceparent",
     }  # fmt: skip
     async with http.delete(f"{sim.url}/_sim/streams") as response:
         assert response.status == 200

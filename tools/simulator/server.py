@@ -80,6 +80,8 @@ class StreamRecord:
     tokens_sent: int = 0
     messages: int = 0
     last_user: str = ""
+    # The W3C trace context the request carried ("" without one).
+    traceparent: str = ""
 
     def finish(self, outcome: Outcome) -> None:
         """Record the end once; the first outcome wins (an abort is not also a close)."""
@@ -217,6 +219,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         stream=False,
         request_key="",
         started_at=time.time(),
+        traceparent=request.headers.get("traceparent", ""),
     )
     state.records.append(record)
     state.active[record.id] = (request, record)
