@@ -233,7 +233,11 @@ class TracingServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
     def _unary(self, behavior: Any, method: str, parent: otel_context.Context) -> Any:
         async def traced(request: Any, context: Any) -> Any:
             span = self._start(method, parent, request, context)
-            with self._running(span, context), trace.use_span(span, end_on_exit=False):
+            # Exceptions are not recorded as events: their messages may quote input.
+            current = trace.use_span(
+                span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+            )
+            with self._running(span, context), current:
                 response = await behavior(request, context)
             _end_rpc(span, _code(context) or grpc.StatusCode.OK, context.trailing_metadata())
             return response
