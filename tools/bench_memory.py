@@ -76,7 +76,8 @@ async def stream(connection: Any, text: str, expected_tokens: int) -> tuple[int,
     """Ask and read to response.done: words received, gaps between deltas, status."""
     for frame in ask(text):
         await connection.send(frame)
-    words, gaps, last = 0, [], None
+    words, last = 0, None
+    gaps: list[float] = []
     while True:
         event = orjson.loads(await asyncio.wait_for(connection.recv(), 120))
         kind = event["type"]
