@@ -79,15 +79,18 @@ async def uninterrupted(stack: Stack, prompt: str) -> str:
 
 
 async def whole_log(stack: Stack, session_id: str, gateway: int = 1) -> list[dict[str, Any]]:
-    """Every event of the session's log, by resuming from the start."""
+    """Every event of the session's log, by resuming from the start. The replay
+    comes before the answer to any client event, so an event whose answer is an
+    error marks its end."""
     async with open_client(stack, gateway, session_id=session_id) as connection:
         client = RealtimeClient(connection)
+        await client.send({"type": "conversation.item.retrieve", "item_id": "end_of_replay"})
         events = []
         while True:
-            try:
-                events.append(await client.recv(timeout_s=1.5))
-            except TimeoutError:
+            event = await client.recv(timeout_s=30)
+            if event["type"] == "error" and "end_of_replay" in event["error"]["message"]:
                 return events
+            events.append(event)
 
 
 def assert_in_order_once(events: list[dict[str, Any]]) -> None:
