@@ -8,10 +8,11 @@ runs the same requests twice in one run:
   -> simulator.
 
 TTFT is measured at the client: from sending the request (`response.create`)
-to receiving the first text delta. Tokens/s is deltas received per second of
-streaming. It prints both, with the gateway/direct ratio, for a latency
-profile (the simulator waits before the first token, as a model does) and a
-throughput profile (no delays, long replies, several streams at once).
+to receiving the first text delta. Tokens/s is tokens (the simulator's words,
+however many deltas carry them) received per second of streaming. It prints
+both, with the gateway/direct ratio, for a latency profile (the simulator
+waits before the first token, as a model does) and a throughput profile (no
+delays, long replies, several streams at once).
 
 With `--tracing` every service exports its spans (OpenTelemetry over OTLP/HTTP)
 to a real receiver in this process (tools/otlp_receiver.py), to measure what
@@ -77,8 +78,8 @@ async def direct_once(http: aiohttp.ClientSession, base_url: str, text: str) -> 
                 continue
             chunk = orjson.loads(line[6:])
             for choice in chunk.get("choices", ()):
-                if choice["delta"].get("content"):
-                    tokens += 1
+                if content := choice["delta"].get("content"):
+                    tokens += len(content.split())
                     if not first:
                         first = time.perf_counter()
     end = time.perf_counter()
@@ -104,7 +105,9 @@ async def gateway_once(url: str, key: str, text: str) -> Sample:
         while True:
             event = orjson.loads(await ws.recv())
             if event["type"] == "response.output_text.delta":
-                tokens += 1
+                # A slow reader gets merged deltas: count the words (the
+                # simulator's tokens), not the events.
+                tokens += len(event["delta"].split())
                 if not first:
                     first = time.perf_counter()
             elif event["type"] == "response.done":
