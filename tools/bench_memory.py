@@ -155,7 +155,8 @@ async def ceiling(stack: Stack, steps: list[int], rate: int, seconds: int) -> No
 async def main_async(args: argparse.Namespace) -> None:
     # The broker's admission control would queue and shed most of these streams
     # (one tenant, one upstream): lift it, this measures the gateway.
-    unlimited = str(args.connections * 4)
+    steps = [int(s) for s in args.steps.split(",")]
+    unlimited = str(max(args.connections, *steps) * 4)
     stack = Stack(
         ports=Ports.free(),
         extra_env={
@@ -167,8 +168,10 @@ async def main_async(args: argparse.Namespace) -> None:
     stack.start()
     try:
         pid = stack.services["gateway"].process.pid  # type: ignore[union-attr]
+        for name, service in stack.services.items():
+            print(f"{name}: pid {service.process.pid}")  # type: ignore[union-attr]
         await memory(stack, pid, args.connections)
-        await ceiling(stack, [int(s) for s in args.steps.split(",")], args.rate, args.seconds)
+        await ceiling(stack, steps, args.rate, args.seconds)
     finally:
         stack.stop()
 

@@ -64,7 +64,7 @@ async def test_a_conversation_and_a_server_tool_on_the_cluster(stack: Stack) -> 
         subprotocols=["realtime", f"openai-insecure-api-key.{secret.value}"],  # type: ignore[list-item]
     ) as connection:
         client = RealtimeClient(connection)
-        await client.recv()
+        session_id = (await client.recv())["session"]["id"]
         await client.say("first")
         call = {"name": "calculate", "arguments": {"expression": "3*3"}}
         await client.say(f"then compute [[sim {json.dumps({'tool_calls': [call]})}]]")
@@ -73,8 +73,21 @@ async def test_a_conversation_and_a_server_tool_on_the_cluster(stack: Stack) -> 
         events += await client.recv_until("response.done", timeout_s=30)
         assert reply_text(events).startswith('tool calculate returned {"result":9}')
         await client.say("last")
-        final = reply_text(await client.respond())
+        last = await client.respond()
+        final = reply_text(last)
         assert final.startswith('turn 3: you said "last"; earlier: "first" | "then compute"')
+    # The event log lives on the cluster too: the other gateway replays it whole.
+    async with websockets.connect(
+        f"ws://127.0.0.1:{stack.gateway_ports[0]}/v1/realtime?model=gpt-realtime"
+        f"&session_id={session_id}",
+        subprotocols=["realtime", f"openai-insecure-api-key.{secret.value}"],  # type: ignore[list-item]
+    ) as connection:
+        client = RealtimeClient(connection)
+        await client.send({"type": "conversation.item.retrieve", "item_id": "end_of_replay"})
+        replayed = await client.recv_until("error")
+    assert replayed[0]["type"] == "session.created"
+    assert replayed[-1]["error"]["code"] == "item_not_found"
+    assert replayed[-1 - len(last) : -1] == last
 
 
 async def test_requests_per_minute_are_exact_on_the_cluster(stack: Stack) -> None:

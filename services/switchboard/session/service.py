@@ -10,7 +10,6 @@ timed by method and outcome (`SessionMetrics`).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from types import TracebackType
@@ -198,8 +197,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self, request: session_pb2.AppendEventsBatchRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.AppendEventsBatchResponse:
         async with _RpcErrors(context, "AppendEventsBatch", request, self.metrics):
-            results = await asyncio.gather(*(self._append_one(a) for a in request.appends))
-            return session_pb2.AppendEventsBatchResponse(results=results)
+            outcomes = await self._store.append_events_batch(request.appends)
+            return session_pb2.AppendEventsBatchResponse(results=map(_append_result, outcomes))
 
     async def _append(self, request: session_pb2.AppendEventsRequest) -> int:
         return await self._store.append_events(
@@ -212,19 +211,6 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 request.open_response_id if request.HasField("open_response_id") else None
             ),
         )
-
-    async def _append_one(
-        self, request: session_pb2.AppendEventsRequest
-    ) -> session_pb2.AppendEventsResult:
-        """One append of a batch; its own error is its own result."""
-        try:
-            return session_pb2.AppendEventsResult(last_seq=await self._append(request))
-        except SwitchboardError as error:
-            return session_pb2.AppendEventsResult(
-                error_code=common_pb2.ErrorCode.ValueType(error.code),
-                error_message=error.message,
-                error_param=error.param or "",
-            )
 
     async def ReadEvents(
         self, request: session_pb2.ReadEventsRequest, context: grpc.aio.ServicerContext
@@ -254,6 +240,17 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         async with _RpcErrors(context, "ReleaseSession", request, self.metrics):
             await self._store.release_session(request.tenant_id, request.session_id, request.holder)
         return session_pb2.ReleaseSessionResponse()
+
+
+def _append_result(outcome: int | SwitchboardError) -> session_pb2.AppendEventsResult:
+    """One append of a batch: its last seq, or its own error."""
+    if isinstance(outcome, SwitchboardError):
+        return session_pb2.AppendEventsResult(
+            error_code=common_pb2.ErrorCode.ValueType(outcome.code),
+            error_message=outcome.message,
+            error_param=outcome.param or "",
+        )
+    return session_pb2.AppendEventsResult(last_seq=outcome)
 
 
 def _lease_ms(requested: int) -> int:
