@@ -142,13 +142,5 @@ class Outbox:
     async def get(self) -> str | Close | None:
         """The oldest event as JSON text; waits for one. After the last event of a
         closing outbox, its `Close`; None once aborted."""
-        while not self._queue:
-            if self.aborted:
-                return None
-            if self._close is not None:
-                return self._close
-            self._ready.clear()
-            await self._ready.wait()
-        entry = self._queue.popleft()
-        self.size -= entry.size
-        return (entry.data if entry.data is not None else orjson.dumps(entry.event)).decode()
+        batch = await self.get_batch(1)
+        return batch[0][1] if isinstance(batch, list) else batch
