@@ -1,5 +1,5 @@
 """Graceful drain: a rolling restart of two gateway processes under steady load
-loses no response.
+loses no response; a broker on SIGTERM finishes the stream it is serving.
 
 Clients talk to either gateway. On SIGTERM a gateway stops taking connections,
 lets running responses finish, and closes each connection with 1012 once it is
@@ -141,3 +141,40 @@ async def test_a_rolling_restart_under_load_loses_no_response(stack: Stack) -> N
     # Clients were moved by drains (1012), not cut.
     assert closes[1012] >= 1, closes
     assert set(closes) <= {1012}, closes
+
+
+async def test_a_broker_drains_its_running_streams_on_sigterm(stack: Stack) -> None:
+    """SIGTERM on the broker: it stops taking calls (health NOT_SERVING) but the
+    response it is streaming completes; then it exits."""
+    broker = stack.services["broker"]
+    port = stack.gateway_ports[0]  # the first gateway talks to the first broker
+    try:
+        async with websockets.connect(
+            f"ws://127.0.0.1:{port}/v1/realtime?model=gpt-realtime",
+            additional_headers={"Authorization": f"Bearer {stack.dev_key}"},
+        ) as connection:
+            item = {
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": 'long [[sim {"tokens": 150}]]'}],
+            }
+            await connection.send(
+                orjson.dumps({"type": "conversation.item.create", "item": item}).decode()
+            )
+            await connection.send('{"type":"response.create"}')
+            while orjson.loads(await connection.recv())["type"] != "response.output_text.delta":
+                pass
+            assert broker.process is not None
+            broker.process.terminate()
+            words = 1
+            while True:
+                event = orjson.loads(await asyncio.wait_for(connection.recv(), 30))
+                if event["type"] == "response.output_text.delta":
+                    words += len(event["delta"].split())
+                elif event["type"] == "response.done":
+                    break
+            assert event["response"]["status"] == "completed"
+            assert words >= 100  # ~3 s of streaming after the SIGTERM, then the end
+            assert await asyncio.to_thread(broker.process.wait, 15) == 0
+    finally:
+        await asyncio.to_thread(stack.restart, "broker")

@@ -1,10 +1,14 @@
 """Connection lifetime limits: the idle timeout (4010) and a tenant's maximum session
 length (4011) each end a connection with its own error and close code, and never
-cut a running response."""
+cut a running response; a client that stops answering the heartbeat ping is
+dropped (1011) while clients that answer stay."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
+import socket
 import time
 from collections.abc import Iterator
 
@@ -38,6 +42,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         extra_env={
             "SWITCHBOARD_TENANTS_FILE": str(path),
             "SWITCHBOARD_GATEWAY_IDLE_TIMEOUT_S": str(IDLE_S),
+            "SWITCHBOARD_GATEWAY_PING_INTERVAL_S": "0.5",
+            "SWITCHBOARD_GATEWAY_PING_TIMEOUT_S": "0.5",
         },
     )
     with running(stack):
@@ -105,3 +111,39 @@ async def test_the_tenants_session_length_closes_with_4011(stack: Stack) -> None
     assert codes[-1] == "session_expired"
     assert set(codes[:-1]) <= {"item_not_found"}
     assert close_code == 4011
+
+
+async def test_a_client_that_does_not_answer_pings_is_dropped(stack: Stack) -> None:
+    """A raw socket that upgrades and then never reads (so never answers a ping)."""
+    sock = socket.create_connection(("127.0.0.1", stack.ports.gateway))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            "GET /v1/realtime?model=gpt-realtime HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{stack.ports.gateway}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {STEADY_KEY}\r\n\r\n"
+        ).encode()
+    )
+    await asyncio.sleep(2.5)  # interval + timeout, well past
+    # What the gateway sent meanwhile: the 101, session.created, pings, then the
+    # close frame 1011 "keepalive ping timeout", and the end of the stream.
+    sock.settimeout(5)
+    received = b""
+    while chunk := await asyncio.to_thread(sock.recv, 65536):
+        received += chunk
+    sock.close()
+    assert received.startswith(b"HTTP/1.1 101")
+    assert b"keepalive ping timeout" in received
+    close = received[received.rindex(b"\x88") :]  # the close frame: opcode 8, FIN
+    assert int.from_bytes(close[2:4], "big") == 1011
+
+
+async def test_a_client_that_answers_pings_stays(stack: Stack) -> None:
+    async with open_client(stack, STEADY_KEY) as connection:
+        client = RealtimeClient(connection)
+        await client.recv()
+        await asyncio.sleep(1.5)  # three heartbeats, answered by the client library
+        await client.say("still here")
+        assert (await client.respond())[-1]["response"]["status"] == "completed"
