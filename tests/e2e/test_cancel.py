@@ -103,6 +103,7 @@ async def test_a_client_that_leaves_keeps_its_response_for_the_grace_only(
     assert (await stream_of(stack, marker))["outcome"] == "in_progress"
     stream = await ended(stack, marker)
     assert stream["outcome"] == "client_closed"
+    print(f"upstream closed {stream['ended_at'] - left_at:.2f} s after the client left")
     assert GRACE_S <= stream["ended_at"] - left_at < GRACE_S + 2
     # What ran during the grace was recorded: a resume sees the response end.
     async with aiohttp.ClientSession() as http:

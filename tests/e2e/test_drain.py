@@ -136,6 +136,7 @@ async def test_a_rolling_restart_under_load_loses_no_response(stack: Stack) -> N
 
     statuses = sum((c.statuses for c in clients), Counter())
     closes = sum((c.closes for c in clients), Counter())
+    print(f"responses by status: {dict(statuses)}; closes by code: {dict(closes)}")
     assert statuses["completed"] >= 6 * 5, statuses
     assert set(statuses) == {"completed"}, statuses
     # Clients were moved by drains (1012), not cut.
