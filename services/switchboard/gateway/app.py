@@ -210,7 +210,9 @@ def create_app(
             try:
                 await admission.close_connection(tenant, holder)
             except SwitchboardError as exc:
-                log.warning("connection slot not released", extra={"code": exc.name})
+                log.warning(
+                    "connection slot not released", extra={"tenant_id": tenant.id, "code": exc.name}
+                )
 
     def refused(error: SwitchboardError) -> None:
         reason = refusal_reason(error.name)
