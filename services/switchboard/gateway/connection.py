@@ -164,6 +164,9 @@ class RealtimeConnection:
                 # The writer was stopped mid-send to a cut client: record the rest.
                 self._writer = asyncio.create_task(self._write_loop())
             await self._finish_detached()
+            # Ends the (detached) writer once it has recorded what waits; the
+            # code is never sent. Waiting longer than a lease would be pointless:
+            # by then a resume elsewhere owns the session.
             self.outbox.close(DRAIN_CLOSE, "closed")
             with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
                 await asyncio.wait_for(self._writer, timeout=self.session_lease_s)
