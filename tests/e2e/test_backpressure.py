@@ -21,12 +21,12 @@ from tools.stack import Ports, Stack
 def stack() -> Iterator[Stack]:
     """A stack whose gateway caps each client socket's kernel send buffer, so a
     client that stops reading is felt in the outbox after ~128 KiB, not ~4 MiB;
-    a cut client's response runs on (recorded for a resume) for 5 s."""
+    a cut client's response runs on (recorded for a resume) for 2 s."""
     stack = Stack(
         ports=Ports.free(),
         extra_env={
             "SWITCHBOARD_GATEWAY_SEND_BUFFER_BYTES": "65536",
-            "SWITCHBOARD_GATEWAY_DISCONNECT_GRACE_S": "5",
+            "SWITCHBOARD_GATEWAY_DISCONNECT_GRACE_S": "2",
         },
     )
     stack.start()
@@ -113,9 +113,18 @@ async def test_a_reader_that_falls_too_far_behind_is_cut_and_others_go_on(
     stack: Stack, sim: aiohttp.ClientSession
 ) -> None:
     stalled = RealtimeClient(await connect_lagging(stack))
-    await stalled.recv()
-    await ask(stalled, f"never reads {FAST} 400000}}]]")
+    try:
+        await stalled.recv()
+        # Far longer than the cut plus the grace: its end is the gateway's doing.
+        await ask(stalled, f"never reads {FAST} 1000000}}]]")
+        await fast_client_goes_on_then_the_stalled_one_is_cut(stack, sim, stalled)
+    finally:
+        await stalled.connection.close()
 
+
+async def fast_client_goes_on_then_the_stalled_one_is_cut(
+    stack: Stack, sim: aiohttp.ClientSession, stalled: RealtimeClient
+) -> None:
     async with websockets.connect(
         f"{stack.websocket_url}?model=gpt-realtime",
         additional_headers={"Authorization": f"Bearer {stack.dev_key}"},
@@ -129,7 +138,7 @@ async def test_a_reader_that_falls_too_far_behind_is_cut_and_others_go_on(
         assert await stream_outcome(sim, "never reads") == "in_progress"
 
     # The stalled client is cut once 1 MiB waits for it; its response runs on,
-    # recorded, for the 5 s disconnect grace, and then the gateway stops the
+    # recorded, for the 2 s disconnect grace, and then the gateway stops the
     # upstream stream. Wait for that without reading (reading would make it a
     # fast client), then read what the socket holds and the close frame.
     for _ in range(1200):

@@ -126,12 +126,16 @@ class RealtimeConnection:
         self._closer: asyncio.Task[None] | None = None
         # True while the writer waits on the client's socket (it may be cut then).
         self._sending = False
+        # Set when the gateway cuts the client (slow consumer): stop reading it.
+        self._cut = asyncio.Event()
 
     async def run(self, *, resumed: bool = False) -> None:
         """Serve the connection until the client leaves (or it must end), then let
         a running response finish detached, within the disconnect grace."""
         self._writer = asyncio.create_task(self._write_loop())
+        cut = asyncio.create_task(self._cut.wait())
         helpers = [
+            cut,
             asyncio.create_task(self._keep_connection_slot()),
             asyncio.create_task(self._keep_session_lease()),
             asyncio.create_task(self._watch_time_limits()),
@@ -142,7 +146,9 @@ class RealtimeConnection:
             await self._flush()
             while not self._writer.done():
                 receive = asyncio.ensure_future(self.websocket.receive())
-                await asyncio.wait((receive, self._writer), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    (receive, self._writer, cut), return_when=asyncio.FIRST_COMPLETED
+                )
                 if not receive.done():
                     receive.cancel()
                     break
@@ -354,6 +360,7 @@ class RealtimeConnection:
             extra={**self._log, "detail": str(exc), "waiting_events": len(self.outbox)},
         )
         self.attached = False
+        self._cut.set()
         self.outbox.max_bytes = _DETACHED_MAX_BYTES
         self._ending = (SLOW_CONSUMER_CLOSE, "slow_consumer")
         if self._sending and self._writer is not None:
