@@ -15,7 +15,6 @@ live stream, on any gateway replica.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -41,7 +40,7 @@ from switchboard.gateway import client_secrets, sessions
 from switchboard.gateway.admission import Admission
 from switchboard.gateway.backends import Backends
 from switchboard.gateway.client_secrets import ClientSecrets, Grant
-from switchboard.gateway.connection import RealtimeConnection
+from switchboard.gateway.connection import RealtimeConnection, close_with_error
 from switchboard.gateway.eventlog import EventRecorder, SessionWriter, replay
 from switchboard.gateway.metrics import GatewayMetrics, refusal_reason
 from switchboard.gateway.protocol import RealtimeProtocol, event_seq
@@ -261,7 +260,7 @@ def create_app(
                 # response it may have left unfinished when it was killed).
                 session = await backends.get_session(tenant.id, session.id)
             except SwitchboardError as error:
-                await _close_with(websocket, error)
+                await close_with_error(websocket, error)
                 return
             except (WebSocketDisconnect, RuntimeError, OSError):
                 await writer.release()
@@ -419,15 +418,6 @@ def _error_response(error: SwitchboardError) -> JSONResponse:
 async def _deny(websocket: WebSocket, error: SwitchboardError) -> None:
     """Refuse the handshake before it upgrades."""
     await websocket.send_denial_response(_error_response(error))
-
-
-async def _close_with(websocket: WebSocket, error: SwitchboardError) -> None:
-    """End an accepted connection: the `error` event, then its close code."""
-    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
-        await websocket.send_json(
-            {"type": "error", "event_id": "", "error": error.to_event_error(None)}
-        )
-        await websocket.close(code=error.spec.close_code or 1011, reason=error.name)
 
 
 async def _json_object(request: Request) -> dict[str, Any]:

@@ -62,6 +62,8 @@ _FINISH = {
     broker_pb2.FINISH_REASON_CONTENT_FILTER: ("incomplete", "content_filter"),
 }
 
+_TAKEN_OVER = SessionTakenOver("Another connection resumed this session.")
+
 # What a detached connection may hold while it records: far above what Redis
 # needs to keep up, but a bound all the same.
 _DETACHED_MAX_BYTES = 64 * 1024 * 1024
@@ -290,9 +292,7 @@ class RealtimeConnection:
                 continue
             if wanted:
                 log.info("session handed over", extra=self._log)
-                self._end_with_error(
-                    SessionTakenOver("Another connection resumed this session."), "taken_over"
-                )
+                self._end_with_error(_TAKEN_OVER, "taken_over")
 
     async def _watch_time_limits(self) -> None:
         """Close an idle connection (4010), or one past the tenant's session length
@@ -327,7 +327,7 @@ class RealtimeConnection:
             return
         log.info("session taken over", extra=self._log)
         self.end_reason = "taken_over"
-        self._ending = (4009, "session_taken_over")
+        self._ending = (_TAKEN_OVER.spec.close_code or 4009, _TAKEN_OVER.name)
         if self._response_task is not None:
             self._response_task.cancel()
         self.outbox.abort()
@@ -380,7 +380,7 @@ class RealtimeConnection:
             batch = await self.outbox.get_batch()
             if batch is None:
                 if self.end_reason == "taken_over" and self.attached:
-                    await self._send_taken_over()
+                    await close_with_error(self.websocket, _TAKEN_OVER)
                 return
             if isinstance(batch, Close):
                 if self.attached:
@@ -407,14 +407,6 @@ class RealtimeConnection:
                 self.attached = False
             finally:
                 self._sending = False
-
-    async def _send_taken_over(self) -> None:
-        error = SessionTakenOver("Another connection resumed this session.")
-        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
-            await self.websocket.send_json(
-                {"type": "error", "event_id": "", "error": error.to_event_error(None)}
-            )
-        await self._close_socket(4009, "session_taken_over")
 
     # --- commands --------------------------------------------------------------------
 
@@ -670,3 +662,13 @@ class RealtimeConnection:
                 continue
             self.protocol.item_added(stored.item, stored.previous_item_id)
             await self._flush()
+
+
+async def close_with_error(websocket: WebSocket, error: SwitchboardError) -> None:
+    """End an accepted connection: the `error` event, then the error's close code.
+    (Not through the outbox: the event is not part of the session's log.)"""
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+        await websocket.send_json(
+            {"type": "error", "event_id": "", "error": error.to_event_error(None)}
+        )
+        await websocket.close(code=error.spec.close_code or 1011, reason=error.name)
