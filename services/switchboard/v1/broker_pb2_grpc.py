@@ -27,7 +27,13 @@ if _version_not_supported:
 
 class BrokerServiceStub:
     """Holds the connections to upstream model APIs (any OpenAI-compatible server).
-    Cancelling a Generate call closes its upstream stream.
+
+    A call outlives its caller: when a Generate call is cancelled without a
+    `Cancel` first (its gateway died), the broker keeps the model generating, and
+    what it produced, for the orphan grace, so that the gateway that resumes the
+    session can `Attach` to it. The broker that runs a call names itself in the
+    call's initial metadata (`switchboard-broker`, HOST:PORT), which is where
+    `Cancel` and `Attach` for it go.
     """
 
     def __init__(self, channel):
@@ -41,15 +47,49 @@ class BrokerServiceStub:
                 request_serializer=switchboard_dot_v1_dot_broker__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_broker__pb2.GenerateEvent.FromString,
                 _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/switchboard.v1.BrokerService/Cancel',
+                request_serializer=switchboard_dot_v1_dot_broker__pb2.CancelRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_broker__pb2.CancelResponse.FromString,
+                _registered_method=True)
+        self.Attach = channel.unary_stream(
+                '/switchboard.v1.BrokerService/Attach',
+                request_serializer=switchboard_dot_v1_dot_broker__pb2.AttachRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_broker__pb2.GenerateEvent.FromString,
+                _registered_method=True)
 
 
 class BrokerServiceServicer:
     """Holds the connections to upstream model APIs (any OpenAI-compatible server).
-    Cancelling a Generate call closes its upstream stream.
+
+    A call outlives its caller: when a Generate call is cancelled without a
+    `Cancel` first (its gateway died), the broker keeps the model generating, and
+    what it produced, for the orphan grace, so that the gateway that resumes the
+    session can `Attach` to it. The broker that runs a call names itself in the
+    call's initial metadata (`switchboard-broker`, HOST:PORT), which is where
+    `Cancel` and `Attach` for it go.
     """
 
     def Generate(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cancel(self, request, context):
+        """Stop a call now, closing its upstream stream; it cannot be attached to after.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Attach(self, request, context):
+        """Follow a call another caller started: everything it produced so far, merged
+        (Started, one delta per output, Finished once it ended), then the live rest,
+        as Generate streams it. A call has one follower: attaching takes it from the
+        previous one, whose stream ends with `session_taken_over`. A call the broker
+        does not hold (never, or no more) is NOT_FOUND with `response_interrupted`.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -62,6 +102,16 @@ def add_BrokerServiceServicer_to_server(servicer, server):
                     request_deserializer=switchboard_dot_v1_dot_broker__pb2.GenerateRequest.FromString,
                     response_serializer=switchboard_dot_v1_dot_broker__pb2.GenerateEvent.SerializeToString,
             ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=switchboard_dot_v1_dot_broker__pb2.CancelRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_broker__pb2.CancelResponse.SerializeToString,
+            ),
+            'Attach': grpc.unary_stream_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=switchboard_dot_v1_dot_broker__pb2.AttachRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_broker__pb2.GenerateEvent.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'switchboard.v1.BrokerService', rpc_method_handlers)
@@ -72,7 +122,13 @@ def add_BrokerServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class BrokerService:
     """Holds the connections to upstream model APIs (any OpenAI-compatible server).
-    Cancelling a Generate call closes its upstream stream.
+
+    A call outlives its caller: when a Generate call is cancelled without a
+    `Cancel` first (its gateway died), the broker keeps the model generating, and
+    what it produced, for the orphan grace, so that the gateway that resumes the
+    session can `Attach` to it. The broker that runs a call names itself in the
+    call's initial metadata (`switchboard-broker`, HOST:PORT), which is where
+    `Cancel` and `Attach` for it go.
     """
 
     @staticmethod
@@ -91,6 +147,60 @@ class BrokerService:
             target,
             '/switchboard.v1.BrokerService/Generate',
             switchboard_dot_v1_dot_broker__pb2.GenerateRequest.SerializeToString,
+            switchboard_dot_v1_dot_broker__pb2.GenerateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.BrokerService/Cancel',
+            switchboard_dot_v1_dot_broker__pb2.CancelRequest.SerializeToString,
+            switchboard_dot_v1_dot_broker__pb2.CancelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/switchboard.v1.BrokerService/Attach',
+            switchboard_dot_v1_dot_broker__pb2.AttachRequest.SerializeToString,
             switchboard_dot_v1_dot_broker__pb2.GenerateEvent.FromString,
             options,
             channel_credentials,

@@ -28,7 +28,13 @@ GRPC_VERSION: str
 
 class BrokerServiceStub:
     """Holds the connections to upstream model APIs (any OpenAI-compatible server).
-    Cancelling a Generate call closes its upstream stream.
+
+    A call outlives its caller: when a Generate call is cancelled without a
+    `Cancel` first (its gateway died), the broker keeps the model generating, and
+    what it produced, for the orphan grace, so that the gateway that resumes the
+    session can `Attach` to it. The broker that runs a call names itself in the
+    call's initial metadata (`switchboard-broker`, HOST:PORT), which is where
+    `Cancel` and `Attach` for it go.
     """
 
     @_typing.overload
@@ -36,19 +42,49 @@ class BrokerServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> BrokerServiceAsyncStub: ...
     Generate: _grpc.UnaryStreamMultiCallable[_broker_pb2.GenerateRequest, _broker_pb2.GenerateEvent]
+    Cancel: _grpc.UnaryUnaryMultiCallable[_broker_pb2.CancelRequest, _broker_pb2.CancelResponse]
+    """Stop a call now, closing its upstream stream; it cannot be attached to after."""
+    Attach: _grpc.UnaryStreamMultiCallable[_broker_pb2.AttachRequest, _broker_pb2.GenerateEvent]
+    """Follow a call another caller started: everything it produced so far, merged
+    (Started, one delta per output, Finished once it ended), then the live rest,
+    as Generate streams it. A call has one follower: attaching takes it from the
+    previous one, whose stream ends with `session_taken_over`. A call the broker
+    does not hold (never, or no more) is NOT_FOUND with `response_interrupted`.
+    """
 
 @_typing.type_check_only
 class BrokerServiceAsyncStub(BrokerServiceStub):
     """Holds the connections to upstream model APIs (any OpenAI-compatible server).
-    Cancelling a Generate call closes its upstream stream.
+
+    A call outlives its caller: when a Generate call is cancelled without a
+    `Cancel` first (its gateway died), the broker keeps the model generating, and
+    what it produced, for the orphan grace, so that the gateway that resumes the
+    session can `Attach` to it. The broker that runs a call names itself in the
+    call's initial metadata (`switchboard-broker`, HOST:PORT), which is where
+    `Cancel` and `Attach` for it go.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Generate: _aio.UnaryStreamMultiCallable[_broker_pb2.GenerateRequest, _broker_pb2.GenerateEvent]  # type: ignore[assignment]
+    Cancel: _aio.UnaryUnaryMultiCallable[_broker_pb2.CancelRequest, _broker_pb2.CancelResponse]  # type: ignore[assignment]
+    """Stop a call now, closing its upstream stream; it cannot be attached to after."""
+    Attach: _aio.UnaryStreamMultiCallable[_broker_pb2.AttachRequest, _broker_pb2.GenerateEvent]  # type: ignore[assignment]
+    """Follow a call another caller started: everything it produced so far, merged
+    (Started, one delta per output, Finished once it ended), then the live rest,
+    as Generate streams it. A call has one follower: attaching takes it from the
+    previous one, whose stream ends with `session_taken_over`. A call the broker
+    does not hold (never, or no more) is NOT_FOUND with `response_interrupted`.
+    """
 
 class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Holds the connections to upstream model APIs (any OpenAI-compatible server).
-    Cancelling a Generate call closes its upstream stream.
+
+    A call outlives its caller: when a Generate call is cancelled without a
+    `Cancel` first (its gateway died), the broker keeps the model generating, and
+    what it produced, for the orphan grace, so that the gateway that resumes the
+    session can `Attach` to it. The broker that runs a call names itself in the
+    call's initial metadata (`switchboard-broker`, HOST:PORT), which is where
+    `Cancel` and `Attach` for it go.
     """
 
     @_abc_1.abstractmethod
@@ -57,5 +93,26 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _broker_pb2.GenerateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_broker_pb2.GenerateEvent], _abc.AsyncIterator[_broker_pb2.GenerateEvent]]: ...
+
+    @_abc_1.abstractmethod
+    def Cancel(
+        self,
+        request: _broker_pb2.CancelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.CancelResponse, _abc.Awaitable[_broker_pb2.CancelResponse]]:
+        """Stop a call now, closing its upstream stream; it cannot be attached to after."""
+
+    @_abc_1.abstractmethod
+    def Attach(
+        self,
+        request: _broker_pb2.AttachRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_broker_pb2.GenerateEvent], _abc.AsyncIterator[_broker_pb2.GenerateEvent]]:
+        """Follow a call another caller started: everything it produced so far, merged
+        (Started, one delta per output, Finished once it ended), then the live rest,
+        as Generate streams it. A call has one follower: attaching takes it from the
+        previous one, whose stream ends with `session_taken_over`. A call the broker
+        does not hold (never, or no more) is NOT_FOUND with `response_interrupted`.
+        """
 
 def add_BrokerServiceServicer_to_server(servicer: BrokerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -72,6 +72,8 @@ class Session(_message.Message):
     EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
     LAST_EVENT_SEQ_FIELD_NUMBER: _builtins.int
     OPEN_RESPONSE_ID_FIELD_NUMBER: _builtins.int
+    OPEN_RESPONSE_SEQ_FIELD_NUMBER: _builtins.int
+    OPEN_RESPONSE_BROKER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     tenant_id: _builtins.str
     created_at_ms: _builtins.int
@@ -81,6 +83,12 @@ class Session(_message.Message):
     open_response_id: _builtins.str
     """The response the event log's writer started and has not ended ("" when
     none): after a writer died, the one that resumes the session ends it.
+    """
+    open_response_seq: _builtins.int
+    """The seq of that response's `response.created` (0 when none)."""
+    open_response_broker: _builtins.str
+    """The broker running that response (HOST:PORT, "" when not known), where
+    the resuming writer re-attaches to its generation.
     """
     @_builtins.property
     def config(self) -> Global___SessionConfig: ...
@@ -94,10 +102,12 @@ class Session(_message.Message):
         expires_at_ms: _builtins.int = ...,
         last_event_seq: _builtins.int = ...,
         open_response_id: _builtins.str = ...,
+        open_response_seq: _builtins.int = ...,
+        open_response_broker: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "created_at_ms", b"created_at_ms", "expires_at_ms", b"expires_at_ms", "id", b"id", "last_event_seq", b"last_event_seq", "open_response_id", b"open_response_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "created_at_ms", b"created_at_ms", "expires_at_ms", b"expires_at_ms", "id", b"id", "last_event_seq", b"last_event_seq", "open_response_broker", b"open_response_broker", "open_response_id", b"open_response_id", "open_response_seq", b"open_response_seq", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -469,6 +479,9 @@ class AppendEventsRequest(_message.Message):
     HOLDER_FIELD_NUMBER: _builtins.int
     LEASE_MS_FIELD_NUMBER: _builtins.int
     OPEN_RESPONSE_ID_FIELD_NUMBER: _builtins.int
+    OPEN_RESPONSE_SEQ_FIELD_NUMBER: _builtins.int
+    BROKER_RESPONSE_ID_FIELD_NUMBER: _builtins.int
+    BROKER_ADDRESS_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     session_id: _builtins.str
     holder: _builtins.str
@@ -477,7 +490,16 @@ class AppendEventsRequest(_message.Message):
     """
     lease_ms: _builtins.int
     open_response_id: _builtins.str
-    """When set, the response in progress after these events ("" for none)."""
+    """When set, the response in progress after these events ("" for none), and
+    the seq of its `response.created`.
+    """
+    open_response_seq: _builtins.int
+    broker_response_id: _builtins.str
+    """When set, the broker (HOST:PORT) running response `broker_response_id`.
+    Kept for the session's open response only if it is that response, so it
+    may arrive before or after the events that open and end the response.
+    """
+    broker_address: _builtins.str
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionEvent]:
         """Events with seq 0 are numbered after the log's last seq; others keep theirs,
@@ -493,10 +515,13 @@ class AppendEventsRequest(_message.Message):
         holder: _builtins.str = ...,
         lease_ms: _builtins.int = ...,
         open_response_id: _builtins.str | None = ...,
+        open_response_seq: _builtins.int = ...,
+        broker_response_id: _builtins.str = ...,
+        broker_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_open_response_id", b"_open_response_id", "open_response_id", b"open_response_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_open_response_id", b"_open_response_id", "events", b"events", "holder", b"holder", "lease_ms", b"lease_ms", "open_response_id", b"open_response_id", "session_id", b"session_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_open_response_id", b"_open_response_id", "broker_address", b"broker_address", "broker_response_id", b"broker_response_id", "events", b"events", "holder", b"holder", "lease_ms", b"lease_ms", "open_response_id", b"open_response_id", "open_response_seq", b"open_response_seq", "session_id", b"session_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__open_response_id: _TypeAlias = _typing.Literal["open_response_id"]  # noqa: Y015
     _WhichOneofArgType__open_response_id: _TypeAlias = _typing.Literal["_open_response_id", b"_open_response_id"]  # noqa: Y015
