@@ -273,6 +273,39 @@ async def test_events_keep_the_seq_their_writer_gives(store: SessionStore, tenan
     assert (await store.get_session(tenant, sid)).open_response_id == ""
 
 
+async def test_the_open_response_keeps_its_seq_and_the_broker_noted_for_it(
+    store: SessionStore, tenant: str
+) -> None:
+    sid = (await store.create_session(tenant, session_pb2.SessionConfig())).id
+    # The broker note may come first (it travels apart from the events)...
+    await store.append_events(tenant, sid, [], broker=("resp_1", "10.0.0.7:50052"))
+    assert (await store.get_session(tenant, sid)).open_response_broker == ""
+    await store.append_events(
+        tenant, sid, [event("c1"), event("c2")], open_response_id="resp_1", open_response_seq=2
+    )
+    opened = await store.get_session(tenant, sid)
+    assert (opened.open_response_id, opened.open_response_seq) == ("resp_1", 2)
+    assert opened.open_response_broker == "10.0.0.7:50052"
+    # ...or after the response ended: it never reopens it, nor names a later one's broker.
+    await store.append_events(tenant, sid, [event("d1")], open_response_id="")
+    await store.append_events(
+        tenant, sid, [event("c3")], open_response_id="resp_2", open_response_seq=4
+    )
+    await store.append_events(tenant, sid, [], broker=("resp_1", "10.0.0.8:50052"))
+    later = await store.get_session(tenant, sid)
+    assert (later.open_response_id, later.open_response_seq) == ("resp_2", 4)
+    assert later.open_response_broker == ""
+    await store.append_events(tenant, sid, [], broker=("resp_2", "10.0.0.9:50052"))
+    assert (await store.get_session(tenant, sid)).open_response_broker == "10.0.0.9:50052"
+    await store.append_events(tenant, sid, [event("d2")], open_response_id="")
+    ended = await store.get_session(tenant, sid)
+    assert (ended.open_response_id, ended.open_response_seq, ended.open_response_broker) == (
+        "",
+        0,
+        "",
+    )
+
+
 async def test_the_writer_lease_fences_appends_and_hands_over(
     store: SessionStore, tenant: str
 ) -> None:

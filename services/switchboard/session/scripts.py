@@ -64,7 +64,8 @@ return 'ok'
 )
 
 # KEYS: meta items order events owner.
-# ARGV: ttl_ms max_events holder lease_ms open_response ('-' keeps it), then seq
+# ARGV: ttl_ms max_events holder lease_ms open_response ('-' keeps it)
+# open_response_seq broker_response ('' keeps it) broker_address, then seq
 # event_bytes per event.
 # With a holder, refuses (-2) unless the lease is free or the holder's, and renews
 # it. Seq 0 numbers an event after the last; others must be increasing and above
@@ -82,7 +83,7 @@ end
 local last = tonumber(redis.call('HGET', KEYS[1], 'last_event_seq') or '0')
 local seqs = {}
 local seq = last
-for i = 6, #ARGV, 2 do
+for i = 9, #ARGV, 2 do
   local given = tonumber(ARGV[i])
   if given == 0 then seq = seq + 1
   elseif given <= seq then return -3
@@ -90,11 +91,16 @@ for i = 6, #ARGV, 2 do
   seqs[#seqs + 1] = seq
 end
 for n, s in ipairs(seqs) do
-  local member = string.format('%d', s) .. '\\n' .. ARGV[5 + 2 * n]
+  local member = string.format('%d', s) .. '\\n' .. ARGV[8 + 2 * n]
   redis.call('ZADD', KEYS[4], s, member)
 end
 if holder ~= '' then redis.call('SET', KEYS[5], holder, 'PX', ARGV[4]) end
-if ARGV[5] ~= '-' then redis.call('HSET', KEYS[1], 'open_response', ARGV[5]) end
+if ARGV[5] ~= '-' then
+  redis.call('HSET', KEYS[1], 'open_response', ARGV[5], 'open_response_seq', ARGV[6])
+end
+if ARGV[7] ~= '' then
+  redis.call('HSET', KEYS[1], 'broker_response', ARGV[7], 'broker', ARGV[8])
+end
 redis.call('HSET', KEYS[1], 'last_event_seq', string.format('%d', seq))
 local excess = redis.call('ZCARD', KEYS[4]) - tonumber(ARGV[2])
 if excess > 0 then

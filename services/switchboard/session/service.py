@@ -191,7 +191,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self, request: session_pb2.AppendEventsRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.AppendEventsResponse:
         async with _RpcErrors(context, "AppendEvents", request, self.metrics):
-            return session_pb2.AppendEventsResponse(last_seq=await self._append(request))
+            return session_pb2.AppendEventsResponse(last_seq=await self._store.append(request))
 
     async def AppendEventsBatch(
         self, request: session_pb2.AppendEventsBatchRequest, context: grpc.aio.ServicerContext
@@ -199,18 +199,6 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         async with _RpcErrors(context, "AppendEventsBatch", request, self.metrics):
             outcomes = await self._store.append_events_batch(request.appends)
             return session_pb2.AppendEventsBatchResponse(results=map(_append_result, outcomes))
-
-    async def _append(self, request: session_pb2.AppendEventsRequest) -> int:
-        return await self._store.append_events(
-            request.tenant_id,
-            request.session_id,
-            request.events,
-            holder=request.holder,
-            lease_ms=_lease_ms(request.lease_ms),
-            open_response_id=(
-                request.open_response_id if request.HasField("open_response_id") else None
-            ),
-        )
 
     async def ReadEvents(
         self, request: session_pb2.ReadEventsRequest, context: grpc.aio.ServicerContext
@@ -230,7 +218,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             if not request.holder:
                 raise missing_parameter("holder")
             return await self._store.claim_session(
-                request.tenant_id, request.session_id, request.holder, _lease_ms(request.lease_ms)
+                request.tenant_id, request.session_id, request.holder, request.lease_ms
             )
         raise AssertionError("unreachable")  # _RpcErrors aborts or re-raises
 
@@ -251,8 +239,3 @@ def _append_result(outcome: int | SwitchboardError) -> session_pb2.AppendEventsR
             error_param=outcome.param or "",
         )
     return session_pb2.AppendEventsResult(last_seq=outcome)
-
-
-def _lease_ms(requested: int) -> int:
-    """A lease between 100 ms and 5 minutes; 0 (the store's default) when not given."""
-    return min(max(requested, 100), 300_000) if requested > 0 else 0

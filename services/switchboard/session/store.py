@@ -49,6 +49,13 @@ from switchboard.v1 import common_pb2, session_pb2
 DEFAULT_MAX_EVENTS = 10_000
 # How long a session's writer lease lasts unless renewed (appends renew it).
 DEFAULT_LEASE_MS = 10_000
+
+
+def lease_ms_within(requested: int) -> int:
+    """A writer lease between 100 ms and 5 minutes; the default when not given."""
+    return min(max(requested, 100), 300_000) if requested > 0 else DEFAULT_LEASE_MS
+
+
 DEFAULT_READ_LIMIT = 1000
 MAX_READ_LIMIT = 10_000
 UNAVAILABLE_MESSAGE = "The session store is unavailable."
@@ -110,8 +117,15 @@ class SessionStore:
             created_at_ms=int(meta[b"created_at_ms"]),
             expires_at_ms=self._now_ms() + max(pttl_ms, 0),
             last_event_seq=int(meta.get(b"last_event_seq", b"0")),
-            open_response_id=_text(meta.get(b"open_response", b"")),
         )
+        open_response = _text(meta.get(b"open_response", b""))
+        if open_response:
+            session.open_response_id = open_response
+            session.open_response_seq = int(meta.get(b"open_response_seq", b"0"))
+            # The broker note may have been written before or after the response
+            # opened, or be an earlier response's: it counts for this one only.
+            if _text(meta.get(b"broker_response", b"")) == open_response:
+                session.open_response_broker = _text(meta.get(b"broker", b""))
         session.config.ParseFromString(meta.get(b"config", b""))
         return session
 
@@ -291,6 +305,8 @@ class SessionStore:
         holder: str = "",
         lease_ms: int = 0,
         open_response_id: str | None = None,
+        open_response_seq: int = 0,
+        broker: tuple[str, str] | None = None,
     ) -> int:
         """Append events to the session's log and return the seq of the last one
         (the previous last seq when `events` is empty).
@@ -300,11 +316,29 @@ class SessionStore:
         otherwise, and nothing is written). With a `holder`, the append is refused
         with `SessionTakenOver` unless the writer lease is free or the holder's,
         and renews it for `lease_ms`. `open_response_id`, when not None, becomes
-        the session's response in progress. The log keeps the newest `max_events`.
+        the session's response in progress, opened at `open_response_seq`.
+        `broker` (response id, HOST:PORT) notes the broker running a response;
+        `get_session` reports it while that response is the open one. The log
+        keeps the newest `max_events`.
         """
-        keys, args = self._append_call(
-            tenant_id, session_id, events, holder, lease_ms, open_response_id
+        request = session_pb2.AppendEventsRequest(
+            tenant_id=tenant_id,
+            session_id=session_id,
+            events=events,
+            holder=holder,
+            lease_ms=lease_ms,
+            open_response_seq=open_response_seq,
         )
+        if open_response_id is not None:
+            request.open_response_id = open_response_id
+        if broker is not None:
+            request.broker_response_id, request.broker_address = broker
+        return await self.append(request)
+
+    @_store_call
+    async def append(self, request: session_pb2.AppendEventsRequest) -> int:
+        """`append_events`, as the AppendEvents RPC asks for it."""
+        keys, args = self._append_call(request)
         return _appended(int(await self._append_events(keys=keys, args=args)))
 
     @_store_call
@@ -320,16 +354,7 @@ class SessionStore:
         calls: list[tuple[list[str], list[int | str | bytes]] | SwitchboardError] = []
         for a in appends:
             try:
-                calls.append(
-                    self._append_call(
-                        a.tenant_id,
-                        a.session_id,
-                        a.events,
-                        a.holder,
-                        a.lease_ms,
-                        a.open_response_id if a.HasField("open_response_id") else None,
-                    )
-                )
+                calls.append(self._append_call(a))
             except SwitchboardError as error:
                 calls.append(error)
         queued = [call for call in calls if not isinstance(call, SwitchboardError)]
@@ -355,26 +380,23 @@ class SessionStore:
         return results
 
     def _append_call(
-        self,
-        tenant_id: str,
-        session_id: str,
-        events: Sequence[session_pb2.SessionEvent],
-        holder: str,
-        lease_ms: int,
-        open_response_id: str | None,
+        self, request: session_pb2.AppendEventsRequest
     ) -> tuple[list[str], list[int | str | bytes]]:
         """The KEYS and ARGV of APPEND_EVENTS (ids validated first)."""
+        tenant_id, session_id = request.tenant_id, request.session_id
         keys = session_keys(tenant_id, session_id)
-        lease_ms = lease_ms if lease_ms > 0 else DEFAULT_LEASE_MS
-        open_response = "-" if open_response_id is None else open_response_id
+        has_open = request.HasField("open_response_id")
         args: list[int | str | bytes] = [
             self._ttl_ms,
             self._max_events,
-            holder,
-            lease_ms,
-            open_response,
+            request.holder,
+            lease_ms_within(request.lease_ms),
+            request.open_response_id if has_open else "-",
+            request.open_response_seq if has_open else 0,
+            request.broker_response_id,
+            request.broker_address,
         ]
-        for e in events:
+        for e in request.events:
             args.append(e.seq)
             args.append(
                 session_pb2.SessionEvent(event_id=e.event_id, payload=e.payload).SerializeToString()
@@ -388,7 +410,7 @@ class SessionStore:
         """Take or renew the session's writer lease for `holder`; see CLAIM_SESSION."""
         keys = session_keys(tenant_id, session_id)
         lease = lease_keys(tenant_id, session_id)
-        lease_ms = lease_ms if lease_ms > 0 else DEFAULT_LEASE_MS
+        lease_ms = lease_ms_within(lease_ms)
         claimed, handoff, last_seq = await self._claim_session(
             keys=[keys.meta, lease.owner, lease.wanted], args=[holder, lease_ms]
         )
