@@ -1,11 +1,14 @@
 """A client that stops reading: its deltas are merged, then it is cut with 4008
-`slow_consumer`; a client that reads on the same gateway is never held up."""
+`slow_consumer`; a client that reads on the same gateway is never held up, and
+the gateway's memory stays flat."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,12 +24,12 @@ from tools.stack import Ports, Stack
 def stack() -> Iterator[Stack]:
     """A stack whose gateway caps each client socket's kernel send buffer, so a
     client that stops reading is felt in the outbox after ~128 KiB, not ~4 MiB;
-    a cut client's response runs on (recorded for a resume) for 2 s."""
+    a cut client's response runs on (recorded for a resume) for 4 s."""
     stack = Stack(
         ports=Ports.free(),
         extra_env={
             "SWITCHBOARD_GATEWAY_SEND_BUFFER_BYTES": "65536",
-            "SWITCHBOARD_GATEWAY_DISCONNECT_GRACE_S": "2",
+            "SWITCHBOARD_GATEWAY_DISCONNECT_GRACE_S": "4",
         },
     )
     stack.start()
@@ -109,22 +112,69 @@ async def test_a_slow_reader_gets_every_word_in_fewer_events(
     assert [e["type"] for e in events].count("response.output_text.done") == 1
 
 
+# How much the gateway's resident memory may grow while it streams a reply of
+# hundreds of thousands of tokens to a client that reads none of them.
+FLAT_MIB = 32
+
+
 async def test_a_reader_that_falls_too_far_behind_is_cut_and_others_go_on(
     stack: Stack, sim: aiohttp.ClientSession
 ) -> None:
+    """...while the gateway's memory stays flat: what waits for the client is
+    bounded (merged, then cut), so taking in the stream costs no more memory
+    however long it runs. (Ending the response is another matter: its closing
+    events carry the whole text, a few times over.)"""
+    gateway = stack.services["gateway"].process
+    assert gateway is not None
     stalled = RealtimeClient(await connect_lagging(stack))
+    samples: list[tuple[float, float]] = []  # (time, RSS)
     try:
         await stalled.recv()
+        base = rss_mib(gateway.pid)
+
+        async def sample() -> None:
+            while True:
+                samples.append((time.time(), rss_mib(gateway.pid)))
+                await asyncio.sleep(0.02)
+
+        sampler = asyncio.create_task(sample())
         # Far longer than the cut plus the grace: its end is the gateway's doing.
         await ask(stalled, f"never reads {FAST} 1000000}}]]")
-        await fast_client_goes_on_then_the_stalled_one_is_cut(stack, sim, stalled)
+        try:
+            delta_bytes = await fast_client_goes_on_then_the_stalled_one_is_cut(stack, sim, stalled)
+        finally:
+            sampler.cancel()
     finally:
         await stalled.connection.close()
+    async with sim.get("/_sim/streams") as reply:
+        streams = (await reply.json())["streams"]
+    stream = next(s for s in reversed(streams) if "never reads" in s["last_user"])
+    streaming = [rss for at, rss in samples if at < stream["ended_at"]]
+    peak = max(streaming)
+    unread_mib = stream["tokens_sent"] * delta_bytes / (1 << 20)
+    print(
+        f"gateway RSS {base:.1f} MiB before, {peak:.1f} MiB at most while it took in "
+        f"{stream['tokens_sent']} tokens ({unread_mib:.0f} MiB as the delta events the "
+        f"client never read; {len(streaming)} samples)"
+    )
+    # The stream was long enough that holding its events would break the bound...
+    assert unread_mib > FLAT_MIB
+    # ...and the gateway did not hold them.
+    assert peak - base < FLAT_MIB
+
+
+def rss_mib(pid: int) -> float:
+    """A process's resident memory (VmRSS), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
 
 
 async def fast_client_goes_on_then_the_stalled_one_is_cut(
     stack: Stack, sim: aiohttp.ClientSession, stalled: RealtimeClient
-) -> None:
+) -> int:
+    """Returns the size of one text delta event as sent (JSON bytes)."""
     async with websockets.connect(
         f"{stack.websocket_url}?model=gpt-realtime",
         additional_headers={"Authorization": f"Bearer {stack.dev_key}"},
@@ -132,13 +182,16 @@ async def fast_client_goes_on_then_the_stalled_one_is_cut(
         reader = RealtimeClient(connection)
         await reader.recv()
         await reader.say("a quick question")
-        done = (await reader.respond())[-1]
+        events = await reader.respond()
+        done = events[-1]
         assert done["response"]["status"] == "completed"
+        delta = next(e for e in events if e["type"] == "response.output_text.delta")
+        delta_bytes = len(orjson.dumps({**delta, "delta": "word "}))
         # The fast client finished while the stalled one was still being streamed.
         assert await stream_outcome(sim, "never reads") == "in_progress"
 
     # The stalled client is cut once 1 MiB waits for it; its response runs on,
-    # recorded, for the 2 s disconnect grace, and then the gateway stops the
+    # recorded, for the 4 s disconnect grace, and then the gateway stops the
     # upstream stream. Wait for that without reading (reading would make it a
     # fast client), then read what the socket holds and the close frame.
     for _ in range(1200):
@@ -156,3 +209,4 @@ async def fast_client_goes_on_then_the_stalled_one_is_cut(
     assert closed.value.rcvd is not None
     assert closed.value.rcvd.code == 4008
     assert closed.value.rcvd.reason == "slow_consumer"
+    return delta_bytes
