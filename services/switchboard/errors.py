@@ -96,7 +96,8 @@ SPECS: dict[int, Spec] = {
         grpc.StatusCode.DEADLINE_EXCEEDED, 504, SERVER_ERROR, None, True
     ),
     _C.ERROR_CODE_UPSTREAM_STREAM_BROKEN: Spec(grpc.StatusCode.ABORTED, 502, SERVER_ERROR),
-    _C.ERROR_CODE_RESPONSE_INTERRUPTED: Spec(grpc.StatusCode.ABORTED, 503, SERVER_ERROR),
+    # Over gRPC: the broker holds no such call to attach to (BrokerService.Attach).
+    _C.ERROR_CODE_RESPONSE_INTERRUPTED: Spec(grpc.StatusCode.NOT_FOUND, 503, SERVER_ERROR),
     _C.ERROR_CODE_TOOL_NOT_FOUND: Spec(grpc.StatusCode.NOT_FOUND, 404, INVALID_REQUEST),
     _C.ERROR_CODE_TOOL_NOT_ALLOWED: Spec(grpc.StatusCode.PERMISSION_DENIED, 403, INVALID_REQUEST),
     _C.ERROR_CODE_TOOL_INVALID_ARGUMENTS: Spec(
