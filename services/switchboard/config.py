@@ -299,14 +299,28 @@ class BrokerSettings:
     # Circuit breaker of each upstream whose tenants file entry sets none.
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
+    # A call whose caller went away without Cancel (its gateway died) runs on
+    # this long from then, for an Attach; then it is cancelled.
+    orphan_grace_s: float = 60.0
+    # Text and tool arguments a call may have produced and still be attached
+    # to (its transcript is held up to this); past it, an orphan is cancelled.
+    attach_max_bytes: int = 4 * 1024 * 1024
+    # HOST:PORT the gateways reach this broker at, sent with every call as the
+    # `switchboard-broker` metadata; by default the listen address, "" when
+    # that names no dialable address (a wildcard host, port 0).
+    advertise_address: str = ""
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> BrokerSettings:
         env = Env(environ)
         key = env.secret("SWITCHBOARD_BROKER_UPSTREAM_API_KEY") or env.secret("OPENAI_API_KEY")
         default_url = env.string("OPENAI_BASE_URL", "https://api.openai.com/v1")
+        listen = env.address("SWITCHBOARD_BROKER_LISTEN", DEFAULT_BROKER_ADDRESS)
+        advertise = reachable(listen)
+        if env.optional("SWITCHBOARD_BROKER_ADVERTISE_ADDRESS"):
+            advertise = env.address("SWITCHBOARD_BROKER_ADVERTISE_ADDRESS", advertise)
         return cls(
-            listen=env.address("SWITCHBOARD_BROKER_LISTEN", DEFAULT_BROKER_ADDRESS),
+            listen=listen,
             metrics_listen=(
                 ""
                 if env.string("SWITCHBOARD_BROKER_METRICS_LISTEN", "") == "off"
@@ -334,7 +348,22 @@ class BrokerSettings:
             breaker_cooldown_s=env.number(
                 "SWITCHBOARD_BROKER_BREAKER_COOLDOWN_S", 30.0, minimum=0.01
             ),
+            orphan_grace_s=env.number("SWITCHBOARD_BROKER_ORPHAN_GRACE_S", 60.0),
+            attach_max_bytes=env.integer(
+                "SWITCHBOARD_BROKER_ATTACH_MAX_BYTES", 4 * 1024 * 1024, minimum=0
+            ),
+            advertise_address=advertise,
         )
+
+
+# Listen hosts that name no address another process could dial.
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+
+
+def reachable(listen: str) -> str:
+    """`listen` (HOST:PORT) when others can dial it, else "" (a wildcard host, port 0)."""
+    host, _, port = listen.rpartition(":")
+    return "" if host in _WILDCARD_HOSTS or int(port) == 0 else listen
 
 
 @dataclass(frozen=True, slots=True)
