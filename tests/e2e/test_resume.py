@@ -23,6 +23,8 @@ from tools.stack import Ports, Stack
 
 # The writer lease of a killed gateway lapses after 1 s (10 s by default).
 LEASE_S = "1"
+# A broker keeps a dead gateway's model call for 4 s (60 s by default).
+ORPHAN_GRACE_S = "4"
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,10 @@ def stack() -> Iterator[Stack]:
         ports=Ports.free(),
         replicas=2,
         simulator_args=["--ttft-ms", "20", "--token-delay-ms", "5", "--reply-tokens", "12"],
-        extra_env={"SWITCHBOARD_GATEWAY_SESSION_LEASE_S": LEASE_S},
+        extra_env={
+            "SWITCHBOARD_GATEWAY_SESSION_LEASE_S": LEASE_S,
+            "SWITCHBOARD_BROKER_ORPHAN_GRACE_S": ORPHAN_GRACE_S,
+        },
     )
     stack.start()
     try:
@@ -155,24 +160,76 @@ async def test_a_resume_names_a_session_of_its_own_tenant_and_an_event_it_has(
         assert refused.value.response.status_code == status, (target, last_event_id)
 
 
-async def test_killed_gateway_the_resumed_client_gets_what_was_recorded(stack: Stack) -> None:
-    """SIGKILL the gateway mid-response: the client resumes on the other one and gets
-    the recorded rest of the stream, then `response.done` failed with
-    `response_interrupted`; earlier turns are intact and the session goes on."""
+async def test_killed_gateways_the_resumed_clients_get_the_whole_reply(stack: Stack) -> None:
+    """SIGKILL the client's gateway at random points of responses: the client resumes
+    on the other gateway, which re-attaches to the model call (kept running by the
+    broker) and finishes the response; the reassembled text equals the
+    uninterrupted reply, event for event as logged, and the session goes on."""
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    prompt = 'kill me [[sim {"tokens": 80, "token_delay_ms": 10}]]'
+    killed = stack.services["gateway"]
+    for trial in range(3):
+        context = f"seed {seed}, trial {trial}"
+        expected = await uninterrupted(stack, prompt)
+        try:
+            async with open_client(stack, 0) as connection:
+                first = RealtimeClient(connection)
+                created = await first.recv()
+                session_id = created["session"]["id"]
+                await ask(first, prompt)
+                received = [created]
+                while received[-1]["type"] != "response.created":
+                    received.append(await first.recv())
+                # Some kills land before the first token, most mid-stream.
+                for _ in range(rng.randrange(0, 50)):
+                    received.append(await first.recv())
+                killed.stop(kill=True)
+            assert killed.process is None
+            async with open_client(
+                stack, 1, session_id=session_id, last_event_id=received[-1]["event_id"]
+            ) as connection:
+                second = RealtimeClient(connection)
+                received += await read_until_done(second)
+                done = received[-1]["response"]
+                assert done["status"] == "completed", (context, done["status_details"])
+                # The finished reply is stored in the conversation, whole.
+                (item,) = done["output"]
+                await second.send({"type": "conversation.item.retrieve", "item_id": item["id"]})
+                stored = (await second.recv_until("conversation.item.retrieved"))[-1]["item"]
+                assert stored["status"] == "completed", context
+                assert stored["content"][0]["text"] == expected, context
+                await ask(second, "still there?")
+                after = await read_until_done(second)
+                assert after[-1]["response"]["status"] == "completed", context
+        finally:
+            stack.restart("gateway")
+        assert reply_text(received) == expected, context
+        assert_in_order_once(received)
+        texts = [e["text"] for e in received if e["type"] == "response.output_text.done"]
+        assert texts == [expected], context
+        log = await whole_log(stack, session_id)
+        assert log[: len(received)] == received, context
+
+
+async def test_a_call_gone_from_its_broker_ends_interrupted_with_its_text_kept(
+    stack: Stack,
+) -> None:
+    """Resume after the broker dropped the dead gateway's call (its orphan grace
+    passed): the response ends `failed` with `response_interrupted`, and the text
+    sent so far closes as an incomplete item."""
     killed = stack.services["gateway"]
     try:
         async with open_client(stack, 0) as connection:
             first = RealtimeClient(connection)
             created = await first.recv()
             session_id = created["session"]["id"]
-            await ask(first, "a first turn")
-            received = [created, *await read_until_done(first)]
-            first_text = reply_text(received)
-            await ask(first, 'a long one [[sim {"tokens": 400, "token_delay_ms": 10}]]')
-            while reply_text(received).count(" ") < first_text.count(" ") + 20:
+            await ask(first, 'a long one [[sim {"tokens": 2000, "token_delay_ms": 10}]]')
+            received = [created]
+            while reply_text(received).count(" ") < 20:
                 received.append(await first.recv())
             killed.stop(kill=True)
-        assert killed.process is None
+        await asyncio.sleep(float(ORPHAN_GRACE_S) + 1.0)
         async with open_client(
             stack, 1, session_id=session_id, last_event_id=received[-1]["event_id"]
         ) as connection:
@@ -181,11 +238,13 @@ async def test_killed_gateway_the_resumed_client_gets_what_was_recorded(stack: S
             done = received[-1]["response"]
             assert done["status"] == "failed"
             assert done["status_details"]["error"]["code"] == "response_interrupted"
+            (item,) = done["output"]
+            assert item["status"] == "incomplete"
+            assert item["content"][0]["text"] == reply_text(received)
             assert_in_order_once(received)
             await ask(second, "still there?")
             after = await read_until_done(second)
             assert after[-1]["response"]["status"] == "completed"
-        assert reply_text(received).startswith(first_text)
         log = await whole_log(stack, session_id)
         assert log[: len(received)] == received
     finally:

@@ -489,3 +489,96 @@ def test_a_response_left_unfinished_by_a_killed_gateway_ends_failed() -> None:
     assert done["status_details"]["error"]["code"] == "response_interrupted"
     assert done["usage"]["total_tokens"] == 0
     assert protocol.response is None  # a new response may start
+
+
+# A response as a broker streams it: text, then two calls, interleaved.
+_STREAM: list[tuple[Any, ...]] = [
+    ("text", "Let me "),
+    ("text", "check. "),
+    ("call", 0, "call_a", "lookup", ""),
+    ("call", 1, "call_b", "clock", '{"tz"'),
+    ("call", 0, "", "", '{"q": '),
+    ("text", "One moment."),
+    ("call", 1, "", "", ': "UTC"}'),
+    ("call", 0, "", "", "1}"),
+]
+# The same, as an Attach snapshot merges it: one delta per output, in the order
+# the outputs first appeared.
+_MERGED: list[tuple[Any, ...]] = [
+    ("text", "Let me check. One moment."),
+    ("call", 0, "call_a", "lookup", '{"q": 1}'),
+    ("call", 1, "call_b", "clock", '{"tz": "UTC"}'),
+]
+
+
+def feed(protocol: RealtimeProtocol, response_id: str, stream: list[tuple[Any, ...]]) -> None:
+    for step in stream:
+        if step[0] == "text":
+            protocol.text_delta(response_id, step[1])
+        else:
+            protocol.call_delta(response_id, *step[1:])
+
+
+def finish(protocol: RealtimeProtocol, response_id: str) -> list[dict[str, Any]]:
+    protocol.complete_output(response_id, complete=True)
+    protocol.response_done(response_id, status="completed", usage=common_pb2.Usage())
+    return protocol.take_events()
+
+
+def outputs(events: list[dict[str, Any]]) -> tuple[list[list[Any]], list[dict[str, Any]]]:
+    """What a client makes of a response's events: per output index, the item's id,
+    type and what its deltas add up to; and the final output, without item ids."""
+    built: dict[int, list[Any]] = {}
+    for event in events:
+        if event["type"] == "response.output_item.added":
+            built[event["output_index"]] = [event["item"]["id"], event["item"]["type"], ""]
+        elif event["type"].endswith(".delta"):
+            built[event["output_index"]][2] += event["delta"]
+    final = [
+        {k: v for k, v in item.items() if k != "id"} for item in events[-1]["response"]["output"]
+    ]
+    return [built[i] for i in sorted(built)], final
+
+
+@pytest.mark.parametrize("stream", [_STREAM, _MERGED], ids=["chunked", "merged"])
+def test_a_response_taken_over_from_its_log_goes_on_where_the_log_ends(
+    stream: list[tuple[Any, ...]],
+) -> None:
+    """Cut the events of a response at every point (what a killed gateway logged),
+    take it over from there in another connection and feed it the whole model
+    stream again: the client sees each output once, whole, under one item id."""
+    whole = make_protocol()
+    whole.take_events()
+    (command,) = send(whole, {"type": "response.create"})
+    feed(whole, command.response_id, _STREAM)
+    streamed = whole.take_events()
+    expected_items, expected_output = outputs(streamed + finish(whole, command.response_id))
+    assert [kind for _, kind, _ in expected_items] == ["message", *["function_call"] * 2]
+    for cut in range(1, len(streamed) + 1):
+        logged = streamed[:cut]
+        taker = RealtimeProtocol(
+            session_id="sess_abc",
+            config=session_pb2.SessionConfig(model="gpt-realtime", tool_choice="auto"),
+            max_event_bytes=4096,
+            first_event_seq=cut + 1,
+        )
+        resumed = taker.reopen(logged)
+        assert resumed.response_id == command.response_id
+        feed(taker, resumed.response_id, stream)
+        items, output = outputs(logged + taker.take_events() + finish(taker, resumed.response_id))
+        assert output == expected_output, cut
+        assert [row[1:] for row in items] == [row[1:] for row in expected_items], cut
+        # Items the log had keep their ids; items opened after the cut get new ones.
+        opened = {e["item"]["id"] for e in logged if e["type"] == "response.output_item.added"}
+        for (item_id, _, _), (expected_id, _, _) in zip(items, expected_items, strict=True):
+            assert (item_id == expected_id) == (expected_id in opened), cut
+
+
+def test_a_log_that_is_not_a_streaming_response_is_not_taken_over() -> None:
+    protocol = make_protocol()
+    protocol.take_events()
+    command, events = run_response(protocol, ["Hi"])
+    ended = events + finish(protocol, command.response_id)
+    for logged in ([], events[1:], ended, [*events, {"type": "response.output_text.delta"}]):
+        with pytest.raises(ValueError, match="response"):
+            make_protocol().reopen(logged)

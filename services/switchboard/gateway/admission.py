@@ -30,7 +30,7 @@ class Admitted:
     """A response that passed admission; `finish` it exactly once."""
 
     response_id: str
-    reserved_tokens: int
+    holds_reservation: bool
     holds_slot: bool
 
 
@@ -113,11 +113,19 @@ class Admission:
             if not decision.allowed:
                 await self._release(tenant, response_id, holds_slot)
                 raise decision.error("Not enough tokens left for this response.")
-        return Admitted(response_id, reserved, holds_slot)
+        return Admitted(response_id, reserved > 0, holds_slot)
+
+    def adopt(self, tenant: Tenant, response_id: str) -> Admitted:
+        """The admission of a response another gateway started and died running:
+        finishing it settles that gateway's token reservation and frees its slot
+        (both idempotent, and no-ops when it held none)."""
+        limits = tenant.limits
+        reserves = limits.tokens_per_minute is not None or tenant.daily_token_budget is not None
+        return Admitted(response_id, reserves, limits.concurrent_responses is not None)
 
     async def finish_response(self, tenant: Tenant, admitted: Admitted, used_tokens: int) -> None:
         """Settle the reservation to what was used and free the response slot."""
-        if admitted.reserved_tokens:
+        if admitted.holds_reservation:
             await self.limiter.settle_tokens(tenant.id, admitted.response_id, used_tokens)
         await self._release(tenant, admitted.response_id, admitted.holds_slot)
 

@@ -40,8 +40,14 @@ from switchboard.gateway import client_secrets, sessions
 from switchboard.gateway.admission import Admission
 from switchboard.gateway.backends import Backends
 from switchboard.gateway.client_secrets import ClientSecrets, Grant
-from switchboard.gateway.connection import RealtimeConnection, close_with_error
-from switchboard.gateway.eventlog import EventRecorder, SessionWriter, replay
+from switchboard.gateway.connection import RealtimeConnection, Reattach, close_with_error
+from switchboard.gateway.eventlog import (
+    EventRecorder,
+    SessionWriter,
+    read_log,
+    replay,
+    resume_unavailable,
+)
 from switchboard.gateway.metrics import GatewayMetrics, refusal_reason
 from switchboard.gateway.protocol import RealtimeProtocol, event_seq
 from switchboard.limits import TenantLimiter
@@ -277,8 +283,9 @@ def create_app(
             locked=grant.locked if grant else frozenset(),
             first_event_seq=session.last_event_seq + 1,
         )
+        reattach = None
         if resume is not None and session.open_response_id:
-            protocol.interrupted(session.open_response_id)
+            reattach = await reopen_response(backends, protocol, session)
         log.info(
             "resumed" if resume is not None else "connected",
             extra={"tenant_id": tenant.id, "session_id": session.id},
@@ -303,7 +310,7 @@ def create_app(
         metrics.sessions_active.inc()
         drainer.add(connection)
         try:
-            await connection.run(resumed=resume is not None)
+            await connection.run(resumed=resume is not None, reattach=reattach)
         except Exception:
             connection.end_reason = "server_error"
             raise
@@ -359,12 +366,33 @@ async def check_resumable(
     """Refuse a resume whose missed events are not all in the session's log."""
     page = await backends.read_events(tenant.id, session.id, after_seq, limit=1)
     if after_seq > page.last_seq or after_seq < page.trimmed_seq:
-        raise SwitchboardError(
-            "The events after 'last_event_id' are not in this session's log any more; "
-            "start a new session.",
-            code=common_pb2.ERROR_CODE_RESUME_UNAVAILABLE,
-            param="last_event_id",
-        )
+        raise resume_unavailable()
+
+
+async def reopen_response(
+    backends: Backends, protocol: RealtimeProtocol, session: session_pb2.Session
+) -> Reattach | None:
+    """Take over the response the session's last writer left streaming when it
+    died, to finish it by re-attaching to its model call at its broker. When its
+    events cannot be read back, end it `failed` with `response_interrupted`."""
+    response_id = session.open_response_id
+    extra = {"tenant_id": session.tenant_id, "session_id": session.id, "response_id": response_id}
+    try:
+        if session.open_response_seq <= 0:
+            raise ValueError("the response's first event is not known")
+        logged = [
+            orjson.loads(event.payload)
+            async for event in read_log(
+                backends, session.tenant_id, session.id, session.open_response_seq - 1
+            )
+        ]
+        command = protocol.reopen(logged)
+    except (SwitchboardError, ValueError, orjson.JSONDecodeError) as exc:
+        log.warning("response not taken over", extra={**extra, "detail": str(exc)[:200]})
+        protocol.interrupted(response_id)
+        return None
+    log.info("response taken over", extra={**extra, "broker": session.open_response_broker})
+    return Reattach(command, session.open_response_broker)
 
 
 class Drainer:

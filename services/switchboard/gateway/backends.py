@@ -8,6 +8,7 @@ the connection code never sees a raw `grpc.RpcError`.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -29,6 +30,14 @@ from switchboard.v1 import (
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
+# The initial metadata in which a broker names itself (HOST:PORT) on every call.
+BROKER_METADATA_KEY = "switchboard-broker"
+# Channels kept to brokers by their own address (for Cancel and Attach); the
+# oldest is closed past this many (broker pods come and go with deploys).
+MAX_BROKER_CHANNELS = 32
+
 
 class Backends:
     """Channels and stubs to the three backends, opened in the app's lifespan."""
@@ -44,9 +53,13 @@ class Backends:
         self.session = session_pb2_grpc.SessionServiceStub(self.channels["session"])
         self.broker = broker_pb2_grpc.BrokerServiceStub(self.channels["broker"])
         self.toolexec = toolexec_pb2_grpc.ToolExecServiceStub(self.channels["toolexec"])
+        self.broker_target = settings.broker_target
+        self._brokers: dict[str, tuple[grpc.aio.Channel, broker_pb2_grpc.BrokerServiceStub]] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
-        await asyncio.gather(*(channel.close() for channel in self.channels.values()))
+        channels = [*self.channels.values(), *(channel for channel, _ in self._brokers.values())]
+        await asyncio.gather(*(channel.close() for channel in channels))
 
     async def readiness(self) -> dict[str, bool]:
         """Whether each backend answers its gRPC health check with SERVING."""
@@ -111,9 +124,52 @@ class Backends:
     # --- broker ----------------------------------------------------------------------
 
     def generate(self, request: broker_pb2.GenerateRequest) -> grpc.aio.UnaryStreamCall:
-        """Start a streaming model call. No deadline: a response may stream for minutes;
-        the connection cancels the call when the client cancels or leaves."""
+        """Start a streaming model call. No deadline: a response may stream for minutes.
+        To stop it, `cancel_generate` it at its broker, then cancel the call: a
+        call cancelled alone is kept running by its broker for a re-attach."""
         return self.broker.Generate(request)
+
+    def attach(self, broker: str, tenant_id: str, response_id: str) -> grpc.aio.UnaryStreamCall:
+        """Follow a model call another gateway started (and died running), at the
+        broker that holds it ("": the configured broker target)."""
+        request = broker_pb2.AttachRequest(tenant_id=tenant_id, response_id=response_id)
+        return self._broker_at(broker).Attach(request)
+
+    def cancel_generate(self, broker: str, tenant_id: str, response_id: str) -> None:
+        """Stop a model call at the broker that holds it, in the background: the
+        call's own cancellation follows at once, and a broker that does not answer
+        drops an abandoned call after its orphan grace anyway."""
+        request = broker_pb2.CancelRequest(tenant_id=tenant_id, response_id=response_id)
+        task = asyncio.create_task(self._cancel(broker, request))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _cancel(self, broker: str, request: broker_pb2.CancelRequest) -> None:
+        try:
+            await self._broker_at(broker).Cancel(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            error = from_rpc_error(exc, service="broker")
+            log.warning(
+                "model call not cancelled",
+                extra={"response_id": request.response_id, "code": error.name},
+            )
+
+    def _broker_at(self, address: str) -> broker_pb2_grpc.BrokerServiceStub:
+        """The stub of the broker at `address` (HOST:PORT a broker named itself by)."""
+        if not address or address == self.broker_target:
+            return self.broker
+        known = self._brokers.pop(address, None)
+        if known is None:
+            if len(self._brokers) >= MAX_BROKER_CHANNELS:
+                oldest = next(iter(self._brokers))
+                channel, _ = self._brokers.pop(oldest)
+                task = asyncio.create_task(channel.close(grace=self.timeout_s))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+            channel = rpc.channel(address)
+            known = (channel, broker_pb2_grpc.BrokerServiceStub(channel))
+        self._brokers[address] = known  # the newest last
+        return known[1]
 
     # --- toolexec --------------------------------------------------------------------
 

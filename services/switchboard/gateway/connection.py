@@ -14,6 +14,13 @@ for up to `disconnect_grace_s`, and hands the session to a resuming connection
 when the response ends. The same end-of-turn hook closes a draining gateway's
 connections (1012), connections past their session length (4011) and idle ones
 (4010).
+
+A model call outlives a gateway that dies: the broker keeps a call whose
+caller vanished without cancelling it. So the connection notes, for each
+response, the broker that names itself on the call; stops a call on purpose
+only with an explicit cancel at that broker; and a connection that resumes a
+session whose gateway died mid-response re-attaches to the call there and
+finishes the response (`Reattach`).
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -30,7 +40,7 @@ from switchboard import errors
 from switchboard.errors import SessionTakenOver, SwitchboardError, from_rpc_error
 from switchboard.gateway import spans
 from switchboard.gateway.admission import CONNECTION_LEASE_S, Admission, Admitted
-from switchboard.gateway.backends import Backends
+from switchboard.gateway.backends import BROKER_METADATA_KEY, Backends
 from switchboard.gateway.eventlog import EventRecorder, SessionWriter
 from switchboard.gateway.metrics import GatewayMetrics, refusal_reason
 from switchboard.gateway.outbox import Close, Outbox, SlowConsumer
@@ -63,10 +73,31 @@ _FINISH = {
 }
 
 _TAKEN_OVER = SessionTakenOver("Another connection resumed this session.")
+_NOT_RECOVERED = SwitchboardError(
+    "The gateway running this response stopped, and its model call could not be taken "
+    "up again; the text sent so far is kept as an incomplete item. Ask again with "
+    "response.create.",
+    code=common_pb2.ERROR_CODE_RESPONSE_INTERRUPTED,
+)
+
+# What a broker answers an Attach with when the call is gone (or the broker is):
+# the response cannot be finished.
+_NOT_REATTACHED = frozenset(
+    {common_pb2.ERROR_CODE_RESPONSE_INTERRUPTED, common_pb2.ERROR_CODE_SERVICE_UNAVAILABLE}
+)
 
 # What a detached connection may hold while it records: far above what Redis
 # needs to keep up, but a bound all the same.
 _DETACHED_MAX_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Reattach:
+    """A response another gateway left streaming when it died, to finish here: the
+    rest of its turn, and the broker that holds its model call ("": unknown)."""
+
+    command: StartResponse
+    broker: str
 
 
 class RealtimeConnection:
@@ -130,10 +161,16 @@ class RealtimeConnection:
         self._sending = False
         # Set when the gateway cuts the client (slow consumer): stop reading it.
         self._cut = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
 
-    async def run(self, *, resumed: bool = False) -> None:
+    async def run(self, *, resumed: bool = False, reattach: Reattach | None = None) -> None:
         """Serve the connection until the client leaves (or it must end), then let
-        a running response finish detached, within the disconnect grace."""
+        a running response finish detached, within the disconnect grace.
+
+        Args:
+            resumed: the client resumed the session (no `session.created`).
+            reattach: a response to finish first, left by a gateway that died.
+        """
         self._writer = asyncio.create_task(self._write_loop())
         cut = asyncio.create_task(self._cut.wait())
         helpers = [
@@ -146,6 +183,8 @@ class RealtimeConnection:
             if not resumed:
                 self.protocol.open()
             await self._flush()
+            if reattach is not None:
+                self._start_turn(reattach.command, reattach)
             while not self._writer.done():
                 receive = asyncio.ensure_future(self.websocket.receive())
                 await asyncio.wait(
@@ -430,8 +469,7 @@ class RealtimeConnection:
                     item = await self.backends.get_item(tenant, session, command.item_id)
                     self.protocol.item_retrieved(item)
                 case StartResponse():
-                    self._response_task = asyncio.create_task(self._run_turn(command))
-                    self._response_task.add_done_callback(self._turn_ended)
+                    self._start_turn(command)
                 case CancelResponse():
                     if self._response_task is not None and self._cancellable == command.response_id:
                         self._cancel_requested = command.response_id
@@ -441,19 +479,25 @@ class RealtimeConnection:
             self.protocol.fail(error, command.client_event_id)
         await self._flush()
 
-    async def _run_turn(self, command: StartResponse) -> None:
+    def _start_turn(self, command: StartResponse, reattach: Reattach | None = None) -> None:
+        self._response_task = asyncio.create_task(self._run_turn(command, reattach))
+        self._response_task.add_done_callback(self._turn_ended)
+
+    async def _run_turn(self, command: StartResponse, reattach: Reattach | None) -> None:
         """A turn, as the root span of a trace of its own (gateway/spans.py)."""
         ids = (self.tenant.id, self.session_id, self.holder, command.response_id, command.model)
         with spans.turn(*ids):
-            await self._run_rounds(command)
+            await self._run_rounds(command, reattach)
 
-    async def _run_rounds(self, command: StartResponse) -> None:
-        """Run a response; while it ends in server-side function calls, run them and
-        start the follow-up response, up to `max_tool_rounds` rounds."""
+    async def _run_rounds(self, command: StartResponse, reattach: Reattach | None) -> None:
+        """Run a response (the first one re-attached, when given); while it ends in
+        server-side function calls, run them and start the follow-up response, up
+        to `max_tool_rounds` rounds."""
         for round_number in range(self.max_tool_rounds + 1):
             ids = (self.tenant.id, self.session_id, command.response_id, command.model)
             with spans.response(*ids):
-                calls = await self._run_response(command)
+                calls = await self._run_response(command, reattach)
+            reattach = None
             # Calls to tools the client declared are the client's to run; toolexec
             # answers every other name (an unknown or forbidden tool is an outcome).
             client_tools = {tool.name for tool in command.tools}
@@ -481,15 +525,23 @@ class RealtimeConnection:
             command = self.protocol.follow_up(command)
             await self._flush()
 
-    async def _run_response(self, command: StartResponse) -> list[common_pb2.Item]:
+    async def _run_response(
+        self, command: StartResponse, reattach: Reattach | None = None
+    ) -> list[common_pb2.Item]:
         """Stream one response from the broker and finish it, whatever happens.
+
+        Args:
+            reattach: the response is one a gateway that died left streaming; its
+                model call is followed at its broker, not started.
 
         Returns:
             The function calls of a completed response (empty otherwise).
         """
         response_id = command.response_id
         self._asked_at = time.monotonic()
-        self._last_delta_at = None
+        # A re-attached response has no time to first token to observe.
+        self._last_delta_at = None if reattach is None else self._asked_at
+        broker = "" if reattach is None else reattach.broker
         status, reason = "completed", None
         error: SwitchboardError | None = None
         usage: common_pb2.Usage | None = None
@@ -498,28 +550,33 @@ class RealtimeConnection:
         max_output_tokens = self._output_cap(command.max_output_tokens)
         self._cancellable = response_id
         try:
-            context = await self.backends.build_context(self.tenant.id, self.session_id)
-            if command.instructions is not None:
-                context.instructions = command.instructions
-            prompt_tokens = context.estimated_tokens
-            admitted = await self.admission.start_response(
-                self.tenant,
-                response_id,
-                prompt_tokens=prompt_tokens,
-                max_output_tokens=max_output_tokens,
-            )
-            request = broker_pb2.GenerateRequest(
-                tenant_id=self.tenant.id,
-                session_id=self.session_id,
-                response_id=response_id,
-                model=command.model,
-                context=context,
-                tools=await self._offered_tools(command),
-                tool_choice=command.tool_choice,
-                max_output_tokens=max_output_tokens,
-            )
-            call = self.backends.generate(request)
+            if reattach is None:
+                context = await self.backends.build_context(self.tenant.id, self.session_id)
+                if command.instructions is not None:
+                    context.instructions = command.instructions
+                prompt_tokens = context.estimated_tokens
+                admitted = await self.admission.start_response(
+                    self.tenant,
+                    response_id,
+                    prompt_tokens=prompt_tokens,
+                    max_output_tokens=max_output_tokens,
+                )
+                request = broker_pb2.GenerateRequest(
+                    tenant_id=self.tenant.id,
+                    session_id=self.session_id,
+                    response_id=response_id,
+                    model=command.model,
+                    context=context,
+                    tools=await self._offered_tools(command),
+                    tool_choice=command.tool_choice,
+                    max_output_tokens=max_output_tokens,
+                )
+                call = self.backends.generate(request)
+            else:
+                admitted = self.admission.adopt(self.tenant, response_id)
+                call = self.backends.attach(broker, self.tenant.id, response_id)
             try:
+                broker = await self._broker_of(call, response_id) or broker
                 async for event in call:
                     kind = event.WhichOneof("event")
                     if kind == "text_delta":
@@ -535,8 +592,19 @@ class RealtimeConnection:
                         usage = event.finished.usage
                         status, reason = _FINISH.get(event.finished.reason, ("completed", None))
             except grpc.RpcError as exc:
-                raise from_rpc_error(exc, service="broker") from None
+                error = from_rpc_error(exc, service="broker")
+                if error.code == common_pb2.ERROR_CODE_SESSION_TAKEN_OVER:
+                    # A resume elsewhere re-attached to the call (this connection's
+                    # lease had lapsed): the response is that connection's now.
+                    self._taken_over()
+                    raise asyncio.CancelledError from None
+                if reattach is not None and error.code in _NOT_REATTACHED:
+                    error = _NOT_RECOVERED
+                raise error from None
             finally:
+                if self._cancel_requested == response_id:
+                    # On purpose: the broker stops it, rather than keep it for a resume.
+                    self.backends.cancel_generate(broker, self.tenant.id, response_id)
                 call.cancel()
         except asyncio.CancelledError:
             if self._cancel_requested != response_id:
@@ -584,6 +652,29 @@ class RealtimeConnection:
         if status != "completed":
             return []
         return [item for item in output if item.type == common_pb2.ITEM_TYPE_FUNCTION_CALL]
+
+    async def _broker_of(self, call: grpc.aio.UnaryStreamCall, response_id: str) -> str:
+        """The broker holding the model call, as it names itself at the call's start
+        (""; when it does not), noted in the session for a resume after this
+        gateway dies."""
+        metadata = await call.initial_metadata()
+        broker = str(dict(metadata or ()).get(BROKER_METADATA_KEY, ""))
+        if broker:
+            self._spawn(self._note_broker(response_id, broker))
+        return broker
+
+    async def _note_broker(self, response_id: str, broker: str) -> None:
+        try:
+            await self.writer.note_broker(response_id, broker)
+        except SwitchboardError as exc:
+            # Only a resume after this gateway dies needs it (it then re-attaches
+            # at the broker target it knows, or ends the response interrupted).
+            log.info("broker not noted", extra={**self._log, "code": exc.name})
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _count_response(
         self, status: str, usage: common_pb2.Usage, error: SwitchboardError | None

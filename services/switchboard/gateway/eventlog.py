@@ -23,7 +23,7 @@ interleave events in one log.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from switchboard.errors import SessionTakenOver, SwitchboardError
@@ -139,19 +139,36 @@ class SessionWriter:
         )
         open_response: str | None = None
         for event, text in batch:
-            request.events.add(
-                seq=event_seq(event["event_id"]) or 0,
-                event_id=event["event_id"],
-                payload=text.encode(),
-            )
+            seq = event_seq(event["event_id"]) or 0
+            request.events.add(seq=seq, event_id=event["event_id"], payload=text.encode())
             kind = event["type"]
             if kind == "response.created":
                 open_response = event["response"]["id"]
+                request.open_response_seq = seq
             elif kind == "response.done":
                 open_response = ""
+                request.open_response_seq = 0
         if open_response is not None:
             request.open_response_id = open_response
         await self.recorder.append(request)
+
+    async def note_broker(self, response_id: str, broker: str) -> None:
+        """Note the broker running `response_id`, where a connection that resumes
+        this session after this gateway died re-attaches to the model call.
+
+        Raises:
+            SessionTakenOver, SwitchboardError: as `record`.
+        """
+        await self.recorder.append(
+            session_pb2.AppendEventsRequest(
+                tenant_id=self.tenant_id,
+                session_id=self.session_id,
+                holder=self.holder,
+                lease_ms=self.lease_ms,
+                broker_response_id=response_id,
+                broker_address=broker,
+            )
+        )
 
     async def renew(self) -> bool:
         """Renew the lease; True when another connection asked for the session.
@@ -186,13 +203,39 @@ async def replay(
         claim = await backends.claim_session(
             writer.tenant_id, writer.session_id, writer.holder, writer.lease_ms
         )
-        while True:
-            page = await backends.read_events(writer.tenant_id, writer.session_id, after_seq)
-            if not page.events:
-                break
-            for event in page.events:
-                await send(event.payload.decode())
-            after_seq = page.events[-1].seq
+        async for event in read_log(backends, writer.tenant_id, writer.session_id, after_seq):
+            await send(event.payload.decode())
+            after_seq = event.seq
         if claim.claimed:
             return after_seq
         await asyncio.sleep(FOLLOW_POLL_S)
+
+
+async def read_log(
+    backends: Backends, tenant_id: str, session_id: str, after_seq: int
+) -> AsyncIterator[session_pb2.SessionEvent]:
+    """The session's logged events after `after_seq`, page by page.
+
+    Raises:
+        SwitchboardError: `resume_unavailable` when events after `after_seq`
+            were trimmed; what the session service raised.
+    """
+    while True:
+        page = await backends.read_events(tenant_id, session_id, after_seq)
+        if after_seq < page.trimmed_seq:
+            raise resume_unavailable()
+        if not page.events:
+            return
+        for event in page.events:
+            yield event
+        after_seq = page.events[-1].seq
+
+
+def resume_unavailable() -> SwitchboardError:
+    """The refusal of a resume whose missed events are not all in the log."""
+    return SwitchboardError(
+        "The events after 'last_event_id' are not in this session's log any more; "
+        "start a new session.",
+        code=common_pb2.ERROR_CODE_RESUME_UNAVAILABLE,
+        param="last_event_id",
+    )

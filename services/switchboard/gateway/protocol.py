@@ -461,11 +461,48 @@ class RealtimeProtocol:
         self.response = None
         self._emit("response.done", response=body)
 
+    def reopen(self, logged: list[Event]) -> StartResponse:
+        """Take over the response a killed gateway left streaming, from its logged
+        events (`response.created` first): its output goes on where the log ends.
+
+        Returns:
+            The command that runs the rest of its turn. Its model call is the one
+            already running (the driver re-attaches to it); follow-up responses
+            of a tool round use the session's tools.
+
+        Raises:
+            ValueError: the events are not those of a response left streaming.
+        """
+        if not logged or logged[0].get("type") != "response.created":
+            raise ValueError("the log does not start with the response's response.created")
+        body = logged[0]["response"]
+        cap = body.get("max_output_tokens")
+        response = ResponseOutput(
+            body["id"],
+            emit=self._emit,
+            new_id=self.ids.new,
+            max_output_tokens=cap if isinstance(cap, int) else 0,
+            metadata=body.get("metadata"),
+        )
+        response.restore(logged[1:])
+        self.response = response
+        return StartResponse(
+            response_id=response.id,
+            model=self.config.model,
+            instructions=None,
+            tools=tuple(self.config.tools),
+            tool_choice=self.config.tool_choice,
+            max_output_tokens=response.max_output_tokens,
+            metadata=response.metadata,
+            client_event_id=None,
+        )
+
     def interrupted(self, response_id: str) -> None:
         """End a response that another gateway started and never finished (it was
-        killed): `response.done` with status `failed` and `response_interrupted`.
-        The text it streamed was sent and recorded; its output items were not
-        stored, so later turns do not see them."""
+        killed), when its log cannot be taken up (`reopen`): `response.done` with
+        status `failed` and `response_interrupted`. The text it streamed was sent
+        and recorded; its output items were not stored, so later turns do not
+        see them."""
         self.response = ResponseOutput(
             response_id, emit=self._emit, new_id=self.ids.new, max_output_tokens=0, metadata=None
         )

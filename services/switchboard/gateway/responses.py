@@ -4,6 +4,11 @@
 numbering output items in the order they first appear, and at the end closes
 every open item and returns them for storing. It does no I/O; the protocol owns
 one per active response and passes it its `emit` function.
+
+A response whose gateway died mid-stream goes on elsewhere: `restore` takes up
+the output that gateway logged (items keep their ids and places), and the
+model call, re-attached at its broker, streams again from its beginning; the
+deltas repeat what was logged up to its length, and only the rest is emitted.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ class _Message:
     item_id: str
     output_index: int
     text: list[str] = field(default_factory=list)
+    # Characters of text a re-attached stream repeats (restored from the log).
+    repeated: int = 0
 
 
 @dataclass(slots=True)
@@ -34,6 +41,17 @@ class _Call:
     call_id: str
     name: str
     arguments: list[str] = field(default_factory=list)
+    # Characters of arguments a re-attached stream repeats (restored from the log).
+    repeated: int = 0
+
+
+def _unrepeated(entry: _Message | _Call, delta: str) -> str:
+    """What of `delta` was not logged yet; counts the repeated part off."""
+    if entry.repeated:
+        skip = min(entry.repeated, len(delta))
+        entry.repeated -= skip
+        delta = delta[skip:]
+    return delta
 
 
 class ResponseOutput:
@@ -57,6 +75,8 @@ class ResponseOutput:
         self._new_id = new_id
         self._message: _Message | None = None
         self._calls: dict[int, _Call] = {}
+        # Restored calls, by call id, until the re-attached stream names their index.
+        self._restored_calls: dict[str, _Call] = {}
         self._count = 0
 
     @property
@@ -66,7 +86,42 @@ class ResponseOutput:
     @property
     def generated_chars(self) -> int:
         """Characters generated so far (text and arguments), for usage estimates."""
-        return len(self.text) + sum(len("".join(c.arguments)) for c in self._calls.values())
+        calls = (*self._calls.values(), *self._restored_calls.values())
+        return len(self.text) + sum(sum(map(len, call.arguments)) for call in calls)
+
+    def restore(self, logged: list[Event]) -> None:
+        """Take up what another gateway streamed of this response: its logged
+        events after `response.created`, oldest first.
+
+        Raises:
+            ValueError: the events are not those of a response left streaming.
+        """
+        calls: dict[str, _Call] = {}  # by item id
+        try:
+            for event in logged:
+                kind = event["type"]
+                if kind == "response.output_item.added":
+                    item, index = event["item"], event["output_index"]
+                    self._count = max(self._count, index + 1)
+                    if item["type"] == "message":
+                        self._message = _Message(item["id"], index)
+                    else:
+                        call = _Call(item["id"], index, item["call_id"], item["name"])
+                        calls[call.item_id] = self._restored_calls[call.call_id] = call
+                elif kind == "response.output_text.delta":
+                    if self._message is None or self._message.item_id != event["item_id"]:
+                        raise KeyError(event["item_id"])
+                    self._message.text.append(event["delta"])
+                elif kind == "response.function_call_arguments.delta":
+                    calls[event["item_id"]].arguments.append(event["delta"])
+                elif kind in ("response.output_item.done", "response.done"):
+                    raise ValueError(f"the response was ending ({kind})")
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a streaming response's events ({exc!r})") from None
+        if self._message is not None:
+            self._message.repeated = len(self.text)
+        for call in self._restored_calls.values():
+            call.repeated = sum(map(len, call.arguments))
 
     def _open(self, item: Event) -> int:
         index, self._count = self._count, self._count + 1
@@ -77,6 +132,10 @@ class ResponseOutput:
     def text_delta(self, delta: str) -> None:
         """A chunk of assistant text; the first one opens the message item."""
         message = self._message
+        if message is not None and message.repeated:
+            delta = _unrepeated(message, delta)
+            if not delta:
+                return
         if message is None:
             item_id = self._new_id("item")
             index = self._open(
@@ -111,6 +170,8 @@ class ResponseOutput:
     def call_delta(self, index: int, call_id: str, name: str, arguments: str) -> None:
         """A fragment of function call `index`; the first one (with id and name) opens it."""
         call = self._calls.get(index)
+        if call is None and call_id in self._restored_calls:
+            call = self._calls[index] = self._restored_calls.pop(call_id)
         if call is None:
             item_id = self._new_id("item")
             output_index = self._open(
@@ -125,6 +186,7 @@ class ResponseOutput:
                 }
             )
             call = self._calls[index] = _Call(item_id, output_index, call_id, name)
+        arguments = _unrepeated(call, arguments)
         if not arguments:
             return
         call.arguments.append(arguments)
@@ -145,7 +207,7 @@ class ResponseOutput:
                 marks its items `incomplete` (an incomplete call is never run).
         """
         status = _C.ITEM_STATUS_COMPLETED if complete else _C.ITEM_STATUS_INCOMPLETE
-        entries: list[_Message | _Call] = list(self._calls.values())
+        entries: list[_Message | _Call] = [*self._calls.values(), *self._restored_calls.values()]
         if self._message is not None:
             entries.append(self._message)
         entries.sort(key=lambda entry: entry.output_index)
