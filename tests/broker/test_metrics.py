@@ -20,8 +20,10 @@ def test_names_types_and_labels_follow_the_conventions() -> None:
     metrics.admission_running.labels("default").set(1)
     metrics.set_breaker_state("default", "closed")
     metrics.breaker_transitions.labels("default", "open").inc()
+    metrics.orphans.labels("expired").inc()
+    metrics.attaches.labels("not_found").inc()
     families = list(metrics.registry.collect())
-    assert len(families) >= 11
+    assert len(families) >= 14
     for family in families:
         assert NAME.fullmatch(family.name), family.name
         if family.type == "counter":

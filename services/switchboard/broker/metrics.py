@@ -2,11 +2,14 @@
 
 Served on `SWITCHBOARD_BROKER_METRICS_LISTEN` (see `switchboard.rpc.serve`).
 `upstream` is the name of an upstream in the tenants file (a bounded set);
-`outcome` is completed, failed or cancelled; `code` is an error code; `reason`
+`outcome` is completed, failed or cancelled for upstream calls, and the
+fixed values below for orphans and attaches; `code` is an error code; `reason`
 and `state` take the fixed values below. docs/metrics.md lists every metric.
 """
 
 from __future__ import annotations
+
+from typing import Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -25,6 +28,14 @@ RETRY_REASONS = (
 # Why admission control refused a call with server_busy.
 REJECTION_REASONS = ("queue_full", "tenant_queue_full", "queue_timeout")
 BREAKER_STATES = ("closed", "open", "half_open")
+# What became of a call orphaned by its caller (docs/broker.md#a-call-outlives-its-caller):
+# attached to, its grace passed, cancelled by Cancel, replaced by a Generate for
+# the same id, past the attach limit, or cancelled at shutdown.
+OrphanOutcome = Literal["attached", "expired", "cancelled", "replaced", "too_large", "shutdown"]
+ORPHAN_OUTCOMES: tuple[OrphanOutcome, ...] = get_args(OrphanOutcome)
+# What an Attach found: an orphan, a followed call (taken over), or no call.
+AttachOutcome = Literal["orphan", "taken_over", "not_found"]
+ATTACH_OUTCOMES: tuple[AttachOutcome, ...] = get_args(AttachOutcome)
 
 
 class BrokerMetrics:
@@ -67,7 +78,7 @@ class BrokerMetrics:
         )
         self.streams_active = Gauge(
             "streams_active",
-            "Generate calls in progress.",
+            "Model calls in progress, followed by a caller or orphaned.",
             namespace=ns,
             subsystem=sub,
             registry=r,
@@ -121,6 +132,37 @@ class BrokerMetrics:
             subsystem=sub,
             registry=r,
         )
+
+        self.orphaned_requests = Gauge(
+            "orphaned_requests",
+            "Calls held without a follower (their caller went away without Cancel), "
+            "waiting for an Attach until the orphan grace passes.",
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
+        )
+        self.orphans = Counter(
+            "orphans_total",
+            "Calls orphaned by their caller, by what became of them.",
+            ["outcome"],
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
+        )
+        self.attaches = Counter(
+            "attaches_total",
+            "Attach calls, by what they found.",
+            ["outcome"],
+            namespace=ns,
+            subsystem=sub,
+            registry=r,
+        )
+
+        # Every outcome from the start, so that rates exist before the first one.
+        for orphan_outcome in ORPHAN_OUTCOMES:
+            self.orphans.labels(orphan_outcome)
+        for attach_outcome in ATTACH_OUTCOMES:
+            self.attaches.labels(attach_outcome)
 
     def set_breaker_state(self, upstream: str, state: str) -> None:
         """Export `state` as the current one of `upstream`'s breaker."""
