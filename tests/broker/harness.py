@@ -9,6 +9,7 @@ it through a real stub.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -79,11 +80,21 @@ def assistant(text: str) -> C.Item:
     return C.Item(type=C.ITEM_TYPE_MESSAGE, role=C.ROLE_ASSISTANT, content=[part])
 
 
+_RESPONSE_NUMBERS = itertools.count(1)
+
+
 def generate_request(*items: C.Item, **fields: Any) -> B.GenerateRequest:
+    """A request of the development tenant, with a response id of its own.
+
+    The broker holds each call under its tenant and response id, and a second
+    call with the same ids replaces the first: concurrent calls need their own.
+    """
     context = session_pb2.Context(items=list(items), estimated_tokens=50)
     fields.setdefault("model", "sim-small")
     fields.setdefault("tenant_id", DEV_TENANT)
-    return B.GenerateRequest(session_id="sess_1", response_id="resp_1", context=context, **fields)
+    fields.setdefault("session_id", "sess_1")
+    fields.setdefault("response_id", f"resp_{next(_RESPONSE_NUMBERS)}")
+    return B.GenerateRequest(context=context, **fields)
 
 
 def directive(**behaviour: Any) -> str:

@@ -31,6 +31,7 @@ from switchboard.broker.service import BrokerServicer
 from switchboard.errors import GRPC_CODE_KEY, GRPC_RETRY_KEY
 from switchboard.tenancy import TenantConfig, Upstream, hash_key
 from tests.broker.harness import (
+    B,
     Stub,
     collect,
     directive,
@@ -297,25 +298,48 @@ class _Context:
     def __init__(self) -> None:
         self.callbacks: list[Callable[[Any], None]] = []
 
+    async def send_initial_metadata(self, metadata: Any) -> None:
+        self.metadata = metadata
+
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
         self.callbacks.append(callback)
 
 
-async def test_a_call_abandoned_at_a_yield_gives_its_slot_back_at_once(rig: Rig) -> None:
+async def test_a_call_without_response_id_abandoned_at_a_yield_gives_its_slot_back_at_once(
+    rig: Rig,
+) -> None:
     # grpc.aio may leave the generator suspended at a `yield` when the call is
     # cancelled; the done callback must free the upstream's slot all the same.
     queue = rig.servicer.dispatcher.admission.queue(rig.upstream("two"))
     context = _Context()
     slow = directive(tokens=50, token_delay_ms=50)
-    generator = rig.servicer.Generate(call("queued", f"hi {slow}"), context)
+    request = call("queued", f"hi {slow}")
+    request.response_id = ""  # not held: cancelled with its caller
+    generator = rig.servicer.Generate(request, context)
     try:
         assert (await anext(generator)).WhichOneof("event") == "started"
         assert queue.running == 1
         for callback in context.callbacks:
             callback(context)
-        assert queue.running == 0
+        await eventually(lambda: _is(queue.running == 0))
         events = await collect(rig.stub, call("queued", "next", "beta"))
         assert kinds(events)[-1] == "finished"
     finally:
         await generator.aclose()
     assert queue.running == 0
+
+
+async def test_an_orphan_holds_its_slot_until_cancel(rig: Rig) -> None:
+    queue = rig.servicer.dispatcher.admission.queue(rig.upstream("two"))
+    request = call("queued", f"hi {directive(tokens=50, token_delay_ms=50)}")
+    streaming = rig.stub.Generate(request)
+    assert (await streaming.read()).WhichOneof("event") == "started"
+    streaming.cancel()
+    await eventually(lambda: _is(rig.servicer.metrics.orphaned_requests._value.get() == 1))
+    assert queue.running == 1  # the model goes on for a re-attach
+
+    cancel = B.CancelRequest(tenant_id=request.tenant_id, response_id=request.response_id)
+    assert (await rig.stub.Cancel(cancel)).cancelled
+    assert queue.running == 0  # Cancel returns once the slot is back
+    events = await collect(rig.stub, call("queued", "next", "beta"))
+    assert kinds(events)[-1] == "finished"

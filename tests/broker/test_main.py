@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 from switchboard import rpc
+from switchboard.broker.service import BROKER_METADATA_KEY
 from switchboard.tenancy import hash_key
 from switchboard.v1 import broker_pb2_grpc
-from tests.broker.harness import collect, generate_request, kinds, user
+from tests.broker.harness import generate_request, kinds, user
 from tools.simulator import SimulatorConfig, run_simulator
 
 SIM_KEY = "sk-broker-main-test-0123456789abcdef"
@@ -68,12 +69,16 @@ async def test_the_make_run_setup_serves_the_development_tenant() -> None:
                     assert time.monotonic() < deadline, "the broker did not become healthy"
                     await asyncio.sleep(0.05)
                 stub = broker_pb2_grpc.BrokerServiceStub(channel)
-                events = await collect(stub, generate_request(user("hi"), model="gpt-4o-mini"))
+                call = stub.Generate(generate_request(user("hi"), model="gpt-4o-mini"))
+                named = dict(await call.initial_metadata())
+                events = [event async for event in call]
         finally:
             process.send_signal(signal.SIGTERM)
             _, stderr = await asyncio.wait_for(process.communicate(), timeout=15)
         records = await sim.streams()
     assert kinds(events)[-1] == "finished"
+    # The broker names itself by its listen address when no other is advertised.
+    assert named[BROKER_METADATA_KEY] == f"127.0.0.1:{port}"
     host = sim.url.removeprefix("http://")
     assert events[0].started.upstream == f"default ({host})"
     assert [(r["model"], r["outcome"]) for r in records] == [("gpt-4o-mini", "completed")]

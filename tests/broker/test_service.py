@@ -20,7 +20,6 @@ from typing import Any
 import grpc
 import pytest
 
-from switchboard.broker.service import running
 from switchboard.broker.translate import chat_request
 from switchboard.broker.upstream import (
     SseDecoder,
@@ -32,7 +31,7 @@ from switchboard.broker.upstream import (
 from switchboard.broker.upstreams import UpstreamClient
 from switchboard.config import BrokerSettings
 from switchboard.errors import GRPC_CODE_KEY, GRPC_RETRY_KEY
-from switchboard.tenancy import Upstream, load_tenants
+from switchboard.tenancy import Upstream
 from tests.broker.harness import (
     B,
     C,
@@ -120,7 +119,7 @@ async def test_one_log_line_per_call_without_prompt_text(
     stub: Stub, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="switchboard.broker")
-    await collect(stub, generate_request(user("my secret plans")))
+    await collect(stub, generate_request(user("my secret plans"), response_id="resp_1"))
     (record,) = [r for r in caplog.records if r.name == "switchboard.broker.service"]
     assert record.getMessage() == "generate completed"
     fields = vars(record)
@@ -311,18 +310,23 @@ def long_reply() -> B.GenerateRequest:
     return generate_request(user(f"go on {directive(token_delay_ms=200, tokens=100)}"))
 
 
-async def test_cancelling_the_call_closes_the_upstream_stream(
+async def test_cancel_then_cancelling_the_call_closes_the_upstream_stream(
     stub: Stub, sim: RunningSimulator
 ) -> None:
-    call = stub.Generate(long_reply())
+    # How a gateway stops a response: Cancel at the broker, then cancel the call.
+    # (Cancelling the call alone leaves the model running for a re-attach: test_calls.py.)
+    request = long_reply()
+    call = stub.Generate(request)
     assert (await call.read()).WhichOneof("event") == "started"
     assert (await call.read()).WhichOneof("event") == "text_delta"
-    call.cancel()
     cancelled_at = time.time()
+    cancel = B.CancelRequest(tenant_id=request.tenant_id, response_id=request.response_id)
+    assert (await stub.Cancel(cancel)).cancelled
+    call.cancel()
 
     record = await eventually(lambda: stream_ended(sim))
     assert record["outcome"] == "client_closed"
-    print(f"upstream closed {record['ended_at'] - cancelled_at:.4f} s after the cancel")
+    print(f"upstream closed {record['ended_at'] - cancelled_at:.4f} s after the Cancel")
     assert record["ended_at"] - cancelled_at < 0.1
     assert record["tokens_sent"] < 5
 
@@ -367,29 +371,47 @@ class _Context:
     def __init__(self) -> None:
         self.callbacks: list[Callable[[Any], None]] = []
 
+    async def send_initial_metadata(self, metadata: Any) -> None:
+        self.metadata = metadata
+
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
         self.callbacks.append(callback)
 
 
-async def test_done_callback_closes_an_abandoned_generator(sim: RunningSimulator) -> None:
+async def test_done_callback_orphans_a_call_abandoned_at_a_yield(sim: RunningSimulator) -> None:
     # grpc.aio leaves the generator suspended at a `yield` when the cancellation
-    # lands in its own write; the done callback must close the upstream anyway.
-    environ = dev_env(sim.base_url)
-    context = _Context()
-    async with running(BrokerSettings.from_environ(environ), load_tenants(environ)) as servicer:
-        generator = servicer.Generate(long_reply(), context)
+    # lands in its own write; the done callback must let go of the call anyway:
+    # held, it runs on for an Attach; without a response id, its upstream closes.
+    async with serving(dev_env(sim.base_url)) as (stub, servicer, _):
+        held, unheld = _Context(), _Context()
+        request = generate_request(user(f"keep going {directive(token_delay_ms=20, tokens=20)}"))
+        anonymous = long_reply()
+        anonymous.response_id = ""
+        generators = [servicer.Generate(request, held), servicer.Generate(anonymous, unheld)]
         try:
-            assert (await anext(generator)).WhichOneof("event") == "started"
-            assert (await anext(generator)).WhichOneof("event") == "text_delta"
+            for generator in generators:
+                assert (await anext(generator)).WhichOneof("event") == "started"
+                assert (await anext(generator)).WhichOneof("event") == "text_delta"
             done_at = time.time()
-            for callback in context.callbacks:
-                callback(context)
+            for context in (held, unheld):
+                for callback in context.callbacks:
+                    callback(context)
 
-            record = await eventually(lambda: stream_ended(sim))
-            assert record["outcome"] == "client_closed"
+            async def one_closed() -> dict[str, Any] | None:
+                closed = [r for r in await sim.streams() if r["outcome"] == "client_closed"]
+                return closed[0] if closed else None
+
+            record = await eventually(one_closed)
             assert record["ended_at"] - done_at < 0.1
+            assert record["last_user"] == "go on"  # the anonymous long reply
+            assert servicer.metrics.orphaned_requests._value.get() == 1
+            attach = B.AttachRequest(tenant_id=request.tenant_id, response_id=request.response_id)
+            events = [event async for event in stub.Attach(attach)]
+            assert kinds(events)[-1] == "finished"
+            assert len(text_of(events).split()) == 20
         finally:
-            await generator.aclose()
+            for generator in generators:
+                await generator.aclose()
 
 
 # ------------------------------------------------- upstream wire helpers (pure)

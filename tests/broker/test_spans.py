@@ -109,7 +109,10 @@ async def test_a_cancelled_stream_ends_every_span(
         async for event in call:
             if event.WhichOneof("event") == "text_delta":
                 break
+        # Cancelled alone the call would run on for a re-attach: Cancel stops it.
         call.cancel()
+        cancel = broker_pb2.CancelRequest(tenant_id="t1", response_id="resp_1")
+        assert (await stub.Cancel(cancel)).cancelled
         finished = await wait_for_spans(
             spans, lambda done: any(s.name.startswith("chat ") for s in done) and len(done) >= 3
         )

@@ -4,8 +4,8 @@ Reads `BrokerSettings` and the tenants (`SWITCHBOARD_TENANTS_FILE`, or the
 development `SWITCHBOARD_TENANT_KEYS`) from the environment; a bad value or a
 bad tenants file exits with status 2 and a one-line message naming the
 variable or the key path. Then it serves gRPC until SIGTERM/SIGINT while
-watching the tenants file, and closes the upstream clients after the server
-has drained.
+watching the tenants file, and after the server has drained cancels the calls
+it still holds (orphans included) and closes the upstream clients.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def load(environ: Mapping[str, str] | None = None) -> BrokerStartup:
 
 
 async def run(startup: BrokerStartup, *, stop: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM/SIGINT (or `stop` is set), then close the upstream clients."""
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then cancel held calls, close clients."""
     settings = startup.settings
     async with running(settings, startup.tenants) as servicer:
         metrics = None
@@ -58,7 +58,8 @@ async def run(startup: BrokerStartup, *, stop: asyncio.Event | None = None) -> N
             SERVICE_NAME, settings.listen, servicer.register, stop=stop, metrics=metrics
         )
     # Leaving `running` after the drain: in-flight streams have finished or been
-    # cancelled, so the clients close under no one.
+    # cancelled, the calls still held (orphans) are cancelled next, so the
+    # clients close under no one.
 
 
 def main() -> None:

@@ -89,17 +89,16 @@ class Dispatcher:
         request: broker_pb2.GenerateRequest,
         target: Target,
         progress: Progress,
-        watch: Callable[[Callable[[], None]], None] = lambda _abandon: None,
     ) -> AsyncGenerator[broker_pb2.GenerateEvent, None]:
         """Stream one call: `Started`, the deltas, then `Finished`.
+
+        Closing the generator (or cancelling the task that reads it) releases
+        the attempt's admission slot and closes its upstream stream at once.
 
         Args:
             request: the call.
             target: its deployments (`routing.resolve`).
             progress: filled in as the call goes, for the caller's log line.
-            watch: called with each attempt's `abandon`, a function that
-                releases the attempt's slot and closes its stream from
-                synchronous code (a gRPC done callback).
 
         Raises:
             SwitchboardError: the call failed (after retries, when it could).
@@ -130,7 +129,6 @@ class Dispatcher:
             plan.begin(step)
             progress.attempts = plan.made
             attempt = self._attempt(request, candidate, breaker, payloads[step.upstream], progress)
-            watch(attempt.abandon)
             try:
                 # aclosing: when this generator is closed at a `yield`, the
                 # attempt's is closed too (its slot and stream released) at once.
@@ -258,9 +256,8 @@ class _Attempt:
     def abandon(self) -> None:
         """Let go of everything the attempt holds, from synchronous code; idempotent.
 
-        For a gRPC done callback: grpc.aio may leave the generator suspended at
-        a `yield` when the call is cancelled, so its own cleanup would wait for
-        the garbage collector. A breaker given no verdict (cancelled, refused by
+        Runs when the attempt's generator ends, however it ends (closed, or its
+        task cancelled). A breaker given no verdict (cancelled, refused by
         admission control) frees a half-open probe's place for the next call.
         """
         if self._stream is not None:

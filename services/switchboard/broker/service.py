@@ -1,17 +1,22 @@
 """The grpc.aio servicer of `switchboard.v1.BrokerService`.
 
-`Generate` streams one model call to the deployments that the calling
-tenant's configuration routes the model to (`routing.resolve`, on the
-`TenantConfig` snapshot taken when the call starts), through the
-`dispatch.Dispatcher`: admission control per upstream, retries and failover
-before the first token, circuit breakers. It yields `Started` once an attempt
-is committed, then `TextDelta` / `ToolCallDelta` events as the upstream
-produces them, then `Finished` with the usage. A `SwitchboardError` aborts
-the call with its gRPC status and the `switchboard-error-code` trailer
-(`abort_with`); anything else is logged with the call's ids (never prompt text
-or keys) and becomes `internal_error`. Cancelling the call closes the upstream
-response, and with it the upstream's TCP connection, so the model stops
-generating.
+`Generate` runs one model call to the deployments that the calling tenant's
+configuration routes the model to (`routing.resolve`, on the `TenantConfig`
+snapshot taken when the call starts), through the `dispatch.Dispatcher`:
+admission control per upstream, retries and failover before the first token,
+circuit breakers. The call runs in a task of its own, held by `calls.Calls`
+under its tenant and response id, and the Generate call *follows* it: it
+streams `Started` once an attempt is committed, then `TextDelta` /
+`ToolCallDelta` events as the upstream produces them, then `Finished` with
+the usage. A `SwitchboardError` aborts the call with its gRPC status and the
+`switchboard-error-code` trailer (`abort_with`); anything else is logged with
+the call's ids (never prompt text or keys) and becomes `internal_error`.
+
+A call outlives its caller: a Generate call cancelled without `Cancel` first
+leaves its model call running for the orphan grace, for an `Attach`. `Cancel`
+stops a call at once, closing the upstream response, and with it the
+upstream's TCP connection, so the model stops generating. Every Generate and
+Attach call names this broker in its initial metadata (`BROKER_METADATA_KEY`).
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
 
 from switchboard.broker.admission import Admission, AdmissionLimits
 from switchboard.broker.breaker import BreakerDefaults, Breakers
+from switchboard.broker.calls import CallCancelled, Calls, Follower, HeldCall
 from switchboard.broker.dispatch import Dispatcher, Progress
 from switchboard.broker.metrics import BrokerMetrics
 from switchboard.broker.retry import RetryPolicy
@@ -42,6 +48,9 @@ from switchboard.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "switchboard.v1.BrokerService"
+# Initial metadata of every Generate and Attach call: HOST:PORT of the broker
+# that holds the call, where Cancel and Attach for it go.
+BROKER_METADATA_KEY = "switchboard-broker"
 
 
 @contextlib.asynccontextmanager
@@ -52,16 +61,19 @@ async def running(
 
     Watches `tenants` for changes (`TenantConfig.watch`), retires the clients
     of upstreams a reload changed (`Upstreams.reconcile`), and on exit, which
-    must come after the gRPC server has drained, closes every client.
+    must come after the gRPC server has drained, cancels every call still held
+    (orphans included) and then closes every client.
     """
     upstreams = Upstreams(settings)
     unsubscribe = tenants.subscribe(upstreams.reconcile)
     watcher = asyncio.create_task(tenants.watch())
+    servicer = BrokerServicer(tenants, upstreams, settings, metrics)
     try:
-        yield BrokerServicer(tenants, upstreams, settings, metrics)
+        yield servicer
     finally:
         watcher.cancel()
         unsubscribe()
+        await servicer.calls.aclose()
         await upstreams.aclose()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
@@ -110,12 +122,19 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
         tenants: the live tenants; `current` is read once per call.
         upstreams: the upstream clients; the caller owns them and closes them.
         settings: `upstream_model`, when set, replaces every routed upstream
-            model; the admission, retry and breaker defaults.
+            model; the admission, retry and breaker defaults; the orphan
+            grace, the attach limit and the advertised address.
         """
         self._tenants = tenants
         self._settings = settings
         self.metrics = metrics or BrokerMetrics()
         self.dispatcher = dispatcher(settings, upstreams, self.metrics)
+        self.calls = Calls(
+            orphan_grace_s=settings.orphan_grace_s,
+            attach_max_bytes=settings.attach_max_bytes,
+            metrics=self.metrics,
+        )
+        self._named = ((BROKER_METADATA_KEY, settings.advertise_address),)
 
     @property
     def upstreams(self) -> Upstreams:
@@ -132,26 +151,50 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
         """Stream one model call: `Started`, the deltas, then `Finished`.
 
         Errors abort the call (gRPC status plus `switchboard-error-code`);
-        nothing is retried once the first delta went out.
+        nothing is retried once the first delta went out. Cancelled by its
+        caller, the model call is orphaned (see `calls`), not stopped.
         """
+        await context.send_initial_metadata(self._named)
         ids = {
             "tenant_id": request.tenant_id,
             "session_id": request.session_id,
             "response_id": request.response_id,
         }
+        follower = self.calls.start(ids, lambda call: self._pump(request, call))
+        async with contextlib.aclosing(_follow(follower, context)) as events:
+            async for event in events:
+                yield event
+
+    async def Attach(
+        self, request: broker_pb2.AttachRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[broker_pb2.GenerateEvent]:
+        """Follow a held call: its snapshot, then the live rest, as Generate streams it.
+
+        NOT_FOUND with `response_interrupted` when no attachable call is held
+        under the request's tenant and response id.
+        """
+        await context.send_initial_metadata(self._named)
+        follower = self.calls.attach(request.tenant_id, request.response_id)
+        if follower is None:
+            await abort_with(context, _not_held())
+            return
+        async with contextlib.aclosing(_follow(follower, context)) as events:
+            async for event in events:
+                yield event
+
+    async def Cancel(
+        self, request: broker_pb2.CancelRequest, context: grpc.aio.ServicerContext
+    ) -> broker_pb2.CancelResponse:
+        """Stop a held call now (its upstream stream closes); whether one was held."""
+        cancelled = await self.calls.cancel(request.tenant_id, request.response_id)
+        return broker_pb2.CancelResponse(cancelled=cancelled)
+
+    async def _pump(self, request: broker_pb2.GenerateRequest, call: HeldCall) -> None:
+        """The model call: each event published to `call`, `Finished` once logged."""
         progress = Progress(started=time.monotonic(), translator=ChunkTranslator())
-        call = _CallLog(ids, request.model, progress, self.metrics)
-        call.span = ChatSpan(request, progress)
+        line = _CallLog(call.ids, request.model, progress, self.metrics)
+        line.span = ChatSpan(request, progress)
         finished: broker_pb2.GenerateEvent | None = None
-
-        def watch(abandon: Callable[[], None]) -> None:
-            # grpc.aio does not close a generator whose call was cancelled
-            # while it waited at a `yield` (the cancellation lands in grpc's
-            # own write), so the upstream response and the admission slot
-            # would be held until the generator is garbage-collected. Let go
-            # of them as soon as the call is done.
-            context.add_done_callback(lambda _context: abandon())
-
         self.metrics.streams_active.inc()
         try:
             target = resolve(
@@ -160,41 +203,68 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
                 request.model,
                 model_override=self._settings.upstream_model,
             )
-            dispatched = self.dispatcher.events(request, target, progress, watch)
-            events = call.span.around(dispatched, target)  # the model span, current per step
-            # aclosing: a GeneratorExit at our `yield` closes the dispatcher's
-            # generator too, releasing its slot and stream at once.
+            dispatched = self.dispatcher.events(request, target, progress)
+            events = line.span.around(dispatched, target)  # the model span, current per step
+            # aclosing: a cancellation while the pump waits for its follower
+            # closes the dispatcher's generator too, releasing its slot and stream.
             async with contextlib.aclosing(events):
                 async for event in events:
                     if event.WhichOneof("event") == "finished":
-                        finished = event  # the last event: sent once the call is logged
+                        finished = event  # the last event: published once the call is logged
                         continue
-                    yield event
+                    await call.publish(event)
         except SwitchboardError as err:
-            call.log_failure(err)
-            await abort_with(context, err)
+            line.log_failure(err)
+            call.fail(err)
             return
-        except (asyncio.CancelledError, GeneratorExit):
-            # The caller went away: CancelledError inside the upstream read, or
-            # GeneratorExit when the abandoned generator is closed at a `yield`.
-            call.log_cancelled()
+        except asyncio.CancelledError:
+            # Cancel, an orphan's grace passed, a replacing Generate, shutdown.
+            line.log_cancelled()
             raise
         except Exception:
             log.exception(
                 "generate failed",
-                extra={**ids, "model": call.model, "upstream": progress.upstream},
+                extra={**call.ids, "model": line.model, "upstream": progress.upstream},
             )
-            await abort_with(context, InternalError("The broker failed."))
+            call.fail(InternalError("The broker failed."))
             return
         finally:
             self.metrics.streams_active.dec()
         if finished is None:
             # The dispatcher always ends with Finished or an error; never end silently.
-            call.log_failure(InternalError("The broker failed."))
-            await abort_with(context, InternalError("The broker failed."))
+            line.log_failure(InternalError("The broker failed."))
+            call.fail(InternalError("The broker failed."))
             return
-        call.log_completed(finished.finished)
-        yield finished
+        line.log_completed(finished.finished)
+        await call.publish(finished)
+
+
+async def _follow(
+    follower: Follower, context: grpc.aio.ServicerContext
+) -> AsyncGenerator[broker_pb2.GenerateEvent, None]:
+    """The events of `follower` for a gRPC call, its end as the call's status."""
+    # grpc.aio does not close a generator whose call was cancelled while it
+    # waited at a `yield` (the cancellation lands in grpc's own write), so
+    # the `finally` below may not run for a long time: the done callback
+    # orphans the call as soon as the caller is gone.
+    context.add_done_callback(lambda _context: follower.detach())
+    try:
+        async for event in follower:
+            yield event
+    except CallCancelled as cancelled:
+        await context.abort(grpc.StatusCode.CANCELLED, str(cancelled))
+    except SwitchboardError as err:
+        await abort_with(context, err)
+    finally:
+        follower.detach()
+
+
+def _not_held() -> SwitchboardError:
+    # The same answer for an unknown id and another tenant's: nothing is revealed.
+    return SwitchboardError(
+        "The broker holds no such call: it ended, or it runs elsewhere.",
+        code=common_pb2.ERROR_CODE_RESPONSE_INTERRUPTED,
+    )
 
 
 class _CallLog:
