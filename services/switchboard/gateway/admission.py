@@ -21,8 +21,9 @@ from switchboard.limits import TenantLimiter
 from switchboard.tenancy import Tenant
 
 CONNECTION_LEASE_S = 60.0
-# A response's slot outlives any response; released explicitly when it ends.
-RESPONSE_LEASE_S = 3600.0
+# A response's slot is renewed while the response runs (`keep_response`) and
+# released when it ends; a gateway that dies frees its slots within this.
+RESPONSE_LEASE_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +123,13 @@ class Admission:
         limits = tenant.limits
         reserves = limits.tokens_per_minute is not None or tenant.daily_token_budget is not None
         return Admitted(response_id, reserves, limits.concurrent_responses is not None)
+
+    async def keep_response(self, tenant: Tenant, admitted: Admitted) -> None:
+        """Renew a running response's slot (every `RESPONSE_LEASE_S` / 3 or so)."""
+        if admitted.holds_slot:
+            await self.limiter.renew(
+                tenant.id, "responses", admitted.response_id, lease_s=RESPONSE_LEASE_S
+            )
 
     async def finish_response(self, tenant: Tenant, admitted: Admitted, used_tokens: int) -> None:
         """Settle the reservation to what was used and free the response slot."""

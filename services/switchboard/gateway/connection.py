@@ -162,6 +162,8 @@ class RealtimeConnection:
         # Set when the gateway cuts the client (slow consumer): stop reading it.
         self._cut = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
+        # The running response's admission (its slot is renewed while it runs).
+        self._admitted: Admitted | None = None
 
     async def run(self, *, resumed: bool = False, reattach: Reattach | None = None) -> None:
         """Serve the connection until the client leaves (or it must end), then let
@@ -308,11 +310,14 @@ class RealtimeConnection:
         self._last_delta_at = now
 
     async def _keep_connection_slot(self) -> None:
-        """Renew the connection's slot lease while the connection lives."""
+        """Renew the connection's slot lease while the connection lives, and the
+        running response's."""
         while True:
             await asyncio.sleep(CONNECTION_LEASE_S / 3)
             try:
                 await self.admission.keep_connection(self.tenant, self.holder)
+                if self._admitted is not None:
+                    await self.admission.keep_response(self.tenant, self._admitted)
             except SwitchboardError as exc:
                 log.warning("connection slot not renewed", extra={**self._log, "code": exc.name})
 
@@ -575,6 +580,7 @@ class RealtimeConnection:
             else:
                 admitted = self.admission.adopt(self.tenant, response_id)
                 call = self.backends.attach(broker, self.tenant.id, response_id)
+            self._admitted = admitted
             try:
                 broker = await self._broker_of(call, response_id) or broker
                 async for event in call:
@@ -618,6 +624,7 @@ class RealtimeConnection:
             log.warning("response failed", extra={**self._log, "code": exc.name})
         finally:
             self._cancellable = None
+            self._admitted = None
         if usage is None:
             usage = estimate_usage(prompt_tokens, self.protocol.generated_chars(response_id))
         if admitted is not None:
