@@ -447,7 +447,8 @@ async def test_an_orphan_that_passes_the_attach_limit_is_cancelled(sim: RunningS
         await leave(served, call)
         record = await eventually(lambda: only_stream(sim, ended=True))
         assert record["outcome"] == "client_closed"
-        assert 20 < record["tokens_sent"] < 60  # cancelled as it passed 200 bytes
+        # Cancelled as it passed 200 bytes (some 30 tokens), long before its 100.
+        assert 20 < record["tokens_sent"] < 90
         error = await not_held(served.stub, attach_request(request))
         assert trailers(error)[GRPC_CODE_KEY] == "response_interrupted"
         metrics = served.servicer.metrics
