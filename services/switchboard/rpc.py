@@ -36,6 +36,10 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 # Reconnect quickly after a backend restarts (gRPC's default backoff grows to
 # two minutes, which would keep a recovered backend unused for that long).
+# The initial metadata in which a broker names itself (HOST:PORT) on every call
+# it streams: where Cancel and Attach for that call go (broker.proto).
+BROKER_METADATA_KEY = "switchboard-broker"
+
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),

@@ -18,8 +18,8 @@ from typing import Any
 import grpc
 import pytest
 
-from switchboard.broker.service import BROKER_METADATA_KEY
 from switchboard.errors import GRPC_CODE_KEY
+from switchboard.rpc import BROKER_METADATA_KEY
 from tests.broker.harness import (
     DEV_TENANT,
     B,

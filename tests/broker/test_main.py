@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from switchboard import rpc
-from switchboard.broker.service import BROKER_METADATA_KEY
+from switchboard.rpc import BROKER_METADATA_KEY
 from switchboard.tenancy import hash_key
 from switchboard.v1 import broker_pb2_grpc
 from tests.broker.harness import generate_request, kinds, user

@@ -16,7 +16,7 @@ A call outlives its caller: a Generate call cancelled without `Cancel` first
 leaves its model call running for the orphan grace, for an `Attach`. `Cancel`
 stops a call at once, closing the upstream response, and with it the
 upstream's TCP connection, so the model stops generating. Every Generate and
-Attach call names this broker in its initial metadata (`BROKER_METADATA_KEY`).
+Attach call names this broker in its initial metadata (`rpc.BROKER_METADATA_KEY`).
 """
 
 from __future__ import annotations
@@ -42,15 +42,13 @@ from switchboard.broker.translate import ChunkTranslator
 from switchboard.broker.upstreams import Upstreams
 from switchboard.config import BrokerSettings
 from switchboard.errors import InternalError, SwitchboardError, abort_with
+from switchboard.rpc import BROKER_METADATA_KEY
 from switchboard.tenancy import TenantConfig
 from switchboard.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "switchboard.v1.BrokerService"
-# Initial metadata of every Generate and Attach call: HOST:PORT of the broker
-# that holds the call, where Cancel and Attach for it go.
-BROKER_METADATA_KEY = "switchboard-broker"
 
 
 @contextlib.asynccontextmanager

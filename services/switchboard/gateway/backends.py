@@ -32,8 +32,6 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-# The initial metadata in which a broker names itself (HOST:PORT) on every call.
-BROKER_METADATA_KEY = "switchboard-broker"
 # Channels kept to brokers by their own address (for Cancel and Attach); the
 # oldest is closed past this many (broker pods come and go with deploys).
 MAX_BROKER_CHANNELS = 32

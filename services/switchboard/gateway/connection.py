@@ -40,7 +40,7 @@ from switchboard import errors
 from switchboard.errors import SessionTakenOver, SwitchboardError, from_rpc_error
 from switchboard.gateway import spans
 from switchboard.gateway.admission import CONNECTION_LEASE_S, Admission, Admitted
-from switchboard.gateway.backends import BROKER_METADATA_KEY, Backends
+from switchboard.gateway.backends import Backends
 from switchboard.gateway.eventlog import EventRecorder, SessionWriter
 from switchboard.gateway.metrics import GatewayMetrics, refusal_reason
 from switchboard.gateway.outbox import Close, Outbox, SlowConsumer
@@ -55,6 +55,7 @@ from switchboard.gateway.protocol import (
     UpdateSession,
     estimate_usage,
 )
+from switchboard.rpc import BROKER_METADATA_KEY
 from switchboard.tenancy import Tenant
 from switchboard.v1 import broker_pb2, common_pb2, toolexec_pb2
 
