@@ -34,13 +34,20 @@ log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-# Reconnect quickly after a backend restarts (gRPC's default backoff grows to
-# two minutes, which would keep a recovered backend unused for that long).
 # The initial metadata in which a broker names itself (HOST:PORT) on every call
 # it streams: where Cancel and Attach for that call go (broker.proto).
 BROKER_METADATA_KEY = "switchboard-broker"
 
+# The largest gRPC message either side sends or takes. gRPC's default (4 MiB)
+# is less than the closing events of a long response, which carry its whole
+# text a few times over and are recorded in one append.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Reconnect quickly after a backend restarts (gRPC's default backoff grows to
+    # two minutes, which would keep a recovered backend unused for that long).
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
@@ -51,6 +58,8 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 ]
 
 SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 0),

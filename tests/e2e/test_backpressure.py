@@ -16,20 +16,26 @@ import orjson
 import pytest
 import websockets
 
+from switchboard import rpc
+from switchboard.v1 import session_pb2, session_pb2_grpc
 from tests.e2e.conftest import RealtimeClient, reply_text
-from tools.stack import Ports, Stack
+from tools.stack import DEV_TENANT, Ports, Stack
 
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     """A stack whose gateway caps each client socket's kernel send buffer, so a
     client that stops reading is felt in the outbox after ~128 KiB, not ~4 MiB;
-    a cut client's response runs on (recorded for a resume) for 4 s."""
+    a cut client's response runs on (recorded for a resume) for 4 s. A client
+    that reads nothing answers no ping either: the heartbeat waits a minute, so
+    that what ends it here is the slow-consumer cut (test_lifetime.py tests the
+    heartbeat)."""
     stack = Stack(
         ports=Ports.free(),
         extra_env={
             "SWITCHBOARD_GATEWAY_SEND_BUFFER_BYTES": "65536",
             "SWITCHBOARD_GATEWAY_DISCONNECT_GRACE_S": "4",
+            "SWITCHBOARD_GATEWAY_PING_TIMEOUT_S": "60",
         },
     )
     stack.start()
@@ -129,7 +135,7 @@ async def test_a_reader_that_falls_too_far_behind_is_cut_and_others_go_on(
     stalled = RealtimeClient(await connect_lagging(stack))
     samples: list[tuple[float, float]] = []  # (time, RSS)
     try:
-        await stalled.recv()
+        session_id = (await stalled.recv())["session"]["id"]
         base = rss_mib(gateway.pid)
 
         async def sample() -> None:
@@ -149,7 +155,9 @@ async def test_a_reader_that_falls_too_far_behind_is_cut_and_others_go_on(
     async with sim.get("/_sim/streams") as reply:
         streams = (await reply.json())["streams"]
     stream = next(s for s in reversed(streams) if "never reads" in s["last_user"])
-    streaming = [rss for at, rss in samples if at < stream["ended_at"]]
+    # Up to half a second before the upstream closed: the gateway ends the response
+    # (and builds its closing events) as it cancels the call, a moment earlier.
+    streaming = [rss for at, rss in samples if at < stream["ended_at"] - 0.5]
     peak = max(streaming)
     unread_mib = stream["tokens_sent"] * delta_bytes / (1 << 20)
     print(
@@ -161,6 +169,27 @@ async def test_a_reader_that_falls_too_far_behind_is_cut_and_others_go_on(
     assert unread_mib > FLAT_MIB
     # ...and the gateway did not hold them.
     assert peak - base < FLAT_MIB
+    # Yet it recorded the response to its end for a resume, closing events (with
+    # the whole text, megabytes of it) included.
+    ended = await last_response_done(stack, session_id)
+    assert ended["status"] == "cancelled"
+    assert ended["status_details"]["reason"] == "client_disconnected"
+    assert len(ended["output"][0]["content"][0]["text"]) > 1 << 20
+
+
+async def last_response_done(stack: Stack, session_id: str) -> dict[str, Any]:
+    """The session's last recorded `response.done`, read from the session service."""
+    async with rpc.channel(f"127.0.0.1:{stack.ports.session}") as channel:
+        sessions = session_pb2_grpc.SessionServiceStub(channel)
+        ids = {"tenant_id": DEV_TENANT, "session_id": session_id}
+        session = await sessions.GetSession(session_pb2.GetSessionRequest(**ids))
+        assert session.open_response_id == ""  # ended, as recorded
+        page = await sessions.ReadEvents(
+            session_pb2.ReadEventsRequest(**ids, after_seq=session.last_event_seq - 5)
+        )
+    events = [orjson.loads(event.payload) for event in page.events]
+    response: dict[str, Any] = [e for e in events if e["type"] == "response.done"][-1]["response"]
+    return response
 
 
 def rss_mib(pid: int) -> float:

@@ -87,6 +87,9 @@ _NOT_REATTACHED = frozenset(
     {common_pb2.ERROR_CODE_RESPONSE_INTERRUPTED, common_pb2.ERROR_CODE_SERVICE_UNAVAILABLE}
 )
 
+# How long a cut slow consumer has to read its backlog and get its close frame.
+_CLOSE_FRAME_WAIT_S = 10.0
+
 # What a detached connection may hold while it records: far above what Redis
 # needs to keep up, but a bound all the same.
 _DETACHED_MAX_BYTES = 64 * 1024 * 1024
@@ -228,6 +231,11 @@ class RealtimeConnection:
                 await self.writer.release()
             except SwitchboardError as exc:
                 log.warning("session lease not released", extra={**self._log, "code": exc.name})
+            if self._closer is not None:
+                # A cut client gets its close frame (4008) once it reads its
+                # backlog: give it that long before the socket goes.
+                with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+                    await asyncio.wait_for(self._closer, timeout=_CLOSE_FRAME_WAIT_S)
 
     async def _finish_detached(self) -> None:
         """Let the running turn end within the disconnect grace; then cancel it (its

@@ -40,9 +40,19 @@ FOLLOW_POLL_S = 0.05
 class EventRecorder:
     """The gateway's appends to session event logs, sent in shared batches."""
 
-    def __init__(self, backends: Backends, *, max_in_flight: int = 4, max_batch: int = 512):
+    def __init__(
+        self,
+        backends: Backends,
+        *,
+        max_in_flight: int = 4,
+        max_batch: int = 512,
+        max_batch_bytes: int = 16 * 1024 * 1024,
+    ):
         self.backends = backends
         self.max_batch = max_batch
+        # Well under the gRPC message limit (rpc.MAX_MESSAGE_BYTES); one append
+        # larger than this still goes, alone.
+        self.max_batch_bytes = max_batch_bytes
         self._slots = asyncio.Semaphore(max_in_flight)
         self._pending: list[tuple[session_pb2.AppendEventsRequest, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
@@ -69,11 +79,22 @@ class EventRecorder:
             self._wake.clear()
             while self._pending:
                 await self._slots.acquire()
-                batch = self._pending[: self.max_batch]
-                del self._pending[: self.max_batch]
+                batch = self._take_batch()
                 call = asyncio.create_task(self._send(batch))
                 self._calls.add(call)
                 call.add_done_callback(self._calls.discard)
+
+    def _take_batch(self) -> list[tuple[session_pb2.AppendEventsRequest, asyncio.Future[None]]]:
+        """The oldest pending appends, up to `max_batch` of them and `max_batch_bytes`."""
+        size = count = 0
+        for request, _ in self._pending[: self.max_batch]:
+            size += sum(len(event.payload) for event in request.events)
+            if count and size > self.max_batch_bytes:
+                break
+            count += 1
+        batch = self._pending[:count]
+        del self._pending[:count]
+        return batch
 
     async def _send(
         self, batch: list[tuple[session_pb2.AppendEventsRequest, asyncio.Future[None]]]
