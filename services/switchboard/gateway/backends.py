@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar
 
 import grpc
 import orjson
@@ -138,7 +138,11 @@ class Backends:
         call's own cancellation follows at once, and a broker that does not answer
         drops an abandoned call after its orphan grace anyway."""
         request = broker_pb2.CancelRequest(tenant_id=tenant_id, response_id=response_id)
-        task = asyncio.create_task(self._cancel(broker, request))
+        self.spawn(self._cancel(broker, request))
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` in the background, referenced until it is done."""
+        task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -161,9 +165,7 @@ class Backends:
             if len(self._brokers) >= MAX_BROKER_CHANNELS:
                 oldest = next(iter(self._brokers))
                 channel, _ = self._brokers.pop(oldest)
-                task = asyncio.create_task(channel.close(grace=self.timeout_s))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self.spawn(channel.close(grace=self.timeout_s))
             channel = rpc.channel(address)
             known = (channel, broker_pb2_grpc.BrokerServiceStub(channel))
         self._brokers[address] = known  # the newest last

@@ -29,9 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -165,7 +163,6 @@ class RealtimeConnection:
         self._sending = False
         # Set when the gateway cuts the client (slow consumer): stop reading it.
         self._cut = asyncio.Event()
-        self._background: set[asyncio.Task[None]] = set()
         # The running response's admission (its slot is renewed while it runs).
         self._admitted: Admitted | None = None
 
@@ -676,7 +673,7 @@ class RealtimeConnection:
         metadata = await call.initial_metadata()
         broker = str(dict(metadata or ()).get(BROKER_METADATA_KEY, ""))
         if broker:
-            self._spawn(self._note_broker(response_id, broker))
+            self.backends.spawn(self._note_broker(response_id, broker))
         return broker
 
     async def _note_broker(self, response_id: str, broker: str) -> None:
@@ -686,11 +683,6 @@ class RealtimeConnection:
             # Only a resume after this gateway dies needs it (it then re-attaches
             # at the broker target it knows, or ends the response interrupted).
             log.info("broker not noted", extra={**self._log, "code": exc.name})
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     def _count_response(
         self, status: str, usage: common_pb2.Usage, error: SwitchboardError | None
