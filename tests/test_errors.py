@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import grpc
 import pytest
 
@@ -66,3 +69,76 @@ def test_rpc_error_without_trailers_is_service_unavailable() -> None:
     rebuilt = errors.from_rpc_error(FakeRpcError(grpc.StatusCode.UNAVAILABLE, ()), service="broker")
     assert rebuilt.name == "service_unavailable"
     assert "broker" in rebuilt.message
+
+
+def _close_code_table() -> dict[int, tuple[set[str], str]]:
+    """docs/errors.md's close-code table: code -> (reasons, then)."""
+    text = (Path(__file__).parent.parent / "docs" / "errors.md").read_text()
+    section = text[text.index("## Close codes") :]
+    table: dict[int, tuple[set[str], str]] = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 4 and cells[0].isdigit():
+            reasons = set(re.findall(r"`([a-z_ ]+)`", cells[1]))
+            table[int(cells[0])] = (reasons, cells[2])
+    return table
+
+
+def test_close_codes_follow_the_rule_and_the_docs_say_so() -> None:
+    table = _close_code_table()
+    assert table, "no close-code table in docs/errors.md"
+    for code, (_, then) in table.items():
+        assert then == ("stop" if errors.close_is_terminal(code) else "resume"), code
+    for code, spec in errors.SPECS.items():
+        if spec.close_code is None:
+            continue
+        name = errors.code_name(code)
+        assert spec.close_code in table, f"{name}: close {spec.close_code} not documented"
+        assert name in table[spec.close_code][0], f"{name} not listed under {spec.close_code}"
+        # Every close of ours is in one of the two ranges, or a standard code.
+        assert spec.close_code in errors.RESUMABLE_CLOSE_CODES or spec.close_code in (
+            *errors.TERMINAL_CLOSE_CODES,
+            1008,
+            1009,
+            1011,
+            1012,
+            1013,
+        )
+
+
+@pytest.mark.parametrize(
+    ("code", "terminal"),
+    [
+        (1008, True),
+        (1011, False),
+        (1012, False),
+        (1013, False),
+        (4008, False),
+        (4499, False),
+        (4500, True),
+        (4529, True),
+        (4999, True),
+    ],
+)
+def test_close_is_terminal(code: int, terminal: bool) -> None:
+    assert errors.close_is_terminal(code) is terminal
+
+
+@pytest.mark.parametrize(
+    "name", ["invalid_api_key", "insufficient_quota", "session_taken_over", "session_not_found"]
+)
+def test_refusals_that_no_reconnect_cures_are_terminal(name: str) -> None:
+    code = errors.code_from_name(name)
+    assert code is not None
+    close = errors.spec(code).close_code
+    assert close is not None and errors.close_is_terminal(close)
+
+
+@pytest.mark.parametrize(
+    "name", ["slow_consumer", "idle_timeout", "session_expired", "server_busy"]
+)
+def test_closes_that_keep_the_session_are_resumable(name: str) -> None:
+    code = errors.code_from_name(name)
+    assert code is not None
+    close = errors.spec(code).close_code
+    assert close is not None and not errors.close_is_terminal(close)

@@ -30,13 +30,30 @@ AUTH_ERROR = "authentication_error"
 RATE_LIMIT = "rate_limit_error"
 
 
+# WebSocket close codes follow one rule a client can act on without the docs (as
+# Centrifugo splits reconnect from terminal codes): 4000-4499 end a connection but
+# keep its session, so the client reconnects and resumes; 4500-4999 are terminal,
+# and reconnecting would be refused again. The standard codes keep the meaning
+# official clients give them: 1008 (policy) is terminal; 1009, 1011, 1012 (drain)
+# and 1013 (overload) are followed by a reconnect with backoff.
+RESUMABLE_CLOSE_CODES = range(4000, 4500)
+TERMINAL_CLOSE_CODES = range(4500, 5000)
+
+
+def close_is_terminal(code: int) -> bool:
+    """True when a client must not reconnect after a close with `code`."""
+    return code in TERMINAL_CLOSE_CODES or code == 1008
+
+
 @dataclass(frozen=True, slots=True)
 class Spec:
     grpc_status: grpc.StatusCode
     http_status: int
     error_type: str
     # WebSocket close code when this error ends a connection; None keeps it open.
+    # Its range says whether the client may resume (see RESUMABLE_CLOSE_CODES).
     close_code: int | None = None
+    # The same request may succeed later (after `retry_after`, when given).
     retryable: bool = False
 
 
@@ -53,7 +70,7 @@ SPECS: dict[int, Spec] = {
     ),
     _C.ERROR_CODE_INVALID_VALUE: Spec(grpc.StatusCode.INVALID_ARGUMENT, 400, INVALID_REQUEST),
     _C.ERROR_CODE_FIELD_LOCKED: Spec(grpc.StatusCode.PERMISSION_DENIED, 403, INVALID_REQUEST),
-    _C.ERROR_CODE_SESSION_TAKEN_OVER: Spec(grpc.StatusCode.ABORTED, 409, INVALID_REQUEST, 4009),
+    _C.ERROR_CODE_SESSION_TAKEN_OVER: Spec(grpc.StatusCode.ABORTED, 409, INVALID_REQUEST, 4509),
     _C.ERROR_CODE_RESUME_UNAVAILABLE: Spec(grpc.StatusCode.OUT_OF_RANGE, 410, INVALID_REQUEST),
     _C.ERROR_CODE_IDLE_TIMEOUT: Spec(grpc.StatusCode.DEADLINE_EXCEEDED, 408, INVALID_REQUEST, 4010),
     _C.ERROR_CODE_SESSION_EXPIRED: Spec(
@@ -68,17 +85,17 @@ SPECS: dict[int, Spec] = {
     _C.ERROR_CODE_RESPONSE_CANCEL_NOT_ACTIVE: Spec(
         grpc.StatusCode.FAILED_PRECONDITION, 409, INVALID_REQUEST
     ),
-    _C.ERROR_CODE_SESSION_NOT_FOUND: Spec(grpc.StatusCode.NOT_FOUND, 404, INVALID_REQUEST, 4004),
-    _C.ERROR_CODE_INVALID_API_KEY: Spec(grpc.StatusCode.UNAUTHENTICATED, 401, AUTH_ERROR, 4001),
+    _C.ERROR_CODE_SESSION_NOT_FOUND: Spec(grpc.StatusCode.NOT_FOUND, 404, INVALID_REQUEST, 4504),
+    _C.ERROR_CODE_INVALID_API_KEY: Spec(grpc.StatusCode.UNAUTHENTICATED, 401, AUTH_ERROR, 4501),
     _C.ERROR_CODE_MODEL_NOT_ALLOWED: Spec(
-        grpc.StatusCode.PERMISSION_DENIED, 403, INVALID_REQUEST, 4003
+        grpc.StatusCode.PERMISSION_DENIED, 403, INVALID_REQUEST, 4503
     ),
-    _C.ERROR_CODE_PERMISSION_DENIED: Spec(grpc.StatusCode.PERMISSION_DENIED, 403, AUTH_ERROR, 4003),
+    _C.ERROR_CODE_PERMISSION_DENIED: Spec(grpc.StatusCode.PERMISSION_DENIED, 403, AUTH_ERROR, 4503),
     _C.ERROR_CODE_RATE_LIMIT_EXCEEDED: Spec(
         grpc.StatusCode.RESOURCE_EXHAUSTED, 429, RATE_LIMIT, retryable=True
     ),
     _C.ERROR_CODE_INSUFFICIENT_QUOTA: Spec(
-        grpc.StatusCode.RESOURCE_EXHAUSTED, 429, RATE_LIMIT, 4029
+        grpc.StatusCode.RESOURCE_EXHAUSTED, 429, RATE_LIMIT, 4529
     ),
     _C.ERROR_CODE_SERVER_BUSY: Spec(grpc.StatusCode.UNAVAILABLE, 503, SERVER_ERROR, 1013, True),
     _C.ERROR_CODE_SLOW_CONSUMER: Spec(grpc.StatusCode.RESOURCE_EXHAUSTED, 503, SERVER_ERROR, 4008),

@@ -126,7 +126,7 @@ async def test_a_token_budget_is_never_overshot_by_more_than_one_response(stack:
     assert spent <= BUDGET + MAX_OUTPUT
     for result in refused:
         assert [e["code"] for e in result["errors"]] == ["insufficient_quota"]
-        assert result["closed"].code == 4029
+        assert result["closed"].code == 4529
         assert result["closed"].reason == "insufficient_quota"
     # Each served response was capped by the tenant's max_output_tokens.
     assert all(r["done"]["usage"]["output_tokens"] <= MAX_OUTPUT for r in served)

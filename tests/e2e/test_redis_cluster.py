@@ -114,4 +114,4 @@ async def test_a_token_budget_holds_on_the_cluster(stack: Stack) -> None:
     assert served
     assert refused
     assert sum(r["done"]["usage"]["total_tokens"] for r in served) <= BUDGET + MAX_OUTPUT
-    assert all(r["closed"].code == 4029 for r in refused)
+    assert all(r["closed"].code == 4529 for r in refused)

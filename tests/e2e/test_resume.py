@@ -253,7 +253,7 @@ async def test_a_call_gone_from_its_broker_ends_interrupted_with_its_text_kept(
 
 async def test_a_second_connection_takes_the_session_over(stack: Stack) -> None:
     """A client whose old connection still looks open resumes elsewhere: the old
-    connection is told `session_taken_over` and closed with 4009."""
+    connection is told `session_taken_over` and closed with 4509."""
     async with open_client(stack, 0) as old:
         created = orjson.loads(await old.recv())
         async with open_client(
@@ -264,7 +264,7 @@ async def test_a_second_connection_takes_the_session_over(stack: Stack) -> None:
             assert error["error"]["code"] == "session_taken_over"
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await asyncio.wait_for(old.recv(), 10)
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4009
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4509
             client = RealtimeClient(new)
             await ask(client, "on the new connection")
             assert (await read_until_done(client))[-1]["response"]["status"] == "completed"

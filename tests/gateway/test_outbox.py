@@ -88,12 +88,12 @@ async def test_too_far_behind_is_a_slow_consumer_and_abort_stops_the_writer() ->
 async def test_close_sends_what_waits_then_the_close() -> None:
     outbox = Outbox(max_bytes=1 << 20)
     outbox.put(delta("last words"))
-    outbox.close(4029, "insufficient_quota")
+    outbox.close(4529, "insufficient_quota")
     outbox.put(delta("too late"))  # dropped: the connection is ending
     first = await outbox.get()
     assert isinstance(first, str)
     assert json.loads(first)["delta"] == "last words"
-    assert await outbox.get() == Close(4029, "insufficient_quota")
+    assert await outbox.get() == Close(4529, "insufficient_quota")
 
 
 async def test_a_batch_takes_what_waits_in_order_and_a_slow_consumer_loses_nothing() -> None:

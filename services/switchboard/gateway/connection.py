@@ -292,7 +292,7 @@ class RealtimeConnection:
             return
         self.protocol.fail(error)
         self._queue_events()
-        self._end_after_turn(error.spec.close_code or 1000, error.name, end_reason)
+        self._end_after_turn(error.spec.close_code or 1011, error.name, end_reason)
 
     def _turn_ended(self, task: asyncio.Task[None]) -> None:
         if self._ending is not None and task is self._response_task:
@@ -377,7 +377,7 @@ class RealtimeConnection:
             return
         log.info("session taken over", extra=self._log)
         self.end_reason = "taken_over"
-        self._ending = (_TAKEN_OVER.spec.close_code or 4009, _TAKEN_OVER.name)
+        self._ending = (_TAKEN_OVER.spec.close_code or 4509, _TAKEN_OVER.name)
         if self._response_task is not None:
             self._response_task.cancel()
         self.outbox.abort()
@@ -657,7 +657,7 @@ class RealtimeConnection:
             self.protocol.rate_limits_updated(rate_limits)
         await self._flush()
         close_code = error.spec.close_code if error is not None else None
-        if error is not None and close_code is not None and close_code >= 4000:
+        if error is not None and close_code is not None and errors.close_is_terminal(close_code):
             # A terminal refusal (the daily budget is spent): nothing more can be
             # served on this connection, so it ends with the documented code.
             self.end_reason = refusal_reason(error.name)
