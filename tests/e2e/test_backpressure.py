@@ -50,7 +50,11 @@ FAST = '[[sim {"ttft_ms": 5, "token_delay_ms": 0, "tokens":'
 
 
 async def connect_lagging(stack: Stack) -> Any:
-    """A client whose socket holds little, so the gateway feels it not reading."""
+    """A client whose socket holds little, so the gateway feels it not reading.
+
+    It sends no keepalive pings of its own: a client that reads nothing never sees
+    their pongs, and would close itself (1011) after ping interval plus timeout,
+    before the gateway's cut on a slow machine."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", stack.ports.gateway))
@@ -61,6 +65,7 @@ async def connect_lagging(stack: Stack) -> Any:
         sock=sock,
         max_queue=1,
         max_size=None,
+        ping_interval=None,
     )
 
 
