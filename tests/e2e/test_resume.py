@@ -17,7 +17,7 @@ import orjson
 import pytest
 import websockets
 
-from switchboard.gateway.protocol import event_seq
+from switchboard.gateway.ids import event_seq
 from tests.e2e.conftest import RealtimeClient, reply_text
 from tools.stack import Ports, Stack
 

@@ -8,18 +8,17 @@ from typing import Any
 import pytest
 
 from switchboard.errors import ServiceUnavailable
-from switchboard.gateway.protocol import (
+from switchboard.gateway.commands import (
     CancelResponse,
     DeleteItem,
-    Ids,
-    RealtimeProtocol,
     RetrieveItem,
     StartResponse,
     StoreItem,
     UpdateSession,
-    event_seq,
 )
-from switchboard.v1 import common_pb2, session_pb2
+from switchboard.gateway.ids import Ids, event_seq
+from switchboard.gateway.protocol import InvalidState, RealtimeProtocol, State
+from switchboard.v1 import common_pb2, session_pb2, toolexec_pb2
 
 
 def make_protocol(max_event_bytes: int = 4096) -> RealtimeProtocol:
@@ -440,11 +439,10 @@ def test_follow_up_response_during_a_tool_round() -> None:
     protocol.complete_output(command.response_id, complete=True)
     protocol.response_done(command.response_id, status="completed", usage=common_pb2.Usage())
     protocol.take_events()
-    protocol.tools_running = True
+    protocol.tools_started()
     # The client cannot start its own response while the server runs tools.
     assert send(protocol, {"type": "response.create"}) == []
     assert only_error(protocol)["code"] == "conversation_already_has_active_response"
-    protocol.tools_running = False
     follow = protocol.follow_up(command)
     assert follow.response_id != command.response_id
     assert follow.max_output_tokens == command.max_output_tokens
@@ -480,6 +478,7 @@ def test_a_response_left_unfinished_by_a_killed_gateway_ends_failed() -> None:
         max_event_bytes=1 << 16,
         first_event_seq=7,
     )
+    protocol.open(resumed=True)
     protocol.interrupted("resp_old")
     events = protocol.take_events()
     assert [e["type"] for e in events] == ["error", "response.done"]
@@ -562,6 +561,7 @@ def test_a_response_taken_over_from_its_log_goes_on_where_the_log_ends(
             max_event_bytes=4096,
             first_event_seq=cut + 1,
         )
+        taker.open(resumed=True)
         resumed = taker.reopen(logged)
         assert resumed.response_id == command.response_id
         feed(taker, resumed.response_id, stream)
@@ -582,3 +582,34 @@ def test_a_log_that_is_not_a_streaming_response_is_not_taken_over() -> None:
     for logged in ([], events[1:], ended, [*events, {"type": "response.output_text.delta"}]):
         with pytest.raises(ValueError, match="response"):
             make_protocol().reopen(logged)
+
+
+def test_a_report_in_the_wrong_state_is_a_driver_bug() -> None:
+    protocol = RealtimeProtocol(
+        session_id="sess_s", config=session_pb2.SessionConfig(model="m"), max_event_bytes=1024
+    )
+    assert protocol.state is State.NEW
+    with pytest.raises(InvalidState):
+        protocol.receive_text("{}")
+    protocol.open()
+    with pytest.raises(InvalidState):
+        protocol.open()
+    with pytest.raises(InvalidState):
+        protocol.text_delta("resp_x", "a")
+    with pytest.raises(InvalidState):
+        protocol.tool_output(common_pb2.Item(), toolexec_pb2.ExecuteResponse())
+    (command,) = send(protocol, {"type": "response.create"})
+    assert protocol.state is State.RESPONDING
+    with pytest.raises(InvalidState):
+        protocol.text_delta("resp_other", "a")
+    with pytest.raises(InvalidState):
+        protocol.follow_up(command)
+    with pytest.raises(InvalidState):
+        protocol.tools_started()
+    protocol.complete_output(command.response_id, complete=True)
+    protocol.response_done(command.response_id, status="completed", usage=common_pb2.Usage())
+    assert protocol.state is State.IDLE
+    protocol.tools_started()
+    assert protocol.state is State.TOOLS
+    protocol.tools_ended()
+    assert protocol.state is State.IDLE

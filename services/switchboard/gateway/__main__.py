@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import sys
-from types import FrameType
 
 import uvicorn
 
 from switchboard.config import ConfigError, GatewaySettings
-from switchboard.gateway.app import Drainer, create_app
+from switchboard.gateway.app import create_app
+from switchboard.gateway.drain import DrainingServer
 from switchboard.telemetry import configure_logging
 from switchboard.tenancy import load_tenants
 from switchboard.tracing import configure_tracing
@@ -45,35 +44,6 @@ def main() -> None:
     DrainingServer(config, app.state.drainer, settings.drain_timeout_s).run(
         sockets=[listen(settings)]
     )
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn, with a drain before its shutdown.
-
-    On the first SIGTERM or SIGINT, the gateway drains (readiness false, new
-    connections refused, running responses finish, connections closed with 1012)
-    for up to the drain timeout, then uvicorn shuts down as usual. A second
-    signal skips the rest of the drain.
-    """
-
-    def __init__(self, config: uvicorn.Config, drainer: Drainer, timeout_s: float) -> None:
-        super().__init__(config)
-        self.drainer = drainer
-        self.timeout_s = timeout_s
-        self._drain: asyncio.Task[None] | None = None
-        self._signalled = 0
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._signalled += 1
-        if self._signalled > 1:
-            super().handle_exit(sig, frame)
-
-    async def on_tick(self, counter: int) -> bool:
-        if self._signalled and self._drain is None:
-            self._drain = asyncio.create_task(self.drainer.drain(self.timeout_s))
-        if self._drain is not None and self._drain.done():
-            return True
-        return await super().on_tick(counter)
 
 
 def listen(settings: GatewaySettings) -> socket.socket:

@@ -1,16 +1,20 @@
-"""The gateway's gRPC clients of the session, broker and toolexec services.
+"""The gateway's clients of the session, broker and toolexec services.
 
-Each unary call has a deadline and turns any failure into a `SwitchboardError`
-(a backend's own error code when it sent one, else `service_unavailable`), so
-the connection code never sees a raw `grpc.RpcError`.
+`Backends` is what the gateway needs of them, as a protocol: `GrpcBackends`
+implements it over gRPC, and `switchboard.gateway.testing.MemoryBackends` in
+memory, for in-process tests. Each unary call has a deadline and turns any
+failure into a `SwitchboardError` (a backend's own error code when it sent
+one, else `service_unavailable`), and a model call (`ModelCall`) raises the
+same way while it streams, so the turn and connection code never see a raw
+`grpc.RpcError`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Coroutine
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import orjson
@@ -18,6 +22,7 @@ import orjson
 from switchboard import rpc
 from switchboard.config import GatewaySettings
 from switchboard.errors import SwitchboardError, from_rpc_error
+from switchboard.rpc import BROKER_METADATA_KEY
 from switchboard.v1 import (
     broker_pb2,
     broker_pb2_grpc,
@@ -37,7 +42,92 @@ log = logging.getLogger(__name__)
 MAX_BROKER_CHANNELS = 32
 
 
-class Backends:
+class ModelCall(Protocol):
+    """One streaming model call at a broker (a Generate, or an Attach to one)."""
+
+    async def broker(self) -> str:
+        """The address the broker holding the call names itself by ("" if none),
+        as soon as the call has started."""
+        ...
+
+    def __aiter__(self) -> AsyncIterator[broker_pb2.GenerateEvent]:
+        """The call's events. Raises `SwitchboardError` when the call fails."""
+        ...
+
+    def cancel(self) -> None:
+        """Stop following the call (the broker keeps it for a re-attach unless it
+        was cancelled there: `Backends.cancel_generate`)."""
+        ...
+
+
+class Backends(Protocol):
+    """What the gateway asks of the session, broker and toolexec services."""
+
+    # session
+    async def create_session(
+        self, tenant_id: str, config: session_pb2.SessionConfig
+    ) -> session_pb2.Session: ...
+    async def get_session(self, tenant_id: str, session_id: str) -> session_pb2.Session: ...
+    async def update_session(
+        self, tenant_id: str, session_id: str, config: session_pb2.SessionConfig
+    ) -> session_pb2.Session: ...
+    async def append_item(
+        self, tenant_id: str, session_id: str, item: common_pb2.Item, previous_item_id: str = ""
+    ) -> session_pb2.AppendItemResponse: ...
+    async def get_item(self, tenant_id: str, session_id: str, item_id: str) -> common_pb2.Item: ...
+    async def delete_item(self, tenant_id: str, session_id: str, item_id: str) -> None: ...
+    async def build_context(self, tenant_id: str, session_id: str) -> session_pb2.Context: ...
+    # the session's event log and writer lease
+    async def append_events_batch(
+        self, appends: list[session_pb2.AppendEventsRequest]
+    ) -> session_pb2.AppendEventsBatchResponse: ...
+    async def read_events(
+        self, tenant_id: str, session_id: str, after_seq: int, limit: int = 0
+    ) -> session_pb2.ReadEventsResponse: ...
+    async def claim_session(
+        self, tenant_id: str, session_id: str, holder: str, lease_ms: int
+    ) -> session_pb2.ClaimSessionResponse: ...
+    async def release_session(self, tenant_id: str, session_id: str, holder: str) -> None: ...
+    # broker
+    def generate(self, request: broker_pb2.GenerateRequest) -> ModelCall: ...
+    def attach(self, broker: str, tenant_id: str, response_id: str) -> ModelCall: ...
+    def cancel_generate(self, broker: str, tenant_id: str, response_id: str) -> None: ...
+    # toolexec
+    async def list_tools(self, tenant_id: str) -> list[common_pb2.ToolDefinition]: ...
+    async def execute_tool(
+        self, tenant_id: str, session_id: str, call_id: str, name: str, arguments: str
+    ) -> toolexec_pb2.ExecuteResponse: ...
+    # the process
+    async def readiness(self) -> dict[str, bool]: ...
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None: ...
+    async def close(self) -> None: ...
+
+
+class GrpcModelCall:
+    """A `ModelCall` over a gRPC server stream."""
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
+        self._call = call
+
+    async def broker(self) -> str:
+        try:
+            metadata = await self._call.initial_metadata()
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, service="broker") from None
+        return str(dict(metadata or ()).get(BROKER_METADATA_KEY, ""))
+
+    async def __aiter__(self) -> AsyncIterator[broker_pb2.GenerateEvent]:
+        try:
+            async for event in self._call:
+                yield event
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, service="broker") from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class GrpcBackends:
     """Channels and stubs to the three backends, opened in the app's lifespan."""
 
     def __init__(self, settings: GatewaySettings) -> None:
@@ -121,17 +211,17 @@ class Backends:
 
     # --- broker ----------------------------------------------------------------------
 
-    def generate(self, request: broker_pb2.GenerateRequest) -> grpc.aio.UnaryStreamCall:
+    def generate(self, request: broker_pb2.GenerateRequest) -> ModelCall:
         """Start a streaming model call. No deadline: a response may stream for minutes.
         To stop it, `cancel_generate` it at its broker, then cancel the call: a
         call cancelled alone is kept running by its broker for a re-attach."""
-        return self.broker.Generate(request)
+        return GrpcModelCall(self.broker.Generate(request))
 
-    def attach(self, broker: str, tenant_id: str, response_id: str) -> grpc.aio.UnaryStreamCall:
+    def attach(self, broker: str, tenant_id: str, response_id: str) -> ModelCall:
         """Follow a model call another gateway started (and died running), at the
         broker that holds it ("": the configured broker target)."""
         request = broker_pb2.AttachRequest(tenant_id=tenant_id, response_id=response_id)
-        return self._broker_at(broker).Attach(request)
+        return GrpcModelCall(self._broker_at(broker).Attach(request))
 
     def cancel_generate(self, broker: str, tenant_id: str, response_id: str) -> None:
         """Stop a model call at the broker that holds it, in the background: the

@@ -1,4 +1,5 @@
-"""A session's event log as the gateway writes and replays it (the resume extension).
+"""A session's event log as the gateway writes it (the resume extension; replaying
+it is resume.py's).
 
 Every server event a connection sends is first recorded in the session's log
 (session service, Redis) in batches: the connection's writer takes what waits
@@ -23,18 +24,14 @@ interleave events in one log.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from switchboard.errors import SessionTakenOver, SwitchboardError
 from switchboard.gateway.backends import Backends
-from switchboard.gateway.protocol import event_seq
+from switchboard.gateway.ids import event_seq
 from switchboard.v1 import common_pb2, session_pb2
 
 Event = dict[str, Any]
-
-# How often a resuming connection reads the log while another connection writes it.
-FOLLOW_POLL_S = 0.05
 
 
 class EventRecorder:
@@ -206,57 +203,3 @@ class SessionWriter:
 
     async def release(self) -> None:
         await self.backends.release_session(self.tenant_id, self.session_id, self.holder)
-
-
-async def replay(
-    writer: SessionWriter, after_seq: int, send: Callable[[str], Awaitable[None]]
-) -> int:
-    """Send the logged events after `after_seq`, following the log while another
-    connection still writes it, until `writer` holds the session.
-
-    Returns:
-        The seq of the last event sent (`after_seq` when none was).
-    """
-    backends = writer.backends
-    while True:
-        # Claim first: once claimed nobody else appends, so the read that follows
-        # sees the whole log.
-        claim = await backends.claim_session(
-            writer.tenant_id, writer.session_id, writer.holder, writer.lease_ms
-        )
-        async for event in read_log(backends, writer.tenant_id, writer.session_id, after_seq):
-            await send(event.payload.decode())
-            after_seq = event.seq
-        if claim.claimed:
-            return after_seq
-        await asyncio.sleep(FOLLOW_POLL_S)
-
-
-async def read_log(
-    backends: Backends, tenant_id: str, session_id: str, after_seq: int
-) -> AsyncIterator[session_pb2.SessionEvent]:
-    """The session's logged events after `after_seq`, page by page.
-
-    Raises:
-        SwitchboardError: `resume_unavailable` when events after `after_seq`
-            were trimmed; what the session service raised.
-    """
-    while True:
-        page = await backends.read_events(tenant_id, session_id, after_seq)
-        if after_seq < page.trimmed_seq:
-            raise resume_unavailable()
-        if not page.events:
-            return
-        for event in page.events:
-            yield event
-        after_seq = page.events[-1].seq
-
-
-def resume_unavailable() -> SwitchboardError:
-    """The refusal of a resume whose missed events are not all in the log."""
-    return SwitchboardError(
-        "The events after 'last_event_id' are not in this session's log any more; "
-        "start a new session.",
-        code=common_pb2.ERROR_CODE_RESUME_UNAVAILABLE,
-        param="last_event_id",
-    )

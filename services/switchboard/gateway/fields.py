@@ -14,15 +14,6 @@ MAX_OUTPUT_TOKENS_LIMIT = 1_000_000
 Event = dict[str, Any]
 
 
-def require_object(event: Event, key: str) -> Event:
-    value = event.get(key)
-    if value is None:
-        raise missing_parameter(key)
-    if not isinstance(value, dict):
-        raise invalid_value(key, f"Invalid type for '{key}': expected an object.")
-    return value
-
-
 def require_str(obj: Event, key: str, parent: str = "") -> str:
     param = f"{parent}.{key}" if parent else key
     value = obj.get(key)
@@ -31,6 +22,13 @@ def require_str(obj: Event, key: str, parent: str = "") -> str:
     if not isinstance(value, str):
         raise invalid_value(param, f"Invalid type for '{param}': expected a string.")
     return value
+
+
+def optional_str(obj: Event, key: str, parent: str = "") -> str:
+    """The string at `key`, "" when absent or null."""
+    if obj.get(key) is None:
+        return ""
+    return require_str(obj, key, parent)
 
 
 def reject_unknown(obj: Event, known: frozenset[str], parent: str) -> None:

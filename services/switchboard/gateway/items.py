@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from switchboard.errors import InvalidRequest, invalid_value, missing_parameter
+from switchboard.gateway import fields
 from switchboard.v1 import common_pb2
 
 MAX_ITEM_ID_CHARS = 64
@@ -38,19 +39,6 @@ _UNSUPPORTED_PARTS = {"input_audio", "input_image", "output_audio", "audio"}
 _C = common_pb2
 
 
-def _string(obj: dict[str, Any], key: str, param: str, *, required: bool = True) -> str:
-    value = obj.get(key)
-    if value is None:
-        if required:
-            raise missing_parameter(f"{param}.{key}")
-        return ""
-    if not isinstance(value, str):
-        raise invalid_value(
-            f"{param}.{key}", f"Invalid type for '{param}.{key}': expected a string."
-        )
-    return value
-
-
 def item_from_client(raw: Any, param: str = "item") -> common_pb2.Item:
     """Validate a client `conversation.item.create` item and convert it.
 
@@ -61,12 +49,12 @@ def item_from_client(raw: Any, param: str = "item") -> common_pb2.Item:
         raise missing_parameter(param)
     if not isinstance(raw, dict):
         raise invalid_value(param, f"Invalid type for '{param}': expected an object.")
-    item_id = _string(raw, "id", param, required=False)
+    item_id = fields.optional_str(raw, "id", param)
     if len(item_id) > MAX_ITEM_ID_CHARS:
         raise invalid_value(
             f"{param}.id", f"'{param}.id' is longer than {MAX_ITEM_ID_CHARS} chars."
         )
-    kind = _string(raw, "type", param)
+    kind = fields.require_str(raw, "type", param)
     if kind == "message":
         return _message_from_client(raw, item_id, param)
     if kind == "function_call_output":
@@ -74,17 +62,17 @@ def item_from_client(raw: Any, param: str = "item") -> common_pb2.Item:
             id=item_id,
             type=_C.ITEM_TYPE_FUNCTION_CALL_OUTPUT,
             status=_C.ITEM_STATUS_COMPLETED,
-            call_id=_string(raw, "call_id", param),
-            output=_string(raw, "output", param),
+            call_id=fields.require_str(raw, "call_id", param),
+            output=fields.require_str(raw, "output", param),
         )
     if kind == "function_call":
         return _C.Item(
             id=item_id,
             type=_C.ITEM_TYPE_FUNCTION_CALL,
             status=_C.ITEM_STATUS_COMPLETED,
-            call_id=_string(raw, "call_id", param),
-            name=_string(raw, "name", param),
-            arguments=_string(raw, "arguments", param, required=False) or "{}",
+            call_id=fields.require_str(raw, "call_id", param),
+            name=fields.require_str(raw, "name", param),
+            arguments=fields.optional_str(raw, "arguments", param) or "{}",
         )
     raise invalid_value(
         f"{param}.type",
@@ -94,7 +82,7 @@ def item_from_client(raw: Any, param: str = "item") -> common_pb2.Item:
 
 
 def _message_from_client(raw: dict[str, Any], item_id: str, param: str) -> common_pb2.Item:
-    role = _string(raw, "role", param)
+    role = fields.require_str(raw, "role", param)
     if role not in _ROLES:
         raise invalid_value(
             f"{param}.role",
@@ -111,7 +99,7 @@ def _message_from_client(raw: dict[str, Any], item_id: str, param: str) -> commo
         where = f"{param}.content[{index}]"
         if not isinstance(part, dict):
             raise invalid_value(where, f"Invalid type for '{where}': expected an object.")
-        part_type = _string(part, "type", where)
+        part_type = fields.require_str(part, "type", where)
         if part_type in _UNSUPPORTED_PARTS:
             raise InvalidRequest(
                 f"Content type '{part_type}' is not supported: Switchboard serves text.",
@@ -124,7 +112,9 @@ def _message_from_client(raw: dict[str, Any], item_id: str, param: str) -> commo
                 f"{where}.type",
                 f"Invalid value: '{part_type}' for a {role} message. Supported: {supported}.",
             )
-        parts.append(_C.ContentPart(type=allowed[part_type], text=_string(part, "text", where)))
+        parts.append(
+            _C.ContentPart(type=allowed[part_type], text=fields.require_str(part, "text", where))
+        )
     return _C.Item(
         id=item_id,
         type=_C.ITEM_TYPE_MESSAGE,

@@ -138,9 +138,3 @@ class Outbox:
             data = entry.data if entry.data is not None else orjson.dumps(entry.event)
             batch.append((entry.event, data.decode()))
         return batch
-
-    async def get(self) -> str | Close | None:
-        """The oldest event as JSON text; waits for one. After the last event of a
-        closing outbox, its `Close`; None once aborted."""
-        batch = await self.get_batch(1)
-        return batch[0][1] if isinstance(batch, list) else batch

@@ -1,150 +1,87 @@
 """The OpenAI Realtime (GA) protocol of one connection, as a state machine with no I/O.
 
-Call order, in the manner of python-websockets' protocol module:
+The protocol turns client frames into `Command`s for its driver and the
+driver's reports into server events; it never waits and never fails on I/O.
+Its state (`State`) says which reports it expects; a call made in another state
+raises `InvalidState`, as python-websockets' protocol does, because it is a bug
+in the driver.
 
-1. `open()` once: queues `session.created`.
+Call order:
+
+1. `open()` once (`open(resumed=True)` for a resumed session: no
+   `session.created`). State NEW -> IDLE.
 2. For every client frame, `receive_text()` / `receive_bytes()`: validates the
-   event and returns the `Command`s the driver must carry out (store an item,
-   start a response, ...). Protocol errors are queued as `error` events and
-   return no command; the connection stays usable.
+   event and returns the commands the driver must carry out. A bad event is
+   queued as an `error` event and returns no command; the connection stays
+   usable. `response.create` starts a response at once (IDLE -> RESPONDING) and
+   returns its `StartResponse`; `response.cancel` returns `CancelResponse`.
 3. When a command's I/O finishes, report it: `session_updated()`,
    `item_added()`, `item_deleted()`, `item_retrieved()`, or `fail()` with the
-   error. A response is reported with `text_delta()` per chunk, then
-   `complete_output()` (returns the items to store), then `response_done()`.
-4. After any call, `take_events()` returns the server events to send, in order.
+   error (any state).
+4. While RESPONDING, the model's output: `text_delta()` and `call_delta()` per
+   chunk; then `complete_output()` (returns the items to store) and
+   `response_done()` (RESPONDING -> IDLE). `generated_chars()` sizes a usage
+   estimate. After the response, `rate_limits_updated()` may follow.
+5. A turn whose response ended in server-side function calls runs them:
+   `tools_started()` (IDLE -> TOOLS; a client `response.create` is refused
+   meanwhile), `tool_output()` per call (returns the output item to store,
+   reported with `item_added()`), then `follow_up()` to start the next
+   response of the turn (TOOLS -> RESPONDING) or `tools_ended()` (TOOLS -> IDLE).
+6. A resumed session whose gateway died mid-response: `reopen()` takes the
+   response up from its logged events (IDLE -> RESPONDING, then as in 4), or
+   `interrupted()` ends it `failed` (IDLE).
+7. After any call, `take_events()` returns the server events to send, in order.
 
-Every server event gets an `event_id`; usage numbers are never null.
+Every server event gets an `event_id` that carries its seq in the session's
+log; usage numbers are never null.
 """
 
 from __future__ import annotations
 
-import math
-import re
-import secrets
+import enum
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from itertools import count
+from dataclasses import replace
 from typing import Any
 
-import orjson
-
-from switchboard.errors import InvalidRequest, SwitchboardError, invalid_value, missing_parameter
-from switchboard.gateway import fields, items, sessions
-from switchboard.gateway.responses import ResponseOutput
-from switchboard.v1 import common_pb2, session_pb2
+from switchboard.errors import InvalidRequest, SwitchboardError
+from switchboard.gateway import client_events, fields, items, sessions
+from switchboard.gateway.commands import (
+    CancelResponse,
+    Command,
+    DeleteItem,
+    RetrieveItem,
+    StartResponse,
+    StoreItem,
+    UpdateSession,
+)
+from switchboard.gateway.ids import Ids
+from switchboard.gateway.responses import ResponseOutput, usage_to_json
+from switchboard.v1 import broker_pb2, common_pb2, session_pb2, toolexec_pb2
 
 Event = dict[str, Any]
 _C = common_pb2
 
-# Realtime events this gateway does not implement (audio, truncation): a client
-# sending them gets `unsupported_feature`, not `unknown_event_type`.
-_UNSUPPORTED_EVENTS = frozenset(
-    {
-        "input_audio_buffer.append",
-        "input_audio_buffer.commit",
-        "input_audio_buffer.clear",
-        "output_audio_buffer.clear",
-        "conversation.item.truncate",
-        "transcription_session.update",
-    }
-)
-_RESPONSE_FIELDS = frozenset(
-    {
-        "instructions",
-        "tools",
-        "tool_choice",
-        "max_output_tokens",
-        "output_modalities",
-        "metadata",
-        "conversation",
-        "audio",
-        "prompt",
-        "input",
-    }
-)
+# How a model call's finish reason ends its response: (status, status reason).
+_FINISH = {
+    broker_pb2.FINISH_REASON_LENGTH: ("incomplete", "max_output_tokens"),
+    broker_pb2.FINISH_REASON_CONTENT_FILTER: ("incomplete", "content_filter"),
+}
 
 
-# --- Commands: what the driver must do -------------------------------------------------
+def finish_status(reason: broker_pb2.FinishReason.ValueType) -> tuple[str, str | None]:
+    """The `response.done` status and reason of a model call that finished."""
+    return _FINISH.get(reason, ("completed", None))
 
 
-@dataclass(frozen=True, slots=True)
-class UpdateSession:
-    config: session_pb2.SessionConfig
-    session: Event
-    client_event_id: str | None
+class State(enum.Enum):
+    NEW = "new"  # before open()
+    IDLE = "idle"  # no response runs
+    RESPONDING = "responding"  # a response streams
+    TOOLS = "tools"  # between two responses of a turn: server-side tools run
 
 
-@dataclass(frozen=True, slots=True)
-class StoreItem:
-    item: common_pb2.Item
-    previous_item_id: str
-    client_event_id: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class DeleteItem:
-    item_id: str
-    client_event_id: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class RetrieveItem:
-    item_id: str
-    client_event_id: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class StartResponse:
-    """Run one model response. `instructions`/`tools` are None when not overridden."""
-
-    response_id: str
-    model: str
-    instructions: str | None
-    tools: tuple[common_pb2.ToolDefinition, ...]
-    tool_choice: str
-    max_output_tokens: int
-    metadata: Any
-    client_event_id: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class CancelResponse:
-    response_id: str
-    client_event_id: str | None
-
-
-Command = UpdateSession | StoreItem | DeleteItem | RetrieveItem | StartResponse | CancelResponse
-
-
-# An event id: "event_", the connection's 12-hex-digit prefix, its seq in hex.
-_EVENT_ID = re.compile(r"event_[0-9a-f]{12}([0-9a-f]{1,15})")
-
-
-class Ids:
-    """Unique ids with a random per-connection prefix and a counter (cheap per event).
-
-    Event ids carry the event's place in the session's event log (its seq), so a
-    client's last event id says where a resume starts; a resumed connection goes
-    on counting from `first_event_seq`.
-    """
-
-    def __init__(
-        self, token: Callable[[int], str] = secrets.token_hex, *, first_event_seq: int = 1
-    ) -> None:
-        self._prefix = token(6)
-        self._counter = count(1)
-        self._event_seq = count(first_event_seq)
-
-    def new(self, kind: str) -> str:
-        if kind == "event":
-            return f"event_{self._prefix}{next(self._event_seq):x}"
-        return f"{kind}_{self._prefix}{next(self._counter):x}"
-
-
-def event_seq(event_id: str) -> int | None:
-    """The seq an event id of ours carries; None for anything else."""
-    match = _EVENT_ID.fullmatch(event_id)
-    return int(match.group(1), 16) if match else None
+class InvalidState(RuntimeError):
+    """The driver reported something the protocol does not expect in its state."""
 
 
 class RealtimeProtocol:
@@ -169,11 +106,14 @@ class RealtimeProtocol:
         self.session: Event = session or sessions.initial_session(session_id, config)
         # Session fields the client may not change (set by an ephemeral secret).
         self.locked = locked
+        self.state = State.NEW
         self.response: ResponseOutput | None = None
-        # True while the connection runs server-side tools between two responses
-        # of one turn: the follow-up response is coming, a client one must wait.
-        self.tools_running = False
         self._events: list[Event] = []
+
+    def _expect(self, *states: State) -> None:
+        if self.state not in states:
+            wanted = " or ".join(state.value for state in states)
+            raise InvalidState(f"the protocol is {self.state.value}, not {wanted}")
 
     # --- output ----------------------------------------------------------------------
 
@@ -191,10 +131,15 @@ class RealtimeProtocol:
 
     # --- input -----------------------------------------------------------------------
 
-    def open(self) -> None:
-        self._emit("session.created", session=self.session)
+    def open(self, *, resumed: bool = False) -> None:
+        """Start serving: `session.created`, unless the session is resumed."""
+        self._expect(State.NEW)
+        self.state = State.IDLE
+        if not resumed:
+            self._emit("session.created", session=self.session)
 
     def receive_bytes(self, data: bytes) -> list[Command]:
+        self._expect(State.IDLE, State.RESPONDING, State.TOOLS)
         self.fail(
             InvalidRequest(
                 "Binary frames are not supported: send each event as a JSON text frame.",
@@ -205,60 +150,22 @@ class RealtimeProtocol:
 
     def receive_text(self, text: str) -> list[Command]:
         """Handle one client text frame; returns the commands it asks for."""
-        # A str is at most 4 bytes a character, so most frames need no encoding.
-        if len(text) * 4 > self.max_event_bytes and len(text.encode()) > self.max_event_bytes:
-            self.fail(
-                InvalidRequest(
-                    f"The event is larger than {self.max_event_bytes} bytes and was ignored.",
-                    code=_C.ERROR_CODE_FRAME_TOO_LARGE,
-                )
-            )
-            return []
-        try:
-            event = orjson.loads(text)
-        except orjson.JSONDecodeError as exc:
-            self.fail(
-                InvalidRequest(
-                    f"The event is not valid JSON ({exc.msg} at position {exc.pos}).",
-                    code=_C.ERROR_CODE_INVALID_JSON,
-                )
-            )
-            return []
+        self._expect(State.IDLE, State.RESPONDING, State.TOOLS)
         client_event_id = None
         try:
-            if not isinstance(event, dict):
-                raise InvalidRequest(
-                    "An event must be a JSON object.", code=_C.ERROR_CODE_INVALID_VALUE
-                )
+            event = client_events.decode(text, self.max_event_bytes)
             raw_id = event.get("event_id")
             client_event_id = raw_id if isinstance(raw_id, str) else None
-            return self._dispatch(event, client_event_id)
+            kind = client_events.event_type(event)
+            handler = self._handlers.get(kind)
+            if handler is None:
+                raise client_events.unknown_event(kind)
+            return handler(self, event, client_event_id)
         except SwitchboardError as error:
             self.fail(error, client_event_id)
             return []
 
-    def _dispatch(self, event: Event, client_event_id: str | None) -> list[Command]:
-        event_type = event.get("type")
-        if event_type is None:
-            raise missing_parameter("type")
-        if not isinstance(event_type, str):
-            raise invalid_value("type", "Invalid type for 'type': expected a string.")
-        handler = self._handlers.get(event_type)
-        if handler is not None:
-            return handler(self, event, client_event_id)
-        if event_type in _UNSUPPORTED_EVENTS:
-            raise InvalidRequest(
-                f"'{event_type}' is not supported: Switchboard serves text conversations.",
-                code=_C.ERROR_CODE_UNSUPPORTED_FEATURE,
-                param="type",
-            )
-        raise InvalidRequest(
-            f"Unknown event type '{event_type[:64]}'.",
-            code=_C.ERROR_CODE_UNKNOWN_EVENT_TYPE,
-            param="type",
-        )
-
-    # --- session.update --------------------------------------------------------------
+    # --- session and items -----------------------------------------------------------
 
     def _on_session_update(self, event: Event, client_event_id: str | None) -> list[Command]:
         session, config = sessions.apply_update(
@@ -271,108 +178,62 @@ class RealtimeProtocol:
         self.session = command.session
         self._emit("session.updated", session=self.session)
 
-    # --- conversation items ----------------------------------------------------------
-
     def _on_item_create(self, event: Event, client_event_id: str | None) -> list[Command]:
-        item = items.item_from_client(event.get("item"))
+        item, previous = client_events.item_create(event)
         if not item.id:
             item.id = self.ids.new("item")
-        previous = event.get("previous_item_id")
-        if previous is not None and not isinstance(previous, str):
-            raise invalid_value(
-                "previous_item_id", "Invalid type for 'previous_item_id': expected a string."
-            )
-        return [
-            StoreItem(item=item, previous_item_id=previous or "", client_event_id=client_event_id)
-        ]
+        return [StoreItem(item=item, previous_item_id=previous, client_event_id=client_event_id)]
 
     def item_added(self, item: common_pb2.Item, previous_item_id: str) -> None:
-        """A client-created item is stored: `conversation.item.added` then `.done`."""
+        """An item is stored: `conversation.item.added` then `.done`."""
         body = items.item_to_json(item)
         previous = previous_item_id or None
         self._emit("conversation.item.added", previous_item_id=previous, item=body)
         self._emit("conversation.item.done", previous_item_id=previous, item=body)
 
     def _on_item_delete(self, event: Event, client_event_id: str | None) -> list[Command]:
-        return [
-            DeleteItem(
-                item_id=fields.require_str(event, "item_id"), client_event_id=client_event_id
-            )
-        ]
-
-    def rate_limits_updated(self, rate_limits: list[Event]) -> None:
-        self._emit("rate_limits.updated", rate_limits=rate_limits)
+        item_id = fields.require_str(event, "item_id")
+        return [DeleteItem(item_id=item_id, client_event_id=client_event_id)]
 
     def item_deleted(self, item_id: str) -> None:
         self._emit("conversation.item.deleted", item_id=item_id)
 
     def _on_item_retrieve(self, event: Event, client_event_id: str | None) -> list[Command]:
-        return [
-            RetrieveItem(
-                item_id=fields.require_str(event, "item_id"), client_event_id=client_event_id
-            )
-        ]
+        item_id = fields.require_str(event, "item_id")
+        return [RetrieveItem(item_id=item_id, client_event_id=client_event_id)]
 
     def item_retrieved(self, item: common_pb2.Item) -> None:
         self._emit("conversation.item.retrieved", item=items.item_to_json(item))
 
+    def rate_limits_updated(self, rate_limits: list[Event]) -> None:
+        self._emit("rate_limits.updated", rate_limits=rate_limits)
+
     # --- responses -------------------------------------------------------------------
 
     def _on_response_create(self, event: Event, client_event_id: str | None) -> list[Command]:
-        raw = event.get("response") or {}
-        if not isinstance(raw, dict):
-            raise invalid_value("response", "Invalid type for 'response': expected an object.")
-        fields.reject_unknown(raw, _RESPONSE_FIELDS, "response")
-        if self.response is not None or self.tools_running:
+        raw = client_events.response_object(event)
+        if self.state is not State.IDLE:
             active = self.response.id if self.response else "a tool round"
             raise InvalidRequest(
                 f"Conversation already has an active response in progress: {active}. "
                 "Wait until the response is finished before creating a new one.",
                 code=_C.ERROR_CODE_CONVERSATION_ALREADY_HAS_ACTIVE_RESPONSE,
             )
-        if raw.get("conversation", "auto") != "auto" or raw.get("input") is not None:
-            raise InvalidRequest(
-                "Out-of-band responses ('conversation': 'none' or 'input') are not supported yet.",
-                code=_C.ERROR_CODE_UNSUPPORTED_FEATURE,
-                param="response.conversation",
-            )
-        instructions = (
-            fields.require_str(raw, "instructions", "response") if "instructions" in raw else None
+        settings = client_events.response_settings(raw, self.config)
+        command = StartResponse(
+            response_id=self.ids.new("resp"),
+            model=self.config.model,
+            instructions=settings.instructions,
+            tools=settings.tools,
+            tool_choice=settings.tool_choice,
+            max_output_tokens=settings.max_output_tokens,
+            metadata=settings.metadata,
+            client_event_id=client_event_id,
         )
-        max_tokens = (
-            fields.max_output_tokens(raw["max_output_tokens"], "response")
-            if "max_output_tokens" in raw
-            else self.config.max_output_tokens
-        )
-        tools = (
-            tuple(fields.function_tools(raw["tools"], "response.tools"))
-            if "tools" in raw
-            else tuple(self.config.tools)
-        )
-        tool_choice = (
-            fields.tool_choice(raw["tool_choice"], "response.tool_choice")
-            if "tool_choice" in raw
-            else self.config.tool_choice
-        )
-        if "output_modalities" in raw:
-            fields.output_modalities(raw["output_modalities"], "response")
-        metadata = raw.get("metadata")
-        return [
-            self._start(
-                StartResponse(
-                    response_id=self.ids.new("resp"),
-                    model=self.config.model,
-                    instructions=instructions,
-                    tools=tools,
-                    tool_choice=tool_choice,
-                    max_output_tokens=max_tokens,
-                    metadata=metadata,
-                    client_event_id=client_event_id,
-                )
-            )
-        ]
+        return [self._start(command)]
 
     def _start(self, command: StartResponse) -> StartResponse:
+        self.state = State.RESPONDING
         self.response = ResponseOutput(
             command.response_id,
             emit=self._emit,
@@ -382,14 +243,6 @@ class RealtimeProtocol:
         )
         self._emit("response.created", response=self._response_body(self.response, "in_progress"))
         return command
-
-    def follow_up(self, previous: StartResponse) -> StartResponse:
-        """Start the next response of a tool loop, with the settings of the previous one."""
-        if self.response is not None:
-            raise RuntimeError("a response is still active")
-        return self._start(
-            replace(previous, response_id=self.ids.new("resp"), client_event_id=None)
-        )
 
     def _on_response_cancel(self, event: Event, client_event_id: str | None) -> list[Command]:
         requested = event.get("response_id")
@@ -403,17 +256,22 @@ class RealtimeProtocol:
         return [CancelResponse(response_id=response.id, client_event_id=client_event_id)]
 
     def _active(self, response_id: str) -> ResponseOutput:
+        self._expect(State.RESPONDING)
         if self.response is None or self.response.id != response_id:
-            raise RuntimeError(f"response {response_id} is not active")
+            raise InvalidState(f"response {response_id} is not the active response")
         return self.response
 
-    def text_delta(self, response_id: str, delta: str) -> None:
-        self._active(response_id).text_delta(delta)
+    def text_delta(self, response_id: str, delta: str) -> bool:
+        """A chunk of the response's text. False when it was all a repeat of what
+        was logged before a take-over (`reopen`), so nothing was queued."""
+        return self._active(response_id).text_delta(delta)
 
     def call_delta(
         self, response_id: str, index: int, call_id: str, name: str, arguments: str
-    ) -> None:
-        self._active(response_id).call_delta(index, call_id, name, arguments)
+    ) -> bool:
+        """A fragment of function call `index` (the first carries id and name).
+        False when nothing was queued (a repeat, or an empty fragment)."""
+        return self._active(response_id).call_delta(index, call_id, name, arguments)
 
     def generated_chars(self, response_id: str) -> int:
         return self._active(response_id).generated_chars
@@ -459,7 +317,53 @@ class RealtimeProtocol:
                 }
         body = self._response_body(response, status, details=details, usage=usage_to_json(usage))
         self.response = None
+        self.state = State.IDLE
         self._emit("response.done", response=body)
+
+    # --- server-side tools between the responses of a turn ----------------------------
+
+    def tools_started(self) -> None:
+        """The turn's last response ended in server-side calls, which run now."""
+        self._expect(State.IDLE)
+        self.state = State.TOOLS
+
+    def tool_output(
+        self, call: common_pb2.Item, result: toolexec_pb2.ExecuteResponse
+    ) -> common_pb2.Item:
+        """The `function_call_output` item of a server-side call, for the driver to
+        store (then `item_added`). A failed call is also reported to the client; the
+        model gets the error as the tool's output, to recover from it."""
+        self._expect(State.TOOLS)
+        if result.outcome != toolexec_pb2.TOOL_OUTCOME_OK:
+            self.fail(
+                SwitchboardError(
+                    f"Tool '{call.name}' ({call.call_id}) failed: {result.error_message}",
+                    code=result.error_code or _C.ERROR_CODE_TOOL_EXECUTION_FAILED,
+                    param=call.call_id,
+                )
+            )
+        return _C.Item(
+            id=self.ids.new("item"),
+            type=_C.ITEM_TYPE_FUNCTION_CALL_OUTPUT,
+            status=_C.ITEM_STATUS_COMPLETED,
+            call_id=call.call_id,
+            output=result.output,
+        )
+
+    def follow_up(self, previous: StartResponse) -> StartResponse:
+        """Start the next response of the turn, with the settings of the previous one."""
+        self._expect(State.TOOLS)
+        return self._start(
+            replace(previous, response_id=self.ids.new("resp"), client_event_id=None)
+        )
+
+    def tools_ended(self) -> None:
+        """The turn ends after its tools (the client runs its own calls, the round
+        limit was reached, or the turn was stopped)."""
+        if self.state is State.TOOLS:
+            self.state = State.IDLE
+
+    # --- a response another gateway left unfinished -----------------------------------
 
     def reopen(self, logged: list[Event]) -> StartResponse:
         """Take over the response a killed gateway left streaming, from its logged
@@ -473,6 +377,7 @@ class RealtimeProtocol:
         Raises:
             ValueError: the events are not those of a response left streaming.
         """
+        self._expect(State.IDLE)
         if not logged or logged[0].get("type") != "response.created":
             raise ValueError("the log does not start with the response's response.created")
         body = logged[0]["response"]
@@ -486,6 +391,7 @@ class RealtimeProtocol:
         )
         response.restore(logged[1:])
         self.response = response
+        self.state = State.RESPONDING
         return StartResponse(
             response_id=response.id,
             model=self.config.model,
@@ -503,9 +409,11 @@ class RealtimeProtocol:
         status `failed` and `response_interrupted`. The text it streamed was sent
         and recorded; its output items were not stored, so later turns do not
         see them."""
+        self._expect(State.IDLE)
         self.response = ResponseOutput(
             response_id, emit=self._emit, new_id=self.ids.new, max_output_tokens=0, metadata=None
         )
+        self.state = State.RESPONDING
         error = SwitchboardError(
             "The gateway running this response stopped before the response ended; "
             "the text sent so far is all there is. Ask again with response.create.",
@@ -545,32 +453,3 @@ class RealtimeProtocol:
         "response.create": _on_response_create,
         "response.cancel": _on_response_cancel,
     }
-
-
-def usage_to_json(usage: common_pb2.Usage) -> Event:
-    """The Realtime `usage` object; every count is a number, never null."""
-    cached = int(usage.cached_input_tokens)
-    return {
-        "total_tokens": int(usage.total_tokens or usage.input_tokens + usage.output_tokens),
-        "input_tokens": int(usage.input_tokens),
-        "output_tokens": int(usage.output_tokens),
-        "input_token_details": {
-            "text_tokens": int(usage.input_tokens),
-            "audio_tokens": 0,
-            "image_tokens": 0,
-            "cached_tokens": cached,
-            "cached_tokens_details": {"text_tokens": cached, "audio_tokens": 0, "image_tokens": 0},
-        },
-        "output_token_details": {"text_tokens": int(usage.output_tokens), "audio_tokens": 0},
-    }
-
-
-def estimate_usage(input_tokens: int, generated_chars: int) -> common_pb2.Usage:
-    """Usage when the upstream reported none (a cancelled or broken stream)."""
-    output_tokens = math.ceil(generated_chars / 4)
-    return common_pb2.Usage(
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        total_tokens=input_tokens + output_tokens,
-        estimated=True,
-    )

@@ -13,6 +13,7 @@ deltas repeat what was logged up to its length, and only the rest is emitted.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,13 +130,14 @@ class ResponseOutput:
         self._emit("conversation.item.added", previous_item_id=None, item=item)
         return index
 
-    def text_delta(self, delta: str) -> None:
-        """A chunk of assistant text; the first one opens the message item."""
+    def text_delta(self, delta: str) -> bool:
+        """A chunk of assistant text; the first one opens the message item. False
+        when it repeated only what was logged before a take-over."""
         message = self._message
         if message is not None and message.repeated:
             delta = _unrepeated(message, delta)
             if not delta:
-                return
+                return False
         if message is None:
             item_id = self._new_id("item")
             index = self._open(
@@ -166,9 +168,11 @@ class ResponseOutput:
             content_index=0,
             delta=delta,
         )
+        return True
 
-    def call_delta(self, index: int, call_id: str, name: str, arguments: str) -> None:
-        """A fragment of function call `index`; the first one (with id and name) opens it."""
+    def call_delta(self, index: int, call_id: str, name: str, arguments: str) -> bool:
+        """A fragment of function call `index`; the first one (with id and name) opens
+        it. False when it added no arguments (empty, or a repeat of the log)."""
         call = self._calls.get(index)
         if call is None and call_id in self._restored_calls:
             call = self._calls[index] = self._restored_calls.pop(call_id)
@@ -188,7 +192,7 @@ class ResponseOutput:
             call = self._calls[index] = _Call(item_id, output_index, call_id, name)
         arguments = _unrepeated(call, arguments)
         if not arguments:
-            return
+            return False
         call.arguments.append(arguments)
         self._emit(
             "response.function_call_arguments.delta",
@@ -198,6 +202,7 @@ class ResponseOutput:
             call_id=call.call_id,
             delta=arguments,
         )
+        return True
 
     def complete(self, *, complete: bool) -> list[common_pb2.Item]:
         """Close every output item, in output order; returns them for storing.
@@ -266,3 +271,32 @@ class ResponseOutput:
             arguments=arguments,
             response_id=self.id,
         )
+
+
+def usage_to_json(usage: common_pb2.Usage) -> Event:
+    """The Realtime `usage` object; every count is a number, never null."""
+    cached = int(usage.cached_input_tokens)
+    return {
+        "total_tokens": int(usage.total_tokens or usage.input_tokens + usage.output_tokens),
+        "input_tokens": int(usage.input_tokens),
+        "output_tokens": int(usage.output_tokens),
+        "input_token_details": {
+            "text_tokens": int(usage.input_tokens),
+            "audio_tokens": 0,
+            "image_tokens": 0,
+            "cached_tokens": cached,
+            "cached_tokens_details": {"text_tokens": cached, "audio_tokens": 0, "image_tokens": 0},
+        },
+        "output_token_details": {"text_tokens": int(usage.output_tokens), "audio_tokens": 0},
+    }
+
+
+def estimate_usage(input_tokens: int, generated_chars: int) -> common_pb2.Usage:
+    """Usage when the upstream reported none (a cancelled or broken stream)."""
+    output_tokens = math.ceil(generated_chars / 4)
+    return common_pb2.Usage(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        total_tokens=input_tokens + output_tokens,
+        estimated=True,
+    )

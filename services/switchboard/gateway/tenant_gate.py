@@ -1,4 +1,8 @@
-"""Tenant limits at the gateway's doors: connections, responses and tokens.
+"""The gate every connection and response of a tenant passes at the gateway:
+its limits on connections, responses and tokens.
+
+(The broker has its own, different admission control: a fair queue per
+upstream that sheds load, `switchboard.broker.admission`.)
 
 Every check is one atomic script in Redis (`switchboard.limits`), so the limits
 hold however many gateway replicas serve a tenant:
@@ -35,7 +39,7 @@ class Admitted:
     holds_slot: bool
 
 
-class Admission:
+class TenantGate:
     def __init__(self, limiter: TenantLimiter, *, reserve_output_tokens: int) -> None:
         """Args:
         limiter: the shared limits store.
@@ -64,7 +68,7 @@ class Admission:
         if tenant.limits.concurrent_connections is not None:
             await self.limiter.release(tenant.id, "connections", holder)
 
-    async def start_response(
+    async def admit_response(
         self, tenant: Tenant, response_id: str, *, prompt_tokens: int, max_output_tokens: int
     ) -> Admitted:
         """Admit a response, or raise the error to fail it with.
@@ -115,6 +119,15 @@ class Admission:
                 await self._release(tenant, response_id, holds_slot)
                 raise decision.error("Not enough tokens left for this response.")
         return Admitted(response_id, reserved > 0, holds_slot)
+
+    @staticmethod
+    def output_cap(tenant: Tenant, requested: int) -> int:
+        """A response's output tokens: what was asked (0 = no limit), within the
+        tenant's `max_output_tokens`."""
+        limit = tenant.limits.max_output_tokens
+        if limit is None:
+            return requested
+        return min(requested, limit) if requested else limit
 
     def adopt(self, tenant: Tenant, response_id: str) -> Admitted:
         """The admission of a response another gateway started and died running:

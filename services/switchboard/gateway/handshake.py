@@ -1,0 +1,149 @@
+"""Who is connecting, and with which session settings: credentials and refusals
+at the door, before a socket is accepted or a request is served.
+
+Browsers send an ephemeral `ek_` secret as the WebSocket subprotocol
+`openai-insecure-api-key.<secret>` (as OpenAI's endpoint takes it); servers send
+a tenant key or an `ek_` secret as a bearer token. A tenant key is never
+accepted from the subprotocol: it would mean a long-lived key sits in a browser.
+A refusal is answered with the error's HTTP status and an OpenAI-style body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.websockets import WebSocket
+
+from switchboard.config import GatewaySettings
+from switchboard.errors import AuthenticationFailed, InvalidRequest, SwitchboardError, invalid_value
+from switchboard.gateway import client_secrets
+from switchboard.gateway.client_secrets import ClientSecrets, Grant
+from switchboard.tenancy import Tenant, TenantDirectory
+from switchboard.v1 import common_pb2, session_pb2
+
+# The browser subprotocol that carries a credential.
+KEY_SUBPROTOCOL = "openai-insecure-api-key."
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def subprotocol_key(subprotocols: list[str]) -> str | None:
+    for protocol in subprotocols:
+        if protocol.startswith(KEY_SUBPROTOCOL):
+            return protocol[len(KEY_SUBPROTOCOL) :] or None
+    return None
+
+
+def tenant_of_key(tenants: TenantDirectory, headers: Mapping[str, str]) -> Tenant:
+    """The tenant whose key is the request's bearer token (HTTP endpoints)."""
+    key = bearer_token(headers.get("authorization"))
+    tenant = tenants.authenticate(key) if key else None
+    if tenant is None:
+        raise AuthenticationFailed("Missing or invalid API key.")
+    return tenant
+
+
+async def authenticate(
+    websocket: WebSocket, tenants: TenantDirectory, secrets: ClientSecrets
+) -> tuple[Tenant, Grant | None]:
+    """The tenant (and ephemeral grant) behind a handshake's credential.
+
+    Raises:
+        AuthenticationFailed: no credential, or one that is unknown or expired.
+    """
+    from_browser = subprotocol_key(websocket.scope.get("subprotocols") or [])
+    key = from_browser or bearer_token(websocket.headers.get("authorization"))
+    if key and key.startswith(client_secrets.PREFIX):
+        grant = await secrets.redeem(key)
+        tenant = tenants.get(grant.tenant_id) if grant else None
+        if grant is not None and tenant is not None:
+            return tenant, grant
+        raise AuthenticationFailed("Invalid or expired client secret.")
+    if from_browser:
+        raise AuthenticationFailed(
+            "Only ephemeral client secrets (ek_...) may be sent as a subprotocol."
+        )
+    tenant = tenants.authenticate(key) if key else None
+    if tenant is None:
+        raise AuthenticationFailed("Missing or invalid API key.")
+    return tenant, None
+
+
+def new_session_config(
+    settings: GatewaySettings, tenant: Tenant, model: str | None
+) -> session_pb2.SessionConfig:
+    """A new session's settings: the tenant's defaults, then the requested model."""
+    defaults = tenant.session
+    return session_pb2.SessionConfig(
+        model=model or defaults.model or settings.default_model,
+        instructions=defaults.instructions or "",
+        max_output_tokens=defaults.max_output_tokens or 0,
+        tool_choice="auto",
+    )
+
+
+def session_config(
+    settings: GatewaySettings, tenant: Tenant, grant: Grant | None, requested: str | None
+) -> session_pb2.SessionConfig:
+    """The settings a connection opens its session with: the grant's, when it
+    came with an ephemeral secret (which fixes the model), else the tenant's
+    defaults and the requested model. The tenant must be allowed the model.
+
+    Raises:
+        InvalidRequest: `field_locked` for another model than the grant's.
+        SwitchboardError: `model_not_allowed`.
+    """
+    if grant is None:
+        config = new_session_config(settings, tenant, requested)
+    else:
+        config = grant.config
+        check_grant_model(grant, requested or config.model)
+    tenant.route(config.model)
+    return config
+
+
+def check_grant_model(grant: Grant, model: str) -> None:
+    """An ephemeral secret opens sessions of its own model only."""
+    if model != grant.config.model:
+        raise InvalidRequest(
+            f"This client secret is for model '{grant.config.model}'.",
+            code=common_pb2.ERROR_CODE_FIELD_LOCKED,
+            param="model",
+        )
+
+
+def error_response(error: SwitchboardError) -> JSONResponse:
+    """The error's HTTP status and an OpenAI-style JSON body."""
+    headers = {}
+    if error.retry_after is not None:
+        headers["retry-after"] = str(max(1, round(error.retry_after)))
+    if error.spec.http_status == 401:
+        headers["www-authenticate"] = "Bearer"
+    return JSONResponse(error.to_http_body(), status_code=error.spec.http_status, headers=headers)
+
+
+async def deny(websocket: WebSocket, error: SwitchboardError) -> None:
+    """Refuse a WebSocket handshake before it upgrades."""
+    await websocket.send_denial_response(error_response(error))
+
+
+async def json_object(request: Request) -> dict[str, Any]:
+    """An HTTP request's JSON object body."""
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        raise InvalidRequest(
+            "The request body is not valid JSON.", code=common_pb2.ERROR_CODE_INVALID_JSON
+        ) from None
+    if not isinstance(body, dict):
+        raise invalid_value("body", "The request body must be a JSON object.")
+    return body

@@ -1,0 +1,170 @@
+"""The `GET /v1/realtime` WebSocket endpoint: the handshake, then a connection.
+
+Everything that can refuse a client is checked before the socket is accepted,
+so a refusal is an HTTP status with an OpenAI-style body and costs no session:
+the drain, the credential, the model, the tenant's connection limit, and for
+a resume (`?session_id=...&last_event_id=...`, docs/protocol.md) the session
+and whether its log still holds what the client missed. After the accept, a
+resume replays the missed events and takes up a response a dead gateway left
+open; then `RealtimeConnection` serves the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from switchboard.errors import SwitchboardError
+from switchboard.gateway import handshake, sessions
+from switchboard.gateway.client_secrets import Grant
+from switchboard.gateway.connection import RealtimeConnection
+from switchboard.gateway.eventlog import SessionWriter
+from switchboard.gateway.metrics import refusal_reason
+from switchboard.gateway.protocol import RealtimeProtocol
+from switchboard.gateway.resources import Resources
+from switchboard.gateway.resume import check_resumable, reopen_response, replay, resume_point
+from switchboard.gateway.sender import close_with_error
+from switchboard.tenancy import Tenant
+from switchboard.v1 import common_pb2, session_pb2
+
+log = logging.getLogger(__name__)
+
+
+async def realtime(websocket: WebSocket) -> None:
+    gateway: Resources = websocket.app.state.gateway
+    # Resolve the tenant before accept() so a refused socket costs no session.
+    try:
+        if gateway.drainer.draining:
+            raise SwitchboardError(
+                "This gateway is shutting down; connect again.",
+                code=common_pb2.ERROR_CODE_SERVER_BUSY,
+                retry_after=1.0,
+            )
+        tenant, grant = await handshake.authenticate(
+            websocket, gateway.tenants.current, gateway.client_secrets
+        )
+        config = handshake.session_config(
+            gateway.settings, tenant, grant, websocket.query_params.get("model")
+        )
+        holder = "conn_" + secrets.token_urlsafe(12)
+        await gateway.gate.open_connection(tenant, holder)
+    except SwitchboardError as error:
+        await _refuse(gateway, websocket, error)
+        return
+    try:
+        await _serve(gateway, websocket, tenant, grant, config, holder)
+    finally:
+        try:
+            await gateway.gate.close_connection(tenant, holder)
+        except SwitchboardError as exc:
+            log.warning(
+                "connection slot not released", extra={"tenant_id": tenant.id, "code": exc.name}
+            )
+
+
+async def _refuse(gateway: Resources, websocket: WebSocket, error: SwitchboardError) -> None:
+    reason = refusal_reason(error.name)
+    gateway.metrics.disconnects.labels(reason).inc()
+    if reason == "quota":
+        gateway.metrics.rejections.labels(error.name, "unknown").inc()
+    await handshake.deny(websocket, error)
+
+
+async def _open_session(
+    gateway: Resources,
+    websocket: WebSocket,
+    tenant: Tenant,
+    grant: Grant | None,
+    config: session_pb2.SessionConfig,
+) -> tuple[session_pb2.Session, int | None]:
+    """A new session, or the one the client resumes, with the seq it resumes after
+    (None for a new session)."""
+    backends = gateway.backends
+    resume = resume_point(dict(websocket.query_params))
+    if resume is None:
+        return await backends.create_session(tenant.id, config), None
+    session = await backends.get_session(tenant.id, resume.session_id)
+    await check_resumable(backends, tenant.id, session.id, resume.after_seq)
+    if grant is not None:
+        handshake.check_grant_model(grant, session.config.model)
+    return session, resume.after_seq
+
+
+async def _serve(
+    gateway: Resources,
+    websocket: WebSocket,
+    tenant: Tenant,
+    grant: Grant | None,
+    config: session_pb2.SessionConfig,
+    holder: str,
+) -> None:
+    backends, settings, metrics = gateway.backends, gateway.settings, gateway.metrics
+    try:
+        session, after_seq = await _open_session(gateway, websocket, tenant, grant, config)
+    except SwitchboardError as error:
+        await _refuse(gateway, websocket, error)
+        return
+    requested_protocols = websocket.scope.get("subprotocols") or []
+    await websocket.accept(subprotocol="realtime" if "realtime" in requested_protocols else None)
+    resumed = after_seq is not None
+    if after_seq is not None:
+        writer = SessionWriter(
+            backends, gateway.recorder, tenant.id, session.id, holder, settings.session_lease_s
+        )
+        try:
+            await replay(writer, after_seq, websocket.send_text)
+            # The session as its last writer left it (config, last seq, and a
+            # response it may have left unfinished when it was killed).
+            session = await backends.get_session(tenant.id, session.id)
+        except SwitchboardError as error:
+            await close_with_error(websocket, error)
+            return
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            await writer.release()
+            return
+    initial = None
+    if grant is not None:
+        initial = {**sessions.initial_session(session.id, session.config), **grant.session}
+        initial["id"] = session.id
+    protocol = RealtimeProtocol(
+        session_id=session.id,
+        config=session.config,
+        max_event_bytes=settings.max_event_bytes,
+        session=initial,
+        locked=grant.locked if grant else frozenset(),
+        first_event_seq=session.last_event_seq + 1,
+    )
+    protocol.open(resumed=resumed)
+    reattach = None
+    if resumed and session.open_response_id:
+        reattach = await reopen_response(backends, protocol, session)
+    extra = {"tenant_id": tenant.id, "session_id": session.id}
+    log.info("resumed" if resumed else "connected", extra=extra)
+    connection = RealtimeConnection(
+        websocket,
+        protocol,
+        backends,
+        tenant,
+        gateway.gate,
+        metrics,
+        gateway.recorder,
+        settings,
+        holder=holder,
+    )
+    metrics.connections_opened.labels(tenant.tier).inc()
+    metrics.connections_active.inc()
+    metrics.sessions_active.inc()
+    gateway.drainer.add(connection)
+    try:
+        await connection.run(reattach=reattach)
+    except Exception:
+        connection.end_reason = "server_error"
+        raise
+    finally:
+        gateway.drainer.discard(connection)
+        metrics.connections_active.dec()
+        metrics.sessions_active.dec()
+        metrics.disconnects.labels(connection.end_reason).inc()
+        log.info("disconnected", extra={**extra, "reason": connection.end_reason})

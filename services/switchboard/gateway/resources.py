@@ -1,0 +1,28 @@
+"""What the gateway's endpoints share, built once in the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from switchboard.config import GatewaySettings
+from switchboard.gateway.backends import Backends
+from switchboard.gateway.client_secrets import ClientSecrets
+from switchboard.gateway.drain import Drainer
+from switchboard.gateway.eventlog import EventRecorder
+from switchboard.gateway.metrics import GatewayMetrics
+from switchboard.gateway.tenant_gate import TenantGate
+from switchboard.redis_client import AnyRedis
+from switchboard.tenancy import TenantConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    settings: GatewaySettings
+    tenants: TenantConfig
+    metrics: GatewayMetrics
+    drainer: Drainer
+    backends: Backends
+    recorder: EventRecorder
+    redis: AnyRedis
+    client_secrets: ClientSecrets
+    gate: TenantGate

@@ -1,0 +1,197 @@
+"""The sending half of a client connection: outbox -> event log -> socket.
+
+Events go into a bounded `Outbox` (`put`), which never waits on the client. One
+writer task takes what waits in batches, records each batch in the session's
+event log (eventlog.py) and only then sends it, so whatever a client has seen
+can be replayed by a resume. A client that reads slowly gets merged deltas; one
+that falls more than the outbox's bound behind is cut: it gets close 4008
+`slow_consumer` once it reads its backlog, and the sender goes on *detached*,
+recording without sending, like a sender whose client left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, MutableMapping
+from typing import Any, Protocol
+
+from starlette.websockets import WebSocketDisconnect
+
+from switchboard import errors
+from switchboard.errors import SessionTakenOver, SwitchboardError
+from switchboard.gateway.eventlog import SessionWriter
+from switchboard.gateway.outbox import Close, Outbox, SlowConsumer
+from switchboard.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+
+# The close code of a client that fell too far behind (docs/errors.md: slow_consumer).
+SLOW_CONSUMER_CLOSE = errors.spec(common_pb2.ERROR_CODE_SLOW_CONSUMER).close_code or 4008
+
+TAKEN_OVER = errors.SessionTakenOver("Another connection resumed this session.")
+
+# How long a cut slow consumer has to read its backlog and get its close frame.
+_CLOSE_FRAME_WAIT_S = 10.0
+
+# What a detached sender may hold while it records: far above what Redis needs
+# to keep up, but a bound all the same.
+_DETACHED_MAX_BYTES = 64 * 1024 * 1024
+
+
+class ClientSocket(Protocol):
+    """What the gateway uses of a client's WebSocket (Starlette's `WebSocket`;
+    `switchboard.gateway.testing.MemorySocket` in tests)."""
+
+    async def receive(self) -> MutableMapping[str, Any]: ...
+    async def send_text(self, data: str) -> None: ...
+    async def send_json(self, data: Any, mode: str = "text") -> None: ...
+    async def close(self, code: int = 1000, reason: str | None = None) -> None: ...
+
+
+class Sender:
+    """Records and sends one connection's events, in order.
+
+    Args:
+        on_cut: called once when the client is cut as a slow consumer.
+        on_taken_over: called when an append finds the session is another
+            connection's (the events are then dropped).
+    """
+
+    def __init__(
+        self,
+        websocket: ClientSocket,
+        log_writer: SessionWriter,
+        *,
+        max_bytes: int,
+        on_cut: Callable[[], None],
+        on_taken_over: Callable[[], None],
+    ) -> None:
+        self.websocket = websocket
+        self.log_writer = log_writer
+        self.outbox = Outbox(max_bytes=max_bytes)
+        # False once the client is gone (or cut): events are recorded, not sent.
+        self.attached = True
+        self.on_cut = on_cut
+        self.on_taken_over = on_taken_over
+        self._task: asyncio.Task[None] | None = None
+        # True while the writer waits on the client's socket (it may be cut then).
+        self._sending = False
+        self._closer: asyncio.Task[None] | None = None
+        self._unrecorded_warned = False
+        self._log = {"tenant_id": log_writer.tenant_id, "session_id": log_writer.session_id}
+
+    @property
+    def task(self) -> asyncio.Task[None]:
+        """The writer task (started by `start`); it ends when the outbox does."""
+        assert self._task is not None
+        return self._task
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._write_loop())
+
+    def put(self, event: Event) -> None:
+        """Queue an event; cut the client if it is now too far behind."""
+        try:
+            self.outbox.put(event)
+        except SlowConsumer as exc:
+            self._cut(exc)
+
+    def close(self, code: int, reason: str) -> None:
+        """Send what waits, then close the socket with `code` (when attached)."""
+        self.outbox.close(code, reason)
+
+    def taken_over(self) -> None:
+        """The session is another connection's: drop what waits, tell an attached
+        client `session_taken_over` and close (4509)."""
+        self.outbox.abort()
+
+    def detach(self) -> None:
+        """The client is gone: go on recording, without sending."""
+        self.attached = False
+        if self.task.done() and not self.outbox.ended:
+            # The writer was stopped mid-send to a cut client: record the rest.
+            self.start()
+
+    async def finish(self, timeout_s: float) -> None:
+        """After `detach`: record what waits (for up to `timeout_s`), then stop. A
+        cut client gets its close frame if it reads its backlog meanwhile."""
+        # Ends the detached writer once it has recorded what waits; the code is
+        # never sent.
+        self.outbox.close(1012, "closed")
+        with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+            await asyncio.wait_for(self.task, timeout=timeout_s)
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        if self._closer is not None:
+            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._closer, timeout=_CLOSE_FRAME_WAIT_S)
+
+    def _cut(self, exc: SlowConsumer) -> None:
+        """Cut a client that fell too far behind (4008): it resumes from the log,
+        where what it missed (and the rest of the running response) is recorded."""
+        log.warning(
+            "slow consumer",
+            extra={**self._log, "detail": str(exc), "waiting_events": len(self.outbox)},
+        )
+        self.attached = False
+        self.outbox.max_bytes = _DETACHED_MAX_BYTES
+        if self._sending and self._task is not None:
+            # Stuck on the client's full socket: what it was sending is recorded.
+            self._task.cancel()
+        # The close frame itself may wait until the client reads again (or the
+        # heartbeat gives up on it).
+        self._closer = asyncio.create_task(self._close_socket(SLOW_CONSUMER_CLOSE, "slow_consumer"))
+        self.on_cut()
+
+    async def _close_socket(self, code: int, reason: str) -> None:
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+            await self.websocket.close(code=code, reason=reason)
+
+    async def _write_loop(self) -> None:
+        """Record each batch of events in the session's log, then send it."""
+        while True:
+            batch = await self.outbox.get_batch()
+            if batch is None:  # aborted: taken over
+                if self.attached:
+                    await close_with_error(self.websocket, TAKEN_OVER)
+                return
+            if isinstance(batch, Close):
+                if self.attached:
+                    await self._close_socket(batch.code, batch.reason)
+                return
+            try:
+                await self.log_writer.record(batch)
+            except SessionTakenOver:
+                self.on_taken_over()
+                continue
+            except SwitchboardError as exc:
+                # Serving goes on; only a resume across these events could miss them.
+                if not self._unrecorded_warned:
+                    log.warning("events not recorded", extra={**self._log, "code": exc.name})
+                    self._unrecorded_warned = True
+            if not self.attached:
+                continue
+            self._sending = True
+            try:
+                for _, text in batch:
+                    await self.websocket.send_text(text)
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                # The client is gone; the reader sees the disconnect. Keep recording.
+                self.attached = False
+            finally:
+                self._sending = False
+
+
+async def close_with_error(websocket: ClientSocket, error: SwitchboardError) -> None:
+    """End an accepted connection: the `error` event, then the error's close code.
+    (Not through the outbox: the event is not part of the session's log.)"""
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+        await websocket.send_json(
+            {"type": "error", "event_id": "", "error": error.to_event_error(None)}
+        )
+        await websocket.close(code=error.spec.close_code or 1011, reason=error.name)

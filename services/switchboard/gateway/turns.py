@@ -1,0 +1,449 @@
+"""Turns: from `response.create` to the end of the turn's last response, apart
+from any transport.
+
+A turn runs one response; while a response ends in server-side function calls,
+it runs them (toolexec) and starts the follow-up response, up to
+`max_tool_rounds` rounds. Each response goes: the context from the session ->
+the tenant gate (limits, token reservation) -> the model stream from the broker
+(or a re-attach to the call a dead gateway left) -> its output, delta by delta,
+into the protocol -> its items stored -> usage settled -> `response.done` and
+`rate_limits.updated`. Every step ends the response with the documented status,
+whatever fails.
+
+The runner talks to the outside only through the protocol core, whose events
+it asks its transport to `publish`, and through the backends; it knows nothing
+of WebSockets. A transport (the WebSocket pump, an SSE stream) sees a turn
+through one seam: `TurnRunner.start()` returns a `Turn`, which it may
+`cancel()` with a reason, `abandon()`, or await (`wait()`); per-turn state lives
+on the `Turn`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from switchboard import errors
+from switchboard.errors import SwitchboardError
+from switchboard.gateway import spans
+from switchboard.gateway.backends import Backends, ModelCall
+from switchboard.gateway.commands import StartResponse
+from switchboard.gateway.eventlog import SessionWriter
+from switchboard.gateway.metrics import GatewayMetrics, refusal_reason
+from switchboard.gateway.protocol import RealtimeProtocol, finish_status
+from switchboard.gateway.responses import estimate_usage
+from switchboard.gateway.server_tools import ServerTools, server_calls
+from switchboard.gateway.tenant_gate import RESPONSE_LEASE_S, Admitted, TenantGate
+from switchboard.tenancy import Tenant
+from switchboard.v1 import broker_pb2, common_pb2
+
+log = logging.getLogger(__name__)
+
+_NOT_RECOVERED = SwitchboardError(
+    "The gateway running this response stopped, and its model call could not be taken "
+    "up again; the text sent so far is kept as an incomplete item. Ask again with "
+    "response.create.",
+    code=common_pb2.ERROR_CODE_RESPONSE_INTERRUPTED,
+)
+# What a broker answers an Attach with when the call is gone (or the broker is):
+# the response cannot be finished.
+_NOT_REATTACHED = frozenset(
+    {common_pb2.ERROR_CODE_RESPONSE_INTERRUPTED, common_pb2.ERROR_CODE_SERVICE_UNAVAILABLE}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Reattach:
+    """A response another gateway left streaming when it died, to finish here: the
+    rest of its turn, and the broker that holds its model call ("": unknown)."""
+
+    command: StartResponse
+    broker: str
+
+
+class Turn:
+    """One running turn and its state. Made by `TurnRunner.start`."""
+
+    def __init__(self, command: StartResponse, reattach: Reattach | None) -> None:
+        self.command = command
+        self.reattach = reattach
+        self.task: asyncio.Task[None] | None = None
+        # The response that may be cancelled now (None while it is finishing, so
+        # that a late cancel cannot interrupt storing its items).
+        self.cancellable: str | None = None
+        # The response stopped on purpose, and why (its `status_details.reason`).
+        self.cancel_requested: str | None = None
+        self.cancel_reason = "client_cancelled"
+        # The running response's admission, whose slot is renewed while it runs.
+        self.admitted: Admitted | None = None
+        # When the running response was asked for, and when its last delta went out.
+        self.asked_at = 0.0
+        self.last_delta_at: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def cancel(self, reason: str, response_id: str | None = None) -> bool:
+        """Stop the turn on purpose: its streaming response ends `cancelled` with
+        `reason`, and its model call is cancelled at the broker.
+
+        Args:
+            response_id: only if this is the response streaming now.
+
+        Returns:
+            False when there was nothing to cancel.
+        """
+        if not self.running or (response_id is not None and self.cancellable != response_id):
+            return False
+        if self.cancellable is not None:
+            self.cancel_requested = self.cancellable
+            self.cancel_reason = reason
+        assert self.task is not None
+        self.task.cancel()
+        return True
+
+    def abandon(self) -> None:
+        """Stop at once, finishing nothing: the session is another connection's now,
+        which finishes the response (the model call is left for it to attach to)."""
+        if self.task is not None:
+            self.task.cancel()
+
+    async def wait(self) -> None:
+        """Until the turn has ended, however it ended (never raises what the turn
+        raised; cancelling the waiter does not cancel the turn)."""
+        if self.task is not None:
+            await asyncio.wait([self.task])
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """How a response ended, filled in as it runs."""
+
+    status: str = "completed"
+    reason: str | None = None
+    error: SwitchboardError | None = None
+    usage: common_pb2.Usage | None = None
+    prompt_tokens: int = 0
+    admitted: Admitted | None = field(default=None)
+
+
+class TurnRunner:
+    """Runs the turns of one session, one at a time.
+
+    Args:
+        publish: called whenever the protocol has queued events to send.
+        on_refused: a refusal no retry can cure (the budget is spent) ended a
+            response; the transport ends with the error's close code.
+        on_taken_over: another connection took the session over (this one's
+            lease had lapsed): stop, sending nothing more.
+    """
+
+    def __init__(
+        self,
+        protocol: RealtimeProtocol,
+        backends: Backends,
+        gate: TenantGate,
+        metrics: GatewayMetrics,
+        tenant: Tenant,
+        writer: SessionWriter,
+        *,
+        publish: Callable[[], None],
+        on_refused: Callable[[SwitchboardError], None],
+        on_taken_over: Callable[[], None],
+        max_tool_rounds: int,
+    ) -> None:
+        self.protocol = protocol
+        self.backends = backends
+        self.gate = gate
+        self.metrics = metrics
+        self.tenant = tenant
+        self.writer = writer
+        self.session_id = protocol.session_id
+        self.tools = ServerTools(backends, tenant.id, self.session_id)
+        self.publish = publish
+        self.on_refused = on_refused
+        self.on_taken_over = on_taken_over
+        self.max_tool_rounds = max_tool_rounds
+        self.turn: Turn | None = None
+        self._log = {"tenant_id": tenant.id, "session_id": self.session_id}
+
+    @property
+    def running(self) -> bool:
+        return self.turn is not None and self.turn.running
+
+    def start(self, command: StartResponse, reattach: Reattach | None = None) -> Turn:
+        """Run the turn that `command` (from `response.create`, or `reopen`) starts."""
+        if self.running:
+            raise RuntimeError("a turn is already running")
+        turn = self.turn = Turn(command, reattach)
+        turn.task = asyncio.create_task(self._run(turn))
+        turn.task.add_done_callback(self._ended)
+        return turn
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # A bug: the turn's response could not even be ended. Logged with its
+            # traceback; the connection goes on.
+            log.error("turn failed", extra=self._log, exc_info=task.exception())
+
+    async def _run(self, turn: Turn) -> None:
+        """The turn, as the root span of a trace of its own (gateway/spans.py)."""
+        command = turn.command
+        ids = (self.tenant.id, self.session_id, self.writer.holder, command.response_id)
+        renewer = asyncio.create_task(self._keep_slot(turn))
+        try:
+            with spans.turn(*ids, command.model):
+                await self._rounds(turn)
+        finally:
+            renewer.cancel()
+
+    async def _keep_slot(self, turn: Turn) -> None:
+        """Renew the running response's slot while it runs (a gateway that dies
+        frees it within `RESPONSE_LEASE_S`)."""
+        while True:
+            await asyncio.sleep(RESPONSE_LEASE_S / 3)
+            if turn.admitted is None:
+                continue
+            try:
+                await self.gate.keep_response(self.tenant, turn.admitted)
+            except SwitchboardError as exc:
+                log.warning("response slot not renewed", extra={**self._log, "code": exc.name})
+
+    async def _rounds(self, turn: Turn) -> None:
+        """Run a response (the first one re-attached, when given); while it ends in
+        server-side function calls, run them and start the follow-up response, up
+        to `max_tool_rounds` rounds."""
+        command, reattach = turn.command, turn.reattach
+        for round_number in range(self.max_tool_rounds + 1):
+            ids = (self.tenant.id, self.session_id, command.response_id, command.model)
+            with spans.response(*ids):
+                calls = await self._respond(turn, command, reattach)
+            reattach = None
+            # Calls to tools the client declared are the client's to run.
+            ours = server_calls(calls, command.tools)
+            if not ours:
+                return
+            if round_number == self.max_tool_rounds:
+                self.protocol.fail(
+                    SwitchboardError(
+                        f"Stopped after {self.max_tool_rounds} rounds of server-side tool "
+                        "calls in one turn.",
+                        code=common_pb2.ERROR_CODE_TOOL_ROUNDS_EXCEEDED,
+                    )
+                )
+                self.publish()
+                return
+            self.protocol.tools_started()
+            try:
+                await self._run_tools(ours)
+                if len(ours) < len(calls):
+                    # The client runs the other calls and asks for the next response.
+                    return
+                command = self.protocol.follow_up(command)
+            finally:
+                self.protocol.tools_ended()
+            self.publish()
+
+    async def _respond(
+        self, turn: Turn, command: StartResponse, reattach: Reattach | None
+    ) -> list[common_pb2.Item]:
+        """Stream one response and finish it, whatever happens.
+
+        Returns:
+            The function calls of a completed response (empty otherwise).
+        """
+        response_id = command.response_id
+        turn.asked_at = time.monotonic()
+        # A re-attached response has no time to first token to observe.
+        turn.last_delta_at = None if reattach is None else turn.asked_at
+        outcome = _Outcome()
+        turn.cancellable = response_id
+        try:
+            await self._stream(turn, command, reattach, outcome)
+        except asyncio.CancelledError:
+            if turn.cancel_requested != response_id:
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            outcome.status, outcome.reason = "cancelled", turn.cancel_reason
+        except SwitchboardError as exc:
+            outcome.status, outcome.error = "failed", exc
+            log.warning("response failed", extra={**self._log, "code": exc.name})
+        finally:
+            turn.cancellable = None
+            turn.admitted = None
+        return await self._finish(turn, command, outcome)
+
+    async def _open_call(
+        self, command: StartResponse, reattach: Reattach | None, outcome: _Outcome
+    ) -> ModelCall:
+        """Admit the response and start its model call; or, for a response a dead
+        gateway left, adopt its admission and re-attach to its call."""
+        response_id = command.response_id
+        if reattach is not None:
+            outcome.admitted = self.gate.adopt(self.tenant, response_id)
+            return self.backends.attach(reattach.broker, self.tenant.id, response_id)
+        context = await self.backends.build_context(self.tenant.id, self.session_id)
+        if command.instructions is not None:
+            context.instructions = command.instructions
+        outcome.prompt_tokens = context.estimated_tokens
+        max_output_tokens = self.gate.output_cap(self.tenant, command.max_output_tokens)
+        outcome.admitted = await self.gate.admit_response(
+            self.tenant,
+            response_id,
+            prompt_tokens=outcome.prompt_tokens,
+            max_output_tokens=max_output_tokens,
+        )
+        request = broker_pb2.GenerateRequest(
+            tenant_id=self.tenant.id,
+            session_id=self.session_id,
+            response_id=response_id,
+            model=command.model,
+            context=context,
+            tools=await self.tools.offered(command.tools),
+            tool_choice=command.tool_choice,
+            max_output_tokens=max_output_tokens,
+        )
+        return self.backends.generate(request)
+
+    async def _stream(
+        self, turn: Turn, command: StartResponse, reattach: Reattach | None, outcome: _Outcome
+    ) -> None:
+        """Feed the model call's output to the protocol as it streams."""
+        response_id = command.response_id
+        call = await self._open_call(command, reattach, outcome)
+        turn.admitted = outcome.admitted
+        broker = "" if reattach is None else reattach.broker
+        try:
+            broker = await call.broker() or broker
+            if broker:
+                self.backends.spawn(self._note_broker(response_id, broker))
+            async for event in call:
+                kind = event.WhichOneof("event")
+                if kind == "text_delta":
+                    if self.protocol.text_delta(response_id, event.text_delta.text):
+                        self._timed_delta(turn)
+                    self.publish()
+                elif kind == "tool_call_delta":
+                    delta = event.tool_call_delta
+                    if self.protocol.call_delta(
+                        response_id, delta.index, delta.call_id, delta.name, delta.arguments
+                    ):
+                        self._timed_delta(turn)
+                    self.publish()
+                elif kind == "finished":
+                    outcome.usage = event.finished.usage
+                    outcome.status, outcome.reason = finish_status(event.finished.reason)
+        except SwitchboardError as error:
+            if error.code == common_pb2.ERROR_CODE_SESSION_TAKEN_OVER:
+                # A resume elsewhere re-attached to the call (this connection's
+                # lease had lapsed): the response is that connection's now.
+                self.on_taken_over()
+                raise asyncio.CancelledError from None
+            if reattach is not None and error.code in _NOT_REATTACHED:
+                raise _NOT_RECOVERED from None
+            raise
+        finally:
+            if turn.cancel_requested == response_id:
+                # On purpose: the broker stops it, rather than keep it for a resume.
+                self.backends.cancel_generate(broker, self.tenant.id, response_id)
+            call.cancel()
+
+    async def _finish(
+        self, turn: Turn, command: StartResponse, outcome: _Outcome
+    ) -> list[common_pb2.Item]:
+        """Settle usage, store the output, and tell the client how it ended."""
+        response_id, status, error = command.response_id, outcome.status, outcome.error
+        usage = outcome.usage
+        if usage is None:
+            usage = estimate_usage(
+                outcome.prompt_tokens, self.protocol.generated_chars(response_id)
+            )
+        if outcome.admitted is not None:
+            try:
+                await self.gate.finish_response(self.tenant, outcome.admitted, usage.total_tokens)
+            except SwitchboardError as exc:
+                log.warning("usage not settled", extra={**self._log, "code": exc.name})
+        output = self.protocol.complete_output(response_id, complete=status == "completed")
+        for item in output:
+            try:
+                await self.backends.append_item(self.tenant.id, self.session_id, item)
+            except SwitchboardError as exc:
+                self.protocol.fail(exc)
+        self.protocol.response_done(
+            response_id, status=status, usage=usage, reason=outcome.reason, error=error
+        )
+        self._count_response(turn, status, usage, error)
+        spans.response_done(status, outcome.reason, usage, error)
+        try:
+            rate_limits = await self.gate.rate_limits(self.tenant)
+        except SwitchboardError:
+            rate_limits = None
+        if rate_limits is not None:
+            self.protocol.rate_limits_updated(rate_limits)
+        self.publish()
+        close_code = error.spec.close_code if error is not None else None
+        if error is not None and close_code is not None and errors.close_is_terminal(close_code):
+            # A terminal refusal (the daily budget is spent): nothing more can be
+            # served on this connection.
+            self.on_refused(error)
+        if status != "completed":
+            return []
+        return [item for item in output if item.type == common_pb2.ITEM_TYPE_FUNCTION_CALL]
+
+    async def _run_tools(self, calls: list[common_pb2.Item]) -> None:
+        """Run server-side calls in parallel; add each output to the conversation."""
+        results = await self.tools.run(calls)
+        for call, result in zip(calls, results, strict=True):
+            item = self.protocol.tool_output(call, result)
+            try:
+                stored = await self.backends.append_item(self.tenant.id, self.session_id, item)
+            except SwitchboardError as exc:
+                self.protocol.fail(exc)
+                continue
+            self.protocol.item_added(stored.item, stored.previous_item_id)
+            self.publish()
+
+    async def _note_broker(self, response_id: str, broker: str) -> None:
+        """Note in the session the broker holding the model call, for a resume
+        after this gateway dies."""
+        try:
+            await self.writer.note_broker(response_id, broker)
+        except SwitchboardError as exc:
+            # Only a resume after this gateway dies needs it (it then re-attaches
+            # at the broker target it knows, or ends the response interrupted).
+            log.info("broker not noted", extra={**self._log, "code": exc.name})
+
+    # --- measures ----------------------------------------------------------------------
+
+    @property
+    def _model_label(self) -> str:
+        """The session's model as a metric label: only models a tenants file lists
+        (development tenants may send any name, which would be an unbounded label)."""
+        model = self.protocol.config.model
+        return model if model in self.tenant.models else "other"
+
+    def _timed_delta(self, turn: Turn) -> None:
+        """Time to first token for the first delta of a response, gaps after it."""
+        now = time.monotonic()
+        if turn.last_delta_at is None:
+            self.metrics.time_to_first_token.labels(self._model_label).observe(now - turn.asked_at)
+        else:
+            self.metrics.inter_token.labels(self._model_label).observe(now - turn.last_delta_at)
+        turn.last_delta_at = now
+
+    def _count_response(
+        self, turn: Turn, status: str, usage: common_pb2.Usage, error: SwitchboardError | None
+    ) -> None:
+        model, metrics = self._model_label, self.metrics
+        metrics.responses.labels(model, status).inc()
+        metrics.response_duration.labels(model, status).observe(time.monotonic() - turn.asked_at)
+        metrics.tokens.labels(model, "input").inc(usage.input_tokens)
+        metrics.tokens.labels(model, "output").inc(usage.output_tokens)
+        if error is not None and refusal_reason(error.name) == "quota":
+            metrics.rejections.labels(error.name, self.tenant.tier).inc()
