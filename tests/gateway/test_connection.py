@@ -1,0 +1,236 @@
+"""The connection pump in-process: a client socket in memory, the gateway's
+in-memory backends, real tenant limits in a real Redis. Recording before
+sending, slow consumers, drain, leaving mid-turn, hand-over, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from switchboard.config import GatewaySettings
+from switchboard.gateway.connection import RealtimeConnection
+from switchboard.gateway.eventlog import EventRecorder
+from switchboard.gateway.metrics import GatewayMetrics
+from switchboard.gateway.protocol import RealtimeProtocol
+from switchboard.gateway.tenant_gate import TenantGate
+from switchboard.gateway.testing import (
+    Finish,
+    MemoryBackends,
+    MemorySocket,
+    Script,
+    Text,
+    Wait,
+    eventually,
+    reply,
+)
+from switchboard.limits import TenantLimiter
+from switchboard.redis_client import any_client
+from switchboard.tenancy import Tenant
+from switchboard.v1 import session_pb2
+from tools.redis_server import RedisServer
+
+Event = dict[str, Any]
+
+USER_SAYS = {
+    "type": "conversation.item.create",
+    "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+}
+
+
+@dataclass
+class Client:
+    socket: MemorySocket
+    connection: RealtimeConnection
+    backends: MemoryBackends
+    task: asyncio.Task[None]
+    tenant: Tenant
+
+    @property
+    def session_id(self) -> str:
+        return self.connection.session_id
+
+    def logged(self) -> list[Event]:
+        return self.backends.logged(self.tenant.id, self.session_id)
+
+
+@pytest.fixture
+async def connect(redis_server: RedisServer) -> AsyncIterator[Any]:
+    redis = any_client(redis_server.url, cluster=False)
+    clients: list[Client] = []
+
+    async def open_(
+        tenant: Tenant | None = None, scripts: tuple[Script, ...] = (), **env: str
+    ) -> Client:
+        tenant = tenant or Tenant(f"conn-{len(clients)}-{id(clients)}")
+        settings = GatewaySettings.from_environ(
+            {
+                "SWITCHBOARD_GATEWAY_DISCONNECT_GRACE_S": "5",
+                "SWITCHBOARD_GATEWAY_SESSION_LEASE_S": "0.6",
+                "SWITCHBOARD_GATEWAY_MAX_BUFFERED_BYTES": "16384",
+                **env,
+            }
+        )
+        backends = MemoryBackends()
+        backends.model.queue(*scripts)
+        config = session_pb2.SessionConfig(model="gpt-realtime", tool_choice="auto")
+        session = await backends.create_session(tenant.id, config)
+        protocol = RealtimeProtocol(
+            session_id=session.id, config=config, max_event_bytes=settings.max_event_bytes
+        )
+        protocol.open()
+        socket = MemorySocket()
+        connection = RealtimeConnection(
+            socket,
+            protocol,
+            backends,
+            tenant,
+            TenantGate(TenantLimiter(redis), reserve_output_tokens=100),
+            GatewayMetrics(),
+            EventRecorder(backends),
+            settings,
+            holder=f"conn_{len(clients)}",
+        )
+        client = Client(socket, connection, backends, asyncio.create_task(connection.run()), tenant)
+        clients.append(client)
+        assert (await socket.next_event())["type"] == "session.created"
+        return client
+
+    yield open_
+    for client in clients:
+        client.socket.resume()
+        client.socket.leave()
+        client.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await client.task
+    await redis.aclose()
+
+
+async def test_every_event_is_recorded_before_it_is_sent(connect: Any) -> None:
+    client = await connect(scripts=(reply("Hi", " there."),))
+    client.socket.send(USER_SAYS)
+    client.socket.send({"type": "response.create"})
+    await client.socket.until("response.done")
+    sent = [event["event_id"] for event in client.socket.sent]
+    logged = [event["event_id"] for event in client.logged()]
+    assert sent == logged[: len(sent)]
+    assert [e["type"] for e in client.logged()].count("response.done") == 1
+
+
+async def test_bad_frames_get_errors_and_the_connection_goes_on(connect: Any) -> None:
+    client = await connect()
+    client.socket.send_raw(data=b"\x00\x01")
+    assert (await client.socket.next_event("error"))["error"]["code"] == "binary_frame_unsupported"
+    client.socket.send({"type": "conversation.item.retrieve", "item_id": "nope"})
+    assert (await client.socket.next_event("error"))["error"]["code"] == "item_not_found"
+    client.socket.send(USER_SAYS)
+    assert (await client.socket.next_event("conversation.item.done"))["item"]["role"] == "user"
+
+
+async def test_a_client_cancel_ends_the_response_cancelled(connect: Any) -> None:
+    release = asyncio.Event()
+    client = await connect(scripts=(Script([Text("a"), Wait(release), Finish()]),))
+    client.socket.send({"type": "response.create"})
+    await client.socket.next_event("response.output_text.delta")
+    client.socket.send({"type": "response.cancel"})
+    done = (await client.socket.next_event("response.done"))["response"]
+    assert (done["status"], done["status_details"]["reason"]) == ("cancelled", "client_cancelled")
+
+
+async def test_a_slow_consumer_is_cut_with_4008_and_its_stream_is_recorded(connect: Any) -> None:
+    chunk = "x" * 200
+    client = await connect(scripts=(Script([*(Text(chunk) for _ in range(300)), Finish()]),))
+    client.socket.pause()
+    client.socket.send({"type": "response.create"})
+    await eventually(lambda: client.connection.end_reason == "slow_consumer")
+    client.socket.resume()
+    assert await client.socket.wait_closed() == (4008, "slow_consumer")
+    # Cut, not lost: the whole response is in the log for a resume.
+    await eventually(lambda: "response.done" in [e["type"] for e in client.logged()])
+    text = "".join(e["delta"] for e in client.logged() if e["type"] == "response.output_text.delta")
+    assert text == chunk * 300
+    await asyncio.wait_for(client.task, 5)
+
+
+async def test_a_draining_connection_closes_with_1012_after_its_turn(connect: Any) -> None:
+    release = asyncio.Event()
+    client = await connect(scripts=(Script([Text("a"), Wait(release), Text("b"), Finish()]),))
+    client.socket.send({"type": "response.create"})
+    await client.socket.next_event("response.output_text.delta")
+    client.connection.drain()
+    await asyncio.sleep(0.05)
+    assert client.socket.closed is None  # the running response goes on
+    release.set()
+    assert (await client.socket.next_event("response.done"))["response"]["status"] == "completed"
+    assert await client.socket.wait_closed() == (1012, "draining")
+
+
+async def test_past_the_drain_deadline_the_response_ends_cancelled(connect: Any) -> None:
+    client = await connect(scripts=(Script([Text("a"), Wait(asyncio.Event()), Finish()]),))
+    client.socket.send({"type": "response.create"})
+    done_event = await client.socket.next_event("response.created")
+    response_id = done_event["response"]["id"]
+    client.connection.drain()
+    client.connection.stop_now()
+    done = (await client.socket.next_event("response.done"))["response"]
+    assert (done["status"], done["status_details"]["reason"]) == ("cancelled", "drain")
+    assert await client.socket.wait_closed() == (1012, "draining")
+    assert client.backends.model.cancelled == [response_id]
+
+
+async def test_a_client_that_leaves_mid_turn_gets_its_response_recorded(connect: Any) -> None:
+    release = asyncio.Event()
+    client = await connect(scripts=(Script([Text("a"), Wait(release), Text("b"), Finish()]),))
+    client.socket.send({"type": "response.create"})
+    await client.socket.next_event("response.output_text.delta")
+    client.socket.leave()
+    await asyncio.sleep(0.05)
+    release.set()
+    await asyncio.wait_for(client.task, 5)
+    logged = client.logged()
+    assert logged[-1]["type"] == "response.done"
+    assert logged[-1]["response"]["status"] == "completed"
+    assert "response.done" not in [e["type"] for e in client.socket.sent]  # nobody to send to
+    assert client.backends.model.cancelled == []
+
+
+async def test_past_the_disconnect_grace_the_response_ends_cancelled(connect: Any) -> None:
+    client = await connect(
+        scripts=(Script([Text("a"), Wait(asyncio.Event()), Finish()]),),
+        SWITCHBOARD_GATEWAY_DISCONNECT_GRACE_S="0.1",
+    )
+    client.socket.send({"type": "response.create"})
+    await client.socket.next_event("response.output_text.delta")
+    client.socket.leave()
+    await asyncio.wait_for(client.task, 5)
+    done = client.logged()[-1]["response"]
+    assert (done["status"], done["status_details"]["reason"]) == (
+        "cancelled",
+        "client_disconnected",
+    )
+    assert client.backends.model.cancelled == [done["id"]]
+
+
+async def test_a_session_resumed_elsewhere_is_handed_over_with_4509(connect: Any) -> None:
+    client = await connect()
+    claim = await client.backends.claim_session(
+        client.tenant.id, client.session_id, "conn_elsewhere", 600
+    )
+    assert not claim.claimed
+    error = await client.socket.next_event("error")
+    assert error["error"]["code"] == "session_taken_over"
+    assert await client.socket.wait_closed() == (4509, "session_taken_over")
+    await asyncio.wait_for(client.task, 5)
+    assert client.connection.end_reason == "taken_over"
+
+
+async def test_a_spent_budget_closes_the_connection_with_4529(connect: Any) -> None:
+    client = await connect(Tenant(f"budget-{id(connect)}", daily_token_budget=1))
+    client.socket.send({"type": "response.create"})
+    done = (await client.socket.next_event("response.done"))["response"]
+    assert done["status_details"]["error"]["code"] == "insufficient_quota"
+    assert await client.socket.wait_closed() == (4529, "insufficient_quota")
