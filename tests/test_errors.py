@@ -125,20 +125,20 @@ def test_close_is_terminal(code: int, terminal: bool) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["invalid_api_key", "insufficient_quota", "session_taken_over", "session_not_found"]
+    ("name", "terminal"),
+    [
+        ("invalid_api_key", True),
+        ("insufficient_quota", True),
+        ("session_taken_over", True),
+        ("session_not_found", True),
+        ("slow_consumer", False),
+        ("idle_timeout", False),
+        ("session_expired", False),
+        ("server_busy", False),
+    ],
 )
-def test_refusals_that_no_reconnect_cures_are_terminal(name: str) -> None:
+def test_a_close_is_terminal_when_no_reconnect_can_cure_it(name: str, terminal: bool) -> None:
     code = errors.code_from_name(name)
     assert code is not None
     close = errors.spec(code).close_code
-    assert close is not None and errors.close_is_terminal(close)
-
-
-@pytest.mark.parametrize(
-    "name", ["slow_consumer", "idle_timeout", "session_expired", "server_busy"]
-)
-def test_closes_that_keep_the_session_are_resumable(name: str) -> None:
-    code = errors.code_from_name(name)
-    assert code is not None
-    close = errors.spec(code).close_code
-    assert close is not None and not errors.close_is_terminal(close)
+    assert close is not None and errors.close_is_terminal(close) is terminal
