@@ -79,6 +79,11 @@ class Service:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, f"{self.name} is not running"
+        return self.process.pid
+
     def stop(self, *, kill: bool = False, timeout_s: float = 15.0) -> None:
         if self.process is None:
             return
