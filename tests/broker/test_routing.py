@@ -190,7 +190,7 @@ async def test_each_call_lands_on_its_upstream_with_its_model_and_key(
     caplog.set_level(logging.INFO, logger="switchboard.broker")
     async with serving(file_env(tenants_file)) as (stub, servicer, _):
         # Nothing is built before a call needs it.
-        assert servicer.upstreams.clients() == {}
+        assert servicer.clients.current() == {}
         fast = await collect(stub, call("alpha", "fast"))
         assert await models_seen(one) == [("model-x", "completed")]
         assert await models_seen(two) == []
@@ -200,7 +200,7 @@ async def test_each_call_lands_on_its_upstream_with_its_model_and_key(
 
         beta = await collect(stub, call("beta", "fast"))
         assert await models_seen(one) == [("model-x", "completed")] * 2
-        assert sorted(servicer.upstreams.clients()) == ["up-one", "up-two"]
+        assert sorted(servicer.clients.current()) == ["up-one", "up-two"]
 
     assert fast[0].started == B.Started(upstream=f"up-one ({host(one)})", upstream_model="model-x")
     assert smart[0].started == B.Started(upstream=f"up-two ({host(two)})", upstream_model="model-y")
@@ -255,7 +255,7 @@ async def test_a_reloaded_key_is_used_by_the_next_call(tmp_path: Path) -> None:
         stub: Stub = served.stub
         for model in ("fast", "smart"):
             assert kinds(await collect(stub, call("alpha", model)))[-1] == "finished"
-        before = served.servicer.upstreams.clients()
+        before = served.servicer.clients.current()
 
         # The deployment behind up-two rotates its key: same address, new key.
         port = int(host(two).rsplit(":", 1)[1])
@@ -277,7 +277,7 @@ async def test_a_reloaded_key_is_used_by_the_next_call(tmp_path: Path) -> None:
             ("model-y", "completed"),
         ]
 
-        after = served.servicer.upstreams.clients()
+        after = served.servicer.clients.current()
         assert after["up-two"] is not before["up-two"]
         assert after["up-one"] is before["up-one"]  # untouched by the reload
         # Nothing was streaming on the replaced client: it is closed at once.
@@ -292,21 +292,21 @@ async def test_a_replaced_client_finishes_its_streams_before_it_closes(
         slow = call("alpha", "smart", f"go on {directive(token_delay_ms=25, tokens=40)}")
         streaming = stub.Generate(slow)
         assert (await streaming.read()).WhichOneof("event") == "started"
-        old = servicer.upstreams.clients()["up-two"]
+        old = servicer.clients.current()["up-two"]
         assert old.active == 1
 
         # Same deployment under another name: a new base URL, so a new client.
         moved = two.base_url.replace("127.0.0.1", "localhost")
         write(tenants_file, document(one.base_url, moved))
         await eventually(lambda: _true(tenants.version == 2), timeout_s=3.0)
-        assert "up-two" not in servicer.upstreams.clients()
+        assert "up-two" not in servicer.clients.current()
         assert not old.closed
 
         fresh = await collect(stub, call("alpha", "smart"))
         assert (
             fresh[0].started.upstream == f"up-two ({host(two).replace('127.0.0.1', 'localhost')})"
         )
-        assert servicer.upstreams.clients()["up-two"] is not old
+        assert servicer.clients.current()["up-two"] is not old
         assert not old.closed  # the slow stream is still going
 
         rest: list[str] = []

@@ -20,15 +20,15 @@ from typing import Any
 import grpc
 import pytest
 
-from switchboard.broker.translate import chat_request
-from switchboard.broker.upstream import (
+from switchboard.broker.chat_stream import (
     SseDecoder,
     retry_after_seconds,
     sanitize,
     upstream_host,
     upstream_label,
 )
-from switchboard.broker.upstreams import UpstreamClient
+from switchboard.broker.clients import UpstreamClient
+from switchboard.broker.translate import chat_request
 from switchboard.config import BrokerSettings
 from switchboard.errors import GRPC_CODE_KEY, GRPC_RETRY_KEY
 from switchboard.tenancy import Upstream

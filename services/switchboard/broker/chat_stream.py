@@ -1,7 +1,7 @@
 """The wire to an upstream model API: one streamed Chat Completions call and its errors.
 
 `ChatStream` is one call through an `openai.AsyncOpenAI` client (the clients
-themselves, one per upstream deployment, live in `switchboard.broker.upstreams`):
+themselves, one per upstream deployment, live in `switchboard.broker.clients`):
 
     async with client.stream(payload) as chunks:     # HTTP status checked here
         async for chunk in chunks:                    # dicts, until `[DONE]`
