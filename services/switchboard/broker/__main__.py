@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from switchboard import rpc
 from switchboard.broker.service import SERVICE_NAME, running
 from switchboard.config import BrokerSettings
-from switchboard.telemetry import configure_logging
+from switchboard.telemetry.logs import configure_logging
 from switchboard.tenancy import TenantConfig, load_tenants
 
 

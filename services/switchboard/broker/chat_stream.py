@@ -31,7 +31,6 @@ import openai
 import orjson
 from opentelemetry import trace
 
-from switchboard import tracing
 from switchboard.broker.retry import TransientUpstreamError
 from switchboard.errors import (
     SwitchboardError,
@@ -40,6 +39,7 @@ from switchboard.errors import (
     UpstreamStreamBroken,
     UpstreamTimeout,
 )
+from switchboard.telemetry import tracing
 
 DONE = b"[DONE]"
 # The SDK's own retries are off: the broker retries and fails over itself

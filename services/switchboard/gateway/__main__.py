@@ -11,9 +11,9 @@ import uvicorn
 
 from switchboard.config import ConfigError, GatewaySettings
 from switchboard.gateway.app import Drainer, create_app
-from switchboard.telemetry import configure_logging
+from switchboard.telemetry.logs import configure_logging
+from switchboard.telemetry.tracing import configure_tracing
 from switchboard.tenancy import load_tenants
-from switchboard.tracing import configure_tracing
 
 
 def main() -> None:
