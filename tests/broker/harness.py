@@ -21,7 +21,7 @@ import pytest
 
 from switchboard.broker.service import BrokerServicer, running
 from switchboard.config import BrokerSettings
-from switchboard.tenancy import TenantConfig, hash_key, load_tenants
+from switchboard.tenancy import LiveTenants, hash_key, load_tenants
 from switchboard.v1 import broker_pb2, broker_pb2_grpc, common_pb2, session_pb2
 
 B = broker_pb2
@@ -46,7 +46,7 @@ def dev_env(base_url: str, **env: str) -> dict[str, str]:
 class Served(NamedTuple):
     stub: Stub
     servicer: BrokerServicer
-    tenants: TenantConfig
+    tenants: LiveTenants
 
 
 @asynccontextmanager

@@ -29,7 +29,7 @@ import yaml
 from switchboard.broker.breaker import CLOSED, OPEN, CircuitBreaker
 from switchboard.broker.service import BrokerServicer
 from switchboard.errors import GRPC_CODE_KEY, GRPC_RETRY_KEY
-from switchboard.tenancy import TenantConfig, Upstream, hash_key
+from switchboard.tenancy import LiveTenants, Upstream, hash_key
 from tests.broker.harness import (
     B,
     Stub,
@@ -87,7 +87,7 @@ def document(one: str, two: str) -> dict[str, Any]:
 class Rig(NamedTuple):
     stub: Stub
     servicer: BrokerServicer
-    tenants: TenantConfig
+    tenants: LiveTenants
     one: RunningSimulator
     two: RunningSimulator
 

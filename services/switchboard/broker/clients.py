@@ -175,7 +175,7 @@ class UpstreamClients:
     def reconcile(self, directory: TenantDirectory) -> None:
         """Retire the clients of upstreams that `directory` changed or removed.
 
-        Meant for `TenantConfig.subscribe`: it runs on the event loop after each
+        Meant for `LiveTenants.subscribe`: it runs on the event loop after each
         reload and never blocks. Replacements are built by the next call.
         """
         for name, existing in list(self._clients.items()):

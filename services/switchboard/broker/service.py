@@ -1,7 +1,7 @@
 """The grpc.aio servicer of `switchboard.v1.BrokerService`.
 
 `Generate` runs one model call to the deployments that the calling tenant's
-configuration routes the model to (`routing.resolve`, on the `TenantConfig`
+configuration routes the model to (`routing.resolve`, on the `LiveTenants`
 snapshot taken when the call starts), through the `dispatch.Dispatcher`:
 admission control per upstream, retries and failover before the first token,
 circuit breakers. The call runs in a task of its own, held by `calls.Calls`
@@ -43,7 +43,7 @@ from switchboard.broker.translate import ChunkTranslator
 from switchboard.config import BrokerSettings
 from switchboard.errors import InternalError, SwitchboardError, abort_with
 from switchboard.rpc import BROKER_METADATA_KEY
-from switchboard.tenancy import TenantConfig
+from switchboard.tenancy import LiveTenants
 from switchboard.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
@@ -53,11 +53,11 @@ SERVICE_NAME = "switchboard.v1.BrokerService"
 
 @contextlib.asynccontextmanager
 async def running(
-    settings: BrokerSettings, tenants: TenantConfig, metrics: BrokerMetrics | None = None
+    settings: BrokerSettings, tenants: LiveTenants, metrics: BrokerMetrics | None = None
 ) -> AsyncIterator[BrokerServicer]:
     """A servicer whose upstream clients follow the tenants file while the block runs.
 
-    Watches `tenants` for changes (`TenantConfig.watch`), retires the clients
+    Watches `tenants` for changes (`LiveTenants.watch`), retires the clients
     of upstreams a reload changed (`UpstreamClients.reconcile`), and on exit, which
     must come after the gRPC server has drained, cancels every call still held
     (orphans included) and then closes every client.
@@ -111,7 +111,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
 
     def __init__(
         self,
-        tenants: TenantConfig,
+        tenants: LiveTenants,
         clients: UpstreamClients,
         settings: BrokerSettings,
         metrics: BrokerMetrics | None = None,

@@ -52,7 +52,7 @@ from switchboard.gateway.metrics import GatewayMetrics, refusal_reason
 from switchboard.gateway.protocol import RealtimeProtocol, event_seq
 from switchboard.limits import TenantLimiter
 from switchboard.redis_client import any_client, warm_up
-from switchboard.tenancy import Tenant, TenantConfig
+from switchboard.tenancy import LiveTenants, Tenant
 from switchboard.v1 import common_pb2, session_pb2
 
 # The browser subprotocol that carries a credential (as OpenAI's endpoint takes it).
@@ -76,7 +76,7 @@ def subprotocol_key(subprotocols: list[str]) -> str | None:
 
 
 def create_app(
-    settings: GatewaySettings, tenants: TenantConfig, metrics: GatewayMetrics | None = None
+    settings: GatewaySettings, tenants: LiveTenants, metrics: GatewayMetrics | None = None
 ) -> Starlette:
     """Build the gateway app. Backends are dialed in the lifespan, closed on shutdown;
     the tenants file is watched for changes meanwhile."""

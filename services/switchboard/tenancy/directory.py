@@ -2,8 +2,8 @@
 
 Built from the tenants file (`load`, `parse`), or, for development, from a
 single key (`single`) or the older `SWITCHBOARD_TENANT_KEYS` variable
-(`from_key_spec`). A directory never changes; `TenantConfig`
-(switchboard.tenancy.config) swaps in a new one when the file changes.
+(`from_key_spec`). A directory never changes; `LiveTenants`
+(switchboard.tenancy.live) swaps in a new one when the file changes.
 """
 
 from __future__ import annotations
@@ -284,7 +284,7 @@ def environment_upstream(environ: Mapping[str, str] | None = None) -> Upstream:
 
 
 class KeyRing:
-    """The older key-only view, kept for callers not yet on `TenantConfig`.
+    """The older key-only view, kept for callers not yet on `LiveTenants`.
 
     Equivalent to `TenantDirectory.from_key_spec`; prefer `load_tenants`.
     """

@@ -1,4 +1,4 @@
-"""`TenantConfig`: the live tenants, reloaded when the tenants file changes.
+"""`LiveTenants`: the live tenants, reloaded when the tenants file changes.
 
 The file is typically a Kubernetes Secret volume. The kubelet never rewrites
 a file in place: it writes a new timestamped directory and atomically swaps
@@ -46,7 +46,7 @@ Subscriber = Callable[[TenantDirectory], None]
 _Identity = tuple[str, int, int, int, int]
 
 
-class TenantConfig:
+class LiveTenants:
     """The current `TenantDirectory`, replaced when the tenants file changes.
 
     Attributes:
@@ -92,7 +92,7 @@ class TenantConfig:
         self._digest = hashlib.sha256(content).hexdigest()
 
     @classmethod
-    def fixed(cls, directory: TenantDirectory) -> TenantConfig:
+    def fixed(cls, directory: TenantDirectory) -> LiveTenants:
         """A holder of a directory that never changes (no file to watch)."""
         self = cls.__new__(cls)
         self._setup(None, None, DEFAULT_INTERVAL_S, time.monotonic)
@@ -244,7 +244,7 @@ class TenantConfig:
 
 def load_tenants(
     environ: Mapping[str, str] | None = None, *, interval_s: float = DEFAULT_INTERVAL_S
-) -> TenantConfig:
+) -> LiveTenants:
     """The tenants a service starts with, from its environment.
 
     In order:
@@ -266,11 +266,11 @@ def load_tenants(
                 "SWITCHBOARD_TENANT_KEYS ignored: SWITCHBOARD_TENANTS_FILE is set",
                 extra={"path": path},
             )
-        return TenantConfig(path, environ, interval_s=interval_s)
+        return LiveTenants(path, environ, interval_s=interval_s)
     if spec is not None:
-        return TenantConfig.fixed(TenantDirectory.from_key_spec(spec, environ))
+        return LiveTenants.fixed(TenantDirectory.from_key_spec(spec, environ))
     log.warning("no tenants configured: set SWITCHBOARD_TENANTS_FILE; every API key is refused")
-    return TenantConfig.fixed(
+    return LiveTenants.fixed(
         TenantDirectory(tenants={}, upstreams={"default": environment_upstream(environ)})
     )
 
