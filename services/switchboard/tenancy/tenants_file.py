@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from switchboard.config import ConfigError, Secret
+from switchboard.key_paths import KeyPath
 from switchboard.tenancy.keys import TENANT_ID, normalize_key_hash
 from switchboard.tenancy.tenants import (
     DEFAULT_TIER,
@@ -39,7 +40,6 @@ from switchboard.tenancy.tenants import (
 )
 from switchboard.tenancy.yaml_checks import (
     MAX_INTEGER,
-    KeyPath,
     count,
     error,
     mapping,

@@ -8,33 +8,16 @@ never quote the value, which may be a secret pasted in the wrong place.
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Hashable, Sequence
 from typing import Any
 
 import yaml
 
 from switchboard.config import ConfigError
+from switchboard.key_paths import CONFIG_KEY, KeyPath, format_path
 
 # Counts and budgets travel as int64 in the protos.
 MAX_INTEGER = 2**62
-_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
-
-KeyPath = tuple[str | int, ...]
-
-
-def format_path(path: Sequence[str | int]) -> str:
-    """A key path for people: `tenants.acme.keys[0]`; odd keys as `["gpt-4.1"]`."""
-    text = ""
-    for part in path:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        elif _PLAIN_SEGMENT.fullmatch(part):
-            text += f".{part}" if text else part
-        else:
-            text += f"[{json.dumps(part, ensure_ascii=False)}]"
-    return text
 
 
 def decode(content: bytes) -> Any:
@@ -92,8 +75,11 @@ def string(raw: Any, path: KeyPath) -> str:
 
 
 def error(path: KeyPath, problem: str) -> ConfigError:
-    """The error `<key path>: <problem>` (just the problem at the top level)."""
-    where = format_path(path)
+    """The error `<key path>: <problem>` (just the problem at the top level).
+
+    The path is written as `tenants.acme.keys[0]`, odd keys as `["gpt-4.1"]`.
+    """
+    where = format_path(path, bare=CONFIG_KEY)
     return ConfigError(f"{where}: {problem}" if where else problem)
 
 
