@@ -10,6 +10,7 @@ from switchboard.config import (
     GatewaySettings,
     Secret,
     SessionSettings,
+    ToolExecSettings,
 )
 from switchboard.tenancy import KeyRing, hash_key, new_key
 
@@ -67,3 +68,22 @@ def test_keyring_authenticates_only_configured_keys() -> None:
     assert ring.authenticate(key + "x") is None
     with pytest.raises(ConfigError, match="SWITCHBOARD_TENANT_KEYS"):
         KeyRing.parse("acme=nothex")
+
+
+@pytest.mark.parametrize(
+    ("settings", "prefix", "default"),
+    [
+        (SessionSettings, "SWITCHBOARD_SESSION", "127.0.0.1:9101"),
+        (BrokerSettings, "SWITCHBOARD_BROKER", "127.0.0.1:9102"),
+        (ToolExecSettings, "SWITCHBOARD_TOOLEXEC", "127.0.0.1:9103"),
+    ],
+)
+def test_the_metrics_endpoint_has_a_default_and_may_be_turned_off(
+    settings: type[SessionSettings | BrokerSettings | ToolExecSettings], prefix: str, default: str
+) -> None:
+    variable = f"{prefix}_METRICS_LISTEN"
+    assert settings.from_environ({}).metrics_listen == default
+    assert settings.from_environ({variable: "0.0.0.0:9999"}).metrics_listen == "0.0.0.0:9999"
+    assert settings.from_environ({variable: "off"}).metrics_listen == ""
+    with pytest.raises(ConfigError, match=variable):
+        settings.from_environ({variable: "nowhere"})
