@@ -14,7 +14,7 @@ from switchboard.broker.clients import UpstreamClients
 from switchboard.broker.translate import chat_request
 from switchboard.config import BrokerSettings, Secret
 from switchboard.tenancy import TenantDirectory, Upstream
-from tests.broker.harness import directive, eventually, generate_request, user
+from tests.broker.harness import directive, eventually, generate_request, met, user
 from tools.simulator import RunningSimulator, SimulatorConfig, run_simulator
 
 KEY = "sk-upstreams-test-0123456789abcdef"
@@ -39,10 +39,6 @@ def directory(*upstreams: Upstream) -> TenantDirectory:
     return TenantDirectory(tenants={}, upstreams={u.name: u for u in upstreams})
 
 
-async def _true(condition: bool) -> bool | None:
-    return True if condition else None
-
-
 async def test_one_client_per_upstream_until_its_url_or_key_changes(
     clients: UpstreamClients, sim: RunningSimulator
 ) -> None:
@@ -55,7 +51,7 @@ async def test_one_client_per_upstream_until_its_url_or_key_changes(
 
     rotated = clients.client(Upstream("one", sim.base_url, Secret(KEY + "-next")))
     assert rotated is not first
-    await eventually(lambda: _true(first.closed))
+    await eventually(lambda: met(first.closed))
     assert not rotated.closed
 
 
@@ -67,7 +63,7 @@ async def test_a_reload_retires_changed_and_removed_upstreams_only(
     gone = clients.client(Upstream("gone", sim.base_url))
     clients.reconcile(directory(Upstream("kept", sim.base_url), Upstream("moved", sim.url + "/v2")))
     assert clients.current() == {"kept": kept}
-    await eventually(lambda: _true(moved.closed and gone.closed))
+    await eventually(lambda: met(moved.closed and gone.closed))
     assert not kept.closed
 
 

@@ -35,6 +35,7 @@ from tests.broker.harness import (
     eventually,
     generate_request,
     kinds,
+    met,
     rpc_error,
     serving,
     trailers,
@@ -269,7 +270,7 @@ async def test_a_reloaded_key_is_used_by_the_next_call(tmp_path: Path) -> None:
         assert error.details() == "The upstream rejected the configured credentials."
 
         write(path, document(one.base_url, two.base_url, key_two_env="SB_TEST_UP2_NEXT"))
-        await eventually(lambda: _true(served.tenants.version == 2), timeout_s=3.0)
+        await eventually(lambda: met(served.tenants.version == 2), timeout_s=3.0)
         events = await collect(stub, call("alpha", "smart"))
         assert kinds(events)[-1] == "finished"
         assert await models_seen(rotated) == [
@@ -281,7 +282,7 @@ async def test_a_reloaded_key_is_used_by_the_next_call(tmp_path: Path) -> None:
         assert after["up-two"] is not before["up-two"]
         assert after["up-one"] is before["up-one"]  # untouched by the reload
         # Nothing was streaming on the replaced client: it is closed at once.
-        await eventually(lambda: _true(before["up-two"].closed))
+        await eventually(lambda: met(before["up-two"].closed))
 
 
 async def test_a_replaced_client_finishes_its_streams_before_it_closes(
@@ -298,7 +299,7 @@ async def test_a_replaced_client_finishes_its_streams_before_it_closes(
         # Same deployment under another name: a new base URL, so a new client.
         moved = two.base_url.replace("127.0.0.1", "localhost")
         write(tenants_file, document(one.base_url, moved))
-        await eventually(lambda: _true(tenants.version == 2), timeout_s=3.0)
+        await eventually(lambda: met(tenants.version == 2), timeout_s=3.0)
         assert "up-two" not in servicer.clients.current()
         assert not old.closed
 
@@ -313,7 +314,7 @@ async def test_a_replaced_client_finishes_its_streams_before_it_closes(
         while (event := await streaming.read()) is not grpc.aio.EOF:
             rest.append(str(event.WhichOneof("event")))
         assert rest == ["text_delta"] * 40 + ["finished"]
-        await eventually(lambda: _true(old.closed))
+        await eventually(lambda: met(old.closed))
     assert [r["outcome"] for r in await two.streams()] == ["completed", "completed"]
 
 
@@ -325,10 +326,6 @@ async def test_a_reload_that_drops_a_tenant_denies_its_next_call(
         assert kinds(await collect(stub, call("beta", "fast")))[-1] == "finished"
         del data["tenants"]["beta"]
         write(tenants_file, data)
-        await eventually(lambda: _true(tenants.version == 2), timeout_s=3.0)
+        await eventually(lambda: met(tenants.version == 2), timeout_s=3.0)
         error, _ = await rpc_error(stub, call("beta", "fast"))
     assert trailers(error)[GRPC_CODE_KEY] == "permission_denied"
-
-
-async def _true(condition: bool) -> bool | None:
-    return True if condition else None

@@ -14,7 +14,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -35,6 +35,7 @@ from switchboard.tenancy import Upstream
 from tests.broker.harness import (
     B,
     C,
+    ManualContext,
     Stub,
     assistant,
     collect,
@@ -365,25 +366,12 @@ async def test_cancelled_reader_exits_the_response_and_closes_the_connection(
         await upstream.aclose()
 
 
-class _Context:
-    """Just enough of a grpc.aio ServicerContext to drive Generate by hand."""
-
-    def __init__(self) -> None:
-        self.callbacks: list[Callable[[Any], None]] = []
-
-    async def send_initial_metadata(self, metadata: Any) -> None:
-        self.metadata = metadata
-
-    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
-        self.callbacks.append(callback)
-
-
 async def test_done_callback_orphans_a_call_abandoned_at_a_yield(sim: RunningSimulator) -> None:
     # grpc.aio leaves the generator suspended at a `yield` when the cancellation
     # lands in its own write; the done callback must let go of the call anyway:
     # held, it runs on for an Attach; without a response id, its upstream closes.
     async with serving(dev_env(sim.base_url)) as (stub, servicer, _):
-        held, unheld = _Context(), _Context()
+        held, unheld = ManualContext(), ManualContext()
         request = generate_request(user(f"keep going {directive(token_delay_ms=20, tokens=20)}"))
         anonymous = long_reply()
         anonymous.response_id = ""
