@@ -3,37 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import grpc
 import pytest
 
 from switchboard import rpc
-from switchboard.redis_client import redis_client
 from switchboard.session.metrics import SessionMetrics
 from switchboard.session.service import SessionServicer
 from switchboard.session.store import SessionStore
-from switchboard.v1 import session_pb2, session_pb2_grpc
+from switchboard.v1 import session_pb2_grpc
 from tests.metrics_support import conventional_families
-from tests.session.test_service import Stub, create, eventually, rpc_error, start_server
+from tests.session.support import S, Stub, create, eventually, rpc_error, run_main, start_server
 from tools.redis_server import RedisServer, free_port
-
-ROOT = Path(__file__).resolve().parents[2]
-S = session_pb2
-
-
-@pytest.fixture
-async def store(redis_server: RedisServer) -> AsyncIterator[SessionStore]:
-    client = redis_client(redis_server.url)
-    yield SessionStore(client, ttl_s=600)
-    await client.aclose()
 
 
 @pytest.fixture
@@ -88,14 +74,7 @@ async def test_the_service_serves_metrics_and_counts_a_redis_outage() -> None:
         "SWITCHBOARD_SESSION_LISTEN": address,
         "SWITCHBOARD_SESSION_METRICS_LISTEN": metrics_address,
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "switchboard.session"],
-        env={**os.environ, **env},
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = run_main(env, stdout=subprocess.DEVNULL)
     try:
         async with aiohttp.ClientSession() as http, rpc.channel(address) as channel:
 
