@@ -12,7 +12,7 @@ from switchboard.config import (
     SessionSettings,
     ToolExecSettings,
 )
-from switchboard.tenancy import KeyRing, hash_key, new_key
+from switchboard.tenancy import TenantDirectory, hash_key, new_key
 
 
 def test_defaults() -> None:
@@ -60,14 +60,14 @@ def test_broker_upstream_url_precedence() -> None:
     assert BrokerSettings.from_environ(env).upstream_base_url == "http://b/v1"
 
 
-def test_keyring_authenticates_only_configured_keys() -> None:
+def test_development_tenants_authenticate_only_configured_keys() -> None:
     key = new_key()
-    ring = KeyRing.parse(f"acme={hash_key(key)}")
-    tenant = ring.authenticate(key)
+    directory = TenantDirectory.from_key_spec(f"acme={hash_key(key)}", {})
+    tenant = directory.authenticate(key)
     assert tenant is not None and tenant.id == "acme"
-    assert ring.authenticate(key + "x") is None
+    assert directory.authenticate(key + "x") is None
     with pytest.raises(ConfigError, match="SWITCHBOARD_TENANT_KEYS"):
-        KeyRing.parse("acme=nothex")
+        TenantDirectory.from_key_spec("acme=nothex", {})
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,6 @@ from switchboard.broker.chat_stream import (
     retry_after_seconds,
     sanitize,
     upstream_host,
-    upstream_label,
 )
 from switchboard.broker.clients import UpstreamClient
 from switchboard.broker.translate import chat_request
@@ -442,7 +441,6 @@ def test_retry_after_forms() -> None:
     assert retry_after_seconds({}) is None
 
 
-def test_label_and_host_drop_credentials_and_query() -> None:
-    assert upstream_label("https://u:p@example.com:8443/v1/?key=s") == "https://example.com:8443/v1"
+def test_the_host_drops_credentials_and_query() -> None:
     assert upstream_host("https://u:p@example.com:8443/v1/?key=s") == "example.com:8443"
     assert upstream_host("http://[::1]/v1") == "[::1]"

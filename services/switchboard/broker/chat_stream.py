@@ -102,12 +102,6 @@ class SseDecoder:
                 self._data.append(value[1:] if value.startswith(b" ") else value)
 
 
-def upstream_label(base_url: str) -> str:
-    """The base URL without credentials, query or fragment: safe to log and report."""
-    parts = urlsplit(base_url)
-    return f"{parts.scheme}://{upstream_host(base_url)}{parts.path.rstrip('/')}"
-
-
 def upstream_host(base_url: str) -> str:
     """`host` or `host:port` of a base URL (IPv6 in brackets), without credentials."""
     parts = urlsplit(base_url)

@@ -14,7 +14,6 @@ API keys are never stored: configuration holds the SHA-256 of each key.
 
 from switchboard.tenancy.directory import (
     TENANT_KEYS_VARIABLE,
-    KeyRing,
     TenantDirectory,
     environment_upstream,
 )
@@ -46,7 +45,6 @@ __all__ = [
     "TENANT_ID",
     "TENANT_KEYS_VARIABLE",
     "Deployment",
-    "KeyRing",
     "Limits",
     "LiveTenants",
     "ModelNotAllowed",

@@ -11,9 +11,8 @@ settles (git's "racy clean" rule), so two edits within one mtime tick that
 keep the size are not missed.
 
 Call order: build it at start (a bad file raises `ConfigError`), read
-`current` whenever a tenant is needed, and either run `watch()` as a task or
-call `maybe_reload()` from a hot path (it does nothing until the interval has
-passed). A new file that fails its checks is logged as one line and ignored:
+`current` whenever a tenant is needed, and run `watch()` as a task (or call
+`reload()` to check now). A new file that fails its checks is logged as one line and ignored:
 the previous directory stays in force until a good file arrives.
 """
 
@@ -66,7 +65,6 @@ class LiveTenants:
         environ: Mapping[str, str] | None = None,
         *,
         interval_s: float = DEFAULT_INTERVAL_S,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Load the tenants file at `path`.
 
@@ -75,13 +73,12 @@ class LiveTenants:
             environ: where `api_key_env` variables are read; os.environ if None.
                 Variables are read again on each reload, but a process's
                 environment is fixed at start: a new variable needs a restart.
-            interval_s: `maybe_reload` checks the file at most this often.
-            clock: monotonic seconds (tests pass a fake).
+            interval_s: `watch` checks the file this often.
 
         Raises:
             ConfigError: the file is missing or invalid (one line, no secrets).
         """
-        self._setup(Path(path), environ, interval_s, clock)
+        self._setup(Path(path), environ, interval_s)
         try:
             identity = self._identity()
             content = Path(identity[0]).read_bytes()
@@ -95,7 +92,7 @@ class LiveTenants:
     def fixed(cls, directory: TenantDirectory) -> LiveTenants:
         """A holder of a directory that never changes (no file to watch)."""
         self = cls.__new__(cls)
-        self._setup(None, None, DEFAULT_INTERVAL_S, time.monotonic)
+        self._setup(None, None, DEFAULT_INTERVAL_S)
         self._directory = directory
         return self
 
@@ -104,14 +101,11 @@ class LiveTenants:
         path: Path | None,
         environ: Mapping[str, str] | None,
         interval_s: float,
-        clock: Callable[[], float],
     ) -> None:
         self.path = path
         self.version = 1
         self._environ = environ
         self._interval_s = interval_s
-        self._clock = clock
-        self._checked_at = clock()
         self._subscribers: list[Subscriber] = []
         self._identity_seen = None
         self._digest = ""
@@ -139,18 +133,6 @@ class LiveTenants:
                 self._subscribers.remove(callback)
 
         return unsubscribe
-
-    def maybe_reload(self) -> bool:
-        """`reload()`, at most once per interval; cheap to call on a hot path.
-
-        Returns:
-            True when a new directory was installed.
-        """
-        now = self._clock()
-        if self.path is None or now - self._checked_at < self._interval_s:
-            return False
-        self._checked_at = now
-        return self.reload()
 
     def reload(self) -> bool:
         """Check the file now and install it if it changed and is valid.
