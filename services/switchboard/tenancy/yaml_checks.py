@@ -8,6 +8,7 @@ never quote the value, which may be a secret pasted in the wrong place.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -18,6 +19,9 @@ from switchboard.key_paths import CONFIG_KEY, KeyPath, format_path
 
 # Counts and budgets travel as int64 in the protos.
 MAX_INTEGER = 2**62
+# A day: longer waits or cooldowns are typos (milliseconds written as seconds).
+MAX_SECONDS = 86_400.0
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def decode(content: bytes) -> Any:
@@ -47,6 +51,26 @@ def count(raw: Any, path: KeyPath) -> int | None:
     return raw
 
 
+def non_negative(raw: Any, path: KeyPath) -> int | None:
+    """An integer >= 0, or None when absent."""
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+        raise error(path, "must be an integer >= 0")
+    if raw > MAX_INTEGER:
+        raise error(path, "must be at most 2**62")
+    return raw
+
+
+def seconds(raw: Any, path: KeyPath) -> float | None:
+    """A positive number of seconds up to a day, or None when absent."""
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 < raw <= MAX_SECONDS:
+        raise error(path, f"must be a number of seconds above 0 and at most {MAX_SECONDS:.0f}")
+    return float(raw)
+
+
 def mapping(raw: Any, path: KeyPath, keys: Sequence[str] | None = None) -> dict[Any, Any]:
     """`raw` if it is a mapping whose keys are all in `keys` (any keys when None)."""
     if not isinstance(raw, dict):
@@ -72,6 +96,14 @@ def string(raw: Any, path: KeyPath) -> str:
     if not isinstance(raw, str) or not raw:
         raise error(path, "must be a non-empty string")
     return raw
+
+
+def env_name(raw: Any, path: KeyPath) -> str:
+    """`raw` if it is the name of an environment variable (letters, digits, _)."""
+    name = string(raw, path)
+    if not ENV_NAME.fullmatch(name):
+        raise error(path, "must be an environment variable name (letters, digits, _)")
+    return name
 
 
 def error(path: KeyPath, problem: str) -> ConfigError:
