@@ -42,21 +42,19 @@ def decode(content: bytes) -> Any:
 
 def count(raw: Any, path: KeyPath) -> int | None:
     """A positive integer, or None for an absent or null (unlimited) value."""
-    if raw is None:
-        return None
-    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
-        raise error(path, "must be a positive integer")
-    if raw > MAX_INTEGER:
-        raise error(path, "must be at most 2**62")
-    return raw
+    return _integer(raw, path, 1, "must be a positive integer")
 
 
 def non_negative(raw: Any, path: KeyPath) -> int | None:
     """An integer >= 0, or None when absent."""
+    return _integer(raw, path, 0, "must be an integer >= 0")
+
+
+def _integer(raw: Any, path: KeyPath, minimum: int, problem: str) -> int | None:
     if raw is None:
         return None
-    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
-        raise error(path, "must be an integer >= 0")
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < minimum:
+        raise error(path, problem)
     if raw > MAX_INTEGER:
         raise error(path, "must be at most 2**62")
     return raw
