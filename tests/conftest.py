@@ -33,7 +33,7 @@ def redis_cluster() -> Iterator[RedisCluster3]:
 def spans() -> Iterator[InMemorySpanExporter]:
     """Every span ended during the test, through a tracer provider installed for it alone.
 
-    Installed as the global provider (so `switchboard.tracing.enabled()` is true
+    Installed as the global provider (so `switchboard.telemetry.tracing.enabled()` is true
     and the servicers' own spans are recorded), and removed afterwards. The
     API lets a process set its provider only once, so the test resets the two
     module globals behind that rule, as OpenTelemetry's own test helpers do.

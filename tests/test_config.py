@@ -10,8 +10,9 @@ from switchboard.config import (
     GatewaySettings,
     Secret,
     SessionSettings,
+    ToolExecSettings,
 )
-from switchboard.tenancy import KeyRing, hash_key, new_key
+from switchboard.tenancy import TenantDirectory, hash_key, new_key
 
 
 def test_defaults() -> None:
@@ -59,11 +60,30 @@ def test_broker_upstream_url_precedence() -> None:
     assert BrokerSettings.from_environ(env).upstream_base_url == "http://b/v1"
 
 
-def test_keyring_authenticates_only_configured_keys() -> None:
+def test_development_tenants_authenticate_only_configured_keys() -> None:
     key = new_key()
-    ring = KeyRing.parse(f"acme={hash_key(key)}")
-    tenant = ring.authenticate(key)
+    directory = TenantDirectory.from_key_spec(f"acme={hash_key(key)}", {})
+    tenant = directory.authenticate(key)
     assert tenant is not None and tenant.id == "acme"
-    assert ring.authenticate(key + "x") is None
+    assert directory.authenticate(key + "x") is None
     with pytest.raises(ConfigError, match="SWITCHBOARD_TENANT_KEYS"):
-        KeyRing.parse("acme=nothex")
+        TenantDirectory.from_key_spec("acme=nothex", {})
+
+
+@pytest.mark.parametrize(
+    ("settings", "prefix", "default"),
+    [
+        (SessionSettings, "SWITCHBOARD_SESSION", "127.0.0.1:9101"),
+        (BrokerSettings, "SWITCHBOARD_BROKER", "127.0.0.1:9102"),
+        (ToolExecSettings, "SWITCHBOARD_TOOLEXEC", "127.0.0.1:9103"),
+    ],
+)
+def test_the_metrics_endpoint_has_a_default_and_may_be_turned_off(
+    settings: type[SessionSettings | BrokerSettings | ToolExecSettings], prefix: str, default: str
+) -> None:
+    variable = f"{prefix}_METRICS_LISTEN"
+    assert settings.from_environ({}).metrics_listen == default
+    assert settings.from_environ({variable: "0.0.0.0:9999"}).metrics_listen == "0.0.0.0:9999"
+    assert settings.from_environ({variable: "off"}).metrics_listen == ""
+    with pytest.raises(ConfigError, match=variable):
+        settings.from_environ({variable: "nowhere"})

@@ -16,12 +16,13 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from switchboard import rpc, tracing
+from switchboard import rpc
 from switchboard.config import ConfigError
 from switchboard.redis_client import redis_client
 from switchboard.session.service import SessionServicer
 from switchboard.session.store import SessionStore
-from switchboard.telemetry import JsonFormatter
+from switchboard.telemetry import tracing
+from switchboard.telemetry.logs import JsonFormatter
 from switchboard.toolexec.builtins import builtin_registry
 from switchboard.toolexec.catalog import Catalog
 from switchboard.toolexec.service import ToolExecServicer

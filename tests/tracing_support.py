@@ -12,8 +12,9 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from switchboard import rpc, tracing
+from switchboard import rpc
 from switchboard.interceptors import TracingServerInterceptor
+from switchboard.telemetry import tracing
 
 
 @asynccontextmanager

@@ -93,6 +93,12 @@ class Env:
             raise ConfigError(f"{key} must be HOST:PORT, got {value!r}")
         return value
 
+    def address_or_off(self, key: str, default: str) -> str:
+        """`address`, or "" when the variable is `off` (an endpoint that may be disabled)."""
+        if self.string(key, "") == "off":
+            return ""
+        return self.address(key, default)
+
     def url(self, key: str, default: str, *, schemes: tuple[str, ...]) -> str:
         value = self.string(key, default)
         parts = urlsplit(value)
@@ -251,10 +257,8 @@ class SessionSettings:
         )
         return cls(
             listen=env.address("SWITCHBOARD_SESSION_LISTEN", DEFAULT_SESSION_ADDRESS),
-            metrics_listen=(
-                ""
-                if env.string("SWITCHBOARD_SESSION_METRICS_LISTEN", "") == "off"
-                else env.address("SWITCHBOARD_SESSION_METRICS_LISTEN", "127.0.0.1:9101")
+            metrics_listen=env.address_or_off(
+                "SWITCHBOARD_SESSION_METRICS_LISTEN", "127.0.0.1:9101"
             ),
             redis_url=Secret(redis_url),
             redis_cluster=env.boolean("SWITCHBOARD_REDIS_CLUSTER", False),
@@ -321,10 +325,8 @@ class BrokerSettings:
             advertise = env.address("SWITCHBOARD_BROKER_ADVERTISE_ADDRESS", advertise)
         return cls(
             listen=listen,
-            metrics_listen=(
-                ""
-                if env.string("SWITCHBOARD_BROKER_METRICS_LISTEN", "") == "off"
-                else env.address("SWITCHBOARD_BROKER_METRICS_LISTEN", "127.0.0.1:9102")
+            metrics_listen=env.address_or_off(
+                "SWITCHBOARD_BROKER_METRICS_LISTEN", "127.0.0.1:9102"
             ),
             upstream_base_url=env.url(
                 "SWITCHBOARD_BROKER_UPSTREAM_URL", default_url, schemes=("http", "https")
@@ -396,10 +398,8 @@ class ToolExecSettings:
             )
         return cls(
             listen=env.address("SWITCHBOARD_TOOLEXEC_LISTEN", DEFAULT_TOOLEXEC_ADDRESS),
-            metrics_listen=(
-                ""
-                if env.string("SWITCHBOARD_TOOLEXEC_METRICS_LISTEN", "") == "off"
-                else env.address("SWITCHBOARD_TOOLEXEC_METRICS_LISTEN", "127.0.0.1:9103")
+            metrics_listen=env.address_or_off(
+                "SWITCHBOARD_TOOLEXEC_METRICS_LISTEN", "127.0.0.1:9103"
             ),
             log_level=env.log_level(),
             tools_file=env.optional("SWITCHBOARD_TOOLEXEC_TOOLS_FILE"),

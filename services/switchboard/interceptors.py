@@ -25,8 +25,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, TracerProvider
 
-from switchboard import tracing
 from switchboard.errors import GRPC_CODE_KEY
+from switchboard.telemetry import tracing
 
 # Probed every second by readiness checks: spans of them would only be noise.
 _UNTRACED = ("grpc.health.v1.Health/",)

@@ -6,7 +6,7 @@ while Redis does not answer), and on SIGTERM/SIGINT marks itself NOT_SERVING,
 stops accepting calls and lets in-flight calls finish for `grace_s`.
 `channel()` dials a backend with settings that reconnect fast after a restart.
 
-While tracing is on (`switchboard.tracing`), both carry the trace context
+While tracing is on (`switchboard.telemetry.tracing`), both carry the trace context
 (`switchboard.interceptors`); while it is off no interceptor is installed.
 """
 
@@ -24,10 +24,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
-from switchboard import tracing
 from switchboard.config import ConfigError
 from switchboard.interceptors import TracingServerInterceptor, client_interceptors
-from switchboard.telemetry import configure_logging
+from switchboard.telemetry import tracing
+from switchboard.telemetry.logs import configure_logging
 
 log = logging.getLogger(__name__)
 

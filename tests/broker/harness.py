@@ -21,7 +21,7 @@ import pytest
 
 from switchboard.broker.service import BrokerServicer, running
 from switchboard.config import BrokerSettings
-from switchboard.tenancy import TenantConfig, hash_key, load_tenants
+from switchboard.tenancy import LiveTenants, hash_key, load_tenants
 from switchboard.v1 import broker_pb2, broker_pb2_grpc, common_pb2, session_pb2
 
 B = broker_pb2
@@ -46,7 +46,7 @@ def dev_env(base_url: str, **env: str) -> dict[str, str]:
 class Served(NamedTuple):
     stub: Stub
     servicer: BrokerServicer
-    tenants: TenantConfig
+    tenants: LiveTenants
 
 
 @asynccontextmanager
@@ -137,3 +137,21 @@ async def eventually(check: Callable[[], Awaitable[Any | None]], timeout_s: floa
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.002)
     return found
+
+
+async def met(condition: bool) -> bool | None:
+    """True when `condition` holds, else None: `eventually(lambda: met(x == 1))`."""
+    return True if condition else None
+
+
+class ManualContext:
+    """Just enough of a grpc.aio ServicerContext to drive Generate by hand."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Callable[[Any], None]] = []
+
+    async def send_initial_metadata(self, metadata: Any) -> None:
+        self.metadata = metadata
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        self.callbacks.append(callback)

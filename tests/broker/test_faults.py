@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,15 +29,17 @@ import yaml
 from switchboard.broker.breaker import CLOSED, OPEN, CircuitBreaker
 from switchboard.broker.service import BrokerServicer
 from switchboard.errors import GRPC_CODE_KEY, GRPC_RETRY_KEY
-from switchboard.tenancy import TenantConfig, Upstream, hash_key
+from switchboard.tenancy import LiveTenants, Upstream, hash_key
 from tests.broker.harness import (
     B,
+    ManualContext,
     Stub,
     collect,
     directive,
     eventually,
     generate_request,
     kinds,
+    met,
     rpc_error,
     serving,
     text_of,
@@ -87,7 +89,7 @@ def document(one: str, two: str) -> dict[str, Any]:
 class Rig(NamedTuple):
     stub: Stub
     servicer: BrokerServicer
-    tenants: TenantConfig
+    tenants: LiveTenants
     one: RunningSimulator
     two: RunningSimulator
 
@@ -267,7 +269,7 @@ async def test_a_burst_from_one_tenant_does_not_starve_another(rig: Rig) -> None
 
     async def start(text: str, tenant: str, running: int, queued: int) -> None:
         tasks.append(asyncio.create_task(collect(rig.stub, call("queued", text, tenant))))
-        await eventually(lambda: _is(queue.running == running and queued == queue.queued))
+        await eventually(lambda: met(queue.running == running and queued == queue.queued))
 
     await start(f"alpha 1 {slow}", "alpha", 1, 0)
     await start(f"alpha 2 {slow}", "alpha", 1, 1)
@@ -288,30 +290,13 @@ async def test_a_burst_from_one_tenant_does_not_starve_another(rig: Rig) -> None
     assert counter(rig.servicer, "admission_queued", "two") == 0
 
 
-async def _is(condition: bool) -> bool | None:
-    return True if condition else None
-
-
-class _Context:
-    """Just enough of a grpc.aio ServicerContext to drive Generate by hand."""
-
-    def __init__(self) -> None:
-        self.callbacks: list[Callable[[Any], None]] = []
-
-    async def send_initial_metadata(self, metadata: Any) -> None:
-        self.metadata = metadata
-
-    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
-        self.callbacks.append(callback)
-
-
 async def test_a_call_without_response_id_abandoned_at_a_yield_gives_its_slot_back_at_once(
     rig: Rig,
 ) -> None:
     # grpc.aio may leave the generator suspended at a `yield` when the call is
     # cancelled; the done callback must free the upstream's slot all the same.
     queue = rig.servicer.dispatcher.admission.queue(rig.upstream("two"))
-    context = _Context()
+    context = ManualContext()
     slow = directive(tokens=50, token_delay_ms=50)
     request = call("queued", f"hi {slow}")
     request.response_id = ""  # not held: cancelled with its caller
@@ -321,7 +306,7 @@ async def test_a_call_without_response_id_abandoned_at_a_yield_gives_its_slot_ba
         assert queue.running == 1
         for callback in context.callbacks:
             callback(context)
-        await eventually(lambda: _is(queue.running == 0))
+        await eventually(lambda: met(queue.running == 0))
         events = await collect(rig.stub, call("queued", "next", "beta"))
         assert kinds(events)[-1] == "finished"
     finally:
@@ -335,7 +320,7 @@ async def test_an_orphan_holds_its_slot_until_cancel(rig: Rig) -> None:
     streaming = rig.stub.Generate(request)
     assert (await streaming.read()).WhichOneof("event") == "started"
     streaming.cancel()
-    await eventually(lambda: _is(rig.servicer.metrics.orphaned_requests._value.get() == 1))
+    await eventually(lambda: met(rig.servicer.metrics.orphaned_requests._value.get() == 1))
     assert queue.running == 1  # the model goes on for a re-attach
 
     cancel = B.CancelRequest(tenant_id=request.tenant_id, response_id=request.response_id)

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import re
-
 from switchboard.broker.metrics import BREAKER_STATES, BrokerMetrics
-
-NAME = re.compile(r"switchboard_broker_[a-z][a-z0-9_]*")
-GAUGE_SUFFIXES = ("_active", "_requests", "_state")
-BOUNDED_LABELS = {"upstream", "outcome", "code", "reason", "state"}
+from tests.metrics_support import conventional_families
 
 
 def test_names_types_and_labels_follow_the_conventions() -> None:
@@ -22,21 +17,13 @@ def test_names_types_and_labels_follow_the_conventions() -> None:
     metrics.breaker_transitions.labels("default", "open").inc()
     metrics.orphans.labels("expired").inc()
     metrics.attaches.labels("not_found").inc()
-    families = list(metrics.registry.collect())
+    families = conventional_families(
+        metrics.registry,
+        service="broker",
+        gauge_suffixes=("_active", "_requests", "_state"),
+        labels={"upstream", "outcome", "code", "reason", "state"},
+    )
     assert len(families) >= 14
-    for family in families:
-        assert NAME.fullmatch(family.name), family.name
-        if family.type == "counter":
-            # prometheus_client strips `_total` from the family name; samples carry it.
-            assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
-        elif family.type == "histogram":
-            assert family.name.endswith("_seconds"), family.name
-        else:
-            assert family.name.endswith(GAUGE_SUFFIXES), family.name
-        for sample in family.samples:
-            labels = set(sample.labels) - {"le"}
-            assert labels <= BOUNDED_LABELS, (family.name, labels)
-        assert family.documentation, family.name
 
 
 def test_the_breaker_state_is_one_hot() -> None:

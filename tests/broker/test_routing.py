@@ -35,6 +35,7 @@ from tests.broker.harness import (
     eventually,
     generate_request,
     kinds,
+    met,
     rpc_error,
     serving,
     trailers,
@@ -190,7 +191,7 @@ async def test_each_call_lands_on_its_upstream_with_its_model_and_key(
     caplog.set_level(logging.INFO, logger="switchboard.broker")
     async with serving(file_env(tenants_file)) as (stub, servicer, _):
         # Nothing is built before a call needs it.
-        assert servicer.upstreams.clients() == {}
+        assert servicer.clients.current() == {}
         fast = await collect(stub, call("alpha", "fast"))
         assert await models_seen(one) == [("model-x", "completed")]
         assert await models_seen(two) == []
@@ -200,7 +201,7 @@ async def test_each_call_lands_on_its_upstream_with_its_model_and_key(
 
         beta = await collect(stub, call("beta", "fast"))
         assert await models_seen(one) == [("model-x", "completed")] * 2
-        assert sorted(servicer.upstreams.clients()) == ["up-one", "up-two"]
+        assert sorted(servicer.clients.current()) == ["up-one", "up-two"]
 
     assert fast[0].started == B.Started(upstream=f"up-one ({host(one)})", upstream_model="model-x")
     assert smart[0].started == B.Started(upstream=f"up-two ({host(two)})", upstream_model="model-y")
@@ -255,7 +256,7 @@ async def test_a_reloaded_key_is_used_by_the_next_call(tmp_path: Path) -> None:
         stub: Stub = served.stub
         for model in ("fast", "smart"):
             assert kinds(await collect(stub, call("alpha", model)))[-1] == "finished"
-        before = served.servicer.upstreams.clients()
+        before = served.servicer.clients.current()
 
         # The deployment behind up-two rotates its key: same address, new key.
         port = int(host(two).rsplit(":", 1)[1])
@@ -269,7 +270,7 @@ async def test_a_reloaded_key_is_used_by_the_next_call(tmp_path: Path) -> None:
         assert error.details() == "The upstream rejected the configured credentials."
 
         write(path, document(one.base_url, two.base_url, key_two_env="SB_TEST_UP2_NEXT"))
-        await eventually(lambda: _true(served.tenants.version == 2), timeout_s=3.0)
+        await eventually(lambda: met(served.tenants.version == 2), timeout_s=3.0)
         events = await collect(stub, call("alpha", "smart"))
         assert kinds(events)[-1] == "finished"
         assert await models_seen(rotated) == [
@@ -277,11 +278,11 @@ async def test_a_reloaded_key_is_used_by_the_next_call(tmp_path: Path) -> None:
             ("model-y", "completed"),
         ]
 
-        after = served.servicer.upstreams.clients()
+        after = served.servicer.clients.current()
         assert after["up-two"] is not before["up-two"]
         assert after["up-one"] is before["up-one"]  # untouched by the reload
         # Nothing was streaming on the replaced client: it is closed at once.
-        await eventually(lambda: _true(before["up-two"].closed))
+        await eventually(lambda: met(before["up-two"].closed))
 
 
 async def test_a_replaced_client_finishes_its_streams_before_it_closes(
@@ -292,28 +293,28 @@ async def test_a_replaced_client_finishes_its_streams_before_it_closes(
         slow = call("alpha", "smart", f"go on {directive(token_delay_ms=25, tokens=40)}")
         streaming = stub.Generate(slow)
         assert (await streaming.read()).WhichOneof("event") == "started"
-        old = servicer.upstreams.clients()["up-two"]
+        old = servicer.clients.current()["up-two"]
         assert old.active == 1
 
         # Same deployment under another name: a new base URL, so a new client.
         moved = two.base_url.replace("127.0.0.1", "localhost")
         write(tenants_file, document(one.base_url, moved))
-        await eventually(lambda: _true(tenants.version == 2), timeout_s=3.0)
-        assert "up-two" not in servicer.upstreams.clients()
+        await eventually(lambda: met(tenants.version == 2), timeout_s=3.0)
+        assert "up-two" not in servicer.clients.current()
         assert not old.closed
 
         fresh = await collect(stub, call("alpha", "smart"))
         assert (
             fresh[0].started.upstream == f"up-two ({host(two).replace('127.0.0.1', 'localhost')})"
         )
-        assert servicer.upstreams.clients()["up-two"] is not old
+        assert servicer.clients.current()["up-two"] is not old
         assert not old.closed  # the slow stream is still going
 
         rest: list[str] = []
         while (event := await streaming.read()) is not grpc.aio.EOF:
             rest.append(str(event.WhichOneof("event")))
         assert rest == ["text_delta"] * 40 + ["finished"]
-        await eventually(lambda: _true(old.closed))
+        await eventually(lambda: met(old.closed))
     assert [r["outcome"] for r in await two.streams()] == ["completed", "completed"]
 
 
@@ -325,10 +326,6 @@ async def test_a_reload_that_drops_a_tenant_denies_its_next_call(
         assert kinds(await collect(stub, call("beta", "fast")))[-1] == "finished"
         del data["tenants"]["beta"]
         write(tenants_file, data)
-        await eventually(lambda: _true(tenants.version == 2), timeout_s=3.0)
+        await eventually(lambda: met(tenants.version == 2), timeout_s=3.0)
         error, _ = await rpc_error(stub, call("beta", "fast"))
     assert trailers(error)[GRPC_CODE_KEY] == "permission_denied"
-
-
-async def _true(condition: bool) -> bool | None:
-    return True if condition else None

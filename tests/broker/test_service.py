@@ -14,27 +14,27 @@ import logging
 import math
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
 
-from switchboard.broker.translate import chat_request
-from switchboard.broker.upstream import (
+from switchboard.broker.chat_stream import (
     SseDecoder,
     retry_after_seconds,
     sanitize,
     upstream_host,
-    upstream_label,
 )
-from switchboard.broker.upstreams import UpstreamClient
+from switchboard.broker.clients import UpstreamClient
+from switchboard.broker.translate import chat_request
 from switchboard.config import BrokerSettings
 from switchboard.errors import GRPC_CODE_KEY, GRPC_RETRY_KEY
 from switchboard.tenancy import Upstream
 from tests.broker.harness import (
     B,
     C,
+    ManualContext,
     Stub,
     assistant,
     collect,
@@ -365,25 +365,12 @@ async def test_cancelled_reader_exits_the_response_and_closes_the_connection(
         await upstream.aclose()
 
 
-class _Context:
-    """Just enough of a grpc.aio ServicerContext to drive Generate by hand."""
-
-    def __init__(self) -> None:
-        self.callbacks: list[Callable[[Any], None]] = []
-
-    async def send_initial_metadata(self, metadata: Any) -> None:
-        self.metadata = metadata
-
-    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
-        self.callbacks.append(callback)
-
-
 async def test_done_callback_orphans_a_call_abandoned_at_a_yield(sim: RunningSimulator) -> None:
     # grpc.aio leaves the generator suspended at a `yield` when the cancellation
     # lands in its own write; the done callback must let go of the call anyway:
     # held, it runs on for an Attach; without a response id, its upstream closes.
     async with serving(dev_env(sim.base_url)) as (stub, servicer, _):
-        held, unheld = _Context(), _Context()
+        held, unheld = ManualContext(), ManualContext()
         request = generate_request(user(f"keep going {directive(token_delay_ms=20, tokens=20)}"))
         anonymous = long_reply()
         anonymous.response_id = ""
@@ -454,7 +441,6 @@ def test_retry_after_forms() -> None:
     assert retry_after_seconds({}) is None
 
 
-def test_label_and_host_drop_credentials_and_query() -> None:
-    assert upstream_label("https://u:p@example.com:8443/v1/?key=s") == "https://example.com:8443/v1"
+def test_the_host_drops_credentials_and_query() -> None:
     assert upstream_host("https://u:p@example.com:8443/v1/?key=s") == "example.com:8443"
     assert upstream_host("http://[::1]/v1") == "[::1]"

@@ -13,9 +13,9 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from switchboard import tracing
 from switchboard.broker.service import running
 from switchboard.config import BrokerSettings
+from switchboard.telemetry import tracing
 from switchboard.tenancy import hash_key, load_tenants
 from switchboard.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 from tests.tracing_support import one, parent_of, served, span_id, trace_id, wait_for_spans

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +46,9 @@ def stack(otlp_receiver: OtlpReceiver) -> Iterator[Stack]:
         simulator_args=["--ttft-ms", "20", "--token-delay-ms", "5", "--reply-tokens", "12"],
         redis_args=("--appendonly", "yes", "--appendfsync", "always"),
     )
-    stack.start()
-    try:
+    with stack:
         yield stack
-    finally:
-        stack.stop()
-    leaks = secret_leaks(stack)
-    assert not leaks, f"secret material in service logs: {leaks}"
+    assert_no_secret_leaks(stack)
 
 
 # Credential shapes Switchboard handles: tenant keys, ephemeral secrets, the
@@ -64,6 +59,12 @@ SECRET_PATTERNS = (
     re.compile(re.escape(SIMULATOR_KEY)),
     re.compile(r"whsec[-_][A-Za-z0-9_-]{16,}"),
 )
+
+
+def assert_no_secret_leaks(stack: Stack) -> None:
+    """Fail when a line of a service log of `stack` holds key or secret material."""
+    leaks = secret_leaks(stack)
+    assert not leaks, f"secret material in service logs: {leaks}"
 
 
 def secret_leaks(stack: Stack) -> list[str]:
@@ -150,16 +151,6 @@ tenants:
 {tenants}"""
     )
     return path
-
-
-@contextmanager
-def running(stack: Stack) -> Iterator[Stack]:
-    """Start the stack, stop it afterwards whatever happens."""
-    stack.start()
-    try:
-        yield stack
-    finally:
-        stack.stop()
 
 
 def connect(stack: Stack, *, key: str | None = None, **kwargs: Any) -> Any:

@@ -38,11 +38,8 @@ def stack() -> Iterator[Stack]:
             "SWITCHBOARD_GATEWAY_PING_TIMEOUT_S": "60",
         },
     )
-    stack.start()
-    try:
+    with stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 # Directive prefix: no delays, the reply length follows.

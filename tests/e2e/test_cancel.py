@@ -29,11 +29,8 @@ def stack() -> Iterator[Stack]:
         ports=Ports.free(),
         extra_env={"SWITCHBOARD_GATEWAY_DISCONNECT_GRACE_S": str(GRACE_S)},
     )
-    stack.start()
-    try:
+    with stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 async def stream_of(stack: Stack, marker: str) -> dict[str, Any]:

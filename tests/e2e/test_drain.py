@@ -28,11 +28,8 @@ def stack() -> Iterator[Stack]:
         simulator_args=["--ttft-ms", "30", "--token-delay-ms", "20", "--reply-tokens", "20"],
         extra_env={"SWITCHBOARD_GATEWAY_DRAIN_TIMEOUT_S": "10"},
     )
-    stack.start()
-    try:
+    with stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 class Client:

@@ -16,7 +16,7 @@ import pytest
 import websockets
 
 from switchboard.tenancy import hash_key, new_key
-from tests.e2e.conftest import RealtimeClient, reply_text, running, tenants_file
+from tests.e2e.conftest import RealtimeClient, reply_text, tenants_file
 from tools.stack import Ports, Stack
 
 STEADY_KEY, BRIEF_KEY = new_key(), new_key()
@@ -46,7 +46,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "SWITCHBOARD_GATEWAY_PING_TIMEOUT_S": "0.5",
         },
     )
-    with running(stack):
+    with stack:
         yield stack
 
 

@@ -11,7 +11,7 @@ import pytest
 import websockets
 
 from switchboard.tenancy import hash_key, new_key
-from tests.e2e.conftest import RealtimeClient, running, tenants_file
+from tests.e2e.conftest import RealtimeClient, tenants_file
 from tools.stack import Ports, Stack
 
 RATED_KEY, BUDGET_KEY, CROWD_KEY = new_key(), new_key(), new_key()
@@ -40,13 +40,11 @@ TENANTS = f"""
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     ports = Ports.free()
     path = tenants_file(tmp_path_factory.mktemp("tenants"), ports, TENANTS)
-    with running(
-        Stack(
-            ports=ports,
-            replicas=2,
-            simulator_args=["--ttft-ms", "20", "--token-delay-ms", "2", "--reply-tokens", "30"],
-            extra_env={"SWITCHBOARD_TENANTS_FILE": str(path)},
-        )
+    with Stack(
+        ports=ports,
+        replicas=2,
+        simulator_args=["--ttft-ms", "20", "--token-delay-ms", "2", "--reply-tokens", "30"],
+        extra_env={"SWITCHBOARD_TENANTS_FILE": str(path)},
     ) as stack:
         yield stack
 

@@ -27,7 +27,7 @@ import websockets
 
 from switchboard.tenancy import hash_key, new_key
 from tests.deploy.test_alerts import ALERTS, rules
-from tests.e2e.conftest import RealtimeClient, running, secret_leaks, tenants_file
+from tests.e2e.conftest import RealtimeClient, assert_no_secret_leaks, tenants_file
 from tools.dashboards.queries import (
     all_values,
     label_values_query,
@@ -178,7 +178,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         simulator_args=["--ttft-ms", "30", "--token-delay-ms", "5", "--reply-tokens", "12"],
         extra_env={"SWITCHBOARD_TENANTS_FILE": str(path)},
     )
-    with running(stack), PrometheusServer(targets(ports), rule_files=[ALERTS]) as prometheus:
+    with stack, PrometheusServer(targets(ports), rule_files=[ALERTS]) as prometheus:
 
         async def load() -> None:
             for run in (1, 2):
@@ -188,8 +188,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         started = time.time()
         asyncio.run(load())
         yield Observed(stack, prometheus, started, time.time())
-    leaks = secret_leaks(stack)
-    assert not leaks, f"secret material in service logs: {leaks}"
+    assert_no_secret_leaks(stack)
 
 
 def finite(samples: list[dict[str, Any]]) -> bool:

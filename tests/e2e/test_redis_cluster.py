@@ -13,7 +13,7 @@ import websockets
 from openai import AsyncOpenAI
 
 from switchboard.tenancy import hash_key, new_key
-from tests.e2e.conftest import RealtimeClient, reply_text, running, tenants_file
+from tests.e2e.conftest import RealtimeClient, reply_text, tenants_file
 from tests.e2e.test_limits_replicas import BUDGET, MAX_OUTPUT, one_response
 from tools.stack import Ports, Stack
 
@@ -41,14 +41,12 @@ TENANTS = f"""
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     ports = Ports.free()
     path = tenants_file(tmp_path_factory.mktemp("tenants"), ports, TENANTS)
-    with running(
-        Stack(
-            ports=ports,
-            replicas=2,
-            redis_cluster=True,
-            simulator_args=["--ttft-ms", "10", "--token-delay-ms", "1", "--reply-tokens", "12"],
-            extra_env={"SWITCHBOARD_TENANTS_FILE": str(path)},
-        )
+    with Stack(
+        ports=ports,
+        replicas=2,
+        redis_cluster=True,
+        simulator_args=["--ttft-ms", "10", "--token-delay-ms", "1", "--reply-tokens", "12"],
+        extra_env={"SWITCHBOARD_TENANTS_FILE": str(path)},
     ) as stack:
         yield stack
 

@@ -38,11 +38,8 @@ def stack() -> Iterator[Stack]:
             "SWITCHBOARD_BROKER_ORPHAN_GRACE_S": ORPHAN_GRACE_S,
         },
     )
-    stack.start()
-    try:
+    with stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def url(stack: Stack, gateway: int, **query: str) -> str:

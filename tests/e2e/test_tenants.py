@@ -56,11 +56,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tenants = tmp_path_factory.mktemp("tenants") / "tenants.yaml"
     tenants.write_text(tenants_document(ports.simulator, with_gone=True))
     stack = Stack(ports=ports, extra_env={"SWITCHBOARD_TENANTS_FILE": str(tenants)})
-    stack.start()
-    try:
+    with stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 async def open_client(stack: Stack, key: str, model: str) -> RealtimeClient:

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from switchboard import tracing
+from switchboard.telemetry import tracing
 from tests.e2e.conftest import RealtimeClient, connect
 from tests.e2e.test_tools import calls, of_type, until_done
 from tools.otlp_receiver import OtlpReceiver, ReceivedSpan

@@ -34,7 +34,7 @@ import pytest
 import websockets
 
 from switchboard.tenancy import hash_key, new_key
-from tests.e2e.conftest import RealtimeClient, reply_text, secret_leaks
+from tests.e2e.conftest import RealtimeClient, assert_no_secret_leaks, reply_text
 from tools.redis_server import free_port
 from tools.stack import Ports, Stack
 
@@ -100,13 +100,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "SWITCHBOARD_BROKER_RETRY_BACKOFF_S": "0.05",
         },
     )
-    stack.start()
-    try:
+    with stack:
         yield stack
-    finally:
-        stack.stop()
-    leaks = secret_leaks(stack)
-    assert not leaks, f"secret material in service logs: {leaks}"
+    assert_no_secret_leaks(stack)
 
 
 class Simulator:

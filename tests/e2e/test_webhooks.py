@@ -15,7 +15,7 @@ from aiohttp import web
 
 from switchboard.tenancy import hash_key, new_key
 from switchboard.toolexec.signing import SIGNATURE_HEADER, verify_signature
-from tests.e2e.conftest import RealtimeClient, reply_text, running, tenants_file
+from tests.e2e.conftest import RealtimeClient, reply_text, tenants_file
 from tools.redis_server import free_port
 from tools.stack import Ports, Stack
 
@@ -54,7 +54,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         preamble='allow_private_hosts: ["127.0.0.1"]',
     )
     env = {"SWITCHBOARD_TENANTS_FILE": str(path), "E2E_WEBHOOK_SECRET": SECRET}
-    with running(Stack(ports=ports, extra_env=env)) as stack:
+    with Stack(ports=ports, extra_env=env) as stack:
         yield stack
 
 

@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import re
-
 from switchboard.gateway.metrics import DISCONNECT_REASONS, GatewayMetrics, refusal_reason
-
-NAME = re.compile(r"switchboard_gateway_[a-z][a-z0-9_]*")
-UNIT_SUFFIXES = ("_seconds", "_bytes", "_total", "_active")
-BOUNDED_LABELS = {"model", "status", "direction", "reason", "code", "tier"}
+from tests.metrics_support import conventional_families
 
 
 def test_names_types_and_labels_follow_the_conventions() -> None:
     metrics = GatewayMetrics()
-    families = list(metrics.registry.collect())
+    families = conventional_families(
+        metrics.registry,
+        service="gateway",
+        gauge_suffixes=("_seconds", "_bytes", "_total", "_active"),
+        labels={"model", "status", "direction", "reason", "code", "tier"},
+        histogram_suffixes=("_seconds", "_bytes"),
+    )
     assert len(families) >= 10
-    for family in families:
-        assert NAME.fullmatch(family.name), family.name
-        if family.type == "counter":
-            # prometheus_client strips `_total` from the family name; samples carry it.
-            assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
-        elif family.type == "histogram":
-            assert family.name.endswith(("_seconds", "_bytes")), family.name
-        else:
-            assert family.name.endswith(UNIT_SUFFIXES), family.name
-        for sample in family.samples:
-            labels = set(sample.labels) - {"le"}
-            assert labels <= BOUNDED_LABELS, (family.name, labels)
-        assert family.documentation, family.name
 
 
 def test_every_disconnect_reason_is_exported_from_the_start() -> None:

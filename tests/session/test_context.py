@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 from switchboard.session.context import (
     ITEM_OVERHEAD_TOKENS,
     build_context,
-    estimate_tokens,
     group_turns,
     instructions_tokens,
     item_tokens,
@@ -45,13 +42,6 @@ def output(item_id: str, call_id: str = "") -> C.Item:
 
 def ids(items: list[C.Item]) -> list[str]:
     return [item.id for item in items]
-
-
-@pytest.mark.parametrize(
-    ("text", "tokens"), [("", 0), ("a", 1), ("abcd", 1), ("abcde", 2), ("x" * 400, 100)]
-)
-def test_estimate_tokens_is_ceil_of_chars_over_four(text: str, tokens: int) -> None:
-    assert estimate_tokens(text) == tokens
 
 
 def test_item_tokens_count_every_text_field_plus_overhead() -> None:

@@ -3,36 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import grpc
 import pytest
 
 from switchboard import rpc
-from switchboard.redis_client import redis_client
 from switchboard.session.metrics import SessionMetrics
 from switchboard.session.service import SessionServicer
 from switchboard.session.store import SessionStore
-from switchboard.v1 import session_pb2, session_pb2_grpc
-from tests.session.test_service import Stub, create, eventually, rpc_error, start_server
+from switchboard.v1 import session_pb2_grpc
+from tests.metrics_support import conventional_families
+from tests.session.support import S, Stub, create, eventually, rpc_error, run_main, start_server
 from tools.redis_server import RedisServer, free_port
-
-ROOT = Path(__file__).resolve().parents[2]
-S = session_pb2
-
-
-@pytest.fixture
-async def store(redis_server: RedisServer) -> AsyncIterator[SessionStore]:
-    client = redis_client(redis_server.url)
-    yield SessionStore(client, ttl_s=600)
-    await client.aclose()
 
 
 @pytest.fixture
@@ -87,14 +74,7 @@ async def test_the_service_serves_metrics_and_counts_a_redis_outage() -> None:
         "SWITCHBOARD_SESSION_LISTEN": address,
         "SWITCHBOARD_SESSION_METRICS_LISTEN": metrics_address,
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "switchboard.session"],
-        env={**os.environ, **env},
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = run_main(env, stdout=subprocess.DEVNULL)
     try:
         async with aiohttp.ClientSession() as http, rpc.channel(address) as channel:
 
@@ -139,26 +119,15 @@ async def test_the_service_serves_metrics_and_counts_a_redis_outage() -> None:
         redis.close()
 
 
-NAME = re.compile(r"switchboard_session_[a-z][a-z0-9_]*")
-BOUNDED_LABELS = {"method", "outcome", "error"}
-
-
 def test_names_types_and_labels_follow_the_conventions() -> None:
     metrics = SessionMetrics()
     # Labelled families show their samples (and so their labels) once used.
     metrics.observe("GetSession", "ok", 0.001)
     metrics.redis_errors.labels("ConnectionError").inc()
-    families = list(metrics.registry.collect())
+    families = conventional_families(
+        metrics.registry,
+        service="session",
+        gauge_suffixes=("_up",),
+        labels={"method", "outcome", "error"},
+    )
     assert len(families) == 4
-    for family in families:
-        assert NAME.fullmatch(family.name), family.name
-        if family.type == "counter":
-            # prometheus_client strips `_total` from the family name; samples carry it.
-            assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
-        elif family.type == "histogram":
-            assert family.name.endswith("_seconds"), family.name
-        else:
-            assert family.name.endswith("_up"), family.name
-        for sample in family.samples:
-            assert set(sample.labels) - {"le"} <= BOUNDED_LABELS, (family.name, sample.labels)
-        assert family.documentation, family.name

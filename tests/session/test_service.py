@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import subprocess
-import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -22,33 +17,20 @@ from switchboard.errors import GRPC_CODE_KEY, GRPC_PARAM_KEY
 from switchboard.redis_client import redis_client
 from switchboard.session.service import SERVICE_NAME, SessionServicer
 from switchboard.session.store import SessionStore
-from switchboard.v1 import common_pb2, session_pb2, session_pb2_grpc
+from switchboard.v1 import session_pb2_grpc
+from tests.session.support import (
+    C,
+    S,
+    Stub,
+    create,
+    eventually,
+    message,
+    rpc_error,
+    run_main,
+    start_server,
+    trailers,
+)
 from tools.redis_server import RedisServer, free_port
-
-ROOT = Path(__file__).resolve().parents[2]
-C = common_pb2
-S = session_pb2
-Stub = Any  # session_pb2_grpc.SessionServiceAsyncStub
-
-
-@pytest.fixture
-def tenant() -> str:
-    return f"t-{uuid.uuid4().hex[:12]}"
-
-
-async def start_server(servicer: SessionServicer) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server()
-    servicer.register(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, port
-
-
-@pytest.fixture
-async def store(redis_server: RedisServer) -> AsyncIterator[SessionStore]:
-    client = redis_client(redis_server.url)
-    yield SessionStore(client, ttl_s=600)
-    await client.aclose()
 
 
 @pytest.fixture
@@ -57,32 +39,6 @@ async def stub(store: SessionStore) -> AsyncIterator[Stub]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield session_pb2_grpc.SessionServiceStub(channel)
     await server.stop(None)
-
-
-async def rpc_error(call: Awaitable[object]) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    return caught.value
-
-
-def trailers(error: grpc.aio.AioRpcError) -> dict[str, str]:
-    return {key: value for key, value in error.trailing_metadata() or ()}
-
-
-def message(item_id: str = "", text: str = "hi", role: int = C.ROLE_USER) -> C.Item:
-    kind = C.CONTENT_TYPE_INPUT_TEXT if role == C.ROLE_USER else C.CONTENT_TYPE_OUTPUT_TEXT
-    return C.Item(
-        id=item_id,
-        type=C.ITEM_TYPE_MESSAGE,
-        role=role,
-        content=[C.ContentPart(type=kind, text=text)],
-    )
-
-
-async def create(stub: Stub, tenant: str, **config: Any) -> S.Session:
-    return await stub.CreateSession(
-        S.CreateSessionRequest(tenant_id=tenant, config=S.SessionConfig(**config))
-    )
 
 
 async def append(
@@ -95,15 +51,17 @@ async def append(
 
 
 async def listed(stub: Stub, tenant: str, session_id: str) -> list[str]:
-    reply = await stub.ListItems(S.ListItemsRequest(tenant_id=tenant, session_id=session_id))
-    return [item.id for item in reply.items]
+    """The ids of the session's items in order (all of them: the budget holds them all)."""
+    request = S.BuildContextRequest(
+        tenant_id=tenant, session_id=session_id, max_context_tokens=1_000_000
+    )
+    context = await stub.BuildContext(request)
+    assert context.dropped_items == 0
+    return [item.id for item in context.items]
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
+def one_append(**fields: Any) -> S.AppendEventsBatchRequest:
+    return S.AppendEventsBatchRequest(appends=[S.AppendEventsRequest(**fields)])
 
 
 async def test_session_lifecycle(stub: Stub, tenant: str) -> None:
@@ -118,9 +76,8 @@ async def test_session_lifecycle(stub: Stub, tenant: str) -> None:
         )
     )
     assert updated.config == S.SessionConfig(model="m2")
-    await stub.DeleteSession(S.DeleteSessionRequest(tenant_id=tenant, session_id=session.id))
     error = await rpc_error(
-        stub.GetSession(S.GetSessionRequest(tenant_id=tenant, session_id=session.id))
+        stub.GetSession(S.GetSessionRequest(tenant_id=tenant, session_id="sess_missing"))
     )
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert trailers(error)[GRPC_CODE_KEY] == "session_not_found"
@@ -137,16 +94,16 @@ async def test_tenant_b_cannot_touch_tenant_a(stub: Stub, tenant: str) -> None:
         lambda: stub.AppendItem(S.AppendItemRequest(**ids, item=message("b1"))),
         lambda: stub.GetItem(S.GetItemRequest(**ids, item_id="a1")),
         lambda: stub.DeleteItem(S.DeleteItemRequest(**ids, item_id="a1")),
-        lambda: stub.ListItems(S.ListItemsRequest(**ids)),
         lambda: stub.BuildContext(S.BuildContextRequest(**ids)),
-        lambda: stub.AppendEvents(S.AppendEventsRequest(**ids, events=[S.SessionEvent()])),
         lambda: stub.ReadEvents(S.ReadEventsRequest(**ids)),
-        lambda: stub.DeleteSession(S.DeleteSessionRequest(**ids)),
     ]
     for call in calls:
         error = await rpc_error(call())
         assert error.code() == grpc.StatusCode.NOT_FOUND
         assert trailers(error)[GRPC_CODE_KEY] == "session_not_found"
+    # A batch answers each append on its own, in its result.
+    batch = await stub.AppendEventsBatch(one_append(**ids, events=[S.SessionEvent()]))
+    assert [r.error_code for r in batch.results] == [C.ERROR_CODE_SESSION_NOT_FOUND]
     assert await listed(stub, tenant, session.id) == ["a1"]
     item = await stub.GetItem(
         S.GetItemRequest(tenant_id=tenant, session_id=session.id, item_id="a1")
@@ -233,13 +190,12 @@ async def test_event_log_seq_and_paging(stub: Stub, tenant: str) -> None:
     def batch(*names: str) -> list[S.SessionEvent]:
         return [S.SessionEvent(event_id=n, payload=n.encode()) for n in names]
 
-    assert (
-        await stub.AppendEvents(S.AppendEventsRequest(**ids, events=batch("a", "b")))
-    ).last_seq == 2
+    first = await stub.AppendEventsBatch(one_append(**ids, events=batch("a", "b")))
+    assert [r.last_seq for r in first.results] == [2]
     replies = await asyncio.gather(
-        *(stub.AppendEvents(S.AppendEventsRequest(**ids, events=batch(f"c{i}"))) for i in range(8))
+        *(stub.AppendEventsBatch(one_append(**ids, events=batch(f"c{i}"))) for i in range(8))
     )
-    assert sorted(r.last_seq for r in replies) == list(range(3, 11))
+    assert sorted(r.results[0].last_seq for r in replies) == list(range(3, 11))
     assert (await stub.GetSession(S.GetSessionRequest(**ids))).last_event_seq == 10
 
     page = await stub.ReadEvents(S.ReadEventsRequest(**ids, after_seq=0, limit=4))
@@ -332,17 +288,6 @@ async def test_redis_down_fails_fast_reports_not_serving_and_recovers() -> None:
         await serving
         await client.aclose()
         redis.close()
-
-
-def run_main(env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "switchboard.session"],
-        env={**os.environ, **env},
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def test_bad_configuration_exits_2_with_one_line() -> None:

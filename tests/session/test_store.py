@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 from redis.asyncio import Redis
@@ -22,51 +21,17 @@ from switchboard.errors import (
 from switchboard.redis_client import redis_client
 from switchboard.session.keys import session_keys
 from switchboard.session.store import SessionStore
-from switchboard.v1 import common_pb2, session_pb2
+from switchboard.v1 import session_pb2
+from tests.session.support import TTL_S, C, append_events, event, message
 from tools.redis_server import RedisServer
-
-TTL_S = 600
-C = common_pb2
-
-
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    redis = redis_client(redis_server.url)
-    yield redis
-    await redis.aclose()
-
-
-@pytest.fixture
-def store(client: Redis) -> SessionStore:
-    return SessionStore(client, ttl_s=TTL_S)
-
-
-@pytest.fixture
-def tenant() -> str:
-    """A tenant of this test alone: the Redis server is shared by the whole run."""
-    return f"t-{uuid.uuid4().hex[:12]}"
-
-
-def message(item_id: str = "", text: str = "hi") -> C.Item:
-    return C.Item(
-        id=item_id,
-        type=C.ITEM_TYPE_MESSAGE,
-        role=C.ROLE_USER,
-        content=[C.ContentPart(type=C.CONTENT_TYPE_INPUT_TEXT, text=text)],
-    )
-
-
-def event(event_id: str, seq: int = 0) -> session_pb2.SessionEvent:
-    return session_pb2.SessionEvent(
-        seq=seq, event_id=event_id, payload=f'{{"id":"{event_id}"}}'.encode()
-    )
 
 
 async def item_ids(store: SessionStore, tenant: str, session_id: str) -> list[str]:
-    return [item.id for item in await store.list_items(tenant, session_id)]
+    _, items = await store.load_conversation(tenant, session_id)
+    return [item.id for item in items]
 
 
-async def test_create_get_update_delete(store: SessionStore, tenant: str) -> None:
+async def test_create_get_update(store: SessionStore, tenant: str) -> None:
     config = session_pb2.SessionConfig(model="gpt-realtime", instructions="be brief")
     before_ms = int(time.time() * 1000)
     created = await store.create_session(tenant, config)
@@ -87,13 +52,8 @@ async def test_create_get_update_delete(store: SessionStore, tenant: str) -> Non
     assert updated.config == new_config
     assert (await store.get_session(tenant, created.id)).config == new_config
 
-    await store.append_item(tenant, created.id, message("m1"))
-    await store.delete_session(tenant, created.id)
     with pytest.raises(SessionNotFound):
-        await store.get_session(tenant, created.id)
-    with pytest.raises(SessionNotFound):
-        await store.delete_session(tenant, created.id)
-    assert await store._redis.exists(*session_keys(tenant, created.id)) == 0
+        await store.get_session(tenant, "sess_missing")
 
 
 async def test_session_ids_are_unique_and_unguessable(store: SessionStore, tenant: str) -> None:
@@ -106,7 +66,7 @@ async def test_all_keys_share_one_cluster_slot_and_are_tenant_scoped(
 ) -> None:
     session = await store.create_session(tenant, session_pb2.SessionConfig())
     await store.append_item(tenant, session.id, message("m1"))
-    await store.append_events(tenant, session.id, [event("e1")])
+    await append_events(store, tenant, session.id, [event("e1")])
     keys = sorted(k.decode() for k in await client.keys(f"sb:{{{tenant}:*"))
     prefix = f"sb:{{{tenant}:{session.id}}}"
     assert keys == [f"{prefix}:events", f"{prefix}:items", f"{prefix}:meta", f"{prefix}:order"]
@@ -119,11 +79,11 @@ async def test_every_write_refreshes_the_ttl_of_every_key(
     session = await store.create_session(tenant, session_pb2.SessionConfig())
     keys = session_keys(tenant, session.id)
     await store.append_item(tenant, session.id, message("m1"))
-    await store.append_events(tenant, session.id, [event("e1")])
+    await append_events(store, tenant, session.id, [event("e1")])
     writes = [
         lambda: store.append_item(tenant, session.id, message()),
         lambda: store.update_session(tenant, session.id, session_pb2.SessionConfig(model="m")),
-        lambda: store.append_events(tenant, session.id, [event("e2")]),
+        lambda: append_events(store, tenant, session.id, [event("e2")]),
         lambda: store.delete_item(tenant, session.id, "m1"),
     ]
     for write in writes:
@@ -147,10 +107,9 @@ async def test_another_tenant_sees_nothing(store: SessionStore, tenant: str) -> 
         lambda: store.append_item(other, session.id, message("m2")),
         lambda: store.get_item(other, session.id, "m1"),
         lambda: store.delete_item(other, session.id, "m1"),
-        lambda: store.list_items(other, session.id),
-        lambda: store.append_events(other, session.id, [event("e")]),
-        lambda: store.read_events(other, session.id),
-        lambda: store.delete_session(other, session.id),
+        lambda: store.load_conversation(other, session.id),
+        lambda: append_events(store, other, session.id, [event("e")]),
+        lambda: store.events.read(other, session.id),
     ]
     for call in calls:
         with pytest.raises(SessionNotFound):
@@ -240,11 +199,11 @@ async def test_concurrent_appends_are_each_kept_once(store: SessionStore, tenant
 async def test_events_get_increasing_seq_from_one(store: SessionStore, tenant: str) -> None:
     session = await store.create_session(tenant, session_pb2.SessionConfig())
     sid = session.id
-    assert await store.read_events(tenant, sid) == ([], 0, 0)
-    assert await store.append_events(tenant, sid, [event("e1"), event("e2")]) == 2
-    assert await store.append_events(tenant, sid, [event("e3")]) == 3
-    assert await store.append_events(tenant, sid, []) == 3
-    events, last, _ = await store.read_events(tenant, sid)
+    assert await store.events.read(tenant, sid) == ([], 0, 0)
+    assert await append_events(store, tenant, sid, [event("e1"), event("e2")]) == 2
+    assert await append_events(store, tenant, sid, [event("e3")]) == 3
+    assert await append_events(store, tenant, sid, []) == 3
+    events, last, _ = await store.events.read(tenant, sid)
     assert [(e.seq, e.event_id) for e in events] == [(1, "e1"), (2, "e2"), (3, "e3")]
     assert events[0].payload == b'{"id":"e1"}'
     assert last == 3
@@ -254,22 +213,22 @@ async def test_events_get_increasing_seq_from_one(store: SessionStore, tenant: s
 async def test_events_keep_the_seq_their_writer_gives(store: SessionStore, tenant: str) -> None:
     session = await store.create_session(tenant, session_pb2.SessionConfig())
     sid = session.id
-    assert await store.append_events(tenant, sid, [event("e5", seq=5), event("e9", seq=9)]) == 9
-    assert await store.append_events(tenant, sid, [event("next")]) == 10
+    assert await append_events(store, tenant, sid, [event("e5", seq=5), event("e9", seq=9)]) == 9
+    assert await append_events(store, tenant, sid, [event("next")]) == 10
     # Not increasing, or not above the last: refused, and nothing of the batch written.
     for batch in ([event("x", seq=12), event("y", seq=11)], [event("z", seq=10)]):
         with pytest.raises(InvalidRequest) as refused:
-            await store.append_events(tenant, sid, batch)
+            await append_events(store, tenant, sid, batch)
         assert refused.value.param == "events.seq"
-    events, last, _ = await store.read_events(tenant, sid)
+    events, last, _ = await store.events.read(tenant, sid)
     assert [(e.seq, e.event_id) for e in events] == [(5, "e5"), (9, "e9"), (10, "next")]
     assert last == 10
     # The writer marks the response in progress with its events; "" ends it.
     assert (await store.get_session(tenant, sid)).open_response_id == ""
-    await store.append_events(tenant, sid, [event("r1")], open_response_id="resp_1")
-    await store.append_events(tenant, sid, [event("r2")])
+    await append_events(store, tenant, sid, [event("r1")], open_response_id="resp_1")
+    await append_events(store, tenant, sid, [event("r2")])
     assert (await store.get_session(tenant, sid)).open_response_id == "resp_1"
-    await store.append_events(tenant, sid, [], open_response_id="")
+    await append_events(store, tenant, sid, [], open_response_id="")
     assert (await store.get_session(tenant, sid)).open_response_id == ""
 
 
@@ -278,26 +237,31 @@ async def test_the_open_response_keeps_its_seq_and_the_broker_noted_for_it(
 ) -> None:
     sid = (await store.create_session(tenant, session_pb2.SessionConfig())).id
     # The broker note may come first (it travels apart from the events)...
-    await store.append_events(tenant, sid, [], broker=("resp_1", "10.0.0.7:50052"))
+    await append_events(store, tenant, sid, [], broker=("resp_1", "10.0.0.7:50052"))
     assert (await store.get_session(tenant, sid)).open_response_broker == ""
-    await store.append_events(
-        tenant, sid, [event("c1"), event("c2")], open_response_id="resp_1", open_response_seq=2
+    await append_events(
+        store,
+        tenant,
+        sid,
+        [event("c1"), event("c2")],
+        open_response_id="resp_1",
+        open_response_seq=2,
     )
     opened = await store.get_session(tenant, sid)
     assert (opened.open_response_id, opened.open_response_seq) == ("resp_1", 2)
     assert opened.open_response_broker == "10.0.0.7:50052"
     # ...or after the response ended: it never reopens it, nor names a later one's broker.
-    await store.append_events(tenant, sid, [event("d1")], open_response_id="")
-    await store.append_events(
-        tenant, sid, [event("c3")], open_response_id="resp_2", open_response_seq=4
+    await append_events(store, tenant, sid, [event("d1")], open_response_id="")
+    await append_events(
+        store, tenant, sid, [event("c3")], open_response_id="resp_2", open_response_seq=4
     )
-    await store.append_events(tenant, sid, [], broker=("resp_1", "10.0.0.8:50052"))
+    await append_events(store, tenant, sid, [], broker=("resp_1", "10.0.0.8:50052"))
     later = await store.get_session(tenant, sid)
     assert (later.open_response_id, later.open_response_seq) == ("resp_2", 4)
     assert later.open_response_broker == ""
-    await store.append_events(tenant, sid, [], broker=("resp_2", "10.0.0.9:50052"))
+    await append_events(store, tenant, sid, [], broker=("resp_2", "10.0.0.9:50052"))
     assert (await store.get_session(tenant, sid)).open_response_broker == "10.0.0.9:50052"
-    await store.append_events(tenant, sid, [event("d2")], open_response_id="")
+    await append_events(store, tenant, sid, [event("d2")], open_response_id="")
     ended = await store.get_session(tenant, sid)
     assert (ended.open_response_id, ended.open_response_seq, ended.open_response_broker) == (
         "",
@@ -310,46 +274,46 @@ async def test_the_writer_lease_fences_appends_and_hands_over(
     store: SessionStore, tenant: str
 ) -> None:
     sid = (await store.create_session(tenant, session_pb2.SessionConfig())).id
-    first = await store.claim_session(tenant, sid, "conn-a", 10_000)
+    first = await store.events.claim(tenant, sid, "conn-a", 10_000)
     assert (first.claimed, first.handoff_requested, first.last_event_seq) == (True, False, 0)
-    assert await store.append_events(tenant, sid, [event("a1")], holder="conn-a", lease_ms=10_000)
+    assert await append_events(store, tenant, sid, [event("a1")], holder="conn-a", lease_ms=10_000)
     # B cannot claim or write while A holds the lease; its claim asks A to hand over.
-    second = await store.claim_session(tenant, sid, "conn-b", 10_000)
+    second = await store.events.claim(tenant, sid, "conn-b", 10_000)
     assert (second.claimed, second.last_event_seq) == (False, 1)
     with pytest.raises(SessionTakenOver):
-        await store.append_events(tenant, sid, [event("b1")], holder="conn-b", lease_ms=10_000)
-    renewed = await store.claim_session(tenant, sid, "conn-a", 10_000)
+        await append_events(store, tenant, sid, [event("b1")], holder="conn-b", lease_ms=10_000)
+    renewed = await store.events.claim(tenant, sid, "conn-a", 10_000)
     assert (renewed.claimed, renewed.handoff_requested) == (True, True)
     # A releases; B claims, and A's next write is refused: one writer at a time.
-    await store.release_session(tenant, sid, "conn-b")  # not B's to release: no effect
-    assert not (await store.claim_session(tenant, sid, "conn-b", 10_000)).claimed
-    await store.release_session(tenant, sid, "conn-a")
-    taken = await store.claim_session(tenant, sid, "conn-b", 10_000)
+    await store.events.release(tenant, sid, "conn-b")  # not B's to release: no effect
+    assert not (await store.events.claim(tenant, sid, "conn-b", 10_000)).claimed
+    await store.events.release(tenant, sid, "conn-a")
+    taken = await store.events.claim(tenant, sid, "conn-b", 10_000)
     assert (taken.claimed, taken.handoff_requested) == (True, False)
     with pytest.raises(SessionTakenOver):
-        await store.append_events(tenant, sid, [event("a2")], holder="conn-a", lease_ms=10_000)
-    assert await store.append_events(tenant, sid, [event("b1")], holder="conn-b") == 2
-    events, _, _ = await store.read_events(tenant, sid)
+        await append_events(store, tenant, sid, [event("a2")], holder="conn-a", lease_ms=10_000)
+    assert await append_events(store, tenant, sid, [event("b1")], holder="conn-b") == 2
+    events, _, _ = await store.events.read(tenant, sid)
     assert [e.event_id for e in events] == ["a1", "b1"]
 
 
 async def test_an_expired_lease_is_free_to_claim(store: SessionStore, tenant: str) -> None:
     sid = (await store.create_session(tenant, session_pb2.SessionConfig())).id
-    assert (await store.claim_session(tenant, sid, "dead-gateway", 200)).claimed
-    assert not (await store.claim_session(tenant, sid, "next", 10_000)).claimed
+    assert (await store.events.claim(tenant, sid, "dead-gateway", 200)).claimed
+    assert not (await store.events.claim(tenant, sid, "next", 10_000)).claimed
     await asyncio.sleep(0.3)
-    assert (await store.claim_session(tenant, sid, "next", 10_000)).claimed
+    assert (await store.events.claim(tenant, sid, "next", 10_000)).claimed
     with pytest.raises(SessionNotFound):
-        await store.claim_session(tenant, "sess_missing", "next", 10_000)
+        await store.events.claim(tenant, "sess_missing", "next", 10_000)
 
 
 async def test_read_events_pages(store: SessionStore, tenant: str) -> None:
     session = await store.create_session(tenant, session_pb2.SessionConfig())
-    await store.append_events(tenant, session.id, [event(f"e{i}") for i in range(1, 11)])
+    await append_events(store, tenant, session.id, [event(f"e{i}") for i in range(1, 11)])
     seen: list[int] = []
     after = 0
     while True:
-        page, last, _ = await store.read_events(tenant, session.id, after_seq=after, limit=4)
+        page, last, _ = await store.events.read(tenant, session.id, after_seq=after, limit=4)
         assert last == 10
         if not page:
             break
@@ -363,8 +327,8 @@ async def test_event_log_keeps_the_newest_max_events(client: Redis, tenant: str)
     store = SessionStore(client, ttl_s=TTL_S, max_events=5)
     session = await store.create_session(tenant, session_pb2.SessionConfig())
     for i in range(1, 9):
-        await store.append_events(tenant, session.id, [event(f"e{i}")])
-    events, last, trimmed = await store.read_events(tenant, session.id)
+        await append_events(store, tenant, session.id, [event(f"e{i}")])
+    events, last, trimmed = await store.events.read(tenant, session.id)
     assert [e.seq for e in events] == [4, 5, 6, 7, 8]
     assert last == 8
     # A reader can tell what it missed: everything up to seq 3 is gone.
@@ -374,8 +338,8 @@ async def test_event_log_keeps_the_newest_max_events(client: Redis, tenant: str)
 async def test_concurrent_event_batches_never_share_a_seq(store: SessionStore, tenant: str) -> None:
     session = await store.create_session(tenant, session_pb2.SessionConfig())
     batches = [[event(f"b{b}-{i}") for i in range(3)] for b in range(20)]
-    await asyncio.gather(*(store.append_events(tenant, session.id, batch) for batch in batches))
-    events, last, _ = await store.read_events(tenant, session.id)
+    await asyncio.gather(*(append_events(store, tenant, session.id, batch) for batch in batches))
+    events, last, _ = await store.events.read(tenant, session.id)
     assert [e.seq for e in events] == list(range(1, 61))
     assert last == 60
     # Each batch got a contiguous run of seqs, in its own order.

@@ -1,14 +1,23 @@
-"""Helpers of the webhook, config and Redis tests: tools files, servicers, gRPC stubs."""
+"""What the toolexec tests share: tools files, servicers, gRPC stubs, the real process."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 
+from switchboard import rpc
 from switchboard.toolexec.builtins import builtin_registry
 from switchboard.toolexec.catalog import Catalog
 from switchboard.toolexec.results import ResultStore
@@ -18,6 +27,7 @@ from switchboard.toolexec.webhooks import WebhookClient
 from switchboard.v1 import common_pb2, toolexec_pb2, toolexec_pb2_grpc
 from tests.toolexec.receiver import SECRET
 
+ROOT = Path(__file__).resolve().parents[2]
 T = toolexec_pb2
 C = common_pb2
 Stub = Any  # toolexec_pb2_grpc.ToolExecServiceAsyncStub exists only for type checkers
@@ -107,3 +117,62 @@ async def execute(
 async def listed(stub: Stub, tenant: str) -> list[str]:
     reply = await stub.ListTools(T.ListToolsRequest(tenant_id=tenant))
     return [tool.name for tool in reply.tools]
+
+
+def clean_environ(**overrides: str) -> dict[str, str]:
+    """os.environ without any SWITCHBOARD_ setting, plus `overrides`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+    env.update(overrides)
+    return env
+
+
+def run_toolexec(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`python -m switchboard.toolexec` with `env`, for a process expected to exit by itself."""
+    return subprocess.run(
+        [sys.executable, "-m", "switchboard.toolexec"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@dataclass
+class Process:
+    """A toolexec process started by `toolexec_process`; `returncode` and
+    `stderr` are set once it has stopped."""
+
+    stub: Stub
+    returncode: int | None = None
+    stderr: str = ""
+
+
+@asynccontextmanager
+async def toolexec_process(env: dict[str, str], port: int) -> AsyncIterator[Process]:
+    """`python -m switchboard.toolexec` with `env`, listening on `port`, once it is healthy.
+
+    On exit it gets SIGTERM and is waited for; its exit status and log are then
+    on the yielded `Process`.
+    """
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "switchboard.toolexec",
+        env=env,
+        cwd=ROOT,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    channel = rpc.channel(f"127.0.0.1:{port}")
+    running = Process(toolexec_pb2_grpc.ToolExecServiceStub(channel))
+    try:
+        deadline = time.monotonic() + 20
+        while not await rpc.check_health(channel, timeout_s=0.5):
+            assert time.monotonic() < deadline, "toolexec did not become healthy"
+            await asyncio.sleep(0.1)
+        yield running
+    finally:
+        await channel.close()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=20)
+        running.returncode, running.stderr = process.returncode, stderr.decode()

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,7 +12,6 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from switchboard import rpc
 from switchboard.redis_client import redis_client
 from switchboard.toolexec.results import (
     Claimed,
@@ -25,20 +21,20 @@ from switchboard.toolexec.results import (
     result_key,
 )
 from switchboard.toolexec.webhooks import WebhookClient
-from switchboard.v1 import toolexec_pb2_grpc
 from tests.toolexec.receiver import SECRET, Receiver
 from tests.toolexec.support import (
     C,
     T,
+    clean_environ,
     config,
     execute,
     grpc_stub,
     servicer,
+    toolexec_process,
     webhook,
 )
 from tools.redis_server import RedisServer, free_port
 
-ROOT = Path(__file__).resolve().parents[2]
 ORDER = {"order_id": "ord_1"}
 
 
@@ -217,40 +213,21 @@ async def test_the_process_runs_webhooks_with_redis_idempotency(
         )
     )
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
-    env.update(
+    env = clean_environ(
         SWITCHBOARD_TOOLEXEC_LISTEN=f"127.0.0.1:{port}",
         SWITCHBOARD_TOOLEXEC_TOOLS_FILE=str(tools_file),
         SWITCHBOARD_REDIS_URL=redis_server.url,
         ACME_SECRET=SECRET,
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "switchboard.toolexec",
-        env=env,
-        cwd=ROOT,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    channel = rpc.channel(f"127.0.0.1:{port}")
-    try:
-        deadline = time.monotonic() + 20
-        while not await rpc.check_health(channel, timeout_s=0.5):
-            assert time.monotonic() < deadline, "toolexec did not become healthy"
-            await asyncio.sleep(0.1)
-        stub = toolexec_pb2_grpc.ToolExecServiceStub(channel)
+    async with toolexec_process(env, port) as process:
         call_id = new_call_id()
-        first = await execute(stub, "lookup_order", ORDER, call_id=call_id)
-        again = await execute(stub, "lookup_order", ORDER, call_id=call_id)
-        builtin = await execute(stub, "calculate", {"expression": "1 + 1"})
-    finally:
-        await channel.close()
-        process.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(process.communicate(), timeout=20)
-    assert process.returncode == 0, stderr.decode()
+        first = await execute(process.stub, "lookup_order", ORDER, call_id=call_id)
+        again = await execute(process.stub, "lookup_order", ORDER, call_id=call_id)
+        builtin = await execute(process.stub, "calculate", {"expression": "1 + 1"})
+    assert process.returncode == 0, process.stderr
     assert first.outcome == T.TOOL_OUTCOME_OK, first.error_message
     assert again.replayed and again.output == first.output
     # The file gives acme no built-ins.
     assert builtin.outcome == T.TOOL_OUTCOME_NOT_ALLOWED
     assert receiver.count("/echo") == 1
-    assert SECRET not in stderr.decode()
+    assert SECRET not in process.stderr

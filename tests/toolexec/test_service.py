@@ -5,33 +5,32 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import grpc
 import pytest
 
-from switchboard import rpc
 from switchboard.toolexec.builtins import CALCULATE, CURRENT_TIME
 from switchboard.toolexec.catalog import Catalog
 from switchboard.toolexec.registry import CallInfo, Registry, Tool, ToolFailed
 from switchboard.toolexec.results import Claimed, MemoryResultStore, StoredResult
 from switchboard.toolexec.service import ToolExecServicer
 from switchboard.toolexec.tools_config import TenantTools, ToolsConfig
-from switchboard.v1 import common_pb2, toolexec_pb2, toolexec_pb2_grpc
-
-ROOT = Path(__file__).resolve().parents[2]
-T = toolexec_pb2
-C = common_pb2
-Stub = Any  # toolexec_pb2_grpc.ToolExecServiceAsyncStub exists only for type checkers
+from switchboard.v1 import toolexec_pb2, toolexec_pb2_grpc
+from tests.toolexec.support import (
+    C,
+    Stub,
+    T,
+    clean_environ,
+    execute,
+    grpc_stub,
+    run_toolexec,
+    toolexec_process,
+)
+from tools.redis_server import free_port
 
 
 class Probe:
@@ -114,19 +113,8 @@ def probe_registry(probe: Probe) -> Registry:
     )
 
 
-@asynccontextmanager
-async def serving(registry: Registry, **options: Any) -> AsyncIterator[Stub]:
-    server = grpc.aio.server()
-    servicer = ToolExecServicer(Catalog(registry), **options)
-    toolexec_pb2_grpc.add_ToolExecServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield toolexec_pb2_grpc.ToolExecServiceStub(channel)
-    finally:
-        await channel.close()
-        await server.stop(None)
+def serving(registry: Registry, **options: Any) -> AbstractAsyncContextManager[Stub]:
+    return grpc_stub(ToolExecServicer(Catalog(registry), **options))
 
 
 @pytest.fixture
@@ -138,17 +126,6 @@ def probe() -> Probe:
 async def stub(probe: Probe) -> AsyncIterator[Stub]:
     async with serving(probe_registry(probe)) as client:
         yield client
-
-
-async def call(
-    stub: Stub, name: str, arguments: Any = None, *, call_id: str = "", tenant: str = "acme"
-) -> toolexec_pb2.ExecuteResponse:
-    text = arguments if isinstance(arguments, str) else json.dumps(arguments or {})
-    request = T.ExecuteRequest(
-        tenant_id=tenant, session_id="sess_1", call_id=call_id, name=name, arguments=text
-    )
-    response: toolexec_pb2.ExecuteResponse = await stub.Execute(request, timeout=10)
-    return response
 
 
 def error_of(response: toolexec_pb2.ExecuteResponse) -> dict[str, Any]:
@@ -177,19 +154,19 @@ async def test_list_tools_describes_server_tools(stub: Stub) -> None:
 
 
 async def test_ok_returns_compact_json(stub: Stub) -> None:
-    response = await call(stub, "calculate", {"expression": "6 * 7"}, call_id="c1")
+    response = await execute(stub, "calculate", {"expression": "6 * 7"}, call_id="c1")
     assert response.outcome == T.TOOL_OUTCOME_OK
     assert response.output == '{"result":42}'
     assert response.error_code == C.ERROR_CODE_UNSPECIFIED
     assert response.error_message == ""
     assert response.call_id == "c1"
     assert not response.replayed
-    response = await call(stub, "count", {"text": "é"})
+    response = await execute(stub, "count", {"text": "é"})
     assert response.output == '{"runs":1,"echo":"é"}'
 
 
 async def test_unknown_tool(stub: Stub) -> None:
-    response = await call(stub, "launch_rockets", {})
+    response = await execute(stub, "launch_rockets", {})
     assert response.outcome == T.TOOL_OUTCOME_UNKNOWN_TOOL
     assert response.error_code == C.ERROR_CODE_TOOL_NOT_FOUND
     error = error_of(response)
@@ -213,7 +190,7 @@ async def test_unknown_tool(stub: Stub) -> None:
 async def test_invalid_arguments_name_the_field(
     stub: Stub, name: str, arguments: Any, expected: str
 ) -> None:
-    response = await call(stub, name, arguments)
+    response = await execute(stub, name, arguments)
     assert response.outcome == T.TOOL_OUTCOME_INVALID_ARGUMENTS
     assert response.error_code == C.ERROR_CODE_TOOL_INVALID_ARGUMENTS
     assert expected in error_of(response)["message"]
@@ -221,7 +198,7 @@ async def test_invalid_arguments_name_the_field(
 
 async def test_timeout(stub: Stub, probe: Probe) -> None:
     started = time.monotonic()
-    response = await call(stub, "slow", {})
+    response = await execute(stub, "slow", {})
     assert time.monotonic() - started < 2
     assert response.outcome == T.TOOL_OUTCOME_TIMEOUT
     assert response.error_code == C.ERROR_CODE_TOOL_TIMEOUT
@@ -231,7 +208,7 @@ async def test_timeout(stub: Stub, probe: Probe) -> None:
 
 
 async def test_a_tools_own_timeout_error_is_a_failure_not_our_timeout(stub: Stub) -> None:
-    response = await call(stub, "own_timeout", {})
+    response = await execute(stub, "own_timeout", {})
     assert response.outcome == T.TOOL_OUTCOME_EXECUTOR_ERROR
     assert response.error_code == C.ERROR_CODE_TOOL_EXECUTION_FAILED
 
@@ -240,7 +217,7 @@ async def test_executor_exception_is_logged_without_argument_values(
     stub: Stub, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="switchboard.toolexec")
-    response = await call(stub, "crash", {"text": "hunter2"}, call_id="call_9")
+    response = await execute(stub, "crash", {"text": "hunter2"}, call_id="call_9")
     assert response.outcome == T.TOOL_OUTCOME_EXECUTOR_ERROR
     assert response.error_code == C.ERROR_CODE_TOOL_EXECUTION_FAILED
     # The model learns only that it failed: the exception could quote anything.
@@ -261,7 +238,7 @@ async def test_executor_exception_is_logged_without_argument_values(
 
 
 async def test_tool_failed_message_reaches_the_model(stub: Stub) -> None:
-    response = await call(stub, "refuse", {})
+    response = await execute(stub, "refuse", {})
     assert response.outcome == T.TOOL_OUTCOME_EXECUTOR_ERROR
     assert error_of(response) == {
         "code": "tool_execution_failed",
@@ -270,7 +247,7 @@ async def test_tool_failed_message_reaches_the_model(stub: Stub) -> None:
 
 
 async def test_results_over_the_cap_are_refused(stub: Stub) -> None:
-    response = await call(stub, "big", {})
+    response = await execute(stub, "big", {})
     assert response.outcome == T.TOOL_OUTCOME_EXECUTOR_ERROR
     assert error_of(response)["message"] == (
         "The tool 'big' returned 70011 bytes, more than the limit of 65536 bytes."
@@ -279,13 +256,13 @@ async def test_results_over_the_cap_are_refused(stub: Stub) -> None:
 
 async def test_the_cap_is_configurable(probe: Probe) -> None:
     async with serving(probe_registry(probe), max_output_bytes=10) as client:
-        response = await call(client, "calculate", {"expression": "10**20"})
+        response = await execute(client, "calculate", {"expression": "10**20"})
     assert response.outcome == T.TOOL_OUTCOME_EXECUTOR_ERROR
     assert "more than the limit of 10 bytes" in response.error_message
 
 
 async def test_a_result_that_is_not_json_is_an_executor_error(stub: Stub) -> None:
-    response = await call(stub, "not_json", {})
+    response = await execute(stub, "not_json", {})
     assert response.outcome == T.TOOL_OUTCOME_EXECUTOR_ERROR
     assert (
         error_of(response)["message"] == "The tool 'not_json' returned a result that is not JSON."
@@ -310,16 +287,16 @@ async def test_the_catalog_hides_and_refuses_tools(probe: Probe) -> None:
             client = toolexec_pb2_grpc.ToolExecServiceStub(channel)
             listed = await client.ListTools(T.ListToolsRequest(tenant_id="globex"))
             assert [t.name for t in listed.tools] == ["calculate"]
-            response = await call(client, "count", {}, tenant="globex")
+            response = await execute(client, "count", {}, tenant="globex")
             assert response.outcome == T.TOOL_OUTCOME_NOT_ALLOWED
             assert response.error_code == C.ERROR_CODE_TOOL_NOT_ALLOWED
             assert error_of(response)["code"] == "tool_not_allowed"
             # A tenant the file does not name may use nothing.
             nobody = await client.ListTools(T.ListToolsRequest(tenant_id="initech"))
             assert list(nobody.tools) == []
-            refused = await call(client, "calculate", {"expression": "1"}, tenant="initech")
+            refused = await execute(client, "calculate", {"expression": "1"}, tenant="initech")
             assert refused.outcome == T.TOOL_OUTCOME_NOT_ALLOWED
-            assert (await call(client, "count", {}, tenant="acme")).outcome == T.TOOL_OUTCOME_OK
+            assert (await execute(client, "count", {}, tenant="acme")).outcome == T.TOOL_OUTCOME_OK
     finally:
         await server.stop(None)
     assert probe.runs == 1
@@ -329,8 +306,8 @@ async def test_the_catalog_hides_and_refuses_tools(probe: Probe) -> None:
 
 
 async def test_a_retried_call_is_replayed_not_run_again(stub: Stub, probe: Probe) -> None:
-    first = await call(stub, "count", {"text": "a"}, call_id="call_1")
-    again = await call(stub, "count", {"text": "a"}, call_id="call_1")
+    first = await execute(stub, "count", {"text": "a"}, call_id="call_1")
+    again = await execute(stub, "count", {"text": "a"}, call_id="call_1")
     assert probe.runs == 1
     assert not first.replayed
     assert again.replayed
@@ -339,24 +316,24 @@ async def test_a_retried_call_is_replayed_not_run_again(stub: Stub, probe: Probe
 
 
 async def test_call_ids_are_per_tenant_and_optional(stub: Stub, probe: Probe) -> None:
-    await call(stub, "count", {}, call_id="call_1", tenant="acme")
-    other = await call(stub, "count", {}, call_id="call_1", tenant="globex")
+    await execute(stub, "count", {}, call_id="call_1", tenant="acme")
+    other = await execute(stub, "count", {}, call_id="call_1", tenant="globex")
     assert not other.replayed
-    await call(stub, "count", {})
-    await call(stub, "count", {})
+    await execute(stub, "count", {})
+    await execute(stub, "count", {})
     assert probe.runs == 4
 
 
 async def test_a_reused_call_id_with_other_arguments_is_refused(stub: Stub, probe: Probe) -> None:
-    await call(stub, "count", {"text": "a"}, call_id="call_1")
-    response = await call(stub, "count", {"text": "b"}, call_id="call_1")
+    await execute(stub, "count", {"text": "a"}, call_id="call_1")
+    response = await execute(stub, "count", {"text": "b"}, call_id="call_1")
     assert response.outcome == T.TOOL_OUTCOME_INVALID_ARGUMENTS
     assert "already used" in error_of(response)["message"]
     assert probe.runs == 1
 
 
 async def test_concurrent_duplicates_run_once(stub: Stub, probe: Probe) -> None:
-    calls = [asyncio.create_task(call(stub, "held", {}, call_id="dup")) for _ in range(5)]
+    calls = [asyncio.create_task(execute(stub, "held", {}, call_id="dup")) for _ in range(5)]
     while probe.runs == 0:
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.05)
@@ -368,16 +345,16 @@ async def test_concurrent_duplicates_run_once(stub: Stub, probe: Probe) -> None:
 
 
 async def test_failures_of_a_run_are_kept(stub: Stub, probe: Probe) -> None:
-    first = await call(stub, "slow", {}, call_id="call_t")
-    again = await call(stub, "slow", {}, call_id="call_t")
+    first = await execute(stub, "slow", {}, call_id="call_t")
+    again = await execute(stub, "slow", {}, call_id="call_t")
     assert first.outcome == again.outcome == T.TOOL_OUTCOME_TIMEOUT
     assert again.replayed
     assert probe.runs == 1
 
 
 async def test_refusals_before_running_are_not_kept(stub: Stub) -> None:
-    first = await call(stub, "count", {"text": 1}, call_id="call_r")
-    again = await call(stub, "count", {"text": 1}, call_id="call_r")
+    first = await execute(stub, "count", {"text": 1}, call_id="call_r")
+    again = await execute(stub, "count", {"text": 1}, call_id="call_r")
     assert first.outcome == again.outcome == T.TOOL_OUTCOME_INVALID_ARGUMENTS
     assert not again.replayed
 
@@ -415,7 +392,7 @@ async def test_memory_store_drops_the_least_recently_used() -> None:
 
 
 async def test_concurrency_limit_is_respected(stub: Stub, probe: Probe) -> None:
-    responses = await asyncio.gather(*(call(stub, "brief", {}) for _ in range(6)))
+    responses = await asyncio.gather(*(execute(stub, "brief", {}) for _ in range(6)))
     assert all(r.outcome == T.TOOL_OUTCOME_OK for r in responses)
     assert probe.peak == 2
 
@@ -427,14 +404,14 @@ async def test_no_free_slot_in_time_is_a_timeout_that_is_not_kept(probe: Probe) 
         # Take the tool's only slots, as calls already running would.
         for _ in range(16):
             await slot.acquire()
-        busy = await call(client, "count", {}, call_id="call_b")
+        busy = await execute(client, "count", {}, call_id="call_b")
         assert busy.outcome == T.TOOL_OUTCOME_TIMEOUT
         assert busy.error_code == C.ERROR_CODE_TOOL_TIMEOUT
         assert "busy: no free slot within 0.3 s (16 calls already running)" in busy.error_message
         assert probe.runs == 0
         for _ in range(16):
             slot.release()
-        retry = await call(client, "count", {}, call_id="call_b")
+        retry = await execute(client, "count", {}, call_id="call_b")
     assert retry.outcome == T.TOOL_OUTCOME_OK
     assert not retry.replayed
     assert probe.runs == 1
@@ -443,30 +420,8 @@ async def test_no_free_slot_in_time_is_a_timeout_that_is_not_kept(probe: Probe) 
 # --- the process ----------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def clean_environ(**overrides: str) -> dict[str, str]:
-    """os.environ without toolexec's optional settings, plus `overrides`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
-    env.update(overrides)
-    return env
-
-
 def test_bad_settings_exit_2_naming_the_variable() -> None:
-    env = clean_environ(SWITCHBOARD_TOOLEXEC_LISTEN="nowhere")
-    done = subprocess.run(
-        [sys.executable, "-m", "switchboard.toolexec"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = run_toolexec(clean_environ(SWITCHBOARD_TOOLEXEC_LISTEN="nowhere"))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "toolexec: configuration error: SWITCHBOARD_TOOLEXEC_LISTEN must be HOST:PORT, "
@@ -477,28 +432,10 @@ def test_bad_settings_exit_2_naming_the_variable() -> None:
 async def test_the_process_serves_health_and_tools_then_drains() -> None:
     port = free_port()
     env = clean_environ(SWITCHBOARD_TOOLEXEC_LISTEN=f"127.0.0.1:{port}")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "switchboard.toolexec",
-        env=env,
-        cwd=ROOT,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    channel = rpc.channel(f"127.0.0.1:{port}")
-    try:
-        deadline = time.monotonic() + 20
-        while not await rpc.check_health(channel, timeout_s=0.5):
-            assert time.monotonic() < deadline, "toolexec did not become healthy"
-            await asyncio.sleep(0.1)
-        stub = toolexec_pb2_grpc.ToolExecServiceStub(channel)
-        response = await call(stub, "calculate", {"expression": "2 + 2"})
+    async with toolexec_process(env, port) as process:
+        response = await execute(process.stub, "calculate", {"expression": "2 + 2"})
         assert response.output == '{"result":4}'
-    finally:
-        await channel.close()
-        process.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(process.communicate(), timeout=20)
     assert process.returncode == 0
-    messages = [json.loads(line)["msg"] for line in stderr.decode().splitlines()]
+    messages = [json.loads(line)["msg"] for line in process.stderr.splitlines()]
     assert messages[0] == "listening"
     assert messages[-1] == "stopped"

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,9 +13,8 @@ from switchboard.toolexec.builtins import builtin_registry
 from switchboard.toolexec.catalog import Catalog, LiveCatalog, Refusal, Usable
 from switchboard.toolexec.tools_config import load_tools_file
 from switchboard.toolexec.webhooks import WebhookClient
-from tests.toolexec.support import BUILTINS
+from tests.toolexec.support import BUILTINS, clean_environ, run_toolexec
 
-ROOT = Path(__file__).resolve().parents[2]
 SECRET = "acme-secret-0123456789"
 ENVIRON = {"ACME_SECRET": SECRET}
 
@@ -286,15 +282,8 @@ async def test_the_file_is_reloaded_when_it_changes(
 def test_a_bad_tools_file_stops_the_process_with_exit_2(tmp_path: Path) -> None:
     bad = EXAMPLE.replace("https://tools.acme.example/lookup_order", "gopher://x")
     path = write(tmp_path, bad)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
-    env.update(SWITCHBOARD_TOOLEXEC_TOOLS_FILE=str(path), ACME_SECRET=SECRET)
-    done = subprocess.run(
-        [sys.executable, "-m", "switchboard.toolexec"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
+    done = run_toolexec(
+        clean_environ(SWITCHBOARD_TOOLEXEC_TOOLS_FILE=str(path), ACME_SECRET=SECRET)
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [

@@ -11,7 +11,6 @@ from switchboard.toolexec.validation import (
     InvalidArguments,
     SchemaError,
     check_schema,
-    format_path,
     parse_arguments,
     validate,
 )
@@ -222,20 +221,6 @@ def test_nested_messages_never_quote_a_value() -> None:
         ORDER_SCHEMA,
     )
     assert secret not in exc.message
-
-
-@pytest.mark.parametrize(
-    ("path", "expected"),
-    [
-        ((), ""),
-        (("a",), "a"),
-        (("a", 0, "b"), "a[0].b"),
-        (("tenants", "acme", "webhooks", 2, "url"), "tenants.acme.webhooks[2].url"),
-        (("a b", "acme.eu"), '["a b"]["acme.eu"]'),
-    ],
-)
-def test_format_path(path: tuple[str | int, ...], expected: str) -> None:
-    assert format_path(path) == expected
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from switchboard import rpc
 from switchboard.broker.service import SERVICE_NAME, running
 from switchboard.config import BrokerSettings
-from switchboard.telemetry import configure_logging
-from switchboard.tenancy import TenantConfig, load_tenants
+from switchboard.telemetry.logs import configure_logging
+from switchboard.tenancy import LiveTenants, load_tenants
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +27,7 @@ class BrokerStartup:
     """What the broker loads before it serves: its settings and the tenants."""
 
     settings: BrokerSettings
-    tenants: TenantConfig
+    tenants: LiveTenants
 
     @property
     def log_level(self) -> str:

@@ -181,10 +181,6 @@ class Lease:
     def __init__(self, release: Callable[[], None]) -> None:
         self._release: Callable[[], None] | None = release
 
-    @property
-    def released(self) -> bool:
-        return self._release is None
-
     def release(self) -> None:
         release, self._release = self._release, None
         if release is not None:

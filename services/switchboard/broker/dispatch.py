@@ -25,12 +25,12 @@ from typing import Any
 
 from switchboard.broker.admission import Admission, Lease
 from switchboard.broker.breaker import Breakers, CircuitBreaker
+from switchboard.broker.chat_stream import ChatStream
+from switchboard.broker.clients import UpstreamClients
 from switchboard.broker.metrics import BrokerMetrics
 from switchboard.broker.retry import BREAKER_REASONS, Attempts, RetryPolicy, retry_reason
 from switchboard.broker.routing import Candidate, Target, order
 from switchboard.broker.translate import ChunkTranslator, chat_request
-from switchboard.broker.upstream import ChatStream
-from switchboard.broker.upstreams import Upstreams
 from switchboard.errors import SwitchboardError, UpstreamError
 from switchboard.v1 import broker_pb2, common_pb2
 
@@ -65,7 +65,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        upstreams: Upstreams,
+        clients: UpstreamClients,
         admission: Admission,
         breakers: Breakers,
         policy: RetryPolicy,
@@ -75,7 +75,7 @@ class Dispatcher:
         draw: Callable[[], float] = random.random,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        self.upstreams = upstreams
+        self.clients = clients
         self.admission = admission
         self.breakers = breakers
         self.policy = policy
@@ -227,7 +227,7 @@ class _Attempt:
             async with dispatcher.admission.slot(
                 candidate.upstream, self._request.tenant_id
             ) as self._lease:
-                client = dispatcher.upstreams.client(candidate.upstream)
+                client = dispatcher.clients.client(candidate.upstream)
                 async with client.stream(self._payload) as self._stream:
                     progress.request_id = self._stream.request_id
                     async for chunk in self._stream:

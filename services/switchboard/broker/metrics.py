@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
+
+from switchboard.telemetry.metrics import MetricFactory
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -40,122 +42,71 @@ ATTACH_OUTCOMES: tuple[AttachOutcome, ...] = get_args(AttachOutcome)
 
 class BrokerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        ns, sub, r = "switchboard", "broker", self.registry
-        self.upstream_time_to_first_token = Histogram(
+        metrics = MetricFactory("broker", registry)
+        self.registry = metrics.registry
+        self.upstream_time_to_first_token = metrics.histogram(
             "upstream_time_to_first_token_seconds",
             "From the call reaching the broker to the upstream's first delta.",
             ["upstream"],
-            namespace=ns,
-            subsystem=sub,
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.upstream_duration = Histogram(
+        self.upstream_duration = metrics.histogram(
             "upstream_request_duration_seconds",
             "Whole upstream calls, by outcome.",
             ["upstream", "outcome"],
-            namespace=ns,
-            subsystem=sub,
             buckets=_DURATION_BUCKETS,
-            registry=r,
         )
-        self.upstream_requests = Counter(
-            "upstream_requests_total",
-            "Upstream calls ended, by outcome.",
-            ["upstream", "outcome"],
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
+        self.upstream_requests = metrics.counter(
+            "upstream_requests_total", "Upstream calls ended, by outcome.", ["upstream", "outcome"]
         )
-        self.upstream_errors = Counter(
-            "upstream_errors_total",
-            "Failed calls, by error code.",
-            ["upstream", "code"],
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
+        self.upstream_errors = metrics.counter(
+            "upstream_errors_total", "Failed calls, by error code.", ["upstream", "code"]
         )
-        self.streams_active = Gauge(
-            "streams_active",
-            "Model calls in progress, followed by a caller or orphaned.",
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
+        self.streams_active = metrics.gauge(
+            "streams_active", "Model calls in progress, followed by a caller or orphaned."
         )
-        self.upstream_retries = Counter(
+        self.upstream_retries = metrics.counter(
             "upstream_retries_total",
             "Attempts that failed before the first token and were tried again, here or "
             "on another deployment, by the failing upstream and the reason.",
             ["upstream", "reason"],
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
         )
-        self.admission_rejections = Counter(
+        self.admission_rejections = metrics.counter(
             "admission_rejections_total",
             "Calls refused with server_busy by an upstream's admission control.",
             ["upstream", "reason"],
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
         )
-        self.admission_queued = Gauge(
+        self.admission_queued = metrics.gauge(
             "admission_queued_requests",
             "Calls waiting for a concurrency slot of the upstream (the queue depth).",
             ["upstream"],
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
         )
-        self.admission_running = Gauge(
+        self.admission_running = metrics.gauge(
             "admission_running_requests",
             "Calls holding a concurrency slot of the upstream.",
             ["upstream"],
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
         )
-        self.breaker_state = Gauge(
+        self.breaker_state = metrics.gauge(
             "circuit_breaker_state",
             "1 for the current state of each upstream's circuit breaker, 0 for the others.",
             ["upstream", "state"],
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
         )
-        self.breaker_transitions = Counter(
+        self.breaker_transitions = metrics.counter(
             "circuit_breaker_transitions_total",
             "Circuit breaker state changes, by the state entered.",
             ["upstream", "state"],
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
         )
 
-        self.orphaned_requests = Gauge(
+        self.orphaned_requests = metrics.gauge(
             "orphaned_requests",
             "Calls held without a follower (their caller went away without Cancel), "
             "waiting for an Attach until the orphan grace passes.",
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
         )
-        self.orphans = Counter(
-            "orphans_total",
-            "Calls orphaned by their caller, by what became of them.",
-            ["outcome"],
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
+        self.orphans = metrics.counter(
+            "orphans_total", "Calls orphaned by their caller, by what became of them.", ["outcome"]
         )
-        self.attaches = Counter(
-            "attaches_total",
-            "Attach calls, by what they found.",
-            ["outcome"],
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
+        self.attaches = metrics.counter(
+            "attaches_total", "Attach calls, by what they found.", ["outcome"]
         )
 
         # Every outcome from the start, so that rates exist before the first one.

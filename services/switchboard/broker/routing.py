@@ -82,7 +82,7 @@ def resolve(
     """The deployments and upstream models of `tenant_id`'s call to `model`.
 
     Args:
-        directory: the tenants in force (take `TenantConfig.current` once per call).
+        directory: the tenants in force (take `LiveTenants.current` once per call).
         tenant_id: the tenant the gateway authenticated.
         model: the model name the client asked for.
         model_override: when set, sent to every deployment instead of the route's model.

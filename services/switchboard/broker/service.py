@@ -1,7 +1,7 @@
 """The grpc.aio servicer of `switchboard.v1.BrokerService`.
 
 `Generate` runs one model call to the deployments that the calling tenant's
-configuration routes the model to (`routing.resolve`, on the `TenantConfig`
+configuration routes the model to (`routing.resolve`, on the `LiveTenants`
 snapshot taken when the call starts), through the `dispatch.Dispatcher`:
 admission control per upstream, retries and failover before the first token,
 circuit breakers. The call runs in a task of its own, held by `calls.Calls`
@@ -33,17 +33,17 @@ import grpc
 from switchboard.broker.admission import Admission, AdmissionLimits
 from switchboard.broker.breaker import BreakerDefaults, Breakers
 from switchboard.broker.calls import CallCancelled, Calls, Follower, HeldCall
+from switchboard.broker.clients import UpstreamClients
 from switchboard.broker.dispatch import Dispatcher, Progress
 from switchboard.broker.metrics import BrokerMetrics
 from switchboard.broker.retry import RetryPolicy
 from switchboard.broker.routing import resolve
 from switchboard.broker.spans import ChatSpan
 from switchboard.broker.translate import ChunkTranslator
-from switchboard.broker.upstreams import Upstreams
 from switchboard.config import BrokerSettings
 from switchboard.errors import InternalError, SwitchboardError, abort_with
 from switchboard.rpc import BROKER_METADATA_KEY
-from switchboard.tenancy import TenantConfig
+from switchboard.tenancy import LiveTenants
 from switchboard.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
@@ -53,32 +53,32 @@ SERVICE_NAME = "switchboard.v1.BrokerService"
 
 @contextlib.asynccontextmanager
 async def running(
-    settings: BrokerSettings, tenants: TenantConfig, metrics: BrokerMetrics | None = None
+    settings: BrokerSettings, tenants: LiveTenants, metrics: BrokerMetrics | None = None
 ) -> AsyncIterator[BrokerServicer]:
     """A servicer whose upstream clients follow the tenants file while the block runs.
 
-    Watches `tenants` for changes (`TenantConfig.watch`), retires the clients
-    of upstreams a reload changed (`Upstreams.reconcile`), and on exit, which
+    Watches `tenants` for changes (`LiveTenants.watch`), retires the clients
+    of upstreams a reload changed (`UpstreamClients.reconcile`), and on exit, which
     must come after the gRPC server has drained, cancels every call still held
     (orphans included) and then closes every client.
     """
-    upstreams = Upstreams(settings)
-    unsubscribe = tenants.subscribe(upstreams.reconcile)
+    clients = UpstreamClients(settings)
+    unsubscribe = tenants.subscribe(clients.reconcile)
     watcher = asyncio.create_task(tenants.watch())
-    servicer = BrokerServicer(tenants, upstreams, settings, metrics)
+    servicer = BrokerServicer(tenants, clients, settings, metrics)
     try:
         yield servicer
     finally:
         watcher.cancel()
         unsubscribe()
         await servicer.calls.aclose()
-        await upstreams.aclose()
+        await clients.aclose()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
 
 
 def dispatcher(
-    settings: BrokerSettings, upstreams: Upstreams, metrics: BrokerMetrics
+    settings: BrokerSettings, clients: UpstreamClients, metrics: BrokerMetrics
 ) -> Dispatcher:
     """The dispatcher of a broker with these settings.
 
@@ -98,7 +98,7 @@ def dispatcher(
     )
     breakers = BreakerDefaults(settings.breaker_failures, settings.breaker_cooldown_s)
     return Dispatcher(
-        upstreams,
+        clients,
         Admission(admission, metrics),
         Breakers(breakers, metrics),
         policy,
@@ -111,14 +111,14 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
 
     def __init__(
         self,
-        tenants: TenantConfig,
-        upstreams: Upstreams,
+        tenants: LiveTenants,
+        clients: UpstreamClients,
         settings: BrokerSettings,
         metrics: BrokerMetrics | None = None,
     ) -> None:
         """Args:
         tenants: the live tenants; `current` is read once per call.
-        upstreams: the upstream clients; the caller owns them and closes them.
+        clients: the upstream clients; the caller owns them and closes them.
         settings: `upstream_model`, when set, replaces every routed upstream
             model; the admission, retry and breaker defaults; the orphan
             grace, the attach limit and the advertised address.
@@ -126,7 +126,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
         self._tenants = tenants
         self._settings = settings
         self.metrics = metrics or BrokerMetrics()
-        self.dispatcher = dispatcher(settings, upstreams, self.metrics)
+        self.dispatcher = dispatcher(settings, clients, self.metrics)
         self.calls = Calls(
             orphan_grace_s=settings.orphan_grace_s,
             attach_max_bytes=settings.attach_max_bytes,
@@ -135,9 +135,9 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
         self._named = ((BROKER_METADATA_KEY, settings.advertise_address),)
 
     @property
-    def upstreams(self) -> Upstreams:
+    def clients(self) -> UpstreamClients:
         """The upstream clients calls go through."""
-        return self.dispatcher.upstreams
+        return self.dispatcher.clients
 
     def register(self, server: grpc.aio.Server) -> None:
         """Add this servicer to a grpc.aio server (the `register` of `rpc.serve`)."""

@@ -26,10 +26,10 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 
-from switchboard import tracing
 from switchboard.broker.routing import Target
 from switchboard.broker.translate import ChunkTranslator
 from switchboard.errors import SwitchboardError
+from switchboard.telemetry import tracing
 from switchboard.v1 import broker_pb2, common_pb2
 
 # Every upstream speaks the OpenAI API; the conventions name the flavour by it.

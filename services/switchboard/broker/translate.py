@@ -18,11 +18,11 @@ fragments without `index`, `content: null`, and no usage chunk at all.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from switchboard.errors import InvalidRequest
+from switchboard.tokens import estimated_usage
 from switchboard.v1 import broker_pb2, common_pb2, session_pb2
 
 _ROLES = {
@@ -39,8 +39,6 @@ _FINISH_REASONS: dict[str, broker_pb2.FinishReason.ValueType] = {
     "function_call": broker_pb2.FINISH_REASON_TOOL_CALLS,
     "content_filter": broker_pb2.FINISH_REASON_CONTENT_FILTER,
 }
-# The usual rule of thumb for English text and JSON: about four characters a token.
-CHARS_PER_TOKEN = 4
 
 
 def chat_request(req: broker_pb2.GenerateRequest, upstream_model: str | None) -> dict[str, Any]:
@@ -298,13 +296,7 @@ class ChunkTranslator:
                 cached_input_tokens=_count(cached),
             )
         chars = self._text_chars + sum(len(call.arguments) for call in self._calls)
-        output_tokens = math.ceil(chars / CHARS_PER_TOKEN)
-        return common_pb2.Usage(
-            input_tokens=self._estimated_input_tokens,
-            output_tokens=output_tokens,
-            total_tokens=self._estimated_input_tokens + output_tokens,
-            estimated=True,
-        )
+        return estimated_usage(self._estimated_input_tokens, chars)
 
     def finish(self) -> broker_pb2.GenerateEvent:
         """The `Finished` event; call once, after the upstream stream ended.

@@ -10,16 +10,16 @@ import uvicorn
 from switchboard.config import ConfigError, GatewaySettings
 from switchboard.gateway.app import create_app
 from switchboard.gateway.drain import DrainingServer
-from switchboard.telemetry import configure_logging
+from switchboard.telemetry.logs import configure_logging
+from switchboard.telemetry.tracing import configure_tracing
 from switchboard.tenancy import load_tenants
-from switchboard.tracing import configure_tracing
 
 
 def main() -> None:
     try:
         settings = GatewaySettings.from_environ()
         configure_logging("gateway", settings.log_level)
-        # Spans still queued are flushed at exit (switchboard.tracing).
+        # Spans still queued are flushed at exit (switchboard.telemetry.tracing).
         configure_tracing("gateway")
         app = create_app(settings, load_tenants())
     except ConfigError as exc:

@@ -41,14 +41,14 @@ from switchboard.gateway.resources import Resources
 from switchboard.gateway.tenant_gate import TenantGate
 from switchboard.limits import TenantLimiter
 from switchboard.redis_client import any_client, warm_up
-from switchboard.tenancy import TenantConfig
+from switchboard.tenancy import LiveTenants
 
 log = logging.getLogger(__name__)
 
 
 def create_app(
     settings: GatewaySettings,
-    tenants: TenantConfig,
+    tenants: LiveTenants,
     metrics: GatewayMetrics | None = None,
     *,
     backends: Backends | None = None,

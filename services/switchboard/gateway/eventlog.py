@@ -57,7 +57,7 @@ class EventRecorder:
         self._calls: set[asyncio.Task[None]] = set()
 
     async def append(self, request: session_pb2.AppendEventsRequest) -> None:
-        """Append, in the next batch; raises what this append got (see AppendEvents)."""
+        """Append, in the next batch; raises what this append got (see AppendEventsBatch)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((request, future))
         self._wake.set()

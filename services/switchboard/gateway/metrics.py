@@ -11,7 +11,9 @@ received to the first delta handed to the client's socket.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
+
+from switchboard.telemetry.metrics import MetricFactory
 
 # Seconds: from a few milliseconds (a cache) to a slow model's first token.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -38,97 +40,51 @@ class GatewayMetrics:
     """The gateway's metrics in a registry of their own (no global state)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        ns, sub = "switchboard", "gateway"
-        r = self.registry
-        self.time_to_first_token = Histogram(
+        metrics = MetricFactory("gateway", registry)
+        self.registry = metrics.registry
+        self.time_to_first_token = metrics.histogram(
             "time_to_first_token_seconds",
             "From response.create received to the first delta sent to the client.",
             ["model"],
-            namespace=ns,
-            subsystem=sub,
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.inter_token = Histogram(
+        self.inter_token = metrics.histogram(
             "inter_token_seconds",
             "Gap between two consecutive deltas of a response sent to the client.",
             ["model"],
-            namespace=ns,
-            subsystem=sub,
             buckets=_GAP_BUCKETS,
-            registry=r,
         )
-        self.response_duration = Histogram(
+        self.response_duration = metrics.histogram(
             "response_duration_seconds",
             "From response.create received to response.done sent.",
             ["model", "status"],
-            namespace=ns,
-            subsystem=sub,
             buckets=_DURATION_BUCKETS,
-            registry=r,
         )
-        self.responses = Counter(
-            "responses_total",
-            "Responses ended, by final status.",
-            ["model", "status"],
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
+        self.responses = metrics.counter(
+            "responses_total", "Responses ended, by final status.", ["model", "status"]
         )
-        self.tokens = Counter(
+        self.tokens = metrics.counter(
             "tokens_total",
             "Tokens of finished responses (usage as reported or estimated).",
             ["model", "direction"],
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
         )
-        self.connections_active = Gauge(
-            "connections_active",
-            "Open client WebSocket connections.",
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
+        self.connections_active = metrics.gauge(
+            "connections_active", "Open client WebSocket connections."
         )
-        self.sessions_active = Gauge(
-            "sessions_active",
-            "Realtime sessions being served.",
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
+        self.sessions_active = metrics.gauge("sessions_active", "Realtime sessions being served.")
+        self.connections_opened = metrics.counter(
+            "connections_opened_total", "Client connections accepted.", ["tier"]
         )
-        self.connections_opened = Counter(
-            "connections_opened_total",
-            "Client connections accepted.",
-            ["tier"],
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
+        self.disconnects = metrics.counter(
+            "disconnects_total", "Client connections ended or refused, by reason.", ["reason"]
         )
-        self.disconnects = Counter(
-            "disconnects_total",
-            "Client connections ended or refused, by reason.",
-            ["reason"],
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
-        )
-        self.rejections = Counter(
+        self.rejections = metrics.counter(
             "rejections_total",
             "Requests refused by a tenant limit or admission control, by error code.",
             ["code", "tier"],
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
         )
-        self.errors = Counter(
-            "errors_total",
-            "error events sent to clients, by code.",
-            ["code"],
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
+        self.errors = metrics.counter(
+            "errors_total", "error events sent to clients, by code.", ["code"]
         )
         for reason in DISCONNECT_REASONS:
             self.disconnects.labels(reason)  # exported at 0 from the start

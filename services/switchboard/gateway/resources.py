@@ -12,13 +12,13 @@ from switchboard.gateway.eventlog import EventRecorder
 from switchboard.gateway.metrics import GatewayMetrics
 from switchboard.gateway.tenant_gate import TenantGate
 from switchboard.redis_client import AnyRedis
-from switchboard.tenancy import TenantConfig
+from switchboard.tenancy import LiveTenants
 
 
 @dataclass(frozen=True, slots=True)
 class Resources:
     settings: GatewaySettings
-    tenants: TenantConfig
+    tenants: LiveTenants
     metrics: GatewayMetrics
     drainer: Drainer
     backends: Backends

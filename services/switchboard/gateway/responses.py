@@ -13,7 +13,6 @@ deltas repeat what was logged up to its length, and only the rest is emitted.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -289,14 +288,3 @@ def usage_to_json(usage: common_pb2.Usage) -> Event:
         },
         "output_token_details": {"text_tokens": int(usage.output_tokens), "audio_tokens": 0},
     }
-
-
-def estimate_usage(input_tokens: int, generated_chars: int) -> common_pb2.Usage:
-    """Usage when the upstream reported none (a cancelled or broken stream)."""
-    output_tokens = math.ceil(generated_chars / 4)
-    return common_pb2.Usage(
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        total_tokens=input_tokens + output_tokens,
-        estimated=True,
-    )

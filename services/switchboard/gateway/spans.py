@@ -19,8 +19,8 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind
 
-from switchboard import tracing
 from switchboard.errors import SwitchboardError
+from switchboard.telemetry import tracing
 from switchboard.v1 import common_pb2
 
 CONNECTION_ID = tracing.CONNECTION_ID

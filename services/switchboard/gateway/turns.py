@@ -34,10 +34,10 @@ from switchboard.gateway.commands import StartResponse
 from switchboard.gateway.eventlog import SessionWriter
 from switchboard.gateway.metrics import GatewayMetrics, refusal_reason
 from switchboard.gateway.protocol import RealtimeProtocol, finish_status
-from switchboard.gateway.responses import estimate_usage
 from switchboard.gateway.server_tools import ServerTools, server_calls
 from switchboard.gateway.tenant_gate import RESPONSE_LEASE_S, Admitted, TenantGate
 from switchboard.tenancy import Tenant
+from switchboard.tokens import estimated_usage
 from switchboard.v1 import broker_pb2, common_pb2
 
 log = logging.getLogger(__name__)
@@ -361,7 +361,7 @@ class TurnRunner:
         response_id, status, error = command.response_id, outcome.status, outcome.error
         usage = outcome.usage
         if usage is None:
-            usage = estimate_usage(
+            usage = estimated_usage(
                 outcome.prompt_tokens, self.protocol.generated_chars(response_id)
             )
         if outcome.admitted is not None:

@@ -2,9 +2,10 @@
 
 Pure functions, no I/O: the service loads a session's items from Redis and hands
 them here. There is no offline tokenizer for every model Switchboard may talk to,
-so sizes are estimated: `ceil(chars / 4)` per text field (the usual rule of thumb
-for English text with OpenAI tokenizers) plus `ITEM_OVERHEAD_TOKENS` per item for
-the role and framing tokens every chat message carries.
+so sizes are estimated: `ceil(chars / 4)` per text field (`switchboard.tokens`:
+the usual rule of thumb for English text with OpenAI tokenizers) plus
+`ITEM_OVERHEAD_TOKENS` per item for the role and framing tokens every chat
+message carries.
 
 Items are grouped into turns. A turn starts at a user message and runs up to the
 next user message, so dropping whole turns never separates a `function_call` from
@@ -17,12 +18,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from switchboard.tokens import estimate_tokens
 from switchboard.v1 import common_pb2
 
 # Tokens every item costs beyond its text: role, separators and the message frame.
 ITEM_OVERHEAD_TOKENS = 4
-# A character budget per token; see the module docstring.
-CHARS_PER_TOKEN = 4
 
 
 class ContextWindow(NamedTuple):
@@ -35,11 +35,6 @@ class ContextWindow(NamedTuple):
     estimated_tokens: int
     # How many of the oldest items were left out.
     dropped_items: int
-
-
-def estimate_tokens(text: str) -> int:
-    """Estimated tokens of `text`: `ceil(len(text) / 4)`, 0 for the empty string."""
-    return -(-len(text) // CHARS_PER_TOKEN)
 
 
 def instructions_tokens(instructions: str) -> int:

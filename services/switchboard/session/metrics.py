@@ -10,7 +10,9 @@ a small fixed set of the library's own.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
+
+from switchboard.telemetry.metrics import MetricFactory
 
 # Seconds: a Redis round trip is sub-millisecond; a timeout is one second.
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -20,39 +22,26 @@ class SessionMetrics:
     """The session service's metrics in a registry of their own (no global state)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        ns, sub, r = "switchboard", "session", self.registry
-        self.rpcs = Counter(
+        metrics = MetricFactory("session", registry)
+        self.registry = metrics.registry
+        self.rpcs = metrics.counter(
             "rpcs_total",
             "SessionService calls answered, by method and outcome.",
             ["method", "outcome"],
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
         )
-        self.rpc_duration = Histogram(
+        self.rpc_duration = metrics.histogram(
             "rpc_duration_seconds",
             "Time to answer a SessionService call, by method and outcome.",
             ["method", "outcome"],
-            namespace=ns,
-            subsystem=sub,
             buckets=_BUCKETS,
-            registry=r,
         )
-        self.redis_errors = Counter(
+        self.redis_errors = metrics.counter(
             "redis_errors_total",
             "Calls failed by Redis (down, timing out, read-only, ...), by redis-py error.",
             ["error"],
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
         )
-        self.redis_up = Gauge(
-            "redis_up",
-            "1 while Redis answers the readiness probe, 0 while it does not.",
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
+        self.redis_up = metrics.gauge(
+            "redis_up", "1 while Redis answers the readiness probe, 0 while it does not."
         )
 
     def observe(self, method: str, outcome: str, seconds: float) -> None:

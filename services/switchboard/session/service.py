@@ -131,13 +131,6 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 request.tenant_id, request.session_id, request.config
             )
 
-    async def DeleteSession(
-        self, request: session_pb2.DeleteSessionRequest, context: grpc.aio.ServicerContext
-    ) -> session_pb2.DeleteSessionResponse:
-        async with _RpcErrors(context, "DeleteSession", request, self.metrics):
-            await self._store.delete_session(request.tenant_id, request.session_id)
-            return session_pb2.DeleteSessionResponse()
-
     async def AppendItem(
         self, request: session_pb2.AppendItemRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.AppendItemResponse:
@@ -162,13 +155,6 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             await self._store.delete_item(request.tenant_id, request.session_id, request.item_id)
             return session_pb2.DeleteItemResponse()
 
-    async def ListItems(
-        self, request: session_pb2.ListItemsRequest, context: grpc.aio.ServicerContext
-    ) -> session_pb2.ListItemsResponse:
-        async with _RpcErrors(context, "ListItems", request, self.metrics):
-            items = await self._store.list_items(request.tenant_id, request.session_id)
-            return session_pb2.ListItemsResponse(items=items)
-
     async def BuildContext(
         self, request: session_pb2.BuildContextRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.Context:
@@ -187,24 +173,18 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 dropped_items=window.dropped_items,
             )
 
-    async def AppendEvents(
-        self, request: session_pb2.AppendEventsRequest, context: grpc.aio.ServicerContext
-    ) -> session_pb2.AppendEventsResponse:
-        async with _RpcErrors(context, "AppendEvents", request, self.metrics):
-            return session_pb2.AppendEventsResponse(last_seq=await self._store.append(request))
-
     async def AppendEventsBatch(
         self, request: session_pb2.AppendEventsBatchRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.AppendEventsBatchResponse:
         async with _RpcErrors(context, "AppendEventsBatch", request, self.metrics):
-            outcomes = await self._store.append_events_batch(request.appends)
+            outcomes = await self._store.events.append_batch(request.appends)
             return session_pb2.AppendEventsBatchResponse(results=map(_append_result, outcomes))
 
     async def ReadEvents(
         self, request: session_pb2.ReadEventsRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.ReadEventsResponse:
         async with _RpcErrors(context, "ReadEvents", request, self.metrics):
-            events, last_seq, trimmed_seq = await self._store.read_events(
+            events, last_seq, trimmed_seq = await self._store.events.read(
                 request.tenant_id, request.session_id, request.after_seq, request.limit
             )
             return session_pb2.ReadEventsResponse(
@@ -217,7 +197,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         async with _RpcErrors(context, "ClaimSession", request, self.metrics):
             if not request.holder:
                 raise missing_parameter("holder")
-            return await self._store.claim_session(
+            return await self._store.events.claim(
                 request.tenant_id, request.session_id, request.holder, request.lease_ms
             )
         raise AssertionError("unreachable")  # _RpcErrors aborts or re-raises
@@ -226,7 +206,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self, request: session_pb2.ReleaseSessionRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.ReleaseSessionResponse:
         async with _RpcErrors(context, "ReleaseSession", request, self.metrics):
-            await self._store.release_session(request.tenant_id, request.session_id, request.holder)
+            await self._store.events.release(request.tenant_id, request.session_id, request.holder)
         return session_pb2.ReleaseSessionResponse()
 
 

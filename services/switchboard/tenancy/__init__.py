@@ -2,7 +2,7 @@
 
 The tenants file (docs/tenants.md) is the source of truth in production:
 `load_tenants(environ)` reads `SWITCHBOARD_TENANTS_FILE` into a live
-`TenantConfig` whose `current` `TenantDirectory` authenticates API keys and
+`LiveTenants` whose `current` `TenantDirectory` authenticates API keys and
 routes models, and which reloads when the file changes. Without a file, the
 older `SWITCHBOARD_TENANT_KEYS` variable gives development tenants that may use
 everything.
@@ -12,18 +12,17 @@ API keys are never stored: configuration holds the SHA-256 of each key.
 `python -m switchboard.tenancy check FILE` validates a tenants file.
 """
 
-from switchboard.tenancy.config import (
-    TENANTS_FILE_VARIABLE,
-    TenantConfig,
-    load_tenants,
-)
 from switchboard.tenancy.directory import (
     TENANT_KEYS_VARIABLE,
-    KeyRing,
     TenantDirectory,
     environment_upstream,
 )
 from switchboard.tenancy.keys import KEY_PREFIX, TENANT_ID, hash_key, new_key
+from switchboard.tenancy.live import (
+    TENANTS_FILE_VARIABLE,
+    LiveTenants,
+    load_tenants,
+)
 from switchboard.tenancy.tenants import (
     DEFAULT_TIER,
     DEFAULT_UPSTREAM,
@@ -46,13 +45,12 @@ __all__ = [
     "TENANT_ID",
     "TENANT_KEYS_VARIABLE",
     "Deployment",
-    "KeyRing",
     "Limits",
+    "LiveTenants",
     "ModelNotAllowed",
     "ModelRoute",
     "SessionDefaults",
     "Tenant",
-    "TenantConfig",
     "TenantDirectory",
     "Upstream",
     "UpstreamAdmission",

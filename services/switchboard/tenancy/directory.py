@@ -2,8 +2,8 @@
 
 Built from the tenants file (`load`, `parse`), or, for development, from a
 single key (`single`) or the older `SWITCHBOARD_TENANT_KEYS` variable
-(`from_key_spec`). A directory never changes; `TenantConfig`
-(switchboard.tenancy.config) swaps in a new one when the file changes.
+(`from_key_spec`). A directory never changes; `LiveTenants`
+(switchboard.tenancy.live) swaps in a new one when the file changes.
 """
 
 from __future__ import annotations
@@ -138,63 +138,30 @@ class TenantDirectory:
         )
 
     @classmethod
-    def single(
-        cls,
-        tenant_id: str,
-        key_hash: str,
-        *,
-        upstream: Upstream | None = None,
-        environ: Mapping[str, str] | None = None,
-    ) -> TenantDirectory:
-        """A development directory: one tenant that may use everything.
-
-        The tenant may use every model (routed to the `default` upstream under
-        the name the client sends) and every built-in tool, with no limits.
-
-        Args:
-            tenant_id: the tenant id.
-            key_hash: the SHA-256 hex of its key (see `hash_key`).
-            upstream: the `default` upstream; built by `environment_upstream`
-                from `environ` when None.
-            environ: read only when `upstream` is None; os.environ if None.
-
-        Raises:
-            ConfigError: a malformed id or hash, or a bad upstream variable.
-        """
-        return cls._development(
-            {tenant_id: [key_hash]},
-            upstream or environment_upstream(environ),
-            source="development",
-        )
-
-    @classmethod
-    def from_key_spec(
-        cls,
-        spec: str,
-        environ: Mapping[str, str] | None = None,
-        *,
-        variable: str = TENANT_KEYS_VARIABLE,
-    ) -> TenantDirectory:
+    def from_key_spec(cls, spec: str, environ: Mapping[str, str] | None = None) -> TenantDirectory:
         """Development tenants from `tenant=sha256hex,...` (the older variable).
 
-        Each tenant may use everything, as in `single`; a tenant listed twice
-        has both keys. Without entries, the directory is empty.
+        Each tenant may use every model (routed to the `default` upstream under
+        the name the client sends) and every built-in tool, with no limits; a
+        tenant listed twice has both keys. Without entries, the directory is empty.
 
         Raises:
-            ConfigError: naming `variable`, never quoting a hash or key.
+            ConfigError: naming `SWITCHBOARD_TENANT_KEYS`, never quoting a hash or key.
         """
         keys: dict[str, list[str]] = {}
         for index, entry in enumerate(filter(None, (part.strip() for part in spec.split(",")))):
             tenant_id, sep, digest = entry.partition("=")
             tenant_id = tenant_id.strip()
             if not sep or not tenant_id:
-                raise ConfigError(f"{variable}: entry {index + 1} must be TENANT=SHA256HEX")
+                raise ConfigError(
+                    f"{TENANT_KEYS_VARIABLE}: entry {index + 1} must be TENANT=SHA256HEX"
+                )
             keys.setdefault(tenant_id, []).append(digest)
         upstream = environment_upstream(environ)
         try:
-            return cls._development(keys, upstream, source=variable)
+            return cls._development(keys, upstream, source=TENANT_KEYS_VARIABLE)
         except ConfigError as exc:
-            raise ConfigError(f"{variable}: {exc}") from None
+            raise ConfigError(f"{TENANT_KEYS_VARIABLE}: {exc}") from None
 
     @classmethod
     def _development(
@@ -281,29 +248,3 @@ def environment_upstream(environ: Mapping[str, str] | None = None) -> Upstream:
         if secret is not None:
             return Upstream(DEFAULT_UPSTREAM, url, secret, variable)
     return Upstream(DEFAULT_UPSTREAM, url)
-
-
-class KeyRing:
-    """The older key-only view, kept for callers not yet on `TenantConfig`.
-
-    Equivalent to `TenantDirectory.from_key_spec`; prefer `load_tenants`.
-    """
-
-    def __init__(self, directory: TenantDirectory) -> None:
-        self.directory = directory
-
-    @classmethod
-    def parse(cls, spec: str, *, variable: str = TENANT_KEYS_VARIABLE) -> KeyRing:
-        """Parse `tenant=sha256hex,...`; raises `ConfigError` naming `variable`."""
-        return cls(TenantDirectory.from_key_spec(spec, variable=variable))
-
-    def authenticate(self, key: str) -> Tenant | None:
-        """The tenant owning `key`, or None."""
-        return self.directory.authenticate(key)
-
-    def tenant(self, tenant_id: str) -> Tenant | None:
-        """The tenant with this id, or None."""
-        return self.directory.get(tenant_id)
-
-    def __len__(self) -> int:
-        return len(self.directory)

@@ -199,10 +199,6 @@ class Tenant:
     any_model_upstream: str | None = None
     all_builtins: bool = False
 
-    def allows_model(self, name: str) -> bool:
-        """Whether the tenant may use the model clients call `name`."""
-        return name in self.models or (self.any_model_upstream is not None and bool(name))
-
     def route(self, name: str) -> ModelRoute:
         """Where the model clients call `name` goes for this tenant.
 

@@ -3,7 +3,8 @@
 docs/tenants.md is the reference and deploy/examples/tenants.yaml a complete
 example. `yaml_checks.decode` turns the file's bytes into plain data;
 `parse_document` checks that data and builds the values of
-`switchboard.tenancy.tenants`. Both raise one `ConfigError` whose message is
+`switchboard.tenancy.tenants` (the `upstreams:` section through
+`upstreams_section.parse_upstreams`). Both raise one `ConfigError` whose message is
 `<key path>: <problem>`, e.g.
 `tenants.acme.limits.requests_per_minute: must be a positive integer`.
 
@@ -20,9 +21,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit
 
-from switchboard.config import ConfigError, Secret
+from switchboard.config import ConfigError
+from switchboard.key_paths import KeyPath
 from switchboard.tenancy.keys import TENANT_ID, normalize_key_hash
 from switchboard.tenancy.tenants import (
     DEFAULT_TIER,
@@ -34,15 +35,13 @@ from switchboard.tenancy.tenants import (
     SessionDefaults,
     Tenant,
     Upstream,
-    UpstreamAdmission,
-    UpstreamBreaker,
 )
+from switchboard.tenancy.upstreams_section import parse_upstreams
 from switchboard.tenancy.yaml_checks import (
-    MAX_INTEGER,
-    KeyPath,
     count,
     error,
     mapping,
+    non_negative,
     sequence,
     string,
 )
@@ -51,18 +50,11 @@ DEFAULT_TIERS = ("free", DEFAULT_TIER, "enterprise")
 # Tiers are metric labels: a handful, short and plain.
 MAX_TIERS = 16
 TIER = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
-UPSTREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MODEL_NAME = re.compile(r"[^\s\x00-\x1f\x7f]{1,128}")
 UPSTREAM_MODEL = re.compile(r"[^\s\x00-\x1f\x7f]{1,256}")
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_INSTRUCTIONS_CHARS = 64 * 1024
 
 _TOP_KEYS = ("upstreams", "tenants", "tiers", "allow_private_hosts")
-_UPSTREAM_KEYS = ("base_url", "api_key_env", "admission", "circuit_breaker")
-_ADMISSION_KEYS = ("max_concurrent", "max_queued", "max_queued_per_tenant", "queue_timeout_s")
-_BREAKER_KEYS = ("failures", "cooldown_s")
-# A day: longer waits or cooldowns are typos (milliseconds written as seconds).
-MAX_SECONDS = 86_400.0
 _TENANT_KEYS = (
     "keys",
     "tier",
@@ -113,7 +105,7 @@ def parse_document(data: Any, environ: Mapping[str, str], *, require_env: bool =
         raise ConfigError("the file is empty; it must hold a mapping with upstreams and tenants")
     top = mapping(data, (), _TOP_KEYS)
     tiers = _tiers(top.get("tiers"))
-    upstreams = _upstreams(top.get("upstreams"), environ, require_env)
+    upstreams = parse_upstreams(top.get("upstreams"), environ, require_env)
     hosts = tuple(
         string(host, ("allow_private_hosts", index))
         for index, host in enumerate(
@@ -159,109 +151,6 @@ def _tiers(raw: Any) -> tuple[str, ...]:
             raise error(("tiers", index), f"{tier!r} is listed twice")
         tiers.append(tier)
     return tuple(tiers)
-
-
-def _upstreams(raw: Any, environ: Mapping[str, str], require_env: bool) -> dict[str, Upstream]:
-    if raw is None:
-        raise error(("upstreams",), "is required (at least one upstream deployment)")
-    upstreams: dict[str, Upstream] = {}
-    for name, body in mapping(raw, ("upstreams",)).items():
-        if not isinstance(name, str) or not UPSTREAM_NAME.fullmatch(name):
-            raise error(
-                ("upstreams", str(name)[:64]),
-                f"upstream names must be strings matching {UPSTREAM_NAME.pattern}",
-            )
-        path: KeyPath = ("upstreams", name)
-        fields = mapping(body, path, _UPSTREAM_KEYS)
-        if "base_url" not in fields:
-            raise error((*path, "base_url"), "is required")
-        key_env = fields.get("api_key_env")
-        secret = Secret("")
-        if key_env is not None:
-            key_env = string(key_env, (*path, "api_key_env"))
-            if not ENV_NAME.fullmatch(key_env):
-                raise error(
-                    (*path, "api_key_env"),
-                    "must be an environment variable name (letters, digits, _)",
-                )
-            value = environ.get(key_env)
-            if value:
-                secret = Secret(value)
-            elif require_env:
-                raise error((*path, "api_key_env"), f"environment variable {key_env} is not set")
-        upstreams[name] = Upstream(
-            name=name,
-            base_url=_base_url(fields["base_url"], (*path, "base_url")),
-            api_key=secret,
-            api_key_env=key_env,
-            admission=_admission(fields.get("admission"), (*path, "admission")),
-            circuit_breaker=_breaker(fields.get("circuit_breaker"), (*path, "circuit_breaker")),
-        )
-    if not upstreams:
-        raise error(("upstreams",), "must define at least one upstream")
-    return upstreams
-
-
-def _admission(raw: Any, path: KeyPath) -> UpstreamAdmission:
-    if raw is None:
-        return UpstreamAdmission()
-    fields = mapping(raw, path, _ADMISSION_KEYS)
-    return UpstreamAdmission(
-        max_concurrent=count(fields.get("max_concurrent"), (*path, "max_concurrent")),
-        # 0 is a real choice: refuse at once when every slot is taken.
-        max_queued=_non_negative(fields.get("max_queued"), (*path, "max_queued")),
-        max_queued_per_tenant=_non_negative(
-            fields.get("max_queued_per_tenant"), (*path, "max_queued_per_tenant")
-        ),
-        queue_timeout_s=_seconds(fields.get("queue_timeout_s"), (*path, "queue_timeout_s")),
-    )
-
-
-def _breaker(raw: Any, path: KeyPath) -> UpstreamBreaker:
-    if raw is None:
-        return UpstreamBreaker()
-    fields = mapping(raw, path, _BREAKER_KEYS)
-    return UpstreamBreaker(
-        failures=count(fields.get("failures"), (*path, "failures")),
-        cooldown_s=_seconds(fields.get("cooldown_s"), (*path, "cooldown_s")),
-    )
-
-
-def _non_negative(raw: Any, path: KeyPath) -> int | None:
-    """An integer >= 0, or None when absent."""
-    if raw is None:
-        return None
-    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
-        raise error(path, "must be an integer >= 0")
-    if raw > MAX_INTEGER:
-        raise error(path, "must be at most 2**62")
-    return raw
-
-
-def _seconds(raw: Any, path: KeyPath) -> float | None:
-    """A positive number of seconds up to a day, or None when absent."""
-    if raw is None:
-        return None
-    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 < raw <= MAX_SECONDS:
-        raise error(path, f"must be a number of seconds above 0 and at most {MAX_SECONDS:.0f}")
-    return float(raw)
-
-
-def _base_url(raw: Any, path: KeyPath) -> str:
-    url = string(raw, path)
-    try:
-        parts = urlsplit(url)
-        port = parts.port  # ValueError for a port that is not a number
-    except ValueError:
-        raise error(path, "must be an http(s) URL") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
-        raise error(path, "must be an http(s) URL")
-    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
-        # The URL is logged and shown by `check`; keys belong in api_key_env.
-        raise error(
-            path, "must not hold credentials, a query or a fragment (put the key in api_key_env)"
-        )
-    return url
 
 
 def _tenant(
@@ -406,7 +295,7 @@ def _deployments(
                 upstream=upstream,
                 upstream_model=_upstream_model(model, (*where, "upstream_model")),
                 weight=count(fields.get("weight", 1), (*where, "weight")) or 1,
-                priority=_non_negative(fields.get("priority", 0), (*where, "priority")) or 0,
+                priority=non_negative(fields.get("priority", 0), (*where, "priority")) or 0,
             )
         )
     return tuple(deployments)

@@ -8,7 +8,6 @@ never quote the value, which may be a secret pasted in the wrong place.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Hashable, Sequence
 from typing import Any
@@ -16,25 +15,13 @@ from typing import Any
 import yaml
 
 from switchboard.config import ConfigError
+from switchboard.key_paths import CONFIG_KEY, KeyPath, format_path
 
 # Counts and budgets travel as int64 in the protos.
 MAX_INTEGER = 2**62
-_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
-
-KeyPath = tuple[str | int, ...]
-
-
-def format_path(path: Sequence[str | int]) -> str:
-    """A key path for people: `tenants.acme.keys[0]`; odd keys as `["gpt-4.1"]`."""
-    text = ""
-    for part in path:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        elif _PLAIN_SEGMENT.fullmatch(part):
-            text += f".{part}" if text else part
-        else:
-            text += f"[{json.dumps(part, ensure_ascii=False)}]"
-    return text
+# A day: longer waits or cooldowns are typos (milliseconds written as seconds).
+MAX_SECONDS = 86_400.0
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def decode(content: bytes) -> Any:
@@ -55,13 +42,31 @@ def decode(content: bytes) -> Any:
 
 def count(raw: Any, path: KeyPath) -> int | None:
     """A positive integer, or None for an absent or null (unlimited) value."""
+    return _integer(raw, path, 1, "must be a positive integer")
+
+
+def non_negative(raw: Any, path: KeyPath) -> int | None:
+    """An integer >= 0, or None when absent."""
+    return _integer(raw, path, 0, "must be an integer >= 0")
+
+
+def _integer(raw: Any, path: KeyPath, minimum: int, problem: str) -> int | None:
     if raw is None:
         return None
-    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
-        raise error(path, "must be a positive integer")
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < minimum:
+        raise error(path, problem)
     if raw > MAX_INTEGER:
         raise error(path, "must be at most 2**62")
     return raw
+
+
+def seconds(raw: Any, path: KeyPath) -> float | None:
+    """A positive number of seconds up to a day, or None when absent."""
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 < raw <= MAX_SECONDS:
+        raise error(path, f"must be a number of seconds above 0 and at most {MAX_SECONDS:.0f}")
+    return float(raw)
 
 
 def mapping(raw: Any, path: KeyPath, keys: Sequence[str] | None = None) -> dict[Any, Any]:
@@ -91,9 +96,20 @@ def string(raw: Any, path: KeyPath) -> str:
     return raw
 
 
+def env_name(raw: Any, path: KeyPath) -> str:
+    """`raw` if it is the name of an environment variable (letters, digits, _)."""
+    name = string(raw, path)
+    if not ENV_NAME.fullmatch(name):
+        raise error(path, "must be an environment variable name (letters, digits, _)")
+    return name
+
+
 def error(path: KeyPath, problem: str) -> ConfigError:
-    """The error `<key path>: <problem>` (just the problem at the top level)."""
-    where = format_path(path)
+    """The error `<key path>: <problem>` (just the problem at the top level).
+
+    The path is written as `tenants.acme.keys[0]`, odd keys as `["gpt-4.1"]`.
+    """
+    where = format_path(path, bare=CONFIG_KEY)
     return ConfigError(f"{where}: {problem}" if where else problem)
 
 

@@ -6,7 +6,7 @@ message naming the variable or the key path, and exit code 2. Then it opens
 the webhook client (one aiohttp session) and, when `SWITCHBOARD_REDIS_URL` is
 set, the Redis client of the result store, serves gRPC with the standard
 health service until SIGTERM/SIGINT, drains (`switchboard.rpc.serve`) and
-closes both. With an OTLP endpoint set (`switchboard.tracing`) it exports
+closes both. With an OTLP endpoint set (`switchboard.telemetry.tracing`) it exports
 spans, and flushes them at exit.
 
 Health stays SERVING while Redis is away: calls without a call_id and every
@@ -30,7 +30,8 @@ from redis.asyncio.connection import parse_url
 from switchboard import rpc
 from switchboard.config import ConfigError, ToolExecSettings
 from switchboard.redis_client import AnyRedis, any_client, warm_up
-from switchboard.telemetry import configure_logging
+from switchboard.telemetry.logs import configure_logging
+from switchboard.telemetry.tracing import configure_tracing
 from switchboard.toolexec.builtins import BUILTIN_TOOLS, builtin_registry
 from switchboard.toolexec.catalog import (
     Catalog,
@@ -42,7 +43,6 @@ from switchboard.toolexec.results import MemoryResultStore, RedisResultStore, Re
 from switchboard.toolexec.service import ToolExecServicer
 from switchboard.toolexec.tools_config import ToolsConfig, load_tools_file
 from switchboard.toolexec.webhooks import WebhookClient
-from switchboard.tracing import configure_tracing
 from switchboard.v1 import toolexec_pb2_grpc
 
 SERVICE_NAME = "switchboard.v1.ToolExecService"

@@ -8,8 +8,9 @@ timeout, executor_error).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 
+from switchboard.telemetry.metrics import MetricFactory
 from switchboard.v1 import toolexec_pb2
 
 _BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -17,24 +18,18 @@ _BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 class ToolExecMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        ns, sub, r = "switchboard", "toolexec", self.registry
-        self.calls = Counter(
+        metrics = MetricFactory("toolexec", registry)
+        self.registry = metrics.registry
+        self.calls = metrics.counter(
             "calls_total",
             "Tool calls answered, by tool and outcome (replays included).",
             ["tool", "outcome"],
-            namespace=ns,
-            subsystem=sub,
-            registry=r,
         )
-        self.duration = Histogram(
+        self.duration = metrics.histogram(
             "call_duration_seconds",
             "Time to answer a tool call, by tool and outcome.",
             ["tool", "outcome"],
-            namespace=ns,
-            subsystem=sub,
             buckets=_BUCKETS,
-            registry=r,
         )
 
     def observe(self, name: str, response: toolexec_pb2.ExecuteResponse) -> None:

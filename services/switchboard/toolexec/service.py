@@ -34,8 +34,8 @@ from typing import Any
 
 from opentelemetry.trace import Span
 
-from switchboard import tracing
 from switchboard.errors import code_name
+from switchboard.telemetry import tracing
 from switchboard.toolexec import outcomes
 from switchboard.toolexec.catalog import CatalogSource, Refusal, Usable
 from switchboard.toolexec.metrics import ToolExecMetrics

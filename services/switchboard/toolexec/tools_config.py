@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +33,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from switchboard.config import ConfigError, Secret
+from switchboard.key_paths import KeyPath
 from switchboard.tenancy import TENANT_ID
-from switchboard.tenancy.yaml_checks import decode
+from switchboard.tenancy.yaml_checks import decode, env_name
 from switchboard.tenancy.yaml_checks import error as _error
 from switchboard.tenancy.yaml_checks import mapping as _mapping
 from switchboard.tenancy.yaml_checks import sequence as _list
@@ -53,7 +53,6 @@ MAX_CONCURRENCY = 1024
 MIN_SECRET_CHARS = 16
 MAX_DESCRIPTION_CHARS = 1024
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TOP_KEYS = ("allow_private_hosts", "tenants")
 _TENANT_KEYS = ("builtins", "webhooks")
 _WEBHOOK_KEYS = (
@@ -67,8 +66,6 @@ _WEBHOOK_KEYS = (
     "max_concurrency",
 )
 _EMPTY_OBJECT_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
-
-Path_ = tuple[str | int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +179,7 @@ def parse_tools_config(
 def _tenant(
     tenant_id: str, raw: Any, environ: Mapping[str, str], builtin_names: Collection[str]
 ) -> TenantTools:
-    path: Path_ = ("tenants", tenant_id)
+    path: KeyPath = ("tenants", tenant_id)
     body = _mapping({} if raw is None else raw, path, _TENANT_KEYS)
     builtins: set[str] = set()
     for index, name in enumerate(_list(body.get("builtins", []), (*path, "builtins"))):
@@ -207,7 +204,7 @@ def _tenant(
     return TenantTools(builtins=frozenset(builtins), webhooks=tuple(webhooks))
 
 
-def _webhook(tenant_id: str, raw: Any, path: Path_, environ: Mapping[str, str]) -> WebhookSpec:
+def _webhook(tenant_id: str, raw: Any, path: KeyPath, environ: Mapping[str, str]) -> WebhookSpec:
     body = _mapping(raw, path, _WEBHOOK_KEYS)
     for required in ("name", "description", "url", "secret_env"):
         if required not in body:
@@ -222,7 +219,7 @@ def _webhook(tenant_id: str, raw: Any, path: Path_, environ: Mapping[str, str]) 
         raise _error((*path, "description"), f"must be at most {MAX_DESCRIPTION_CHARS} characters")
     parameters = _parameters(body.get("parameters", _EMPTY_OBJECT_SCHEMA), (*path, "parameters"))
     url = _url(body["url"], (*path, "url"))
-    secret_env = _env_name(body["secret_env"], (*path, "secret_env"))
+    secret_env = env_name(body["secret_env"], (*path, "secret_env"))
     return WebhookSpec(
         tenant_id=tenant_id,
         name=name,
@@ -245,7 +242,7 @@ def _webhook(tenant_id: str, raw: Any, path: Path_, environ: Mapping[str, str]) 
     )
 
 
-def _parameters(raw: Any, path: Path_) -> dict[str, Any]:
+def _parameters(raw: Any, path: KeyPath) -> dict[str, Any]:
     schema = _mapping(raw, path)
     try:
         ArgumentsSchema(schema)
@@ -254,7 +251,7 @@ def _parameters(raw: Any, path: Path_) -> dict[str, Any]:
     return dict(schema)
 
 
-def _url(raw: Any, path: Path_) -> str:
+def _url(raw: Any, path: KeyPath) -> str:
     url = _string(raw, path)
     try:
         parts = urlsplit(url)
@@ -275,7 +272,7 @@ def _url(raw: Any, path: Path_) -> str:
     return url
 
 
-def _host(raw: Any, path: Path_) -> str:
+def _host(raw: Any, path: KeyPath) -> str:
     host = _string(raw, path).strip().removeprefix("[").removesuffix("]")
     # "::1" is an address; "tools:8080" or "http://tools" would never match a host.
     if "/" in host or "@" in host or (":" in host and not _is_ipv6(host)):
@@ -291,14 +288,7 @@ def _is_ipv6(text: str) -> bool:
     return True
 
 
-def _env_name(raw: Any, path: Path_) -> str:
-    name = _string(raw, path)
-    if not _ENV_NAME.fullmatch(name):
-        raise _error(path, "must be an environment variable name (letters, digits, _)")
-    return name
-
-
-def _secret(name: str, environ: Mapping[str, str], path: Path_) -> Secret:
+def _secret(name: str, environ: Mapping[str, str], path: KeyPath) -> Secret:
     value = environ.get(name)
     if not value:
         raise _error(path, f"environment variable {name} is not set")
@@ -311,7 +301,7 @@ def _secret(name: str, environ: Mapping[str, str], path: Path_) -> Secret:
     return Secret(value)
 
 
-def _number(raw: Any, path: Path_) -> float:
+def _number(raw: Any, path: KeyPath) -> float:
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         raise _error(path, "must be a number of seconds")
     if not 0 < raw <= MAX_TIMEOUT_S:
@@ -319,7 +309,7 @@ def _number(raw: Any, path: Path_) -> float:
     return float(raw)
 
 
-def _integer(raw: Any, path: Path_, maximum: int) -> int:
+def _integer(raw: Any, path: KeyPath, maximum: int) -> int:
     if isinstance(raw, bool) or not isinstance(raw, int):
         raise _error(path, "must be an integer")
     if not 1 <= raw <= maximum:

@@ -26,6 +26,7 @@ import jsonschema
 import referencing.exceptions
 
 from switchboard.errors import SwitchboardError
+from switchboard.key_paths import format_path
 from switchboard.v1 import common_pb2
 
 # Field names come from the model; keep them, and their number, from bloating a message.
@@ -33,7 +34,6 @@ _MAX_FIELD_CHARS = 96
 _MAX_PROBLEMS = 5
 # Schema values quoted in a message (enum options, patterns) are cut here.
 _MAX_QUOTE_CHARS = 120
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KINDS = {
     "string": "a string",
     "number": "a number",
@@ -193,19 +193,6 @@ def parse_json(text: str | bytes) -> Any:
         RecursionError: it nests deeper than the decoder can follow.
     """
     return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
-
-
-def format_path(path: Sequence[str | int]) -> str:
-    """A JSON path for people: `order.items[2].sku`; odd keys as `["a b"]`."""
-    text = ""
-    for part in path:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        elif _IDENTIFIER.fullmatch(part):
-            text += f".{part}" if text else part
-        else:
-            text += f"[{json.dumps(part, ensure_ascii=False)}]"
-    return text
 
 
 def _describe(error: Any) -> Iterator[tuple[int, str, str]]:

@@ -185,43 +185,6 @@ class UpdateSessionRequest(_message.Message):
 Global___UpdateSessionRequest: _TypeAlias = UpdateSessionRequest  # noqa: Y015
 
 @_typing.final
-class DeleteSessionRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    TENANT_ID_FIELD_NUMBER: _builtins.int
-    SESSION_ID_FIELD_NUMBER: _builtins.int
-    tenant_id: _builtins.str
-    session_id: _builtins.str
-    def __init__(
-        self,
-        *,
-        tenant_id: _builtins.str = ...,
-        session_id: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "tenant_id", b"tenant_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___DeleteSessionRequest: _TypeAlias = DeleteSessionRequest  # noqa: Y015
-
-@_typing.final
-class DeleteSessionResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    def __init__(
-        self,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___DeleteSessionResponse: _TypeAlias = DeleteSessionResponse  # noqa: Y015
-
-@_typing.final
 class AppendItemRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -341,48 +304,6 @@ class DeleteItemResponse(_message.Message):
 Global___DeleteItemResponse: _TypeAlias = DeleteItemResponse  # noqa: Y015
 
 @_typing.final
-class ListItemsRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    TENANT_ID_FIELD_NUMBER: _builtins.int
-    SESSION_ID_FIELD_NUMBER: _builtins.int
-    tenant_id: _builtins.str
-    session_id: _builtins.str
-    def __init__(
-        self,
-        *,
-        tenant_id: _builtins.str = ...,
-        session_id: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "tenant_id", b"tenant_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ListItemsRequest: _TypeAlias = ListItemsRequest  # noqa: Y015
-
-@_typing.final
-class ListItemsResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    ITEMS_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def items(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Item]: ...
-    def __init__(
-        self,
-        *,
-        items: _abc.Iterable[_common_pb2.Item] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ListItemsResponse: _TypeAlias = ListItemsResponse  # noqa: Y015
-
-@_typing.final
 class BuildContextRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -471,6 +392,8 @@ Global___SessionEvent: _TypeAlias = SessionEvent  # noqa: Y015
 
 @_typing.final
 class AppendEventsRequest(_message.Message):
+    """One append of an AppendEventsBatch: events of one session, applied atomically."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
@@ -528,25 +451,6 @@ class AppendEventsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__open_response_id) -> _WhichOneofReturnType__open_response_id | None: ...
 
 Global___AppendEventsRequest: _TypeAlias = AppendEventsRequest  # noqa: Y015
-
-@_typing.final
-class AppendEventsResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    LAST_SEQ_FIELD_NUMBER: _builtins.int
-    last_seq: _builtins.int
-    def __init__(
-        self,
-        *,
-        last_seq: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_seq", b"last_seq"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___AppendEventsResponse: _TypeAlias = AppendEventsResponse  # noqa: Y015
 
 @_typing.final
 class AppendEventsBatchRequest(_message.Message):

@@ -53,11 +53,6 @@ class SessionServiceStub:
                 request_serializer=switchboard_dot_v1_dot_session__pb2.UpdateSessionRequest.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_session__pb2.Session.FromString,
                 _registered_method=True)
-        self.DeleteSession = channel.unary_unary(
-                '/switchboard.v1.SessionService/DeleteSession',
-                request_serializer=switchboard_dot_v1_dot_session__pb2.DeleteSessionRequest.SerializeToString,
-                response_deserializer=switchboard_dot_v1_dot_session__pb2.DeleteSessionResponse.FromString,
-                _registered_method=True)
         self.AppendItem = channel.unary_unary(
                 '/switchboard.v1.SessionService/AppendItem',
                 request_serializer=switchboard_dot_v1_dot_session__pb2.AppendItemRequest.SerializeToString,
@@ -73,20 +68,10 @@ class SessionServiceStub:
                 request_serializer=switchboard_dot_v1_dot_session__pb2.DeleteItemRequest.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_session__pb2.DeleteItemResponse.FromString,
                 _registered_method=True)
-        self.ListItems = channel.unary_unary(
-                '/switchboard.v1.SessionService/ListItems',
-                request_serializer=switchboard_dot_v1_dot_session__pb2.ListItemsRequest.SerializeToString,
-                response_deserializer=switchboard_dot_v1_dot_session__pb2.ListItemsResponse.FromString,
-                _registered_method=True)
         self.BuildContext = channel.unary_unary(
                 '/switchboard.v1.SessionService/BuildContext',
                 request_serializer=switchboard_dot_v1_dot_session__pb2.BuildContextRequest.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_session__pb2.Context.FromString,
-                _registered_method=True)
-        self.AppendEvents = channel.unary_unary(
-                '/switchboard.v1.SessionService/AppendEvents',
-                request_serializer=switchboard_dot_v1_dot_session__pb2.AppendEventsRequest.SerializeToString,
-                response_deserializer=switchboard_dot_v1_dot_session__pb2.AppendEventsResponse.FromString,
                 _registered_method=True)
         self.AppendEventsBatch = channel.unary_unary(
                 '/switchboard.v1.SessionService/AppendEventsBatch',
@@ -134,12 +119,6 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def DeleteSession(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def AppendItem(self, request, context):
         """Inserts an item after `previous_item_id` (or at the end when empty).
         """
@@ -159,12 +138,6 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ListItems(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def BuildContext(self, request, context):
         """The instructions and the newest items that fit the context token budget.
         """
@@ -172,16 +145,10 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def AppendEvents(self, request, context):
-        """The resumable event log: server events of a session with their sequence.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def AppendEventsBatch(self, request, context):
-        """Several appends in one call (a gateway's connections share it): each is
-        applied as AppendEvents applies it, and answered on its own.
+        """The resumable event log: server events of a session with their sequence.
+        Appends come in batches (a gateway's connections share one call); each
+        append of a batch is applied atomically on its own and answered on its own.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -226,11 +193,6 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     request_deserializer=switchboard_dot_v1_dot_session__pb2.UpdateSessionRequest.FromString,
                     response_serializer=switchboard_dot_v1_dot_session__pb2.Session.SerializeToString,
             ),
-            'DeleteSession': grpc.unary_unary_rpc_method_handler(
-                    servicer.DeleteSession,
-                    request_deserializer=switchboard_dot_v1_dot_session__pb2.DeleteSessionRequest.FromString,
-                    response_serializer=switchboard_dot_v1_dot_session__pb2.DeleteSessionResponse.SerializeToString,
-            ),
             'AppendItem': grpc.unary_unary_rpc_method_handler(
                     servicer.AppendItem,
                     request_deserializer=switchboard_dot_v1_dot_session__pb2.AppendItemRequest.FromString,
@@ -246,20 +208,10 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     request_deserializer=switchboard_dot_v1_dot_session__pb2.DeleteItemRequest.FromString,
                     response_serializer=switchboard_dot_v1_dot_session__pb2.DeleteItemResponse.SerializeToString,
             ),
-            'ListItems': grpc.unary_unary_rpc_method_handler(
-                    servicer.ListItems,
-                    request_deserializer=switchboard_dot_v1_dot_session__pb2.ListItemsRequest.FromString,
-                    response_serializer=switchboard_dot_v1_dot_session__pb2.ListItemsResponse.SerializeToString,
-            ),
             'BuildContext': grpc.unary_unary_rpc_method_handler(
                     servicer.BuildContext,
                     request_deserializer=switchboard_dot_v1_dot_session__pb2.BuildContextRequest.FromString,
                     response_serializer=switchboard_dot_v1_dot_session__pb2.Context.SerializeToString,
-            ),
-            'AppendEvents': grpc.unary_unary_rpc_method_handler(
-                    servicer.AppendEvents,
-                    request_deserializer=switchboard_dot_v1_dot_session__pb2.AppendEventsRequest.FromString,
-                    response_serializer=switchboard_dot_v1_dot_session__pb2.AppendEventsResponse.SerializeToString,
             ),
             'AppendEventsBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.AppendEventsBatch,
@@ -377,33 +329,6 @@ class SessionService:
             _registered_method=True)
 
     @staticmethod
-    def DeleteSession(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/switchboard.v1.SessionService/DeleteSession',
-            switchboard_dot_v1_dot_session__pb2.DeleteSessionRequest.SerializeToString,
-            switchboard_dot_v1_dot_session__pb2.DeleteSessionResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
     def AppendItem(request,
             target,
             options=(),
@@ -485,33 +410,6 @@ class SessionService:
             _registered_method=True)
 
     @staticmethod
-    def ListItems(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/switchboard.v1.SessionService/ListItems',
-            switchboard_dot_v1_dot_session__pb2.ListItemsRequest.SerializeToString,
-            switchboard_dot_v1_dot_session__pb2.ListItemsResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
     def BuildContext(request,
             target,
             options=(),
@@ -528,33 +426,6 @@ class SessionService:
             '/switchboard.v1.SessionService/BuildContext',
             switchboard_dot_v1_dot_session__pb2.BuildContextRequest.SerializeToString,
             switchboard_dot_v1_dot_session__pb2.Context.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def AppendEvents(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/switchboard.v1.SessionService/AppendEvents',
-            switchboard_dot_v1_dot_session__pb2.AppendEventsRequest.SerializeToString,
-            switchboard_dot_v1_dot_session__pb2.AppendEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

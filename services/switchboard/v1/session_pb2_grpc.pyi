@@ -40,19 +40,16 @@ class SessionServiceStub:
     CreateSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.CreateSessionRequest, _session_pb2.Session]
     GetSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.GetSessionRequest, _session_pb2.Session]
     UpdateSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.UpdateSessionRequest, _session_pb2.Session]
-    DeleteSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.DeleteSessionRequest, _session_pb2.DeleteSessionResponse]
     AppendItem: _grpc.UnaryUnaryMultiCallable[_session_pb2.AppendItemRequest, _session_pb2.AppendItemResponse]
     """Inserts an item after `previous_item_id` (or at the end when empty)."""
     GetItem: _grpc.UnaryUnaryMultiCallable[_session_pb2.GetItemRequest, _common_pb2.Item]
     DeleteItem: _grpc.UnaryUnaryMultiCallable[_session_pb2.DeleteItemRequest, _session_pb2.DeleteItemResponse]
-    ListItems: _grpc.UnaryUnaryMultiCallable[_session_pb2.ListItemsRequest, _session_pb2.ListItemsResponse]
     BuildContext: _grpc.UnaryUnaryMultiCallable[_session_pb2.BuildContextRequest, _session_pb2.Context]
     """The instructions and the newest items that fit the context token budget."""
-    AppendEvents: _grpc.UnaryUnaryMultiCallable[_session_pb2.AppendEventsRequest, _session_pb2.AppendEventsResponse]
-    """The resumable event log: server events of a session with their sequence."""
     AppendEventsBatch: _grpc.UnaryUnaryMultiCallable[_session_pb2.AppendEventsBatchRequest, _session_pb2.AppendEventsBatchResponse]
-    """Several appends in one call (a gateway's connections share it): each is
-    applied as AppendEvents applies it, and answered on its own.
+    """The resumable event log: server events of a session with their sequence.
+    Appends come in batches (a gateway's connections share one call); each
+    append of a batch is applied atomically on its own and answered on its own.
     """
     ReadEvents: _grpc.UnaryUnaryMultiCallable[_session_pb2.ReadEventsRequest, _session_pb2.ReadEventsResponse]
     ClaimSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.ClaimSessionRequest, _session_pb2.ClaimSessionResponse]
@@ -73,19 +70,16 @@ class SessionServiceAsyncStub(SessionServiceStub):
     CreateSession: _aio.UnaryUnaryMultiCallable[_session_pb2.CreateSessionRequest, _session_pb2.Session]  # type: ignore[assignment]
     GetSession: _aio.UnaryUnaryMultiCallable[_session_pb2.GetSessionRequest, _session_pb2.Session]  # type: ignore[assignment]
     UpdateSession: _aio.UnaryUnaryMultiCallable[_session_pb2.UpdateSessionRequest, _session_pb2.Session]  # type: ignore[assignment]
-    DeleteSession: _aio.UnaryUnaryMultiCallable[_session_pb2.DeleteSessionRequest, _session_pb2.DeleteSessionResponse]  # type: ignore[assignment]
     AppendItem: _aio.UnaryUnaryMultiCallable[_session_pb2.AppendItemRequest, _session_pb2.AppendItemResponse]  # type: ignore[assignment]
     """Inserts an item after `previous_item_id` (or at the end when empty)."""
     GetItem: _aio.UnaryUnaryMultiCallable[_session_pb2.GetItemRequest, _common_pb2.Item]  # type: ignore[assignment]
     DeleteItem: _aio.UnaryUnaryMultiCallable[_session_pb2.DeleteItemRequest, _session_pb2.DeleteItemResponse]  # type: ignore[assignment]
-    ListItems: _aio.UnaryUnaryMultiCallable[_session_pb2.ListItemsRequest, _session_pb2.ListItemsResponse]  # type: ignore[assignment]
     BuildContext: _aio.UnaryUnaryMultiCallable[_session_pb2.BuildContextRequest, _session_pb2.Context]  # type: ignore[assignment]
     """The instructions and the newest items that fit the context token budget."""
-    AppendEvents: _aio.UnaryUnaryMultiCallable[_session_pb2.AppendEventsRequest, _session_pb2.AppendEventsResponse]  # type: ignore[assignment]
-    """The resumable event log: server events of a session with their sequence."""
     AppendEventsBatch: _aio.UnaryUnaryMultiCallable[_session_pb2.AppendEventsBatchRequest, _session_pb2.AppendEventsBatchResponse]  # type: ignore[assignment]
-    """Several appends in one call (a gateway's connections share it): each is
-    applied as AppendEvents applies it, and answered on its own.
+    """The resumable event log: server events of a session with their sequence.
+    Appends come in batches (a gateway's connections share one call); each
+    append of a batch is applied atomically on its own and answered on its own.
     """
     ReadEvents: _aio.UnaryUnaryMultiCallable[_session_pb2.ReadEventsRequest, _session_pb2.ReadEventsResponse]  # type: ignore[assignment]
     ClaimSession: _aio.UnaryUnaryMultiCallable[_session_pb2.ClaimSessionRequest, _session_pb2.ClaimSessionResponse]  # type: ignore[assignment]
@@ -123,13 +117,6 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_session_pb2.Session, _abc.Awaitable[_session_pb2.Session]]: ...
 
     @_abc_1.abstractmethod
-    def DeleteSession(
-        self,
-        request: _session_pb2.DeleteSessionRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_session_pb2.DeleteSessionResponse, _abc.Awaitable[_session_pb2.DeleteSessionResponse]]: ...
-
-    @_abc_1.abstractmethod
     def AppendItem(
         self,
         request: _session_pb2.AppendItemRequest,
@@ -152,13 +139,6 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_session_pb2.DeleteItemResponse, _abc.Awaitable[_session_pb2.DeleteItemResponse]]: ...
 
     @_abc_1.abstractmethod
-    def ListItems(
-        self,
-        request: _session_pb2.ListItemsRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_session_pb2.ListItemsResponse, _abc.Awaitable[_session_pb2.ListItemsResponse]]: ...
-
-    @_abc_1.abstractmethod
     def BuildContext(
         self,
         request: _session_pb2.BuildContextRequest,
@@ -167,21 +147,14 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         """The instructions and the newest items that fit the context token budget."""
 
     @_abc_1.abstractmethod
-    def AppendEvents(
-        self,
-        request: _session_pb2.AppendEventsRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_session_pb2.AppendEventsResponse, _abc.Awaitable[_session_pb2.AppendEventsResponse]]:
-        """The resumable event log: server events of a session with their sequence."""
-
-    @_abc_1.abstractmethod
     def AppendEventsBatch(
         self,
         request: _session_pb2.AppendEventsBatchRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.AppendEventsBatchResponse, _abc.Awaitable[_session_pb2.AppendEventsBatchResponse]]:
-        """Several appends in one call (a gateway's connections share it): each is
-        applied as AppendEvents applies it, and answered on its own.
+        """The resumable event log: server events of a session with their sequence.
+        Appends come in batches (a gateway's connections share one call); each
+        append of a batch is applied atomically on its own and answered on its own.
         """
 
     @_abc_1.abstractmethod

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ import orjson
 
 from switchboard.errors import ItemNotFound, SessionNotFound, SessionTakenOver, SwitchboardError
 from switchboard.gateway.testing.model import Fail, Script, ScriptedCall, ScriptedModel
+from switchboard.tokens import estimate_tokens
 from switchboard.v1 import broker_pb2, common_pb2, session_pb2, toolexec_pb2
 
 Event = dict[str, Any]
@@ -175,7 +175,7 @@ class MemoryBackends:
         return session_pb2.Context(
             instructions=state.session.config.instructions,
             items=state.items,
-            estimated_tokens=math.ceil(chars / 4),
+            estimated_tokens=estimate_tokens(chars),
         )
 
     # --- event log and lease ------------------------------------------------------------

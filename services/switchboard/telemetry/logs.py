@@ -4,7 +4,7 @@
 Extra fields passed with `logger.info("...", extra={"tenant_id": ...})` are
 emitted as top-level keys. Messages must never carry keys, tokens or prompt
 text; log identifiers (tenant, session, response ids) instead. A line logged
-while a span is current (tracing on, see `switchboard.tracing`) carries its
+while a span is current (tracing on, see `switchboard.telemetry.tracing`) carries its
 `trace_id` and `span_id`, so a log search can jump to the trace and back.
 """
 

@@ -1,7 +1,7 @@
 """The broker's clients of its upstream deployments: one `openai.AsyncOpenAI` each.
 
 An upstream is a named deployment of the tenants file (`switchboard.tenancy.Upstream`:
-a base URL and a key). `Upstreams` builds the client of an upstream the first
+a base URL and a key). `UpstreamClients` builds the client of an upstream the first
 time a call is routed to it and shares it between all the calls that follow,
 so their connections are kept alive and reused.
 
@@ -10,7 +10,7 @@ removes the upstream, its client is *retired*: the next call builds a fresh
 one, calls already streaming finish on the old one, and the old one is closed
 as soon as its last call is over. `aclose()` closes everything at shutdown.
 
-Call order: build `Upstreams(settings)` at start, `tenants.subscribe(upstreams.reconcile)`,
+Call order: build `UpstreamClients(settings)` at start, `tenants.subscribe(clients.reconcile)`,
 `client(upstream)` per call (on the event loop), `await aclose()` after the
 gRPC server has drained.
 """
@@ -24,7 +24,7 @@ from typing import Any
 
 import openai
 
-from switchboard.broker.upstream import MAX_RETRIES, ChatStream, upstream_host
+from switchboard.broker.chat_stream import MAX_RETRIES, ChatStream, upstream_host
 from switchboard.config import BrokerSettings
 from switchboard.tenancy import TenantDirectory, Upstream
 
@@ -136,7 +136,7 @@ class UpstreamClient:
         return f"UpstreamClient({self.description!r}, active={self.active})"
 
 
-class Upstreams:
+class UpstreamClients:
     """The clients of the upstreams calls are routed to, by upstream name.
 
     Clients are built on first use and rebuilt when the configuration of their
@@ -175,7 +175,7 @@ class Upstreams:
     def reconcile(self, directory: TenantDirectory) -> None:
         """Retire the clients of upstreams that `directory` changed or removed.
 
-        Meant for `TenantConfig.subscribe`: it runs on the event loop after each
+        Meant for `LiveTenants.subscribe`: it runs on the event loop after each
         reload and never blocks. Replacements are built by the next call.
         """
         for name, existing in list(self._clients.items()):
@@ -184,7 +184,7 @@ class Upstreams:
                 del self._clients[name]
                 self._retire(existing)
 
-    def clients(self) -> dict[str, UpstreamClient]:
+    def current(self) -> dict[str, UpstreamClient]:
         """The clients in use now, by upstream name (retired ones excluded)."""
         return dict(self._clients)
 

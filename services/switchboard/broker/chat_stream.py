@@ -1,7 +1,7 @@
 """The wire to an upstream model API: one streamed Chat Completions call and its errors.
 
 `ChatStream` is one call through an `openai.AsyncOpenAI` client (the clients
-themselves, one per upstream deployment, live in `switchboard.broker.upstreams`):
+themselves, one per upstream deployment, live in `switchboard.broker.clients`):
 
     async with client.stream(payload) as chunks:     # HTTP status checked here
         async for chunk in chunks:                    # dicts, until `[DONE]`
@@ -31,7 +31,6 @@ import openai
 import orjson
 from opentelemetry import trace
 
-from switchboard import tracing
 from switchboard.broker.retry import TransientUpstreamError
 from switchboard.errors import (
     SwitchboardError,
@@ -40,6 +39,7 @@ from switchboard.errors import (
     UpstreamStreamBroken,
     UpstreamTimeout,
 )
+from switchboard.telemetry import tracing
 
 DONE = b"[DONE]"
 # The SDK's own retries are off: the broker retries and fails over itself
@@ -100,12 +100,6 @@ class SseDecoder:
             field, _, value = line.partition(b":")
             if field == b"data":
                 self._data.append(value[1:] if value.startswith(b" ") else value)
-
-
-def upstream_label(base_url: str) -> str:
-    """The base URL without credentials, query or fragment: safe to log and report."""
-    parts = urlsplit(base_url)
-    return f"{parts.scheme}://{upstream_host(base_url)}{parts.path.rstrip('/')}"
 
 
 def upstream_host(base_url: str) -> str:

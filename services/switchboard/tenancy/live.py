@@ -1,4 +1,4 @@
-"""`TenantConfig`: the live tenants, reloaded when the tenants file changes.
+"""`LiveTenants`: the live tenants, reloaded when the tenants file changes.
 
 The file is typically a Kubernetes Secret volume. The kubelet never rewrites
 a file in place: it writes a new timestamped directory and atomically swaps
@@ -11,9 +11,8 @@ settles (git's "racy clean" rule), so two edits within one mtime tick that
 keep the size are not missed.
 
 Call order: build it at start (a bad file raises `ConfigError`), read
-`current` whenever a tenant is needed, and either run `watch()` as a task or
-call `maybe_reload()` from a hot path (it does nothing until the interval has
-passed). A new file that fails its checks is logged as one line and ignored:
+`current` whenever a tenant is needed, and run `watch()` as a task (or call
+`reload()` to check now). A new file that fails its checks is logged as one line and ignored:
 the previous directory stays in force until a good file arrives.
 """
 
@@ -46,7 +45,7 @@ Subscriber = Callable[[TenantDirectory], None]
 _Identity = tuple[str, int, int, int, int]
 
 
-class TenantConfig:
+class LiveTenants:
     """The current `TenantDirectory`, replaced when the tenants file changes.
 
     Attributes:
@@ -66,7 +65,6 @@ class TenantConfig:
         environ: Mapping[str, str] | None = None,
         *,
         interval_s: float = DEFAULT_INTERVAL_S,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Load the tenants file at `path`.
 
@@ -75,13 +73,12 @@ class TenantConfig:
             environ: where `api_key_env` variables are read; os.environ if None.
                 Variables are read again on each reload, but a process's
                 environment is fixed at start: a new variable needs a restart.
-            interval_s: `maybe_reload` checks the file at most this often.
-            clock: monotonic seconds (tests pass a fake).
+            interval_s: `watch` checks the file this often.
 
         Raises:
             ConfigError: the file is missing or invalid (one line, no secrets).
         """
-        self._setup(Path(path), environ, interval_s, clock)
+        self._setup(Path(path), environ, interval_s)
         try:
             identity = self._identity()
             content = Path(identity[0]).read_bytes()
@@ -92,10 +89,10 @@ class TenantConfig:
         self._digest = hashlib.sha256(content).hexdigest()
 
     @classmethod
-    def fixed(cls, directory: TenantDirectory) -> TenantConfig:
+    def fixed(cls, directory: TenantDirectory) -> LiveTenants:
         """A holder of a directory that never changes (no file to watch)."""
         self = cls.__new__(cls)
-        self._setup(None, None, DEFAULT_INTERVAL_S, time.monotonic)
+        self._setup(None, None, DEFAULT_INTERVAL_S)
         self._directory = directory
         return self
 
@@ -104,14 +101,11 @@ class TenantConfig:
         path: Path | None,
         environ: Mapping[str, str] | None,
         interval_s: float,
-        clock: Callable[[], float],
     ) -> None:
         self.path = path
         self.version = 1
         self._environ = environ
         self._interval_s = interval_s
-        self._clock = clock
-        self._checked_at = clock()
         self._subscribers: list[Subscriber] = []
         self._identity_seen = None
         self._digest = ""
@@ -139,18 +133,6 @@ class TenantConfig:
                 self._subscribers.remove(callback)
 
         return unsubscribe
-
-    def maybe_reload(self) -> bool:
-        """`reload()`, at most once per interval; cheap to call on a hot path.
-
-        Returns:
-            True when a new directory was installed.
-        """
-        now = self._clock()
-        if self.path is None or now - self._checked_at < self._interval_s:
-            return False
-        self._checked_at = now
-        return self.reload()
 
     def reload(self) -> bool:
         """Check the file now and install it if it changed and is valid.
@@ -244,7 +226,7 @@ class TenantConfig:
 
 def load_tenants(
     environ: Mapping[str, str] | None = None, *, interval_s: float = DEFAULT_INTERVAL_S
-) -> TenantConfig:
+) -> LiveTenants:
     """The tenants a service starts with, from its environment.
 
     In order:
@@ -266,11 +248,11 @@ def load_tenants(
                 "SWITCHBOARD_TENANT_KEYS ignored: SWITCHBOARD_TENANTS_FILE is set",
                 extra={"path": path},
             )
-        return TenantConfig(path, environ, interval_s=interval_s)
+        return LiveTenants(path, environ, interval_s=interval_s)
     if spec is not None:
-        return TenantConfig.fixed(TenantDirectory.from_key_spec(spec, environ))
+        return LiveTenants.fixed(TenantDirectory.from_key_spec(spec, environ))
     log.warning("no tenants configured: set SWITCHBOARD_TENANTS_FILE; every API key is refused")
-    return TenantConfig.fixed(
+    return LiveTenants.fixed(
         TenantDirectory(tenants={}, upstreams={"default": environment_upstream(environ)})
     )
 

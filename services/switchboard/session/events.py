@@ -1,0 +1,198 @@
+"""The event log of every session, and the writer lease that guards it.
+
+A session's log (`sb:{<tenant_id>:<session_id>}:events`, a sorted set scored by
+seq; docs/session.md) holds the server events the gateway sent, so a client
+that reconnects resumes from the last event it saw. One connection at a time
+writes a session's log: it holds the session's writer lease
+(`...:owner`, expiring unless renewed; a claimant waiting for it is in
+`...:wanted`). Appends arrive in batches, each append one Lua script that
+checks the session, the lease and the seqs, writes, and refreshes the
+session's TTL.
+
+`EventLog` is built by `SessionStore` (as its `events`) on the same Redis
+client and TTL; a Redis outage surfaces as `SessionStoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from redis.asyncio.cluster import RedisCluster
+
+from switchboard.errors import SessionNotFound, SessionTakenOver, SwitchboardError, invalid_value
+from switchboard.redis_client import AnyRedis
+from switchboard.session import scripts
+from switchboard.session.keys import lease_keys, session_keys
+from switchboard.session.outage import store_call
+from switchboard.v1 import session_pb2
+
+DEFAULT_MAX_EVENTS = 10_000
+# How long a session's writer lease lasts unless renewed (appends renew it).
+DEFAULT_LEASE_MS = 10_000
+DEFAULT_READ_LIMIT = 1000
+MAX_READ_LIMIT = 10_000
+
+
+def lease_ms_within(requested: int) -> int:
+    """A writer lease between 100 ms and 5 minutes; the default when not given."""
+    return min(max(requested, 100), 300_000) if requested > 0 else DEFAULT_LEASE_MS
+
+
+class EventLog:
+    """The event logs and writer leases of all sessions, in one Redis.
+
+    Every method validates the tenant and session ids first (raising
+    `InvalidRequest`) and raises `SessionNotFound` for a session that does not
+    exist under that tenant (`append_batch` answers it per append).
+    """
+
+    def __init__(self, client: AnyRedis, *, ttl_ms: int, max_events: int) -> None:
+        """Args:
+        client: the session store's Redis client (its owner closes it).
+        ttl_ms: an append refreshes the session's keys to this TTL.
+        max_events: a session's log keeps at most this many newest events.
+        """
+        self._redis = client
+        self._ttl_ms = ttl_ms
+        self._max_events = max_events
+        self._append = client.register_script(scripts.APPEND_EVENTS)
+        self._claim = client.register_script(scripts.CLAIM_SESSION)
+        self._release = client.register_script(scripts.RELEASE_SESSION)
+
+    @store_call
+    async def append_batch(
+        self, appends: Sequence[session_pb2.AppendEventsRequest]
+    ) -> list[int | SwitchboardError]:
+        """Several appends (of different sessions), each applied atomically on its own,
+        in one Redis round trip (on a cluster, one per append, concurrently).
+
+        An event with seq 0 is numbered after the log's last; others keep their
+        seq, which must be increasing and above the log's last (`invalid_value`
+        otherwise, and nothing of that append is written). With a `holder`, an
+        append is refused with `SessionTakenOver` unless the writer lease is free
+        or the holder's, and renews it for `lease_ms`. `open_response_id`, when
+        set, becomes the session's response in progress, opened at
+        `open_response_seq`. `broker_response_id` and `broker_address` note the
+        broker running a response; `SessionStore.get_session` reports it while
+        that response is the open one. The log keeps the newest `max_events`.
+
+        Returns:
+            Per append, the seq of its last event (the log's last seq when it has
+            no events), or the error it got.
+        """
+        calls: list[tuple[list[str], list[int | str | bytes]] | SwitchboardError] = []
+        for a in appends:
+            try:
+                calls.append(self._append_call(a))
+            except SwitchboardError as error:
+                calls.append(error)
+        queued = [call for call in calls if not isinstance(call, SwitchboardError)]
+        if isinstance(self._redis, RedisCluster):
+            replies = await asyncio.gather(
+                *(self._append(keys=keys, args=args) for keys, args in queued)
+            )
+        else:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for keys, args in queued:
+                    await self._append(keys=keys, args=args, client=pipe)
+                replies = await pipe.execute()
+        results: list[int | SwitchboardError] = []
+        answers = iter(replies)
+        for call in calls:
+            if isinstance(call, SwitchboardError):
+                results.append(call)
+                continue
+            try:
+                results.append(_appended(int(next(answers))))
+            except SwitchboardError as error:
+                results.append(error)
+        return results
+
+    def _append_call(
+        self, request: session_pb2.AppendEventsRequest
+    ) -> tuple[list[str], list[int | str | bytes]]:
+        """The KEYS and ARGV of APPEND_EVENTS (ids validated first)."""
+        tenant_id, session_id = request.tenant_id, request.session_id
+        keys = session_keys(tenant_id, session_id)
+        has_open = request.HasField("open_response_id")
+        args: list[int | str | bytes] = [
+            self._ttl_ms,
+            self._max_events,
+            request.holder,
+            lease_ms_within(request.lease_ms),
+            request.open_response_id if has_open else "-",
+            request.open_response_seq if has_open else 0,
+            request.broker_response_id,
+            request.broker_address,
+        ]
+        for e in request.events:
+            args.append(e.seq)
+            args.append(
+                session_pb2.SessionEvent(event_id=e.event_id, payload=e.payload).SerializeToString()
+            )
+        return [*keys, lease_keys(tenant_id, session_id).owner], args
+
+    @store_call
+    async def claim(
+        self, tenant_id: str, session_id: str, holder: str, lease_ms: int
+    ) -> session_pb2.ClaimSessionResponse:
+        """Take or renew the session's writer lease for `holder`; see CLAIM_SESSION."""
+        keys = session_keys(tenant_id, session_id)
+        lease = lease_keys(tenant_id, session_id)
+        lease_ms = lease_ms_within(lease_ms)
+        claimed, handoff, last_seq = await self._claim(
+            keys=[keys.meta, lease.owner, lease.wanted], args=[holder, lease_ms]
+        )
+        if int(claimed) < 0:
+            raise SessionNotFound("Session not found.", param="session_id")
+        return session_pb2.ClaimSessionResponse(
+            claimed=bool(claimed), handoff_requested=bool(handoff), last_event_seq=int(last_seq)
+        )
+
+    @store_call
+    async def release(self, tenant_id: str, session_id: str, holder: str) -> None:
+        """Free the writer lease if `holder` has it."""
+        await self._release(keys=[lease_keys(tenant_id, session_id).owner], args=[holder])
+
+    @store_call
+    async def read(
+        self, tenant_id: str, session_id: str, after_seq: int = 0, limit: int = 0
+    ) -> tuple[list[session_pb2.SessionEvent], int, int]:
+        """Events with seq > `after_seq`, oldest first, at most `limit` of them.
+
+        `limit` <= 0 means `DEFAULT_READ_LIMIT`; it is capped at `MAX_READ_LIMIT`.
+        Events older than the log's retention are gone: the first returned seq
+        may then be greater than `after_seq + 1`.
+
+        Returns:
+            The events, the session's last seq (0 when it has none) and the seq
+            up to which events were dropped from the log (0 when none were).
+        """
+        keys = session_keys(tenant_id, session_id)
+        count = min(limit, MAX_READ_LIMIT) if limit > 0 else DEFAULT_READ_LIMIT
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.exists(keys.meta)
+            pipe.hmget(keys.meta, ["last_event_seq", "trimmed_seq"])
+            pipe.zrangebyscore(keys.events, f"({max(after_seq, 0)}", "+inf", start=0, num=count)
+            exists, (last_seq, trimmed_seq), members = await pipe.execute()
+        if not exists:
+            raise SessionNotFound("Session not found.", param="session_id")
+        events = []
+        for member in members:
+            seq, _, encoded = member.partition(b"\n")
+            event = session_pb2.SessionEvent.FromString(encoded)
+            event.seq = int(seq)
+            events.append(event)
+        return events, int(last_seq or 0), int(float(trimmed_seq or 0))
+
+
+def _appended(last_seq: int) -> int:
+    """The reply of APPEND_EVENTS: the last seq, or the error its code stands for."""
+    if last_seq == -1:
+        raise SessionNotFound("Session not found.", param="session_id")
+    if last_seq == -2:
+        raise SessionTakenOver("Another connection resumed this session.")
+    if last_seq == -3:
+        raise invalid_value("events.seq", "Event seqs must increase and follow the log's last seq.")
+    return last_seq
