@@ -5,7 +5,7 @@ UV := .cache/uv-venv/bin/uv
 VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: run test lint format proto dashboards panels bench bench-memory setup clean
+.PHONY: run test lint format proto dashboards panels bench bench-memory image smoke-deploy setup clean
 
 run: setup ## start Redis, the simulator (without OPENAI_API_KEY) and the four services
 	$(VENV)/bin/python -m tools.stack
@@ -36,6 +36,12 @@ bench: setup ## time to first token and tokens/s: gateway vs the simulator direc
 
 bench-memory: setup ## gateway memory per connection and stream, and its stream ceiling here
 	$(VENV)/bin/python -m tools.bench_memory
+
+image: setup ## build the container image localhost/switchboard:VERSION (podman or buildah)
+	$(VENV)/bin/python -m tools.image
+
+smoke-deploy: setup ## build the image, run the chart's minimal install with podman kube play, talk to it
+	$(VENV)/bin/python -m tools.smoke_deploy $(SMOKE_ARGS)
 
 setup: $(VENV)/.synced
 
