@@ -180,6 +180,9 @@ class GatewaySettings:
     # On SIGTERM, how long running responses may take to finish before the
     # remaining connections are closed with 1012.
     drain_timeout_s: float
+    # From the TCP connect to the end of a request head (HTTP or WebSocket
+    # handshake): a client slower than this gets 408 and is closed.
+    handshake_timeout_s: float
     # The writer lease of a session: how long a gateway that stopped renewing it
     # (killed) keeps its sessions from being resumed elsewhere.
     session_lease_s: float
@@ -230,6 +233,9 @@ class GatewaySettings:
             ping_interval_s=env.number("SWITCHBOARD_GATEWAY_PING_INTERVAL_S", 20.0),
             ping_timeout_s=env.number("SWITCHBOARD_GATEWAY_PING_TIMEOUT_S", 20.0, minimum=0.1),
             drain_timeout_s=env.number("SWITCHBOARD_GATEWAY_DRAIN_TIMEOUT_S", 25.0),
+            handshake_timeout_s=env.number(
+                "SWITCHBOARD_GATEWAY_HANDSHAKE_TIMEOUT_S", 10.0, minimum=0.1
+            ),
             session_lease_s=env.number("SWITCHBOARD_GATEWAY_SESSION_LEASE_S", 10.0, minimum=0.5),
             log_level=env.log_level(),
         )

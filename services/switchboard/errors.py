@@ -77,6 +77,8 @@ SPECS: dict[int, Spec] = {
         grpc.StatusCode.DEADLINE_EXCEEDED, 440, INVALID_REQUEST, 4011
     ),
     _C.ERROR_CODE_UNKNOWN_PARAMETER: Spec(grpc.StatusCode.INVALID_ARGUMENT, 400, INVALID_REQUEST),
+    _C.ERROR_CODE_VALUE_TOO_LARGE: Spec(grpc.StatusCode.INVALID_ARGUMENT, 400, INVALID_REQUEST),
+    _C.ERROR_CODE_JSON_TOO_DEEP: Spec(grpc.StatusCode.INVALID_ARGUMENT, 400, INVALID_REQUEST),
     _C.ERROR_CODE_UNSUPPORTED_FEATURE: Spec(grpc.StatusCode.UNIMPLEMENTED, 400, INVALID_REQUEST),
     _C.ERROR_CODE_ITEM_NOT_FOUND: Spec(grpc.StatusCode.NOT_FOUND, 404, INVALID_REQUEST),
     _C.ERROR_CODE_CONVERSATION_ALREADY_HAS_ACTIVE_RESPONSE: Spec(
@@ -130,6 +132,11 @@ SPECS: dict[int, Spec] = {
 
 _PREFIX = "ERROR_CODE_"
 
+# An error's message and param reach clients, logs and gRPC trailers (whose
+# metadata is limited to a few KiB): cut them, whatever input they quote.
+MAX_MESSAGE_CHARS = 1024
+MAX_PARAM_CHARS = 256
+
 
 def code_name(code: int) -> str:
     """The wire name of a code: `ERROR_CODE_ITEM_NOT_FOUND` -> `item_not_found`."""
@@ -164,11 +171,12 @@ class SwitchboardError(Exception):
         param: str | None = None,
         retry_after: float | None = None,
     ) -> None:
+        message = _cut(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         if code is not None:
             self.code = code
         self.message = message
-        self.param = param
+        self.param = None if param is None else _cut(param, MAX_PARAM_CHARS)
         self.retry_after = retry_after
 
     @property
@@ -209,6 +217,17 @@ class SwitchboardError(Exception):
         return tuple(trailers)
 
 
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def quote(value: object, limit: int = 64) -> str:
+    """A client's value for an error message: in single quotes, cut to `limit`
+    characters (an error never repeats unbounded input)."""
+    text = value if isinstance(value, str) else repr(value)
+    return "'" + _cut(text, limit) + "'"
+
+
 class InvalidRequest(SwitchboardError):
     """A client event that cannot be served as sent (code set per case)."""
 
@@ -227,6 +246,15 @@ def missing_parameter(param: str) -> InvalidRequest:
 def invalid_value(param: str, message: str) -> InvalidRequest:
     """`invalid_value` naming the field."""
     return InvalidRequest(message, code=common_pb2.ERROR_CODE_INVALID_VALUE, param=param)
+
+
+def value_too_large(param: str, limit: str) -> InvalidRequest:
+    """`value_too_large` naming the field and its limit ("64 characters")."""
+    return InvalidRequest(
+        f"'{param}' is over its limit of {limit} (docs/input-limits.md).",
+        code=common_pb2.ERROR_CODE_VALUE_TOO_LARGE,
+        param=param,
+    )
 
 
 class ItemNotFound(SwitchboardError):

@@ -45,6 +45,7 @@ def stack(otlp_receiver: OtlpReceiver) -> Iterator[Stack]:
         ports=Ports.free(),
         simulator_args=["--ttft-ms", "20", "--token-delay-ms", "5", "--reply-tokens", "12"],
         redis_args=("--appendonly", "yes", "--appendfsync", "always"),
+        extra_env={"SWITCHBOARD_GATEWAY_HANDSHAKE_TIMEOUT_S": "2"},
     )
     with stack:
         yield stack

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from websockets.asyncio.client import ClientConnection
 from switchboard.config import GatewaySettings
 from switchboard.gateway.app import create_app
 from switchboard.gateway.testing import MemoryBackends, reply
+from switchboard.gateway.transport import protocols
 from switchboard.tenancy import load_tenants
 from tools.redis_server import RedisServer
 
@@ -60,8 +62,9 @@ async def gateway(redis_server: RedisServer) -> AsyncIterator[Gateway]:
     )
     backends = MemoryBackends()
     app = create_app(settings, tenants, backends=backends)
+    http, ws = protocols(settings)
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, ws="websockets-sansio", log_config=None, lifespan="on"
+        app, host="127.0.0.1", port=0, http=http, ws=ws, log_config=None, lifespan="on"
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -129,3 +132,48 @@ async def test_a_client_secret_opens_a_session_of_its_model_only(gateway: Gatewa
     assert refused.value.response.status_code == 403
     async with gateway.ws(key=secret) as connection:
         assert (await recv(connection))["type"] == "session.created"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        # The reproducer: 300 levels in an echoed field (was HTTP 500).
+        (
+            '{"session": {"type": "realtime", "tracing": '
+            + '{"a": ' * 300
+            + "1"
+            + "}" * 300
+            + "}}",
+            400,
+            "json_too_deep",
+        ),
+        ("[" * 2000 + "]" * 2000, 400, "json_too_deep"),
+        (
+            orjson.dumps({"session": {"type": "realtime", "instructions": "i" * 3_000_000}}),
+            413,
+            "frame_too_large",
+        ),
+        (
+            orjson.dumps({"session": {"type": "realtime", "instructions": "i" * 70_000}}),
+            400,
+            "value_too_large",
+        ),
+        (
+            orjson.dumps({"session": {"type": "realtime", "tools": [{"name": "{x}"}]}}),
+            400,
+            "invalid_value",
+        ),
+        ("[]", 400, "invalid_value"),
+    ],
+    ids=["deep-field", "deep-arrays", "3MB-instructions", "70k-instructions", "tool-name", "array"],
+)
+async def test_a_hostile_client_secret_request_gets_its_error(
+    gateway: Gateway, body: str | bytes, status: int, code: str
+) -> None:
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    data = body.encode() if isinstance(body, str) else body
+    async with (
+        aiohttp.ClientSession(f"http://{gateway.url}") as http,
+        http.post("/v1/realtime/client_secrets", headers=auth, data=io.BytesIO(data)) as answer,
+    ):
+        assert (answer.status, (await answer.json())["error"]["code"]) == (status, code)

@@ -10,6 +10,7 @@ import uvicorn
 from switchboard.config import ConfigError, GatewaySettings
 from switchboard.gateway.app import create_app
 from switchboard.gateway.drain import DrainingServer
+from switchboard.gateway.transport import protocols
 from switchboard.telemetry.logs import configure_logging
 from switchboard.telemetry.tracing import configure_tracing
 from switchboard.tenancy import load_tenants
@@ -25,13 +26,14 @@ def main() -> None:
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    http, ws = protocols(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
-        ws="websockets-sansio",
+        http=http,
+        ws=ws,
         ws_max_size=settings.max_frame_bytes,
         ws_per_message_deflate=False,
         ws_ping_interval=settings.ping_interval_s or None,

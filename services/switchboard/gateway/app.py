@@ -41,6 +41,7 @@ from switchboard.gateway.resources import Resources
 from switchboard.gateway.tenant_gate import TenantGate
 from switchboard.limits import TenantLimiter
 from switchboard.redis_client import any_client, warm_up
+from switchboard.telemetry.logs import RateLimitedLog
 from switchboard.tenancy import LiveTenants
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def create_app(
             gate=TenantGate(
                 TenantLimiter(redis), reserve_output_tokens=settings.reserve_output_tokens
             ),
+            refusals=RateLimitedLog(log),
         )
         watcher = asyncio.create_task(tenants.watch())
         try:
@@ -147,6 +149,7 @@ async def mint_client_secret(request: Request) -> Response:
         session.pop("id")
         value, expires_at = await gateway.client_secrets.mint(tenant.id, session, config, ttl_s)
     except SwitchboardError as error:
+        gateway.refusals.info("request refused", code=error.name, path=request.url.path)
         return handshake.error_response(error)
     log.info("client secret minted", extra={"tenant_id": tenant.id, "ttl_s": ttl_s})
     return JSONResponse({"value": value, "expires_at": expires_at, "session": session})

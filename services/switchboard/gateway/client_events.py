@@ -10,10 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from switchboard.errors import InvalidRequest, invalid_value, missing_parameter
-from switchboard.gateway import fields, items
+from switchboard.gateway import bounds, fields, items
 from switchboard.v1 import common_pb2, session_pb2
 
 Event = dict[str, Any]
@@ -51,8 +49,9 @@ def decode(text: str, max_event_bytes: int) -> Event:
     """One client text frame as a JSON object.
 
     Raises:
-        InvalidRequest: `frame_too_large`, `invalid_json`, or `invalid_value`
-            for JSON that is not an object.
+        InvalidRequest: `frame_too_large`, `invalid_json`, `json_too_deep`,
+            `invalid_value` for JSON that is not an object, `value_too_large`
+            for an `event_id` over its limit.
     """
     # A str is at most 4 bytes a character, so most frames need no encoding.
     if len(text) * 4 > max_event_bytes and len(text.encode()) > max_event_bytes:
@@ -60,15 +59,10 @@ def decode(text: str, max_event_bytes: int) -> Event:
             f"The event is larger than {max_event_bytes} bytes and was ignored.",
             code=_C.ERROR_CODE_FRAME_TOO_LARGE,
         )
-    try:
-        event = orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(
-            f"The event is not valid JSON ({exc.msg} at position {exc.pos}).",
-            code=_C.ERROR_CODE_INVALID_JSON,
-        ) from None
-    if not isinstance(event, dict):
-        raise InvalidRequest("An event must be a JSON object.", code=_C.ERROR_CODE_INVALID_VALUE)
+    event = bounds.loads_object(text, "event")
+    event_id = event.get("event_id")
+    if isinstance(event_id, str):
+        bounds.check_id(event_id, "event_id")
     return event
 
 
@@ -99,12 +93,7 @@ def item_create(event: Event) -> tuple[common_pb2.Item, str]:
     """`conversation.item.create`: the item (its id may be empty) and the
     `previous_item_id` ("" when not given)."""
     item = items.item_from_client(event.get("item"))
-    previous = event.get("previous_item_id")
-    if previous is not None and not isinstance(previous, str):
-        raise invalid_value(
-            "previous_item_id", "Invalid type for 'previous_item_id': expected a string."
-        )
-    return item, previous or ""
+    return item, fields.optional_id(event, "previous_item_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,9 +124,7 @@ def response_settings(raw: Event, config: session_pb2.SessionConfig) -> Response
             code=_C.ERROR_CODE_UNSUPPORTED_FEATURE,
             param="response.conversation",
         )
-    instructions = (
-        fields.require_str(raw, "instructions", "response") if "instructions" in raw else None
-    )
+    instructions = fields.instructions(raw, "response") if "instructions" in raw else None
     max_tokens = (
         fields.max_output_tokens(raw["max_output_tokens"], "response")
         if "max_output_tokens" in raw
@@ -155,4 +142,5 @@ def response_settings(raw: Event, config: session_pb2.SessionConfig) -> Response
     )
     if "output_modalities" in raw:
         fields.output_modalities(raw["output_modalities"], "response")
-    return ResponseSettings(instructions, tools, tool_choice, max_tokens, raw.get("metadata"))
+    metadata = bounds.metadata(raw.get("metadata"), "response.metadata")
+    return ResponseSettings(instructions, tools, tool_choice, max_tokens, metadata)

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
-from switchboard.errors import InvalidRequest, invalid_value, missing_parameter
+from switchboard.errors import (
+    InvalidRequest,
+    invalid_value,
+    missing_parameter,
+    quote,
+    value_too_large,
+)
+from switchboard.gateway import bounds
 from switchboard.v1 import common_pb2
 
 _C = common_pb2
@@ -22,6 +27,30 @@ def require_str(obj: Event, key: str, parent: str = "") -> str:
     if not isinstance(value, str):
         raise invalid_value(param, f"Invalid type for '{param}': expected a string.")
     return value
+
+
+def require_id(obj: Event, key: str, parent: str = "") -> str:
+    """A required id (`item_id`, `call_id`): a string within `bounds.MAX_ID_CHARS`."""
+    param = f"{parent}.{key}" if parent else key
+    return bounds.check_id(require_str(obj, key, parent), param)
+
+
+def optional_id(obj: Event, key: str, parent: str = "") -> str:
+    """An optional id, "" when absent or null."""
+    if obj.get(key) is None:
+        return ""
+    return require_id(obj, key, parent)
+
+
+def instructions(obj: Event, parent: str) -> str:
+    """`instructions`: a string within `bounds.MAX_INSTRUCTIONS_CHARS`."""
+    value = require_str(obj, "instructions", parent)
+    return bounds.check_chars(value, f"{parent}.instructions", bounds.MAX_INSTRUCTIONS_CHARS)
+
+
+def model(obj: Event, parent: str) -> str:
+    value = require_str(obj, "model", parent)
+    return bounds.check_chars(value, f"{parent}.model", bounds.MAX_MODEL_CHARS)
 
 
 def optional_str(obj: Event, key: str, parent: str = "") -> str:
@@ -67,8 +96,12 @@ def output_modalities(value: Any, parent: str) -> list[str]:
 
 
 def function_tools(value: Any, param: str) -> list[common_pb2.ToolDefinition]:
+    """Function tools: at most `bounds.MAX_TOOLS`, each with a valid name, a bounded
+    description and a JSON Schema object of bounded size."""
     if not isinstance(value, list):
         raise invalid_value(param, f"Invalid type for '{param}': expected an array.")
+    if len(value) > bounds.MAX_TOOLS:
+        raise value_too_large(param, f"{bounds.MAX_TOOLS} tools")
     tools = []
     for index, raw in enumerate(value):
         where = f"{param}[{index}]"
@@ -76,24 +109,28 @@ def function_tools(value: Any, param: str) -> list[common_pb2.ToolDefinition]:
             raise invalid_value(where, f"Invalid type for '{where}': expected an object.")
         if raw.get("type", "function") != "function":
             raise InvalidRequest(
-                f"Tool type '{raw.get('type')}' is not supported; use 'function'.",
+                f"Tool type {quote(raw.get('type'))} is not supported; use 'function'.",
                 code=_C.ERROR_CODE_UNSUPPORTED_FEATURE,
                 param=f"{where}.type",
             )
-        name = require_str(raw, "name", where)
+        name = bounds.check_tool_name(require_str(raw, "name", where), f"{where}.name")
         description = raw.get("description") or ""
         parameters = raw.get("parameters") or {}
         if not isinstance(description, str):
             raise invalid_value(f"{where}.description", "Invalid type: expected a string.")
+        bounds.check_chars(description, f"{where}.description", bounds.MAX_TOOL_DESCRIPTION_CHARS)
         if not isinstance(parameters, dict):
             raise invalid_value(
                 f"{where}.parameters", "Invalid type: expected a JSON Schema object."
             )
+        schema = bounds.check_serialized(
+            parameters, f"{where}.parameters", bounds.MAX_TOOL_SCHEMA_BYTES
+        )
         tools.append(
             common_pb2.ToolDefinition(
                 name=name,
                 description=description,
-                parameters_json=orjson.dumps(parameters).decode(),
+                parameters_json=schema,
                 location=_C.TOOL_LOCATION_CLIENT,
             )
         )
@@ -105,8 +142,8 @@ def tool_choice(value: Any, param: str) -> str:
         return str(value)
     if isinstance(value, dict) and value.get("type") == "function":
         name = value.get("name")
-        if isinstance(name, str) and name:
-            return name
+        if isinstance(name, str):
+            return bounds.check_tool_name(name, f"{param}.name")
     raise invalid_value(
         param,
         f"Invalid value for '{param}': expected 'auto', 'none', 'required' or "

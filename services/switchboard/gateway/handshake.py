@@ -13,14 +13,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket
 
 from switchboard.config import GatewaySettings
-from switchboard.errors import AuthenticationFailed, InvalidRequest, SwitchboardError, invalid_value
-from switchboard.gateway import client_secrets
+from switchboard.errors import AuthenticationFailed, InvalidRequest, SwitchboardError
+from switchboard.gateway import bounds, client_secrets
 from switchboard.gateway.client_secrets import ClientSecrets, Grant
 from switchboard.tenancy import Tenant, TenantDirectory
 from switchboard.v1 import common_pb2, session_pb2
@@ -99,9 +98,12 @@ def session_config(
     defaults and the requested model. The tenant must be allowed the model.
 
     Raises:
-        InvalidRequest: `field_locked` for another model than the grant's.
+        InvalidRequest: `field_locked` for another model than the grant's,
+            `value_too_large` for a model name over its limit.
         SwitchboardError: `model_not_allowed`.
     """
+    if requested is not None:
+        bounds.check_chars(requested, "model", bounds.MAX_MODEL_CHARS)
     if grant is None:
         config = new_session_config(settings, tenant, requested)
     else:
@@ -137,13 +139,23 @@ async def deny(websocket: WebSocket, error: SwitchboardError) -> None:
 
 
 async def json_object(request: Request) -> dict[str, Any]:
-    """An HTTP request's JSON object body."""
-    try:
-        body = orjson.loads(await request.body())
-    except orjson.JSONDecodeError:
-        raise InvalidRequest(
-            "The request body is not valid JSON.", code=common_pb2.ERROR_CODE_INVALID_JSON
-        ) from None
-    if not isinstance(body, dict):
-        raise invalid_value("body", "The request body must be a JSON object.")
-    return body
+    """An HTTP request's JSON object body, within the body and depth bounds.
+
+    Raises:
+        InvalidRequest: `frame_too_large` (413) for a body over
+            `bounds.MAX_BODY_BYTES`, `invalid_json`, `json_too_deep`, or
+            `invalid_value` for JSON that is not an object.
+    """
+    too_large = InvalidRequest(
+        f"The request body is larger than {bounds.MAX_BODY_BYTES} bytes.",
+        code=common_pb2.ERROR_CODE_FRAME_TOO_LARGE,
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > bounds.MAX_BODY_BYTES:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > bounds.MAX_BODY_BYTES:
+            raise too_large
+    return bounds.loads_object(bytes(body), "request body")

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from switchboard.errors import InvalidRequest, invalid_value, missing_parameter
-from switchboard.gateway import fields
+from switchboard.errors import InvalidRequest, invalid_value, missing_parameter, quote
+from switchboard.gateway import bounds, fields
 from switchboard.v1 import common_pb2
-
-MAX_ITEM_ID_CHARS = 64
 
 _ROLES = {
     "user": common_pb2.ROLE_USER,
@@ -49,11 +47,7 @@ def item_from_client(raw: Any, param: str = "item") -> common_pb2.Item:
         raise missing_parameter(param)
     if not isinstance(raw, dict):
         raise invalid_value(param, f"Invalid type for '{param}': expected an object.")
-    item_id = fields.optional_str(raw, "id", param)
-    if len(item_id) > MAX_ITEM_ID_CHARS:
-        raise invalid_value(
-            f"{param}.id", f"'{param}.id' is longer than {MAX_ITEM_ID_CHARS} chars."
-        )
+    item_id = fields.optional_id(raw, "id", param)
     kind = fields.require_str(raw, "type", param)
     if kind == "message":
         return _message_from_client(raw, item_id, param)
@@ -62,7 +56,7 @@ def item_from_client(raw: Any, param: str = "item") -> common_pb2.Item:
             id=item_id,
             type=_C.ITEM_TYPE_FUNCTION_CALL_OUTPUT,
             status=_C.ITEM_STATUS_COMPLETED,
-            call_id=fields.require_str(raw, "call_id", param),
+            call_id=fields.require_id(raw, "call_id", param),
             output=fields.require_str(raw, "output", param),
         )
     if kind == "function_call":
@@ -70,13 +64,13 @@ def item_from_client(raw: Any, param: str = "item") -> common_pb2.Item:
             id=item_id,
             type=_C.ITEM_TYPE_FUNCTION_CALL,
             status=_C.ITEM_STATUS_COMPLETED,
-            call_id=fields.require_str(raw, "call_id", param),
-            name=fields.require_str(raw, "name", param),
+            call_id=fields.require_id(raw, "call_id", param),
+            name=bounds.check_tool_name(fields.require_str(raw, "name", param), f"{param}.name"),
             arguments=fields.optional_str(raw, "arguments", param) or "{}",
         )
     raise invalid_value(
         f"{param}.type",
-        f"Invalid value: '{kind}'. Supported values are: 'message', 'function_call', "
+        f"Invalid value: {quote(kind)}. Supported values are: 'message', 'function_call', "
         "and 'function_call_output'.",
     )
 
@@ -86,7 +80,8 @@ def _message_from_client(raw: dict[str, Any], item_id: str, param: str) -> commo
     if role not in _ROLES:
         raise invalid_value(
             f"{param}.role",
-            f"Invalid value: '{role}'. Supported values are: 'user', 'assistant', and 'system'.",
+            f"Invalid value: {quote(role)}. Supported values are: 'user', 'assistant', "
+            "and 'system'.",
         )
     content = raw.get("content")
     if content is None:
@@ -102,7 +97,7 @@ def _message_from_client(raw: dict[str, Any], item_id: str, param: str) -> commo
         part_type = fields.require_str(part, "type", where)
         if part_type in _UNSUPPORTED_PARTS:
             raise InvalidRequest(
-                f"Content type '{part_type}' is not supported: Switchboard serves text.",
+                f"Content type {quote(part_type)} is not supported: Switchboard serves text.",
                 code=_C.ERROR_CODE_UNSUPPORTED_FEATURE,
                 param=f"{where}.type",
             )
@@ -110,7 +105,7 @@ def _message_from_client(raw: dict[str, Any], item_id: str, param: str) -> commo
             supported = ", ".join(f"'{t}'" for t in allowed)
             raise invalid_value(
                 f"{where}.type",
-                f"Invalid value: '{part_type}' for a {role} message. Supported: {supported}.",
+                f"Invalid value: {quote(part_type)} for a {role} message. Supported: {supported}.",
             )
         parts.append(
             _C.ContentPart(type=allowed[part_type], text=fields.require_str(part, "text", where))

@@ -192,14 +192,14 @@ class RealtimeProtocol:
         self._emit("conversation.item.done", previous_item_id=previous, item=body)
 
     def _on_item_delete(self, event: Event, client_event_id: str | None) -> list[Command]:
-        item_id = fields.require_str(event, "item_id")
+        item_id = fields.require_id(event, "item_id")
         return [DeleteItem(item_id=item_id, client_event_id=client_event_id)]
 
     def item_deleted(self, item_id: str) -> None:
         self._emit("conversation.item.deleted", item_id=item_id)
 
     def _on_item_retrieve(self, event: Event, client_event_id: str | None) -> list[Command]:
-        item_id = fields.require_str(event, "item_id")
+        item_id = fields.require_id(event, "item_id")
         return [RetrieveItem(item_id=item_id, client_event_id=client_event_id)]
 
     def item_retrieved(self, item: common_pb2.Item) -> None:
@@ -245,7 +245,7 @@ class RealtimeProtocol:
         return command
 
     def _on_response_cancel(self, event: Event, client_event_id: str | None) -> list[Command]:
-        requested = event.get("response_id")
+        requested = fields.optional_id(event, "response_id")
         response = self.response
         if response is None or response.cancelling or (requested and requested != response.id):
             raise InvalidRequest(

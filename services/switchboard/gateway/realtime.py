@@ -66,6 +66,7 @@ async def realtime(websocket: WebSocket) -> None:
 
 async def _refuse(gateway: Resources, websocket: WebSocket, error: SwitchboardError) -> None:
     reason = refusal_reason(error.name)
+    gateway.refusals.info("handshake refused", code=error.name)
     gateway.metrics.disconnects.labels(reason).inc()
     if reason == "quota":
         gateway.metrics.rejections.labels(error.name, "unknown").inc()

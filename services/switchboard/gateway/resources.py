@@ -12,6 +12,7 @@ from switchboard.gateway.eventlog import EventRecorder
 from switchboard.gateway.metrics import GatewayMetrics
 from switchboard.gateway.tenant_gate import TenantGate
 from switchboard.redis_client import AnyRedis
+from switchboard.telemetry.logs import RateLimitedLog
 from switchboard.tenancy import LiveTenants
 
 
@@ -26,3 +27,5 @@ class Resources:
     redis: AnyRedis
     client_secrets: ClientSecrets
     gate: TenantGate
+    # Refused handshakes and requests: expected, client-caused, rate-limited.
+    refusals: RateLimitedLog

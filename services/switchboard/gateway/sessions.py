@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from switchboard.errors import InvalidRequest, invalid_value, missing_parameter
+from switchboard.errors import InvalidRequest, invalid_value, missing_parameter, quote
 from switchboard.gateway import fields
 from switchboard.v1 import common_pb2, session_pb2
 
@@ -85,7 +85,7 @@ def apply_update(
         )
     if session_type != "realtime":
         raise invalid_value(
-            "session.type", f"Invalid value: '{session_type}'. Expected 'realtime'."
+            "session.type", f"Invalid value: {quote(session_type)}. Expected 'realtime'."
         )
     for name in LOCKABLE_FIELDS:
         if name in locked and name in raw and raw[name] != session.get(name):
@@ -99,10 +99,10 @@ def apply_update(
     updated = session_pb2.SessionConfig()
     updated.CopyFrom(config)
     if "model" in raw:
-        updated.model = fields.require_str(raw, "model", "session")
+        updated.model = fields.model(raw, "session")
         session["model"] = updated.model
     if "instructions" in raw:
-        updated.instructions = fields.require_str(raw, "instructions", "session")
+        updated.instructions = fields.instructions(raw, "session")
         session["instructions"] = updated.instructions
     if "max_output_tokens" in raw:
         updated.max_output_tokens = fields.max_output_tokens(raw["max_output_tokens"], "session")

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 import redis.exceptions
 
-from switchboard.errors import ItemNotFound, SessionNotFound, invalid_value
+from switchboard.errors import ItemNotFound, SessionNotFound, invalid_value, quote
 from switchboard.redis_client import AnyRedis
 from switchboard.session import scripts
 from switchboard.session.events import DEFAULT_MAX_EVENTS, EventLog
@@ -203,10 +203,10 @@ class SessionStore:
             case "no_session":
                 raise SessionNotFound("Session not found.", param="session_id")
             case "duplicate":
-                raise invalid_value("item.id", f"Item with id '{stored.id}' already exists.")
+                raise invalid_value("item.id", f"Item with id {quote(stored.id)} already exists.")
             case "no_previous":
                 raise ItemNotFound(
-                    f"Previous item with id '{previous_item_id}' does not exist.",
+                    f"Previous item with id {quote(previous_item_id)} does not exist.",
                     param="previous_item_id",
                 )
         raise AssertionError(f"unexpected append_item status {status!r}")
@@ -222,7 +222,7 @@ class SessionStore:
         if not exists:
             raise SessionNotFound("Session not found.", param="session_id")
         if raw is None:
-            raise ItemNotFound(f"Item with id '{item_id}' does not exist.", param="item_id")
+            raise ItemNotFound(f"Item with id {quote(item_id)} does not exist.", param="item_id")
         return common_pb2.Item.FromString(raw)
 
     @store_call
@@ -233,7 +233,7 @@ class SessionStore:
         if status == "no_session":
             raise SessionNotFound("Session not found.", param="session_id")
         if status == "no_item":
-            raise ItemNotFound(f"Item with id '{item_id}' does not exist.", param="item_id")
+            raise ItemNotFound(f"Item with id {quote(item_id)} does not exist.", param="item_id")
 
     @store_call
     async def load_conversation(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -64,3 +65,36 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     # Library loggers that would otherwise print request lines with URLs.
     for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "openai", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class RateLimitedLog:
+    """One kind of expected, client-caused line (a refused handshake), logged at
+    `info` at most `per_second` times a second; the next line logged says how
+    many were left out (`left_out`), so a flood costs a few lines, not one per
+    request."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        per_second: int = 10,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.per_second = per_second
+        self._clock = clock
+        self._window = -1.0
+        self._count = 0
+        self.left_out = 0
+
+    def info(self, message: str, **extra: Any) -> None:
+        now = self._clock()
+        if now - self._window >= 1.0:
+            self._window, self._count = now, 0
+        if self._count >= self.per_second:
+            self.left_out += 1
+            return
+        self._count += 1
+        if self.left_out:
+            extra["left_out"] = self.left_out
+            self.left_out = 0
+        self.logger.info(message, extra=extra)

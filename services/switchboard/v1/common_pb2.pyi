@@ -48,6 +48,10 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     """No client event for longer than the idle timeout."""
     ERROR_CODE_SESSION_EXPIRED: _ErrorCode.ValueType  # 17
     """The connection reached the tenant's maximum session length."""
+    ERROR_CODE_VALUE_TOO_LARGE: _ErrorCode.ValueType  # 18
+    """A field is over its documented size limit (docs/input-limits.md); `param` names it."""
+    ERROR_CODE_JSON_TOO_DEEP: _ErrorCode.ValueType  # 19
+    """JSON nested deeper than the gateway accepts (docs/input-limits.md)."""
     ERROR_CODE_INVALID_API_KEY: _ErrorCode.ValueType  # 20
     """Authentication and tenancy."""
     ERROR_CODE_MODEL_NOT_ALLOWED: _ErrorCode.ValueType  # 21
@@ -105,6 +109,10 @@ ERROR_CODE_IDLE_TIMEOUT: ErrorCode.ValueType  # 16
 """No client event for longer than the idle timeout."""
 ERROR_CODE_SESSION_EXPIRED: ErrorCode.ValueType  # 17
 """The connection reached the tenant's maximum session length."""
+ERROR_CODE_VALUE_TOO_LARGE: ErrorCode.ValueType  # 18
+"""A field is over its documented size limit (docs/input-limits.md); `param` names it."""
+ERROR_CODE_JSON_TOO_DEEP: ErrorCode.ValueType  # 19
+"""JSON nested deeper than the gateway accepts (docs/input-limits.md)."""
 ERROR_CODE_INVALID_API_KEY: ErrorCode.ValueType  # 20
 """Authentication and tenancy."""
 ERROR_CODE_MODEL_NOT_ALLOWED: ErrorCode.ValueType  # 21
