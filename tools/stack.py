@@ -5,7 +5,11 @@ simulator (unless OPENAI_API_KEY, OPENAI_BASE_URL or
 SWITCHBOARD_BROKER_UPSTREAM_URL say where the real upstream is), then the
 session, toolexec, broker and gateway services as separate processes talking
 gRPC; waits until every one is healthy; prints the WebSocket URL and the
-development tenant key. Ctrl-C (or SIGTERM) stops everything, gateway first.
+development tenant key. A process that crashes is restarted with backoff (as
+Kubernetes would), and the restart is printed; the rest keeps serving. Redis
+keeps its data in .run/redis (append-only file, fsync every second), so
+sessions outlive a Redis crash and a restart of `make run`. Ctrl-C (or
+SIGTERM) stops everything, gateway first.
 
     python -m tools.stack            # ports 8080 (gateway), 50051-50053, 6379, 8090
     python -m tools.stack --free-ports
@@ -22,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -68,6 +73,8 @@ class Service:
     # True when the service answers its health check.
     healthy: Callable[[], bool]
     process: subprocess.Popen[bytes] | None = None
+    # True while `stop` runs: an exit then is not a crash.
+    stopping: bool = False
 
     def start(self) -> None:
         log = self.log_path.open("ab")
@@ -84,9 +91,14 @@ class Service:
         assert self.process is not None, f"{self.name} is not running"
         return self.process.pid
 
+    def crashed(self) -> bool:
+        """It was started and exited without being stopped."""
+        return self.process is not None and not self.stopping and self.process.poll() is not None
+
     def stop(self, *, kill: bool = False, timeout_s: float = 15.0) -> None:
         if self.process is None:
             return
+        self.stopping = True
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
             try:
@@ -95,6 +107,7 @@ class Service:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+        self.stopping = False
 
 
 @dataclass
@@ -120,6 +133,10 @@ class Stack:
     replicas: int = 1
     redis: RedisServer | None = None
     services: dict[str, Service] = field(default_factory=dict)
+    # Keep Redis's data in this folder (append-only file, fsync every second):
+    # `make run` keeps it in .run/redis. None: a temporary folder, kept nowhere.
+    redis_dir: Path | None = None
+    supervisor: Supervisor | None = None
     _extra_gateway_ports: list[int] = field(default_factory=list)
 
     @property
@@ -228,7 +245,9 @@ class Stack:
             self.redis_url = f"redis://127.0.0.1:{self.cluster.ports[0]}"
             self.extra_env["SWITCHBOARD_REDIS_CLUSTER"] = "true"
         elif self.redis_url is None:
-            self.redis = RedisServer(self.ports.redis, extra_args=self.redis_args)
+            self.redis = RedisServer(
+                self.ports.redis, extra_args=self.redis_args, data_dir=self.redis_dir
+            )
             self.redis.start()
         self._define()
         for service in self.services.values():
@@ -262,8 +281,17 @@ class Stack:
         service.start()
         self.wait_ready(timeout_s, names=(name,))
 
+    def supervise(self, report: Callable[[str], None] = print) -> Supervisor:
+        """Restart what crashes from now on, in a background thread (see `Supervisor`)."""
+        self.supervisor = Supervisor(self, report)
+        self.supervisor.start()
+        return self.supervisor
+
     def stop(self) -> None:
         """Stop the gateway first so clients are closed before their backends go."""
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor = None
         order = ("gateway", "broker", "toolexec", "session", "simulator")
         for service in sorted(
             self.services.values(), key=lambda s: order.index(s.name.split("-")[0])
@@ -282,6 +310,97 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class Supervisor:
+    """Restarts a service (or the stack's Redis) that crashed, as Kubernetes
+    restarts a crashed container: after 1 s, doubling up to 30 s while it keeps
+    crashing (the streak ends once it has run for a minute), each exit and
+    restart reported. A service stopped on purpose (`Service.stop`,
+    `Stack.restart`, `RedisServer.stop`) is left alone.
+    """
+
+    FIRST_DELAY_S = 1.0
+    MAX_DELAY_S = 30.0
+    STABLE_AFTER_S = 60.0
+
+    def __init__(
+        self,
+        stack: Stack,
+        report: Callable[[str], None] = print,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stack = stack
+        self.report = report
+        self.clock = clock
+        # name -> (crashes in a row, when it was last started)
+        self._streak: dict[str, tuple[int, float]] = {}
+        # name -> when to start it again
+        self._due: dict[str, float] = {}
+        self.restarts: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            self.check()
+
+    def check(self) -> None:
+        """Note what crashed; start what is due."""
+        now = self.clock()
+        redis = self.stack.redis
+        crashed = [name for name, svc in self.stack.services.items() if svc.crashed()]
+        if redis is not None and redis.crashed():
+            crashed.append("redis")
+        for name in crashed:
+            if name in self._due:
+                continue
+            count, started = self._streak.get(name, (0, now))
+            count = 1 if now - started >= self.STABLE_AFTER_S else count + 1
+            delay = min(self.FIRST_DELAY_S * 2 ** (count - 1), self.MAX_DELAY_S)
+            self._streak[name] = (count, started)
+            self._due[name] = now + delay
+            self.report(
+                f"{name} exited ({self._exit_status(name)}); restarting in {delay:g} s"
+                f" (crash {count} in a row)"
+            )
+        for name, due in list(self._due.items()):
+            if now < due or self._stop.is_set():
+                continue
+            del self._due[name]
+            try:
+                self._start(name)
+            except (OSError, RuntimeError) as exc:
+                self.report(f"{name} did not start again: {exc}")
+                continue
+            self._streak[name] = (self._streak[name][0], self.clock())
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            self.report(f"{name} restarted")
+
+    def _exit_status(self, name: str) -> str:
+        if name == "redis":
+            return "redis-server died"
+        process = self.stack.services[name].process
+        code = process.returncode if process is not None else None
+        if code is not None and code < 0:
+            return f"signal {signal.Signals(-code).name}"
+        return f"exit code {code}"
+
+    def _start(self, name: str) -> None:
+        if name == "redis":
+            assert self.stack.redis is not None
+            self.stack.redis.start()
+        else:
+            self.stack.services[name].start()
 
 
 def _http_ok(url: str) -> bool:
@@ -331,6 +450,7 @@ def main() -> None:
         simulate=not real_upstream,
         redis_url=os.environ.get("SWITCHBOARD_REDIS_URL"),
         log_dir=args.log_dir,
+        redis_dir=args.log_dir.parent / "redis",
     )
     stopping = False
 
@@ -368,12 +488,15 @@ Try it:  .venv/bin/python -m tools.chat --url {stack.websocket_url} --key {stack
 Press Ctrl-C to stop.""",
         flush=True,
     )
+
+    def report(line: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
+
+    # A service that crashes is restarted (with backoff), as Kubernetes would;
+    # the rest keeps serving meanwhile.
+    stack.supervise(report)
     try:
         while not stopping:
-            for service in stack.services.values():
-                if not service.alive():
-                    print(f"{service.name} exited unexpectedly; see {service.log_path}", flush=True)
-                    stopping = True
             time.sleep(0.2)
     finally:
         print("\nstopping...", flush=True)

@@ -234,3 +234,24 @@ async def test_a_spent_budget_closes_the_connection_with_4529(connect: Any) -> N
     done = (await client.socket.next_event("response.done"))["response"]
     assert done["status_details"]["error"]["code"] == "insufficient_quota"
     assert await client.socket.wait_closed() == (4529, "insufficient_quota")
+
+
+async def test_a_connection_whose_session_vanished_closes_with_4504(connect: Any) -> None:
+    # The session store lost the session (a Redis restarted without its data):
+    # the next event is answered `session_not_found`, then the connection ends
+    # with the documented terminal close, instead of refusing every event.
+    client = await connect()
+    client.backends.forget(client.tenant.id, client.session_id)
+    client.socket.send({**USER_SAYS, "event_id": "evt_1"})
+    error = await client.socket.next_event("error")
+    assert (error["error"]["code"], error["error"]["event_id"]) == ("session_not_found", "evt_1")
+    assert await client.socket.wait_closed() == (4504, "session_not_found")
+
+
+async def test_an_idle_connection_whose_session_vanished_closes_with_4504(connect: Any) -> None:
+    # Found by the lease renewal, without a client event.
+    client = await connect()
+    client.backends.forget(client.tenant.id, client.session_id)
+    error = await client.socket.next_event("error")
+    assert error["error"]["code"] == "session_not_found"
+    assert await client.socket.wait_closed() == (4504, "session_not_found")

@@ -370,14 +370,19 @@ async def test_a_session_service_failure_fails_the_response_and_keeps_the_sessio
     assert done(await h.turn())[0]["status"] == "completed"
 
 
-async def test_output_that_cannot_be_stored_is_reported_and_the_response_still_ends(
-    make: Any,
-) -> None:
+async def test_output_that_cannot_be_stored_fails_the_response(make: Any) -> None:
+    # The session service died while the model streamed: the reply was seen but is
+    # not in the conversation, so the response ends `failed` (docs/protocol.md),
+    # with one error, not `completed` plus an error.
     h = await make()
     h.backends.failures["append_item"] = ServiceUnavailable("The session service is down.")
     events = await h.turn()
     assert errors_of(events) == ["service_unavailable"]
-    assert done(events)[0]["status"] == "completed"
+    body = done(events)[0]
+    assert body["status"] == "failed"
+    assert body["status_details"]["error"]["code"] == "service_unavailable"
+    del h.backends.failures["append_item"]
+    assert done(await h.turn())[0]["status"] == "completed"
 
 
 async def test_a_spent_budget_fails_the_response_and_ends_the_connection(

@@ -235,6 +235,19 @@ class RealtimeConnection:
         self.publish()
         self._end_after_turn(error.spec.close_code or 1011, error.name, end_reason)
 
+    def _session_gone(self, error: SwitchboardError, *, tell: bool) -> None:
+        """The session no longer exists (expired, or its store lost it): every
+        event would be refused, so end with 4504 `session_not_found` (after the
+        running turn, which fails on its own)."""
+        if self._ending is not None:
+            return
+        log.info("session gone", extra=self._log)
+        if tell:
+            self.protocol.fail(error)
+        self.publish()
+        close = error.spec.close_code or 4504
+        self._end_after_turn(close, error.name, refusal_reason(error.name))
+
     def _refused(self, error: SwitchboardError) -> None:
         """A refusal no retry on this connection can cure: close with its code."""
         self.end_reason = refusal_reason(error.name)
@@ -255,16 +268,25 @@ class RealtimeConnection:
 
     async def _keep_connection_slot(self) -> None:
         """Renew the connection's slot lease while the connection lives."""
+        failing = False
         while True:
             await asyncio.sleep(CONNECTION_LEASE_S / 3)
             try:
                 await self.gate.keep_connection(self.tenant, self.holder)
             except SwitchboardError as exc:
-                log.warning("connection slot not renewed", extra={**self._log, "code": exc.name})
+                if not failing:
+                    log.warning(
+                        "connection slot not renewed", extra={**self._log, "code": exc.name}
+                    )
+                failing = True
+            else:
+                failing = False
 
     async def _keep_session_lease(self) -> None:
         """Renew the session's writer lease; hand the session over when another
-        connection asks for it (after the running turn)."""
+        connection asks for it (after the running turn); close with 4504 when the
+        session is gone (its store lost it)."""
+        failing = False
         while True:
             await asyncio.sleep(min(self.lease_s / 3, 1.0))
             try:
@@ -273,8 +295,16 @@ class RealtimeConnection:
                 self._taken_over()
                 return
             except SwitchboardError as exc:
-                log.warning("session lease not renewed", extra={**self._log, "code": exc.name})
+                if exc.code == common_pb2.ERROR_CODE_SESSION_NOT_FOUND:
+                    self._session_gone(exc, tell=True)
+                    return
+                if not failing:  # once per outage, not once a second
+                    log.warning("session lease not renewed", extra={**self._log, "code": exc.name})
+                failing = True
                 continue
+            if failing:
+                log.info("session lease renewed again", extra=self._log)
+                failing = False
             if wanted:
                 log.info("session handed over", extra=self._log)
                 self._end_with_error(TAKEN_OVER, "taken_over")
@@ -350,6 +380,8 @@ class RealtimeConnection:
                         self.turns.turn.cancel("client_cancelled", command.response_id)
         except SwitchboardError as error:
             self.protocol.fail(error, command.client_event_id)
+            if error.code == common_pb2.ERROR_CODE_SESSION_NOT_FOUND:
+                self._session_gone(error, tell=False)
         self.publish()
 
     def _start_turn(self, command: StartResponse, reattach: Reattach | None = None) -> None:

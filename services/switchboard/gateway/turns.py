@@ -374,7 +374,13 @@ class TurnRunner:
             try:
                 await self.backends.append_item(self.tenant.id, self.session_id, item)
             except SwitchboardError as exc:
-                self.protocol.fail(exc)
+                # Output that is not in the conversation: the response failed
+                # (docs/protocol.md), with the store's error as its reason.
+                log.warning("response output not stored", extra={**self._log, "code": exc.name})
+                if error is None:
+                    status, error = "failed", exc
+                    outcome.reason = None
+                break
         self.protocol.response_done(
             response_id, status=status, usage=usage, reason=outcome.reason, error=error
         )

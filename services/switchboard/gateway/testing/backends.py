@@ -90,6 +90,10 @@ class MemoryBackends:
             raise SessionNotFound(f"Session '{session_id[:64]}' not found.")
         return state
 
+    def forget(self, tenant_id: str, session_id: str) -> None:
+        """Lose a session, as a Redis restarted without its data would."""
+        del self._sessions[(tenant_id, session_id)]
+
     def items(self, tenant_id: str, session_id: str) -> list[common_pb2.Item]:
         """The session's items, in order (for assertions)."""
         return list(self._get(tenant_id, session_id).items)
