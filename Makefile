@@ -5,13 +5,16 @@ UV := .cache/uv-venv/bin/uv
 VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: run test lint format proto dashboards panels bench bench-memory image smoke-deploy setup clean
+.PHONY: run test fuzz lint format proto dashboards panels bench bench-memory image smoke-deploy setup clean
 
 run: setup ## start Redis, the simulator (without OPENAI_API_KEY) and the four services
 	$(VENV)/bin/python -m tools.stack
 
 test: setup ## the whole suite: unit, integration (real Redis, gRPC) and end-to-end
 	$(VENV)/bin/python -m pytest
+
+fuzz: setup ## the whole stack fuzzed as an attacker would: ~20,000 hostile frames, handshakes, requests
+	$(VENV)/bin/python -m tools.fuzz $(FUZZ_ARGS)
 
 lint: setup ## ruff (lint + format check) and mypy (strict on services/)
 	$(VENV)/bin/ruff check services tools tests

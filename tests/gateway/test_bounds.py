@@ -186,6 +186,9 @@ LONG_ID = "r" * (B.MAX_ID_CHARS + 1)
             "item.name",
         ),
         (update(model="m" * (B.MAX_MODEL_CHARS + 1)), "value_too_large", "session.model"),
+        (update(model="gpt realtime"), "invalid_value", "session.model"),
+        (update(model="a\x00b"), "invalid_value", "session.model"),
+        (update(model=""), "invalid_value", "session.model"),
         (
             update(instructions="i" * (B.MAX_INSTRUCTIONS_CHARS + 1)),
             "value_too_large",

@@ -7,7 +7,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tools.stack import Service, Stack, Supervisor
+from tools.stack import Service, Stack
+from tools.supervisor import Supervisor
 
 
 class Clock:

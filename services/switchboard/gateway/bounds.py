@@ -24,8 +24,10 @@ from switchboard.v1 import common_pb2
 MAX_JSON_DEPTH = 32
 # Ids a client names: items, previous items, call ids, responses, its event ids.
 MAX_ID_CHARS = 64
-# Model names (the `model` query parameter, `session.model`).
+# Model names (the `model` query parameter, `session.model`): printable ASCII
+# without spaces, as every provider names its models.
 MAX_MODEL_CHARS = 64
+MODEL_NAME = re.compile(r"[\x21-\x7e]{1,64}")
 # Instructions (session, response, client secrets).
 MAX_INSTRUCTIONS_CHARS = 64 * 1024
 # Function tools a session or response declares, as OpenAI bounds them.
@@ -108,6 +110,17 @@ def check_chars(value: str, param: str, limit: int) -> str:
 def check_id(value: str, param: str) -> str:
     """An id the client names: at most `MAX_ID_CHARS` characters."""
     return check_chars(value, param, MAX_ID_CHARS)
+
+
+def check_model(value: str, param: str) -> str:
+    """A model name: `value_too_large` over 64 characters, `invalid_value` for
+    anything but printable ASCII without spaces."""
+    check_chars(value, param, MAX_MODEL_CHARS)
+    if not MODEL_NAME.fullmatch(value):
+        raise invalid_value(
+            param, f"Invalid value for '{param}': a model name is printable ASCII, no spaces."
+        )
+    return value
 
 
 def check_tool_name(value: str, param: str) -> str:

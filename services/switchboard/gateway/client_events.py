@@ -29,7 +29,7 @@ UNSUPPORTED_EVENTS = frozenset(
         "transcription_session.update",
     }
 )
-_RESPONSE_FIELDS = frozenset(
+RESPONSE_FIELDS = frozenset(
     {
         "instructions",
         "tools",
@@ -112,7 +112,7 @@ def response_object(event: Event) -> Event:
     raw = event.get("response") or {}
     if not isinstance(raw, dict):
         raise invalid_value("response", "Invalid type for 'response': expected an object.")
-    fields.reject_unknown(raw, _RESPONSE_FIELDS, "response")
+    fields.reject_unknown(raw, RESPONSE_FIELDS, "response")
     return raw
 
 

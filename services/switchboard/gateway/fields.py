@@ -49,8 +49,7 @@ def instructions(obj: Event, parent: str) -> str:
 
 
 def model(obj: Event, parent: str) -> str:
-    value = require_str(obj, "model", parent)
-    return bounds.check_chars(value, f"{parent}.model", bounds.MAX_MODEL_CHARS)
+    return bounds.check_model(require_str(obj, "model", parent), f"{parent}.model")
 
 
 def optional_str(obj: Event, key: str, parent: str = "") -> str:

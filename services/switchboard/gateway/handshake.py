@@ -99,11 +99,12 @@ def session_config(
 
     Raises:
         InvalidRequest: `field_locked` for another model than the grant's,
-            `value_too_large` for a model name over its limit.
+            `value_too_large` or `invalid_value` for a model name over its
+            limit or with other than printable ASCII.
         SwitchboardError: `model_not_allowed`.
     """
-    if requested is not None:
-        bounds.check_chars(requested, "model", bounds.MAX_MODEL_CHARS)
+    if requested:
+        bounds.check_model(requested, "model")
     if grant is None:
         config = new_session_config(settings, tenant, requested)
     else:

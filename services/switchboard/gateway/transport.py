@@ -178,8 +178,36 @@ class QuietWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.logger = _LIBRARY_LOG
+        # The `websockets` protocol logs each connection and refusal at info.
+        self.conn.logger = _LIBRARY_LOG
+        # After a protocol failure: what the client still sends is read and dropped.
+        self._discarding = False
+
+    def handle_parser_exception(self) -> None:
+        """Fail the connection (a frame over the size cap, 1009; invalid UTF-8,
+        1007) as RFC 6455 and the `websockets` protocol mean it: the close frame,
+        then a half-close, reading and dropping what the client still sends
+        until it closes too (or the close timeout). uvicorn closed at once, so a
+        client still sending got a reset and never saw the close code."""
+        assert self.conn.close_sent is not None
+        close = self.conn.close_sent
+        self.queue.put_nowait(
+            {"type": "websocket.disconnect", "code": close.code, "reason": close.reason}
+        )
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        self._discarding = True
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        if self.close_timer is None:
+            self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
         super().data_received(data)
         failure = self.conn.handshake_exc
         if failure is not None and not self.handshake_initiated and not self.close_sent:
