@@ -268,7 +268,7 @@ class Hostile:
             return Frame("text", self.text())
         if r < 0.9:
             return Frame("bytes", self.rng.randbytes(self.rng.randrange(0, 64)))
-        if r < 0.92:
+        if r < 0.904:  # rare: it ends the connection (1007)
             return Frame(
                 "bad_utf8",
                 b'{"type": "' + self.rng.choice((b"\xff", b"\xc3(", b"\xed\xa0\x80")) + b'"}',

@@ -138,8 +138,11 @@ class Fuzzer:
                         events.append(event)
                         if event["type"] == "error" and event["error"]["event_id"] == "end":
                             break
-            except websockets.ConnectionClosed as exc:
-                closed = exc.rcvd.code if exc.rcvd is not None else 1006
+            except (websockets.ConnectionClosed, AttributeError):
+                # (websockets 16 may raise AttributeError when it sends on a
+                # connection the server has just failed and half-closed.)
+                rcvd = connection.protocol.close_rcvd
+                closed = rcvd.code if rcvd is not None else 1006
             except TimeoutError:
                 report.hangs.append(f"{where}: no answer to the last frame")
                 return
