@@ -17,7 +17,12 @@ import orjson
 import pytest
 from aiohttp import web
 
-from switchboard.broker.chat_stream import MAX_ERROR_BODY, read_error, request_error
+from switchboard.broker.chat_stream import (
+    MAX_ERROR_BODY,
+    SseDecoder,
+    read_error,
+    request_error,
+)
 from switchboard.broker.clients import UpstreamClient, keepalive_socket
 from switchboard.broker.retry import TransientUpstreamError
 from switchboard.config import BrokerSettings, Secret
@@ -241,3 +246,27 @@ def test_upstream_sockets_have_tcp_keepalive() -> None:
     with keepalive_socket(info) as sock:
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+
+
+def test_sse_decoder_gives_the_same_events_at_every_split_point() -> None:
+    body = (
+        b'data: {"a":1}\n\n\n'  # an extra blank line
+        b"data:no-space\n\n"
+        b": comment\ndata: after a comment\n\n"
+        b"data: one\r\ndata: two\r\n\r\n"
+        b"event: x\rdata: cr only\r\r"
+        b"data: \n\n"  # empty data: not an event
+        b"data: [DONE]"  # unterminated: returned by close()
+    )
+    expected = [
+        b'{"a":1}',
+        b"no-space",
+        b"after a comment",
+        b"one\ntwo",
+        b"cr only",
+        b"[DONE]",
+    ]
+    for split in range(len(body) + 1):
+        decoder = SseDecoder()
+        events = decoder.feed(body[:split]) + decoder.feed(body[split:]) + decoder.close()
+        assert events == expected, split

@@ -65,42 +65,56 @@ class SseDecoder:
 
     def __init__(self) -> None:
         self._tail = b""
-        self._data: list[bytes] = []
         self._pending_cr = False
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """The data of every event that this chunk completes, in order."""
-        if self._pending_cr and chunk.startswith(b"\n"):
-            chunk = chunk[1:]  # the LF of a CRLF split between two chunks
-        self._pending_cr = chunk.endswith(b"\r")
-        if b"\r" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        lines = (self._tail + chunk).split(b"\n")
-        self._tail = lines.pop()
+        if self._pending_cr or b"\r" in chunk:
+            chunk = self._lf_only(chunk)
+        buffer = self._tail + chunk if self._tail else chunk
+        end = buffer.rfind(b"\n\n")
+        if end < 0:
+            self._tail = buffer
+            return []
+        self._tail = buffer[end + 2 :]
         events: list[bytes] = []
-        for line in lines:
-            self._line(line, events)
+        for block in buffer[:end].split(b"\n\n"):
+            # The common case, one `data: ` line per event, without a line loop.
+            if block.startswith(b"data: ") and b"\n" not in block:
+                if len(block) > 6:  # an event with empty data is not dispatched (SSE spec)
+                    events.append(block[6:])
+            else:
+                self._block(block, events)
         return events
 
     def close(self) -> list[bytes]:
         """The data of an event that the body ended without terminating, if any."""
         events: list[bytes] = []
-        if self._tail:
-            self._line(self._tail, events)
-            self._tail = b""
-        self._line(b"", events)
+        tail, self._tail = self._tail, b""
+        self._block(tail, events)
         return events
 
-    def _line(self, line: bytes, events: list[bytes]) -> None:
-        if not line:
-            data = b"\n".join(self._data)
-            self._data = []
-            if data:  # an event with empty data is not dispatched (SSE spec)
-                events.append(data)
-        elif line.startswith(b"data"):
-            field, _, value = line.partition(b":")
-            if field == b"data":
-                self._data.append(value[1:] if value.startswith(b" ") else value)
+    def _lf_only(self, chunk: bytes) -> bytes:
+        if self._pending_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]  # the LF of a CRLF split between two chunks
+        self._pending_cr = chunk.endswith(b"\r")
+        return chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+
+    @staticmethod
+    def _block(block: bytes, events: list[bytes]) -> None:
+        """The events of lines with no blank line between them but where one starts."""
+        data: list[bytes] = []
+        for line in (*block.split(b"\n"), b""):
+            if not line:
+                if data:
+                    joined = b"\n".join(data)
+                    data = []
+                    if joined:  # an event with empty data is not dispatched (SSE spec)
+                        events.append(joined)
+            elif line.startswith(b"data"):
+                field, _, value = line.partition(b":")
+                if field == b"data":
+                    data.append(value[1:] if value.startswith(b" ") else value)
 
 
 def upstream_host(base_url: str) -> str:
