@@ -287,8 +287,13 @@ class RealtimeConnection:
         connection asks for it (after the running turn); close with 4504 when the
         session is gone (its store lost it)."""
         failing = False
+        interval_s = min(self.lease_s / 3, 1.0)
         while True:
-            await asyncio.sleep(min(self.lease_s / 3, 1.0))
+            await asyncio.sleep(interval_s)
+            if self.turns.running and self.log_writer.appended_within(interval_s):
+                # The turn's appends renew the lease, and a hand-over waits for
+                # the turn's end anyway: the first renewal after it asks.
+                continue
             try:
                 wanted = await self.log_writer.renew()
             except SessionTakenOver:
