@@ -195,3 +195,44 @@ async def test_a_client_that_disconnects_closes_the_upstream_within_100_ms(
         delays.append(stream_seen["ended_at"] - left_at)
     print(f"upstream closed after the SSE client left: {[round(d * 1000) for d in delays]} ms")
     assert statistics.median(delays) < 0.1, delays
+
+
+async def test_the_responses_api_streams_what_chat_completions_streams(
+    gateway_sdk: openai.AsyncOpenAI,
+) -> None:
+    """One conversation, both APIs, the same upstream: the same text."""
+    messages: Any = [{"role": "user", "content": "Tell me about the hills."}]
+    chat = shape(await chunks_of(gateway_sdk, messages=messages))["text"]
+    async with gateway_sdk.responses.stream(model="gpt-4o-mini", input=messages) as stream:
+        deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
+        final = await stream.get_final_response()
+    assert "".join(deltas) == final.output_text == chat
+    assert final.usage is not None and final.usage.output_tokens > 0
+
+
+async def test_the_responses_api_streams_tool_calls(gateway_sdk: openai.AsyncOpenAI) -> None:
+    tool: Any = {"type": "function", **WEATHER_TOOL["function"]}
+    async with gateway_sdk.responses.stream(
+        model="gpt-4o-mini", input=f"Weather? {WEATHER}", tools=[tool]
+    ) as stream:
+        kinds = [event.type async for event in stream]
+        final = await stream.get_final_response()
+    assert "response.function_call_arguments.delta" in kinds
+    (call,) = final.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert call.arguments == '{"city":"Paris"}'
+
+
+def test_the_sync_sdk_streams_both_apis(stack: Stack) -> None:
+    port = stack.gateway_ports[1]
+    with openai.OpenAI(
+        api_key=OPEN_KEY, base_url=f"http://127.0.0.1:{port}/v1", max_retries=0
+    ) as client:
+        chat = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "sync"}], stream=True
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in chat if c.choices)
+        events = list(client.responses.create(model="gpt-4o-mini", input="sync", stream=True))
+    assert text
+    assert events[-1].type == "response.completed"
+    assert events[-1].response.output_text == text  # type: ignore[union-attr]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,15 +30,6 @@ WEATHER_TOOL: Any = {
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
     },
 }
-
-
-@pytest.fixture
-async def sdk(gateway: Gateway) -> AsyncIterator[openai.AsyncOpenAI]:
-    """The official async SDK, its `base_url` at the gateway."""
-    async with openai.AsyncOpenAI(
-        api_key=KEY, base_url=f"http://{gateway.url}/v1", max_retries=0
-    ) as client:
-        yield client
 
 
 @dataclass

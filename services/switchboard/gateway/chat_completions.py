@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from switchboard.errors import (
-    InvalidRequest,
     invalid_value,
     missing_parameter,
     quote,
@@ -37,6 +36,7 @@ from switchboard.gateway.stream_format import (
     end_of_turn,
     reject_params,
     text_content,
+    unsupported,
 )
 from switchboard.v1 import common_pb2, session_pb2
 
@@ -189,24 +189,20 @@ def _tool_choice(value: Any) -> str:
     )
 
 
-def _unsupported(param: str, message: str) -> InvalidRequest:
-    return InvalidRequest(message, code=_C.ERROR_CODE_UNSUPPORTED_FEATURE, param=param)
-
-
 def _check_served_values(body: dict[str, Any]) -> None:
     """Parameters accepted only with the value Switchboard serves anyway."""
     n = body.get("n")
     if n is not None and n != 1:
-        raise _unsupported("n", "Only one choice per request is supported ('n' must be 1).")
+        raise unsupported("n", "Only one choice per request is supported ('n' must be 1).")
     if body.get("stop") is not None:
-        raise _unsupported("stop", "'stop' sequences are not supported yet.")
+        raise unsupported("stop", "'stop' sequences are not supported yet.")
     response_format = body.get("response_format")
     if response_format is not None and response_format != {"type": "text"}:
-        raise _unsupported(
+        raise unsupported(
             "response_format", "Only {'type': 'text'} is supported as 'response_format'."
         )
     if body.get("parallel_tool_calls") not in (None, True):
-        raise _unsupported(
+        raise unsupported(
             "parallel_tool_calls", "'parallel_tool_calls' false is not supported yet."
         )
     metadata = body.get("metadata")

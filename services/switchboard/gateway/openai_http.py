@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 
 from switchboard import errors
 from switchboard.errors import SwitchboardError
-from switchboard.gateway import bounds, chat_completions, handshake
+from switchboard.gateway import bounds, chat_completions, handshake, responses_api
 from switchboard.gateway.ids import Ids
 from switchboard.gateway.metrics import refusal_reason
 from switchboard.gateway.resources import Resources
@@ -70,6 +70,17 @@ async def chat_completions_endpoint(request: Request) -> Any:
         chat_completions.parse_request,
         chat_completions.ChatTranslator,
         chat_completions.fold,
+    )
+
+
+async def responses_endpoint(request: Request) -> Any:
+    """`POST /v1/responses`."""
+    return await _serve(
+        request,
+        "responses",
+        responses_api.parse_request,
+        responses_api.ResponsesTranslator,
+        responses_api.fold,
     )
 
 

@@ -115,6 +115,11 @@ def reject_params(body: Event, served: frozenset[str], not_served: frozenset[str
         )
 
 
+def unsupported(param: str, message: str) -> InvalidRequest:
+    """A valid OpenAI parameter or value this gateway does not serve."""
+    return InvalidRequest(message, code=_C.ERROR_CODE_UNSUPPORTED_FEATURE, param=param)
+
+
 def check_temperature(value: Any, param: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 2:
         raise invalid_value(param, f"Invalid value for '{param}': expected a number from 0 to 2.")
