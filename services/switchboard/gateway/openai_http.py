@@ -19,15 +19,17 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from switchboard import errors
-from switchboard.errors import SwitchboardError
+from switchboard.errors import SwitchboardError, invalid_value
 from switchboard.gateway import bounds, chat_completions, handshake, responses_api
 from switchboard.gateway.ids import Ids
 from switchboard.gateway.metrics import refusal_reason
 from switchboard.gateway.resources import Resources
+from switchboard.gateway.resume import resume_unavailable
 from switchboard.gateway.sse import (
     RESUMABLE_HEADER,
     EventStreamResponse,
@@ -35,9 +37,10 @@ from switchboard.gateway.sse import (
     StreamPump,
     Translator,
     new_holder,
+    parse_frame_id,
 )
-from switchboard.gateway.stream_format import Frame, TurnRequest
-from switchboard.v1 import common_pb2
+from switchboard.gateway.stream_format import OPEN_MARKER, Frame, TurnRequest
+from switchboard.v1 import common_pb2, session_pb2
 
 log = logging.getLogger(__name__)
 
@@ -92,49 +95,51 @@ async def _serve(
     fold: Callable[[Any, list[Frame]], Event],
 ) -> Any:
     gateway: Resources = request.app.state.gateway
+    last_event_id = request.headers.get("last-event-id")
     try:
         gateway.drainer.check_open("send the request")
         tenant, grant = await handshake.authenticate(
             request, gateway.tenants.current, gateway.client_secrets
         )
         body = await handshake.json_object(request, bounds.MAX_GENERATE_BODY_BYTES)
-        turn_request = parse(body)
-        if grant is not None:
-            handshake.check_grant_model(grant, turn_request.model)
-        tenant.route(turn_request.model)  # model_not_allowed
+        if last_event_id:
+            # A resume: the body (the request sent again) is not looked at.
+            session, after = await _resumable(gateway, tenant.id, api, last_event_id)
+            if grant is not None:
+                handshake.check_grant_model(grant, session.config.model)
+        else:
+            turn_request = parse(body)
+            if grant is not None:
+                handshake.check_grant_model(grant, turn_request.model)
+            tenant.route(turn_request.model)  # model_not_allowed
         holder = new_holder()
         await gateway.gate.open_connection(tenant, holder)
     except SwitchboardError as error:
         return _refuse(gateway, request, api, error)
-    backends = gateway.backends
-    try:
-        session = await backends.create_session(tenant.id, turn_request.config)
-        ids = Ids()
-        for item in turn_request.items:
-            item.id = ids.new("item")
-            await backends.append_item(tenant.id, session.id, item)
-    except SwitchboardError as error:
-        await gateway.gate.close_connection(tenant, holder)
-        return _refuse(gateway, request, api, error)
-    made = translator()
-    sink = FrameSink(session.id, made, (0, -1), gateway.settings.max_buffered_bytes)
     resumable = request.headers.get(RESUMABLE_HEADER, "").lower() == "true"
-    pump = StreamPump(
-        gateway,
-        tenant,
-        session,
-        turn_request,
-        sink,
-        api=api,
-        holder=holder,
-        resumable=resumable,
-    )
-    pump.start()
+    made = translator()
+    if last_event_id:
+        sink = FrameSink(session.id, made, after, gateway.settings.max_buffered_bytes)
+        pump = StreamPump(
+            gateway, tenant, session, sink, api=api, holder=holder, resumable=resumable
+        )
+        pump.resume()
+    else:
+        try:
+            session = await _new_session(gateway, tenant.id, turn_request)
+        except SwitchboardError as error:
+            await gateway.gate.close_connection(tenant, holder)
+            return _refuse(gateway, request, api, error)
+        sink = FrameSink(session.id, made, (0, -1), gateway.settings.max_buffered_bytes)
+        pump = StreamPump(
+            gateway, tenant, session, sink, api=api, holder=holder, resumable=resumable
+        )
+        pump.start(turn_request)
     gateway.drainer.add(pump)
     assert pump.task is not None
     pump.task.add_done_callback(lambda _: gateway.drainer.discard(pump))
     log.info(
-        "stream started",
+        "stream resumed" if last_event_id else "stream started",
         extra={"tenant_id": tenant.id, "session_id": session.id, "api": api},
     )
 
@@ -143,9 +148,48 @@ async def _serve(
 
     return EventStreamResponse(
         pump,
-        fold=None if turn_request.stream else whole,
+        fold=None if last_event_id or turn_request.stream else whole,
         error_response=lambda error: error_response(error, api),
     )
+
+
+async def _new_session(
+    gateway: Resources, tenant_id: str, turn_request: TurnRequest
+) -> session_pb2.Session:
+    """The request's session: its settings, and its messages as items."""
+    backends = gateway.backends
+    session = await backends.create_session(tenant_id, turn_request.config)
+    ids = Ids()
+    for item in turn_request.items:
+        item.id = ids.new("item")
+        await backends.append_item(tenant_id, session.id, item)
+    return session
+
+
+async def _resumable(
+    gateway: Resources, tenant_id: str, api: str, last_event_id: str
+) -> tuple[session_pb2.Session, tuple[int, int]]:
+    """The session of the stream `last_event_id` names (the tenant's own), and
+    where in it the client left off.
+
+    Raises:
+        SwitchboardError: `invalid_value` for an id that is not a stream's or one
+            of the other API's, `session_not_found` (404) for a stream that is
+            gone (its session expired) or another tenant's, `resume_unavailable`
+            (410) when its log no longer holds the whole stream.
+    """
+    session_id, seq, index = parse_frame_id(last_event_id)
+    backends = gateway.backends
+    session = await backends.get_session(tenant_id, session_id)
+    page = await backends.read_events(tenant_id, session_id, 0, limit=1)
+    if page.trimmed_seq > 0 or seq > page.last_seq:
+        raise resume_unavailable()
+    first = orjson.loads(page.events[0].payload) if page.events else {}
+    if first.get("type") != OPEN_MARKER or first.get("api") != api:
+        raise invalid_value(
+            "Last-Event-ID", f"'Last-Event-ID' is not an event id of a {api} stream."
+        )
+    return session, (seq, index)
 
 
 def _refuse(gateway: Resources, request: Request, api: str, error: SwitchboardError) -> Response:

@@ -45,6 +45,7 @@ from switchboard.gateway.eventlog import SessionWriter
 from switchboard.gateway.ids import event_seq
 from switchboard.gateway.protocol import RealtimeProtocol
 from switchboard.gateway.resources import Resources
+from switchboard.gateway.resume import reopen_response, replay
 from switchboard.gateway.stream_format import END_MARKER, OPEN_MARKER, Frame, StreamEnd, TurnRequest
 from switchboard.gateway.tenant_gate import CONNECTION_LEASE_S
 from switchboard.gateway.turns import Turn, TurnRunner
@@ -145,13 +146,17 @@ class FrameSink:
 
 
 class StreamPump:
-    """Runs one SSE request's turn, recording its events, then translating them.
+    """Runs one SSE stream: a new request's turn, or the resume of a stream.
 
     Lifecycle: `start()` opens the protocol, logs the stream's first event and
-    starts the turn; `task` ends after the turn has ended, its last event is
-    recorded and everything it held (the session's writer lease, the tenant's
-    connection slot) is released. `client_left()` and the drain (`drain`,
-    `stop_now`) are how the outside stops it.
+    starts the turn; `resume()` replays the stream's log into the sink,
+    following it while another connection (here or on another gateway) still
+    writes it, and, when that writer died mid-turn, takes the turn up (the
+    model call re-attached at its broker). Either way `task` ends after the
+    turn has ended, its last event is recorded and everything the stream held
+    (the session's writer lease, the tenant's connection slot) is released.
+    `client_left()` and the drain (`drain`, `stop_now`) are how the outside
+    stops it.
     """
 
     def __init__(
@@ -159,7 +164,6 @@ class StreamPump:
         gateway: Resources,
         tenant: Tenant,
         session: session_pb2.Session,
-        request: TurnRequest,
         sink: FrameSink,
         *,
         api: str,
@@ -169,35 +173,19 @@ class StreamPump:
         self.gateway = gateway
         self.tenant = tenant
         self.session = session
-        self.request = request
         self.sink = sink
         self.api = api
         self.holder = holder
         self.resumable = resumable
-        settings = gateway.settings
         self.writer = SessionWriter(
             gateway.backends,
             gateway.recorder,
             tenant.id,
             session.id,
             holder,
-            settings.session_lease_s,
+            gateway.settings.session_lease_s,
         )
-        self.protocol = RealtimeProtocol(
-            session_id=session.id, config=session.config, max_event_bytes=settings.max_event_bytes
-        )
-        self.runner = TurnRunner(
-            self.protocol,
-            gateway.backends,
-            gateway.gate,
-            gateway.metrics,
-            tenant,
-            self.writer,
-            publish=self.publish,
-            on_refused=lambda error: None,  # the stream ends with its turn anyway
-            on_taken_over=self._taken_over,
-            max_tool_rounds=settings.max_tool_rounds,
-        )
+        self.protocol: RealtimeProtocol | None = None
         self.turn: Turn | None = None
         self.task: asyncio.Task[None] | None = None
         # Why the stream ended early, for the disconnects metric (None: it did not).
@@ -208,39 +196,102 @@ class StreamPump:
         self._unrecorded_warned = False
         self._log = {"tenant_id": tenant.id, "session_id": session.id, "api": api}
 
+    def _open(self, first_event_seq: int) -> tuple[RealtimeProtocol, TurnRunner]:
+        settings = self.gateway.settings
+        protocol = self.protocol = RealtimeProtocol(
+            session_id=self.session.id,
+            config=self.session.config,
+            max_event_bytes=settings.max_event_bytes,
+            first_event_seq=first_event_seq,
+        )
+        protocol.open(resumed=True)  # no session.created: the client never sees it
+        runner = TurnRunner(
+            protocol,
+            self.gateway.backends,
+            self.gateway.gate,
+            self.gateway.metrics,
+            self.tenant,
+            self.writer,
+            publish=self.publish,
+            on_refused=lambda error: None,  # the stream ends with its turn anyway
+            on_taken_over=self._taken_over,
+            max_tool_rounds=settings.max_tool_rounds,
+        )
+        return protocol, runner
+
     # --- lifecycle ----------------------------------------------------------------------
 
-    def start(self) -> None:
-        self.protocol.open(resumed=True)  # no session.created: the client never sees it
+    def start(self, request: TurnRequest) -> None:
+        """Log the stream's first event and run the request's turn."""
+        protocol, runner = self._open(1)
         self._pending.append(
             {
                 "type": OPEN_MARKER,
-                "event_id": self.protocol.ids.new("event"),
+                "event_id": protocol.ids.new("event"),
+                "api": self.api,
                 "stream_id": self.session.id.removeprefix("sess_"),
                 "created": int(time.time()),
-                "model": self.request.model,
-                "include_usage": self.request.include_usage,
+                "model": request.model,
+                "include_usage": request.include_usage,
                 "client_tools": [tool.name for tool in self.session.config.tools],
-                "echo": self.request.echo,
+                "echo": request.echo,
             }
         )
-        commands = self.protocol.receive_text('{"type":"response.create"}')
+        commands = protocol.receive_text('{"type":"response.create"}')
         command = commands[0]
         assert isinstance(command, StartResponse), "the protocol refused its own response.create"
         self.publish()
-        self.turn = self.runner.start(command)
-        self.task = asyncio.create_task(self._run(self.turn))
+        self.turn = runner.start(command)
+        self.task = asyncio.create_task(self._run())
 
-    async def _run(self, turn: Turn) -> None:
+    def resume(self) -> None:
+        """Replay the stream from its log (the sink skips what the client saw),
+        then finish it here if its writer died before it ended."""
+        self.task = asyncio.create_task(self._resume())
+
+    async def _resume(self) -> None:
+        try:
+            await replay(self.writer, 0, self._replayed)
+            if not self.sink.finished:
+                # This connection holds the session now, and the stream has not
+                # ended: its writer died. Take the turn up where the log ends.
+                await self._take_over()
+        except (SwitchboardError, asyncio.CancelledError) as exc:
+            # The log could not be read, or the client left while following it.
+            code = exc.name if isinstance(exc, SwitchboardError) else "client_left"
+            log.info("stream resume ended", extra={**self._log, "code": code})
+            self.sink.finish()
+            await self._release()
+            return
+        await self._run()
+
+    async def _take_over(self) -> None:
+        backends = self.gateway.backends
+        session = await backends.get_session(self.tenant.id, self.session.id)
+        protocol, runner = self._open(session.last_event_seq + 1)
+        reattach = None
+        if session.open_response_id:
+            reattach = await reopen_response(backends, protocol, session)
+        self.publish()
+        log.info("stream taken over", extra={**self._log, "reattach": reattach is not None})
+        if reattach is not None:
+            self.turn = runner.start(reattach.command, reattach)
+
+    async def _replayed(self, text: str) -> None:
+        event = orjson.loads(text)
+        self.sink.feed(event, event_seq(event["event_id"]) or 0)
+
+    async def _run(self) -> None:
+        """Until the turn has ended (if one runs), record its last events, release."""
         writer = asyncio.create_task(self._write_loop())
         keeper = asyncio.create_task(self._keep_leases())
         try:
-            await turn.wait()
-            if not self._taken:
+            if self.turn is not None:
+                await self.turn.wait()
+            if not self._taken and self.protocol is not None:
                 self._pending.append(
                     {"type": END_MARKER, "event_id": self.protocol.ids.new("event")}
                 )
-                self._wake.set()
             self._pending.append({})  # the writer's stop
             self._wake.set()
             await asyncio.wait_for(writer, self.gateway.settings.session_lease_s)
@@ -262,12 +313,17 @@ class StreamPump:
 
     def client_left(self, reason: str = "client_closed") -> None:
         """The client disconnected (or was cut): cancel the turn now, or after the
-        disconnect grace when the stream is resumable."""
-        turn = self.turn
-        if turn is None or not turn.running or self.end_reason is not None:
+        disconnect grace when the stream is resumable. A resume that only follows
+        another connection's stream stops following."""
+        if self.end_reason is not None or self.sink.finished:
             return
         self.end_reason = reason
         log.info("client left during a stream", extra={**self._log, "reason": reason})
+        turn = self.turn
+        if turn is None:
+            if self.task is not None:
+                self.task.cancel()
+            return
         if not self.resumable:
             turn.cancel("client_disconnected")
             return
@@ -292,6 +348,7 @@ class StreamPump:
     # --- recording, then translating ------------------------------------------------------
 
     def publish(self) -> None:
+        assert self.protocol is not None
         for event in self.protocol.take_events():
             if event["type"] == "error":
                 self.gateway.metrics.errors.labels(event["error"]["code"]).inc()
