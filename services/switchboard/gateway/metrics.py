@@ -72,6 +72,15 @@ class GatewayMetrics:
             "connections_active", "Open client WebSocket connections."
         )
         self.sessions_active = metrics.gauge("sessions_active", "Realtime sessions being served.")
+        self.sse_streams_active = metrics.gauge(
+            "sse_streams_active",
+            "Chat Completions and Responses requests being answered (SSE or whole).",
+        )
+        self.sse_requests = metrics.counter(
+            "sse_requests_total",
+            "Chat Completions and Responses requests, by API and HTTP status of the answer.",
+            ["api", "status"],
+        )
         self.connections_opened = metrics.counter(
             "connections_opened_total", "Client connections accepted.", ["tier"]
         )

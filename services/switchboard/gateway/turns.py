@@ -82,6 +82,9 @@ class Turn:
         # When the running response was asked for, and when its last delta went out.
         self.asked_at = 0.0
         self.last_delta_at: float | None = None
+        # The error that failed the turn's last failed response (its retry_after
+        # included), for a transport that answers with an HTTP status.
+        self.failure: SwitchboardError | None = None
 
     @property
     def running(self) -> bool:
@@ -309,6 +312,8 @@ class TurnRunner:
             tool_choice=command.tool_choice,
             max_output_tokens=max_output_tokens,
         )
+        if self.protocol.config.HasField("temperature"):
+            request.temperature = self.protocol.config.temperature
         return self.backends.generate(request)
 
     async def _stream(
@@ -385,6 +390,8 @@ class TurnRunner:
             response_id, status=status, usage=usage, reason=outcome.reason, error=error
         )
         self._count_response(turn, status, usage, error)
+        if error is not None:
+            turn.failure = error
         spans.response_done(status, outcome.reason, usage, error)
         try:
             rate_limits = await self.gate.rate_limits(self.tenant)
