@@ -15,6 +15,7 @@ from typing import Any
 
 from switchboard.config import Secret
 from switchboard.errors import SwitchboardError
+from switchboard.tenancy.mcp_section import McpServer
 from switchboard.v1 import common_pb2
 
 DEFAULT_TIER = "standard"
@@ -168,6 +169,10 @@ def _no_models() -> Mapping[str, ModelRoute]:
     return MappingProxyType({})
 
 
+def _no_servers() -> Mapping[str, McpServer]:
+    return MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class Tenant:
     """One customer of the deployment. `Tenant("acme")` alone may use nothing.
@@ -182,6 +187,7 @@ class Tenant:
         limits: rate, concurrency and size limits.
         daily_token_budget: tokens per UTC day; None is unlimited.
         session: defaults for new sessions.
+        mcp_servers: the remote MCP servers its clients may use, by label.
         any_model_upstream: development tenants only: a model not in `models`
             is allowed too, and goes to this upstream under its own name.
         all_builtins: development tenants only: every built-in tool is allowed.
@@ -196,6 +202,7 @@ class Tenant:
     limits: Limits = Limits()
     daily_token_budget: int | None = None
     session: SessionDefaults = SessionDefaults()
+    mcp_servers: Mapping[str, McpServer] = field(default_factory=_no_servers, repr=False)
     any_model_upstream: str | None = None
     all_builtins: bool = False
 

@@ -25,6 +25,7 @@ from typing import Any
 from switchboard.config import ConfigError
 from switchboard.key_paths import KeyPath
 from switchboard.tenancy.keys import TENANT_ID, normalize_key_hash
+from switchboard.tenancy.mcp_section import parse_mcp_servers
 from switchboard.tenancy.tenants import (
     DEFAULT_TIER,
     DEFAULT_UPSTREAM,
@@ -64,6 +65,7 @@ _TENANT_KEYS = (
     "limits",
     "daily_token_budget",
     "session",
+    "mcp_servers",
 )
 _MODEL_KEYS = ("upstream", "upstream_model", "deployments")
 _DEPLOYMENT_KEYS = ("upstream", "upstream_model", "weight", "priority")
@@ -183,6 +185,7 @@ def _tenant(
         limits=limits,
         daily_token_budget=count(body.get("daily_token_budget"), (*path, "daily_token_budget")),
         session=_session(body.get("session"), (*path, "session"), models, limits),
+        mcp_servers=parse_mcp_servers(body.get("mcp_servers"), (*path, "mcp_servers")),
     )
 
 
