@@ -226,6 +226,32 @@ async def test_a_session_resumed_elsewhere_is_handed_over_with_4509(connect: Any
     assert await client.socket.wait_closed() == (4509, "session_taken_over")
     await asyncio.wait_for(client.task, 5)
     assert client.connection.end_reason == "taken_over"
+    # The error is the displaced client's alone: a resume replays the log, so it
+    # must not be in it.
+    assert [e["type"] for e in client.logged()] == ["session.created"]
+
+
+async def test_a_session_resumed_mid_turn_is_handed_over_after_it_unrecorded(
+    connect: Any,
+) -> None:
+    release = asyncio.Event()
+    client = await connect(scripts=(Script([Text("a"), Wait(release), Text("b"), Finish()]),))
+    client.socket.send({"type": "response.create"})
+    await client.socket.next_event("response.output_text.delta")
+    claim = await client.backends.claim_session(
+        client.tenant.id, client.session_id, "conn_elsewhere", 600
+    )
+    assert not claim.claimed
+    # The lease renewal sees the request; the hand-over waits for the turn.
+    await eventually(lambda: client.connection.end_reason == "taken_over")
+    release.set()
+    await client.socket.until("response.done")
+    error = await client.socket.next_event("error")
+    assert error["error"]["code"] == "session_taken_over"
+    assert await client.socket.wait_closed() == (4509, "session_taken_over")
+    logged = [e["type"] for e in client.logged()]
+    assert logged[-1] == "response.done"
+    assert "error" not in logged
 
 
 async def test_a_streaming_turn_renews_its_lease_by_its_appends_and_hands_over_after_it(
