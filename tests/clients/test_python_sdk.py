@@ -95,8 +95,9 @@ async def test_dropped_sockets_at_random_points_lose_and_repeat_nothing(stack: S
                 nonlocal count, cuts
                 count += 1
                 if count == cut_after and event.type != "response.done":
+                    # A cut before `response.created` loses no response: not counted.
+                    cuts += client.tracker.streaming
                     client.drop_connection()
-                    cuts += 1
 
             await client.add_text(PROMPT)
             await client.create_response()
@@ -129,7 +130,7 @@ async def test_a_killed_gateway_is_resumed_on_the_other(stack: Stack) -> None:
     kills = resumed = 0
     for trial in range(2):
         states: list[StateChange] = []
-        kill_after = rng.randrange(3, 60)
+        kill_after = rng.randrange(5, 60)  # after response.created
         context = f"seed {seed}, trial {trial}, killed after {kill_after} events"
         try:
             async with client_for(stack, states) as client:
