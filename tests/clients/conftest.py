@@ -23,6 +23,7 @@ def stack() -> Iterator[Stack]:
     stack = Stack(
         ports=Ports.free(),
         replicas=2,
+        demo=True,
         simulator_args=["--ttft-ms", "20", "--token-delay-ms", "5", "--reply-tokens", "12"],
         extra_env={
             "SWITCHBOARD_GATEWAY_SESSION_LEASE_S": LEASE_S,
