@@ -2,9 +2,10 @@
 // tests/clients/test_js_sdk.py. Usage: node js_scenarios.mjs SCENARIO
 // Environment: SB_URLS (gateway WebSocket URLs, comma-separated), SB_HTTP (the
 // first gateway's http://host:port), SB_KEY (the development key), SB_SEED.
-// Prints one JSON line per step; the last is the result. In `kill`, a line
-// {"kill": true} asks the test to SIGKILL the first gateway, and the script
-// reads one line of standard input once it is done.
+// Prints one JSON line per step; the last is the result. In `kill` and `drain`
+// the script then reads one line of standard input once it is done. {"kill": URL} asks the test
+// to SIGKILL the gateway at URL (the one serving the client); {"drain": URL} to
+// SIGTERM it.
 import { createInterface } from "node:readline";
 
 import { AuthenticationError, Backoff, RealtimeClient } from "../../clients/js/dist/index.js";
@@ -96,7 +97,7 @@ const scenarios = {
     const states = [];
     const sdk = client({ onState: (change) => states.push(change.state) });
     await sdk.connect();
-    const killAfter = 5 + Math.floor(random() * 53); // after response.created
+    const killAfter = 5 + Math.floor(random() * 35); // after response.created
     const seen = [];
     const input = createInterface({ input: process.stdin });
     const lines = input[Symbol.asyncIterator]();
@@ -104,7 +105,7 @@ const scenarios = {
     await sdk.createResponse();
     const response = await readResponse(sdk, seen, async (event, count) => {
       if (count === killAfter && event.type !== "response.done") {
-        say({ kill: true });
+        say({ kill: sdk.url });
         await lines.next();
       }
     });
@@ -114,11 +115,48 @@ const scenarios = {
       killAfter,
       status: response.status,
       resumed: response.resumed,
+      lostMidStream: sdk.tracker.losses === 1,
       same: textOf(seen) === expected,
       duplicates: sdk.tracker.duplicates,
       repeats: repeats(seen),
       resumes: sdk.resumes,
       states: [...new Set(states)],
+    };
+  },
+
+  async drain() {
+    // The test SIGTERMs the first gateway mid-response: it finishes the response,
+    // closes with 1012, and the client resumes on the other gateway.
+    const prompt = 'drain me [[sim {"tokens": 40, "token_delay_ms": 10}]]';
+    const expected = await uninterrupted(prompt);
+    const changes = [];
+    const sdk = client({ onState: (change) => changes.push(change) });
+    await sdk.connect();
+    const seen = [];
+    const input = createInterface({ input: process.stdin });
+    const lines = input[Symbol.asyncIterator]();
+    let asked = false;
+    await sdk.addText(prompt);
+    await sdk.createResponse();
+    const response = await readResponse(sdk, seen, async (event) => {
+      if (!asked && event.type === "response.output_text.delta") {
+        asked = true;
+        say({ drain: sdk.url });
+        await lines.next();
+      }
+    });
+    input.close();
+    const after = sdk.streamText("after the drain");
+    for await (const _ of after);
+    await sdk.close();
+    const resuming = changes.find((change) => change.state === "resuming");
+    return {
+      status: response.status,
+      same: textOf(seen) === expected,
+      next: after.response.status,
+      closeCode: resuming ? resuming.closeCode : null,
+      duplicates: sdk.tracker.duplicates,
+      repeats: repeats(seen),
     };
   },
 

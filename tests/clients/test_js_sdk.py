@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from tests.clients.conftest import gateway_urls
+from tests.clients.conftest import gateway_serving, gateway_urls
 from tools.stack import ROOT, Stack
 
 SCRIPT = Path(__file__).with_name("js_scenarios.mjs")
@@ -69,23 +69,43 @@ async def test_dropped_sockets_lose_and_repeat_nothing(stack: Stack) -> None:
     assert result["duplicates"] == result["repeats"] == 0
 
 
-async def test_a_killed_gateway_is_resumed_on_the_other(stack: Stack) -> None:
-    killed = stack.services["gateway"]
+async def signalled(stack: Stack, name: str, signum: int) -> dict[str, Any]:
+    """Run scenario `name`, sending `signum` to the gateway it names when it asks."""
+    chosen: list[str] = []
 
-    async def kill(line: dict[str, Any], stdin: asyncio.StreamWriter) -> None:
-        assert line == {"kill": True}
-        killed.process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
-        stdin.write(b"killed\n")
+    async def send_signal(line: dict[str, Any], stdin: asyncio.StreamWriter) -> None:
+        service = stack.services[gateway_serving(stack, line[name])]
+        chosen.append(service.name)
+        service.process.send_signal(signum)  # type: ignore[union-attr]
+        stdin.write(b"done\n")
         await stdin.drain()
 
     try:
-        result = await scenario(stack, "kill", kill)
+        return await scenario(stack, name, send_signal)
     finally:
-        killed.stop()
-        stack.restart("gateway")
-    assert result["status"] == "completed" and result["same"] and result["resumed"]
+        for service_name in chosen:
+            stack.services[service_name].stop()
+            stack.restart(service_name)
+
+
+async def test_a_killed_gateway_is_resumed_on_the_other(stack: Stack) -> None:
+    result = await signalled(stack, "kill", signal.SIGKILL)
+    assert result["status"] == "completed" and result["same"]
+    assert result["resumed"] and result["lostMidStream"]
     assert result["duplicates"] == result["repeats"] == 0
     assert result["resumes"] == 1 and "resuming" in result["states"]
+
+
+async def test_a_draining_gateway_hands_the_client_to_the_other(stack: Stack) -> None:
+    result = await signalled(stack, "drain", signal.SIGTERM)
+    assert result == {
+        "status": "completed",
+        "same": True,
+        "next": "completed",
+        "closeCode": 1012,
+        "duplicates": 0,
+        "repeats": 0,
+    }
 
 
 async def test_a_bad_key_is_not_retried(stack: Stack) -> None:

@@ -169,6 +169,8 @@ export class RealtimeClient {
   resumes = 0;
   /** Why the client stopped by itself (what `events()` throws). */
   error: Error | null = null;
+  /** The URL of the current (or last) connection: which replica serves it. */
+  url: string | null = null;
 
   private readonly urls: string[];
   private readonly options: ClientOptions;
@@ -361,6 +363,7 @@ export class RealtimeClient {
         }
         failures = 0;
         suggested = null;
+        this.url = url;
         ({ closeCode, reason } = await this.serve(socket, resuming));
         this.tracker.connectionLost();
         if (this.closing) return;
