@@ -16,14 +16,14 @@ test: setup ## the whole suite: unit, integration (real Redis, gRPC) and end-to-
 fuzz: setup ## the whole stack fuzzed as an attacker would: ~20,000 hostile frames, handshakes, requests
 	$(VENV)/bin/python -m tools.fuzz $(FUZZ_ARGS)
 
-lint: setup ## ruff (lint + format check) and mypy (strict on services/)
-	$(VENV)/bin/ruff check services tools tests
-	$(VENV)/bin/ruff format --check services tools tests
+lint: setup ## ruff (lint + format check) and mypy (strict on services/ and clients/python)
+	$(VENV)/bin/ruff check services tools tests clients/python
+	$(VENV)/bin/ruff format --check services tools tests clients/python
 	$(VENV)/bin/mypy
 
 format: setup
-	$(VENV)/bin/ruff check --fix services tools tests
-	$(VENV)/bin/ruff format services tools tests
+	$(VENV)/bin/ruff check --fix services tools tests clients/python
+	$(VENV)/bin/ruff format services tools tests clients/python
 
 proto: setup ## regenerate services/switchboard/v1 from proto/switchboard/v1
 	$(VENV)/bin/python tools/genproto.py

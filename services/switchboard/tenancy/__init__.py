@@ -23,6 +23,7 @@ from switchboard.tenancy.live import (
     LiveTenants,
     load_tenants,
 )
+from switchboard.tenancy.mcp_section import McpServer
 from switchboard.tenancy.tenants import (
     DEFAULT_TIER,
     DEFAULT_UPSTREAM,
@@ -47,6 +48,7 @@ __all__ = [
     "Deployment",
     "Limits",
     "LiveTenants",
+    "McpServer",
     "ModelNotAllowed",
     "ModelRoute",
     "SessionDefaults",

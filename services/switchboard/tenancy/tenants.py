@@ -15,6 +15,7 @@ from typing import Any
 
 from switchboard.config import Secret
 from switchboard.errors import SwitchboardError
+from switchboard.tenancy.mcp_section import McpServer
 from switchboard.v1 import common_pb2
 
 DEFAULT_TIER = "standard"
@@ -176,6 +177,10 @@ def _no_models() -> Mapping[str, ModelRoute]:
     return MappingProxyType({})
 
 
+def _no_servers() -> Mapping[str, McpServer]:
+    return MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class Tenant:
     """One customer of the deployment. `Tenant("acme")` alone may use nothing.
@@ -191,6 +196,7 @@ class Tenant:
         daily_token_budget: tokens per UTC day; None is unlimited.
         session: defaults for new sessions.
         money_budget: daily and monthly budgets in money; None is unlimited.
+        mcp_servers: the remote MCP servers its clients may use, by label.
         any_model_upstream: development tenants only: a model not in `models`
             is allowed too, and goes to this upstream under its own name.
         all_builtins: development tenants only: every built-in tool is allowed.
@@ -206,6 +212,7 @@ class Tenant:
     daily_token_budget: int | None = None
     session: SessionDefaults = SessionDefaults()
     money_budget: MoneyBudget | None = None
+    mcp_servers: Mapping[str, McpServer] = field(default_factory=_no_servers, repr=False)
     any_model_upstream: str | None = None
     all_builtins: bool = False
 

@@ -25,6 +25,7 @@ from typing import Any
 from switchboard.config import ConfigError
 from switchboard.key_paths import KeyPath
 from switchboard.tenancy.keys import TENANT_ID, normalize_key_hash
+from switchboard.tenancy.mcp_section import parse_mcp_servers
 from switchboard.tenancy.prices_section import Price, parse_money_budget, parse_prices
 from switchboard.tenancy.tenants import (
     DEFAULT_TIER,
@@ -66,6 +67,7 @@ _TENANT_KEYS = (
     "daily_token_budget",
     "session",
     "money_budget",
+    "mcp_servers",
 )
 _MODEL_KEYS = ("upstream", "upstream_model", "deployments")
 _DEPLOYMENT_KEYS = ("upstream", "upstream_model", "weight", "priority")
@@ -189,6 +191,7 @@ def _tenant(
         daily_token_budget=count(body.get("daily_token_budget"), (*path, "daily_token_budget")),
         session=_session(body.get("session"), (*path, "session"), models, limits),
         money_budget=parse_money_budget(body.get("money_budget"), (*path, "money_budget")),
+        mcp_servers=parse_mcp_servers(body.get("mcp_servers"), (*path, "mcp_servers")),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from itertools import count
@@ -64,6 +65,7 @@ class MemoryBackends:
         tools: toolexec's tools by name.
         failures: a method name -> the error its calls raise (until removed).
         gates: a method name -> an event its calls wait for (until set).
+        calls: how many times each method was called.
     """
 
     def __init__(self) -> None:
@@ -72,11 +74,13 @@ class MemoryBackends:
         self.failures: dict[str, SwitchboardError] = {}
         self.gates: dict[str, asyncio.Event] = {}
         self.tool_calls: list[toolexec_pb2.ExecuteRequest] = []
+        self.calls: Counter[str] = Counter()
         self._sessions: dict[tuple[str, str], _Session] = {}
         self._ids = count(1)
         self._background: set[asyncio.Task[None]] = set()
 
     async def _enter(self, method: str) -> None:
+        self.calls[method] += 1
         gate = self.gates.get(method)
         if gate is not None:
             await gate.wait()
