@@ -14,6 +14,7 @@ import openai
 import orjson
 import pytest
 
+from switchboard.gateway import bounds
 from switchboard.gateway.testing import reply
 from switchboard.gateway.testing.model import Call, Fail, Finish, Script, Text, Wait
 from tests.gateway.test_app import KEY, Gateway
@@ -319,3 +320,41 @@ async def test_a_client_that_disconnects_cancels_the_model_call(
             break
         await asyncio.sleep(0.005)
     assert model.cancelled == [model.requests[-1].response_id]
+
+
+async def test_a_slow_upload_gets_408_and_nothing_else_is_affected(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bounds, "BODY_TIMEOUT_S", 0.3)
+    host, port = gateway.url.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        + f"Authorization: Bearer {KEY}\r\n".encode()
+        + b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        + b'{"model": "m", '
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 408")
+    writer.close()
+    gateway.backends.model.queue(reply("still here"))
+    answer = await post(gateway, {"model": "m", "messages": MESSAGES})
+    assert answer.json()["choices"][0]["message"]["content"] == "still here"
+
+
+async def test_an_ephemeral_secret_serves_its_own_model_only(gateway: Gateway) -> None:
+    minted = await post(
+        gateway,
+        {"session": {"type": "realtime", "model": "gpt-realtime"}},
+        "/v1/realtime/client_secrets",
+    )
+    secret = minted.json()["value"]
+    as_browser = {"Authorization": f"Bearer {secret}"}
+    gateway.backends.model.queue(reply("hi"))
+    answer = await post(
+        gateway, {"model": "gpt-realtime", "messages": MESSAGES}, headers=as_browser
+    )
+    assert answer.json()["choices"][0]["message"]["content"] == "hi"
+    answer = await post(gateway, {"model": "gpt-4o", "messages": MESSAGES}, headers=as_browser)
+    assert (answer.status, answer.json()["error"]["code"]) == (403, "field_locked")
