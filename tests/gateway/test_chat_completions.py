@@ -35,7 +35,7 @@ WEATHER_TOOL: Any = {
 
 @dataclass
 class Raw:
-    """An HTTP answer as a raw client sees it."""
+    """An HTTP answer as a raw client sees it (header names in lower case)."""
 
     status: int
     headers: dict[str, str]
@@ -67,7 +67,8 @@ async def post(
         aiohttp.ClientSession() as http,
         http.post(f"http://{gateway.url}{path}", data=io.BytesIO(data), headers=sent) as response,
     ):
-        return Raw(response.status, dict(response.headers), await response.read())
+        headers = {name.lower(): value for name, value in response.headers.items()}
+        return Raw(response.status, headers, await response.read())
 
 
 async def test_the_sdk_streams_text_with_usage(gateway: Gateway, sdk: openai.AsyncOpenAI) -> None:
@@ -194,7 +195,7 @@ async def test_every_event_has_an_id_and_the_stream_ends_with_done(gateway: Gate
     body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}
     answer = await post(gateway, body)
     assert answer.status == 200
-    assert answer.headers["Content-Type"].startswith("text/event-stream")
+    assert answer.headers["content-type"].startswith("text/event-stream")
     events = answer.events()
     assert all(event.get("id") for event in events)
     assert len({event["id"] for event in events}) == len(events)
