@@ -68,6 +68,11 @@ class GatewayMetrics:
             "Tokens of finished responses (usage as reported or estimated).",
             ["model", "direction"],
         )
+        self.cost_usd = metrics.counter(
+            "cost_usd_total",
+            "Cost of finished responses in US dollars, from their usage and the price table.",
+            ["tier", "model"],
+        )
         self.connections_active = metrics.gauge(
             "connections_active", "Open client WebSocket connections."
         )

@@ -36,6 +36,7 @@ from switchboard.gateway.metrics import GatewayMetrics, refusal_reason
 from switchboard.gateway.protocol import RealtimeProtocol, finish_status
 from switchboard.gateway.server_tools import ServerTools, server_calls
 from switchboard.gateway.tenant_gate import RESPONSE_LEASE_S, Admitted, TenantGate
+from switchboard.limits.ledger import usd
 from switchboard.tenancy import Tenant
 from switchboard.tokens import estimated_usage
 from switchboard.v1 import broker_pb2, common_pb2
@@ -132,6 +133,8 @@ class _Outcome:
     usage: common_pb2.Usage | None = None
     prompt_tokens: int = 0
     admitted: Admitted | None = field(default=None)
+    # The model the upstream served the response as (the broker's `Started`).
+    upstream_model: str = ""
 
 
 class TurnRunner:
@@ -301,6 +304,7 @@ class TurnRunner:
             response_id,
             prompt_tokens=outcome.prompt_tokens,
             max_output_tokens=max_output_tokens,
+            price=self.gate.price_of(self.tenant, command.model),
         )
         request = broker_pb2.GenerateRequest(
             tenant_id=self.tenant.id,
@@ -341,6 +345,8 @@ class TurnRunner:
                     ):
                         self._timed_delta(turn)
                     self.publish()
+                elif kind == "started":
+                    outcome.upstream_model = event.started.upstream_model
                 elif kind == "finished":
                     outcome.usage = event.finished.usage
                     outcome.status, outcome.reason = finish_status(event.finished.reason)
@@ -369,11 +375,19 @@ class TurnRunner:
             usage = estimated_usage(
                 outcome.prompt_tokens, self.protocol.generated_chars(response_id)
             )
+        cost = 0
         if outcome.admitted is not None:
             try:
                 await self.gate.finish_response(self.tenant, outcome.admitted, usage.total_tokens)
             except SwitchboardError as exc:
                 log.warning("usage not settled", extra={**self._log, "code": exc.name})
+            price = self.gate.price_of(self.tenant, command.model, outcome.upstream_model)
+            try:
+                cost = await self.gate.record_cost(
+                    self.tenant, self.session_id, response_id, command.model, usage, price
+                )
+            except SwitchboardError as exc:
+                log.warning("cost not recorded", extra={**self._log, "code": exc.name})
         output = self.protocol.complete_output(response_id, complete=status == "completed")
         for item in output:
             try:
@@ -389,7 +403,7 @@ class TurnRunner:
         self.protocol.response_done(
             response_id, status=status, usage=usage, reason=outcome.reason, error=error
         )
-        self._count_response(turn, status, usage, error)
+        self._count_response(turn, status, usage, error, cost)
         if error is not None:
             turn.failure = error
         spans.response_done(status, outcome.reason, usage, error)
@@ -451,9 +465,16 @@ class TurnRunner:
         turn.last_delta_at = now
 
     def _count_response(
-        self, turn: Turn, status: str, usage: common_pb2.Usage, error: SwitchboardError | None
+        self,
+        turn: Turn,
+        status: str,
+        usage: common_pb2.Usage,
+        error: SwitchboardError | None,
+        cost: int,
     ) -> None:
         model, metrics = self._model_label, self.metrics
+        if cost:
+            metrics.cost_usd.labels(self.tenant.tier, model).inc(usd(cost))
         metrics.responses.labels(model, status).inc()
         metrics.response_duration.labels(model, status).observe(time.monotonic() - turn.asked_at)
         metrics.tokens.labels(model, "input").inc(usage.input_tokens)

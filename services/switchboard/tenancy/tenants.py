@@ -58,6 +58,14 @@ LIMIT_NAMES: tuple[str, ...] = tuple(item.name for item in fields(Limits))
 
 
 @dataclass(frozen=True, slots=True)
+class MoneyBudget:
+    """A tenant's budgets in money, in pico-dollars (None: no such budget)."""
+
+    daily: int | None = None
+    monthly: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Deployment:
     """One upstream deployment that can serve a model, and how it is chosen.
 
@@ -187,6 +195,7 @@ class Tenant:
         limits: rate, concurrency and size limits.
         daily_token_budget: tokens per UTC day; None is unlimited.
         session: defaults for new sessions.
+        money_budget: daily and monthly budgets in money; None is unlimited.
         mcp_servers: the remote MCP servers its clients may use, by label.
         any_model_upstream: development tenants only: a model not in `models`
             is allowed too, and goes to this upstream under its own name.
@@ -202,6 +211,7 @@ class Tenant:
     limits: Limits = Limits()
     daily_token_budget: int | None = None
     session: SessionDefaults = SessionDefaults()
+    money_budget: MoneyBudget | None = None
     mcp_servers: Mapping[str, McpServer] = field(default_factory=_no_servers, repr=False)
     any_model_upstream: str | None = None
     all_builtins: bool = False
