@@ -95,8 +95,18 @@ class Backends(Protocol):
     # toolexec
     async def list_tools(self, tenant_id: str) -> list[common_pb2.ToolDefinition]: ...
     async def execute_tool(
-        self, tenant_id: str, session_id: str, call_id: str, name: str, arguments: str
+        self,
+        tenant_id: str,
+        session_id: str,
+        call_id: str,
+        name: str,
+        arguments: str,
+        *,
+        mcp_server_label: str = "",
     ) -> toolexec_pb2.ExecuteResponse: ...
+    async def list_mcp_tools(
+        self, tenant_id: str, session_id: str, server_label: str
+    ) -> toolexec_pb2.ListMcpToolsResponse: ...
     # the process
     async def readiness(self) -> dict[str, bool]: ...
     def spawn(self, work: Coroutine[Any, Any, None]) -> None: ...
@@ -271,15 +281,24 @@ class GrpcBackends:
         return list(reply.tools)
 
     async def execute_tool(
-        self, tenant_id: str, session_id: str, call_id: str, name: str, arguments: str
+        self,
+        tenant_id: str,
+        session_id: str,
+        call_id: str,
+        name: str,
+        arguments: str,
+        *,
+        mcp_server_label: str = "",
     ) -> toolexec_pb2.ExecuteResponse:
-        """Run a server-side tool. Never raises: an unreachable toolexec is an outcome too."""
+        """Run a server-side tool (of the MCP server `mcp_server_label`, when given).
+        Never raises: an unreachable toolexec is an outcome too."""
         request = toolexec_pb2.ExecuteRequest(
             tenant_id=tenant_id,
             session_id=session_id,
             call_id=call_id,
             name=name,
             arguments=arguments,
+            mcp_server_label=mcp_server_label,
         )
         try:
             return await self._call(
@@ -295,6 +314,23 @@ class GrpcBackends:
                 error_code=common_pb2.ErrorCode.ValueType(error.code),
                 error_message=error.message,
             )
+
+    async def list_mcp_tools(
+        self, tenant_id: str, session_id: str, server_label: str
+    ) -> toolexec_pb2.ListMcpToolsResponse:
+        """The tools of one of the tenant's MCP servers; a failed listing is an answer.
+
+        Raises:
+            SwitchboardError: toolexec cannot be reached.
+        """
+        request = toolexec_pb2.ListMcpToolsRequest(
+            tenant_id=tenant_id, session_id=session_id, server_label=server_label
+        )
+        # The listing may wait for the server (its list_timeout_s, at most a minute).
+        reply: toolexec_pb2.ListMcpToolsResponse = await self._call(
+            "toolexec", self.toolexec.ListMcpTools(request, timeout=self.tool_timeout_s)
+        )
+        return reply
 
     # --- session event log (resume) ------------------------------------------------------
 

@@ -32,6 +32,7 @@ from switchboard.gateway import spans
 from switchboard.gateway.backends import Backends, ModelCall
 from switchboard.gateway.commands import StartResponse
 from switchboard.gateway.eventlog import SessionWriter
+from switchboard.gateway.mcp_session import McpSession
 from switchboard.gateway.metrics import GatewayMetrics, refusal_reason
 from switchboard.gateway.protocol import RealtimeProtocol, finish_status
 from switchboard.gateway.server_tools import ServerTools, server_calls
@@ -164,6 +165,7 @@ class TurnRunner:
         self.writer = writer
         self.session_id = protocol.session_id
         self.tools = ServerTools(backends, tenant.id, self.session_id)
+        self.mcp = McpSession(protocol, backends, tenant.id, publish=publish)
         self.publish = publish
         self.on_refused = on_refused
         self.on_taken_over = on_taken_over
@@ -223,9 +225,13 @@ class TurnRunner:
             with spans.response(*ids):
                 calls = await self._respond(turn, command, reattach)
             reattach = None
+            # MCP calls ran in the response; the model goes on with their results.
+            mcp_ran = any(call.type == common_pb2.ITEM_TYPE_MCP_CALL for call in calls)
+            functions = [call for call in calls if call.type == common_pb2.ITEM_TYPE_FUNCTION_CALL]
             # Calls to tools the client declared are the client's to run.
-            ours = server_calls(calls, command.tools)
-            if not ours:
+            ours = server_calls(functions, command.tools)
+            client_runs = len(ours) < len(functions)
+            if not ours and (client_runs or not mcp_ran):
                 return
             if round_number == self.max_tool_rounds:
                 self.protocol.fail(
@@ -240,7 +246,7 @@ class TurnRunner:
             self.protocol.tools_started()
             try:
                 await self._run_tools(ours)
-                if len(ours) < len(calls):
+                if client_runs:
                     # The client runs the other calls and asks for the next response.
                     return
                 command = self.protocol.follow_up(command)
@@ -254,7 +260,7 @@ class TurnRunner:
         """Stream one response and finish it, whatever happens.
 
         Returns:
-            The function calls of a completed response (empty otherwise).
+            The function calls and MCP calls of a completed response (empty otherwise).
         """
         response_id = command.response_id
         turn.asked_at = time.monotonic()
@@ -288,9 +294,16 @@ class TurnRunner:
         if reattach is not None:
             outcome.admitted = self.gate.adopt(self.tenant, response_id)
             return self.backends.attach(reattach.broker, self.tenant.id, response_id)
+        # MCP servers first: their listings (a server offered for the first time),
+        # and the calls the client approved, whose results the model must see.
+        await self.mcp.list_new(command.mcp_tools)
+        answered = await self.mcp.answer_approvals(response_id)
         context = await self.backends.build_context(self.tenant.id, self.session_id)
+        context.items.extend(answered)
         if command.instructions is not None:
             context.instructions = command.instructions
+        mcp_tools, mcp_names = self.mcp.offered(command.mcp_tools)
+        self.protocol.mcp_output(response_id).mcp_names = mcp_names
         outcome.prompt_tokens = context.estimated_tokens
         max_output_tokens = self.gate.output_cap(self.tenant, command.max_output_tokens)
         outcome.admitted = await self.gate.admit_response(
@@ -305,7 +318,7 @@ class TurnRunner:
             response_id=response_id,
             model=command.model,
             context=context,
-            tools=await self.tools.offered(command.tools),
+            tools=[*await self.tools.offered(command.tools), *mcp_tools],
             tool_choice=command.tool_choice,
             max_output_tokens=max_output_tokens,
         )
@@ -369,6 +382,11 @@ class TurnRunner:
                 await self.gate.finish_response(self.tenant, outcome.admitted, usage.total_tokens)
             except SwitchboardError as exc:
                 log.warning("usage not settled", extra={**self._log, "code": exc.name})
+        if status == "completed":
+            # The model's MCP calls run now, inside the response (their items end
+            # with their results).
+            pending = self.protocol.mcp_output(response_id).pending_mcp_calls()
+            await self.mcp.run_calls(response_id, pending)
         output = self.protocol.complete_output(response_id, complete=status == "completed")
         for item in output:
             try:
@@ -400,7 +418,8 @@ class TurnRunner:
             self.on_refused(error)
         if status != "completed":
             return []
-        return [item for item in output if item.type == common_pb2.ITEM_TYPE_FUNCTION_CALL]
+        calls = (common_pb2.ITEM_TYPE_FUNCTION_CALL, common_pb2.ITEM_TYPE_MCP_CALL)
+        return [item for item in output if item.type in calls]
 
     async def _run_tools(self, calls: list[common_pb2.Item]) -> None:
         """Run server-side calls in parallel; add each output to the conversation."""

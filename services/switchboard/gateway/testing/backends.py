@@ -72,6 +72,8 @@ class MemoryBackends:
         self.failures: dict[str, SwitchboardError] = {}
         self.gates: dict[str, asyncio.Event] = {}
         self.tool_calls: list[toolexec_pb2.ExecuteRequest] = []
+        # MCP listings by server label (an unknown label is not registered).
+        self.mcp_listings: dict[str, toolexec_pb2.ListMcpToolsResponse] = {}
         self._sessions: dict[tuple[str, str], _Session] = {}
         self._ids = count(1)
         self._background: set[asyncio.Task[None]] = set()
@@ -283,8 +285,27 @@ class MemoryBackends:
         await self._enter("list_tools")
         return [tool.definition for tool in self.tools.values()]
 
+    async def list_mcp_tools(
+        self, tenant_id: str, session_id: str, server_label: str
+    ) -> toolexec_pb2.ListMcpToolsResponse:
+        await self._enter("list_mcp_tools")
+        reply = self.mcp_listings.get(server_label)
+        if reply is None:
+            return toolexec_pb2.ListMcpToolsResponse(
+                error_code=common_pb2.ERROR_CODE_MCP_SERVER_NOT_REGISTERED,
+                error_message=f"No MCP server labelled {server_label[:64]!r}.",
+            )
+        return reply
+
     async def execute_tool(
-        self, tenant_id: str, session_id: str, call_id: str, name: str, arguments: str
+        self,
+        tenant_id: str,
+        session_id: str,
+        call_id: str,
+        name: str,
+        arguments: str,
+        *,
+        mcp_server_label: str = "",
     ) -> toolexec_pb2.ExecuteResponse:
         self.tool_calls.append(
             toolexec_pb2.ExecuteRequest(
@@ -293,8 +314,11 @@ class MemoryBackends:
                 call_id=call_id,
                 name=name,
                 arguments=arguments,
+                mcp_server_label=mcp_server_label,
             )
         )
+        if mcp_server_label:
+            name = f"{mcp_server_label}__{name}"
         tool = self.tools.get(name)
         if tool is None:
             return toolexec_pb2.ExecuteResponse(
