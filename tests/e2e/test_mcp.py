@@ -373,3 +373,73 @@ async def test_function_tools_and_instructions_survive_beside_an_mcp_tool(
     assert updated["instructions"] == "Be brief."
     assert [tool["type"] for tool in updated["tools"]] == ["function", "mcp"]
     await client.recv_until("mcp_list_tools.completed", timeout_s=15)
+
+
+async def test_an_agents_sdk_realtime_app_runs_an_mcp_call_beside_its_function_tool(
+    stack: Stack,
+) -> None:
+    """The Agents SDK (0.24.0) refuses a HostedMCPTool on a RealtimeAgent before
+    sending anything, so the app adds the MCP tool with a raw `session.update` (its
+    function tool and instructions stay): the SDK then reads the MCP events and items."""
+    from agents import function_tool
+    from agents.realtime import RealtimeAgent, RealtimeRunner
+    from agents.realtime.model_inputs import RealtimeModelSendRawMessage
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return f"snow in {city}"
+
+    agent = RealtimeAgent(name="Shop", instructions="Answer briefly.", tools=[get_weather])
+    runner = RealtimeRunner(
+        starting_agent=agent,
+        config={"model_settings": {"model_name": "gpt-realtime", "output_modalities": ["text"]}},
+    )
+    session = await runner.run(
+        model_config={"url": f"{stack.websocket_url}?model=gpt-realtime", "api_key": ACME_KEY}
+    )
+    weather = {
+        "type": "function",
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": get_weather.params_json_schema,
+    }
+    errors: list[Any] = []
+    raw: list[str] = []
+    answer = ""
+    async with session:
+        await session.model.send_event(
+            RealtimeModelSendRawMessage(
+                message={
+                    "type": "session.update",
+                    "other_data": {
+                        "session": {"type": "realtime", "tools": [weather, SHOP]},
+                    },
+                }
+            )
+        )
+
+        async def read() -> None:
+            nonlocal answer
+            async for event in session:
+                if event.type == "error":
+                    errors.append(event.error)
+                elif event.type == "raw_model_event":
+                    data = event.data
+                    kind = getattr(data, "type", None)
+                    if kind == "raw_server_event":
+                        raw.append(str(getattr(data, "data", {}).get("type")))
+                        if raw[-1] == "mcp_list_tools.completed":
+                            await session.send_message(
+                                "Where is ord_7? "
+                                + call("shop__lookup_order", {"order_id": "ord_7"})
+                            )
+                    elif kind == "output_text_delta":
+                        answer += data.delta
+                    elif kind == "turn_ended" and answer:
+                        return
+
+        await asyncio.wait_for(read(), 30)
+    assert not errors, errors
+    assert "response.mcp_call.completed" in raw
+    assert answer.startswith('tool shop__lookup_order returned {"order_id":"ord_7"')
