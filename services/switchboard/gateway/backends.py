@@ -27,6 +27,8 @@ from switchboard.v1 import (
     broker_pb2,
     broker_pb2_grpc,
     common_pb2,
+    moderation_pb2,
+    moderation_pb2_grpc,
     session_pb2,
     session_pb2_grpc,
     toolexec_pb2,
@@ -107,6 +109,10 @@ class Backends(Protocol):
     async def list_mcp_tools(
         self, tenant_id: str, session_id: str, server_label: str
     ) -> toolexec_pb2.ListMcpToolsResponse: ...
+    # moderation (served by the broker)
+    async def moderate(
+        self, tenant_id: str, session_id: str, texts: list[str], timeout_s: float
+    ) -> moderation_pb2.ModerateResponse: ...
     # the process
     async def readiness(self) -> dict[str, bool]: ...
     def spawn(self, work: Coroutine[Any, Any, None]) -> None: ...
@@ -151,6 +157,7 @@ class GrpcBackends:
         self.session = session_pb2_grpc.SessionServiceStub(self.channels["session"])
         self.broker = broker_pb2_grpc.BrokerServiceStub(self.channels["broker"])
         self.toolexec = toolexec_pb2_grpc.ToolExecServiceStub(self.channels["toolexec"])
+        self.moderation = moderation_pb2_grpc.ModerationServiceStub(self.channels["broker"])
         self.broker_target = settings.broker_target
         self._brokers: dict[str, tuple[grpc.aio.Channel, broker_pb2_grpc.BrokerServiceStub]] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -329,6 +336,22 @@ class GrpcBackends:
         # The listing may wait for the server (its list_timeout_s, at most a minute).
         reply: toolexec_pb2.ListMcpToolsResponse = await self._call(
             "toolexec", self.toolexec.ListMcpTools(request, timeout=self.tool_timeout_s)
+        )
+        return reply
+
+    async def moderate(
+        self, tenant_id: str, session_id: str, texts: list[str], timeout_s: float
+    ) -> moderation_pb2.ModerateResponse:
+        """The tenant's moderation verdicts of `texts`.
+
+        Raises:
+            SwitchboardError: the check could not be made (the broker's upstream error).
+        """
+        request = moderation_pb2.ModerateRequest(
+            tenant_id=tenant_id, session_id=session_id, input=texts
+        )
+        reply: moderation_pb2.ModerateResponse = await self._call(
+            "broker", self.moderation.Moderate(request, timeout=timeout_s + 1.0)
         )
         return reply
 

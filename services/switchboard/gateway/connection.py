@@ -359,6 +359,8 @@ class RealtimeConnection:
         try:
             match command:
                 case StoreItem():
+                    # A flagged user message is refused here, before it is stored.
+                    await self.turns.moderator.check_item(command.item)
                     stored = await self.backends.append_item(
                         tenant, session, command.item, command.previous_item_id
                     )

@@ -34,6 +34,7 @@ from switchboard.gateway.commands import StartResponse
 from switchboard.gateway.eventlog import SessionWriter
 from switchboard.gateway.mcp_session import McpSession
 from switchboard.gateway.metrics import GatewayMetrics, refusal_reason
+from switchboard.gateway.moderation import ContentFiltered, Moderator
 from switchboard.gateway.protocol import RealtimeProtocol, finish_status
 from switchboard.gateway.server_tools import ServerTools, server_calls
 from switchboard.gateway.tenant_gate import RESPONSE_LEASE_S, Admitted, TenantGate
@@ -166,6 +167,9 @@ class TurnRunner:
         self.session_id = protocol.session_id
         self.tools = ServerTools(backends, tenant.id, self.session_id)
         self.mcp = McpSession(protocol, backends, tenant.id, publish=publish)
+        self.moderator = Moderator(
+            backends, tenant.id, self.session_id, tenant.moderation, metrics.moderation
+        )
         self.publish = publish
         self.on_refused = on_refused
         self.on_taken_over = on_taken_over
@@ -277,6 +281,13 @@ class TurnRunner:
             if current is not None:
                 current.uncancel()
             outcome.status, outcome.reason = "cancelled", turn.cancel_reason
+        except ContentFiltered as flagged:
+            # The model call is closed (`_stream`); the text sent so far is kept.
+            outcome.status, outcome.reason = "incomplete", "content_filter"
+            log.info(
+                "response stopped by moderation",
+                extra={**self._log, "categories": flagged.categories[:5]},
+            )
         except SwitchboardError as exc:
             outcome.status, outcome.error = "failed", exc
             log.warning("response failed", extra={**self._log, "code": exc.name})
@@ -332,6 +343,15 @@ class TurnRunner:
         call = await self._open_call(command, reattach, outcome)
         turn.admitted = outcome.admitted
         broker = "" if reattach is None else reattach.broker
+
+        def send_text(text: str) -> None:
+            if self.protocol.text_delta(response_id, text):
+                self._timed_delta(turn)
+            self.publish()
+
+        # With output moderation, text reaches the client only as its checks allow.
+        moderated = self.moderator.output(send_text)
+        stopped = False
         try:
             broker = await call.broker() or broker
             if broker:
@@ -339,9 +359,10 @@ class TurnRunner:
             async for event in call:
                 kind = event.WhichOneof("event")
                 if kind == "text_delta":
-                    if self.protocol.text_delta(response_id, event.text_delta.text):
-                        self._timed_delta(turn)
-                    self.publish()
+                    if moderated is None:
+                        send_text(event.text_delta.text)
+                    else:
+                        await moderated.feed(event.text_delta.text)
                 elif kind == "tool_call_delta":
                     delta = event.tool_call_delta
                     if self.protocol.call_delta(
@@ -352,6 +373,11 @@ class TurnRunner:
                 elif kind == "finished":
                     outcome.usage = event.finished.usage
                     outcome.status, outcome.reason = finish_status(event.finished.reason)
+            if moderated is not None:
+                await moderated.finish()
+        except ContentFiltered:
+            stopped = True
+            raise
         except SwitchboardError as error:
             if error.code == common_pb2.ERROR_CODE_SESSION_TAKEN_OVER:
                 # A resume elsewhere re-attached to the call (this connection's
@@ -362,7 +388,9 @@ class TurnRunner:
                 raise _NOT_RECOVERED from None
             raise
         finally:
-            if turn.cancel_requested == response_id:
+            if moderated is not None:
+                moderated.close()
+            if stopped or turn.cancel_requested == response_id:
                 # On purpose: the broker stops it, rather than keep it for a resume.
                 self.backends.cancel_generate(broker, self.tenant.id, response_id)
             call.cancel()

@@ -16,6 +16,7 @@ from typing import Any
 from switchboard.config import Secret
 from switchboard.errors import SwitchboardError
 from switchboard.tenancy.mcp_section import McpServer
+from switchboard.tenancy.moderation_section import ModerationPolicy
 from switchboard.v1 import common_pb2
 
 DEFAULT_TIER = "standard"
@@ -188,6 +189,7 @@ class Tenant:
         daily_token_budget: tokens per UTC day; None is unlimited.
         session: defaults for new sessions.
         mcp_servers: the remote MCP servers its clients may use, by label.
+        moderation: how its text is moderated (off by default).
         any_model_upstream: development tenants only: a model not in `models`
             is allowed too, and goes to this upstream under its own name.
         all_builtins: development tenants only: every built-in tool is allowed.
@@ -203,6 +205,7 @@ class Tenant:
     daily_token_budget: int | None = None
     session: SessionDefaults = SessionDefaults()
     mcp_servers: Mapping[str, McpServer] = field(default_factory=_no_servers, repr=False)
+    moderation: ModerationPolicy = field(default_factory=ModerationPolicy)
     any_model_upstream: str | None = None
     all_builtins: bool = False
 

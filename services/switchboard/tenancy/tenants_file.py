@@ -26,6 +26,7 @@ from switchboard.config import ConfigError
 from switchboard.key_paths import KeyPath
 from switchboard.tenancy.keys import TENANT_ID, normalize_key_hash
 from switchboard.tenancy.mcp_section import parse_mcp_servers
+from switchboard.tenancy.moderation_section import parse_moderation
 from switchboard.tenancy.tenants import (
     DEFAULT_TIER,
     DEFAULT_UPSTREAM,
@@ -66,6 +67,7 @@ _TENANT_KEYS = (
     "daily_token_budget",
     "session",
     "mcp_servers",
+    "moderation",
 )
 _MODEL_KEYS = ("upstream", "upstream_model", "deployments")
 _DEPLOYMENT_KEYS = ("upstream", "upstream_model", "weight", "priority")
@@ -186,6 +188,7 @@ def _tenant(
         daily_token_budget=count(body.get("daily_token_budget"), (*path, "daily_token_budget")),
         session=_session(body.get("session"), (*path, "session"), models, limits),
         mcp_servers=parse_mcp_servers(body.get("mcp_servers"), (*path, "mcp_servers")),
+        moderation=parse_moderation(body.get("moderation"), (*path, "moderation"), upstreams),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import orjson
 from switchboard.errors import ItemNotFound, SessionNotFound, SessionTakenOver, SwitchboardError
 from switchboard.gateway.testing.model import Fail, Script, ScriptedCall, ScriptedModel
 from switchboard.tokens import estimate_tokens
-from switchboard.v1 import broker_pb2, common_pb2, session_pb2, toolexec_pb2
+from switchboard.v1 import broker_pb2, common_pb2, moderation_pb2, session_pb2, toolexec_pb2
 
 Event = dict[str, Any]
 
@@ -74,6 +75,7 @@ class MemoryBackends:
         self.tool_calls: list[toolexec_pb2.ExecuteRequest] = []
         # MCP listings by server label (an unknown label is not registered).
         self.mcp_listings: dict[str, toolexec_pb2.ListMcpToolsResponse] = {}
+        self.moderated: list[list[str]] = []
         self._sessions: dict[tuple[str, str], _Session] = {}
         self._ids = count(1)
         self._background: set[asyncio.Task[None]] = set()
@@ -296,6 +298,18 @@ class MemoryBackends:
                 error_message=f"No MCP server labelled {server_label[:64]!r}.",
             )
         return reply
+
+    async def moderate(
+        self, tenant_id: str, session_id: str, texts: list[str], timeout_s: float
+    ) -> moderation_pb2.ModerateResponse:
+        """Flags a text that holds `sbflag-<category>`, as the simulator does."""
+        await self._enter("moderate")
+        self.moderated.append(list(texts))
+        results = []
+        for text in texts:
+            found = sorted(set(re.findall(r"sbflag-([a-z/-]+)", text.lower())))
+            results.append(moderation_pb2.ModerationResult(flagged=bool(found), categories=found))
+        return moderation_pb2.ModerateResponse(results=results, model="test")
 
     async def execute_tool(
         self,
