@@ -7,7 +7,7 @@ VENV := .venv
 JS := clients/js
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: run test fuzz lint format proto dashboards panels bench bench-memory image smoke-deploy setup clean
+.PHONY: run test fuzz lint format proto dashboards panels bench bench-moderation bench-memory image smoke-deploy setup clean
 
 run: setup ## start Redis, the simulator (without OPENAI_API_KEY) and the four services
 	$(VENV)/bin/python -m tools.stack
@@ -39,6 +39,9 @@ panels: setup ## draw the key dashboard panels of a demo run to docs/images/pane
 
 bench: setup ## time to first token and tokens/s: gateway vs the simulator directly
 	$(VENV)/bin/python -m tools.bench_ttft
+
+bench-moderation: setup ## what output moderation costs by hold-back, vs none, in one run
+	$(VENV)/bin/python -m tools.bench_moderation
 
 bench-memory: setup ## gateway memory per connection and stream, and its stream ceiling here
 	$(VENV)/bin/python -m tools.bench_memory
