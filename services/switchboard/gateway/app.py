@@ -157,6 +157,7 @@ async def mint_client_secret(request: Request) -> Response:
             sessions.initial_session("", config),
             config,
             body.get("session") or {"type": "realtime"},
+            mcp_servers=tenant.mcp_servers,
         )
         tenant.route(config.model)  # a secret for a model the tenant may not use is refused
         session.pop("id")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
+from switchboard.gateway.moderation import ModerationMetrics
 from switchboard.telemetry.metrics import MetricFactory
 
 # Seconds: from a few milliseconds (a cache) to a slow model's first token.
@@ -42,6 +43,8 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         metrics = MetricFactory("gateway", registry)
         self.registry = metrics.registry
+        # Defined with the moderation they measure (gateway/moderation.py).
+        self.moderation = ModerationMetrics(self.registry)
         self.time_to_first_token = metrics.histogram(
             "time_to_first_token_seconds",
             "From response.create received to the first delta sent to the client.",

@@ -32,7 +32,9 @@ from switchboard.gateway import spans
 from switchboard.gateway.backends import Backends, ModelCall
 from switchboard.gateway.commands import StartResponse
 from switchboard.gateway.eventlog import SessionWriter
+from switchboard.gateway.mcp_session import McpSession
 from switchboard.gateway.metrics import GatewayMetrics, refusal_reason
+from switchboard.gateway.moderation import ContentFiltered, Moderator
 from switchboard.gateway.protocol import RealtimeProtocol, finish_status
 from switchboard.gateway.server_tools import ServerTools, server_calls
 from switchboard.gateway.tenant_gate import RESPONSE_LEASE_S, Admitted, TenantGate
@@ -170,6 +172,10 @@ class TurnRunner:
         self.writer = writer
         self.session_id = protocol.session_id
         self.tools = ServerTools(backends, tenant.id, self.session_id)
+        self.mcp = McpSession(protocol, backends, tenant.id, publish=publish)
+        self.moderator = Moderator(
+            backends, tenant.id, self.session_id, tenant.moderation, metrics.moderation
+        )
         self.publish = publish
         self.on_refused = on_refused
         self.on_taken_over = on_taken_over
@@ -229,9 +235,13 @@ class TurnRunner:
             with spans.response(*ids):
                 calls = await self._respond(turn, command, reattach)
             reattach = None
+            # MCP calls ran in the response; the model goes on with their results.
+            mcp_ran = any(call.type == common_pb2.ITEM_TYPE_MCP_CALL for call in calls)
+            functions = [call for call in calls if call.type == common_pb2.ITEM_TYPE_FUNCTION_CALL]
             # Calls to tools the client declared are the client's to run.
-            ours = server_calls(calls, command.tools)
-            if not ours:
+            ours = server_calls(functions, command.tools)
+            client_runs = len(ours) < len(functions)
+            if not ours and (client_runs or not mcp_ran):
                 return
             if round_number == self.max_tool_rounds:
                 self.protocol.fail(
@@ -246,7 +256,7 @@ class TurnRunner:
             self.protocol.tools_started()
             try:
                 await self._run_tools(ours)
-                if len(ours) < len(calls):
+                if client_runs:
                     # The client runs the other calls and asks for the next response.
                     return
                 command = self.protocol.follow_up(command)
@@ -260,7 +270,7 @@ class TurnRunner:
         """Stream one response and finish it, whatever happens.
 
         Returns:
-            The function calls of a completed response (empty otherwise).
+            The function calls and MCP calls of a completed response (empty otherwise).
         """
         response_id = command.response_id
         turn.asked_at = time.monotonic()
@@ -277,6 +287,13 @@ class TurnRunner:
             if current is not None:
                 current.uncancel()
             outcome.status, outcome.reason = "cancelled", turn.cancel_reason
+        except ContentFiltered as flagged:
+            # The model call is closed (`_stream`); the text sent so far is kept.
+            outcome.status, outcome.reason = "incomplete", "content_filter"
+            log.info(
+                "response stopped by moderation",
+                extra={**self._log, "categories": flagged.categories[:5]},
+            )
         except SwitchboardError as exc:
             outcome.status, outcome.error = "failed", exc
             log.warning("response failed", extra={**self._log, "code": exc.name})
@@ -294,9 +311,16 @@ class TurnRunner:
         if reattach is not None:
             outcome.admitted = self.gate.adopt(self.tenant, response_id)
             return self.backends.attach(reattach.broker, self.tenant.id, response_id)
+        # MCP servers first: their listings (a server offered for the first time),
+        # and the calls the client approved, whose results the model must see.
+        await self.mcp.list_new(command.mcp_tools)
+        answered = await self.mcp.answer_approvals(response_id)
         context = await self.backends.build_context(self.tenant.id, self.session_id)
+        context.items.extend(answered)
         if command.instructions is not None:
             context.instructions = command.instructions
+        mcp_tools, mcp_names = self.mcp.offered(command.mcp_tools)
+        self.protocol.mcp_output(response_id).mcp_names = mcp_names
         outcome.prompt_tokens = context.estimated_tokens
         max_output_tokens = self.gate.output_cap(self.tenant, command.max_output_tokens)
         outcome.admitted = await self.gate.admit_response(
@@ -312,7 +336,7 @@ class TurnRunner:
             response_id=response_id,
             model=command.model,
             context=context,
-            tools=await self.tools.offered(command.tools),
+            tools=[*await self.tools.offered(command.tools), *mcp_tools],
             tool_choice=command.tool_choice,
             max_output_tokens=max_output_tokens,
         )
@@ -328,6 +352,15 @@ class TurnRunner:
         call = await self._open_call(command, reattach, outcome)
         turn.admitted = outcome.admitted
         broker = "" if reattach is None else reattach.broker
+
+        def send_text(text: str) -> None:
+            if self.protocol.text_delta(response_id, text):
+                self._timed_delta(turn)
+            self.publish()
+
+        # With output moderation, text reaches the client only as its checks allow.
+        moderated = self.moderator.output(send_text)
+        stopped = False
         try:
             broker = await call.broker() or broker
             if broker:
@@ -335,9 +368,10 @@ class TurnRunner:
             async for event in call:
                 kind = event.WhichOneof("event")
                 if kind == "text_delta":
-                    if self.protocol.text_delta(response_id, event.text_delta.text):
-                        self._timed_delta(turn)
-                    self.publish()
+                    if moderated is None:
+                        send_text(event.text_delta.text)
+                    else:
+                        await moderated.feed(event.text_delta.text)
                 elif kind == "tool_call_delta":
                     delta = event.tool_call_delta
                     if self.protocol.call_delta(
@@ -350,6 +384,11 @@ class TurnRunner:
                 elif kind == "finished":
                     outcome.usage = event.finished.usage
                     outcome.status, outcome.reason = finish_status(event.finished.reason)
+            if moderated is not None:
+                await moderated.finish()
+        except ContentFiltered:
+            stopped = True
+            raise
         except SwitchboardError as error:
             if error.code == common_pb2.ERROR_CODE_SESSION_TAKEN_OVER:
                 # A resume elsewhere re-attached to the call (this connection's
@@ -360,7 +399,9 @@ class TurnRunner:
                 raise _NOT_RECOVERED from None
             raise
         finally:
-            if turn.cancel_requested == response_id:
+            if moderated is not None:
+                moderated.close()
+            if stopped or turn.cancel_requested == response_id:
                 # On purpose: the broker stops it, rather than keep it for a resume.
                 self.backends.cancel_generate(broker, self.tenant.id, response_id)
             call.cancel()
@@ -388,6 +429,11 @@ class TurnRunner:
                 )
             except SwitchboardError as exc:
                 log.warning("cost not recorded", extra={**self._log, "code": exc.name})
+        if status == "completed":
+            # The model's MCP calls run now, inside the response (their items end
+            # with their results).
+            pending = self.protocol.mcp_output(response_id).pending_mcp_calls()
+            await self.mcp.run_calls(response_id, pending)
         output = self.protocol.complete_output(response_id, complete=status == "completed")
         for item in output:
             try:
@@ -421,7 +467,8 @@ class TurnRunner:
             self.on_refused(error)
         if status != "completed":
             return []
-        return [item for item in output if item.type == common_pb2.ITEM_TYPE_FUNCTION_CALL]
+        calls = (common_pb2.ITEM_TYPE_FUNCTION_CALL, common_pb2.ITEM_TYPE_MCP_CALL)
+        return [item for item in output if item.type in calls]
 
     async def _run_tools(self, calls: list[common_pb2.Item]) -> None:
         """Run server-side calls in parallel; add each output to the conversation."""

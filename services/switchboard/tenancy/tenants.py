@@ -16,6 +16,7 @@ from typing import Any
 from switchboard.config import Secret
 from switchboard.errors import SwitchboardError
 from switchboard.tenancy.mcp_section import McpServer
+from switchboard.tenancy.moderation_section import ModerationPolicy
 from switchboard.v1 import common_pb2
 
 DEFAULT_TIER = "standard"
@@ -197,6 +198,7 @@ class Tenant:
         session: defaults for new sessions.
         money_budget: daily and monthly budgets in money; None is unlimited.
         mcp_servers: the remote MCP servers its clients may use, by label.
+        moderation: how its text is moderated (off by default).
         any_model_upstream: development tenants only: a model not in `models`
             is allowed too, and goes to this upstream under its own name.
         all_builtins: development tenants only: every built-in tool is allowed.
@@ -213,6 +215,7 @@ class Tenant:
     session: SessionDefaults = SessionDefaults()
     money_budget: MoneyBudget | None = None
     mcp_servers: Mapping[str, McpServer] = field(default_factory=_no_servers, repr=False)
+    moderation: ModerationPolicy = field(default_factory=ModerationPolicy)
     any_model_upstream: str | None = None
     all_builtins: bool = False
 

@@ -26,6 +26,7 @@ from switchboard.config import ConfigError
 from switchboard.key_paths import KeyPath
 from switchboard.tenancy.keys import TENANT_ID, normalize_key_hash
 from switchboard.tenancy.mcp_section import parse_mcp_servers
+from switchboard.tenancy.moderation_section import parse_moderation
 from switchboard.tenancy.prices_section import Price, parse_money_budget, parse_prices
 from switchboard.tenancy.tenants import (
     DEFAULT_TIER,
@@ -68,6 +69,7 @@ _TENANT_KEYS = (
     "session",
     "money_budget",
     "mcp_servers",
+    "moderation",
 )
 _MODEL_KEYS = ("upstream", "upstream_model", "deployments")
 _DEPLOYMENT_KEYS = ("upstream", "upstream_model", "weight", "priority")
@@ -192,6 +194,7 @@ def _tenant(
         session=_session(body.get("session"), (*path, "session"), models, limits),
         money_budget=parse_money_budget(body.get("money_budget"), (*path, "money_budget")),
         mcp_servers=parse_mcp_servers(body.get("mcp_servers"), (*path, "mcp_servers")),
+        moderation=parse_moderation(body.get("moderation"), (*path, "moderation"), upstreams),
     )
 
 

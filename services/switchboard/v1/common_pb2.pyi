@@ -83,6 +83,8 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     """
     ERROR_CODE_MCP_LIST_TOOLS_FAILED: _ErrorCode.ValueType  # 57
     """An MCP server could not list its tools (unreachable, timed out, bad answer)."""
+    ERROR_CODE_INPUT_FLAGGED: _ErrorCode.ValueType  # 60
+    """Moderation: a user message the tenant's moderation flagged; it was not stored."""
     ERROR_CODE_INTERNAL_ERROR: _ErrorCode.ValueType  # 99
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
@@ -150,6 +152,8 @@ nothing was fetched.
 """
 ERROR_CODE_MCP_LIST_TOOLS_FAILED: ErrorCode.ValueType  # 57
 """An MCP server could not list its tools (unreachable, timed out, bad answer)."""
+ERROR_CODE_INPUT_FLAGGED: ErrorCode.ValueType  # 60
+"""Moderation: a user message the tenant's moderation flagged; it was not stored."""
 ERROR_CODE_INTERNAL_ERROR: ErrorCode.ValueType  # 99
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
