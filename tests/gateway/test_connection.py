@@ -254,6 +254,32 @@ async def test_a_session_resumed_mid_turn_is_handed_over_after_it_unrecorded(
     assert "error" not in logged
 
 
+async def test_a_streaming_turn_renews_its_lease_by_its_appends_and_hands_over_after_it(
+    connect: Any,
+) -> None:
+    steps = [asyncio.Event() for _ in range(12)]
+    deltas = [step for event in steps for step in (Wait(event), Text("b"))]
+    client = await connect(scripts=(Script([Text("a"), *deltas, Finish()]),))
+    client.socket.send({"type": "response.create"})
+    await client.socket.next_event("response.output_text.delta")
+    claims = client.backends.calls["claim_session"]
+    # A resume elsewhere asks for the session while the response streams.
+    elsewhere = await client.backends.claim_session(
+        client.tenant.id, client.session_id, "conn_elsewhere", 600
+    )
+    assert not elsewhere.claimed
+    for event in steps:  # a delta every 0.1 s for 1.2 s: 6 renewal intervals (0.2 s)
+        await asyncio.sleep(0.1)
+        event.set()
+    done = await client.socket.next_event("response.done")
+    assert done["response"]["status"] == "completed"
+    # The appends kept the lease: at most the one renewal of the first interval.
+    assert client.backends.calls["claim_session"] - claims <= 1
+    error = await client.socket.next_event("error")
+    assert error["error"]["code"] == "session_taken_over"
+    assert await client.socket.wait_closed() == (4509, "session_taken_over")
+
+
 async def test_a_spent_budget_closes_the_connection_with_4529(connect: Any) -> None:
     client = await connect(Tenant(f"budget-{id(connect)}", daily_token_budget=1))
     client.socket.send({"type": "response.create"})

@@ -13,12 +13,18 @@ def test_names_types_and_labels_follow_the_conventions() -> None:
     metrics = ToolExecMetrics()
     # Labelled families show their samples (and so their labels) once used.
     metrics.observe("calculate", T.ExecuteResponse(outcome=T.TOOL_OUTCOME_OK, duration_ms=3))
+    metrics.observe_listing("shop", "ok", 0.0)
     families = conventional_families(
-        metrics.registry, service="toolexec", gauge_suffixes=(), labels={"tool", "outcome"}
+        metrics.registry,
+        service="toolexec",
+        gauge_suffixes=(),
+        labels={"tool", "outcome", "server", "result"},
     )
     assert sorted(family.name for family in families) == [
         "switchboard_toolexec_call_duration_seconds",
         "switchboard_toolexec_calls",
+        "switchboard_toolexec_mcp_listing_duration_seconds",
+        "switchboard_toolexec_mcp_listings",
     ]
 
 

@@ -22,11 +22,13 @@ import orjson
 from switchboard import rpc
 from switchboard.config import GatewaySettings
 from switchboard.errors import SwitchboardError, from_rpc_error
-from switchboard.rpc import BROKER_METADATA_KEY
+from switchboard.gateway.broker_stream import BrokerStream
 from switchboard.v1 import (
     broker_pb2,
     broker_pb2_grpc,
     common_pb2,
+    moderation_pb2,
+    moderation_pb2_grpc,
     session_pb2,
     session_pb2_grpc,
     toolexec_pb2,
@@ -43,7 +45,8 @@ MAX_BROKER_CHANNELS = 32
 
 
 class ModelCall(Protocol):
-    """One streaming model call at a broker (a Generate, or an Attach to one)."""
+    """One streaming model call at a broker (a Generate, or an Attach to one);
+    over gRPC, a `broker_stream.StreamedCall`."""
 
     async def broker(self) -> str:
         """The address the broker holding the call names itself by ("" if none),
@@ -95,36 +98,26 @@ class Backends(Protocol):
     # toolexec
     async def list_tools(self, tenant_id: str) -> list[common_pb2.ToolDefinition]: ...
     async def execute_tool(
-        self, tenant_id: str, session_id: str, call_id: str, name: str, arguments: str
+        self,
+        tenant_id: str,
+        session_id: str,
+        call_id: str,
+        name: str,
+        arguments: str,
+        *,
+        mcp_server_label: str = "",
     ) -> toolexec_pb2.ExecuteResponse: ...
+    async def list_mcp_tools(
+        self, tenant_id: str, session_id: str, server_label: str
+    ) -> toolexec_pb2.ListMcpToolsResponse: ...
+    # moderation (served by the broker)
+    async def moderate(
+        self, tenant_id: str, session_id: str, texts: list[str], timeout_s: float
+    ) -> moderation_pb2.ModerateResponse: ...
     # the process
     async def readiness(self) -> dict[str, bool]: ...
     def spawn(self, work: Coroutine[Any, Any, None]) -> None: ...
     async def close(self) -> None: ...
-
-
-class GrpcModelCall:
-    """A `ModelCall` over a gRPC server stream."""
-
-    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
-        self._call = call
-
-    async def broker(self) -> str:
-        try:
-            metadata = await self._call.initial_metadata()
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, service="broker") from None
-        return str(dict(metadata or ()).get(BROKER_METADATA_KEY, ""))
-
-    async def __aiter__(self) -> AsyncIterator[broker_pb2.GenerateEvent]:
-        try:
-            async for event in self._call:
-                yield event
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, service="broker") from None
-
-    def cancel(self) -> None:
-        self._call.cancel()
 
 
 class GrpcBackends:
@@ -141,11 +134,17 @@ class GrpcBackends:
         self.session = session_pb2_grpc.SessionServiceStub(self.channels["session"])
         self.broker = broker_pb2_grpc.BrokerServiceStub(self.channels["broker"])
         self.toolexec = toolexec_pb2_grpc.ToolExecServiceStub(self.channels["toolexec"])
+        self.moderation = moderation_pb2_grpc.ModerationServiceStub(self.channels["broker"])
         self.broker_target = settings.broker_target
         self._brokers: dict[str, tuple[grpc.aio.Channel, broker_pb2_grpc.BrokerServiceStub]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # Model calls go over one stream per broker (broker_stream.py).
+        self._default_stream = BrokerStream(self.broker)
+        self._streams: dict[str, BrokerStream] = {}
 
     async def close(self) -> None:
+        streams = [self._default_stream, *self._streams.values()]
+        await asyncio.gather(*(stream.close() for stream in streams))
         channels = [*self.channels.values(), *(channel for channel, _ in self._brokers.values())]
         await asyncio.gather(*(channel.close() for channel in channels))
 
@@ -215,13 +214,13 @@ class GrpcBackends:
         """Start a streaming model call. No deadline: a response may stream for minutes.
         To stop it, `cancel_generate` it at its broker, then cancel the call: a
         call cancelled alone is kept running by its broker for a re-attach."""
-        return GrpcModelCall(self.broker.Generate(request))
+        return self._stream_at("").generate(request)
 
     def attach(self, broker: str, tenant_id: str, response_id: str) -> ModelCall:
         """Follow a model call another gateway started (and died running), at the
         broker that holds it ("": the configured broker target)."""
         request = broker_pb2.AttachRequest(tenant_id=tenant_id, response_id=response_id)
-        return GrpcModelCall(self._broker_at(broker).Attach(request))
+        return self._stream_at(broker).attach(request)
 
     def cancel_generate(self, broker: str, tenant_id: str, response_id: str) -> None:
         """Stop a model call at the broker that holds it, in the background: the
@@ -246,6 +245,15 @@ class GrpcBackends:
                 extra={"response_id": request.response_id, "code": error.name},
             )
 
+    def _stream_at(self, address: str) -> BrokerStream:
+        """The stream of model calls to the broker at `address` ("": the configured target)."""
+        if not address or address == self.broker_target:
+            return self._default_stream
+        stream = self._streams.get(address)
+        if stream is None:
+            stream = self._streams[address] = BrokerStream(self._broker_at(address))
+        return stream
+
     def _broker_at(self, address: str) -> broker_pb2_grpc.BrokerServiceStub:
         """The stub of the broker at `address` (HOST:PORT a broker named itself by)."""
         if not address or address == self.broker_target:
@@ -255,6 +263,9 @@ class GrpcBackends:
             if len(self._brokers) >= MAX_BROKER_CHANNELS:
                 oldest = next(iter(self._brokers))
                 channel, _ = self._brokers.pop(oldest)
+                stream = self._streams.pop(oldest, None)
+                if stream is not None:
+                    self.spawn(stream.close())
                 self.spawn(channel.close(grace=self.timeout_s))
             channel = rpc.channel(address)
             known = (channel, broker_pb2_grpc.BrokerServiceStub(channel))
@@ -271,15 +282,24 @@ class GrpcBackends:
         return list(reply.tools)
 
     async def execute_tool(
-        self, tenant_id: str, session_id: str, call_id: str, name: str, arguments: str
+        self,
+        tenant_id: str,
+        session_id: str,
+        call_id: str,
+        name: str,
+        arguments: str,
+        *,
+        mcp_server_label: str = "",
     ) -> toolexec_pb2.ExecuteResponse:
-        """Run a server-side tool. Never raises: an unreachable toolexec is an outcome too."""
+        """Run a server-side tool (of the MCP server `mcp_server_label`, when given).
+        Never raises: an unreachable toolexec is an outcome too."""
         request = toolexec_pb2.ExecuteRequest(
             tenant_id=tenant_id,
             session_id=session_id,
             call_id=call_id,
             name=name,
             arguments=arguments,
+            mcp_server_label=mcp_server_label,
         )
         try:
             return await self._call(
@@ -295,6 +315,39 @@ class GrpcBackends:
                 error_code=common_pb2.ErrorCode.ValueType(error.code),
                 error_message=error.message,
             )
+
+    async def list_mcp_tools(
+        self, tenant_id: str, session_id: str, server_label: str
+    ) -> toolexec_pb2.ListMcpToolsResponse:
+        """The tools of one of the tenant's MCP servers; a failed listing is an answer.
+
+        Raises:
+            SwitchboardError: toolexec cannot be reached.
+        """
+        request = toolexec_pb2.ListMcpToolsRequest(
+            tenant_id=tenant_id, session_id=session_id, server_label=server_label
+        )
+        # The listing may wait for the server (its list_timeout_s, at most a minute).
+        reply: toolexec_pb2.ListMcpToolsResponse = await self._call(
+            "toolexec", self.toolexec.ListMcpTools(request, timeout=self.tool_timeout_s)
+        )
+        return reply
+
+    async def moderate(
+        self, tenant_id: str, session_id: str, texts: list[str], timeout_s: float
+    ) -> moderation_pb2.ModerateResponse:
+        """The tenant's moderation verdicts of `texts`.
+
+        Raises:
+            SwitchboardError: the check could not be made (the broker's upstream error).
+        """
+        request = moderation_pb2.ModerateRequest(
+            tenant_id=tenant_id, session_id=session_id, input=texts
+        )
+        reply: moderation_pb2.ModerateResponse = await self._call(
+            "broker", self.moderation.Moderate(request, timeout=timeout_s + 1.0)
+        )
+        return reply
 
     # --- session event log (resume) ------------------------------------------------------
 

@@ -293,8 +293,13 @@ class RealtimeConnection:
         connection asks for it (after the running turn); close with 4504 when the
         session is gone (its store lost it)."""
         failing = False
+        interval_s = min(self.lease_s / 3, 1.0)
         while True:
-            await asyncio.sleep(min(self.lease_s / 3, 1.0))
+            await asyncio.sleep(interval_s)
+            if self.turns.running and self.log_writer.appended_within(interval_s):
+                # The turn's appends renew the lease, and a hand-over waits for
+                # the turn's end anyway: the first renewal after it asks.
+                continue
             try:
                 wanted = await self.log_writer.renew()
             except SessionTakenOver:
@@ -368,6 +373,8 @@ class RealtimeConnection:
         try:
             match command:
                 case StoreItem():
+                    # A flagged user message is refused here, before it is stored.
+                    await self.turns.moderator.check_item(command.item)
                     stored = await self.backends.append_item(
                         tenant, session, command.item, command.previous_item_id
                     )
@@ -376,6 +383,10 @@ class RealtimeConnection:
                     self.tenant.route(command.config.model)  # model_not_allowed
                     await self.backends.update_session(tenant, session, command.config)
                     self.protocol.session_updated(command)
+                    if command.config.mcp_tools:
+                        # Listed in the background; a response.create meanwhile waits for it.
+                        self.publish()
+                        self.backends.spawn(self.turns.mcp.list_new(command.config.mcp_tools))
                 case DeleteItem():
                     await self.backends.delete_item(tenant, session, command.item_id)
                     self.protocol.item_deleted(command.item_id)

@@ -23,6 +23,8 @@ from switchboard.tenancy.live import (
     LiveTenants,
     load_tenants,
 )
+from switchboard.tenancy.mcp_section import McpServer
+from switchboard.tenancy.moderation_section import ModerationPolicy
 from switchboard.tenancy.tenants import (
     DEFAULT_TIER,
     DEFAULT_UPSTREAM,
@@ -47,8 +49,10 @@ __all__ = [
     "Deployment",
     "Limits",
     "LiveTenants",
+    "McpServer",
     "ModelNotAllowed",
     "ModelRoute",
+    "ModerationPolicy",
     "SessionDefaults",
     "Tenant",
     "TenantDirectory",

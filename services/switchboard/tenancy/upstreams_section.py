@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 from switchboard.config import Secret
 from switchboard.key_paths import KeyPath
@@ -20,10 +19,10 @@ from switchboard.tenancy.yaml_checks import (
     count,
     env_name,
     error,
+    http_url,
     mapping,
     non_negative,
     seconds,
-    string,
 )
 
 UPSTREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -100,17 +99,10 @@ def _breaker(raw: Any, path: KeyPath) -> UpstreamBreaker:
 
 
 def _base_url(raw: Any, path: KeyPath) -> str:
-    url = string(raw, path)
-    try:
-        parts = urlsplit(url)
-        port = parts.port  # ValueError for a port that is not a number
-    except ValueError:
-        raise error(path, "must be an http(s) URL") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
-        raise error(path, "must be an http(s) URL")
+    parts = http_url(raw, path)
     if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
         # The URL is logged and shown by `check`; keys belong in api_key_env.
         raise error(
             path, "must not hold credentials, a query or a fragment (put the key in api_key_env)"
         )
-    return url
+    return str(raw)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Hashable, Sequence
 from typing import Any
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 
@@ -102,6 +103,19 @@ def env_name(raw: Any, path: KeyPath) -> str:
     if not ENV_NAME.fullmatch(name):
         raise error(path, "must be an environment variable name (letters, digits, _)")
     return name
+
+
+def http_url(raw: Any, path: KeyPath) -> SplitResult:
+    """`raw` split, if it is an http(s) URL with a host and a valid, non-zero port."""
+    url = string(raw, path)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError for a port that is not a number
+    except ValueError:
+        raise error(path, "must be an http(s) URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+        raise error(path, "must be an http(s) URL")
+    return parts
 
 
 def error(path: KeyPath, problem: str) -> ConfigError:

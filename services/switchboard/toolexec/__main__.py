@@ -39,6 +39,8 @@ from switchboard.toolexec.catalog import (
     LiveCatalog,
     load_tenants_tools,
 )
+from switchboard.toolexec.mcp_client import McpClient
+from switchboard.toolexec.mcp_tools import McpTools
 from switchboard.toolexec.results import MemoryResultStore, RedisResultStore, ResultStore
 from switchboard.toolexec.service import ToolExecServicer
 from switchboard.toolexec.tools_config import ToolsConfig, load_tools_file
@@ -91,8 +93,10 @@ async def run(
             if not await store.ping():
                 log.warning("redis is not answering; calls with a call_id are refused until it is")
             results = store
+        # One private-address rule (and `allow_private_hosts`) for webhooks and MCP servers.
+        mcp = McpTools(McpClient(webhooks.guard, environ))
         servicer = ToolExecServicer(
-            tools, results=results, max_output_bytes=settings.max_output_bytes
+            tools, results=results, max_output_bytes=settings.max_output_bytes, mcp=mcp
         )
 
         def register(server: grpc.aio.Server) -> None:

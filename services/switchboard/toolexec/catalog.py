@@ -23,13 +23,14 @@ import logging
 import os
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from switchboard.config import ConfigError
-from switchboard.tenancy import TenantDirectory
+from switchboard.tenancy import McpServer, TenantDirectory
 from switchboard.toolexec.registry import Registry, Tool
 from switchboard.toolexec.tools_config import (
+    TenantTools,
     ToolsConfig,
     WebhookSpec,
     load_tools_file,
@@ -135,6 +136,11 @@ class Catalog:
             return Refusal.NOT_ALLOWED
         return Usable(tool, self._registry.semaphore(name))
 
+    def mcp_server(self, tenant_id: str, label: str) -> McpServer | None:
+        """The tenant's MCP server registered under `label`, or None."""
+        tenant = (self.config.tenants or {}).get(tenant_id)
+        return None if tenant is None else tenant.mcp_servers.get(label)
+
     def _allows_builtin(self, tenant_id: str, tool: Tool) -> bool:
         tenants = self.config.tenants
         if tenants is None:
@@ -144,7 +150,8 @@ class Catalog:
 
 
 class WebhookSlots:
-    """The semaphores of webhook tools, kept across reloads while a tool's limit is unchanged.
+    """The semaphores of webhook tools (and MCP servers), kept across reloads while
+    a tool's limit is unchanged.
 
     Semaphores bind to the event loop that first waits on them: one per loop.
     """
@@ -153,12 +160,15 @@ class WebhookSlots:
         self._slots: dict[tuple[str, str], tuple[int, asyncio.Semaphore]] = {}
 
     def semaphore(self, spec: WebhookSpec) -> asyncio.Semaphore:
-        key = (spec.tenant_id, spec.name)
+        return self.keyed((spec.tenant_id, spec.name), spec.max_concurrency)
+
+    def keyed(self, key: tuple[str, str], limit: int) -> asyncio.Semaphore:
+        """The semaphore of `key` (a tenant and a name), new when `limit` changed."""
         kept = self._slots.get(key)
-        if kept is not None and kept[0] == spec.max_concurrency:
+        if kept is not None and kept[0] == limit:
             return kept[1]
-        semaphore = asyncio.Semaphore(spec.max_concurrency)
-        self._slots[key] = (spec.max_concurrency, semaphore)
+        semaphore = asyncio.Semaphore(limit)
+        self._slots[key] = (limit, semaphore)
         return semaphore
 
 
@@ -256,9 +266,34 @@ def load_tenants_tools(
     """
     # Upstream keys are the broker's business: toolexec need not have them.
     directory = TenantDirectory.load(path, environ, require_env=False)
-    return parse_tools_config(
+    config = parse_tools_config(
         directory.tools_document(), environ=environ, builtin_names=builtin_names
     )
+    return with_mcp_servers(config, directory, environ, source=str(path))
+
+
+def with_mcp_servers(
+    config: ToolsConfig, directory: TenantDirectory, environ: Mapping[str, str], *, source: str
+) -> ToolsConfig:
+    """`config` with each tenant's MCP servers, whose header variables must be set here.
+
+    Raises:
+        ConfigError: `<source>: tenants.<id>.mcp_servers.<label>.headers_env.<header>: ...`.
+    """
+    if config.tenants is None:
+        return config
+    tenants = dict(config.tenants)
+    for tenant in directory:
+        if not tenant.mcp_servers:
+            continue
+        for server in tenant.mcp_servers.values():
+            try:
+                server.headers(environ)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: tenants.{tenant.id}.{exc}") from None
+        tools = tenants.get(tenant.id, TenantTools())
+        tenants[tenant.id] = replace(tools, mcp_servers=tenant.mcp_servers)
+    return replace(config, tenants=tenants)
 
 
 def _signature(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:

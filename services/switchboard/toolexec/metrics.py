@@ -3,10 +3,13 @@
 `tool` is a configured tool name, or `unknown` for a name that exists nowhere
 (models invent names, which must not become labels); `outcome` is the
 lower-case `ToolOutcome` (ok, invalid_arguments, unknown_tool, not_allowed,
-timeout, executor_error).
+timeout, executor_error). Calls of an MCP server's tools are counted under
+`mcp:<server label>`, since the server, not the tenants file, names its tools.
 """
 
 from __future__ import annotations
+
+import time
 
 from prometheus_client import CollectorRegistry
 
@@ -31,6 +34,23 @@ class ToolExecMetrics:
             ["tool", "outcome"],
             buckets=_BUCKETS,
         )
+
+        self.mcp_listings = metrics.counter(
+            "mcp_listings_total",
+            "MCP servers' tool listings answered, by server label and result (ok, failed); "
+            "cached listings included.",
+            ["server", "result"],
+        )
+        self.mcp_listing_duration = metrics.histogram(
+            "mcp_listing_duration_seconds",
+            "Time to answer a ListMcpTools call, by server label and result.",
+            ["server", "result"],
+            buckets=_BUCKETS,
+        )
+
+    def observe_listing(self, label: str, result: str, started: float) -> None:
+        self.mcp_listings.labels(label, result).inc()
+        self.mcp_listing_duration.labels(label, result).observe(time.monotonic() - started)
 
     def observe(self, name: str, response: toolexec_pb2.ExecuteResponse) -> None:
         outcome = toolexec_pb2.ToolOutcome.Name(response.outcome).removeprefix("TOOL_OUTCOME_")

@@ -147,6 +147,8 @@ def compact_json(value: Any) -> str:
 def fingerprint(request: toolexec_pb2.ExecuteRequest) -> str:
     """Digest of the tool name and arguments text: what makes two calls "the same"."""
     digest = hashlib.sha256(request.name.encode())
+    if request.mcp_server_label:
+        digest.update(b"\0mcp\0" + request.mcp_server_label.encode())
     digest.update(b"\0")
     digest.update(request.arguments.encode())
     return digest.hexdigest()

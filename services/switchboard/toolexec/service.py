@@ -38,6 +38,8 @@ from switchboard.errors import code_name
 from switchboard.telemetry import tracing
 from switchboard.toolexec import outcomes
 from switchboard.toolexec.catalog import CatalogSource, Refusal, Usable
+from switchboard.toolexec.mcp_client import McpFailure
+from switchboard.toolexec.mcp_tools import McpTools
 from switchboard.toolexec.metrics import ToolExecMetrics
 from switchboard.toolexec.outcomes import Attempt, fingerprint, ran, refused, short
 from switchboard.toolexec.registry import CallInfo, ToolFailed
@@ -90,6 +92,8 @@ class ToolExecServicer(toolexec_pb2_grpc.ToolExecServiceServicer):
     Args:
         tools: the catalog in force, asked on every call (a `LiveCatalog`
             reloads its file behind it).
+        mcp: lists and calls the tenants' MCP servers; without it, calls to an
+            MCP server are `tool_not_found`.
         results: where calls are claimed and kept; a new `MemoryResultStore`
             by default, a `RedisResultStore` to share them across replicas.
         max_output_bytes: a larger result (UTF-8 JSON) is refused as
@@ -106,8 +110,10 @@ class ToolExecServicer(toolexec_pb2_grpc.ToolExecServiceServicer):
         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
         poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
         metrics: ToolExecMetrics | None = None,
+        mcp: McpTools | None = None,
     ) -> None:
         self._tools = tools
+        self._mcp = mcp
         self.metrics = metrics or ToolExecMetrics()
         self._results: ResultStore = results if results is not None else MemoryResultStore()
         self._max_output_bytes = max_output_bytes
@@ -130,6 +136,62 @@ class ToolExecServicer(toolexec_pb2_grpc.ToolExecServiceServicer):
             ]
         )
 
+    async def ListMcpTools(
+        self, request: toolexec_pb2.ListMcpToolsRequest, context: Any
+    ) -> toolexec_pb2.ListMcpToolsResponse:
+        """The usable tools of one of the tenant's MCP servers, sorted by name."""
+        attributes = {
+            "switchboard.mcp.server_label": short(request.server_label),
+            **tracing.ids(request.tenant_id, request.session_id),
+        }
+        with tracing.span(
+            tracing.tracer(__name__), "mcp_list_tools", attributes=attributes
+        ) as span:
+            server = self._tools.current().mcp_server(request.tenant_id, request.server_label)
+            if server is None or self._mcp is None:
+                tracing.record_error(span, "mcp_server_not_registered")
+                return _T.ListMcpToolsResponse(
+                    error_code=_C.ERROR_CODE_MCP_SERVER_NOT_REGISTERED,
+                    error_message=(
+                        f"No MCP server labelled {short(request.server_label)!r} is registered "
+                        "for this tenant."
+                    ),
+                )
+            started = time.monotonic()
+            try:
+                listing = await self._mcp.listing(request.tenant_id, server)
+            except McpFailure as exc:
+                log.warning(
+                    "mcp tools not listed",
+                    extra={
+                        "tenant_id": request.tenant_id,
+                        "server_label": server.label,
+                        "error": exc.message,
+                    },
+                )
+                tracing.record_error(span, "mcp_list_tools_failed")
+                self.metrics.observe_listing(server.label, "failed", started)
+                return _T.ListMcpToolsResponse(
+                    error_code=_C.ERROR_CODE_MCP_LIST_TOOLS_FAILED, error_message=exc.message
+                )
+            self.metrics.observe_listing(server.label, "ok", started)
+            return _T.ListMcpToolsResponse(
+                tools=[
+                    _T.McpTool(
+                        name=name,
+                        description=listing.infos[name].description,
+                        input_schema_json=outcomes.compact_json(listing.infos[name].input_schema),
+                        annotations_json=(
+                            outcomes.compact_json(listing.infos[name].annotations)
+                            if listing.infos[name].annotations
+                            else ""
+                        ),
+                        requires_approval=server.needs_approval(name),
+                    )
+                    for name in sorted(listing.tools)
+                ]
+            )
+
     async def Execute(
         self, request: toolexec_pb2.ExecuteRequest, context: Any
     ) -> toolexec_pb2.ExecuteResponse:
@@ -141,10 +203,15 @@ class ToolExecServicer(toolexec_pb2_grpc.ToolExecServiceServicer):
         }
         if request.call_id:
             attributes["gen_ai.tool.call.id"] = request.call_id
+        label = request.mcp_server_label
+        if label:
+            attributes["switchboard.mcp.server_label"] = short(label)
         with tracing.span(tracing.tracer(__name__), "execute_tool", attributes=attributes) as span:
             response = await self.execute(request)
             _trace_outcome(span, request, response)
-        self.metrics.observe(request.name, response)
+        # An MCP server's tools are named by its server, not by the tenant's file:
+        # one label per server keeps the metric's labels bounded.
+        self.metrics.observe(f"mcp:{short(label)}" if label else request.name, response)
         return response
 
     async def execute(self, request: toolexec_pb2.ExecuteRequest) -> toolexec_pb2.ExecuteResponse:
@@ -157,7 +224,7 @@ class ToolExecServicer(toolexec_pb2_grpc.ToolExecServiceServicer):
             call_id is never deduplicated.
         """
         started = time.monotonic()
-        prepared = self._prepare(request, started)
+        prepared = await self._prepare(request, started)
         if isinstance(prepared, Attempt):
             return prepared.response
         if not request.call_id:
@@ -179,8 +246,15 @@ class ToolExecServicer(toolexec_pb2_grpc.ToolExecServiceServicer):
             return outcomes.replay(attempt.response)
         return attempt.response
 
-    def _prepare(self, request: toolexec_pb2.ExecuteRequest, started: float) -> _Prepared | Attempt:
-        found = self._tools.current().find(request.tenant_id, request.name)
+    async def _prepare(
+        self, request: toolexec_pb2.ExecuteRequest, started: float
+    ) -> _Prepared | Attempt:
+        if request.mcp_server_label:
+            found: Usable | Refusal | Attempt = await self._find_mcp(request, started)
+        else:
+            found = self._tools.current().find(request.tenant_id, request.name)
+        if isinstance(found, Attempt):
+            return found
         if found is Refusal.UNKNOWN_TOOL:
             message = f"No tool named {short(request.name)!r} is registered."
             outcome = _T.TOOL_OUTCOME_UNKNOWN_TOOL
@@ -197,6 +271,29 @@ class ToolExecServicer(toolexec_pb2_grpc.ToolExecServiceServicer):
             outcome = _T.TOOL_OUTCOME_INVALID_ARGUMENTS
             return refused(request, started, outcome, _INVALID, exc.message)
         return _Prepared(found, arguments)
+
+    async def _find_mcp(
+        self, request: toolexec_pb2.ExecuteRequest, started: float
+    ) -> Usable | Refusal | Attempt:
+        """The tool `name` of the tenant's MCP server `mcp_server_label`."""
+        label = request.mcp_server_label
+        server = self._tools.current().mcp_server(request.tenant_id, label)
+        if server is None or self._mcp is None:
+            message = f"No MCP server labelled {short(label)!r} is registered for this tenant."
+            outcome = _T.TOOL_OUTCOME_UNKNOWN_TOOL
+            code = _C.ERROR_CODE_MCP_SERVER_NOT_REGISTERED
+            return refused(request, started, outcome, code, message)
+        if not server.allows(request.name):
+            return Refusal.NOT_ALLOWED
+        try:
+            listing = await self._mcp.listing(request.tenant_id, server)
+        except McpFailure as exc:
+            # Not run, not kept: a retry lists the tools again.
+            return refused(request, started, _ERROR, _FAILED, exc.message)
+        tool = listing.tools.get(request.name)
+        if tool is None:
+            return Refusal.UNKNOWN_TOOL
+        return Usable(tool, self._mcp.semaphore(request.tenant_id, server))
 
     async def _once(
         self,

@@ -29,12 +29,13 @@ import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
 from switchboard.config import ConfigError, Secret
 from switchboard.key_paths import KeyPath
-from switchboard.tenancy import TENANT_ID
+from switchboard.tenancy import TENANT_ID, McpServer
 from switchboard.tenancy.yaml_checks import decode, env_name
 from switchboard.tenancy.yaml_checks import error as _error
 from switchboard.tenancy.yaml_checks import mapping as _mapping
@@ -97,12 +98,18 @@ class WebhookSpec:
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
 
 
+def _no_mcp_servers() -> Mapping[str, McpServer]:
+    return MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class TenantTools:
-    """What one tenant may use: built-ins by name, and its own webhooks."""
+    """What one tenant may use: built-ins by name, its own webhooks, and the
+    remote MCP servers it registered in the tenants file (by label)."""
 
     builtins: frozenset[str] = frozenset()
     webhooks: tuple[WebhookSpec, ...] = ()
+    mcp_servers: Mapping[str, McpServer] = field(default_factory=_no_mcp_servers)
 
 
 @dataclass(frozen=True, slots=True)

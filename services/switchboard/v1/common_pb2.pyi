@@ -77,6 +77,14 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     ERROR_CODE_TOOL_TIMEOUT: _ErrorCode.ValueType  # 53
     ERROR_CODE_TOOL_EXECUTION_FAILED: _ErrorCode.ValueType  # 54
     ERROR_CODE_TOOL_ROUNDS_EXCEEDED: _ErrorCode.ValueType  # 55
+    ERROR_CODE_MCP_SERVER_NOT_REGISTERED: _ErrorCode.ValueType  # 56
+    """A client named an MCP server its tenant did not register (by label or URL);
+    nothing was fetched.
+    """
+    ERROR_CODE_MCP_LIST_TOOLS_FAILED: _ErrorCode.ValueType  # 57
+    """An MCP server could not list its tools (unreachable, timed out, bad answer)."""
+    ERROR_CODE_INPUT_FLAGGED: _ErrorCode.ValueType  # 60
+    """Moderation: a user message the tenant's moderation flagged; it was not stored."""
     ERROR_CODE_INTERNAL_ERROR: _ErrorCode.ValueType  # 99
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
@@ -138,6 +146,14 @@ ERROR_CODE_TOOL_INVALID_ARGUMENTS: ErrorCode.ValueType  # 52
 ERROR_CODE_TOOL_TIMEOUT: ErrorCode.ValueType  # 53
 ERROR_CODE_TOOL_EXECUTION_FAILED: ErrorCode.ValueType  # 54
 ERROR_CODE_TOOL_ROUNDS_EXCEEDED: ErrorCode.ValueType  # 55
+ERROR_CODE_MCP_SERVER_NOT_REGISTERED: ErrorCode.ValueType  # 56
+"""A client named an MCP server its tenant did not register (by label or URL);
+nothing was fetched.
+"""
+ERROR_CODE_MCP_LIST_TOOLS_FAILED: ErrorCode.ValueType  # 57
+"""An MCP server could not list its tools (unreachable, timed out, bad answer)."""
+ERROR_CODE_INPUT_FLAGGED: ErrorCode.ValueType  # 60
+"""Moderation: a user message the tenant's moderation flagged; it was not stored."""
 ERROR_CODE_INTERNAL_ERROR: ErrorCode.ValueType  # 99
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
@@ -151,6 +167,14 @@ class _ItemTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ItemType.Val
     ITEM_TYPE_MESSAGE: _ItemType.ValueType  # 1
     ITEM_TYPE_FUNCTION_CALL: _ItemType.ValueType  # 2
     ITEM_TYPE_FUNCTION_CALL_OUTPUT: _ItemType.ValueType  # 3
+    ITEM_TYPE_MCP_CALL: _ItemType.ValueType  # 4
+    """A call of a tool on a tenant's MCP server, with its output or error."""
+    ITEM_TYPE_MCP_LIST_TOOLS: _ItemType.ValueType  # 5
+    """The tools an MCP server offered (never sent to the model as such)."""
+    ITEM_TYPE_MCP_APPROVAL_REQUEST: _ItemType.ValueType  # 6
+    """A call the model wants to make that waits for the client's approval."""
+    ITEM_TYPE_MCP_APPROVAL_RESPONSE: _ItemType.ValueType  # 7
+    """The client's answer to an approval request."""
 
 class ItemType(_ItemType, metaclass=_ItemTypeEnumTypeWrapper): ...
 
@@ -158,6 +182,14 @@ ITEM_TYPE_UNSPECIFIED: ItemType.ValueType  # 0
 ITEM_TYPE_MESSAGE: ItemType.ValueType  # 1
 ITEM_TYPE_FUNCTION_CALL: ItemType.ValueType  # 2
 ITEM_TYPE_FUNCTION_CALL_OUTPUT: ItemType.ValueType  # 3
+ITEM_TYPE_MCP_CALL: ItemType.ValueType  # 4
+"""A call of a tool on a tenant's MCP server, with its output or error."""
+ITEM_TYPE_MCP_LIST_TOOLS: ItemType.ValueType  # 5
+"""The tools an MCP server offered (never sent to the model as such)."""
+ITEM_TYPE_MCP_APPROVAL_REQUEST: ItemType.ValueType  # 6
+"""A call the model wants to make that waits for the client's approval."""
+ITEM_TYPE_MCP_APPROVAL_RESPONSE: ItemType.ValueType  # 7
+"""The client's answer to an approval request."""
 Global___ItemType: _TypeAlias = ItemType  # noqa: Y015
 
 class _Role:
@@ -308,6 +340,12 @@ class Item(_message.Message):
     ARGUMENTS_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
     RESPONSE_ID_FIELD_NUMBER: _builtins.int
+    SERVER_LABEL_FIELD_NUMBER: _builtins.int
+    APPROVAL_REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ERROR_JSON_FIELD_NUMBER: _builtins.int
+    APPROVE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TOOLS_JSON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     type: Global___ItemType.ValueType
     role: Global___Role.ValueType
@@ -321,6 +359,21 @@ class Item(_message.Message):
     """ITEM_TYPE_FUNCTION_CALL_OUTPUT."""
     response_id: _builtins.str
     """The response that produced the item, empty for client-created items."""
+    server_label: _builtins.str
+    """MCP items: the server's label (ITEM_TYPE_MCP_*)."""
+    approval_request_id: _builtins.str
+    """ITEM_TYPE_MCP_CALL (the request it ran after) and
+    ITEM_TYPE_MCP_APPROVAL_RESPONSE (the request it answers).
+    """
+    error_json: _builtins.str
+    """ITEM_TYPE_MCP_CALL: the Realtime error object of a failed call, as JSON
+    text ("" when it succeeded).
+    """
+    approve: _builtins.bool
+    """ITEM_TYPE_MCP_APPROVAL_RESPONSE."""
+    reason: _builtins.str
+    tools_json: _builtins.str
+    """ITEM_TYPE_MCP_LIST_TOOLS: the tools, as the JSON array of the Realtime item."""
     @_builtins.property
     def content(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContentPart]: ...
     def __init__(
@@ -336,10 +389,16 @@ class Item(_message.Message):
         arguments: _builtins.str = ...,
         output: _builtins.str = ...,
         response_id: _builtins.str = ...,
+        server_label: _builtins.str = ...,
+        approval_request_id: _builtins.str = ...,
+        error_json: _builtins.str = ...,
+        approve: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        tools_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "call_id", b"call_id", "content", b"content", "id", b"id", "name", b"name", "output", b"output", "response_id", b"response_id", "role", b"role", "status", b"status", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_request_id", b"approval_request_id", "approve", b"approve", "arguments", b"arguments", "call_id", b"call_id", "content", b"content", "error_json", b"error_json", "id", b"id", "name", b"name", "output", b"output", "reason", b"reason", "response_id", b"response_id", "role", b"role", "server_label", b"server_label", "status", b"status", "tools_json", b"tools_json", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -378,6 +437,61 @@ class ToolDefinition(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ToolDefinition: _TypeAlias = ToolDefinition  # noqa: Y015
+
+@_typing.final
+class McpToolConfig(_message.Message):
+    """An MCP server a client offers the model (`{"type": "mcp", ...}` in
+    `session.tools` or `response.tools`). It is always one its tenant registered.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVER_LABEL_FIELD_NUMBER: _builtins.int
+    SERVER_URL_FIELD_NUMBER: _builtins.int
+    ALLOWED_TOOLS_FIELD_NUMBER: _builtins.int
+    ALLOWED_TOOLS_SET_FIELD_NUMBER: _builtins.int
+    REQUIRE_APPROVAL_FIELD_NUMBER: _builtins.int
+    APPROVAL_TOOLS_FIELD_NUMBER: _builtins.int
+    NO_APPROVAL_TOOLS_FIELD_NUMBER: _builtins.int
+    SERVER_DESCRIPTION_FIELD_NUMBER: _builtins.int
+    server_label: _builtins.str
+    server_url: _builtins.str
+    """The URL the client sent, when it sent one (it matches the registered one)."""
+    allowed_tools_set: _builtins.bool
+    require_approval: _builtins.str
+    """"always" or "never"; with the lists below, which calls the client wants
+    to approve (the tenant's policy may ask for more).
+    """
+    server_description: _builtins.str
+    @_builtins.property
+    def allowed_tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tool names the client allows; all the server's (that the tenant allows)
+        when `allowed_tools_set` is false.
+        """
+
+    @_builtins.property
+    def approval_tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def no_approval_tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        server_label: _builtins.str = ...,
+        server_url: _builtins.str = ...,
+        allowed_tools: _abc.Iterable[_builtins.str] | None = ...,
+        allowed_tools_set: _builtins.bool = ...,
+        require_approval: _builtins.str = ...,
+        approval_tools: _abc.Iterable[_builtins.str] | None = ...,
+        no_approval_tools: _abc.Iterable[_builtins.str] | None = ...,
+        server_description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_tools", b"allowed_tools", "allowed_tools_set", b"allowed_tools_set", "approval_tools", b"approval_tools", "no_approval_tools", b"no_approval_tools", "require_approval", b"require_approval", "server_description", b"server_description", "server_label", b"server_label", "server_url", b"server_url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___McpToolConfig: _TypeAlias = McpToolConfig  # noqa: Y015
 
 @_typing.final
 class ToolCall(_message.Message):

@@ -31,6 +31,7 @@ class SessionConfig(_message.Message):
     TOOLS_FIELD_NUMBER: _builtins.int
     TOOL_CHOICE_FIELD_NUMBER: _builtins.int
     TEMPERATURE_FIELD_NUMBER: _builtins.int
+    MCP_TOOLS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     instructions: _builtins.str
     max_output_tokens: _builtins.int
@@ -41,6 +42,10 @@ class SessionConfig(_message.Message):
     """Absent means the upstream default."""
     @_builtins.property
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolDefinition]: ...
+    @_builtins.property
+    def mcp_tools(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.McpToolConfig]:
+        """MCP servers offered to the model (registered by the tenant)."""
+
     def __init__(
         self,
         *,
@@ -50,10 +55,11 @@ class SessionConfig(_message.Message):
         tools: _abc.Iterable[_common_pb2.ToolDefinition] | None = ...,
         tool_choice: _builtins.str = ...,
         temperature: _builtins.float | None = ...,
+        mcp_tools: _abc.Iterable[_common_pb2.McpToolConfig] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "temperature", b"temperature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "instructions", b"instructions", "max_output_tokens", b"max_output_tokens", "model", b"model", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "instructions", b"instructions", "max_output_tokens", b"max_output_tokens", "mcp_tools", b"mcp_tools", "model", b"model", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
     _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015

@@ -25,23 +25,29 @@ _sym_db = _symbol_database.Default()
 from switchboard.v1 import common_pb2 as switchboard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dswitchboard/v1/toolexec.proto\x12\x0eswitchboard.v1\x1a\x1bswitchboard/v1/common.proto\"%\n\x10ListToolsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"B\n\x11ListToolsResponse\x12-\n\x05tools\x18\x01 \x03(\x0b\x32\x1e.switchboard.v1.ToolDefinition\"i\n\x0e\x45xecuteRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x11\n\targuments\x18\x05 \x01(\t\"\xcd\x01\n\x0f\x45xecuteResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12,\n\x07outcome\x18\x02 \x01(\x0e\x32\x1b.switchboard.v1.ToolOutcome\x12\x0e\n\x06output\x18\x03 \x01(\t\x12-\n\nerror_code\x18\x04 \x01(\x0e\x32\x19.switchboard.v1.ErrorCode\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x06 \x01(\x03\x12\x10\n\x08replayed\x18\x07 \x01(\x08*\xdc\x01\n\x0bToolOutcome\x12\x1c\n\x18TOOL_OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fTOOL_OUTCOME_OK\x10\x01\x12\"\n\x1eTOOL_OUTCOME_INVALID_ARGUMENTS\x10\x02\x12\x1d\n\x19TOOL_OUTCOME_UNKNOWN_TOOL\x10\x03\x12\x1c\n\x18TOOL_OUTCOME_NOT_ALLOWED\x10\x04\x12\x18\n\x14TOOL_OUTCOME_TIMEOUT\x10\x05\x12\x1f\n\x1bTOOL_OUTCOME_EXECUTOR_ERROR\x10\x06\x32\xaf\x01\n\x0fToolExecService\x12P\n\tListTools\x12 .switchboard.v1.ListToolsRequest\x1a!.switchboard.v1.ListToolsResponse\x12J\n\x07\x45xecute\x12\x1e.switchboard.v1.ExecuteRequest\x1a\x1f.switchboard.v1.ExecuteResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dswitchboard/v1/toolexec.proto\x12\x0eswitchboard.v1\x1a\x1bswitchboard/v1/common.proto\"R\n\x13ListMcpToolsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x14\n\x0cserver_label\x18\x03 \x01(\t\"|\n\x07McpTool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x19\n\x11input_schema_json\x18\x03 \x01(\t\x12\x18\n\x10\x61nnotations_json\x18\x04 \x01(\t\x12\x19\n\x11requires_approval\x18\x05 \x01(\x08\"\x84\x01\n\x14ListMcpToolsResponse\x12&\n\x05tools\x18\x01 \x03(\x0b\x32\x17.switchboard.v1.McpTool\x12-\n\nerror_code\x18\x02 \x01(\x0e\x32\x19.switchboard.v1.ErrorCode\x12\x15\n\rerror_message\x18\x03 \x01(\t\"%\n\x10ListToolsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"B\n\x11ListToolsResponse\x12-\n\x05tools\x18\x01 \x03(\x0b\x32\x1e.switchboard.v1.ToolDefinition\"\x83\x01\n\x0e\x45xecuteRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x11\n\targuments\x18\x05 \x01(\t\x12\x18\n\x10mcp_server_label\x18\x06 \x01(\t\"\xcd\x01\n\x0f\x45xecuteResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12,\n\x07outcome\x18\x02 \x01(\x0e\x32\x1b.switchboard.v1.ToolOutcome\x12\x0e\n\x06output\x18\x03 \x01(\t\x12-\n\nerror_code\x18\x04 \x01(\x0e\x32\x19.switchboard.v1.ErrorCode\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x06 \x01(\x03\x12\x10\n\x08replayed\x18\x07 \x01(\x08*\xdc\x01\n\x0bToolOutcome\x12\x1c\n\x18TOOL_OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fTOOL_OUTCOME_OK\x10\x01\x12\"\n\x1eTOOL_OUTCOME_INVALID_ARGUMENTS\x10\x02\x12\x1d\n\x19TOOL_OUTCOME_UNKNOWN_TOOL\x10\x03\x12\x1c\n\x18TOOL_OUTCOME_NOT_ALLOWED\x10\x04\x12\x18\n\x14TOOL_OUTCOME_TIMEOUT\x10\x05\x12\x1f\n\x1bTOOL_OUTCOME_EXECUTOR_ERROR\x10\x06\x32\x8a\x02\n\x0fToolExecService\x12P\n\tListTools\x12 .switchboard.v1.ListToolsRequest\x1a!.switchboard.v1.ListToolsResponse\x12J\n\x07\x45xecute\x12\x1e.switchboard.v1.ExecuteRequest\x1a\x1f.switchboard.v1.ExecuteResponse\x12Y\n\x0cListMcpTools\x12#.switchboard.v1.ListMcpToolsRequest\x1a$.switchboard.v1.ListMcpToolsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchboard.v1.toolexec_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOOLOUTCOME']._serialized_start=501
-  _globals['_TOOLOUTCOME']._serialized_end=721
-  _globals['_LISTTOOLSREQUEST']._serialized_start=78
-  _globals['_LISTTOOLSREQUEST']._serialized_end=115
-  _globals['_LISTTOOLSRESPONSE']._serialized_start=117
-  _globals['_LISTTOOLSRESPONSE']._serialized_end=183
-  _globals['_EXECUTEREQUEST']._serialized_start=185
-  _globals['_EXECUTEREQUEST']._serialized_end=290
-  _globals['_EXECUTERESPONSE']._serialized_start=293
-  _globals['_EXECUTERESPONSE']._serialized_end=498
-  _globals['_TOOLEXECSERVICE']._serialized_start=724
-  _globals['_TOOLEXECSERVICE']._serialized_end=899
+  _globals['_TOOLOUTCOME']._serialized_start=873
+  _globals['_TOOLOUTCOME']._serialized_end=1093
+  _globals['_LISTMCPTOOLSREQUEST']._serialized_start=78
+  _globals['_LISTMCPTOOLSREQUEST']._serialized_end=160
+  _globals['_MCPTOOL']._serialized_start=162
+  _globals['_MCPTOOL']._serialized_end=286
+  _globals['_LISTMCPTOOLSRESPONSE']._serialized_start=289
+  _globals['_LISTMCPTOOLSRESPONSE']._serialized_end=421
+  _globals['_LISTTOOLSREQUEST']._serialized_start=423
+  _globals['_LISTTOOLSREQUEST']._serialized_end=460
+  _globals['_LISTTOOLSRESPONSE']._serialized_start=462
+  _globals['_LISTTOOLSRESPONSE']._serialized_end=528
+  _globals['_EXECUTEREQUEST']._serialized_start=531
+  _globals['_EXECUTEREQUEST']._serialized_end=662
+  _globals['_EXECUTERESPONSE']._serialized_start=665
+  _globals['_EXECUTERESPONSE']._serialized_end=870
+  _globals['_TOOLEXECSERVICE']._serialized_start=1096
+  _globals['_TOOLEXECSERVICE']._serialized_end=1362
 # @@protoc_insertion_point(module_scope)

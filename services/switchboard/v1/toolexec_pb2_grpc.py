@@ -45,6 +45,11 @@ class ToolExecServiceStub:
                 request_serializer=switchboard_dot_v1_dot_toolexec__pb2.ExecuteRequest.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_toolexec__pb2.ExecuteResponse.FromString,
                 _registered_method=True)
+        self.ListMcpTools = channel.unary_unary(
+                '/switchboard.v1.ToolExecService/ListMcpTools',
+                request_serializer=switchboard_dot_v1_dot_toolexec__pb2.ListMcpToolsRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_toolexec__pb2.ListMcpToolsResponse.FromString,
+                _registered_method=True)
 
 
 class ToolExecServiceServicer:
@@ -63,6 +68,13 @@ class ToolExecServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListMcpTools(self, request, context):
+        """The tools of one of the tenant's MCP servers (cached by toolexec).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ToolExecServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +87,11 @@ def add_ToolExecServiceServicer_to_server(servicer, server):
                     servicer.Execute,
                     request_deserializer=switchboard_dot_v1_dot_toolexec__pb2.ExecuteRequest.FromString,
                     response_serializer=switchboard_dot_v1_dot_toolexec__pb2.ExecuteResponse.SerializeToString,
+            ),
+            'ListMcpTools': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMcpTools,
+                    request_deserializer=switchboard_dot_v1_dot_toolexec__pb2.ListMcpToolsRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_toolexec__pb2.ListMcpToolsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +149,33 @@ class ToolExecService:
             '/switchboard.v1.ToolExecService/Execute',
             switchboard_dot_v1_dot_toolexec__pb2.ExecuteRequest.SerializeToString,
             switchboard_dot_v1_dot_toolexec__pb2.ExecuteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMcpTools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.ToolExecService/ListMcpTools',
+            switchboard_dot_v1_dot_toolexec__pb2.ListMcpToolsRequest.SerializeToString,
+            switchboard_dot_v1_dot_toolexec__pb2.ListMcpToolsResponse.FromString,
             options,
             channel_credentials,
             insecure,

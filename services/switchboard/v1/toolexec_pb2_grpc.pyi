@@ -35,6 +35,8 @@ class ToolExecServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ToolExecServiceAsyncStub: ...
     ListTools: _grpc.UnaryUnaryMultiCallable[_toolexec_pb2.ListToolsRequest, _toolexec_pb2.ListToolsResponse]
     Execute: _grpc.UnaryUnaryMultiCallable[_toolexec_pb2.ExecuteRequest, _toolexec_pb2.ExecuteResponse]
+    ListMcpTools: _grpc.UnaryUnaryMultiCallable[_toolexec_pb2.ListMcpToolsRequest, _toolexec_pb2.ListMcpToolsResponse]
+    """The tools of one of the tenant's MCP servers (cached by toolexec)."""
 
 @_typing.type_check_only
 class ToolExecServiceAsyncStub(ToolExecServiceStub):
@@ -43,6 +45,8 @@ class ToolExecServiceAsyncStub(ToolExecServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListTools: _aio.UnaryUnaryMultiCallable[_toolexec_pb2.ListToolsRequest, _toolexec_pb2.ListToolsResponse]  # type: ignore[assignment]
     Execute: _aio.UnaryUnaryMultiCallable[_toolexec_pb2.ExecuteRequest, _toolexec_pb2.ExecuteResponse]  # type: ignore[assignment]
+    ListMcpTools: _aio.UnaryUnaryMultiCallable[_toolexec_pb2.ListMcpToolsRequest, _toolexec_pb2.ListMcpToolsResponse]  # type: ignore[assignment]
+    """The tools of one of the tenant's MCP servers (cached by toolexec)."""
 
 class ToolExecServiceServicer(metaclass=_abc_1.ABCMeta):
     """Runs server-side function tools for tenants. Calls are idempotent by call_id."""
@@ -60,5 +64,13 @@ class ToolExecServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _toolexec_pb2.ExecuteRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_toolexec_pb2.ExecuteResponse, _abc.Awaitable[_toolexec_pb2.ExecuteResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListMcpTools(
+        self,
+        request: _toolexec_pb2.ListMcpToolsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_toolexec_pb2.ListMcpToolsResponse, _abc.Awaitable[_toolexec_pb2.ListMcpToolsResponse]]:
+        """The tools of one of the tenant's MCP servers (cached by toolexec)."""
 
 def add_ToolExecServiceServicer_to_server(servicer: ToolExecServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
