@@ -7,7 +7,8 @@ VENV := .venv
 JS := clients/js
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: run test fuzz lint format proto dashboards panels bench bench-moderation bench-memory image smoke-deploy setup clean
+# (bench-load and bench-upstream: docs/performance.md)
+.PHONY: run test fuzz lint format proto dashboards panels bench bench-load bench-upstream bench-moderation bench-memory image smoke-deploy setup clean
 
 run: setup ## start Redis, the simulator (without OPENAI_API_KEY) and the four services
 	$(VENV)/bin/python -m tools.stack
@@ -39,6 +40,12 @@ panels: setup ## draw the key dashboard panels of a demo run to docs/images/pane
 
 bench: setup ## time to first token and tokens/s: gateway vs the simulator directly
 	$(VENV)/bin/python -m tools.bench_ttft
+
+bench-load: setup ## many paced streams, a burst, idle connections: the stack on one core vs direct (docs/performance.md)
+	$(VENV)/bin/python -m tools.bench_load $(BENCH_ARGS)
+
+bench-upstream: setup ## the broker's CPU per token with its aiohttp upstream client vs the openai SDK's
+	$(VENV)/bin/python -m tools.bench_upstream $(BENCH_ARGS)
 
 bench-moderation: setup ## what output moderation costs by hold-back, vs none, in one run
 	$(VENV)/bin/python -m tools.bench_moderation

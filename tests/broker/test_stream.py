@@ -132,6 +132,35 @@ async def test_a_broker_that_goes_away_fails_its_calls_and_the_next_opens_anew(
         await stream.close()
 
 
+async def test_a_draining_broker_finishes_its_calls_refuses_new_ones_and_ends_the_stream(
+    sim: RunningSimulator,
+) -> None:
+    async with serving(dev_env(sim.base_url)) as (stub, servicer, _):
+        stream = BrokerStream(stub)
+        running = stream.generate(
+            generate_request(user(f"long {directive(tokens=20, token_delay_ms=20)}"))
+        )
+        assert (await anext(aiter(running))).WhichOneof("event") == "started"
+        servicer.drain()  # what SIGTERM does, before the server waits for its calls
+        await asyncio.sleep(0.05)
+        # A new call goes on a new stream, which this broker, draining, refuses.
+        late = stream.generate(generate_request(user("late")))
+        with pytest.raises(SwitchboardError) as refused:
+            await events_of(late)
+        assert refused.value.name == "service_unavailable"
+        # The running call ends as it would have...
+        events = await events_of(running)
+        assert kinds(events)[-1] == "finished"
+        assert len(text_of(events).split()) == 20
+        # ...and then the broker ends its streams: nothing keeps the drain waiting.
+        for _ in range(100):
+            if not servicer._streams:
+                break
+            await asyncio.sleep(0.02)
+        assert not servicer._streams
+        await stream.close()
+
+
 async def test_a_call_number_in_use_is_refused(sim: RunningSimulator) -> None:
     async with serving(dev_env(sim.base_url)) as (stub, _, _):
         requests: asyncio.Queue[B.StreamRequest] = asyncio.Queue()

@@ -366,3 +366,19 @@ async def test_client_tools_are_plain_async_functions(stack: Stack) -> None:
         assert calls == [{"city": "Oslo"}]
         assert [r.status for r in stream.responses] == ["completed", "completed"]
         assert stream.responses[0].tool_calls[0].name == "get_weather"
+        # The simulator's follow-up quotes the tool's output.
+        assert 'returned {"city": "Oslo", "sky": "clear"}' in stream.response.text
+
+
+async def test_a_client_tool_that_raises_is_answered_with_an_error(stack: Stack) -> None:
+    async def explode() -> str:
+        raise RuntimeError("no weather today")
+
+    async with client_for(stack, tools=[Tool("explode", explode)]) as client:
+        call = {"name": "explode", "arguments": {}}
+        stream = client.stream_text(f"go [[sim {json.dumps({'tool_calls': [call]})}]]")
+        async for _ in stream:
+            pass
+        assert [r.status for r in stream.responses] == ["completed", "completed"]
+        assert '"code": "tool_failed"' in stream.response.text
+        assert "no weather today" in stream.response.text

@@ -614,7 +614,8 @@ export class RealtimeClient {
     const response = event.response;
     if (!response || response.status !== "completed") return;
     const calls = response.toolCalls.filter((call) => this.tools.has(call.name));
-    if (calls.length) void this.runTools(calls);
+    // A client closed meanwhile cannot answer: nothing to report.
+    if (calls.length) this.runTools(calls).catch(() => undefined);
   }
 
   private async runTools(calls: ToolCall[]): Promise<void> {

@@ -12,6 +12,11 @@ One response then carries what all of them produced, so under load a token
 costs a share of a message rather than a gRPC message of its own, and a lone
 stream is not held back: nothing waits on a clock.
 
+A draining broker (`drain`, at SIGTERM) says so in a response (`draining`),
+refuses new calls on the stream with `service_unavailable`, and ends the
+stream once its calls have ended, so the gRPC server's drain does not wait out
+its grace for an idle stream; the gateway opens a new stream for new calls.
+
 Backpressure is the stream's: while a response waits for gRPC flow control,
 nothing is taken, followers fill up, and their pumps wait (`BUFFERED_EVENTS`),
 as a Generate call's would. When the stream ends (the gateway left or died),
@@ -43,6 +48,8 @@ class CallStream:
         self._failed: list[broker_pb2.CallEvents] = []  # refused before they started
         self._wake = asyncio.Event()
         self._requests_ended = False
+        self._draining = False
+        self._said_draining = False
 
     def handle(self, request: broker_pb2.StreamRequest) -> None:
         """Act on one request of the caller."""
@@ -56,6 +63,9 @@ class CallStream:
             return
         if number in self._followers:
             self._fail(number, invalid_value("call", "This call number is in use on the stream."))
+            return
+        if self._draining and action in ("generate", "attach"):
+            self._fail(number, ServiceUnavailable("The broker is shutting down."))
             return
         if action == "generate":
             follower: Follower | SwitchboardError = self._start(request.generate)
@@ -75,6 +85,11 @@ class CallStream:
         self._requests_ended = True
         self._wake.set()
 
+    def drain(self) -> None:
+        """The broker drains: say so, refuse new calls, end once the calls have."""
+        self._draining = True
+        self._wake.set()
+
     def close(self) -> None:
         """The stream is over: detach (orphan) every call it still follows."""
         followers, self._followers = self._followers, {}
@@ -84,14 +99,21 @@ class CallStream:
 
     async def responses(self) -> AsyncIterator[broker_pb2.StreamResponse]:
         """The stream's responses, each with what every call with news has."""
-        while not (self._requests_ended and not self._followers and not self._failed):
+        while not self._over():
             await self._wake.wait()
             self._wake.clear()
             # One more turn of the loop: calls whose news is ready now join in.
             await asyncio.sleep(0)
             response = self.collect()
-            if response.calls:
+            if self._draining and not self._said_draining:
+                response.draining = self._said_draining = True
+            if response.calls or response.draining:
                 yield response
+
+    def _over(self) -> bool:
+        """Nothing more to send, and nothing more will come."""
+        ending = self._requests_ended or (self._draining and self._said_draining)
+        return ending and not self._followers and not self._failed
 
     def collect(self) -> broker_pb2.StreamResponse:
         """Take what waits at every call with news, without waiting."""

@@ -136,6 +136,8 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
             metrics=self.metrics,
         )
         self._named = ((BROKER_METADATA_KEY, settings.advertise_address),)
+        self._streams: set[CallStream] = set()
+        self._draining = False
 
     @property
     def clients(self) -> UpstreamClients:
@@ -186,6 +188,9 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
         """Many calls over one stream, as Generate and Attach run them (multiplex.py)."""
         await context.send_initial_metadata(self._named)
         stream = CallStream(self._start, self._attach)
+        if self._draining:
+            stream.drain()
+        self._streams.add(stream)
         # As in `_follow`: the generator may not be closed for a while after
         # its caller is gone; the calls are orphaned at once.
         context.add_done_callback(lambda _context: stream.close())
@@ -194,8 +199,15 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
             async for response in stream.responses():
                 yield response
         finally:
+            self._streams.discard(stream)
             reader.cancel()
             stream.close()
+
+    def drain(self) -> None:
+        """The server drains: every Stream refuses new calls and ends after its own."""
+        self._draining = True
+        for stream in self._streams:
+            stream.drain()
 
     def _start(self, request: broker_pb2.GenerateRequest) -> Follower:
         """Start a model call (see `Generate`); its follower."""

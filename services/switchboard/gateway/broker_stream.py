@@ -108,12 +108,13 @@ class _Opened:
 
 
 class BrokerStream:
-    """The model calls of this gateway at one broker, over one `Stream` call."""
+    """The model calls of this gateway at one broker, over one `Stream` call
+    (two for a while when the broker drains: the old one ends after its calls)."""
 
     def __init__(self, stub: broker_pb2_grpc.BrokerServiceStub) -> None:
         self._stub = stub
-        self._opened: _Opened | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._opened: _Opened | None = None  # where new calls go
+        self._readers: dict[_Opened, asyncio.Task[None]] = {}  # every opening still read
         self._numbers = 0
 
     def generate(self, request: broker_pb2.GenerateRequest) -> StreamedCall:
@@ -124,27 +125,27 @@ class BrokerStream:
 
     def leave(self, call: StreamedCall) -> None:
         opened = call._opened
-        if opened.calls.pop(call.number, None) is not None and opened is self._opened:
+        if opened.calls.pop(call.number, None) is not None and not opened.writer.done():
             opened.requests.put_nowait(broker_pb2.StreamRequest(call=call.number, leave=True))
 
     async def close(self) -> None:
-        """Fail the calls still running and end the stream."""
-        opened, reader = self._opened, self._reader
-        self._opened = self._reader = None
-        if opened is None:
-            return
-        opened.call.cancel()
-        self._fail_all(opened, ServiceUnavailable("The gateway is shutting down."))
-        tasks = [opened.writer] if reader is None else [opened.writer, reader]
+        """Fail the calls still running and end the streams."""
+        self._opened = None
+        readers, self._readers = self._readers, {}
+        tasks = []
+        for opened, reader in readers.items():
+            opened.call.cancel()
+            self._fail_all(opened, ServiceUnavailable("The gateway is shutting down."))
+            tasks += [opened.writer, reader]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def _start(self, request: broker_pb2.StreamRequest) -> StreamedCall:
-        if self._opened is None:
-            self._opened = _Opened(self._stub)
-            self._reader = asyncio.create_task(self._read(self._opened))
         opened = self._opened
+        if opened is None:
+            opened = self._opened = _Opened(self._stub)
+            self._readers[opened] = asyncio.create_task(self._read(opened))
         self._numbers += 1
         call = StreamedCall(self, opened, self._numbers)
         opened.calls[call.number] = call
@@ -161,6 +162,9 @@ class BrokerStream:
                     call = opened.calls.get(batch.call)
                     if call is not None and call.deliver(batch):
                         del opened.calls[batch.call]
+                if response.draining and self._opened is opened:
+                    # New calls go on a new stream; this one ends after its calls.
+                    self._opened = None
         except grpc.RpcError as exc:
             error = from_rpc_error(exc, service="broker")
         except asyncio.CancelledError:
@@ -168,7 +172,8 @@ class BrokerStream:
             raise
         finally:
             if self._opened is opened:
-                self._opened = self._reader = None
+                self._opened = None
+            self._readers.pop(opened, None)
             opened.writer.cancel()
             opened.broken = error
             if opened.calls:

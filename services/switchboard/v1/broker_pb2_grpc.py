@@ -108,6 +108,7 @@ class BrokerServiceServicer:
         when many calls stream. A call's events end after `Finished` or with its
         `failure`, exactly as Generate and Attach would end. Leaving a call, or the
         stream ending, orphans the calls still running, as a cancelled Generate does.
+        A draining broker says so (`draining`) and ends the stream after its calls.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

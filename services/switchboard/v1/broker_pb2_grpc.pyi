@@ -60,6 +60,7 @@ class BrokerServiceStub:
     when many calls stream. A call's events end after `Finished` or with its
     `failure`, exactly as Generate and Attach would end. Leaving a call, or the
     stream ending, orphans the calls still running, as a cancelled Generate does.
+    A draining broker says so (`draining`) and ends the stream after its calls.
     """
 
 @_typing.type_check_only
@@ -94,6 +95,7 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     when many calls stream. A call's events end after `Finished` or with its
     `failure`, exactly as Generate and Attach would end. Leaving a call, or the
     stream ending, orphans the calls still running, as a cancelled Generate does.
+    A draining broker says so (`draining`) and ends the stream after its calls.
     """
 
 class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -149,6 +151,7 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         when many calls stream. A call's events end after `Finished` or with its
         `failure`, exactly as Generate and Attach would end. Leaving a call, or the
         stream ending, orphans the calls still running, as a cancelled Generate does.
+        A draining broker says so (`draining`) and ends the stream after its calls.
         """
 
 def add_BrokerServiceServicer_to_server(servicer: BrokerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -45,6 +45,7 @@ from switchboard_client.events import (
     Response,
     ServerEvent,
     StateChange,
+    ToolCall,
 )
 from switchboard_client.tracker import EventTracker
 
@@ -539,7 +540,12 @@ class RealtimeClient:
             self._tool_tasks.add(task)
             task.add_done_callback(self._tool_tasks.discard)
 
-    async def _run_tools(self, calls: Sequence[Any]) -> None:
+    async def _run_tools(self, calls: Sequence[ToolCall]) -> None:
+        # A client closed (or stopped) meanwhile cannot answer: nothing to report.
+        with contextlib.suppress(ClientClosed):
+            await self._answer_tools(calls)
+
+    async def _answer_tools(self, calls: Sequence[ToolCall]) -> None:
         for call in calls:
             try:
                 result = await self._tools[call.name].handler(**call.parsed_arguments())
