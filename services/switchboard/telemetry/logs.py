@@ -62,8 +62,11 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # uvicorn would otherwise print a request line, with its URL, per request.
-    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # Library loggers that would otherwise print a request line, with its URL, per
+    # request: uvicorn's, and httpx's (the `mcp` SDK's HTTP client in toolexec; an
+    # MCP server's URL may hold a token).
+    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class RateLimitedLog:
