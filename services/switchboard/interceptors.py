@@ -7,6 +7,9 @@ Both are installed by `switchboard.rpc` only while tracing is on. Calls made
 outside any span (background work: event-log batches, lease renewals, the
 session created at connect) and health checks are not traced, so every trace
 is an operation someone asked for.
+A call carried inside a long-lived stream (a model call on the broker's
+`Stream`) gets the same pair of spans from `carried_client_span` and
+`carried_server_span`, its trace context in the request instead of metadata.
 Spans carry the RPC attributes of the OpenTelemetry conventions
 (`rpc.system.name`, `rpc.method`, `rpc.response.status_code`, `server.*`), the
 tenant, session and response ids of the request, and on failure `error.type`:
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -25,7 +28,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, TracerProvider
 
-from switchboard.errors import GRPC_CODE_KEY
+from switchboard.errors import GRPC_CODE_KEY, SwitchboardError
 from switchboard.telemetry import tracing
 
 # Probed every second by readiness checks: spans of them would only be noise.
@@ -273,3 +276,54 @@ class TracingServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
 def _code(context: Any) -> grpc.StatusCode | None:
     code = context.code()
     return code if isinstance(code, grpc.StatusCode) else None
+
+
+def carried_client_span(
+    method: str, target: str, request: Any
+) -> tuple[Span, dict[str, str]] | None:
+    """A CLIENT span for a call carried over a stream rather than a gRPC call of its
+    own, and the trace context that makes it the remote side's parent; None when
+    no traced operation is current (as `client_interceptors` leaves such calls)."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        return None
+    host, _, port = target.rpartition(":")
+    attributes: dict[str, str | int] = {
+        **_RPC_SYSTEM,
+        "rpc.method": method,
+        "server.address": host or target,
+        **_request_ids(request),
+    }
+    if port.isdigit():
+        attributes["server.port"] = int(port)
+    span = trace.get_tracer(__name__).start_span(
+        method, kind=SpanKind.CLIENT, attributes=attributes
+    )
+    return span, tracing.headers(span)
+
+
+def carried_server_span(method: str, carrier: Mapping[str, str], request: Any) -> Span | None:
+    """The SERVER span of a carried call whose request brought a trace context, the
+    child of the caller's span; None when it brought none."""
+    parent = propagate.extract(dict(carrier))
+    if not trace.get_current_span(parent).get_span_context().is_valid:
+        return None
+    attributes = {**_RPC_SYSTEM, "rpc.method": method, **_request_ids(request)}
+    return trace.get_tracer(__name__).start_span(
+        method, context=parent, kind=SpanKind.SERVER, attributes=attributes
+    )
+
+
+def end_carried_span(
+    span: Span, error: SwitchboardError | None, *, cancelled: bool = False
+) -> None:
+    """End a carried call's span as its gRPC call's would end: OK, CANCELLED, or
+    the error's status with its code as `error.type`."""
+    if cancelled:
+        span.set_attribute("rpc.response.status_code", grpc.StatusCode.CANCELLED.name)
+        span.set_attribute(tracing.CANCELLED, True)
+    elif error is None:
+        span.set_attribute("rpc.response.status_code", grpc.StatusCode.OK.name)
+    else:
+        span.set_attribute("rpc.response.status_code", error.spec.grpc_status.name)
+        tracing.record_error(span, error.name)
+    span.end()

@@ -43,7 +43,7 @@ async def test_calls_share_one_stream_and_each_gets_its_whole_reply(
     sim: RunningSimulator,
 ) -> None:
     async with serving(dev_env(sim.base_url)) as (stub, servicer, _):
-        stream = BrokerStream(stub)
+        stream = BrokerStream(stub, "broker:0")
         requests = [
             generate_request(user(f"question {n} {directive(tokens=30)}")) for n in range(5)
         ]
@@ -63,7 +63,7 @@ async def test_calls_share_one_stream_and_each_gets_its_whole_reply(
 
 async def test_a_failing_call_fails_alone_with_its_error(sim: RunningSimulator) -> None:
     async with serving(dev_env(sim.base_url)) as (stub, _, _):
-        stream = BrokerStream(stub)
+        stream = BrokerStream(stub, "broker:0")
         good = stream.generate(generate_request(user(f"fine {directive(tokens=20)}")))
         bad = stream.generate(generate_request(user("no model"), model=""))
         with pytest.raises(SwitchboardError) as failed:
@@ -78,7 +78,7 @@ async def test_leaving_orphans_the_call_and_an_attach_gets_all_of_it(
     sim: RunningSimulator,
 ) -> None:
     async with serving(dev_env(sim.base_url)) as (stub, servicer, _):
-        stream = BrokerStream(stub)
+        stream = BrokerStream(stub, "broker:0")
         request = generate_request(user(f"long {directive(tokens=40, token_delay_ms=5)}"))
         call = stream.generate(request)
         seen = []
@@ -103,7 +103,7 @@ async def test_leaving_orphans_the_call_and_an_attach_gets_all_of_it(
 
 async def test_an_attach_to_nothing_held_is_response_interrupted(sim: RunningSimulator) -> None:
     async with serving(dev_env(sim.base_url)) as (stub, _, _):
-        stream = BrokerStream(stub)
+        stream = BrokerStream(stub, "broker:0")
         call = stream.attach(B.AttachRequest(tenant_id=DEV_TENANT, response_id="resp_none"))
         with pytest.raises(SwitchboardError) as failed:
             await events_of(call)
@@ -116,7 +116,7 @@ async def test_a_broker_that_goes_away_fails_its_calls_and_the_next_opens_anew(
 ) -> None:
     environ = dev_env(sim.base_url)
     async with serving(environ) as (stub, servicer, _):
-        stream = BrokerStream(stub)
+        stream = BrokerStream(stub, "broker:0")
         call = stream.generate(
             generate_request(user(f"slow {directive(tokens=100, token_delay_ms=50)}"))
         )
@@ -136,7 +136,7 @@ async def test_a_draining_broker_finishes_its_calls_refuses_new_ones_and_ends_th
     sim: RunningSimulator,
 ) -> None:
     async with serving(dev_env(sim.base_url)) as (stub, servicer, _):
-        stream = BrokerStream(stub)
+        stream = BrokerStream(stub, "broker:0")
         running = stream.generate(
             generate_request(user(f"long {directive(tokens=20, token_delay_ms=20)}"))
         )
@@ -188,7 +188,7 @@ async def test_a_call_number_in_use_is_refused(sim: RunningSimulator) -> None:
 
 async def test_the_stream_ending_orphans_its_calls(sim: RunningSimulator) -> None:
     async with serving(dev_env(sim.base_url)) as (stub, servicer, _):
-        stream = BrokerStream(stub)
+        stream = BrokerStream(stub, "broker:0")
         request = generate_request(user(f"on {directive(tokens=100, token_delay_ms=2)}"))
         call = stream.generate(request)
         await anext(aiter(call))

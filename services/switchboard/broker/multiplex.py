@@ -17,6 +17,10 @@ refuses new calls on the stream with `service_unavailable`, and ends the
 stream once its calls have ended, so the gRPC server's drain does not wait out
 its grace for an idle stream; the gateway opens a new stream for new calls.
 
+A traced call (its request carries a `trace_context`) gets the SERVER span
+its Generate or Attach call would have had, current while the call starts so
+that its model span is a child, ended when the call ends for this stream.
+
 Backpressure is the stream's: while a response waits for gRPC flow control,
 nothing is taken, followers fill up, and their pumps wait (`BUFFERED_EVENTS`),
 as a Generate call's would. When the stream ends (the gateway left or died),
@@ -27,11 +31,20 @@ Generate call is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
+
+from opentelemetry import trace
+from opentelemetry.trace import Span
 
 from switchboard.broker.calls import Follower
 from switchboard.errors import ServiceUnavailable, SwitchboardError, invalid_value
+from switchboard.interceptors import carried_server_span, end_carried_span
 from switchboard.v1 import broker_pb2, common_pb2
+
+# A call's SERVER span is named as its own RPC would be (the gateway's CLIENT span too).
+GENERATE = "switchboard.v1.BrokerService/Generate"
+ATTACH = "switchboard.v1.BrokerService/Attach"
 
 Start = Callable[[broker_pb2.GenerateRequest], Follower]
 Attach = Callable[[broker_pb2.AttachRequest], "Follower | SwitchboardError"]
@@ -50,6 +63,7 @@ class CallStream:
         self._requests_ended = False
         self._draining = False
         self._said_draining = False
+        self._spans: dict[int, Span] = {}  # the SERVER spans of traced calls
 
     def handle(self, request: broker_pb2.StreamRequest) -> None:
         """Act on one request of the caller."""
@@ -60,6 +74,7 @@ class CallStream:
             self._news.pop(number, None)
             if left is not None:
                 left.detach()
+                self._end_span(number, None, cancelled=True)
             return
         if number in self._followers:
             self._fail(number, invalid_value("call", "This call number is in use on the stream."))
@@ -67,16 +82,29 @@ class CallStream:
         if self._draining and action in ("generate", "attach"):
             self._fail(number, ServiceUnavailable("The broker is shutting down."))
             return
-        if action == "generate":
-            follower: Follower | SwitchboardError = self._start(request.generate)
-        elif action == "attach":
-            follower = self._attach(request.attach)
-        else:
-            follower = invalid_value("action", "A stream request must generate, attach or leave.")
+        if action not in ("generate", "attach"):
+            error = invalid_value("action", "A stream request must generate, attach or leave.")
+            self._fail(number, error)
+            return
+        call_request = request.generate if action == "generate" else request.attach
+        method = GENERATE if action == "generate" else ATTACH
+        span = carried_server_span(method, request.trace_context, call_request)
+        # Current while the call starts: its pump's task, and so its model span, is a child.
+        with contextlib.ExitStack() as current:
+            if span is not None:
+                current.enter_context(trace.use_span(span, end_on_exit=False))
+            if action == "generate":
+                follower: Follower | SwitchboardError = self._start(request.generate)
+            else:
+                follower = self._attach(request.attach)
         if isinstance(follower, SwitchboardError):
             self._fail(number, follower)
+            if span is not None:
+                end_carried_span(span, follower)
             return
         self._followers[number] = follower
+        if span is not None:
+            self._spans[number] = span
         follower.on_news = lambda: self._mark(number)
         self._mark(number)  # an attached call starts with its snapshot
 
@@ -94,8 +122,9 @@ class CallStream:
         """The stream is over: detach (orphan) every call it still follows."""
         followers, self._followers = self._followers, {}
         self._news.clear()
-        for follower in followers.values():
+        for number, follower in followers.items():
             follower.detach()
+            self._end_span(number, None, cancelled=True)
 
     async def responses(self) -> AsyncIterator[broker_pb2.StreamResponse]:
         """The stream's responses, each with what every call with news has."""
@@ -135,7 +164,16 @@ class CallStream:
             if ended:
                 follower.on_news = None
                 del self._followers[number]
+                failure = None if error is None else _as_switchboard_error(error)
+                self._end_span(number, failure, cancelled=failure is None and error is not None)
         return response
+
+    def _end_span(
+        self, number: int, error: SwitchboardError | None, *, cancelled: bool = False
+    ) -> None:
+        span = self._spans.pop(number, None)
+        if span is not None:
+            end_carried_span(span, error, cancelled=cancelled)
 
     def _mark(self, number: int) -> None:
         self._news[number] = None
@@ -145,6 +183,11 @@ class CallStream:
         entry = broker_pb2.CallEvents(call=number, failure=failure_of(error))
         self._failed.append(entry)
         self._wake.set()
+
+
+def _as_switchboard_error(error: Exception) -> SwitchboardError | None:
+    """A follower's end as an error; None for a cancelled call (`CallCancelled`)."""
+    return error if isinstance(error, SwitchboardError) else None
 
 
 def failure_of(error: Exception) -> broker_pb2.CallFailure:

@@ -139,7 +139,7 @@ class GrpcBackends:
         self._brokers: dict[str, tuple[grpc.aio.Channel, broker_pb2_grpc.BrokerServiceStub]] = {}
         self._background: set[asyncio.Task[None]] = set()
         # Model calls go over one stream per broker (broker_stream.py).
-        self._default_stream = BrokerStream(self.broker)
+        self._default_stream = BrokerStream(self.broker, settings.broker_target)
         self._streams: dict[str, BrokerStream] = {}
 
     async def close(self) -> None:
@@ -251,7 +251,7 @@ class GrpcBackends:
             return self._default_stream
         stream = self._streams.get(address)
         if stream is None:
-            stream = self._streams[address] = BrokerStream(self._broker_at(address))
+            stream = self._streams[address] = BrokerStream(self._broker_at(address), address)
         return stream
 
     def _broker_at(self, address: str) -> broker_pb2_grpc.BrokerServiceStub:

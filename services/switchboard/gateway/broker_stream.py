@@ -9,7 +9,9 @@ own, here nor there. A `BrokerStream` numbers the calls, sends their requests
 in order, and hands each call's events to its `StreamedCall`, the `ModelCall`
 the turn reads. The stream opens with the first call and again after it broke;
 when it breaks (the broker died, the network), each call on it fails as a
-Generate call would have (`service_unavailable`, from its gRPC status).
+Generate call would have (`service_unavailable`, from its gRPC status). In a
+traced turn each call has the CLIENT span its Generate or Attach call would
+have had, its trace context carried in the request.
 """
 
 from __future__ import annotations
@@ -19,20 +21,29 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
+from opentelemetry.trace import Span
 
 from switchboard.errors import ServiceUnavailable, SwitchboardError, from_rpc_error
+from switchboard.interceptors import carried_client_span, end_carried_span
 from switchboard.rpc import BROKER_METADATA_KEY
 from switchboard.v1 import broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+# The spans of the calls carried on the stream are named as their own RPCs would be.
+GENERATE = "switchboard.v1.BrokerService/Generate"
+ATTACH = "switchboard.v1.BrokerService/Attach"
+
 
 class StreamedCall:
     """One model call on a `BrokerStream`: a `ModelCall` (backends.py)."""
 
-    def __init__(self, stream: BrokerStream, opened: _Opened, number: int) -> None:
+    def __init__(
+        self, stream: BrokerStream, opened: _Opened, number: int, span: Span | None
+    ) -> None:
         self._stream = stream
         self._opened = opened
         self.number = number
@@ -40,6 +51,8 @@ class StreamedCall:
         self._error: SwitchboardError | None = None
         self._ended = False
         self._ready = asyncio.Event()
+        # The CLIENT span of the call, as a Generate call would have had (traced turns).
+        self._span = span
 
     async def broker(self) -> str:
         """The address the broker names itself by, once the stream has started."""
@@ -61,6 +74,7 @@ class StreamedCall:
         if not self._ended:
             self._ended = True
             self._stream.leave(self)
+            self._end_span(None, cancelled=True)
         self._ready.set()
 
     def deliver(self, batch: broker_pb2.CallEvents) -> bool:
@@ -70,6 +84,7 @@ class StreamedCall:
             self.fail(error_of(batch.failure))
         elif batch.events and batch.events[-1].WhichOneof("event") == "finished":
             self._ended = True
+            self._end_span(None)
         self._ready.set()
         return self._ended
 
@@ -77,7 +92,13 @@ class StreamedCall:
         if not self._ended:
             self._ended = True
             self._error = error
+            self._end_span(error)
         self._ready.set()
+
+    def _end_span(self, error: SwitchboardError | None, *, cancelled: bool = False) -> None:
+        span, self._span = self._span, None
+        if span is not None:
+            end_carried_span(span, error, cancelled=cancelled)
 
 
 class _Opened:
@@ -111,17 +132,18 @@ class BrokerStream:
     """The model calls of this gateway at one broker, over one `Stream` call
     (two for a while when the broker drains: the old one ends after its calls)."""
 
-    def __init__(self, stub: broker_pb2_grpc.BrokerServiceStub) -> None:
+    def __init__(self, stub: broker_pb2_grpc.BrokerServiceStub, target: str) -> None:
         self._stub = stub
+        self._target = target  # HOST:PORT, for the calls' spans
         self._opened: _Opened | None = None  # where new calls go
         self._readers: dict[_Opened, asyncio.Task[None]] = {}  # every opening still read
         self._numbers = 0
 
     def generate(self, request: broker_pb2.GenerateRequest) -> StreamedCall:
-        return self._start(broker_pb2.StreamRequest(generate=request))
+        return self._start(broker_pb2.StreamRequest(generate=request), GENERATE, request)
 
     def attach(self, request: broker_pb2.AttachRequest) -> StreamedCall:
-        return self._start(broker_pb2.StreamRequest(attach=request))
+        return self._start(broker_pb2.StreamRequest(attach=request), ATTACH, request)
 
     def leave(self, call: StreamedCall) -> None:
         opened = call._opened
@@ -141,13 +163,20 @@ class BrokerStream:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _start(self, request: broker_pb2.StreamRequest) -> StreamedCall:
+    def _start(
+        self, request: broker_pb2.StreamRequest, method: str, call_request: Any
+    ) -> StreamedCall:
         opened = self._opened
         if opened is None:
             opened = self._opened = _Opened(self._stub)
             self._readers[opened] = asyncio.create_task(self._read(opened))
         self._numbers += 1
-        call = StreamedCall(self, opened, self._numbers)
+        traced = carried_client_span(method, self._target, call_request)
+        span = None
+        if traced is not None:
+            span, headers = traced
+            request.trace_context.update(headers)
+        call = StreamedCall(self, opened, self._numbers, span)
         opened.calls[call.number] = call
         request.call = call.number
         opened.requests.put_nowait(request)
