@@ -27,6 +27,7 @@ from switchboard.key_paths import KeyPath
 from switchboard.tenancy.keys import TENANT_ID, normalize_key_hash
 from switchboard.tenancy.mcp_section import parse_mcp_servers
 from switchboard.tenancy.moderation_section import parse_moderation
+from switchboard.tenancy.summary_section import parse_summaries
 from switchboard.tenancy.tenants import (
     DEFAULT_TIER,
     DEFAULT_UPSTREAM,
@@ -68,6 +69,7 @@ _TENANT_KEYS = (
     "session",
     "mcp_servers",
     "moderation",
+    "summaries",
 )
 _MODEL_KEYS = ("upstream", "upstream_model", "deployments")
 _DEPLOYMENT_KEYS = ("upstream", "upstream_model", "weight", "priority")
@@ -189,6 +191,7 @@ def _tenant(
         session=_session(body.get("session"), (*path, "session"), models, limits),
         mcp_servers=parse_mcp_servers(body.get("mcp_servers"), (*path, "mcp_servers")),
         moderation=parse_moderation(body.get("moderation"), (*path, "moderation"), upstreams),
+        summaries=parse_summaries(body.get("summaries"), (*path, "summaries"), models),
     )
 
 
