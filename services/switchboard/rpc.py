@@ -91,6 +91,7 @@ async def serve(
     grace_s: float = 10.0,
     stop: asyncio.Event | None = None,
     metrics: tuple[str, CollectorRegistry] | None = None,
+    on_drain: Callable[[], None] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain for `grace_s`.
 
@@ -99,6 +100,8 @@ async def serve(
         listen: HOST:PORT to bind.
         register: adds the service's servicers to the server.
         probe: readiness check; while it returns False health is NOT_SERVING.
+        on_drain: called when the drain starts, before in-flight calls are
+            waited for (a long-lived stream can then wind itself down).
         metrics: HOST:PORT and the registry to serve at `/metrics` over HTTP
             (a small thread of prometheus_client's), when given.
     """
@@ -157,6 +160,8 @@ async def serve(
         if watcher is not None:
             watcher.cancel()
         await health_servicer.enter_graceful_shutdown()
+        if on_drain is not None:
+            on_drain()
         await server.stop(grace_s)
         log.info("stopped")
 

@@ -13,7 +13,7 @@ import pytest
 from switchboard.broker.clients import UpstreamClients
 from switchboard.broker.translate import chat_request
 from switchboard.config import BrokerSettings, Secret
-from switchboard.tenancy import TenantDirectory, Upstream
+from switchboard.tenancy import TenantDirectory, Upstream, UpstreamAdmission
 from tests.broker.harness import directive, eventually, generate_request, met, user
 from tools.simulator import RunningSimulator, SimulatorConfig, run_simulator
 
@@ -65,6 +65,20 @@ async def test_a_reload_retires_changed_and_removed_upstreams_only(
     assert clients.current() == {"kept": kept}
     await eventually(lambda: met(moved.closed and gone.closed))
     assert not kept.closed
+
+
+async def test_the_pool_is_as_large_as_admission_and_follows_it(
+    clients: UpstreamClients, sim: RunningSimulator
+) -> None:
+    # The broker's default (SWITCHBOARD_BROKER_MAX_CONCURRENT), then the file's own.
+    default = clients.client(Upstream("one", sim.base_url))
+    assert default.pool_limit == 64
+    eight = Upstream("one", sim.base_url, admission=UpstreamAdmission(max_concurrent=8))
+    clients.reconcile(directory(eight))
+    resized = clients.client(eight)
+    assert resized is not default
+    assert resized.pool_limit == 8
+    await eventually(lambda: met(default.closed))
 
 
 async def test_shutdown_closes_current_and_retired_clients(sim: RunningSimulator) -> None:

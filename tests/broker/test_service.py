@@ -1,7 +1,7 @@
 """BrokerService through a real grpc.aio server and stub, against the real upstream simulator.
 
 The upstream is `tools.simulator` on 127.0.0.1:0 (a SIMULATOR, not a model); the
-broker reaches it through the real `openai` SDK with the aiohttp transport.
+broker reaches it over HTTP with its own aiohttp client (`chat_stream`).
 These tests run the development setup of `make run` (`SWITCHBOARD_TENANT_KEYS`
 and the broker's upstream variables); test_routing.py covers a tenants file.
 """

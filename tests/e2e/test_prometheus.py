@@ -53,6 +53,12 @@ TENANTS = f"""
     models: {{gpt-realtime: {{upstream: default}}}}
     limits: {{requests_per_minute: 1}}
 """
+# Prices of the models the load uses: the cost panels have something to show.
+PRICES = """
+prices:
+  gpt-realtime: {input: 4.00, cached_input: 0.40, output: 16.00}
+  gpt-realtime-mini: {input: 0.60, output: 2.40}
+"""
 # Grafana's rate window, wide enough to hold the whole load.
 RATE_INTERVAL = "2m"
 
@@ -172,7 +178,7 @@ async def settle(stack: Stack, prometheus: PrometheusServer) -> None:
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
     ports = Ports.free()
-    path = tenants_file(tmp_path_factory.mktemp("tenants"), ports, TENANTS)
+    path = tenants_file(tmp_path_factory.mktemp("tenants"), ports, TENANTS, preamble=PRICES)
     stack = Stack(
         ports=ports,
         simulator_args=["--ttft-ms", "30", "--token-delay-ms", "5", "--reply-tokens", "12"],

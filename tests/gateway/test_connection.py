@@ -226,6 +226,58 @@ async def test_a_session_resumed_elsewhere_is_handed_over_with_4509(connect: Any
     assert await client.socket.wait_closed() == (4509, "session_taken_over")
     await asyncio.wait_for(client.task, 5)
     assert client.connection.end_reason == "taken_over"
+    # The error is the displaced client's alone: a resume replays the log, so it
+    # must not be in it.
+    assert [e["type"] for e in client.logged()] == ["session.created"]
+
+
+async def test_a_session_resumed_mid_turn_is_handed_over_after_it_unrecorded(
+    connect: Any,
+) -> None:
+    release = asyncio.Event()
+    client = await connect(scripts=(Script([Text("a"), Wait(release), Text("b"), Finish()]),))
+    client.socket.send({"type": "response.create"})
+    await client.socket.next_event("response.output_text.delta")
+    claim = await client.backends.claim_session(
+        client.tenant.id, client.session_id, "conn_elsewhere", 600
+    )
+    assert not claim.claimed
+    # The lease renewal sees the request; the hand-over waits for the turn.
+    await eventually(lambda: client.connection.end_reason == "taken_over")
+    release.set()
+    await client.socket.until("response.done")
+    error = await client.socket.next_event("error")
+    assert error["error"]["code"] == "session_taken_over"
+    assert await client.socket.wait_closed() == (4509, "session_taken_over")
+    logged = [e["type"] for e in client.logged()]
+    assert logged[-1] == "response.done"
+    assert "error" not in logged
+
+
+async def test_a_streaming_turn_renews_its_lease_by_its_appends_and_hands_over_after_it(
+    connect: Any,
+) -> None:
+    steps = [asyncio.Event() for _ in range(12)]
+    deltas = [step for event in steps for step in (Wait(event), Text("b"))]
+    client = await connect(scripts=(Script([Text("a"), *deltas, Finish()]),))
+    client.socket.send({"type": "response.create"})
+    await client.socket.next_event("response.output_text.delta")
+    claims = client.backends.calls["claim_session"]
+    # A resume elsewhere asks for the session while the response streams.
+    elsewhere = await client.backends.claim_session(
+        client.tenant.id, client.session_id, "conn_elsewhere", 600
+    )
+    assert not elsewhere.claimed
+    for event in steps:  # a delta every 0.1 s for 1.2 s: 6 renewal intervals (0.2 s)
+        await asyncio.sleep(0.1)
+        event.set()
+    done = await client.socket.next_event("response.done")
+    assert done["response"]["status"] == "completed"
+    # The appends kept the lease: at most the one renewal of the first interval.
+    assert client.backends.calls["claim_session"] - claims <= 1
+    error = await client.socket.next_event("error")
+    assert error["error"]["code"] == "session_taken_over"
+    assert await client.socket.wait_closed() == (4509, "session_taken_over")
 
 
 async def test_a_spent_budget_closes_the_connection_with_4529(connect: Any) -> None:

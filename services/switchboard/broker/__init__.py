@@ -4,7 +4,7 @@
 out; upstream stream chunks in, `GenerateEvent`s out), `routing` picks the
 upstream and model of a call from the tenants configuration (pure as well),
 `chat_stream` is the wire of one streamed call (SSE parsing, error mapping,
-closing), `clients` keeps one `openai` SDK client per upstream deployment,
+closing), `clients` keeps one aiohttp session per upstream deployment,
 `service` is the grpc.aio servicer of `switchboard.v1.BrokerService` over all
 of them, and `__main__` wires them together: `python -m switchboard.broker`.
 See docs/broker.md.

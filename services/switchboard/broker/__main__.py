@@ -65,7 +65,14 @@ async def run(startup: BrokerStartup, *, stop: asyncio.Event | None = None) -> N
             servicer.register(server)
             moderator.register(server)
 
-        await rpc.serve(SERVICE_NAME, settings.listen, register, stop=stop, metrics=metrics)
+        await rpc.serve(
+            SERVICE_NAME,
+            settings.listen,
+            register,
+            stop=stop,
+            metrics=metrics,
+            on_drain=servicer.drain,
+        )
     # Leaving `running` after the drain: in-flight streams have finished or been
     # cancelled, the calls still held (orphans) are cancelled next, so the
     # clients close under no one.

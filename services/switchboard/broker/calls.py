@@ -129,6 +129,9 @@ class Follower:
         self._end: SwitchboardError | None = None  # after the queued events
         self._stop: Exception | None = None  # at once
         self._done = False
+        # Called when something new waits (an event, the end): how a multiplexed
+        # stream, which takes from many followers without waiting, learns of it.
+        self.on_news: Callable[[], None] | None = None
 
     @property
     def full(self) -> bool:
@@ -136,16 +139,56 @@ class Follower:
 
     def push(self, event: broker_pb2.GenerateEvent) -> None:
         self._events.append(event)
-        self._ready.set()
+        self._news()
 
     def end(self, error: SwitchboardError) -> None:
         self._end = error
-        self._ready.set()
+        self._news()
 
     def stop(self, error: Exception) -> None:
         self._stop = error
         self._events.clear()
+        self._news()
+
+    def _news(self) -> None:
         self._ready.set()
+        if self.on_news is not None:
+            self.on_news()
+
+    def take(self) -> tuple[list[broker_pb2.GenerateEvent], Exception | None, bool]:
+        """Without waiting, what iterating would yield now: the waiting events,
+        consecutive deltas of one output merged into one (`same_output`), then
+        the end if it came. Returns (events, error, ended): `ended` after
+        `Finished`, or with the `error` iterating would raise."""
+        if self._stop is not None:
+            self._done = True
+            return [], self._stop, True
+        if self._done:
+            return [], None, True
+        events: list[broker_pb2.GenerateEvent] = []
+        merged = False  # whether events[-1] is a copy of ours, to merge into
+        while self._events:
+            event = self._events.popleft()
+            if event.WhichOneof("event") == "finished":
+                events.append(event)
+                self._done = True
+                break
+            if events and same_output(events[-1], event):
+                if not merged:
+                    events[-1] = copy_event(events[-1])
+                    merged = True
+                append_delta(events[-1], event)
+            else:
+                events.append(event)
+                merged = False
+        self.call.has_room()
+        error = None
+        if not self._done and not self._events and self._end is not None:
+            self._done = True
+            error = self._end
+        if self._done:
+            self.call._calls._read_to_end(self)
+        return events, error, self._done
 
     def detach(self) -> None:
         self.call._calls.detach(self)
@@ -172,6 +215,34 @@ class Follower:
                 raise self._end
             self._ready.clear()
             await self._ready.wait()
+
+
+def same_output(last: broker_pb2.GenerateEvent, event: broker_pb2.GenerateEvent) -> bool:
+    """Whether `event` continues `last`'s output: text after text, or argument
+    fragments of the same tool call (its id and name come with the first)."""
+    kind = event.WhichOneof("event")
+    if kind != last.WhichOneof("event"):
+        return False
+    if kind == "text_delta":
+        return True
+    if kind == "tool_call_delta":
+        delta = event.tool_call_delta
+        return delta.index == last.tool_call_delta.index and not (delta.call_id or delta.name)
+    return False
+
+
+def copy_event(event: broker_pb2.GenerateEvent) -> broker_pb2.GenerateEvent:
+    copy = broker_pb2.GenerateEvent()
+    copy.CopyFrom(event)
+    return copy
+
+
+def append_delta(into: broker_pb2.GenerateEvent, event: broker_pb2.GenerateEvent) -> None:
+    """Append a delta of the same output (`same_output`) to `into`."""
+    if event.WhichOneof("event") == "text_delta":
+        into.text_delta.text += event.text_delta.text
+    else:
+        into.tool_call_delta.arguments += event.tool_call_delta.arguments
 
 
 class Calls:

@@ -1,24 +1,26 @@
 """The wire to an upstream model API: one streamed Chat Completions call and its errors.
 
-`ChatStream` is one call through an `openai.AsyncOpenAI` client (the clients
-themselves, one per upstream deployment, live in `switchboard.broker.clients`):
+`ChatStream` is one `POST {base_url}/chat/completions` with `stream: true` on
+an `aiohttp.ClientSession` (the sessions themselves, one per upstream
+deployment, live in `switchboard.broker.clients`):
 
     async with client.stream(payload) as chunks:     # HTTP status checked here
         async for chunk in chunks:                    # dicts, until `[DONE]`
             ...
 
-The body is read as raw bytes and its SSE `data:` lines decoded with orjson,
-which costs far less per token than the SDK's typed chunk objects. Every
-failure leaves as a `switchboard.errors` error whose message never holds the
-key or an unvetted upstream body. Leaving the `async with` (normally, by an
-error or by cancellation) closes the response; a response that was not read to
-the end closes its TCP connection instead of returning it to the pool, so the
-upstream sees the client go away at once and stops generating.
+The body is read as raw bytes, split into SSE events here (`SseDecoder`) and
+their `data:` decoded with orjson straight into dicts: no HTTP library
+wrappers, no typed chunk objects. Every failure leaves as a
+`switchboard.errors` error whose message never holds the key or an unvetted
+upstream body: `status_error` (a non-2xx answer), `request_error` (no answer)
+and `read_error` (the body broke off). Leaving the `async with` (normally, by
+an error or by cancellation) releases the response; a response that was not
+read to the end closes its TCP connection instead of returning it to the pool,
+so the upstream sees the client go away at once and stops generating.
 """
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import re
 import time
@@ -27,7 +29,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
-import openai
+import aiohttp
 import orjson
 from opentelemetry import trace
 
@@ -42,9 +44,8 @@ from switchboard.errors import (
 from switchboard.telemetry import tracing
 
 DONE = b"[DONE]"
-# The SDK's own retries are off: the broker retries and fails over itself
-# (switchboard.broker.retry), across deployments and until the first token.
-MAX_RETRIES = 0
+# The most of an error response's body that is read (for its `message`).
+MAX_ERROR_BODY = 64 * 1024
 MAX_MESSAGE_CHARS = 300
 # Key-shaped strings an upstream may echo back (OpenAI's 401 quotes part of the key).
 _KEY_LIKE = re.compile(r"\b(?:sk|rk|ek|pk)[-_][A-Za-z0-9_\-*.]{6,}|\bBearer\s+\S+", re.IGNORECASE)
@@ -64,42 +65,56 @@ class SseDecoder:
 
     def __init__(self) -> None:
         self._tail = b""
-        self._data: list[bytes] = []
         self._pending_cr = False
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """The data of every event that this chunk completes, in order."""
-        if self._pending_cr and chunk.startswith(b"\n"):
-            chunk = chunk[1:]  # the LF of a CRLF split between two chunks
-        self._pending_cr = chunk.endswith(b"\r")
-        if b"\r" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        lines = (self._tail + chunk).split(b"\n")
-        self._tail = lines.pop()
+        if self._pending_cr or b"\r" in chunk:
+            chunk = self._lf_only(chunk)
+        buffer = self._tail + chunk if self._tail else chunk
+        end = buffer.rfind(b"\n\n")
+        if end < 0:
+            self._tail = buffer
+            return []
+        self._tail = buffer[end + 2 :]
         events: list[bytes] = []
-        for line in lines:
-            self._line(line, events)
+        for block in buffer[:end].split(b"\n\n"):
+            # The common case, one `data: ` line per event, without a line loop.
+            if block.startswith(b"data: ") and b"\n" not in block:
+                if len(block) > 6:  # an event with empty data is not dispatched (SSE spec)
+                    events.append(block[6:])
+            else:
+                self._block(block, events)
         return events
 
     def close(self) -> list[bytes]:
         """The data of an event that the body ended without terminating, if any."""
         events: list[bytes] = []
-        if self._tail:
-            self._line(self._tail, events)
-            self._tail = b""
-        self._line(b"", events)
+        tail, self._tail = self._tail, b""
+        self._block(tail, events)
         return events
 
-    def _line(self, line: bytes, events: list[bytes]) -> None:
-        if not line:
-            data = b"\n".join(self._data)
-            self._data = []
-            if data:  # an event with empty data is not dispatched (SSE spec)
-                events.append(data)
-        elif line.startswith(b"data"):
-            field, _, value = line.partition(b":")
-            if field == b"data":
-                self._data.append(value[1:] if value.startswith(b" ") else value)
+    def _lf_only(self, chunk: bytes) -> bytes:
+        if self._pending_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]  # the LF of a CRLF split between two chunks
+        self._pending_cr = chunk.endswith(b"\r")
+        return chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+
+    @staticmethod
+    def _block(block: bytes, events: list[bytes]) -> None:
+        """The events of lines with no blank line between them but where one starts."""
+        data: list[bytes] = []
+        for line in (*block.split(b"\n"), b""):
+            if not line:
+                if data:
+                    joined = b"\n".join(data)
+                    data = []
+                    if joined:  # an event with empty data is not dispatched (SSE spec)
+                        events.append(joined)
+            elif line.startswith(b"data"):
+                field, _, value = line.partition(b":")
+                if field == b"data":
+                    data.append(value[1:] if value.startswith(b" ") else value)
 
 
 def upstream_host(base_url: str) -> str:
@@ -142,34 +157,57 @@ def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) ->
     return max(when.timestamp() - (time.time() if now is None else now), 0.0)
 
 
-def api_error(exc: openai.APIError, secrets: tuple[str, ...] = ()) -> SwitchboardError:
-    """The Switchboard error for a failure the SDK raised before the stream began."""
-    if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        if status == 429:
-            retry_after = retry_after_seconds(exc.response.headers)
-            when = "" if retry_after is None else f"; retry after {retry_after:g} s"
-            return UpstreamRateLimited(
-                f"The upstream is rate limiting requests{when}.", retry_after=retry_after
-            )
-        if status in (401, 403):
-            # OpenAI's 401 message quotes part of the key: never pass it on.
-            return UpstreamError("The upstream rejected the configured credentials.")
-        if status >= 500 or status in (408, 409):
-            # The statuses OpenAI's own SDKs retry: the next attempt may well succeed.
-            return TransientUpstreamError(
-                f"The upstream failed (HTTP {status}).", reason="server_error"
-            )
-        detail = error_message(exc.body, secrets)
-        suffix = f": {detail}" if detail else "."
-        return UpstreamError(f"The upstream refused the request (HTTP {status}){suffix}")
-    # The aiohttp transport reports a refused connection as a connect *timeout*;
-    # only a real timeout somewhere in the chain makes this one.
-    if isinstance(exc, openai.APITimeoutError) and caused_by_timeout(exc):
+def status_error(
+    status: int,
+    headers: Mapping[str, str],
+    body: object = None,
+    secrets: tuple[str, ...] = (),
+) -> SwitchboardError:
+    """The Switchboard error for an upstream's non-2xx answer to the request.
+
+    Args:
+        status: the HTTP status.
+        headers: the response headers (`retry-after` and `retry-after-ms` are read).
+        body: the decoded JSON error body, when one was read (only its
+            `message` is ever shown, see `error_message`).
+        secrets: strings to redact from that message (the upstream's key).
+    """
+    if status == 429:
+        retry_after = retry_after_seconds(headers)
+        when = "" if retry_after is None else f"; retry after {retry_after:g} s"
+        return UpstreamRateLimited(
+            f"The upstream is rate limiting requests{when}.", retry_after=retry_after
+        )
+    if status in (401, 403):
+        # OpenAI's 401 message quotes part of the key: never pass it on.
+        return UpstreamError("The upstream rejected the configured credentials.")
+    if status >= 500 or status in (408, 409):
+        # The statuses OpenAI's own SDKs retry: the next attempt may well succeed.
+        return TransientUpstreamError(
+            f"The upstream failed (HTTP {status}).", reason="server_error"
+        )
+    detail = error_message(body, secrets)
+    suffix = f": {detail}" if detail else "."
+    return UpstreamError(f"The upstream refused the request (HTTP {status}){suffix}")
+
+
+def wants_body(status: int) -> bool:
+    """Whether `status_error` shows the body of a response with this status."""
+    return not (status in (401, 403, 408, 409, 429) or status >= 500)
+
+
+def request_error(exc: BaseException) -> SwitchboardError:
+    """The Switchboard error for a request that got no response (connect, send, headers)."""
+    if caused_by_timeout(exc):
         return UpstreamTimeout("The upstream did not answer in time.")
-    if isinstance(exc, openai.APIConnectionError):
-        return TransientUpstreamError("The upstream is unreachable.", reason="connection")
-    return UpstreamError("The upstream call failed.")
+    return TransientUpstreamError("The upstream is unreachable.", reason="connection")
+
+
+def read_error(exc: BaseException) -> SwitchboardError:
+    """The Switchboard error for a response body that broke off or fell silent."""
+    if caused_by_timeout(exc):
+        return UpstreamTimeout("The upstream stopped sending before the response was complete.")
+    return UpstreamStreamBroken("The upstream stream broke off.")
 
 
 def error_message(body: object, secrets: tuple[str, ...] = ()) -> str:
@@ -200,54 +238,82 @@ def caused_by_timeout(exc: BaseException) -> bool:
 class ChatStream:
     """One streamed Chat Completions call; see the module docstring for its use.
 
-    Entering sends the request (once: the SDK does not retry) and raises the
-    mapped error if it fails; iterating yields each chunk as a dict until `[DONE]`;
-    exiting closes the response. Enter and iterate it once.
+    Entering sends the request (once: the broker retries, see
+    `switchboard.broker.retry`) and raises the mapped error if it fails;
+    iterating yields each chunk as a dict until `[DONE]`; exiting releases the
+    response. Enter and iterate it once.
 
     `opened` is called when entering starts and `closed` exactly once when the
-    call is over (the request failed, or the response was closed): the owner of
-    the client counts calls in flight with them, to close a replaced client
-    only once nothing uses it.
+    call is over (the request failed, or the response was released): the
+    owner of the session counts calls in flight with them, to close a replaced
+    session only once nothing uses it.
     """
 
     def __init__(
         self,
-        client: openai.AsyncOpenAI,
+        session: aiohttp.ClientSession,
+        url: str,
         payload: dict[str, Any],
         *,
+        headers: Mapping[str, str],
         secrets: tuple[str, ...],
-        background: set[asyncio.Task[None]],
+        proxy: str | None = None,
         opened: Callable[[], None] = lambda: None,
         closed: Callable[[], None] = lambda: None,
     ) -> None:
-        self._client = client
+        """Args:
+        session: the upstream's session (its pool and timeouts).
+        url: the full URL of `/chat/completions`.
+        payload: the JSON body (`translate.chat_request`).
+        headers: the upstream's own headers (its `Authorization`).
+        secrets: strings never shown in an error message (the key).
+        proxy: the URL of the HTTP proxy to go through, if any.
+        opened: called when the request starts.
+        closed: called once when the call is over.
+        """
+        self._session = session
+        self._url = url
         self._payload = payload
+        self._headers = headers
         self._secrets = secrets
-        self._background = background
+        self._proxy = proxy
         self._opened = opened
         self._closed = closed
-        self._response: openai.AsyncAPIResponse[Any] | None = None
+        self._response: aiohttp.ClientResponse | None = None
         self.request_id: str | None = None
 
     async def __aenter__(self) -> ChatStream:
-        # Counted before the first await, so the client cannot be closed under
+        # Counted before the first await, so the session cannot be closed under
         # a request that is being sent.
         self._opened()
+        headers = dict(self._headers)
         # The current span (broker.spans.ChatSpan) goes along: an upstream that
         # reads `traceparent` (vLLM does) continues the trace.
-        headers = tracing.headers(trace.get_current_span())
-        manager = self._client.chat.completions.with_streaming_response.create(
-            **self._payload, extra_headers=headers
-        )
+        headers.update(tracing.headers(trace.get_current_span()))
         try:
-            self._response = await manager.__aenter__()
-        except openai.APIError as exc:
+            response = await self._session.post(
+                self._url,
+                data=orjson.dumps(self._payload),
+                headers=headers,
+                proxy=self._proxy,
+                # A redirect would resend the key elsewhere: it is an error instead.
+                allow_redirects=False,
+            )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             self._closed()
-            raise api_error(exc, self._secrets) from exc
+            raise request_error(exc) from exc
         except BaseException:
             self._closed()
             raise
-        self.request_id = self._response.request_id
+        if response.status >= 300:
+            try:
+                body = await _error_body(response) if wants_body(response.status) else None
+            finally:
+                response.release()
+                self._closed()
+            raise status_error(response.status, response.headers, body, self._secrets)
+        self._response = response
+        self.request_id = response.headers.get("x-request-id")
         return self
 
     async def __aexit__(
@@ -256,59 +322,53 @@ class ChatStream:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        await self.aclose()
+        self.close()
 
     async def aclose(self) -> None:
-        """Close the response (idempotent). Unread, its connection is closed, not pooled."""
+        """Release the response (idempotent); see `close`."""
+        self.close()
+
+    def close(self) -> None:
+        """Release the response at once (idempotent); safe from synchronous code.
+
+        Read to the end, its connection goes back to the pool; unread, the
+        connection is closed, which tells the upstream to stop generating.
+        """
         response, self._response = self._response, None
         if response is None:
             return
         try:
-            await response.close()
+            response.release()
         finally:
             # Only the caller that took the response reports the end: once.
             self._closed()
 
     def close_soon(self) -> None:
-        """Schedule `aclose()` from synchronous code, e.g. a gRPC done callback."""
-        if self._response is None:
-            return
-        task = asyncio.get_running_loop().create_task(self.aclose())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        """`close()`, for callers from synchronous code (a gRPC done callback)."""
+        self.close()
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         if self._response is None:
             raise RuntimeError("iterate a ChatStream inside its `async with` block")
-        return self._chunks(self._response)
+        return self._chunks(self._response.content)
 
-    async def _chunks(
-        self, response: openai.AsyncAPIResponse[Any]
-    ) -> AsyncIterator[dict[str, Any]]:
+    async def _chunks(self, body: aiohttp.StreamReader) -> AsyncIterator[dict[str, Any]]:
         decoder = SseDecoder()
-        body = response.iter_bytes()
-        try:
-            while True:
-                try:
-                    data = await anext(body)
-                except StopAsyncIteration:
-                    break
-                except Exception as exc:
-                    # Transport errors are the SDK transport's own types (the SDK
-                    # wraps only errors before the response), so classify by cause.
-                    raise _read_error(exc) from exc
-                for event in decoder.feed(data):
-                    if event == DONE:
-                        return
-                    yield self._decode(event)
-            for event in decoder.close():
+        while True:
+            try:
+                data = await body.readany()
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                raise read_error(exc) from exc
+            if not data:
+                break
+            for event in decoder.feed(data):
                 if event == DONE:
                     return
                 yield self._decode(event)
-        finally:
-            aclose: Callable[[], Any] | None = getattr(body, "aclose", None)
-            if aclose is not None:
-                await aclose()
+        for event in decoder.close():
+            if event == DONE:
+                return
+            yield self._decode(event)
         raise UpstreamStreamBroken("The upstream stream ended before it was complete.")
 
     def _decode(self, data: bytes) -> dict[str, Any]:
@@ -325,7 +385,16 @@ class ChatStream:
         return chunk
 
 
-def _read_error(exc: Exception) -> SwitchboardError:
-    if caused_by_timeout(exc):
-        return UpstreamTimeout("The upstream stopped sending before the response was complete.")
-    return UpstreamStreamBroken("The upstream stream broke off.")
+async def _error_body(response: aiohttp.ClientResponse) -> object:
+    """The JSON of an error response's first `MAX_ERROR_BODY` bytes; None if unreadable."""
+    raw = bytearray()
+    try:
+        while len(raw) < MAX_ERROR_BODY:
+            part = await response.content.read(MAX_ERROR_BODY - len(raw))
+            if not part:
+                break
+            raw += part
+        return orjson.loads(raw)
+    except (aiohttp.ClientError, OSError, TimeoutError, orjson.JSONDecodeError):
+        # A body cut short, silent or not JSON says nothing that may be shown.
+        return None

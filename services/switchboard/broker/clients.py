@@ -1,14 +1,20 @@
-"""The broker's clients of its upstream deployments: one `openai.AsyncOpenAI` each.
+"""The broker's clients of its upstream deployments: one `aiohttp.ClientSession` each.
 
 An upstream is a named deployment of the tenants file (`switchboard.tenancy.Upstream`:
 a base URL and a key). `UpstreamClients` builds the client of an upstream the first
 time a call is routed to it and shares it between all the calls that follow,
 so their connections are kept alive and reused.
 
-When a reload of the tenants file changes an upstream's base URL or key, or
-removes the upstream, its client is *retired*: the next call builds a fresh
-one, calls already streaming finish on the old one, and the old one is closed
-as soon as its last call is over. `aclose()` closes everything at shutdown.
+A client's session has a connection pool as large as the upstream's admission
+limit (`max_concurrent`: admission control, not the pool, decides who waits),
+the broker's connect timeout, its read timeout as the longest silence between
+two reads, and TCP keepalive on its sockets.
+
+When a reload of the tenants file changes an upstream's base URL, key or
+admission limit, or removes the upstream, its client is *retired*: the next
+call builds a fresh one, calls already streaming finish on the old one, and
+the old one is closed as soon as its last call is over. `aclose()` closes
+everything at shutdown.
 
 Call order: build `UpstreamClients(settings)` at start, `tenants.subscribe(clients.reconcile)`,
 `client(upstream)` per call (on the event loop), `await aclose()` after the
@@ -19,20 +25,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import os
+import socket
+from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
-import openai
+import aiohttp
+from aiohttp.abc import AbstractCookieJar
 
-from switchboard.broker.chat_stream import MAX_RETRIES, ChatStream, upstream_host
+from switchboard.broker.chat_stream import ChatStream, upstream_host
 from switchboard.config import BrokerSettings
 from switchboard.tenancy import TenantDirectory, Upstream
 
 log = logging.getLogger(__name__)
 
-# Local servers (vLLM, Ollama, the simulator) need no key, but the SDK requires
-# one; a placeholder makes a real API answer with a clear 401.
-PLACEHOLDER_KEY = "no-key-configured"
+USER_AGENT = "switchboard-broker"
+# Idle pooled connections are dropped after this long (aiohttp's default).
+POOL_IDLE_S = 15.0
+# TCP keepalive: probe a connection silent this long (a reply may take
+# minutes to start), every KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES times.
+KEEPALIVE_IDLE_S = 30
+KEEPALIVE_INTERVAL_S = 10
+KEEPALIVE_PROBES = 3
 
 
 def upstream_description(upstream: Upstream) -> str:
@@ -40,36 +55,123 @@ def upstream_description(upstream: Upstream) -> str:
     return f"{upstream.name} ({upstream_host(upstream.base_url)})"
 
 
+def pool_limit(upstream: Upstream, settings: BrokerSettings) -> int:
+    """The connections `upstream`'s pool may hold at once: its admission slots."""
+    own = upstream.admission.max_concurrent
+    return own if own is not None else settings.max_concurrent
+
+
+def keepalive_socket(addr_info: tuple[Any, ...]) -> socket.socket:
+    """A socket for an upstream connection, with TCP keepalive on.
+
+    A connection waiting on a slow upstream is silent for long stretches;
+    keepalive notices a peer (or a NAT entry) that went away without a FIN.
+    """
+    family, type_, proto = addr_info[0], addr_info[1], addr_info[2]
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_S),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+        ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+    ):
+        option = getattr(socket, name, None)
+        if option is not None:  # Linux has all three; other systems keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    return sock
+
+
+def new_session(upstream: Upstream, settings: BrokerSettings) -> aiohttp.ClientSession:
+    """The session of one upstream: pool, timeouts, keepalive, no cookies."""
+    connector = aiohttp.TCPConnector(
+        limit=pool_limit(upstream, settings),
+        keepalive_timeout=POOL_IDLE_S,
+        socket_factory=keepalive_socket,
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        sock_connect=settings.connect_timeout_s,
+        # `sock_read` bounds the silence between two reads (the wait for the
+        # headers included), not the whole stream.
+        sock_read=settings.read_timeout_s,
+    )
+    jar: AbstractCookieJar = aiohttp.DummyCookieJar()
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        cookie_jar=jar,
+        headers={
+            "User-Agent": USER_AGENT,
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+        },
+        raise_for_status=False,
+        # Not `trust_env`: it looks up netrc and the proxy in a thread on every
+        # request (a thread hop and GIL traffic per call); `env_proxy` does it once.
+        trust_env=False,
+    )
+
+
+def env_proxy(base_url: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The proxy `HTTPS_PROXY` / `HTTP_PROXY` name for `base_url`; None if none or `NO_PROXY`.
+
+    Read when the client is built, as the `openai` SDK's client read them, for
+    pods whose egress goes through a proxy.
+    """
+    env = os.environ if environ is None else environ
+    parts = urlsplit(base_url)
+    host = parts.hostname or ""
+    for name in ("no_proxy", "NO_PROXY"):
+        for entry in env.get(name, "").replace(",", " ").split():
+            entry = entry.lstrip(".").split(":")[0]
+            if entry == "*" or host == entry or host.endswith("." + entry):
+                return None
+    scheme = parts.scheme.lower()
+    for name in (f"{scheme}_proxy", f"{scheme.upper()}_PROXY"):
+        if env.get(name):
+            return env[name]
+    return None
+
+
 class UpstreamClient:
-    """The SDK client of one upstream deployment, shared by every call routed to it.
+    """The session of one upstream deployment, shared by every call routed to it.
 
     Attributes:
         upstream: the configuration it was built from (its key is a `Secret`).
         description: `name (host:port)`, safe to log and report.
+        pool_limit: the most connections its pool holds at once.
+        proxy: the HTTP proxy its requests go through (`env_proxy`), if any.
         active: calls in flight (entered and not yet closed).
     """
 
     def __init__(
         self,
-        client: openai.AsyncOpenAI,
+        session: aiohttp.ClientSession,
         upstream: Upstream,
         *,
+        pool_limit: int,
         on_idle: Callable[[UpstreamClient], None] = lambda _client: None,
     ) -> None:
         """Args:
-        client: the SDK client; this object closes it in `aclose()`.
+        session: the upstream's session; this object closes it in `aclose()`.
         upstream: where it points and with which key (the key is redacted
             from any upstream message that is passed on).
+        pool_limit: the connection limit `session` was built with.
         on_idle: called each time the last call in flight ends.
         """
-        self._client = client
+        self._session = session
         self.upstream = upstream
         self.description = upstream_description(upstream)
+        self.pool_limit = pool_limit
         self.active = 0
         self._on_idle = on_idle
+        self._url = upstream.base_url.rstrip("/") + "/chat/completions"
         key = upstream.api_key.reveal()
         self._secrets = (key,) if key else ()
-        self._background: set[asyncio.Task[None]] = set()
+        # Local servers (vLLM, Ollama, the simulator) need no key; a real API
+        # answers a request without one with a clear 401.
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.proxy = env_proxy(upstream.base_url)
 
     @classmethod
     def build(
@@ -79,17 +181,9 @@ class UpstreamClient:
         *,
         on_idle: Callable[[UpstreamClient], None] = lambda _client: None,
     ) -> UpstreamClient:
-        """The client for `upstream`: aiohttp transport, connect/read timeouts, no SDK retries."""
-        # `read` bounds the silence between two chunks, not the whole stream.
-        timeout = openai.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s)
-        client = openai.AsyncOpenAI(
-            base_url=upstream.base_url,
-            api_key=upstream.api_key.reveal() or PLACEHOLDER_KEY,
-            http_client=openai.DefaultAioHttpClient(timeout=timeout),
-            max_retries=MAX_RETRIES,
-            timeout=timeout,
-        )
-        return cls(client, upstream, on_idle=on_idle)
+        """The client for `upstream`, with the timeouts of `settings` (see the module)."""
+        limit = pool_limit(upstream, settings)
+        return cls(new_session(upstream, settings), upstream, pool_limit=limit, on_idle=on_idle)
 
     @property
     def name(self) -> str:
@@ -97,23 +191,26 @@ class UpstreamClient:
 
     @property
     def closed(self) -> bool:
-        """Whether `aclose()` has closed the SDK client."""
-        return self._client.is_closed()
+        """Whether `aclose()` has closed the session."""
+        return self._session.closed
 
-    def serves(self, upstream: Upstream) -> bool:
-        """Whether this client talks to `upstream` as configured now (same URL and key)."""
-        return (upstream.base_url, upstream.api_key) == (
+    def serves(self, upstream: Upstream, settings: BrokerSettings) -> bool:
+        """Whether this client talks to `upstream` as configured now (URL, key, pool)."""
+        return (upstream.base_url, upstream.api_key, pool_limit(upstream, settings)) == (
             self.upstream.base_url,
             self.upstream.api_key,
+            self.pool_limit,
         )
 
     def stream(self, payload: dict[str, Any]) -> ChatStream:
         """A streamed Chat Completions call with this JSON body (see `translate`)."""
         return ChatStream(
-            self._client,
+            self._session,
+            self._url,
             payload,
+            headers=self._headers,
+            proxy=self.proxy,
             secrets=self._secrets,
-            background=self._background,
             opened=self._opened,
             closed=self._closed,
         )
@@ -127,10 +224,8 @@ class UpstreamClient:
             self._on_idle(self)
 
     async def aclose(self) -> None:
-        """Finish pending closes, then close the client and its connection pool."""
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
-        await self._client.close()
+        """Close the session and its connection pool (responses still open included)."""
+        await self._session.close()
 
     def __repr__(self) -> str:
         return f"UpstreamClient({self.description!r}, active={self.active})"
@@ -145,7 +240,8 @@ class UpstreamClients:
 
     def __init__(self, settings: BrokerSettings) -> None:
         """Args:
-        settings: the connect and read timeouts of every client.
+        settings: the timeouts of every client, and the pool limit of an
+            upstream whose tenants file entry sets no `max_concurrent`.
         """
         self._settings = settings
         self._clients: dict[str, UpstreamClient] = {}
@@ -156,11 +252,11 @@ class UpstreamClients:
     def client(self, upstream: Upstream) -> UpstreamClient:
         """The client for `upstream` as configured now; built if there is none yet.
 
-        A client built for another URL or key of the same upstream name is
+        A client built for another URL, key or pool limit of the same upstream name is
         retired and replaced.
         """
         current = self._clients.get(upstream.name)
-        if current is not None and current.serves(upstream):
+        if current is not None and current.serves(upstream, self._settings):
             return current
         fresh = UpstreamClient.build(upstream, self._settings, on_idle=self._idle)
         self._clients[upstream.name] = fresh
@@ -180,7 +276,7 @@ class UpstreamClients:
         """
         for name, existing in list(self._clients.items()):
             upstream = directory.upstreams.get(name)
-            if upstream is None or not existing.serves(upstream):
+            if upstream is None or not existing.serves(upstream, self._settings):
                 del self._clients[name]
                 self._retire(existing)
 

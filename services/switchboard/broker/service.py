@@ -15,8 +15,10 @@ the call's ids (never prompt text or keys) and becomes `internal_error`.
 A call outlives its caller: a Generate call cancelled without `Cancel` first
 leaves its model call running for the orphan grace, for an `Attach`. `Cancel`
 stops a call at once, closing the upstream response, and with it the
-upstream's TCP connection, so the model stops generating. Every Generate and
-Attach call names this broker in its initial metadata (`rpc.BROKER_METADATA_KEY`).
+upstream's TCP connection, so the model stops generating. `Stream` carries
+many Generate and Attach calls, with their ends, over one gRPC stream
+(multiplex.py): what the gateway uses. Every Generate, Attach and Stream call
+names this broker in its initial metadata (`rpc.BROKER_METADATA_KEY`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from switchboard.broker.calls import CallCancelled, Calls, Follower, HeldCall
 from switchboard.broker.clients import UpstreamClients
 from switchboard.broker.dispatch import Dispatcher, Progress
 from switchboard.broker.metrics import BrokerMetrics
+from switchboard.broker.multiplex import CallStream
 from switchboard.broker.retry import RetryPolicy
 from switchboard.broker.routing import resolve
 from switchboard.broker.spans import ChatSpan
@@ -133,6 +136,8 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
             metrics=self.metrics,
         )
         self._named = ((BROKER_METADATA_KEY, settings.advertise_address),)
+        self._streams: set[CallStream] = set()
+        self._draining = False
 
     @property
     def clients(self) -> UpstreamClients:
@@ -153,12 +158,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
         caller, the model call is orphaned (see `calls`), not stopped.
         """
         await context.send_initial_metadata(self._named)
-        ids = {
-            "tenant_id": request.tenant_id,
-            "session_id": request.session_id,
-            "response_id": request.response_id,
-        }
-        follower = self.calls.start(ids, lambda call: self._pump(request, call))
+        follower = self._start(request)
         async with contextlib.aclosing(_follow(follower, context)) as events:
             async for event in events:
                 yield event
@@ -172,13 +172,56 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
         under the request's tenant and response id.
         """
         await context.send_initial_metadata(self._named)
-        follower = self.calls.attach(request.tenant_id, request.response_id)
-        if follower is None:
-            await abort_with(context, _not_held())
+        follower = self._attach(request)
+        if isinstance(follower, SwitchboardError):
+            await abort_with(context, follower)
             return
         async with contextlib.aclosing(_follow(follower, context)) as events:
             async for event in events:
                 yield event
+
+    async def Stream(
+        self,
+        requests: AsyncIterator[broker_pb2.StreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[broker_pb2.StreamResponse]:
+        """Many calls over one stream, as Generate and Attach run them (multiplex.py)."""
+        await context.send_initial_metadata(self._named)
+        stream = CallStream(self._start, self._attach)
+        if self._draining:
+            stream.drain()
+        self._streams.add(stream)
+        # As in `_follow`: the generator may not be closed for a while after
+        # its caller is gone; the calls are orphaned at once.
+        context.add_done_callback(lambda _context: stream.close())
+        reader = asyncio.create_task(_read_requests(requests, stream))
+        try:
+            async for response in stream.responses():
+                yield response
+        finally:
+            self._streams.discard(stream)
+            reader.cancel()
+            stream.close()
+
+    def drain(self) -> None:
+        """The server drains: every Stream refuses new calls and ends after its own."""
+        self._draining = True
+        for stream in self._streams:
+            stream.drain()
+
+    def _start(self, request: broker_pb2.GenerateRequest) -> Follower:
+        """Start a model call (see `Generate`); its follower."""
+        ids = {
+            "tenant_id": request.tenant_id,
+            "session_id": request.session_id,
+            "response_id": request.response_id,
+        }
+        return self.calls.start(ids, lambda call: self._pump(request, call))
+
+    def _attach(self, request: broker_pb2.AttachRequest) -> Follower | SwitchboardError:
+        """A new follower of a held call (see `Attach`), or why there is none."""
+        follower = self.calls.attach(request.tenant_id, request.response_id)
+        return _not_held() if follower is None else follower
 
     async def Cancel(
         self, request: broker_pb2.CancelRequest, context: grpc.aio.ServicerContext
@@ -235,6 +278,19 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
             return
         line.log_completed(finished.finished)
         await call.publish(finished)
+
+
+async def _read_requests(
+    requests: AsyncIterator[broker_pb2.StreamRequest], stream: CallStream
+) -> None:
+    """Hand a Stream's requests to it; when they end (or break), it ends after its calls."""
+    try:
+        async for request in requests:
+            stream.handle(request)
+    except (grpc.RpcError, asyncio.CancelledError):
+        pass
+    finally:
+        stream.requests_ended()
 
 
 async def _follow(

@@ -5,6 +5,10 @@ Routes:
                                       (realtime.py, docs/protocol.md); resumes a
                                       session with `?session_id=...&last_event_id=...`
     POST /v1/realtime/client_secrets  mint an ephemeral `ek_` secret for a browser
+    POST /v1/chat/completions         OpenAI Chat Completions, streamed over SSE or
+                                      whole (openai_http.py, sse.py)
+    POST /v1/responses                OpenAI Responses, streamed (semantic events) or whole
+    GET  /v1/usage                    the calling tenant's requests, tokens and cost by day
     GET  /healthz                     the process is up
     GET  /readyz                      every backend and Redis answer (503 otherwise,
                                       and while the gateway drains)
@@ -36,10 +40,13 @@ from switchboard.gateway.client_secrets import ClientSecrets
 from switchboard.gateway.drain import Drainer
 from switchboard.gateway.eventlog import EventRecorder
 from switchboard.gateway.metrics import GatewayMetrics
+from switchboard.gateway.openai_http import chat_completions_endpoint, responses_endpoint
 from switchboard.gateway.realtime import realtime
 from switchboard.gateway.resources import Resources
 from switchboard.gateway.tenant_gate import TenantGate
+from switchboard.gateway.usage_api import usage_endpoint
 from switchboard.limits import TenantLimiter
+from switchboard.limits.ledger import UsageLedger
 from switchboard.redis_client import any_client, warm_up
 from switchboard.telemetry.logs import RateLimitedLog
 from switchboard.tenancy import LiveTenants
@@ -80,7 +87,10 @@ def create_app(
             redis=redis,
             client_secrets=ClientSecrets(redis),
             gate=TenantGate(
-                TenantLimiter(redis), reserve_output_tokens=settings.reserve_output_tokens
+                TenantLimiter(redis),
+                reserve_output_tokens=settings.reserve_output_tokens,
+                ledger=UsageLedger(redis),
+                prices=lambda: tenants.current.prices,
             ),
             refusals=RateLimitedLog(log),
         )
@@ -99,6 +109,9 @@ def create_app(
             Route("/readyz", readyz),
             Route("/metrics", metrics_endpoint),
             Route("/v1/realtime/client_secrets", mint_client_secret, methods=["POST"]),
+            Route("/v1/chat/completions", chat_completions_endpoint, methods=["POST"]),
+            Route("/v1/responses", responses_endpoint, methods=["POST"]),
+            Route("/v1/usage", usage_endpoint),
             WebSocketRoute("/v1/realtime", realtime),
         ],
         lifespan=lifespan,

@@ -22,7 +22,7 @@ import orjson
 from switchboard import rpc
 from switchboard.config import GatewaySettings
 from switchboard.errors import SwitchboardError, from_rpc_error
-from switchboard.rpc import BROKER_METADATA_KEY
+from switchboard.gateway.broker_stream import BrokerStream
 from switchboard.v1 import (
     broker_pb2,
     broker_pb2_grpc,
@@ -45,7 +45,8 @@ MAX_BROKER_CHANNELS = 32
 
 
 class ModelCall(Protocol):
-    """One streaming model call at a broker (a Generate, or an Attach to one)."""
+    """One streaming model call at a broker (a Generate, or an Attach to one);
+    over gRPC, a `broker_stream.StreamedCall`."""
 
     async def broker(self) -> str:
         """The address the broker holding the call names itself by ("" if none),
@@ -126,30 +127,6 @@ class Backends(Protocol):
     async def close(self) -> None: ...
 
 
-class GrpcModelCall:
-    """A `ModelCall` over a gRPC server stream."""
-
-    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
-        self._call = call
-
-    async def broker(self) -> str:
-        try:
-            metadata = await self._call.initial_metadata()
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, service="broker") from None
-        return str(dict(metadata or ()).get(BROKER_METADATA_KEY, ""))
-
-    async def __aiter__(self) -> AsyncIterator[broker_pb2.GenerateEvent]:
-        try:
-            async for event in self._call:
-                yield event
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, service="broker") from None
-
-    def cancel(self) -> None:
-        self._call.cancel()
-
-
 class GrpcBackends:
     """Channels and stubs to the three backends, opened in the app's lifespan."""
 
@@ -168,8 +145,13 @@ class GrpcBackends:
         self.broker_target = settings.broker_target
         self._brokers: dict[str, tuple[grpc.aio.Channel, broker_pb2_grpc.BrokerServiceStub]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # Model calls go over one stream per broker (broker_stream.py).
+        self._default_stream = BrokerStream(self.broker)
+        self._streams: dict[str, BrokerStream] = {}
 
     async def close(self) -> None:
+        streams = [self._default_stream, *self._streams.values()]
+        await asyncio.gather(*(stream.close() for stream in streams))
         channels = [*self.channels.values(), *(channel for channel, _ in self._brokers.values())]
         await asyncio.gather(*(channel.close() for channel in channels))
 
@@ -251,13 +233,13 @@ class GrpcBackends:
         """Start a streaming model call. No deadline: a response may stream for minutes.
         To stop it, `cancel_generate` it at its broker, then cancel the call: a
         call cancelled alone is kept running by its broker for a re-attach."""
-        return GrpcModelCall(self.broker.Generate(request))
+        return self._stream_at("").generate(request)
 
     def attach(self, broker: str, tenant_id: str, response_id: str) -> ModelCall:
         """Follow a model call another gateway started (and died running), at the
         broker that holds it ("": the configured broker target)."""
         request = broker_pb2.AttachRequest(tenant_id=tenant_id, response_id=response_id)
-        return GrpcModelCall(self._broker_at(broker).Attach(request))
+        return self._stream_at(broker).attach(request)
 
     def cancel_generate(self, broker: str, tenant_id: str, response_id: str) -> None:
         """Stop a model call at the broker that holds it, in the background: the
@@ -282,6 +264,15 @@ class GrpcBackends:
                 extra={"response_id": request.response_id, "code": error.name},
             )
 
+    def _stream_at(self, address: str) -> BrokerStream:
+        """The stream of model calls to the broker at `address` ("": the configured target)."""
+        if not address or address == self.broker_target:
+            return self._default_stream
+        stream = self._streams.get(address)
+        if stream is None:
+            stream = self._streams[address] = BrokerStream(self._broker_at(address))
+        return stream
+
     def _broker_at(self, address: str) -> broker_pb2_grpc.BrokerServiceStub:
         """The stub of the broker at `address` (HOST:PORT a broker named itself by)."""
         if not address or address == self.broker_target:
@@ -291,6 +282,9 @@ class GrpcBackends:
             if len(self._brokers) >= MAX_BROKER_CHANNELS:
                 oldest = next(iter(self._brokers))
                 channel, _ = self._brokers.pop(oldest)
+                stream = self._streams.pop(oldest, None)
+                if stream is not None:
+                    self.spawn(stream.close())
                 self.spawn(channel.close(grace=self.timeout_s))
             channel = rpc.channel(address)
             known = (channel, broker_pb2_grpc.BrokerServiceStub(channel))

@@ -41,6 +41,11 @@ MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
 # An HTTP request body (client secrets).
 MAX_BODY_BYTES = 256 * 1024
+# The body of a Chat Completions or Responses request (it carries the whole
+# conversation), its messages, and how long it may take to arrive.
+MAX_GENERATE_BODY_BYTES = 4 * 1024 * 1024
+MAX_INPUT_MESSAGES = 1024
+BODY_TIMEOUT_S = 30.0
 # The request head of any HTTP request or WebSocket handshake (transport.py).
 MAX_REQUEST_LINE_BYTES = 8 * 1024
 MAX_HEADER_LINE_BYTES = 8 * 1024

@@ -49,7 +49,13 @@ from switchboard.gateway.commands import (
 from switchboard.gateway.eventlog import EventRecorder, SessionWriter
 from switchboard.gateway.metrics import GatewayMetrics, refusal_reason
 from switchboard.gateway.protocol import RealtimeProtocol
-from switchboard.gateway.sender import SLOW_CONSUMER_CLOSE, TAKEN_OVER, ClientSocket, Sender
+from switchboard.gateway.sender import (
+    SLOW_CONSUMER_CLOSE,
+    TAKEN_OVER,
+    TAKEN_OVER_CLOSE,
+    ClientSocket,
+    Sender,
+)
 from switchboard.gateway.tenant_gate import CONNECTION_LEASE_S, TenantGate
 from switchboard.gateway.turns import Reattach, TurnRunner
 from switchboard.tenancy import Tenant
@@ -259,7 +265,7 @@ class RealtimeConnection:
             return
         log.info("session taken over", extra=self._log)
         self.end_reason = "taken_over"
-        self._ending = (TAKEN_OVER.spec.close_code or 4509, TAKEN_OVER.name)
+        self._ending = (TAKEN_OVER_CLOSE, TAKEN_OVER.name)
         if self.turns.turn is not None:
             self.turns.turn.abandon()
         self.sender.taken_over()
@@ -287,8 +293,13 @@ class RealtimeConnection:
         connection asks for it (after the running turn); close with 4504 when the
         session is gone (its store lost it)."""
         failing = False
+        interval_s = min(self.lease_s / 3, 1.0)
         while True:
-            await asyncio.sleep(min(self.lease_s / 3, 1.0))
+            await asyncio.sleep(interval_s)
+            if self.turns.running and self.log_writer.appended_within(interval_s):
+                # The turn's appends renew the lease, and a hand-over waits for
+                # the turn's end anyway: the first renewal after it asks.
+                continue
             try:
                 wanted = await self.log_writer.renew()
             except SessionTakenOver:
@@ -306,8 +317,11 @@ class RealtimeConnection:
                 log.info("session lease renewed again", extra=self._log)
                 failing = False
             if wanted:
+                # The `session_taken_over` error is for this connection's client
+                # only: it is sent with the close (sender.py), never recorded, or
+                # the resuming client would be replayed it.
                 log.info("session handed over", extra=self._log)
-                self._end_with_error(TAKEN_OVER, "taken_over")
+                self._end_after_turn(TAKEN_OVER_CLOSE, TAKEN_OVER.name, "taken_over")
 
     async def _watch_time_limits(self) -> None:
         """Close an idle connection (4010), or one past the tenant's session length

@@ -14,6 +14,9 @@ from typing import Protocol
 
 import uvicorn
 
+from switchboard.errors import SwitchboardError
+from switchboard.v1 import common_pb2
+
 log = logging.getLogger(__name__)
 
 
@@ -33,6 +36,20 @@ class Drainer:
         self.draining = False
         self._none_left = asyncio.Event()
         self._none_left.set()
+
+    def check_open(self, what: str = "connect") -> None:
+        """Refuse new work while draining: `server_busy`, retry after a second
+        (elsewhere: this replica is out of the load balancer).
+
+        Args:
+            what: what the client should do again ("connect", "send the request").
+        """
+        if self.draining:
+            raise SwitchboardError(
+                f"This gateway is shutting down; {what} again.",
+                code=common_pb2.ERROR_CODE_SERVER_BUSY,
+                retry_after=1.0,
+            )
 
     def add(self, connection: Drainable) -> None:
         self.connections.add(connection)

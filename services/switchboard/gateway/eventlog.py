@@ -13,7 +13,8 @@ next `AppendEventsBatch`, so many slow streams cost a few calls, not one per
 token each, and an idle gateway adds no wait.
 
 One connection at a time writes a session's log: it holds the session's writer
-lease, renewed by every append and by `SessionWriter.renew`. A connection that
+lease, renewed by every append and by `SessionWriter.renew` (which a connection
+skips while its turn's appends keep the lease). A connection that
 resumes a session elsewhere asks for the lease; the holder hands it over when
 its running response ends (it keeps recording that response for the resumer,
 which follows the log meanwhile), or at once when idle. An append by a holder
@@ -24,6 +25,7 @@ interleave events in one log.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from switchboard.errors import SessionTakenOver, SwitchboardError
@@ -140,6 +142,7 @@ class SessionWriter:
         self.session_id = session_id
         self.holder = holder
         self.lease_ms = int(lease_s * 1000)
+        self._appended_at = -1e9  # monotonic time of the last append that succeeded
 
     async def record(self, batch: list[tuple[Event, str]]) -> None:
         """Append a batch of sent-to-be events, in order, and mark the response in
@@ -169,6 +172,11 @@ class SessionWriter:
         if open_response is not None:
             request.open_response_id = open_response
         await self.recorder.append(request)
+        self._appended_at = time.monotonic()
+
+    def appended_within(self, seconds: float) -> bool:
+        """Whether an append succeeded in the last `seconds` (it renewed the lease)."""
+        return time.monotonic() - self._appended_at < seconds
 
     async def note_broker(self, response_id: str, broker: str) -> None:
         """Note the broker running `response_id`, where a connection that resumes

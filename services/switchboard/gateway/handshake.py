@@ -10,10 +10,11 @@ A refusal is answered with the error's HTTP status and an OpenAI-style body.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket
 
@@ -52,9 +53,10 @@ def tenant_of_key(tenants: TenantDirectory, headers: Mapping[str, str]) -> Tenan
 
 
 async def authenticate(
-    websocket: WebSocket, tenants: TenantDirectory, secrets: ClientSecrets
+    websocket: HTTPConnection, tenants: TenantDirectory, secrets: ClientSecrets
 ) -> tuple[Tenant, Grant | None]:
-    """The tenant (and ephemeral grant) behind a handshake's credential.
+    """The tenant (and ephemeral grant) behind a handshake's (or an HTTP
+    request's) credential.
 
     Raises:
         AuthenticationFailed: no credential, or one that is unknown or expired.
@@ -139,24 +141,40 @@ async def deny(websocket: WebSocket, error: SwitchboardError) -> None:
     await websocket.send_denial_response(error_response(error))
 
 
-async def json_object(request: Request) -> dict[str, Any]:
-    """An HTTP request's JSON object body, within the body and depth bounds.
+async def json_object(
+    request: Request,
+    max_bytes: int = bounds.MAX_BODY_BYTES,
+    timeout_s: float = bounds.BODY_TIMEOUT_S,
+) -> dict[str, Any]:
+    """An HTTP request's JSON object body, within the body, time and depth bounds.
 
     Raises:
-        InvalidRequest: `frame_too_large` (413) for a body over
-            `bounds.MAX_BODY_BYTES`, `invalid_json`, `json_too_deep`, or
-            `invalid_value` for JSON that is not an object.
+        InvalidRequest: `frame_too_large` (413) for a body over `max_bytes`,
+            `invalid_json`, `json_too_deep`, or `invalid_value` for JSON that
+            is not an object.
+        SwitchboardError: `idle_timeout` (408) for a body that takes longer
+            than `timeout_s` to arrive.
     """
     too_large = InvalidRequest(
-        f"The request body is larger than {bounds.MAX_BODY_BYTES} bytes.",
+        f"The request body is larger than {max_bytes} bytes.",
         code=common_pb2.ERROR_CODE_FRAME_TOO_LARGE,
     )
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > bounds.MAX_BODY_BYTES:
+    if declared.isdigit() and int(declared) > max_bytes:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > bounds.MAX_BODY_BYTES:
-            raise too_large
+
+    async def read() -> None:
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > max_bytes:
+                raise too_large
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except TimeoutError:
+        raise SwitchboardError(
+            f"The request body did not arrive within {timeout_s:g} s.",
+            code=common_pb2.ERROR_CODE_IDLE_TIMEOUT,
+        ) from None
     return bounds.loads_object(bytes(body), "request body")

@@ -73,10 +73,24 @@ class GatewayMetrics:
             "Tokens of finished responses (usage as reported or estimated).",
             ["model", "direction"],
         )
+        self.cost_usd = metrics.counter(
+            "cost_usd_total",
+            "Cost of finished responses in US dollars, from their usage and the price table.",
+            ["tier", "model"],
+        )
         self.connections_active = metrics.gauge(
             "connections_active", "Open client WebSocket connections."
         )
         self.sessions_active = metrics.gauge("sessions_active", "Realtime sessions being served.")
+        self.sse_streams_active = metrics.gauge(
+            "sse_streams_active",
+            "Chat Completions and Responses requests being answered (SSE or whole).",
+        )
+        self.sse_requests = metrics.counter(
+            "sse_requests_total",
+            "Chat Completions and Responses requests, by API and HTTP status of the answer.",
+            ["api", "status"],
+        )
         self.connections_opened = metrics.counter(
             "connections_opened_total", "Client connections accepted.", ["tier"]
         )

@@ -27,7 +27,7 @@ from switchboard.gateway.resources import Resources
 from switchboard.gateway.resume import check_resumable, reopen_response, replay, resume_point
 from switchboard.gateway.sender import close_with_error
 from switchboard.tenancy import Tenant
-from switchboard.v1 import common_pb2, session_pb2
+from switchboard.v1 import session_pb2
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,7 @@ async def realtime(websocket: WebSocket) -> None:
     gateway: Resources = websocket.app.state.gateway
     # Resolve the tenant before accept() so a refused socket costs no session.
     try:
-        if gateway.drainer.draining:
-            raise SwitchboardError(
-                "This gateway is shutting down; connect again.",
-                code=common_pb2.ERROR_CODE_SERVER_BUSY,
-                retry_after=1.0,
-            )
+        gateway.drainer.check_open()
         tenant, grant = await handshake.authenticate(
             websocket, gateway.tenants.current, gateway.client_secrets
         )

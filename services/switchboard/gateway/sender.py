@@ -33,6 +33,8 @@ Event = dict[str, Any]
 SLOW_CONSUMER_CLOSE = errors.spec(common_pb2.ERROR_CODE_SLOW_CONSUMER).close_code or 4008
 
 TAKEN_OVER = errors.SessionTakenOver("Another connection resumed this session.")
+# A close with this code is preceded by the `session_taken_over` error, unrecorded.
+TAKEN_OVER_CLOSE = TAKEN_OVER.spec.close_code or 4509
 
 # How long a cut slow consumer has to read its backlog and get its close frame.
 _CLOSE_FRAME_WAIT_S = 10.0
@@ -161,7 +163,9 @@ class Sender:
                     await close_with_error(self.websocket, TAKEN_OVER)
                 return
             if isinstance(batch, Close):
-                if self.attached:
+                if self.attached and batch.code == TAKEN_OVER_CLOSE:
+                    await close_with_error(self.websocket, TAKEN_OVER)
+                elif self.attached:
                     await self._close_socket(batch.code, batch.reason)
                 return
             try:

@@ -39,6 +39,7 @@ from switchboard.gateway.protocol import RealtimeProtocol, finish_status
 from switchboard.gateway.server_tools import ServerTools, server_calls
 from switchboard.gateway.summaries import Summaries
 from switchboard.gateway.tenant_gate import RESPONSE_LEASE_S, Admitted, TenantGate
+from switchboard.limits.ledger import usd
 from switchboard.tenancy import Tenant
 from switchboard.tokens import estimated_usage
 from switchboard.v1 import broker_pb2, common_pb2
@@ -85,6 +86,9 @@ class Turn:
         # When the running response was asked for, and when its last delta went out.
         self.asked_at = 0.0
         self.last_delta_at: float | None = None
+        # The error that failed the turn's last failed response (its retry_after
+        # included), for a transport that answers with an HTTP status.
+        self.failure: SwitchboardError | None = None
 
     @property
     def running(self) -> bool:
@@ -132,6 +136,8 @@ class _Outcome:
     usage: common_pb2.Usage | None = None
     prompt_tokens: int = 0
     admitted: Admitted | None = field(default=None)
+    # The model the upstream served the response as (the broker's `Started`).
+    upstream_model: str = ""
 
 
 class TurnRunner:
@@ -326,6 +332,7 @@ class TurnRunner:
             response_id,
             prompt_tokens=outcome.prompt_tokens,
             max_output_tokens=max_output_tokens,
+            price=self.gate.price_of(self.tenant, command.model),
         )
         request = broker_pb2.GenerateRequest(
             tenant_id=self.tenant.id,
@@ -337,6 +344,8 @@ class TurnRunner:
             tool_choice=command.tool_choice,
             max_output_tokens=max_output_tokens,
         )
+        if self.protocol.config.HasField("temperature"):
+            request.temperature = self.protocol.config.temperature
         return self.backends.generate(request)
 
     async def _stream(
@@ -374,6 +383,8 @@ class TurnRunner:
                     ):
                         self._timed_delta(turn)
                     self.publish()
+                elif kind == "started":
+                    outcome.upstream_model = event.started.upstream_model
                 elif kind == "finished":
                     outcome.usage = event.finished.usage
                     outcome.status, outcome.reason = finish_status(event.finished.reason)
@@ -409,11 +420,19 @@ class TurnRunner:
             usage = estimated_usage(
                 outcome.prompt_tokens, self.protocol.generated_chars(response_id)
             )
+        cost = 0
         if outcome.admitted is not None:
             try:
                 await self.gate.finish_response(self.tenant, outcome.admitted, usage.total_tokens)
             except SwitchboardError as exc:
                 log.warning("usage not settled", extra={**self._log, "code": exc.name})
+            price = self.gate.price_of(self.tenant, command.model, outcome.upstream_model)
+            try:
+                cost = await self.gate.record_cost(
+                    self.tenant, self.session_id, response_id, command.model, usage, price
+                )
+            except SwitchboardError as exc:
+                log.warning("cost not recorded", extra={**self._log, "code": exc.name})
         if status == "completed":
             # The model's MCP calls run now, inside the response (their items end
             # with their results).
@@ -434,7 +453,9 @@ class TurnRunner:
         self.protocol.response_done(
             response_id, status=status, usage=usage, reason=outcome.reason, error=error
         )
-        self._count_response(turn, status, usage, error)
+        self._count_response(turn, status, usage, error, cost)
+        if error is not None:
+            turn.failure = error
         spans.response_done(status, outcome.reason, usage, error)
         try:
             rate_limits = await self.gate.rate_limits(self.tenant)
@@ -495,9 +516,16 @@ class TurnRunner:
         turn.last_delta_at = now
 
     def _count_response(
-        self, turn: Turn, status: str, usage: common_pb2.Usage, error: SwitchboardError | None
+        self,
+        turn: Turn,
+        status: str,
+        usage: common_pb2.Usage,
+        error: SwitchboardError | None,
+        cost: int,
     ) -> None:
         model, metrics = self._model_label, self.metrics
+        if cost:
+            metrics.cost_usd.labels(self.tenant.tier, model).inc(usd(cost))
         metrics.responses.labels(model, status).inc()
         metrics.response_duration.labels(model, status).observe(time.monotonic() - turn.asked_at)
         metrics.tokens.labels(model, "input").inc(usage.input_tokens)

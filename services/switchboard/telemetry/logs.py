@@ -62,9 +62,8 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Library loggers that would otherwise print request lines with URLs.
-    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "openai", "uvicorn.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # uvicorn would otherwise print a request line, with its URL, per request.
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
 
 
 class RateLimitedLog:

@@ -60,6 +60,14 @@ LIMIT_NAMES: tuple[str, ...] = tuple(item.name for item in fields(Limits))
 
 
 @dataclass(frozen=True, slots=True)
+class MoneyBudget:
+    """A tenant's budgets in money, in pico-dollars (None: no such budget)."""
+
+    daily: int | None = None
+    monthly: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Deployment:
     """One upstream deployment that can serve a model, and how it is chosen.
 
@@ -189,6 +197,7 @@ class Tenant:
         limits: rate, concurrency and size limits.
         daily_token_budget: tokens per UTC day; None is unlimited.
         session: defaults for new sessions.
+        money_budget: daily and monthly budgets in money; None is unlimited.
         mcp_servers: the remote MCP servers its clients may use, by label.
         moderation: how its text is moderated (off by default).
         summaries: whether old turns are summarised rather than dropped.
@@ -206,6 +215,7 @@ class Tenant:
     limits: Limits = Limits()
     daily_token_budget: int | None = None
     session: SessionDefaults = SessionDefaults()
+    money_budget: MoneyBudget | None = None
     mcp_servers: Mapping[str, McpServer] = field(default_factory=_no_servers, repr=False)
     moderation: ModerationPolicy = field(default_factory=ModerationPolicy)
     summaries: SummaryPolicy = field(default_factory=SummaryPolicy)

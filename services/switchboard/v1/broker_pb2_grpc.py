@@ -57,6 +57,11 @@ class BrokerServiceStub:
                 request_serializer=switchboard_dot_v1_dot_broker__pb2.AttachRequest.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_broker__pb2.GenerateEvent.FromString,
                 _registered_method=True)
+        self.Stream = channel.stream_stream(
+                '/switchboard.v1.BrokerService/Stream',
+                request_serializer=switchboard_dot_v1_dot_broker__pb2.StreamRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_broker__pb2.StreamResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServiceServicer:
@@ -94,6 +99,21 @@ class BrokerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stream(self, request_iterator, context):
+        """Many calls over one stream, what a gateway process uses: it starts
+        (`generate`), attaches to (`attach`) and leaves (`leave`) calls by a number
+        of its own, and gets their events back in batches: each response carries,
+        per call with news, what it produced since the last one, consecutive deltas
+        of one output merged into one, so that a token costs no message of its own
+        when many calls stream. A call's events end after `Finished` or with its
+        `failure`, exactly as Generate and Attach would end. Leaving a call, or the
+        stream ending, orphans the calls still running, as a cancelled Generate does.
+        A draining broker says so (`draining`) and ends the stream after its calls.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +131,11 @@ def add_BrokerServiceServicer_to_server(servicer, server):
                     servicer.Attach,
                     request_deserializer=switchboard_dot_v1_dot_broker__pb2.AttachRequest.FromString,
                     response_serializer=switchboard_dot_v1_dot_broker__pb2.GenerateEvent.SerializeToString,
+            ),
+            'Stream': grpc.stream_stream_rpc_method_handler(
+                    servicer.Stream,
+                    request_deserializer=switchboard_dot_v1_dot_broker__pb2.StreamRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_broker__pb2.StreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -202,6 +227,33 @@ class BrokerService:
             '/switchboard.v1.BrokerService/Attach',
             switchboard_dot_v1_dot_broker__pb2.AttachRequest.SerializeToString,
             switchboard_dot_v1_dot_broker__pb2.GenerateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/switchboard.v1.BrokerService/Stream',
+            switchboard_dot_v1_dot_broker__pb2.StreamRequest.SerializeToString,
+            switchboard_dot_v1_dot_broker__pb2.StreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

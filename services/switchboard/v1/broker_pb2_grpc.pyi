@@ -51,6 +51,17 @@ class BrokerServiceStub:
     previous one, whose stream ends with `session_taken_over`. A call the broker
     does not hold (never, or no more) is NOT_FOUND with `response_interrupted`.
     """
+    Stream: _grpc.StreamStreamMultiCallable[_broker_pb2.StreamRequest, _broker_pb2.StreamResponse]
+    """Many calls over one stream, what a gateway process uses: it starts
+    (`generate`), attaches to (`attach`) and leaves (`leave`) calls by a number
+    of its own, and gets their events back in batches: each response carries,
+    per call with news, what it produced since the last one, consecutive deltas
+    of one output merged into one, so that a token costs no message of its own
+    when many calls stream. A call's events end after `Finished` or with its
+    `failure`, exactly as Generate and Attach would end. Leaving a call, or the
+    stream ending, orphans the calls still running, as a cancelled Generate does.
+    A draining broker says so (`draining`) and ends the stream after its calls.
+    """
 
 @_typing.type_check_only
 class BrokerServiceAsyncStub(BrokerServiceStub):
@@ -74,6 +85,17 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     as Generate streams it. A call has one follower: attaching takes it from the
     previous one, whose stream ends with `session_taken_over`. A call the broker
     does not hold (never, or no more) is NOT_FOUND with `response_interrupted`.
+    """
+    Stream: _aio.StreamStreamMultiCallable[_broker_pb2.StreamRequest, _broker_pb2.StreamResponse]  # type: ignore[assignment]
+    """Many calls over one stream, what a gateway process uses: it starts
+    (`generate`), attaches to (`attach`) and leaves (`leave`) calls by a number
+    of its own, and gets their events back in batches: each response carries,
+    per call with news, what it produced since the last one, consecutive deltas
+    of one output merged into one, so that a token costs no message of its own
+    when many calls stream. A call's events end after `Finished` or with its
+    `failure`, exactly as Generate and Attach would end. Leaving a call, or the
+    stream ending, orphans the calls still running, as a cancelled Generate does.
+    A draining broker says so (`draining`) and ends the stream after its calls.
     """
 
 class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -113,6 +135,23 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         as Generate streams it. A call has one follower: attaching takes it from the
         previous one, whose stream ends with `session_taken_over`. A call the broker
         does not hold (never, or no more) is NOT_FOUND with `response_interrupted`.
+        """
+
+    @_abc_1.abstractmethod
+    def Stream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_broker_pb2.StreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_broker_pb2.StreamResponse], _abc.AsyncIterator[_broker_pb2.StreamResponse]]:
+        """Many calls over one stream, what a gateway process uses: it starts
+        (`generate`), attaches to (`attach`) and leaves (`leave`) calls by a number
+        of its own, and gets their events back in batches: each response carries,
+        per call with news, what it produced since the last one, consecutive deltas
+        of one output merged into one, so that a token costs no message of its own
+        when many calls stream. A call's events end after `Finished` or with its
+        `failure`, exactly as Generate and Attach would end. Leaving a call, or the
+        stream ending, orphans the calls still running, as a cancelled Generate does.
+        A draining broker says so (`draining`) and ends the stream after its calls.
         """
 
 def add_BrokerServiceServicer_to_server(servicer: BrokerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

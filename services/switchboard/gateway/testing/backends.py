@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from itertools import count
@@ -65,6 +66,7 @@ class MemoryBackends:
         tools: toolexec's tools by name.
         failures: a method name -> the error its calls raise (until removed).
         gates: a method name -> an event its calls wait for (until set).
+        calls: how many times each method was called.
     """
 
     def __init__(self) -> None:
@@ -73,6 +75,7 @@ class MemoryBackends:
         self.failures: dict[str, SwitchboardError] = {}
         self.gates: dict[str, asyncio.Event] = {}
         self.tool_calls: list[toolexec_pb2.ExecuteRequest] = []
+        self.calls: Counter[str] = Counter()
         # MCP listings by server label (an unknown label is not registered).
         self.mcp_listings: dict[str, toolexec_pb2.ListMcpToolsResponse] = {}
         self.moderated: list[list[str]] = []
@@ -81,6 +84,7 @@ class MemoryBackends:
         self._background: set[asyncio.Task[None]] = set()
 
     async def _enter(self, method: str) -> None:
+        self.calls[method] += 1
         gate = self.gates.get(method)
         if gate is not None:
             await gate.wait()

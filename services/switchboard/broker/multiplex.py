@@ -1,0 +1,160 @@
+"""Many model calls over one gRPC stream: the broker's side of `Stream`.
+
+A gateway process opens one `Stream` per broker and runs every model call it
+makes there over it (proto/switchboard/v1/broker.proto). A `CallStream` is one
+such stream: it starts (`generate`), attaches to (`attach`) and leaves
+(`leave`) calls by the caller's numbers, each call a `calls.Follower` like a
+Generate call's, and it answers in batches. A follower with news marks its
+call; the stream wakes, lets the event loop run once more so that the other
+calls that have news by then join in, and takes from every marked follower
+without waiting (`Follower.take`: consecutive deltas of one output merged).
+One response then carries what all of them produced, so under load a token
+costs a share of a message rather than a gRPC message of its own, and a lone
+stream is not held back: nothing waits on a clock.
+
+A draining broker (`drain`, at SIGTERM) says so in a response (`draining`),
+refuses new calls on the stream with `service_unavailable`, and ends the
+stream once its calls have ended, so the gRPC server's drain does not wait out
+its grace for an idle stream; the gateway opens a new stream for new calls.
+
+Backpressure is the stream's: while a response waits for gRPC flow control,
+nothing is taken, followers fill up, and their pumps wait (`BUFFERED_EVENTS`),
+as a Generate call's would. When the stream ends (the gateway left or died),
+every call it still follows is detached: orphaned for a resume, as a cancelled
+Generate call is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from switchboard.broker.calls import Follower
+from switchboard.errors import ServiceUnavailable, SwitchboardError, invalid_value
+from switchboard.v1 import broker_pb2, common_pb2
+
+Start = Callable[[broker_pb2.GenerateRequest], Follower]
+Attach = Callable[[broker_pb2.AttachRequest], "Follower | SwitchboardError"]
+
+
+class CallStream:
+    """The calls of one `Stream`, by the caller's numbers; see the module docstring."""
+
+    def __init__(self, start: Start, attach: Attach) -> None:
+        self._start = start
+        self._attach = attach
+        self._followers: dict[int, Follower] = {}
+        self._news: dict[int, None] = {}  # calls with news, in order of arrival
+        self._failed: list[broker_pb2.CallEvents] = []  # refused before they started
+        self._wake = asyncio.Event()
+        self._requests_ended = False
+        self._draining = False
+        self._said_draining = False
+
+    def handle(self, request: broker_pb2.StreamRequest) -> None:
+        """Act on one request of the caller."""
+        number = request.call
+        action = request.WhichOneof("action")
+        if action == "leave":
+            left = self._followers.pop(number, None)
+            self._news.pop(number, None)
+            if left is not None:
+                left.detach()
+            return
+        if number in self._followers:
+            self._fail(number, invalid_value("call", "This call number is in use on the stream."))
+            return
+        if self._draining and action in ("generate", "attach"):
+            self._fail(number, ServiceUnavailable("The broker is shutting down."))
+            return
+        if action == "generate":
+            follower: Follower | SwitchboardError = self._start(request.generate)
+        elif action == "attach":
+            follower = self._attach(request.attach)
+        else:
+            follower = invalid_value("action", "A stream request must generate, attach or leave.")
+        if isinstance(follower, SwitchboardError):
+            self._fail(number, follower)
+            return
+        self._followers[number] = follower
+        follower.on_news = lambda: self._mark(number)
+        self._mark(number)  # an attached call starts with its snapshot
+
+    def requests_ended(self) -> None:
+        """The caller sends no more: the stream ends once its calls have."""
+        self._requests_ended = True
+        self._wake.set()
+
+    def drain(self) -> None:
+        """The broker drains: say so, refuse new calls, end once the calls have."""
+        self._draining = True
+        self._wake.set()
+
+    def close(self) -> None:
+        """The stream is over: detach (orphan) every call it still follows."""
+        followers, self._followers = self._followers, {}
+        self._news.clear()
+        for follower in followers.values():
+            follower.detach()
+
+    async def responses(self) -> AsyncIterator[broker_pb2.StreamResponse]:
+        """The stream's responses, each with what every call with news has."""
+        while not self._over():
+            await self._wake.wait()
+            self._wake.clear()
+            # One more turn of the loop: calls whose news is ready now join in.
+            await asyncio.sleep(0)
+            response = self.collect()
+            if self._draining and not self._said_draining:
+                response.draining = self._said_draining = True
+            if response.calls or response.draining:
+                yield response
+
+    def _over(self) -> bool:
+        """Nothing more to send, and nothing more will come."""
+        ending = self._requests_ended or (self._draining and self._said_draining)
+        return ending and not self._followers and not self._failed
+
+    def collect(self) -> broker_pb2.StreamResponse:
+        """Take what waits at every call with news, without waiting."""
+        response = broker_pb2.StreamResponse()
+        response.calls.extend(self._failed)
+        self._failed.clear()
+        news, self._news = self._news, {}
+        for number in news:
+            follower = self._followers.get(number)
+            if follower is None:
+                continue
+            events, error, ended = follower.take()
+            if not (events or ended):
+                continue
+            entry = response.calls.add(call=number)
+            entry.events.extend(events)
+            if error is not None:
+                entry.failure.CopyFrom(failure_of(error))
+            if ended:
+                follower.on_news = None
+                del self._followers[number]
+        return response
+
+    def _mark(self, number: int) -> None:
+        self._news[number] = None
+        self._wake.set()
+
+    def _fail(self, number: int, error: SwitchboardError) -> None:
+        entry = broker_pb2.CallEvents(call=number, failure=failure_of(error))
+        self._failed.append(entry)
+        self._wake.set()
+
+
+def failure_of(error: Exception) -> broker_pb2.CallFailure:
+    """The `CallFailure` of how a follower ended: what Generate's status would say."""
+    if not isinstance(error, SwitchboardError):
+        # CallCancelled: a Generate call ends CANCELLED, which its caller reads so.
+        error = ServiceUnavailable("The call to the broker service was cancelled.")
+    return broker_pb2.CallFailure(
+        code=common_pb2.ErrorCode.ValueType(error.code),
+        message=error.message,
+        param=error.param or "",
+        retry_after_s=error.retry_after or 0.0,
+    )

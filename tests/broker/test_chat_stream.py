@@ -1,0 +1,300 @@
+"""`ChatStream` on the wire: what the broker sends upstream and how answers map to errors.
+
+Against a real aiohttp server on 127.0.0.1:0 whose handlers answer what the
+simulator cannot (redirects, huge or non-JSON error bodies, a stream that is
+not SSE, silence before the headers); the simulator covers the rest
+(test_service.py, test_faults.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from switchboard.broker.chat_stream import (
+    MAX_ERROR_BODY,
+    SseDecoder,
+    read_error,
+    request_error,
+)
+from switchboard.broker.clients import UpstreamClient, env_proxy, keepalive_socket
+from switchboard.broker.retry import TransientUpstreamError
+from switchboard.config import BrokerSettings, Secret
+from switchboard.errors import UpstreamError, UpstreamStreamBroken, UpstreamTimeout
+from switchboard.tenancy import Upstream
+
+KEY = "sk-chat-stream-test-0123456789abcdef"
+PAYLOAD = {"model": "m", "messages": [], "stream": True, "stream_options": {"include_usage": True}}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Upstreams:
+    """A real HTTP server on 127.0.0.1:0 whose `/v1/chat/completions` runs `handler`."""
+
+    def __init__(self) -> None:
+        self.handler: Handler = self._sse
+        self.requests: list[tuple[dict[str, str], dict[str, Any], Any]] = []
+        self.hits: dict[str, int] = {}
+        self.url = ""
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.requests.append((dict(request.headers), body, peer))
+        return await self.handler(request)
+
+    async def _elsewhere(self, request: web.Request) -> web.StreamResponse:
+        self.hits["elsewhere"] = self.hits.get("elsewhere", 0) + 1
+        return web.Response(text="should never be reached")
+
+    @staticmethod
+    async def _sse(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "x-request-id": "req-1"}
+        )
+        await response.prepare(request)
+        chunk = {"choices": [{"index": 0, "delta": {"content": "hi"}}]}
+        await response.write(b"data: " + orjson.dumps(chunk) + b"\n\ndata: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._dispatch)
+        app.router.add_route("*", "/elsewhere", self._elsewhere)
+        return app
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[Upstreams]:
+    server = Upstreams()
+    # handler_cancellation: a handler left waiting ends when its client goes away.
+    runner = web.AppRunner(server.app(), handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    server.url = f"http://127.0.0.1:{port}"
+    try:
+        yield server
+    finally:
+        await runner.cleanup()
+
+
+async def client_for(
+    upstreams: Upstreams, key: str = KEY, **env: str
+) -> AsyncIterator[UpstreamClient]:
+    client = UpstreamClient.build(
+        Upstream("one", upstreams.url + "/v1/", Secret(key)), BrokerSettings.from_environ(env)
+    )
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def client(upstreams: Upstreams) -> AsyncIterator[UpstreamClient]:
+    async for built in client_for(upstreams):
+        yield built
+
+
+async def chunks_of(client: UpstreamClient) -> list[dict[str, Any]]:
+    async with client.stream(PAYLOAD) as stream:
+        return [chunk async for chunk in stream]
+
+
+async def test_the_request_is_a_streamed_json_post_with_the_key(
+    client: UpstreamClient, upstreams: Upstreams
+) -> None:
+    chunks = await chunks_of(client)
+    assert chunks == [{"choices": [{"index": 0, "delta": {"content": "hi"}}]}]
+    ((headers, body, _),) = upstreams.requests
+    assert body == PAYLOAD
+    assert headers["Authorization"] == f"Bearer {KEY}"
+    assert headers["Content-Type"] == "application/json"
+    assert headers["Accept"] == "text/event-stream"
+    assert headers["User-Agent"] == "switchboard-broker"
+    assert client.active == 0
+
+
+async def test_no_key_sends_no_authorization(upstreams: Upstreams) -> None:
+    async for client in client_for(upstreams, key=""):
+        await chunks_of(client)
+    ((headers, _, _),) = upstreams.requests
+    assert "Authorization" not in headers
+
+
+async def test_a_finished_stream_leaves_its_connection_in_the_pool(
+    client: UpstreamClient, upstreams: Upstreams
+) -> None:
+    for _ in range(3):
+        await chunks_of(client)
+    peers = {peer for _, _, peer in upstreams.requests}
+    assert len(peers) == 1
+
+
+async def test_the_request_id_is_the_upstreams(client: UpstreamClient) -> None:
+    async with client.stream(PAYLOAD) as stream:
+        assert stream.request_id == "req-1"
+
+
+async def test_an_echoed_key_never_reaches_the_message(
+    client: UpstreamClient, upstreams: Upstreams
+) -> None:
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        message = f"Unknown parameter for key {KEY} (and sk-proj-abcdefghijkl)."
+        return web.json_response({"error": {"message": message}}, status=400)
+
+    upstreams.handler = refuse
+    with pytest.raises(UpstreamError) as caught:
+        await chunks_of(client)
+    message = str(caught.value)
+    assert message.startswith("The upstream refused the request (HTTP 400): Unknown parameter")
+    assert KEY not in message
+    assert "abcdefghijkl" not in message
+    assert client.active == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"<html>Bad Gateway config</html>", id="not-json"),
+        pytest.param(
+            orjson.dumps({"error": {"message": "x" * (2 * MAX_ERROR_BODY)}}), id="over-64KiB"
+        ),
+    ],
+)
+async def test_an_error_body_that_is_not_a_short_json_object_gives_no_detail(
+    client: UpstreamClient, upstreams: Upstreams, body: bytes
+) -> None:
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=body, status=422, content_type="application/json")
+
+    upstreams.handler = refuse
+    with pytest.raises(UpstreamError) as caught:
+        await chunks_of(client)
+    assert str(caught.value) == "The upstream refused the request (HTTP 422)."
+
+
+async def test_a_redirect_is_not_followed(client: UpstreamClient, upstreams: Upstreams) -> None:
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPTemporaryRedirect(upstreams.url + "/elsewhere")
+
+    upstreams.handler = redirect
+    with pytest.raises(UpstreamError) as caught:
+        await chunks_of(client)
+    assert "HTTP 307" in str(caught.value)
+    assert upstreams.hits == {}  # the key never went to the other address
+
+
+async def test_a_body_that_is_not_an_event_stream_is_a_broken_stream(
+    client: UpstreamClient, upstreams: Upstreams
+) -> None:
+    async def json_reply(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"choices": [{"message": {"content": "hi"}}]})
+
+    upstreams.handler = json_reply
+    with pytest.raises(UpstreamStreamBroken, match="ended before it was complete"):
+        await chunks_of(client)
+
+
+async def test_silence_before_the_headers_is_a_timeout(upstreams: Upstreams) -> None:
+    async def silent(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(5)
+        return web.Response()
+
+    upstreams.handler = silent
+    async for client in client_for(upstreams, SWITCHBOARD_BROKER_READ_TIMEOUT_S="0.2"):
+        with pytest.raises(UpstreamTimeout, match="did not answer in time"):
+            await chunks_of(client)
+        assert client.active == 0
+
+
+async def test_a_dropped_connection_before_the_headers_is_unreachable(
+    client: UpstreamClient, upstreams: Upstreams
+) -> None:
+    async def drop(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.abort()
+        await asyncio.sleep(1)
+        return web.Response()
+
+    upstreams.handler = drop
+    with pytest.raises(TransientUpstreamError, match="unreachable") as caught:
+        await chunks_of(client)
+    assert caught.value.reason == "connection"
+
+
+def test_transport_errors_map_by_cause() -> None:
+    assert isinstance(request_error(TimeoutError()), UpstreamTimeout)
+    assert isinstance(request_error(ConnectionRefusedError()), TransientUpstreamError)
+    wrapped = OSError("read failed")
+    wrapped.__cause__ = TimeoutError()
+    assert isinstance(read_error(wrapped), UpstreamTimeout)
+    assert isinstance(read_error(ConnectionResetError()), UpstreamStreamBroken)
+
+
+def test_upstream_sockets_have_tcp_keepalive() -> None:
+    info = (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", 0))
+    with keepalive_socket(info) as sock:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+
+
+def test_sse_decoder_gives_the_same_events_at_every_split_point() -> None:
+    body = (
+        b'data: {"a":1}\n\n\n'  # an extra blank line
+        b"data:no-space\n\n"
+        b": comment\ndata: after a comment\n\n"
+        b"data: one\r\ndata: two\r\n\r\n"
+        b"event: x\rdata: cr only\r\r"
+        b"data: \n\n"  # empty data: not an event
+        b"data: [DONE]"  # unterminated: returned by close()
+    )
+    expected = [
+        b'{"a":1}',
+        b"no-space",
+        b"after a comment",
+        b"one\ntwo",
+        b"cr only",
+        b"[DONE]",
+    ]
+    for split in range(len(body) + 1):
+        decoder = SseDecoder()
+        events = decoder.feed(body[:split]) + decoder.feed(body[split:]) + decoder.close()
+        assert events == expected, split
+
+
+def test_the_proxy_comes_from_the_environment_unless_no_proxy_exempts_the_host() -> None:
+    env = {"HTTPS_PROXY": "http://proxy:3128", "http_proxy": "http://plain:8080"}
+    assert env_proxy("https://api.openai.com/v1", env) == "http://proxy:3128"
+    assert env_proxy("http://vllm:8000/v1", env) == "http://plain:8080"
+    assert env_proxy("https://api.openai.com/v1", {**env, "NO_PROXY": "x,.openai.com"}) is None
+    assert env_proxy("http://vllm:8000/v1", {**env, "no_proxy": "*"}) is None
+    assert env_proxy("https://api.openai.com/v1", {}) is None
+
+
+async def test_requests_go_through_the_proxy_of_the_environment(
+    upstreams: Upstreams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The test server stands in for the proxy: a proxied request reaches it in
+    # absolute form, for a host that does not resolve.
+    monkeypatch.setenv("HTTP_PROXY", upstreams.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = UpstreamClient.build(
+        Upstream("one", "http://upstream.invalid/v1", Secret(KEY)), BrokerSettings.from_environ({})
+    )
+    try:
+        assert await chunks_of(client) == [{"choices": [{"index": 0, "delta": {"content": "hi"}}]}]
+    finally:
+        await client.aclose()
+    ((headers, _, _),) = upstreams.requests
+    assert headers["Host"] == "upstream.invalid"
