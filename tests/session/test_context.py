@@ -158,3 +158,42 @@ def test_zero_budget_still_keeps_the_newest_turn() -> None:
     assert ids(kept) == ["u1", "a1"]
     assert estimated == 2 * ITEM_OVERHEAD_TOKENS
     assert dropped == 1
+
+
+def summary(item_id: str, through: str, text: str) -> C.Item:
+    return C.Item(
+        id=item_id,
+        type=C.ITEM_TYPE_SUMMARY,
+        role=C.ROLE_SYSTEM,
+        content=[C.ContentPart(type=C.CONTENT_TYPE_OUTPUT_TEXT, text=text)],
+        summarized_through=through,
+    )
+
+
+def test_the_newest_summary_stands_for_the_items_before_it() -> None:
+    from switchboard.session.context import build_window
+
+    items = [
+        user("u1", "first " * 20),
+        assistant("a1", "reply " * 20),
+        summary("s1", "a1", "old summary"),
+        user("u2", "second " * 20),
+        assistant("a2", "reply " * 20),
+        summary("s2", "a2", "newer summary"),
+        user("u3", "third " * 20),
+        assistant("a3", "reply " * 20),
+        user("u4", "fourth"),
+    ]
+    budget = sum(item_tokens(item) for item in items[5:])
+    window, unsummarized = build_window("", items, budget)
+    assert [item.id for item in window.items] == ["s2", "u3", "a3", "u4"]
+    assert window.dropped_items == 4 and unsummarized == []
+    # A smaller budget drops turns after the summary: those need a new summary.
+    window, unsummarized = build_window("", items, budget - 1)
+    assert [item.id for item in window.items] == ["s2", "u4"]
+    assert [item.id for item in unsummarized] == ["u3", "a3"]
+    # Without summaries, the dropped items are all unsummarized.
+    plain = [item for item in items if item.type != C.ITEM_TYPE_SUMMARY]
+    window, unsummarized = build_window("", plain, item_tokens(plain[-1]))
+    assert [item.id for item in window.items] == ["u4"]
+    assert len(unsummarized) == 6

@@ -1,4 +1,4 @@
-"""A tenant's `mcp_servers:` and `moderation:` sections, and an error for every mistake."""
+"""A tenant's `mcp_servers:`, `moderation:` and `summaries:` sections, and their errors."""
 
 from __future__ import annotations
 
@@ -154,3 +154,27 @@ def test_a_bad_moderation_policy_is_named(policy: Any, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         TenantDirectory.parse(with_moderation(policy), ENVIRON)
     assert message in str(caught.value)
+
+
+def test_a_summary_policy_is_checked() -> None:
+    data = document()
+    data["tenants"]["acme"]["summaries"] = {"enabled": True, "model": "fast", "context_tokens": 900}
+    policy = TenantDirectory.parse(data, ENVIRON).tenants["acme"].summaries
+    assert (policy.enabled, policy.model, policy.context_tokens) == (True, "fast", 900)
+    assert (policy.summary_tokens, policy.wait_s) == (500, 2.0)
+    for bad, message in [
+        (
+            {"enabled": True, "model": "nope"},
+            "summaries.model: must be one of this tenant's models",
+        ),
+        ({"enabled": "yes"}, "summaries.enabled: must be true or false"),
+        (
+            {"enabled": True, "model": "fast", "context_tokens": 100},
+            "summaries.summary_tokens: must be less than context_tokens",
+        ),
+        ({"enabled": True, "model": "fast", "wait_s": 99}, "summaries.wait_s: must be at most 30"),
+    ]:
+        data["tenants"]["acme"]["summaries"] = bad
+        with pytest.raises(ConfigError) as caught:
+            TenantDirectory.parse(data, ENVIRON)
+        assert message in str(caught.value)

@@ -85,6 +85,8 @@ class Behaviour:
     # reply, after `flag_at` tokens (see tools/simulator/moderation.py).
     flag: str | None = None
     flag_at: int = 8
+    # Append ` facts=[...]`: every `FACT: ... .` sentence of every message.
+    echo_facts: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +166,7 @@ _OVERRIDE_RULES: Final[dict[str, tuple[Callable[[object], bool], str, bool]]] = 
     "echo_context": (lambda v: isinstance(v, bool), "a boolean", False),
     "flag": (lambda v: isinstance(v, str) and v in CATEGORIES, "a moderation category", True),
     "flag_at": (_number(0), "an integer >= 0", False),
+    "echo_facts": (lambda v: isinstance(v, bool), "a boolean", False),
 }
 
 
@@ -239,6 +242,28 @@ def split_directives(text: str) -> tuple[str, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- deriving the reply
+
+
+# A summarisation request: its first message is a system message starting so
+# (the gateway's summariser instructions, switchboard.gateway.summaries).
+SUMMARY_REQUEST: Final = "Summarize the conversation so far"
+_FACT: Final = re.compile(r"FACT: [^.]*\.")
+
+
+def is_summary_request(messages: Sequence[Mapping[str, Any]]) -> bool:
+    first = messages[0] if messages else {}
+    return first.get("role") == "system" and content_text(first.get("content")).startswith(
+        SUMMARY_REQUEST
+    )
+
+
+def facts(messages: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Every `FACT: ... .` sentence of every message's text, once, in order."""
+    found: dict[str, None] = {}
+    for message in messages:
+        for fact in _FACT.findall(content_text(message.get("content"))):
+            found.setdefault(fact)
+    return list(found)
 
 
 def content_text(content: object) -> str:
@@ -384,7 +409,12 @@ def plan_completion(
 
     calls: list[ToolCall] = []
     tokens: list[str] = []
-    if (role == "user" or looping) and behaviour.tool_calls:
+    if is_summary_request(messages):
+        # A summariser keeps the marked facts, and only them (docs/simulator.md).
+        behaviour = dataclasses.replace(defaults, tokens=0)
+        kept = facts(messages)
+        tokens = tokenize(" ".join(kept) if kept else "No facts to keep.")
+    elif (role == "user" or looping) and behaviour.tool_calls:
         calls = [
             ToolCall(
                 id=spec.id or "call_" + hashlib.sha256(f"{key}{i}".encode()).hexdigest()[:12],
@@ -406,6 +436,8 @@ def plan_completion(
             core = f"turn {len(users)}: nothing to answer."
         if behaviour.echo_context:
             core += f" context={len(messages)}"
+        if behaviour.echo_facts:
+            core += " facts=[" + " ".join(facts(messages)) + "]"
         tokens = tokenize(core)
         missing = behaviour.tokens - len(tokens)
         if missing > 0:

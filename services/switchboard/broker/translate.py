@@ -111,9 +111,16 @@ def chat_messages(context: session_pb2.Context) -> list[dict[str, Any]]:
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
         elif item.type == common_pb2.ITEM_TYPE_MCP_CALL:
             messages.extend(_mcp_call(item))
+        elif item.type == common_pb2.ITEM_TYPE_SUMMARY:
+            text = "".join(part.text for part in item.content)
+            messages.append({"role": "system", "content": SUMMARY_PREFIX + text})
     if calls:
         messages.append({"role": "assistant", "content": None, "tool_calls": calls})
     return messages
+
+
+# How a summary of earlier turns (ITEM_TYPE_SUMMARY) is introduced to the model.
+SUMMARY_PREFIX = "Summary of the earlier conversation: "
 
 
 def _mcp_call(item: common_pb2.Item) -> list[dict[str, Any]]:

@@ -79,7 +79,14 @@ class Backends(Protocol):
     ) -> session_pb2.AppendItemResponse: ...
     async def get_item(self, tenant_id: str, session_id: str, item_id: str) -> common_pb2.Item: ...
     async def delete_item(self, tenant_id: str, session_id: str, item_id: str) -> None: ...
-    async def build_context(self, tenant_id: str, session_id: str) -> session_pb2.Context: ...
+    async def build_context(
+        self,
+        tenant_id: str,
+        session_id: str,
+        *,
+        max_context_tokens: int = 0,
+        include_unsummarized: bool = False,
+    ) -> session_pb2.Context: ...
     # the session's event log and writer lease
     async def append_events_batch(
         self, appends: list[session_pb2.AppendEventsRequest]
@@ -202,8 +209,20 @@ class GrpcBackends:
         )
         await self._call("session", self.session.DeleteItem(request, timeout=self.timeout_s))
 
-    async def build_context(self, tenant_id: str, session_id: str) -> session_pb2.Context:
-        request = session_pb2.BuildContextRequest(tenant_id=tenant_id, session_id=session_id)
+    async def build_context(
+        self,
+        tenant_id: str,
+        session_id: str,
+        *,
+        max_context_tokens: int = 0,
+        include_unsummarized: bool = False,
+    ) -> session_pb2.Context:
+        request = session_pb2.BuildContextRequest(
+            tenant_id=tenant_id,
+            session_id=session_id,
+            max_context_tokens=max_context_tokens,
+            include_unsummarized=include_unsummarized,
+        )
         return await self._call(
             "session", self.session.BuildContext(request, timeout=self.timeout_s)
         )

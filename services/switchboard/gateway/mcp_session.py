@@ -151,6 +151,8 @@ class McpSession:
             with the rest of the response's output).
         """
         answers, self.protocol.approvals = self.protocol.approvals, []
+        if not answers:
+            return []
         output = self.protocol.mcp_output(response_id)
         opened: list[McpEntry] = []
         for answer in answers:

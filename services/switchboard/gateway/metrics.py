@@ -14,6 +14,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from switchboard.gateway.moderation import ModerationMetrics
+from switchboard.gateway.summaries import SummaryMetrics
 from switchboard.telemetry.metrics import MetricFactory
 
 # Seconds: from a few milliseconds (a cache) to a slow model's first token.
@@ -45,6 +46,7 @@ class GatewayMetrics:
         self.registry = metrics.registry
         # Defined with the moderation they measure (gateway/moderation.py).
         self.moderation = ModerationMetrics(self.registry)
+        self.summaries = SummaryMetrics(self.registry)
         self.time_to_first_token = metrics.histogram(
             "time_to_first_token_seconds",
             "From response.create received to the first delta sent to the client.",

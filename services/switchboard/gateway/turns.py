@@ -37,6 +37,7 @@ from switchboard.gateway.metrics import GatewayMetrics, refusal_reason
 from switchboard.gateway.moderation import ContentFiltered, Moderator
 from switchboard.gateway.protocol import RealtimeProtocol, finish_status
 from switchboard.gateway.server_tools import ServerTools, server_calls
+from switchboard.gateway.summaries import Summaries
 from switchboard.gateway.tenant_gate import RESPONSE_LEASE_S, Admitted, TenantGate
 from switchboard.limits.ledger import usd
 from switchboard.tenancy import Tenant
@@ -173,6 +174,9 @@ class TurnRunner:
         self.session_id = protocol.session_id
         self.tools = ServerTools(backends, tenant.id, self.session_id)
         self.mcp = McpSession(protocol, backends, tenant.id, publish=publish)
+        self.summaries = Summaries(
+            backends, tenant, self.session_id, metrics.summaries, protocol.ids
+        )
         self.moderator = Moderator(
             backends, tenant.id, self.session_id, tenant.moderation, metrics.moderation
         )
@@ -315,7 +319,7 @@ class TurnRunner:
         # and the calls the client approved, whose results the model must see.
         await self.mcp.list_new(command.mcp_tools)
         answered = await self.mcp.answer_approvals(response_id)
-        context = await self.backends.build_context(self.tenant.id, self.session_id)
+        context = await self.summaries.context()
         context.items.extend(answered)
         if command.instructions is not None:
             context.instructions = command.instructions

@@ -28,12 +28,12 @@ ITEM_OVERHEAD_TOKENS = 4
 class ContextWindow(NamedTuple):
     """What `build_context` keeps: a plain 3-tuple `(items, estimated_tokens, dropped_items)`."""
 
-    # The kept items, oldest first.
+    # The kept items, oldest first (the newest summary first, when there is one).
     items: list[common_pb2.Item]
     # Instructions plus kept items, in estimated tokens. Exceeds the budget only
     # when the newest turn alone does.
     estimated_tokens: int
-    # How many of the oldest items were left out.
+    # How many of the oldest items were left out (summaries not counted).
     dropped_items: int
 
 
@@ -77,6 +77,13 @@ def group_turns(items: Sequence[common_pb2.Item]) -> list[list[common_pb2.Item]]
 def build_context(
     instructions: str, items: Sequence[common_pb2.Item], budget_tokens: int
 ) -> ContextWindow:
+    """The window of `build_window`, without the items no summary covers."""
+    return build_window(instructions, items, budget_tokens)[0]
+
+
+def build_window(
+    instructions: str, items: Sequence[common_pb2.Item], budget_tokens: int
+) -> tuple[ContextWindow, list[common_pb2.Item]]:
     """Keep the newest whole turns whose estimated size fits `budget_tokens`.
 
     Instructions always count against the budget. Turns are taken newest first
@@ -90,16 +97,34 @@ def build_context(
         items: the conversation, oldest first.
         budget_tokens: the estimated-token budget for instructions plus items.
 
+    A summary item (ITEM_TYPE_SUMMARY, stored right after the last item it
+    covers) stands for everything before it: the newest summary comes first in
+    the window and counts against the budget, the items it covers are left out,
+    and turns are kept from those after it. Older summaries are never sent.
+
     Returns:
-        `(items, estimated_tokens, dropped_items)`; `items` oldest first.
+        The window (`items` oldest first), and the items it left out that no
+        summary covers (oldest first): what a new summary should take in.
     """
     used = instructions_tokens(instructions)
+    summary: common_pb2.Item | None = None
+    rest: Sequence[common_pb2.Item] = items
+    for index in range(len(items) - 1, -1, -1):
+        if items[index].type == common_pb2.ITEM_TYPE_SUMMARY:
+            summary, rest = items[index], items[index + 1 :]
+            used += item_tokens(summary)
+            break
+    rest = [item for item in rest if item.type != common_pb2.ITEM_TYPE_SUMMARY]
     kept: list[list[common_pb2.Item]] = []
-    for turn in reversed(group_turns(items)):
+    for turn in reversed(group_turns(rest)):
         cost = sum(item_tokens(item) for item in turn)
         if kept and used + cost > budget_tokens:
             break
         kept.append(turn)
         used += cost
     window = [item for turn in reversed(kept) for item in turn]
-    return ContextWindow(window, used, len(items) - len(window))
+    unsummarized = list(rest[: len(rest) - len(window)])
+    summaries = sum(item.type == common_pb2.ITEM_TYPE_SUMMARY for item in items)
+    dropped = len(items) - summaries - len(window)
+    kept_items = ([summary] if summary else []) + window
+    return ContextWindow(kept_items, used, dropped), unsummarized

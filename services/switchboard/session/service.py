@@ -19,7 +19,7 @@ import grpc
 import redis.exceptions
 
 from switchboard.errors import InternalError, SwitchboardError, abort_with, missing_parameter
-from switchboard.session.context import build_context
+from switchboard.session.context import build_window
 from switchboard.session.metrics import SessionMetrics
 from switchboard.session.store import SessionStore
 from switchboard.v1 import common_pb2, session_pb2, session_pb2_grpc
@@ -165,12 +165,14 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             requested = request.max_context_tokens
             budget = requested if requested > 0 else self._default_context_tokens
             instructions = session.config.instructions
-            window = build_context(instructions, items, budget)
+            window, unsummarized = build_window(instructions, items, budget)
             return session_pb2.Context(
                 instructions=instructions,
                 items=window.items,
                 estimated_tokens=window.estimated_tokens,
                 dropped_items=window.dropped_items,
+                unsummarized=unsummarized if request.include_unsummarized else (),
+                unsummarized_count=len(unsummarized),
             )
 
     async def AppendEventsBatch(

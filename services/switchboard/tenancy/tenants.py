@@ -17,6 +17,7 @@ from switchboard.config import Secret
 from switchboard.errors import SwitchboardError
 from switchboard.tenancy.mcp_section import McpServer
 from switchboard.tenancy.moderation_section import ModerationPolicy
+from switchboard.tenancy.summary_section import SummaryPolicy
 from switchboard.v1 import common_pb2
 
 DEFAULT_TIER = "standard"
@@ -199,6 +200,7 @@ class Tenant:
         money_budget: daily and monthly budgets in money; None is unlimited.
         mcp_servers: the remote MCP servers its clients may use, by label.
         moderation: how its text is moderated (off by default).
+        summaries: whether old turns are summarised rather than dropped.
         any_model_upstream: development tenants only: a model not in `models`
             is allowed too, and goes to this upstream under its own name.
         all_builtins: development tenants only: every built-in tool is allowed.
@@ -216,6 +218,7 @@ class Tenant:
     money_budget: MoneyBudget | None = None
     mcp_servers: Mapping[str, McpServer] = field(default_factory=_no_servers, repr=False)
     moderation: ModerationPolicy = field(default_factory=ModerationPolicy)
+    summaries: SummaryPolicy = field(default_factory=SummaryPolicy)
     any_model_upstream: str | None = None
     all_builtins: bool = False
 

@@ -28,6 +28,7 @@ from switchboard.tenancy.keys import TENANT_ID, normalize_key_hash
 from switchboard.tenancy.mcp_section import parse_mcp_servers
 from switchboard.tenancy.moderation_section import parse_moderation
 from switchboard.tenancy.prices_section import Price, parse_money_budget, parse_prices
+from switchboard.tenancy.summary_section import parse_summaries
 from switchboard.tenancy.tenants import (
     DEFAULT_TIER,
     DEFAULT_UPSTREAM,
@@ -70,6 +71,7 @@ _TENANT_KEYS = (
     "money_budget",
     "mcp_servers",
     "moderation",
+    "summaries",
 )
 _MODEL_KEYS = ("upstream", "upstream_model", "deployments")
 _DEPLOYMENT_KEYS = ("upstream", "upstream_model", "weight", "priority")
@@ -195,6 +197,7 @@ def _tenant(
         money_budget=parse_money_budget(body.get("money_budget"), (*path, "money_budget")),
         mcp_servers=parse_mcp_servers(body.get("mcp_servers"), (*path, "mcp_servers")),
         moderation=parse_moderation(body.get("moderation"), (*path, "moderation"), upstreams),
+        summaries=parse_summaries(body.get("summaries"), (*path, "summaries"), models),
     )
 
 

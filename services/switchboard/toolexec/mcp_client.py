@@ -21,6 +21,7 @@ it names the server's label, never its URL or the headers sent to it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
@@ -37,6 +38,12 @@ from switchboard.tenancy import McpServer
 from switchboard.toolexec.addresses import AddressGuard, DestinationRefused
 
 E = TypeVar("E", bound=BaseException)
+
+# httpx2 logs each request's URL at INFO, and the SDK's warnings quote exception
+# texts that hold URLs: an MCP server's URL is tenant configuration (it may carry
+# a token) and is never logged.
+for _noisy in ("httpx2", "httpcore2", "mcp"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 USER_AGENT = "switchboard-toolexec"
 # The longest piece of a server's error text passed on to the model.

@@ -175,6 +175,11 @@ class _ItemTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ItemType.Val
     """A call the model wants to make that waits for the client's approval."""
     ITEM_TYPE_MCP_APPROVAL_RESPONSE: _ItemType.ValueType  # 7
     """The client's answer to an approval request."""
+    ITEM_TYPE_SUMMARY: _ItemType.ValueType  # 8
+    """A summary of the conversation up to `summarized_through` (its text in
+    `content`), written by the gateway when old turns no longer fit the
+    context budget; stored right after the last item it covers.
+    """
 
 class ItemType(_ItemType, metaclass=_ItemTypeEnumTypeWrapper): ...
 
@@ -190,6 +195,11 @@ ITEM_TYPE_MCP_APPROVAL_REQUEST: ItemType.ValueType  # 6
 """A call the model wants to make that waits for the client's approval."""
 ITEM_TYPE_MCP_APPROVAL_RESPONSE: ItemType.ValueType  # 7
 """The client's answer to an approval request."""
+ITEM_TYPE_SUMMARY: ItemType.ValueType  # 8
+"""A summary of the conversation up to `summarized_through` (its text in
+`content`), written by the gateway when old turns no longer fit the
+context budget; stored right after the last item it covers.
+"""
 Global___ItemType: _TypeAlias = ItemType  # noqa: Y015
 
 class _Role:
@@ -346,6 +356,7 @@ class Item(_message.Message):
     APPROVE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     TOOLS_JSON_FIELD_NUMBER: _builtins.int
+    SUMMARIZED_THROUGH_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     type: Global___ItemType.ValueType
     role: Global___Role.ValueType
@@ -374,6 +385,8 @@ class Item(_message.Message):
     reason: _builtins.str
     tools_json: _builtins.str
     """ITEM_TYPE_MCP_LIST_TOOLS: the tools, as the JSON array of the Realtime item."""
+    summarized_through: _builtins.str
+    """ITEM_TYPE_SUMMARY: the id of the newest item it covers."""
     @_builtins.property
     def content(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContentPart]: ...
     def __init__(
@@ -395,10 +408,11 @@ class Item(_message.Message):
         approve: _builtins.bool = ...,
         reason: _builtins.str = ...,
         tools_json: _builtins.str = ...,
+        summarized_through: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_request_id", b"approval_request_id", "approve", b"approve", "arguments", b"arguments", "call_id", b"call_id", "content", b"content", "error_json", b"error_json", "id", b"id", "name", b"name", "output", b"output", "reason", b"reason", "response_id", b"response_id", "role", b"role", "server_label", b"server_label", "status", b"status", "tools_json", b"tools_json", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_request_id", b"approval_request_id", "approve", b"approve", "arguments", b"arguments", "call_id", b"call_id", "content", b"content", "error_json", b"error_json", "id", b"id", "name", b"name", "output", b"output", "reason", b"reason", "response_id", b"response_id", "role", b"role", "server_label", b"server_label", "status", b"status", "summarized_through", b"summarized_through", "tools_json", b"tools_json", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

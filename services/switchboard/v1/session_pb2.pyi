@@ -316,20 +316,24 @@ class BuildContextRequest(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _builtins.int
+    INCLUDE_UNSUMMARIZED_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     session_id: _builtins.str
     max_context_tokens: _builtins.int
     """Overrides the service's default context budget when > 0."""
+    include_unsummarized: _builtins.bool
+    """Return the items that did not fit and no summary covers (`Context.unsummarized`)."""
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
         session_id: _builtins.str = ...,
         max_context_tokens: _builtins.int = ...,
+        include_unsummarized: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_context_tokens", b"max_context_tokens", "session_id", b"session_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_unsummarized", b"include_unsummarized", "max_context_tokens", b"max_context_tokens", "session_id", b"session_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -343,14 +347,27 @@ class Context(_message.Message):
     ITEMS_FIELD_NUMBER: _builtins.int
     ESTIMATED_TOKENS_FIELD_NUMBER: _builtins.int
     DROPPED_ITEMS_FIELD_NUMBER: _builtins.int
+    UNSUMMARIZED_FIELD_NUMBER: _builtins.int
+    UNSUMMARIZED_COUNT_FIELD_NUMBER: _builtins.int
     instructions: _builtins.str
     estimated_tokens: _builtins.int
     """Switchboard's estimate of the prompt size (instructions + items)."""
     dropped_items: _builtins.int
-    """How many of the oldest items did not fit the budget."""
+    """How many of the oldest items did not fit the budget (items a summary
+    covers included).
+    """
+    unsummarized_count: _builtins.int
+    """How many items did not fit and no summary covers."""
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Item]:
         """Oldest first."""
+
+    @_builtins.property
+    def unsummarized(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Item]:
+        """The items that did not fit and no summary covers, oldest first, when
+        asked for (`include_unsummarized`); the newest summary, when the
+        conversation has one, is the first of `items`.
+        """
 
     def __init__(
         self,
@@ -359,10 +376,12 @@ class Context(_message.Message):
         items: _abc.Iterable[_common_pb2.Item] | None = ...,
         estimated_tokens: _builtins.int = ...,
         dropped_items: _builtins.int = ...,
+        unsummarized: _abc.Iterable[_common_pb2.Item] | None = ...,
+        unsummarized_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_items", b"dropped_items", "estimated_tokens", b"estimated_tokens", "instructions", b"instructions", "items", b"items"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_items", b"dropped_items", "estimated_tokens", b"estimated_tokens", "instructions", b"instructions", "items", b"items", "unsummarized", b"unsummarized", "unsummarized_count", b"unsummarized_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -177,7 +177,14 @@ class MemoryBackends:
         state = self._get(tenant_id, session_id)
         state.items = [item for item in state.items if item.id != item_id]
 
-    async def build_context(self, tenant_id: str, session_id: str) -> session_pb2.Context:
+    async def build_context(
+        self,
+        tenant_id: str,
+        session_id: str,
+        *,
+        max_context_tokens: int = 0,
+        include_unsummarized: bool = False,
+    ) -> session_pb2.Context:
         """Every item (no budget), the instructions, chars/4 tokens."""
         await self._enter("build_context")
         state = self._get(tenant_id, session_id)
