@@ -5,6 +5,8 @@ UV := .cache/uv-venv/bin/uv
 VENV := .venv
 # The TypeScript client SDK, built with its pinned TypeScript (the demo page serves it).
 JS := clients/js
+# The npm `openai` package, a client in tests/e2e/test_sse_npm.py.
+NPM_TESTS := tests/npm
 export UV_PYTHON_DOWNLOADS := never
 
 # (bench-load and bench-upstream: docs/performance.md)
@@ -59,7 +61,7 @@ image: setup ## build the container image localhost/switchboard:VERSION (podman 
 smoke-deploy: setup ## build the image, run the chart's minimal install with podman kube play, talk to it
 	$(VENV)/bin/python -m tools.smoke_deploy $(SMOKE_ARGS)
 
-setup: $(VENV)/.synced $(JS)/dist/index.js
+setup: $(VENV)/.synced $(JS)/dist/index.js $(NPM_TESTS)/node_modules/.package-lock.json
 
 $(UV):
 	$(PYTHON) -m venv .cache/uv-venv
@@ -72,8 +74,11 @@ $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
 $(JS)/node_modules/.package-lock.json: $(JS)/package.json $(JS)/package-lock.json
 	cd $(JS) && npm ci --no-audit --no-fund --loglevel=error
 
+$(NPM_TESTS)/node_modules/.package-lock.json: $(NPM_TESTS)/package.json $(NPM_TESTS)/package-lock.json
+	cd $(NPM_TESTS) && npm ci --no-audit --no-fund --loglevel=error
+
 $(JS)/dist/index.js: $(JS)/node_modules/.package-lock.json $(JS)/tsconfig.json $(wildcard $(JS)/src/*.ts)
 	cd $(JS) && npm run --silent build
 
 clean:
-	rm -rf $(VENV) .cache .run .pytest_cache .mypy_cache .ruff_cache $(JS)/node_modules $(JS)/dist
+	rm -rf $(VENV) .cache .run .pytest_cache .mypy_cache .ruff_cache $(JS)/node_modules $(JS)/dist $(NPM_TESTS)/node_modules
