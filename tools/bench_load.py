@@ -3,14 +3,20 @@
 The system under test, the whole `make run` stack (gateway, broker, session,
 toolexec and Redis), runs pinned to one core (`--sut-core`, 1); the upstream
 simulator and this load generator run pinned to another (`--client-core`, 0).
-Every scenario runs twice in the same run, one after the other:
+Every scenario runs on each path in the same run, one after the other:
 
 - **direct**: streaming Chat Completions straight from the simulator (the
   baseline: what the upstream and the load generator alone achieve);
 - **websocket**: the Realtime protocol on a persistent WebSocket per stream
   (`conversation.item.create` + `response.create`, then read to `response.done`);
 - **sse**: streaming Chat Completions through the gateway's
-  `POST /v1/chat/completions` (SSE; one request, so one new session, per round).
+  `POST /v1/chat/completions` (SSE; one request, so one new session, per round);
+- **litellm** (with `--litellm PATH`): streaming Chat Completions through
+  LiteLLM's proxy to the same simulator, the proxy pinned to the system under
+  test's core: the gateway a user would pick instead. LiteLLM is not a
+  Switchboard dependency: install it apart, e.g. `python3 -m venv /tmp/litellm
+  && /tmp/litellm/bin/pip install 'litellm[proxy]'`, and pass
+  `--litellm /tmp/litellm/bin/litellm`.
 
 Scenarios: N paced streams for each N in `--streams` (each asks `--rounds`
 times for `--tokens` tokens at `--delay-ms` per token, the streams' starts
@@ -33,6 +39,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import subprocess
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -95,13 +103,19 @@ def directive(tokens: int, delay_ms: int, tag: str) -> str:
 
 
 async def direct_stream(
-    http: aiohttp.ClientSession, url: str, phase: Phase, text: str, rounds: int
+    http: aiohttp.ClientSession,
+    url: str,
+    phase: Phase,
+    text: str,
+    rounds: int,
+    headers: dict[str, str] | None = None,
 ) -> None:
+    """Chat Completions streamed from `url`: the simulator itself, or LiteLLM's proxy."""
     stream = Stream(phase)
     body = {"model": "sim", "stream": True, "messages": [{"role": "user", "content": text}]}
     for _ in range(rounds):
         stream.ask()
-        async with http.post(url, json=body) as response:
+        async with http.post(url, json=body, headers=headers) as response:
             if response.status != 200:
                 phase.errors[f"http_{response.status}"] += 1
                 continue
@@ -179,6 +193,7 @@ class Bench:
         self.pids["simulator"] = stack.services["simulator"].pid
         self.pids["loadgen"] = os.getpid()
         self.http: aiohttp.ClientSession | None = None
+        self.litellm: LiteLLM | None = None
 
     def pin(self) -> None:
         for name, pid in self.pids.items():
@@ -206,6 +221,11 @@ class Bench:
                 if kind == "direct":
                     assert self.http is not None
                     await direct_stream(self.http, url, phase, text, rounds)
+                elif kind == "litellm":
+                    assert self.http is not None and self.litellm is not None
+                    await direct_stream(
+                        self.http, self.litellm.url, phase, text, rounds, self.litellm.headers
+                    )
                 elif kind == "sse":
                     assert self.http is not None
                     await sse_stream(self.http, sse_url, self.stack.dev_key, phase, text, rounds)
@@ -248,6 +268,71 @@ class Bench:
         return (after - before) * 1024 / count
 
 
+class LiteLLM:
+    """LiteLLM's proxy (one worker) in front of the simulator, for the litellm path."""
+
+    def __init__(self, executable: str, simulator_url: str) -> None:
+        self.executable = executable
+        self.port = Ports.free().gateway
+        self.url = f"http://127.0.0.1:{self.port}/v1/chat/completions"
+        # LiteLLM refuses to start without a master key; it never leaves this process.
+        key = "sk-bench-" + os.urandom(16).hex()
+        self.headers = {"Authorization": f"Bearer {key}"}
+        self.dir = Path(tempfile.mkdtemp(prefix="bench-litellm-"))
+        config = {
+            "model_list": [
+                {
+                    "model_name": "sim",
+                    "litellm_params": {
+                        "model": "openai/sim",
+                        "api_base": f"{simulator_url}/v1",
+                        "api_key": "sk-simulator-not-a-secret",
+                    },
+                }
+            ]
+        }
+        (self.dir / "config.json").write_bytes(orjson.dumps(config))
+        self.env = {**os.environ, "LITELLM_MASTER_KEY": key}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def _launch(self) -> None:
+        config = str(self.dir / "config.json")
+        argv = [self.executable, "--config", config, "--port", str(self.port), "--num_workers", "1"]
+        with open(self.dir / "litellm.log", "wb") as log:
+            self.process = subprocess.Popen(argv, env=self.env, stdout=log, stderr=log)
+
+    async def start(self, timeout_s: float = 90.0) -> None:
+        await asyncio.to_thread(self._launch)
+        assert self.process is not None
+        health = f"http://127.0.0.1:{self.port}/health/liveliness"
+        deadline = time.monotonic() + timeout_s
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"litellm exited; see {self.dir / 'litellm.log'}")
+                try:
+                    async with http.get(health) as reply:
+                        if reply.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.5)
+        raise RuntimeError(f"litellm not up after {timeout_s:g} s; see {self.dir / 'litellm.log'}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -275,17 +360,19 @@ def describe(name: str, direct: Phase, paths: dict[str, Phase], streams: int) ->
             f"delivers x{ratio:.2f} the tokens/s of direct"
         )
         per_k = {name: 1000 * cpu / sb.tokens for name, cpu in sb.cpu_s.items() if sb.tokens}
-        sut = sum(value for key, value in per_k.items() if key in SUT)
+        tested = ("litellm",) if label == "litellm" else SUT
+        sut = sum(value for key, value in per_k.items() if key in tested)
         print(
             f"  {label} CPU-s per 1k tokens: "
             + ", ".join(f"{key} {value:.3f}" for key, value in per_k.items())
             + f" (system under test {sut:.3f})"
         )
         before, peak = sb.gateway_rss_mib
-        print(
-            f"  {label} gateway RSS {before:.1f} -> {peak:.1f} MiB "
-            f"({(peak - before) * 1024 / max(1, streams):.1f} KiB per stream)"
-        )
+        if label != "litellm":
+            print(
+                f"  {label} gateway RSS {before:.1f} -> {peak:.1f} MiB "
+                f"({(peak - before) * 1024 / max(1, streams):.1f} KiB per stream)"
+            )
         row.update(
             {f"{label}_p50": s50 - d50, f"{label}_p99": s99 - d99, f"{label}_tps": sb.tokens_per_s}
         )
@@ -305,7 +392,12 @@ def draw(path: Path, rows: dict[int, dict[str, float]]) -> None:
 
     counts = sorted(rows)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for kind, marker in (("websocket", "o"), ("sse", "s")):
+    drawn = [
+        (k, m)
+        for k, m in (("websocket", "o"), ("sse", "s"), ("litellm", "d"))
+        if f"{k}_p50" in rows[counts[0]]
+    ]
+    for kind, marker in drawn:
         left.plot(
             counts, [rows[n][f"{kind}_p50"] for n in counts], f"{marker}-", label=f"{kind} p50"
         )
@@ -315,7 +407,7 @@ def draw(path: Path, rows: dict[int, dict[str, float]]) -> None:
     left.set(xlabel="paced streams", ylabel="TTFT added over direct (ms)", yscale="symlog")
     left.legend()
     right.plot(counts, [rows[n]["direct_tps"] for n in counts], "^-", label="direct")
-    for kind, marker in (("websocket", "o"), ("sse", "s")):
+    for kind, marker in drawn:
         right.plot(counts, [rows[n][f"{kind}_tps"] for n in counts], f"{marker}-", label=kind)
     right.set(xlabel="paced streams", ylabel="delivered tokens/s")
     right.legend()
@@ -337,8 +429,15 @@ async def run(args: argparse.Namespace) -> None:
         },
     )
     await asyncio.to_thread(stack.start)
+    litellm = None
     try:
         bench = Bench(stack, args)
+        kinds: tuple[str, ...] = KINDS
+        if args.litellm:
+            litellm = bench.litellm = LiteLLM(args.litellm, stack.simulator_url)
+            await litellm.start()
+            bench.pids["litellm"] = litellm.pid
+            kinds = (*KINDS, "litellm")
         bench.pin()
         print(
             f"system under test on core {args.sut_core} ({', '.join(SUT)}); simulator and load "
@@ -350,18 +449,18 @@ async def run(args: argparse.Namespace) -> None:
         ) as http:
             bench.http = http
             # Warm up every path; not counted.
-            for kind in KINDS:
+            for kind in kinds:
                 await bench.phase(kind, 4, 16, 0, 1)
             rows: dict[int, dict[str, float]] = {}
             for streams in args.streams:
                 phases = {
                     kind: await bench.phase(kind, streams, args.tokens, args.delay_ms, args.rounds)
-                    for kind in KINDS
+                    for kind in kinds
                 }
                 name = f"{streams} paced stream(s): {args.tokens} tokens at {args.delay_ms} ms"
                 direct = phases.pop("direct")
                 rows[streams] = describe(name, direct, phases, streams)
-            phases = {kind: await bench.phase(kind, 1, args.burst_tokens, 0, 1) for kind in KINDS}
+            phases = {kind: await bench.phase(kind, 1, args.burst_tokens, 0, 1) for kind in kinds}
             direct = phases.pop("direct")
             describe(f"burst: 1 stream, {args.burst_tokens} tokens, no delay", direct, phases, 1)
         if args.idle:
@@ -370,6 +469,8 @@ async def run(args: argparse.Namespace) -> None:
         if args.png:
             draw(Path(args.png), rows)
     finally:
+        if litellm is not None:
+            litellm.stop()
         await asyncio.to_thread(stack.stop)
 
 
@@ -387,6 +488,7 @@ def main() -> None:
     parser.add_argument("--sut-core", type=int, default=1)
     parser.add_argument("--client-core", type=int, default=0)
     parser.add_argument("--png", default="docs/images/bench_load.png")
+    parser.add_argument("--litellm", help="the `litellm` executable of a LiteLLM install")
     args = parser.parse_args()
     import uvloop
 
