@@ -174,6 +174,9 @@ class Stack:
         if self.simulate:
             env["SWITCHBOARD_BROKER_UPSTREAM_URL"] = f"{self.simulator_url}/v1"
             env["SWITCHBOARD_BROKER_UPSTREAM_API_KEY"] = SIMULATOR_KEY
+            # The simulator speaks the Realtime protocol too: development tenants
+            # get the voice model `gpt-realtime-voice` on it (docs/voice.md).
+            env.setdefault("SWITCHBOARD_BROKER_REALTIME_URL", f"{self.simulator_url}/v1")
         return env
 
     @property

@@ -43,6 +43,7 @@ from switchboard.gateway.openai_http import chat_completions_endpoint, responses
 from switchboard.gateway.realtime import realtime
 from switchboard.gateway.resources import Resources
 from switchboard.gateway.tenant_gate import TenantGate
+from switchboard.gateway.voice import VoiceBroker
 from switchboard.limits import TenantLimiter
 from switchboard.redis_client import any_client, warm_up
 from switchboard.telemetry.logs import RateLimitedLog
@@ -87,6 +88,7 @@ def create_app(
                 TenantLimiter(redis), reserve_output_tokens=settings.reserve_output_tokens
             ),
             refusals=RateLimitedLog(log),
+            voice=VoiceBroker(settings.broker_target),
         )
         watcher = asyncio.create_task(tenants.watch())
         try:
@@ -95,6 +97,8 @@ def create_app(
             watcher.cancel()
             await recorder.close()
             await used.close()
+            if app.state.gateway.voice is not None:
+                await app.state.gateway.voice.close()
             await redis.aclose()
 
     app = Starlette(

@@ -56,6 +56,18 @@ def initial_session(session_id: str, config: session_pb2.SessionConfig) -> Event
     }
 
 
+def check_locked(raw: Event, session: Event, locked: frozenset[str]) -> None:
+    """Refuse an update of a field an ephemeral secret fixed (`field_locked`)."""
+    for name in LOCKABLE_FIELDS:
+        if name in locked and name in raw and raw[name] != session.get(name):
+            raise InvalidRequest(
+                f"'session.{name}' was fixed when this client secret was created and "
+                "cannot be changed.",
+                code=common_pb2.ERROR_CODE_FIELD_LOCKED,
+                param=f"session.{name}",
+            )
+
+
 def apply_update(
     session: Event,
     config: session_pb2.SessionConfig,
@@ -87,14 +99,7 @@ def apply_update(
         raise invalid_value(
             "session.type", f"Invalid value: {quote(session_type)}. Expected 'realtime'."
         )
-    for name in LOCKABLE_FIELDS:
-        if name in locked and name in raw and raw[name] != session.get(name):
-            raise InvalidRequest(
-                f"'session.{name}' was fixed when this client secret was created and "
-                "cannot be changed.",
-                code=common_pb2.ERROR_CODE_FIELD_LOCKED,
-                param=f"session.{name}",
-            )
+    check_locked(raw, session, locked)
     session = dict(session)
     updated = session_pb2.SessionConfig()
     updated.CopyFrom(config)
