@@ -7,8 +7,10 @@ Every scenario runs twice in the same run, one after the other:
 
 - **direct**: streaming Chat Completions straight from the simulator (the
   baseline: what the upstream and the load generator alone achieve);
-- **switchboard**: the Realtime protocol on a persistent WebSocket per stream
-  (`conversation.item.create` + `response.create`, then read to `response.done`).
+- **websocket**: the Realtime protocol on a persistent WebSocket per stream
+  (`conversation.item.create` + `response.create`, then read to `response.done`);
+- **sse**: streaming Chat Completions through the gateway's
+  `POST /v1/chat/completions` (SSE; one request, so one new session, per round).
 
 Scenarios: N paced streams for each N in `--streams` (each asks `--rounds`
 times for `--tokens` tokens at `--delay-ms` per token, the streams' starts
@@ -43,6 +45,8 @@ import websockets
 from tools.stack import Ports, Stack
 
 SUT = ("gateway", "broker", "session", "toolexec", "redis")
+# The paths measured, each scenario in turn: the baseline first.
+KINDS = ("direct", "websocket", "sse")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -100,6 +104,27 @@ async def direct_stream(
         async with http.post(url, json=body) as response:
             if response.status != 200:
                 phase.errors[f"http_{response.status}"] += 1
+                continue
+            async for line in response.content:
+                if line.startswith(b"data: {"):
+                    for choice in orjson.loads(line[6:]).get("choices", ()):
+                        if content := choice["delta"].get("content"):
+                            stream.delta(content)
+
+
+async def sse_stream(
+    http: aiohttp.ClientSession, url: str, key: str, phase: Phase, text: str, rounds: int
+) -> None:
+    """Chat Completions streamed through the gateway (the SSE path)."""
+    stream = Stream(phase)
+    body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": text}]}
+    headers = {"Authorization": f"Bearer {key}"}
+    for _ in range(rounds):
+        stream.ask()
+        async with http.post(url, json=body, headers=headers) as response:
+            if response.status != 200:
+                error = (await response.json())["error"]["code"]
+                phase.errors[error] += 1
                 continue
             async for line in response.content:
                 if line.startswith(b"data: {"):
@@ -168,6 +193,7 @@ class Bench:
         phase = Phase()
         url = f"{self.stack.simulator_url}/v1/chat/completions"
         ws_url = f"{self.stack.websocket_url}?model=gpt-realtime"
+        sse_url = f"{self.stack.gateway_url}/v1/chat/completions"
         spread_s = delay_ms / 1000 if delay_ms else 0.0
         gateway = self.pids["gateway"]
         before_cpu = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
@@ -180,6 +206,9 @@ class Bench:
                 if kind == "direct":
                     assert self.http is not None
                     await direct_stream(self.http, url, phase, text, rounds)
+                elif kind == "sse":
+                    assert self.http is not None
+                    await sse_stream(self.http, sse_url, self.stack.dev_key, phase, text, rounds)
                 else:
                     await switchboard_stream(ws_url, self.stack.dev_key, phase, text, rounds)
             except (OSError, websockets.WebSocketException, aiohttp.ClientError) as exc:
@@ -226,41 +255,46 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def describe(name: str, direct: Phase, sb: Phase, streams: int) -> dict[str, float]:
+def describe(name: str, direct: Phase, paths: dict[str, Phase], streams: int) -> dict[str, float]:
+    """Print one scenario: direct and each Switchboard path, and what each adds."""
     d50, d99 = pct(direct.ttft_ms, 0.5), pct(direct.ttft_ms, 0.99)
-    s50, s99 = pct(sb.ttft_ms, 0.5), pct(sb.ttft_ms, 0.99)
     print(f"\n{name}")
     print(f"  {'':12} {'TTFT p50':>10} {'TTFT p99':>10} {'tokens/s':>10} {'gap p99':>9} errors")
-    for label, phase in (("direct", direct), ("switchboard", sb)):
+    for label, phase in (("direct", direct), *paths.items()):
         print(
             f"  {label:12} {pct(phase.ttft_ms, 0.5):8.2f}ms {pct(phase.ttft_ms, 0.99):8.2f}ms "
             f"{phase.tokens_per_s:10.0f} {pct(phase.gaps_ms, 0.99):7.1f}ms "
             f"{dict(phase.errors) or '-'}"
         )
-    ratio = sb.tokens_per_s / direct.tokens_per_s if direct.tokens_per_s else float("nan")
+    row = {"direct_tps": direct.tokens_per_s}
+    for label, sb in paths.items():
+        s50, s99 = pct(sb.ttft_ms, 0.5), pct(sb.ttft_ms, 0.99)
+        ratio = sb.tokens_per_s / direct.tokens_per_s if direct.tokens_per_s else float("nan")
+        print(
+            f"  {label} adds TTFT p50 +{s50 - d50:.2f} ms, p99 +{s99 - d99:.2f} ms; "
+            f"delivers x{ratio:.2f} the tokens/s of direct"
+        )
+        per_k = {name: 1000 * cpu / sb.tokens for name, cpu in sb.cpu_s.items() if sb.tokens}
+        sut = sum(value for key, value in per_k.items() if key in SUT)
+        print(
+            f"  {label} CPU-s per 1k tokens: "
+            + ", ".join(f"{key} {value:.3f}" for key, value in per_k.items())
+            + f" (system under test {sut:.3f})"
+        )
+        before, peak = sb.gateway_rss_mib
+        print(
+            f"  {label} gateway RSS {before:.1f} -> {peak:.1f} MiB "
+            f"({(peak - before) * 1024 / max(1, streams):.1f} KiB per stream)"
+        )
+        row.update(
+            {f"{label}_p50": s50 - d50, f"{label}_p99": s99 - d99, f"{label}_tps": sb.tokens_per_s}
+        )
+    direct_k = {key: 1000 * cpu / direct.tokens for key, cpu in direct.cpu_s.items()}
     print(
-        f"  switchboard adds TTFT p50 +{s50 - d50:.2f} ms, p99 +{s99 - d99:.2f} ms; "
-        f"delivers x{ratio:.2f} the tokens/s of direct"
-    )
-    per_k = {name: 1000 * cpu / sb.tokens for name, cpu in sb.cpu_s.items() if sb.tokens}
-    direct_k = {name: 1000 * cpu / direct.tokens for name, cpu in direct.cpu_s.items()}
-    print(
-        "  CPU-s per 1k tokens: "
-        + ", ".join(f"{name} {value:.3f}" for name, value in per_k.items())
-        + f" | direct: simulator {direct_k.get('simulator', 0):.3f}, "
+        f"  direct CPU-s per 1k tokens: simulator {direct_k.get('simulator', 0):.3f}, "
         f"loadgen {direct_k.get('loadgen', 0):.3f}"
     )
-    before, peak = sb.gateway_rss_mib
-    print(
-        f"  gateway RSS {before:.1f} -> {peak:.1f} MiB "
-        f"({(peak - before) * 1024 / max(1, streams):.1f} KiB per stream)"
-    )
-    return {
-        "added_p50": s50 - d50,
-        "added_p99": s99 - d99,
-        "direct_tps": direct.tokens_per_s,
-        "sb_tps": sb.tokens_per_s,
-    }
+    return row
 
 
 def draw(path: Path, rows: dict[int, dict[str, float]]) -> None:
@@ -271,12 +305,18 @@ def draw(path: Path, rows: dict[int, dict[str, float]]) -> None:
 
     counts = sorted(rows)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(counts, [rows[n]["added_p50"] for n in counts], "o-", label="p50")
-    left.plot(counts, [rows[n]["added_p99"] for n in counts], "s-", label="p99")
+    for kind, marker in (("websocket", "o"), ("sse", "s")):
+        left.plot(
+            counts, [rows[n][f"{kind}_p50"] for n in counts], f"{marker}-", label=f"{kind} p50"
+        )
+        left.plot(
+            counts, [rows[n][f"{kind}_p99"] for n in counts], f"{marker}--", label=f"{kind} p99"
+        )
     left.set(xlabel="paced streams", ylabel="TTFT added over direct (ms)", yscale="symlog")
     left.legend()
-    right.plot(counts, [rows[n]["direct_tps"] for n in counts], "o-", label="direct")
-    right.plot(counts, [rows[n]["sb_tps"] for n in counts], "s-", label="switchboard")
+    right.plot(counts, [rows[n]["direct_tps"] for n in counts], "^-", label="direct")
+    for kind, marker in (("websocket", "o"), ("sse", "s")):
+        right.plot(counts, [rows[n][f"{kind}_tps"] for n in counts], f"{marker}-", label=kind)
     right.set(xlabel="paced streams", ylabel="delivered tokens/s")
     right.legend()
     fig.suptitle("Switchboard on one core vs the upstream directly (tools/bench_load.py)")
@@ -309,22 +349,21 @@ async def run(args: argparse.Namespace) -> None:
             headers={"Authorization": "Bearer sk-simulator-not-a-secret"},
         ) as http:
             bench.http = http
-            # Warm up both paths; not counted.
-            for kind in ("direct", "switchboard"):
+            # Warm up every path; not counted.
+            for kind in KINDS:
                 await bench.phase(kind, 4, 16, 0, 1)
             rows: dict[int, dict[str, float]] = {}
             for streams in args.streams:
-                direct, sb = [
-                    await bench.phase(kind, streams, args.tokens, args.delay_ms, args.rounds)
-                    for kind in ("direct", "switchboard")
-                ]
+                phases = {
+                    kind: await bench.phase(kind, streams, args.tokens, args.delay_ms, args.rounds)
+                    for kind in KINDS
+                }
                 name = f"{streams} paced stream(s): {args.tokens} tokens at {args.delay_ms} ms"
-                rows[streams] = describe(name, direct, sb, streams)
-            direct, sb = [
-                await bench.phase(kind, 1, args.burst_tokens, 0, 1)
-                for kind in ("direct", "switchboard")
-            ]
-            describe(f"burst: 1 stream, {args.burst_tokens} tokens, no delay", direct, sb, 1)
+                direct = phases.pop("direct")
+                rows[streams] = describe(name, direct, phases, streams)
+            phases = {kind: await bench.phase(kind, 1, args.burst_tokens, 0, 1) for kind in KINDS}
+            direct = phases.pop("direct")
+            describe(f"burst: 1 stream, {args.burst_tokens} tokens, no delay", direct, phases, 1)
         if args.idle:
             per_connection = await bench.idle_memory(args.idle)
             print(f"\n{args.idle} idle connections: {per_connection:.1f} KiB each in the gateway")

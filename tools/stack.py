@@ -52,6 +52,7 @@ class Ports:
     broker_metrics: int = 9102
     toolexec_metrics: int = 9103
     session_metrics: int = 9101
+    demo: int = 8081
 
     @classmethod
     def free(cls) -> Ports:
@@ -137,6 +138,8 @@ class Stack:
     # `make run` keeps it in .run/redis. None: a temporary folder, kept nowhere.
     redis_dir: Path | None = None
     supervisor: Supervisor | None = None
+    # Serve the demo page (tools/demo) too, on `ports.demo`.
+    demo: bool = False
     _extra_gateway_ports: list[int] = field(default_factory=list)
 
     @property
@@ -230,6 +233,21 @@ class Stack:
                 gateway_env,
                 _http_probe(f"http://127.0.0.1:{gateway_port}/readyz"),
             )
+        if self.demo:
+            self._define_demo(env)
+
+    @property
+    def demo_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.demo}/"
+
+    def _define_demo(self, env: dict[str, str]) -> None:
+        """The demo page's server: it mints `ek_` secrets with the development key,
+        which only it is given (never the browser)."""
+        argv = [sys.executable, "-m", "tools.demo", "--port", str(self.ports.demo)]
+        for port in self.gateway_ports:
+            argv += ["--gateway", f"http://127.0.0.1:{port}"]
+        demo_env = {**env, "SWITCHBOARD_DEMO_TENANT_KEY": self.dev_key}
+        self._add("demo", argv, demo_env, _http_probe(f"{self.demo_url}healthz"))
 
     def _add(
         self, name: str, argv: list[str], env: dict[str, str], healthy: Callable[[], bool]
@@ -295,7 +313,7 @@ class Stack:
         if self.supervisor is not None:
             self.supervisor.stop()
             self.supervisor = None
-        order = ("gateway", "broker", "toolexec", "session", "simulator")
+        order = ("demo", "gateway", "broker", "toolexec", "session", "simulator")
         for service in sorted(
             self.services.values(), key=lambda s: order.index(s.name.split("-")[0])
         ):
@@ -363,6 +381,7 @@ def main() -> None:
         redis_url=os.environ.get("SWITCHBOARD_REDIS_URL"),
         log_dir=args.log_dir,
         redis_dir=args.log_dir.parent / "redis",
+        demo=True,
     )
     stopping = False
 
@@ -394,6 +413,7 @@ Switchboard is running.
   API key:    {stack.dev_key}   (tenant "{DEV_TENANT}"; fix it with SWITCHBOARD_DEV_KEY)
   Upstream:   {upstream}
   Health:     {stack.gateway_url}/readyz
+  Demo page:  {stack.demo_url}   (the TypeScript SDK in your browser)
   Logs:       {stack.log_dir}/
 
 Try it:  .venv/bin/python -m tools.chat --url {stack.websocket_url} --key {stack.dev_key}

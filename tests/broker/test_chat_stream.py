@@ -23,7 +23,7 @@ from switchboard.broker.chat_stream import (
     read_error,
     request_error,
 )
-from switchboard.broker.clients import UpstreamClient, keepalive_socket
+from switchboard.broker.clients import UpstreamClient, env_proxy, keepalive_socket
 from switchboard.broker.retry import TransientUpstreamError
 from switchboard.config import BrokerSettings, Secret
 from switchboard.errors import UpstreamError, UpstreamStreamBroken, UpstreamTimeout
@@ -270,3 +270,31 @@ def test_sse_decoder_gives_the_same_events_at_every_split_point() -> None:
         decoder = SseDecoder()
         events = decoder.feed(body[:split]) + decoder.feed(body[split:]) + decoder.close()
         assert events == expected, split
+
+
+def test_the_proxy_comes_from_the_environment_unless_no_proxy_exempts_the_host() -> None:
+    env = {"HTTPS_PROXY": "http://proxy:3128", "http_proxy": "http://plain:8080"}
+    assert env_proxy("https://api.openai.com/v1", env) == "http://proxy:3128"
+    assert env_proxy("http://vllm:8000/v1", env) == "http://plain:8080"
+    assert env_proxy("https://api.openai.com/v1", {**env, "NO_PROXY": "x,.openai.com"}) is None
+    assert env_proxy("http://vllm:8000/v1", {**env, "no_proxy": "*"}) is None
+    assert env_proxy("https://api.openai.com/v1", {}) is None
+
+
+async def test_requests_go_through_the_proxy_of_the_environment(
+    upstreams: Upstreams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The test server stands in for the proxy: a proxied request reaches it in
+    # absolute form, for a host that does not resolve.
+    monkeypatch.setenv("HTTP_PROXY", upstreams.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = UpstreamClient.build(
+        Upstream("one", "http://upstream.invalid/v1", Secret(KEY)), BrokerSettings.from_environ({})
+    )
+    try:
+        assert await chunks_of(client) == [{"choices": [{"index": 0, "delta": {"content": "hi"}}]}]
+    finally:
+        await client.aclose()
+    ((headers, _, _),) = upstreams.requests
+    assert headers["Host"] == "upstream.invalid"

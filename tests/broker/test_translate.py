@@ -104,6 +104,58 @@ def test_trailing_function_calls_are_flushed_and_separated_by_outputs() -> None:
     assert [len(m.get("tool_calls", ())) for m in messages] == [1, 0, 1]
 
 
+def test_mcp_calls_that_ran_become_a_call_and_its_result() -> None:
+    def mcp(call_id: str, **fields: Any) -> C.Item:
+        return C.Item(
+            type=C.ITEM_TYPE_MCP_CALL,
+            call_id=call_id,
+            server_label="shop",
+            name="lookup",
+            arguments='{"id":1}',
+            **fields,
+        )
+
+    req = request(
+        C.Item(type=C.ITEM_TYPE_MCP_LIST_TOOLS, server_label="shop", tools_json="[]"),
+        mcp("c1", output='{"ok":true}'),
+        mcp("c2", error_json='{"type":"tool_execution_error","message":"no"}'),
+        C.Item(type=C.ITEM_TYPE_MCP_APPROVAL_REQUEST, call_id="c3", server_label="shop"),
+        mcp("c4"),  # never ran: the response broke off
+        C.Item(type=C.ITEM_TYPE_MCP_APPROVAL_RESPONSE, approval_request_id="x", approve=True),
+    )
+    messages = chat_request(req, None)["messages"]
+    assert messages == [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "shop__lookup", "arguments": '{"id":1}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": '{"ok":true}'},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c2",
+                    "type": "function",
+                    "function": {"name": "shop__lookup", "arguments": '{"id":1}'},
+                }
+            ],
+        },
+        {
+            "role": "tool",
+            "tool_call_id": "c2",
+            "content": '{"error": {"type": "tool_execution_error", "message": "no"}}',
+        },
+    ]
+
+
 def test_tools_and_options() -> None:
     req = request(
         message(C.ROLE_USER, "hi"),

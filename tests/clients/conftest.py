@@ -23,6 +23,7 @@ def stack() -> Iterator[Stack]:
     stack = Stack(
         ports=Ports.free(),
         replicas=2,
+        demo=True,
         simulator_args=["--ttft-ms", "20", "--token-delay-ms", "5", "--reply-tokens", "12"],
         extra_env={
             "SWITCHBOARD_GATEWAY_SESSION_LEASE_S": LEASE_S,
@@ -55,3 +56,13 @@ def mint_secret(stack: Stack, seconds: int = 600) -> tuple[str, float]:
     with urllib.request.urlopen(request, timeout=10) as response:
         answer = json.loads(response.read())
     return str(answer["value"]), float(answer["expires_at"])
+
+
+def gateway_serving(stack: Stack, url: str | None) -> str:
+    """The name of the gateway service a client's connection URL points at."""
+    assert url is not None
+    port = int(url.split(":")[2].split("/")[0])
+    for name, service in stack.services.items():
+        if name.startswith("gateway") and service.env["SWITCHBOARD_GATEWAY_PORT"] == str(port):
+            return name
+    raise AssertionError(f"no gateway listens on {port}")

@@ -27,7 +27,7 @@ from tools.prometheus_server import promtool
 DASHBOARDS = load_all()
 EXPECTED = {"overview", "gateway", "broker", "session", "toolexec"}
 # Grafana unit ids the panels may use (Grafana's "Standard options > Unit").
-UNITS = {"s", "percentunit", "reqps", "cps", "short", "suffix: tok/s"}
+UNITS = {"currencyUSD", "s", "percentunit", "reqps", "cps", "short", "suffix: tok/s"}
 
 
 def test_the_committed_files_are_what_the_generator_writes() -> None:

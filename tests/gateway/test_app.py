@@ -32,6 +32,7 @@ KEY = "sk-sb-apptest-0123456789abcdef"
 class Gateway:
     url: str
     backends: MemoryBackends
+    app: Any = None
 
     def ws(self, query: str = "model=gpt-realtime", key: str = KEY, **kwargs: Any) -> Any:
         return websockets.connect(
@@ -71,7 +72,7 @@ async def gateway(redis_server: RedisServer) -> AsyncIterator[Gateway]:
     while not server.started:
         await asyncio.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
-    yield Gateway(f"127.0.0.1:{port}", backends)
+    yield Gateway(f"127.0.0.1:{port}", backends, app)
     server.should_exit = True
     await task
 

@@ -14,6 +14,7 @@ import openai
 import orjson
 import pytest
 
+from switchboard.gateway import bounds
 from switchboard.gateway.testing import reply
 from switchboard.gateway.testing.model import Call, Fail, Finish, Script, Text, Wait
 from tests.gateway.test_app import KEY, Gateway
@@ -34,7 +35,7 @@ WEATHER_TOOL: Any = {
 
 @dataclass
 class Raw:
-    """An HTTP answer as a raw client sees it."""
+    """An HTTP answer as a raw client sees it (header names in lower case)."""
 
     status: int
     headers: dict[str, str]
@@ -66,7 +67,8 @@ async def post(
         aiohttp.ClientSession() as http,
         http.post(f"http://{gateway.url}{path}", data=io.BytesIO(data), headers=sent) as response,
     ):
-        return Raw(response.status, dict(response.headers), await response.read())
+        headers = {name.lower(): value for name, value in response.headers.items()}
+        return Raw(response.status, headers, await response.read())
 
 
 async def test_the_sdk_streams_text_with_usage(gateway: Gateway, sdk: openai.AsyncOpenAI) -> None:
@@ -193,7 +195,7 @@ async def test_every_event_has_an_id_and_the_stream_ends_with_done(gateway: Gate
     body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}
     answer = await post(gateway, body)
     assert answer.status == 200
-    assert answer.headers["Content-Type"].startswith("text/event-stream")
+    assert answer.headers["content-type"].startswith("text/event-stream")
     events = answer.events()
     assert all(event.get("id") for event in events)
     assert len({event["id"] for event in events}) == len(events)
@@ -319,3 +321,41 @@ async def test_a_client_that_disconnects_cancels_the_model_call(
             break
         await asyncio.sleep(0.005)
     assert model.cancelled == [model.requests[-1].response_id]
+
+
+async def test_a_slow_upload_gets_408_and_nothing_else_is_affected(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bounds, "BODY_TIMEOUT_S", 0.3)
+    host, port = gateway.url.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        + f"Authorization: Bearer {KEY}\r\n".encode()
+        + b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        + b'{"model": "m", '
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 408")
+    writer.close()
+    gateway.backends.model.queue(reply("still here"))
+    answer = await post(gateway, {"model": "m", "messages": MESSAGES})
+    assert answer.json()["choices"][0]["message"]["content"] == "still here"
+
+
+async def test_an_ephemeral_secret_serves_its_own_model_only(gateway: Gateway) -> None:
+    minted = await post(
+        gateway,
+        {"session": {"type": "realtime", "model": "gpt-realtime"}},
+        "/v1/realtime/client_secrets",
+    )
+    secret = minted.json()["value"]
+    as_browser = {"Authorization": f"Bearer {secret}"}
+    gateway.backends.model.queue(reply("hi"))
+    answer = await post(
+        gateway, {"model": "gpt-realtime", "messages": MESSAGES}, headers=as_browser
+    )
+    assert answer.json()["choices"][0]["message"]["content"] == "hi"
+    answer = await post(gateway, {"model": "gpt-4o", "messages": MESSAGES}, headers=as_browser)
+    assert (answer.status, answer.json()["error"]["code"]) == (403, "field_locked")

@@ -115,9 +115,14 @@ def test_session_update_then_updated() -> None:
         ),
         ({"type": "realtime", "instructions": 7}, "invalid_value", "session.instructions"),
         (
-            {"type": "realtime", "tools": [{"type": "mcp"}]},
+            {"type": "realtime", "tools": [{"type": "web_search"}]},
             "unsupported_feature",
             "session.tools[0].type",
+        ),
+        (
+            {"type": "realtime", "tools": [{"type": "mcp"}]},
+            "missing_required_parameter",
+            "session.tools[0].server_label",
         ),
         ({"type": "realtime", "tool_choice": "sometimes"}, "invalid_value", "session.tool_choice"),
     ],

@@ -100,3 +100,32 @@ async def test_bad_last_event_ids_are_refused(gateway: Gateway) -> None:
     session, _, _ = chat_id.partition(".")
     answer = await refused(gateway, f"{session}.999.0")
     assert (answer.status, answer.json()["error"]["code"]) == (410, "resume_unavailable")
+
+
+async def test_a_drain_lets_streams_finish_and_refuses_new_ones(gateway: Gateway) -> None:
+    release = asyncio.Event()
+    gateway.backends.model.queue(Script([Text("a"), Wait(release), Text("b")]))
+    running = asyncio.create_task(post(gateway, CHAT))
+    while not gateway.backends.model.requests:
+        await asyncio.sleep(0.01)
+    drainer = gateway.app.state.drainer
+    drain = asyncio.create_task(drainer.drain(30))
+    await asyncio.sleep(0.05)
+    refused = await post(gateway, CHAT)
+    assert (refused.status, refused.json()["error"]["code"]) == (503, "server_busy")
+    assert refused.headers["retry-after"] == "1"
+    release.set()
+    assert text_of((await running).events()) == "ab"
+    await asyncio.wait_for(drain, 10)
+
+
+async def test_past_the_drain_deadline_a_stream_ends_interrupted(gateway: Gateway) -> None:
+    gateway.backends.model.queue(Script([Text("a"), Wait(asyncio.Event()), Text("b")]))
+    running = asyncio.create_task(post(gateway, CHAT))
+    while not gateway.backends.model.requests:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(gateway.app.state.drainer.drain(0.1), 10)
+    events = (await running).events()
+    assert text_of(events) == "a"
+    assert orjson.loads(events[-1]["data"])["error"]["code"] == "response_interrupted"

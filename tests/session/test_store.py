@@ -210,6 +210,19 @@ async def test_events_get_increasing_seq_from_one(store: SessionStore, tenant: s
     assert (await store.get_session(tenant, sid)).last_event_seq == 3
 
 
+async def test_appends_go_on_after_redis_lost_its_scripts(
+    store: SessionStore, client: Redis, tenant: str
+) -> None:
+    # As after a Redis restart: the batch's EVALSHA gets NOSCRIPT, and those
+    # appends go again (once each, nothing of them having run).
+    sid = (await store.create_session(tenant, session_pb2.SessionConfig())).id
+    assert await append_events(store, tenant, sid, [event("e1")]) == 1
+    await client.script_flush()
+    assert await append_events(store, tenant, sid, [event("e2"), event("e3")]) == 3
+    events, _, _ = await store.events.read(tenant, sid)
+    assert [(e.seq, e.event_id) for e in events] == [(1, "e1"), (2, "e2"), (3, "e3")]
+
+
 async def test_events_keep_the_seq_their_writer_gives(store: SessionStore, tenant: str) -> None:
     session = await store.create_session(tenant, session_pb2.SessionConfig())
     sid = session.id

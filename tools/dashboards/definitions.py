@@ -30,6 +30,8 @@ from tools.dashboards.broker import (
 from tools.dashboards.gateway import (
     active_connections,
     connections_opened,
+    cost_by_tier_and_model,
+    cost_in_range,
     disconnects,
     error_rate,
     errors_by_code,
@@ -69,6 +71,7 @@ def overview() -> JSON:
             ("Connections", [active_connections(), disconnects(), connections_opened()]),
             ("Traffic and errors", [tokens_per_second(), responses_by_status(), error_rate()]),
             ("Limits and admission", [rate_limit_rejections(), admission_rejections()]),
+            ("Cost", [cost_by_tier_and_model(), cost_in_range()]),
             ("Upstreams", [upstream_latency(), upstream_errors(), retries()]),
             ("Queues and tools", [queue_depth(), tool_latency(), tool_calls()]),
             ("Services", [targets_up(), redis_errors()]),
@@ -94,6 +97,7 @@ def gateway() -> JSON:
             ),
             ("Responses", [responses_by_status(), tokens_per_second(), error_rate()]),
             ("Refusals and errors", [rate_limit_rejections(), errors_by_code()]),
+            ("Cost", [cost_by_tier_and_model(), cost_in_range()]),
         ],
         [label_variable("model", "Model", "switchboard_gateway_responses_total")],
     )

@@ -17,6 +17,7 @@ from tools.dashboards.panels import (
     SECONDS,
     TOKENS_PER_SECOND,
     UPSTREAM,
+    USD,
     Query,
     quantiles,
     rate,
@@ -180,4 +181,30 @@ def response_duration() -> JSON:
         *quantiles(
             "switchboard_gateway_response_duration_seconds", MODEL, "model, status", (0.95,)
         ),
+    )
+
+
+def cost_by_tier_and_model(width: int = 16) -> JSON:
+    return timeseries(
+        "Cost by tier and model (USD per hour)",
+        "Cost of finished responses, from their usage and the tenants file's prices "
+        "(docs/tenants.md#prices), by tenant tier and model, at the current rate.",
+        USD,
+        Query(
+            f"3600 * {rate('switchboard_gateway_cost_usd_total', MODEL, 'tier, model')}",
+            "{{tier}} {{model}}",
+        ),
+        width=width,
+        stacked=True,
+    )
+
+
+def cost_in_range(width: int = 8) -> JSON:
+    return stat(
+        "Cost over the time range",
+        "US dollars spent on finished responses over the dashboard's time range.",
+        USD,
+        Query(f"sum(increase(switchboard_gateway_cost_usd_total{{{MODEL}}}[$__range]))", "cost"),
+        width=width,
+        height=8,
     )

@@ -26,6 +26,7 @@ PER_SECOND = "reqps"
 EVENTS_PER_SECOND = "cps"
 TOKENS_PER_SECOND = "suffix: tok/s"
 COUNT = "short"
+USD = "currencyUSD"
 
 # Grafana's own rate window (at least four scrape intervals), and the
 # selectors of the multi-value variables (their `All` is `.*`).

@@ -75,7 +75,7 @@ _VARIABLE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 
 def substitute(expr: str, values: dict[str, str], rate_interval: str = "1m") -> str:
     """`expr` with Grafana's variables replaced; an unknown variable raises KeyError."""
-    builtins = {"__rate_interval": rate_interval, "__interval": rate_interval}
+    builtins = {"__rate_interval": rate_interval, "__interval": rate_interval, "__range": "1h"}
 
     def replace(match: re.Match[str]) -> str:
         name = match.group(1) or match.group(2)

@@ -48,6 +48,7 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str | None, str]] = {
     "reply-tokens": (_non_negative, "24", "default reply length in tokens"),
     "api-key": (str, None, "require 'Authorization: Bearer KEY' on /v1/*"),
     "models": (_models, ",".join(DEFAULT_MODELS), "comma-separated ids for GET /v1/models"),
+    "moderation-delay-ms": (_non_negative, "0", "time POST /v1/moderations takes (ms)"),
 }
 
 
@@ -87,6 +88,7 @@ def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> SimulatorCo
         reply_tokens=args.reply_tokens,
         api_key=args.api_key or None,
         models=args.models,
+        moderation_delay_ms=args.moderation_delay_ms,
     )
 
 

@@ -24,6 +24,8 @@ from typing import Any, Final
 
 import orjson
 
+from tools.simulator.moderation import CATEGORIES, marker
+
 FILLER_WORDS: Final[tuple[str, ...]] = (
     "alpha", "amber", "apple", "arrow", "basil", "beach", "birch", "blue",
     "bread", "brick", "cable", "candle", "cedar", "chalk", "cloud", "coral",
@@ -79,6 +81,10 @@ class Behaviour:
     # Call `tool_calls` again after every tool result: a model stuck in a tool
     # loop, for testing a caller's guard against it.
     tool_loop: bool = False
+    # Put the moderation marker of this category (`sbflag-<category>`) in the
+    # reply, after `flag_at` tokens (see tools/simulator/moderation.py).
+    flag: str | None = None
+    flag_at: int = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +162,8 @@ _OVERRIDE_RULES: Final[dict[str, tuple[Callable[[object], bool], str, bool]]] = 
     "args_chunk": (_number(1), "an integer >= 1", False),
     "quirk": (lambda v: isinstance(v, str) and v in QUIRKS, f"one of {sorted(QUIRKS)}", True),
     "echo_context": (lambda v: isinstance(v, bool), "a boolean", False),
+    "flag": (lambda v: isinstance(v, str) and v in CATEGORIES, "a moderation category", True),
+    "flag_at": (_number(0), "an integer >= 0", False),
 }
 
 
@@ -402,6 +410,8 @@ def plan_completion(
         missing = behaviour.tokens - len(tokens)
         if missing > 0:
             tokens.extend(" " + word for word in filler_words(messages, missing))
+        if behaviour.flag is not None:
+            tokens.insert(min(behaviour.flag_at, len(tokens)), " " + marker(behaviour.flag))
 
     finish = "tool_calls" if calls else "stop"
     if calls:

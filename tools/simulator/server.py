@@ -27,7 +27,7 @@ from typing import Any, Final, Literal
 import orjson
 from aiohttp import web
 
-from tools.simulator import realtime_ws, script
+from tools.simulator import moderation, realtime_ws, script
 
 DEFAULT_MODELS: Final = ("sim-small", "gpt-4o-mini", "gpt-realtime")
 MAX_RECORDS: Final = 10_000
@@ -54,6 +54,7 @@ class SimulatorConfig:
         api_key: When set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
             Excluded from ``repr`` so it never reaches a log.
         models: Model ids listed by ``GET /v1/models`` (any model is accepted).
+        moderation_delay_ms: How long ``POST /v1/moderations`` takes to answer.
     """
 
     host: str = "127.0.0.1"
@@ -63,6 +64,7 @@ class SimulatorConfig:
     reply_tokens: int = 24
     api_key: str | None = field(default=None, repr=False)
     models: tuple[str, ...] = DEFAULT_MODELS
+    moderation_delay_ms: int = 0
 
 
 @dataclass(slots=True)
@@ -352,6 +354,13 @@ async def _post_config(request: web.Request) -> web.Response:
     return _json(orjson.dumps(state.config_view()))
 
 
+async def _moderations(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if not state.authorized(request.headers.get("Authorization")):
+        return _unauthorized()
+    return await moderation.moderations(request, delay_ms=state.config.moderation_delay_ms)
+
+
 async def _healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
@@ -375,6 +384,7 @@ def create_app(config: SimulatorConfig) -> web.Application:
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/v1/models/{model}", _model)
     app.router.add_post("/v1/chat/completions", _chat_completions)
+    app.router.add_post("/v1/moderations", _moderations)
     app.router.add_get("/_sim/streams", _get_streams)
     app.router.add_delete("/_sim/streams", _clear_streams)
     app.router.add_get("/_sim/config", _get_config)

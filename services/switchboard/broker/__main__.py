@@ -15,7 +15,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import grpc
+
 from switchboard import rpc
+from switchboard.broker.moderation import moderation_service
 from switchboard.broker.service import SERVICE_NAME, running
 from switchboard.config import BrokerSettings
 from switchboard.telemetry.logs import configure_logging
@@ -50,13 +53,19 @@ def load(environ: Mapping[str, str] | None = None) -> BrokerStartup:
 async def run(startup: BrokerStartup, *, stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then cancel held calls, close clients."""
     settings = startup.settings
-    async with running(settings, startup.tenants) as servicer:
+    async with (
+        running(settings, startup.tenants) as servicer,
+        moderation_service(startup.tenants) as moderator,
+    ):
         metrics = None
         if settings.metrics_listen:
             metrics = (settings.metrics_listen, servicer.metrics.registry)
-        await rpc.serve(
-            SERVICE_NAME, settings.listen, servicer.register, stop=stop, metrics=metrics
-        )
+
+        def register(server: grpc.aio.Server) -> None:
+            servicer.register(server)
+            moderator.register(server)
+
+        await rpc.serve(SERVICE_NAME, settings.listen, register, stop=stop, metrics=metrics)
     # Leaving `running` after the drain: in-flight streams have finished or been
     # cancelled, the calls still held (orphans) are cancelled next, so the
     # clients close under no one.

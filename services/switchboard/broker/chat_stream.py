@@ -257,6 +257,7 @@ class ChatStream:
         *,
         headers: Mapping[str, str],
         secrets: tuple[str, ...],
+        proxy: str | None = None,
         opened: Callable[[], None] = lambda: None,
         closed: Callable[[], None] = lambda: None,
     ) -> None:
@@ -266,6 +267,7 @@ class ChatStream:
         payload: the JSON body (`translate.chat_request`).
         headers: the upstream's own headers (its `Authorization`).
         secrets: strings never shown in an error message (the key).
+        proxy: the URL of the HTTP proxy to go through, if any.
         opened: called when the request starts.
         closed: called once when the call is over.
         """
@@ -274,6 +276,7 @@ class ChatStream:
         self._payload = payload
         self._headers = headers
         self._secrets = secrets
+        self._proxy = proxy
         self._opened = opened
         self._closed = closed
         self._response: aiohttp.ClientResponse | None = None
@@ -292,6 +295,7 @@ class ChatStream:
                 self._url,
                 data=orjson.dumps(self._payload),
                 headers=headers,
+                proxy=self._proxy,
                 # A redirect would resend the key elsewhere: it is an error instead.
                 allow_redirects=False,
             )

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractCookieJar
@@ -80,11 +82,7 @@ def keepalive_socket(addr_info: tuple[Any, ...]) -> socket.socket:
 
 
 def new_session(upstream: Upstream, settings: BrokerSettings) -> aiohttp.ClientSession:
-    """The session of one upstream: pool, timeouts, keepalive, no cookies.
-
-    `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY` apply (`trust_env`), as they did
-    for the `openai` SDK's client, for pods whose egress goes through a proxy.
-    """
+    """The session of one upstream: pool, timeouts, keepalive, no cookies."""
     connector = aiohttp.TCPConnector(
         limit=pool_limit(upstream, settings),
         keepalive_timeout=POOL_IDLE_S,
@@ -108,8 +106,31 @@ def new_session(upstream: Upstream, settings: BrokerSettings) -> aiohttp.ClientS
             "Accept": "text/event-stream",
         },
         raise_for_status=False,
-        trust_env=True,
+        # Not `trust_env`: it looks up netrc and the proxy in a thread on every
+        # request (a thread hop and GIL traffic per call); `env_proxy` does it once.
+        trust_env=False,
     )
+
+
+def env_proxy(base_url: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The proxy `HTTPS_PROXY` / `HTTP_PROXY` name for `base_url`; None if none or `NO_PROXY`.
+
+    Read when the client is built, as the `openai` SDK's client read them, for
+    pods whose egress goes through a proxy.
+    """
+    env = os.environ if environ is None else environ
+    parts = urlsplit(base_url)
+    host = parts.hostname or ""
+    for name in ("no_proxy", "NO_PROXY"):
+        for entry in env.get(name, "").replace(",", " ").split():
+            entry = entry.lstrip(".").split(":")[0]
+            if entry == "*" or host == entry or host.endswith("." + entry):
+                return None
+    scheme = parts.scheme.lower()
+    for name in (f"{scheme}_proxy", f"{scheme.upper()}_PROXY"):
+        if env.get(name):
+            return env[name]
+    return None
 
 
 class UpstreamClient:
@@ -119,6 +140,7 @@ class UpstreamClient:
         upstream: the configuration it was built from (its key is a `Secret`).
         description: `name (host:port)`, safe to log and report.
         pool_limit: the most connections its pool holds at once.
+        proxy: the HTTP proxy its requests go through (`env_proxy`), if any.
         active: calls in flight (entered and not yet closed).
     """
 
@@ -149,6 +171,7 @@ class UpstreamClient:
         # Local servers (vLLM, Ollama, the simulator) need no key; a real API
         # answers a request without one with a clear 401.
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.proxy = env_proxy(upstream.base_url)
 
     @classmethod
     def build(
@@ -186,6 +209,7 @@ class UpstreamClient:
             self._url,
             payload,
             headers=self._headers,
+            proxy=self.proxy,
             secrets=self._secrets,
             opened=self._opened,
             closed=self._closed,

@@ -109,9 +109,34 @@ def chat_messages(context: session_pb2.Context) -> list[dict[str, Any]]:
             messages.append({"role": _ROLES.get(item.role, "user"), "content": text})
         elif item.type == common_pb2.ITEM_TYPE_FUNCTION_CALL_OUTPUT:
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        elif item.type == common_pb2.ITEM_TYPE_MCP_CALL:
+            messages.extend(_mcp_call(item))
     if calls:
         messages.append({"role": "assistant", "content": None, "tool_calls": calls})
     return messages
+
+
+def _mcp_call(item: common_pb2.Item) -> list[dict[str, Any]]:
+    """An MCP call that ran (or was refused), as the function call the model made
+    (`<label>__<tool>`) and its result; nothing for one that never ran. Other MCP
+    items (listings, approval requests and answers) are not sent to the model."""
+    if not item.output and not item.error_json:
+        return []
+    call = {
+        "id": item.call_id,
+        "type": "function",
+        "function": {
+            "name": f"{item.server_label}__{item.name}",
+            "arguments": item.arguments or "{}",
+        },
+    }
+    result = (
+        item.output if not item.error_json else json.dumps({"error": json.loads(item.error_json)})
+    )
+    return [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": item.call_id, "content": result},
+    ]
 
 
 def _tool(tool: common_pb2.ToolDefinition) -> dict[str, Any]:

@@ -8,6 +8,7 @@ Routes:
     POST /v1/chat/completions         OpenAI Chat Completions, streamed over SSE or
                                       whole (openai_http.py, sse.py)
     POST /v1/responses                OpenAI Responses, streamed (semantic events) or whole
+    GET  /v1/usage                    the calling tenant's requests, tokens and cost by day
     GET  /healthz                     the process is up
     GET  /readyz                      every backend and Redis answer (503 otherwise,
                                       and while the gateway drains)
@@ -43,8 +44,10 @@ from switchboard.gateway.openai_http import chat_completions_endpoint, responses
 from switchboard.gateway.realtime import realtime
 from switchboard.gateway.resources import Resources
 from switchboard.gateway.tenant_gate import TenantGate
+from switchboard.gateway.usage_api import usage_endpoint
 from switchboard.gateway.voice import VoiceBroker
 from switchboard.limits import TenantLimiter
+from switchboard.limits.ledger import UsageLedger
 from switchboard.redis_client import any_client, warm_up
 from switchboard.telemetry.logs import RateLimitedLog
 from switchboard.tenancy import LiveTenants
@@ -85,7 +88,10 @@ def create_app(
             redis=redis,
             client_secrets=ClientSecrets(redis),
             gate=TenantGate(
-                TenantLimiter(redis), reserve_output_tokens=settings.reserve_output_tokens
+                TenantLimiter(redis),
+                reserve_output_tokens=settings.reserve_output_tokens,
+                ledger=UsageLedger(redis),
+                prices=lambda: tenants.current.prices,
             ),
             refusals=RateLimitedLog(log),
             voice=VoiceBroker(settings.broker_target),
@@ -109,6 +115,7 @@ def create_app(
             Route("/v1/realtime/client_secrets", mint_client_secret, methods=["POST"]),
             Route("/v1/chat/completions", chat_completions_endpoint, methods=["POST"]),
             Route("/v1/responses", responses_endpoint, methods=["POST"]),
+            Route("/v1/usage", usage_endpoint),
             WebSocketRoute("/v1/realtime", realtime),
         ],
         lifespan=lifespan,
@@ -154,6 +161,7 @@ async def mint_client_secret(request: Request) -> Response:
             sessions.initial_session("", config),
             config,
             body.get("session") or {"type": "realtime"},
+            mcp_servers=tenant.mcp_servers,
         )
         tenant.route(config.model)  # a secret for a model the tenant may not use is refused
         session.pop("id")

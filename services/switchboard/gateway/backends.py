@@ -27,6 +27,8 @@ from switchboard.v1 import (
     broker_pb2,
     broker_pb2_grpc,
     common_pb2,
+    moderation_pb2,
+    moderation_pb2_grpc,
     session_pb2,
     session_pb2_grpc,
     toolexec_pb2,
@@ -96,8 +98,22 @@ class Backends(Protocol):
     # toolexec
     async def list_tools(self, tenant_id: str) -> list[common_pb2.ToolDefinition]: ...
     async def execute_tool(
-        self, tenant_id: str, session_id: str, call_id: str, name: str, arguments: str
+        self,
+        tenant_id: str,
+        session_id: str,
+        call_id: str,
+        name: str,
+        arguments: str,
+        *,
+        mcp_server_label: str = "",
     ) -> toolexec_pb2.ExecuteResponse: ...
+    async def list_mcp_tools(
+        self, tenant_id: str, session_id: str, server_label: str
+    ) -> toolexec_pb2.ListMcpToolsResponse: ...
+    # moderation (served by the broker)
+    async def moderate(
+        self, tenant_id: str, session_id: str, texts: list[str], timeout_s: float
+    ) -> moderation_pb2.ModerateResponse: ...
     # the process
     async def readiness(self) -> dict[str, bool]: ...
     def spawn(self, work: Coroutine[Any, Any, None]) -> None: ...
@@ -118,6 +134,7 @@ class GrpcBackends:
         self.session = session_pb2_grpc.SessionServiceStub(self.channels["session"])
         self.broker = broker_pb2_grpc.BrokerServiceStub(self.channels["broker"])
         self.toolexec = toolexec_pb2_grpc.ToolExecServiceStub(self.channels["toolexec"])
+        self.moderation = moderation_pb2_grpc.ModerationServiceStub(self.channels["broker"])
         self.broker_target = settings.broker_target
         self._brokers: dict[str, tuple[grpc.aio.Channel, broker_pb2_grpc.BrokerServiceStub]] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -265,15 +282,24 @@ class GrpcBackends:
         return list(reply.tools)
 
     async def execute_tool(
-        self, tenant_id: str, session_id: str, call_id: str, name: str, arguments: str
+        self,
+        tenant_id: str,
+        session_id: str,
+        call_id: str,
+        name: str,
+        arguments: str,
+        *,
+        mcp_server_label: str = "",
     ) -> toolexec_pb2.ExecuteResponse:
-        """Run a server-side tool. Never raises: an unreachable toolexec is an outcome too."""
+        """Run a server-side tool (of the MCP server `mcp_server_label`, when given).
+        Never raises: an unreachable toolexec is an outcome too."""
         request = toolexec_pb2.ExecuteRequest(
             tenant_id=tenant_id,
             session_id=session_id,
             call_id=call_id,
             name=name,
             arguments=arguments,
+            mcp_server_label=mcp_server_label,
         )
         try:
             return await self._call(
@@ -289,6 +315,39 @@ class GrpcBackends:
                 error_code=common_pb2.ErrorCode.ValueType(error.code),
                 error_message=error.message,
             )
+
+    async def list_mcp_tools(
+        self, tenant_id: str, session_id: str, server_label: str
+    ) -> toolexec_pb2.ListMcpToolsResponse:
+        """The tools of one of the tenant's MCP servers; a failed listing is an answer.
+
+        Raises:
+            SwitchboardError: toolexec cannot be reached.
+        """
+        request = toolexec_pb2.ListMcpToolsRequest(
+            tenant_id=tenant_id, session_id=session_id, server_label=server_label
+        )
+        # The listing may wait for the server (its list_timeout_s, at most a minute).
+        reply: toolexec_pb2.ListMcpToolsResponse = await self._call(
+            "toolexec", self.toolexec.ListMcpTools(request, timeout=self.tool_timeout_s)
+        )
+        return reply
+
+    async def moderate(
+        self, tenant_id: str, session_id: str, texts: list[str], timeout_s: float
+    ) -> moderation_pb2.ModerateResponse:
+        """The tenant's moderation verdicts of `texts`.
+
+        Raises:
+            SwitchboardError: the check could not be made (the broker's upstream error).
+        """
+        request = moderation_pb2.ModerateRequest(
+            tenant_id=tenant_id, session_id=session_id, input=texts
+        )
+        reply: moderation_pb2.ModerateResponse = await self._call(
+            "broker", self.moderation.Moderate(request, timeout=timeout_s + 1.0)
+        )
+        return reply
 
     # --- session event log (resume) ------------------------------------------------------
 

@@ -81,17 +81,21 @@ class StreamedCall:
 
 
 class _Opened:
-    """One opening of the stream: its gRPC call and the requests queued for it."""
+    """One opening of the stream: its gRPC call, and the task that writes the
+    requests queued for it (`call.write`, one at a time, in order)."""
 
     def __init__(self, stub: broker_pb2_grpc.BrokerServiceStub) -> None:
         self.requests: asyncio.Queue[broker_pb2.StreamRequest] = asyncio.Queue()
-        self.call = stub.Stream(self._requests())
+        self.call = stub.Stream()
+        self.writer = asyncio.create_task(self._write())
         self.calls: dict[int, StreamedCall] = {}
         self.broken: SwitchboardError | None = None
 
-    async def _requests(self) -> AsyncIterator[broker_pb2.StreamRequest]:
-        while True:
-            yield await self.requests.get()
+    async def _write(self) -> None:
+        # A call that ended refuses writes; its reader fails the calls on it.
+        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+            while True:
+                await self.call.write(await self.requests.get())
 
     async def broker(self) -> str:
         try:
@@ -127,13 +131,14 @@ class BrokerStream:
         """Fail the calls still running and end the stream."""
         opened, reader = self._opened, self._reader
         self._opened = self._reader = None
-        if opened is not None:
-            opened.call.cancel()
-            self._fail_all(opened, ServiceUnavailable("The gateway is shutting down."))
-        if reader is not None:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+        if opened is None:
+            return
+        opened.call.cancel()
+        self._fail_all(opened, ServiceUnavailable("The gateway is shutting down."))
+        tasks = [opened.writer] if reader is None else [opened.writer, reader]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _start(self, request: broker_pb2.StreamRequest) -> StreamedCall:
         if self._opened is None:
@@ -164,6 +169,7 @@ class BrokerStream:
         finally:
             if self._opened is opened:
                 self._opened = self._reader = None
+            opened.writer.cancel()
             opened.broken = error
             if opened.calls:
                 extra = {"calls": len(opened.calls), "code": error.name}

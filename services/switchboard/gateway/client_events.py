@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from switchboard.errors import InvalidRequest, invalid_value, missing_parameter
-from switchboard.gateway import bounds, fields, items
+from switchboard.gateway import bounds, fields, items, mcp_config
 from switchboard.v1 import common_pb2, session_pb2
 
 Event = dict[str, Any]
@@ -105,6 +105,7 @@ class ResponseSettings:
     tool_choice: str
     max_output_tokens: int
     metadata: Any
+    mcp_tools: tuple[common_pb2.McpToolConfig, ...] = ()
 
 
 def response_object(event: Event) -> Event:
@@ -116,8 +117,11 @@ def response_object(event: Event) -> Event:
     return raw
 
 
-def response_settings(raw: Event, config: session_pb2.SessionConfig) -> ResponseSettings:
-    """A `response` object (`response_object`) over the session's `config`."""
+def response_settings(
+    raw: Event, config: session_pb2.SessionConfig, mcp_servers: mcp_config.Servers | None = None
+) -> ResponseSettings:
+    """A `response` object (`response_object`) over the session's `config`; an
+    MCP server in `response.tools` must be one of `mcp_servers`."""
     if raw.get("conversation", "auto") != "auto" or raw.get("input") is not None:
         raise InvalidRequest(
             "Out-of-band responses ('conversation': 'none' or 'input') are not supported yet.",
@@ -130,11 +134,11 @@ def response_settings(raw: Event, config: session_pb2.SessionConfig) -> Response
         if "max_output_tokens" in raw
         else config.max_output_tokens
     )
-    tools = (
-        tuple(fields.function_tools(raw["tools"], "response.tools"))
-        if "tools" in raw
-        else tuple(config.tools)
-    )
+    if "tools" in raw:
+        functions, mcp = mcp_config.split_tools(raw["tools"], "response.tools", mcp_servers or {})
+        tools, mcp_tools = tuple(functions), tuple(mcp)
+    else:
+        tools, mcp_tools = tuple(config.tools), tuple(config.mcp_tools)
     tool_choice = (
         fields.tool_choice(raw["tool_choice"], "response.tool_choice")
         if "tool_choice" in raw
@@ -143,4 +147,4 @@ def response_settings(raw: Event, config: session_pb2.SessionConfig) -> Response
     if "output_modalities" in raw:
         fields.output_modalities(raw["output_modalities"], "response")
     metadata = bounds.metadata(raw.get("metadata"), "response.metadata")
-    return ResponseSettings(instructions, tools, tool_choice, max_tokens, metadata)
+    return ResponseSettings(instructions, tools, tool_choice, max_tokens, metadata, mcp_tools)

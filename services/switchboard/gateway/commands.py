@@ -40,7 +40,8 @@ class RetrieveItem:
 
 @dataclass(frozen=True, slots=True)
 class StartResponse:
-    """Run one model response. `instructions` is None when not overridden."""
+    """Run one model response. `instructions` is None when not overridden;
+    `mcp_tools` are the (registered) MCP servers offered to the model."""
 
     response_id: str
     model: str
@@ -50,6 +51,7 @@ class StartResponse:
     max_output_tokens: int
     metadata: Any
     client_event_id: str | None
+    mcp_tools: tuple[common_pb2.McpToolConfig, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

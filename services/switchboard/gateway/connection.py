@@ -373,6 +373,8 @@ class RealtimeConnection:
         try:
             match command:
                 case StoreItem():
+                    # A flagged user message is refused here, before it is stored.
+                    await self.turns.moderator.check_item(command.item)
                     stored = await self.backends.append_item(
                         tenant, session, command.item, command.previous_item_id
                     )
@@ -381,6 +383,10 @@ class RealtimeConnection:
                     self.tenant.route(command.config.model)  # model_not_allowed
                     await self.backends.update_session(tenant, session, command.config)
                     self.protocol.session_updated(command)
+                    if command.config.mcp_tools:
+                        # Listed in the background; a response.create meanwhile waits for it.
+                        self.publish()
+                        self.backends.spawn(self.turns.mcp.list_new(command.config.mcp_tools))
                 case DeleteItem():
                     await self.backends.delete_item(tenant, session, command.item_id)
                     self.protocol.item_deleted(command.item_id)

@@ -97,43 +97,47 @@ def output_modalities(value: Any, parent: str) -> list[str]:
 def function_tools(value: Any, param: str) -> list[common_pb2.ToolDefinition]:
     """Function tools: at most `bounds.MAX_TOOLS`, each with a valid name, a bounded
     description and a JSON Schema object of bounded size."""
+    return [
+        function_tool(raw, f"{param}[{index}]") for index, raw in enumerate(tool_list(value, param))
+    ]
+
+
+def tool_list(value: Any, param: str) -> list[Any]:
+    """A `tools` array of at most `bounds.MAX_TOOLS` entries."""
     if not isinstance(value, list):
         raise invalid_value(param, f"Invalid type for '{param}': expected an array.")
     if len(value) > bounds.MAX_TOOLS:
         raise value_too_large(param, f"{bounds.MAX_TOOLS} tools")
-    tools = []
-    for index, raw in enumerate(value):
-        where = f"{param}[{index}]"
-        if not isinstance(raw, dict):
-            raise invalid_value(where, f"Invalid type for '{where}': expected an object.")
-        if raw.get("type", "function") != "function":
-            raise InvalidRequest(
-                f"Tool type {quote(raw.get('type'))} is not supported; use 'function'.",
-                code=_C.ERROR_CODE_UNSUPPORTED_FEATURE,
-                param=f"{where}.type",
-            )
-        name = bounds.check_tool_name(require_str(raw, "name", where), f"{where}.name")
-        description = raw.get("description") or ""
-        parameters = raw.get("parameters") or {}
-        if not isinstance(description, str):
-            raise invalid_value(f"{where}.description", "Invalid type: expected a string.")
-        bounds.check_chars(description, f"{where}.description", bounds.MAX_TOOL_DESCRIPTION_CHARS)
-        if not isinstance(parameters, dict):
-            raise invalid_value(
-                f"{where}.parameters", "Invalid type: expected a JSON Schema object."
-            )
-        schema = bounds.check_serialized(
-            parameters, f"{where}.parameters", bounds.MAX_TOOL_SCHEMA_BYTES
+    return value
+
+
+def function_tool(raw: Any, where: str) -> common_pb2.ToolDefinition:
+    """One function tool of a `tools` array; `where` names it (`session.tools[0]`)."""
+    if not isinstance(raw, dict):
+        raise invalid_value(where, f"Invalid type for '{where}': expected an object.")
+    if raw.get("type", "function") != "function":
+        raise InvalidRequest(
+            f"Tool type {quote(raw.get('type'))} is not supported; use 'function' or 'mcp'.",
+            code=_C.ERROR_CODE_UNSUPPORTED_FEATURE,
+            param=f"{where}.type",
         )
-        tools.append(
-            common_pb2.ToolDefinition(
-                name=name,
-                description=description,
-                parameters_json=schema,
-                location=_C.TOOL_LOCATION_CLIENT,
-            )
-        )
-    return tools
+    name = bounds.check_tool_name(require_str(raw, "name", where), f"{where}.name")
+    description = raw.get("description") or ""
+    parameters = raw.get("parameters") or {}
+    if not isinstance(description, str):
+        raise invalid_value(f"{where}.description", "Invalid type: expected a string.")
+    bounds.check_chars(description, f"{where}.description", bounds.MAX_TOOL_DESCRIPTION_CHARS)
+    if not isinstance(parameters, dict):
+        raise invalid_value(f"{where}.parameters", "Invalid type: expected a JSON Schema object.")
+    schema = bounds.check_serialized(
+        parameters, f"{where}.parameters", bounds.MAX_TOOL_SCHEMA_BYTES
+    )
+    return common_pb2.ToolDefinition(
+        name=name,
+        description=description,
+        parameters_json=schema,
+        location=_C.TOOL_LOCATION_CLIENT,
+    )
 
 
 def tool_choice(value: Any, param: str) -> str:

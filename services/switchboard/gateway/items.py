@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from switchboard.errors import InvalidRequest, invalid_value, missing_parameter, quote
 from switchboard.gateway import bounds, fields
 from switchboard.v1 import common_pb2
@@ -59,6 +61,8 @@ def item_from_client(raw: Any, param: str = "item") -> common_pb2.Item:
             call_id=fields.require_id(raw, "call_id", param),
             output=fields.require_str(raw, "output", param),
         )
+    if kind == "mcp_approval_response":
+        return _approval_response(raw, item_id, param)
     if kind == "function_call":
         return _C.Item(
             id=item_id,
@@ -71,7 +75,27 @@ def item_from_client(raw: Any, param: str = "item") -> common_pb2.Item:
     raise invalid_value(
         f"{param}.type",
         f"Invalid value: {quote(kind)}. Supported values are: 'message', 'function_call', "
-        "and 'function_call_output'.",
+        "'function_call_output' and 'mcp_approval_response'.",
+    )
+
+
+def _approval_response(raw: dict[str, Any], item_id: str, param: str) -> common_pb2.Item:
+    """A client's answer to an `mcp_approval_request`."""
+    approve = raw.get("approve")
+    if approve is None:
+        raise missing_parameter(f"{param}.approve")
+    if not isinstance(approve, bool):
+        raise invalid_value(
+            f"{param}.approve", f"Invalid type for '{param}.approve': expected a boolean."
+        )
+    reason = fields.optional_str(raw, "reason", param)
+    return _C.Item(
+        id=item_id,
+        type=_C.ITEM_TYPE_MCP_APPROVAL_RESPONSE,
+        status=_C.ITEM_STATUS_COMPLETED,
+        approval_request_id=fields.require_id(raw, "approval_request_id", param),
+        approve=approve,
+        reason=bounds.check_chars(reason, f"{param}.reason", bounds.MAX_TOOL_DESCRIPTION_CHARS),
     )
 
 
@@ -140,6 +164,8 @@ def item_to_json(item: common_pb2.Item) -> dict[str, Any]:
             "call_id": item.call_id,
             "output": item.output,
         }
+    if item.type in _MCP_TYPES:
+        return _mcp_item_to_json(item)
     role = _ROLE_NAMES.get(item.role, "user")
     return {
         "id": item.id,
@@ -148,6 +174,47 @@ def item_to_json(item: common_pb2.Item) -> dict[str, Any]:
         "status": status,
         "role": role,
         "content": [_part_to_json(part) for part in item.content],
+    }
+
+
+_MCP_TYPES = frozenset(
+    {
+        _C.ITEM_TYPE_MCP_CALL,
+        _C.ITEM_TYPE_MCP_LIST_TOOLS,
+        _C.ITEM_TYPE_MCP_APPROVAL_REQUEST,
+        _C.ITEM_TYPE_MCP_APPROVAL_RESPONSE,
+    }
+)
+
+
+def _mcp_item_to_json(item: common_pb2.Item) -> dict[str, Any]:
+    base: dict[str, Any] = {"id": item.id, "object": "realtime.item"}
+    if item.type == _C.ITEM_TYPE_MCP_LIST_TOOLS:
+        tools = orjson.loads(item.tools_json) if item.tools_json else []
+        return {**base, "type": "mcp_list_tools", "server_label": item.server_label, "tools": tools}
+    if item.type == _C.ITEM_TYPE_MCP_APPROVAL_RESPONSE:
+        return {
+            **base,
+            "type": "mcp_approval_response",
+            "approval_request_id": item.approval_request_id,
+            "approve": item.approve,
+            "reason": item.reason or None,
+        }
+    call = {
+        **base,
+        "type": "mcp_approval_request",
+        "server_label": item.server_label,
+        "name": item.name,
+        "arguments": item.arguments,
+    }
+    if item.type == _C.ITEM_TYPE_MCP_APPROVAL_REQUEST:
+        return call
+    return {
+        **call,
+        "type": "mcp_call",
+        "approval_request_id": item.approval_request_id or None,
+        "output": item.output or None,
+        "error": orjson.loads(item.error_json) if item.error_json else None,
     }
 
 

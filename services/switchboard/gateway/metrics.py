@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
+from switchboard.gateway.moderation import ModerationMetrics
 from switchboard.telemetry.metrics import MetricFactory
 
 # Seconds: from a few milliseconds (a cache) to a slow model's first token.
@@ -42,6 +43,8 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         metrics = MetricFactory("gateway", registry)
         self.registry = metrics.registry
+        # Defined with the moderation they measure (gateway/moderation.py).
+        self.moderation = ModerationMetrics(self.registry)
         self.time_to_first_token = metrics.histogram(
             "time_to_first_token_seconds",
             "From response.create received to the first delta sent to the client.",
@@ -86,6 +89,11 @@ class GatewayMetrics:
             "tokens_total",
             "Tokens of finished responses (usage as reported or estimated).",
             ["model", "direction"],
+        )
+        self.cost_usd = metrics.counter(
+            "cost_usd_total",
+            "Cost of finished responses in US dollars, from their usage and the price table.",
+            ["tier", "model"],
         )
         self.connections_active = metrics.gauge(
             "connections_active", "Open client WebSocket connections."

@@ -101,7 +101,9 @@ async def _serve(
         tenant, grant = await handshake.authenticate(
             request, gateway.tenants.current, gateway.client_secrets
         )
-        body = await handshake.json_object(request, bounds.MAX_GENERATE_BODY_BYTES)
+        body = await handshake.json_object(
+            request, bounds.MAX_GENERATE_BODY_BYTES, timeout_s=bounds.BODY_TIMEOUT_S
+        )
         if last_event_id:
             # A resume: the body (the request sent again) is not looked at.
             session, after = await _resumable(gateway, tenant.id, api, last_event_id)

@@ -39,7 +39,7 @@ log; usage numbers are never null.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -56,6 +56,7 @@ from switchboard.gateway.commands import (
 )
 from switchboard.gateway.ids import Ids
 from switchboard.gateway.responses import ResponseOutput, usage_to_json
+from switchboard.tenancy import McpServer
 from switchboard.v1 import broker_pb2, common_pb2, session_pb2, toolexec_pb2
 
 Event = dict[str, Any]
@@ -97,6 +98,7 @@ class RealtimeProtocol:
         session: Event | None = None,
         locked: frozenset[str] = frozenset(),
         first_event_seq: int = 1,
+        mcp_servers: Mapping[str, McpServer] | None = None,
     ) -> None:
         self.session_id = session_id
         self.config = config
@@ -106,6 +108,11 @@ class RealtimeProtocol:
         self.session: Event = session or sessions.initial_session(session_id, config)
         # Session fields the client may not change (set by an ephemeral secret).
         self.locked = locked
+        # The tenant's registered MCP servers: the only ones a client may name.
+        self.mcp_servers: Mapping[str, McpServer] = mcp_servers or {}
+        # Answers to MCP approval requests, stored and not yet acted on (the next
+        # response runs or refuses the calls they answer).
+        self.approvals: list[common_pb2.Item] = []
         self.state = State.NEW
         self.response: ResponseOutput | None = None
         self._events: list[Event] = []
@@ -169,7 +176,11 @@ class RealtimeProtocol:
 
     def _on_session_update(self, event: Event, client_event_id: str | None) -> list[Command]:
         session, config = sessions.apply_update(
-            self.session, self.config, event.get("session"), locked=self.locked
+            self.session,
+            self.config,
+            event.get("session"),
+            locked=self.locked,
+            mcp_servers=self.mcp_servers,
         )
         return [UpdateSession(config=config, session=session, client_event_id=client_event_id)]
 
@@ -190,6 +201,8 @@ class RealtimeProtocol:
         previous = previous_item_id or None
         self._emit("conversation.item.added", previous_item_id=previous, item=body)
         self._emit("conversation.item.done", previous_item_id=previous, item=body)
+        if item.type == _C.ITEM_TYPE_MCP_APPROVAL_RESPONSE:
+            self.approvals.append(item)
 
     def _on_item_delete(self, event: Event, client_event_id: str | None) -> list[Command]:
         item_id = fields.require_id(event, "item_id")
@@ -219,7 +232,7 @@ class RealtimeProtocol:
                 "Wait until the response is finished before creating a new one.",
                 code=_C.ERROR_CODE_CONVERSATION_ALREADY_HAS_ACTIVE_RESPONSE,
             )
-        settings = client_events.response_settings(raw, self.config)
+        settings = client_events.response_settings(raw, self.config, self.mcp_servers)
         command = StartResponse(
             response_id=self.ids.new("resp"),
             model=self.config.model,
@@ -229,6 +242,7 @@ class RealtimeProtocol:
             max_output_tokens=settings.max_output_tokens,
             metadata=settings.metadata,
             client_event_id=client_event_id,
+            mcp_tools=settings.mcp_tools,
         )
         return [self._start(command)]
 
@@ -320,6 +334,36 @@ class RealtimeProtocol:
         self.state = State.IDLE
         self._emit("response.done", response=body)
 
+    # --- MCP servers: their tool listings, and calls in the active response -----------
+
+    def mcp_list_tools_started(self, item_id: str, server_label: str) -> None:
+        """A server's tools are being listed: its `mcp_list_tools` item is added."""
+        item = {
+            "id": item_id,
+            "object": "realtime.item",
+            "type": "mcp_list_tools",
+            "server_label": server_label,
+            "tools": [],
+        }
+        self._emit("conversation.item.added", previous_item_id=None, item=item)
+        self._emit("mcp_list_tools.in_progress", item_id=item_id)
+
+    def mcp_list_tools_completed(self, item: common_pb2.Item) -> None:
+        """The listing is stored: `mcp_list_tools.completed`, then the item, done."""
+        self._emit("mcp_list_tools.completed", item_id=item.id)
+        self._emit("conversation.item.done", previous_item_id=None, item=items.item_to_json(item))
+
+    def mcp_list_tools_failed(self, item_id: str, error: SwitchboardError) -> None:
+        """The listing failed: `mcp_list_tools.failed` and an `error` event."""
+        self._emit("mcp_list_tools.failed", item_id=item_id)
+        self.fail(error)
+
+    def mcp_output(self, response_id: str) -> ResponseOutput:
+        """The active response's output, whose MCP items the turn drives
+        (`mcp_names`, `open_mcp_call`, `pending_mcp_calls`, `mcp_call_started`,
+        `mcp_call_finished`)."""
+        return self._active(response_id)
+
     # --- server-side tools between the responses of a turn ----------------------------
 
     def tools_started(self) -> None:
@@ -401,6 +445,7 @@ class RealtimeProtocol:
             max_output_tokens=response.max_output_tokens,
             metadata=response.metadata,
             client_event_id=None,
+            mcp_tools=tuple(self.config.mcp_tools),
         )
 
     def interrupted(self, response_id: str) -> None:

@@ -143,6 +143,7 @@ async def _serve(
         session=initial,
         locked=grant.locked if grant else frozenset(),
         first_event_seq=session.last_event_seq + 1,
+        mcp_servers=tenant.mcp_servers,
     )
     protocol.open(resumed=resumed)
     reattach = None

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from switchboard.gateway import items
+from switchboard.gateway.mcp_output import McpEntry, McpName
 from switchboard.v1 import common_pb2
 
 Event = dict[str, Any]
@@ -78,6 +79,10 @@ class ResponseOutput:
         # Restored calls, by call id, until the re-attached stream names their index.
         self._restored_calls: dict[str, _Call] = {}
         self._count = 0
+        # Function names that call MCP tools (offered by the turn), and the MCP
+        # items of this response by tool-call index (negative: opened whole).
+        self.mcp_names: dict[str, McpName] = {}
+        self.mcp: dict[int, McpEntry] = {}
 
     @property
     def text(self) -> str:
@@ -86,7 +91,11 @@ class ResponseOutput:
     @property
     def generated_chars(self) -> int:
         """Characters generated so far (text and arguments), for usage estimates."""
-        calls = (*self._calls.values(), *self._restored_calls.values())
+        calls: list[_Call | McpEntry] = [
+            *self._calls.values(),
+            *self._restored_calls.values(),
+            *self.mcp.values(),
+        ]
         return len(self.text) + sum(sum(map(len, call.arguments)) for call in calls)
 
     def restore(self, logged: list[Event]) -> None:
@@ -172,6 +181,8 @@ class ResponseOutput:
     def call_delta(self, index: int, call_id: str, name: str, arguments: str) -> bool:
         """A fragment of function call `index`; the first one (with id and name) opens
         it. False when it added no arguments (empty, or a repeat of the log)."""
+        if index in self.mcp or (index not in self._calls and name in self.mcp_names):
+            return self._mcp_delta(index, call_id, name, arguments)
         call = self._calls.get(index)
         if call is None and call_id in self._restored_calls:
             call = self._calls[index] = self._restored_calls.pop(call_id)
@@ -203,6 +214,53 @@ class ResponseOutput:
         )
         return True
 
+    def _mcp_delta(self, index: int, call_id: str, name: str, arguments: str) -> bool:
+        entry = self.mcp.get(index)
+        if entry is None:
+            mcp = self.mcp_names[name]
+            entry = McpEntry(self._new_id("item"), -1, call_id, mcp, approval=mcp.needs_approval)
+            entry.output_index = self._open(entry.body(final=False))
+            self.mcp[index] = entry
+        if not arguments:
+            return False
+        entry.arguments.append(arguments)
+        if not entry.approval:
+            self._emit(
+                "response.mcp_call_arguments.delta",
+                response_id=self.id,
+                item_id=entry.item_id,
+                output_index=entry.output_index,
+                delta=arguments,
+            )
+        return True
+
+    def open_mcp_call(self, entry: McpEntry) -> None:
+        """Open a call decided before the model spoke (approved or denied): its
+        arguments are whole already."""
+        entry.output_index = self._open(entry.body(final=False))
+        self.mcp[-1 - len(self.mcp)] = entry
+
+    def pending_mcp_calls(self) -> list[McpEntry]:
+        """The `mcp_call`s to run (approval requests are not run), in output order."""
+        pending = [e for e in self.mcp.values() if not e.approval and e.output is None]
+        return sorted((e for e in pending if e.error is None), key=lambda e: e.output_index)
+
+    def mcp_call_started(self, entry: McpEntry) -> None:
+        entry.started = True
+        where = {"item_id": entry.item_id, "output_index": entry.output_index}
+        self._emit(
+            "response.mcp_call_arguments.done", response_id=self.id, **where, arguments=entry.text
+        )
+        self._emit("response.mcp_call.in_progress", **where)
+
+    def mcp_call_finished(self, entry: McpEntry, *, output: str | None, error: Any) -> None:
+        """The call ran (`output`) or failed (`error`, an `mcp_call` error object)."""
+        entry.output, entry.error = output, error
+        kind = "failed" if error is not None else "completed"
+        self._emit(
+            f"response.mcp_call.{kind}", item_id=entry.item_id, output_index=entry.output_index
+        )
+
     def complete(self, *, complete: bool) -> list[common_pb2.Item]:
         """Close every output item, in output order; returns them for storing.
 
@@ -211,7 +269,11 @@ class ResponseOutput:
                 marks its items `incomplete` (an incomplete call is never run).
         """
         status = _C.ITEM_STATUS_COMPLETED if complete else _C.ITEM_STATUS_INCOMPLETE
-        entries: list[_Message | _Call] = [*self._calls.values(), *self._restored_calls.values()]
+        entries: list[_Message | _Call | McpEntry] = [
+            *self._calls.values(),
+            *self._restored_calls.values(),
+            *self.mcp.values(),
+        ]
         if self._message is not None:
             entries.append(self._message)
         entries.sort(key=lambda entry: entry.output_index)
@@ -220,9 +282,13 @@ class ResponseOutput:
         for entry in entries:
             if isinstance(entry, _Message):
                 item = self._close_message(status)
+            elif isinstance(entry, McpEntry):
+                item = self._close_mcp(entry, status)
             else:
                 item = self._close_call(entry, status)
-            body = items.item_to_json(item)
+            body = (
+                entry.body(final=True) if isinstance(entry, McpEntry) else items.item_to_json(item)
+            )
             self._emit(
                 "response.output_item.done",
                 response_id=self.id,
@@ -249,6 +315,20 @@ class ResponseOutput:
             part={"type": "text", "text": text},
         )
         return items.assistant_message(message.item_id, text, status=status, response_id=self.id)
+
+    def _close_mcp(
+        self, entry: McpEntry, status: common_pb2.ItemStatus.ValueType
+    ) -> common_pb2.Item:
+        if not entry.approval and not entry.started:
+            # Never run (the response broke off first): its arguments end here.
+            where = {"item_id": entry.item_id, "output_index": entry.output_index}
+            self._emit(
+                "response.mcp_call_arguments.done",
+                response_id=self.id,
+                **where,
+                arguments=entry.text,
+            )
+        return entry.item(self.id, status)
 
     def _close_call(self, call: _Call, status: common_pb2.ItemStatus.ValueType) -> common_pb2.Item:
         arguments = "".join(call.arguments)

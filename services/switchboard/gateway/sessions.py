@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from switchboard.errors import InvalidRequest, invalid_value, missing_parameter, quote
-from switchboard.gateway import fields
+from switchboard.gateway import fields, mcp_config
 from switchboard.v1 import common_pb2, session_pb2
 
 Event = dict[str, Any]
@@ -74,8 +74,13 @@ def apply_update(
     raw: Any,
     *,
     locked: frozenset[str] = frozenset(),
+    mcp_servers: mcp_config.Servers | None = None,
 ) -> tuple[Event, session_pb2.SessionConfig]:
     """Validate a `session` object and apply it to copies of `session` and `config`.
+
+    Args:
+        mcp_servers: the tenant's registered MCP servers, the only ones an
+            `{"type": "mcp"}` tool may name (none when None).
 
     Raises:
         InvalidRequest: naming the offending field; `field_locked` when the update
@@ -113,9 +118,11 @@ def apply_update(
         updated.max_output_tokens = fields.max_output_tokens(raw["max_output_tokens"], "session")
         session["max_output_tokens"] = updated.max_output_tokens or "inf"
     if "tools" in raw:
-        tools = fields.function_tools(raw["tools"], "session.tools")
+        tools, mcp = mcp_config.split_tools(raw["tools"], "session.tools", mcp_servers or {})
         del updated.tools[:]
         updated.tools.extend(tools)
+        del updated.mcp_tools[:]
+        updated.mcp_tools.extend(mcp)
         session["tools"] = raw["tools"]
     if "tool_choice" in raw:
         updated.tool_choice = fields.tool_choice(raw["tool_choice"], "session.tool_choice")

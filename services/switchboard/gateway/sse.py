@@ -334,9 +334,14 @@ class StreamPump:
         """The gateway drains: the running turn finishes, then the stream ends."""
 
     def stop_now(self) -> None:
-        """The drain deadline passed: end the turn (`cancelled`, reason `drain`)."""
-        if self.turn is not None and self.turn.cancel("drain"):
+        """The drain deadline passed: end the turn (`cancelled`, reason `drain`), or
+        stop following another gateway's stream (the client resumes elsewhere)."""
+        if self.turn is not None:
+            if self.turn.cancel("drain"):
+                self.end_reason = self.end_reason or "drain"
+        elif self.task is not None and not self.task.done():
             self.end_reason = self.end_reason or "drain"
+            self.task.cancel()
 
     def _taken_over(self) -> None:
         """Another gateway took the session (this one's lease lapsed): stop."""

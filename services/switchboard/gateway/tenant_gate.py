@@ -17,12 +17,22 @@ hold however many gateway replicas serve a tenant:
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from switchboard.errors import SwitchboardError
 from switchboard.limits import TenantLimiter
+from switchboard.limits.ledger import UsageLedger, cost_of, largest_cost, usd
 from switchboard.tenancy import Tenant
+from switchboard.tenancy.prices_section import Price
+from switchboard.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+# Shares of a money budget past which a warning is logged (once per crossing).
+BUDGET_WARNINGS = (0.5, 0.8, 0.9, 1.0)
 
 CONNECTION_LEASE_S = 60.0
 # A response's slot is renewed while the response runs (`keep_response`) and
@@ -37,17 +47,41 @@ class Admitted:
     response_id: str
     holds_reservation: bool
     holds_slot: bool
+    holds_money: bool = False
 
 
 class TenantGate:
-    def __init__(self, limiter: TenantLimiter, *, reserve_output_tokens: int) -> None:
+    def __init__(
+        self,
+        limiter: TenantLimiter,
+        *,
+        reserve_output_tokens: int,
+        ledger: UsageLedger | None = None,
+        prices: Callable[[], Mapping[str, Price]] = dict,
+    ) -> None:
         """Args:
         limiter: the shared limits store.
         reserve_output_tokens: reserved for a response's output when neither the
             response nor the tenant caps it.
+        ledger: where usage and costs are recorded and money budgets kept
+            (None: nowhere, and money budgets are not enforced).
+        prices: the current price table (the tenants file's `prices:`).
         """
         self.limiter = limiter
         self.reserve_output_tokens = reserve_output_tokens
+        self.ledger = ledger
+        self.prices = prices
+
+    def price_of(self, tenant: Tenant, model: str, upstream_model: str = "") -> Price | None:
+        """The price of a response of `model` served as `upstream_model` (by default
+        the model's first deployment's): the upstream model's, else the model's."""
+        table = self.prices()
+        if not upstream_model:
+            try:
+                upstream_model = tenant.route(model).upstream_model
+            except SwitchboardError:
+                upstream_model = model
+        return table.get(upstream_model) or table.get(model)
 
     async def open_connection(self, tenant: Tenant, holder: str) -> None:
         """Take a connection slot, or raise `rate_limit_exceeded` with retry_after."""
@@ -69,13 +103,22 @@ class TenantGate:
             await self.limiter.release(tenant.id, "connections", holder)
 
     async def admit_response(
-        self, tenant: Tenant, response_id: str, *, prompt_tokens: int, max_output_tokens: int
+        self,
+        tenant: Tenant,
+        response_id: str,
+        *,
+        prompt_tokens: int,
+        max_output_tokens: int,
+        price: Price | None = None,
     ) -> Admitted:
         """Admit a response, or raise the error to fail it with.
 
+        Args:
+            price: the response's model's price, for the money budgets.
+
         Raises:
             RateLimitExceeded: requests, concurrent responses or tokens per minute.
-            QuotaExceeded: the daily token budget.
+            QuotaExceeded: the daily token budget, or a money budget.
             LimitsStoreUnavailable: Redis does not answer (fail closed).
         """
         limits = tenant.limits
@@ -118,7 +161,25 @@ class TenantGate:
             if not decision.allowed:
                 await self._release(tenant, response_id, holds_slot)
                 raise decision.error("Not enough tokens left for this response.")
-        return Admitted(response_id, reserved > 0, holds_slot)
+        budget = tenant.money_budget
+        holds_money = False
+        if budget is not None and self.ledger is not None:
+            output = max_output_tokens or self.reserve_output_tokens
+            try:
+                await self.ledger.reserve(
+                    tenant.id,
+                    response_id,
+                    largest_cost(prompt_tokens, output, price),
+                    daily=budget.daily,
+                    monthly=budget.monthly,
+                )
+            except SwitchboardError:
+                if reserved > 0:
+                    await self.limiter.settle_tokens(tenant.id, response_id, 0)
+                await self._release(tenant, response_id, holds_slot)
+                raise
+            holds_money = True
+        return Admitted(response_id, reserved > 0, holds_slot, holds_money)
 
     @staticmethod
     def output_cap(tenant: Tenant, requested: int) -> int:
@@ -149,6 +210,53 @@ class TenantGate:
         if admitted.holds_reservation:
             await self.limiter.settle_tokens(tenant.id, admitted.response_id, used_tokens)
         await self._release(tenant, admitted.response_id, admitted.holds_slot)
+
+    async def record_cost(
+        self,
+        tenant: Tenant,
+        session_id: str,
+        response_id: str,
+        model: str,
+        usage: common_pb2.Usage,
+        price: Price | None,
+    ) -> int:
+        """Record a finished response's usage and cost (settling its money
+        reservation), and warn when the tenant's spending crosses a share of a
+        money budget.
+
+        Returns:
+            The response's cost in pico-dollars.
+
+        Raises:
+            LimitsStoreUnavailable: Redis does not answer (nothing recorded).
+        """
+        cost = cost_of(usage, price)
+        if self.ledger is None:
+            return cost
+        spent = await self.ledger.settle(tenant.id, session_id, response_id, model, usage, cost)
+        budget = tenant.money_budget
+        if budget is not None:
+            for period, limit, after in (
+                ("daily", budget.daily, spent.day),
+                ("monthly", budget.monthly, spent.month),
+            ):
+                crossed = [
+                    share
+                    for share in BUDGET_WARNINGS
+                    if limit and after - cost < share * limit <= after
+                ]
+                if crossed:
+                    log.warning(
+                        "money budget threshold crossed",
+                        extra={
+                            "tenant_id": tenant.id,
+                            "budget": period,
+                            "share": crossed[-1],
+                            "spent_usd": round(usd(after), 6),
+                            "budget_usd": round(usd(limit or 0), 6),
+                        },
+                    )
+        return cost
 
     async def _release(self, tenant: Tenant, response_id: str, holds_slot: bool) -> None:
         if holds_slot:

@@ -32,10 +32,13 @@ from switchboard.gateway import spans
 from switchboard.gateway.backends import Backends, ModelCall
 from switchboard.gateway.commands import StartResponse
 from switchboard.gateway.eventlog import SessionWriter
+from switchboard.gateway.mcp_session import McpSession
 from switchboard.gateway.metrics import GatewayMetrics, refusal_reason
+from switchboard.gateway.moderation import ContentFiltered, Moderator
 from switchboard.gateway.protocol import RealtimeProtocol, finish_status
 from switchboard.gateway.server_tools import ServerTools, server_calls
 from switchboard.gateway.tenant_gate import RESPONSE_LEASE_S, Admitted, TenantGate
+from switchboard.limits.ledger import usd
 from switchboard.tenancy import Tenant
 from switchboard.tokens import estimated_usage
 from switchboard.v1 import broker_pb2, common_pb2
@@ -132,6 +135,8 @@ class _Outcome:
     usage: common_pb2.Usage | None = None
     prompt_tokens: int = 0
     admitted: Admitted | None = field(default=None)
+    # The model the upstream served the response as (the broker's `Started`).
+    upstream_model: str = ""
 
 
 class TurnRunner:
@@ -167,6 +172,10 @@ class TurnRunner:
         self.writer = writer
         self.session_id = protocol.session_id
         self.tools = ServerTools(backends, tenant.id, self.session_id)
+        self.mcp = McpSession(protocol, backends, tenant.id, publish=publish)
+        self.moderator = Moderator(
+            backends, tenant.id, self.session_id, tenant.moderation, metrics.moderation
+        )
         self.publish = publish
         self.on_refused = on_refused
         self.on_taken_over = on_taken_over
@@ -226,9 +235,13 @@ class TurnRunner:
             with spans.response(*ids):
                 calls = await self._respond(turn, command, reattach)
             reattach = None
+            # MCP calls ran in the response; the model goes on with their results.
+            mcp_ran = any(call.type == common_pb2.ITEM_TYPE_MCP_CALL for call in calls)
+            functions = [call for call in calls if call.type == common_pb2.ITEM_TYPE_FUNCTION_CALL]
             # Calls to tools the client declared are the client's to run.
-            ours = server_calls(calls, command.tools)
-            if not ours:
+            ours = server_calls(functions, command.tools)
+            client_runs = len(ours) < len(functions)
+            if not ours and (client_runs or not mcp_ran):
                 return
             if round_number == self.max_tool_rounds:
                 self.protocol.fail(
@@ -243,7 +256,7 @@ class TurnRunner:
             self.protocol.tools_started()
             try:
                 await self._run_tools(ours)
-                if len(ours) < len(calls):
+                if client_runs:
                     # The client runs the other calls and asks for the next response.
                     return
                 command = self.protocol.follow_up(command)
@@ -257,7 +270,7 @@ class TurnRunner:
         """Stream one response and finish it, whatever happens.
 
         Returns:
-            The function calls of a completed response (empty otherwise).
+            The function calls and MCP calls of a completed response (empty otherwise).
         """
         response_id = command.response_id
         turn.asked_at = time.monotonic()
@@ -274,6 +287,13 @@ class TurnRunner:
             if current is not None:
                 current.uncancel()
             outcome.status, outcome.reason = "cancelled", turn.cancel_reason
+        except ContentFiltered as flagged:
+            # The model call is closed (`_stream`); the text sent so far is kept.
+            outcome.status, outcome.reason = "incomplete", "content_filter"
+            log.info(
+                "response stopped by moderation",
+                extra={**self._log, "categories": flagged.categories[:5]},
+            )
         except SwitchboardError as exc:
             outcome.status, outcome.error = "failed", exc
             log.warning("response failed", extra={**self._log, "code": exc.name})
@@ -291,9 +311,16 @@ class TurnRunner:
         if reattach is not None:
             outcome.admitted = self.gate.adopt(self.tenant, response_id)
             return self.backends.attach(reattach.broker, self.tenant.id, response_id)
+        # MCP servers first: their listings (a server offered for the first time),
+        # and the calls the client approved, whose results the model must see.
+        await self.mcp.list_new(command.mcp_tools)
+        answered = await self.mcp.answer_approvals(response_id)
         context = await self.backends.build_context(self.tenant.id, self.session_id)
+        context.items.extend(answered)
         if command.instructions is not None:
             context.instructions = command.instructions
+        mcp_tools, mcp_names = self.mcp.offered(command.mcp_tools)
+        self.protocol.mcp_output(response_id).mcp_names = mcp_names
         outcome.prompt_tokens = context.estimated_tokens
         max_output_tokens = self.gate.output_cap(self.tenant, command.max_output_tokens)
         outcome.admitted = await self.gate.admit_response(
@@ -301,6 +328,7 @@ class TurnRunner:
             response_id,
             prompt_tokens=outcome.prompt_tokens,
             max_output_tokens=max_output_tokens,
+            price=self.gate.price_of(self.tenant, command.model),
         )
         request = broker_pb2.GenerateRequest(
             tenant_id=self.tenant.id,
@@ -308,7 +336,7 @@ class TurnRunner:
             response_id=response_id,
             model=command.model,
             context=context,
-            tools=await self.tools.offered(command.tools),
+            tools=[*await self.tools.offered(command.tools), *mcp_tools],
             tool_choice=command.tool_choice,
             max_output_tokens=max_output_tokens,
         )
@@ -324,6 +352,15 @@ class TurnRunner:
         call = await self._open_call(command, reattach, outcome)
         turn.admitted = outcome.admitted
         broker = "" if reattach is None else reattach.broker
+
+        def send_text(text: str) -> None:
+            if self.protocol.text_delta(response_id, text):
+                self._timed_delta(turn)
+            self.publish()
+
+        # With output moderation, text reaches the client only as its checks allow.
+        moderated = self.moderator.output(send_text)
+        stopped = False
         try:
             broker = await call.broker() or broker
             if broker:
@@ -331,9 +368,10 @@ class TurnRunner:
             async for event in call:
                 kind = event.WhichOneof("event")
                 if kind == "text_delta":
-                    if self.protocol.text_delta(response_id, event.text_delta.text):
-                        self._timed_delta(turn)
-                    self.publish()
+                    if moderated is None:
+                        send_text(event.text_delta.text)
+                    else:
+                        await moderated.feed(event.text_delta.text)
                 elif kind == "tool_call_delta":
                     delta = event.tool_call_delta
                     if self.protocol.call_delta(
@@ -341,9 +379,16 @@ class TurnRunner:
                     ):
                         self._timed_delta(turn)
                     self.publish()
+                elif kind == "started":
+                    outcome.upstream_model = event.started.upstream_model
                 elif kind == "finished":
                     outcome.usage = event.finished.usage
                     outcome.status, outcome.reason = finish_status(event.finished.reason)
+            if moderated is not None:
+                await moderated.finish()
+        except ContentFiltered:
+            stopped = True
+            raise
         except SwitchboardError as error:
             if error.code == common_pb2.ERROR_CODE_SESSION_TAKEN_OVER:
                 # A resume elsewhere re-attached to the call (this connection's
@@ -354,7 +399,9 @@ class TurnRunner:
                 raise _NOT_RECOVERED from None
             raise
         finally:
-            if turn.cancel_requested == response_id:
+            if moderated is not None:
+                moderated.close()
+            if stopped or turn.cancel_requested == response_id:
                 # On purpose: the broker stops it, rather than keep it for a resume.
                 self.backends.cancel_generate(broker, self.tenant.id, response_id)
             call.cancel()
@@ -369,11 +416,24 @@ class TurnRunner:
             usage = estimated_usage(
                 outcome.prompt_tokens, self.protocol.generated_chars(response_id)
             )
+        cost = 0
         if outcome.admitted is not None:
             try:
                 await self.gate.finish_response(self.tenant, outcome.admitted, usage.total_tokens)
             except SwitchboardError as exc:
                 log.warning("usage not settled", extra={**self._log, "code": exc.name})
+            price = self.gate.price_of(self.tenant, command.model, outcome.upstream_model)
+            try:
+                cost = await self.gate.record_cost(
+                    self.tenant, self.session_id, response_id, command.model, usage, price
+                )
+            except SwitchboardError as exc:
+                log.warning("cost not recorded", extra={**self._log, "code": exc.name})
+        if status == "completed":
+            # The model's MCP calls run now, inside the response (their items end
+            # with their results).
+            pending = self.protocol.mcp_output(response_id).pending_mcp_calls()
+            await self.mcp.run_calls(response_id, pending)
         output = self.protocol.complete_output(response_id, complete=status == "completed")
         for item in output:
             try:
@@ -389,7 +449,7 @@ class TurnRunner:
         self.protocol.response_done(
             response_id, status=status, usage=usage, reason=outcome.reason, error=error
         )
-        self._count_response(turn, status, usage, error)
+        self._count_response(turn, status, usage, error, cost)
         if error is not None:
             turn.failure = error
         spans.response_done(status, outcome.reason, usage, error)
@@ -407,7 +467,8 @@ class TurnRunner:
             self.on_refused(error)
         if status != "completed":
             return []
-        return [item for item in output if item.type == common_pb2.ITEM_TYPE_FUNCTION_CALL]
+        calls = (common_pb2.ITEM_TYPE_FUNCTION_CALL, common_pb2.ITEM_TYPE_MCP_CALL)
+        return [item for item in output if item.type in calls]
 
     async def _run_tools(self, calls: list[common_pb2.Item]) -> None:
         """Run server-side calls in parallel; add each output to the conversation."""
@@ -451,9 +512,16 @@ class TurnRunner:
         turn.last_delta_at = now
 
     def _count_response(
-        self, turn: Turn, status: str, usage: common_pb2.Usage, error: SwitchboardError | None
+        self,
+        turn: Turn,
+        status: str,
+        usage: common_pb2.Usage,
+        error: SwitchboardError | None,
+        cost: int,
     ) -> None:
         model, metrics = self._model_label, self.metrics
+        if cost:
+            metrics.cost_usd.labels(self.tenant.tier, model).inc(usd(cost))
         metrics.responses.labels(model, status).inc()
         metrics.response_duration.labels(model, status).observe(time.monotonic() - turn.asked_at)
         metrics.tokens.labels(model, "input").inc(usage.input_tokens)

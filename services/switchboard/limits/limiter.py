@@ -101,7 +101,7 @@ def _refused(limit: int, used: int, retry_ms: int, code: str) -> Decision:
     return Decision(False, limit, max(limit - used, 0), _seconds(retry_ms), code)
 
 
-class _Script:
+class LuaScript:
     """A Lua script run with EVALSHA, and with EVAL when the node lacks it.
 
     Not `register_script`: its NOSCRIPT fallback is a SCRIPT LOAD, which
@@ -144,12 +144,12 @@ class TenantLimiter:
         """
         self._redis = redis
         self._clock = clock
-        self._admit = _Script(redis, scripts.ADMIT_REQUEST)
-        self._acquire = _Script(redis, scripts.ACQUIRE)
-        self._renew = _Script(redis, scripts.RENEW)
-        self._reserve = _Script(redis, scripts.RESERVE_TOKENS)
-        self._settle = _Script(redis, scripts.SETTLE_TOKENS)
-        self._usage = _Script(redis, scripts.USAGE)
+        self._admit = LuaScript(redis, scripts.ADMIT_REQUEST)
+        self._acquire = LuaScript(redis, scripts.ACQUIRE)
+        self._renew = LuaScript(redis, scripts.RENEW)
+        self._reserve = LuaScript(redis, scripts.RESERVE_TOKENS)
+        self._settle = LuaScript(redis, scripts.SETTLE_TOKENS)
+        self._usage = LuaScript(redis, scripts.USAGE)
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)

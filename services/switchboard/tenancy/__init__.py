@@ -24,6 +24,7 @@ from switchboard.tenancy.live import (
     load_tenants,
 )
 from switchboard.tenancy.mcp_section import McpServer
+from switchboard.tenancy.moderation_section import ModerationPolicy
 from switchboard.tenancy.tenants import (
     DEFAULT_TIER,
     DEFAULT_UPSTREAM,
@@ -51,6 +52,7 @@ __all__ = [
     "McpServer",
     "ModelNotAllowed",
     "ModelRoute",
+    "ModerationPolicy",
     "SessionDefaults",
     "Tenant",
     "TenantDirectory",

@@ -4,18 +4,28 @@ new-key TENANT      print a fresh API key once, and the line to configure its ha
 check [--no-env] FILE
                     validate a tenants file and print a summary without secrets;
                     exit 1 with the one-line error when it is invalid
+usage TENANT [--since YYYY-MM-DD] [--until YYYY-MM-DD] [--json]
+                    the tenant's requests, tokens and cost by UTC day and model,
+                    from the Redis at SWITCHBOARD_REDIS_URL (docs/tenants.md#usage-and-cost)
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from typing import TextIO
 
-from switchboard.config import ConfigError
+import orjson
+
+from switchboard.config import DEFAULT_REDIS_URL, ConfigError, Env
+from switchboard.errors import SwitchboardError
+from switchboard.limits.ledger import UsageLedger, report_window, usd
+from switchboard.redis_client import any_client
 from switchboard.tenancy.directory import TenantDirectory
 from switchboard.tenancy.keys import TENANT_ID, hash_key, new_key
 from switchboard.tenancy.tenants import Deployment, UpstreamAdmission, UpstreamBreaker
@@ -34,7 +44,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="do not require the api_key_env variables to be set (e.g. in CI)",
     )
+    usage = sub.add_parser("usage", help="a tenant's tokens, requests and cost by day and model")
+    usage.add_argument("tenant", help="tenant id")
+    usage.add_argument("--since", help="first UTC day, YYYY-MM-DD (default: 30 days ago)")
+    usage.add_argument("--until", help="last UTC day, YYYY-MM-DD (default: today)")
+    usage.add_argument("--json", action="store_true", help="print JSON rows")
     args = parser.parse_args(argv)
+    if args.command == "usage":
+        if not TENANT_ID.fullmatch(args.tenant):
+            parser.error(f"tenant id must match {TENANT_ID.pattern}")
+        try:
+            window = report_window(
+                args.since, args.until, datetime.datetime.now(datetime.UTC).date()
+            )
+        except ValueError as exc:
+            parser.error(str(exc))
+        return asyncio.run(print_usage(args.tenant, window, args.json, sys.stdout))
     if args.command == "new-key":
         if not TENANT_ID.fullmatch(args.tenant):
             parser.error(f"tenant id must match {TENANT_ID.pattern}")
@@ -46,6 +71,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"invalid: {exc}", file=sys.stderr)
         return 1
     print_summary(directory, sys.stdout)
+    return 0
+
+
+async def print_usage(
+    tenant_id: str, window: tuple[datetime.date, datetime.date], as_json: bool, out: TextIO
+) -> int:
+    """Print the tenant's usage rows and a total; 1 when Redis does not answer."""
+    try:
+        env = Env(os.environ)
+        url = env.url(
+            "SWITCHBOARD_REDIS_URL", DEFAULT_REDIS_URL, schemes=("redis", "rediss", "unix")
+        )
+        redis = any_client(url, cluster=env.boolean("SWITCHBOARD_REDIS_CLUSTER", False))
+    except ConfigError as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 1
+    try:
+        rows = await UsageLedger(redis).report(tenant_id, *window)
+    except SwitchboardError as exc:
+        print(f"unavailable: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        await redis.aclose()
+    if as_json:
+        out.write(orjson.dumps([row.to_json() for row in rows]).decode() + "\n")
+        return 0
+    out.write(
+        f"{'date':<10}  {'model':<24} {'requests':>8} {'input':>10} {'cached':>10} "
+        f"{'output':>10} {'cost_usd':>14}\n"
+    )
+    for row in rows:
+        out.write(
+            f"{row.day:<10}  {row.model[:24]:<24} {row.requests:>8} {row.input_tokens:>10} "
+            f"{row.cached_input_tokens:>10} {row.output_tokens:>10} {usd(row.cost_pusd):>14.6f}\n"
+        )
+    total = sum(row.cost_pusd for row in rows)
+    estimated = sum(row.estimated for row in rows)
+    out.write(f"total {usd(total):.6f} USD over {sum(r.requests for r in rows)} responses")
+    out.write(f" ({estimated} with estimated usage)\n" if estimated else "\n")
     return 0
 
 

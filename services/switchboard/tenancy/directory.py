@@ -18,6 +18,7 @@ from typing import Any
 
 from switchboard.config import ConfigError, Env
 from switchboard.tenancy.keys import TENANT_ID, hash_key, normalize_key_hash
+from switchboard.tenancy.prices_section import Price
 from switchboard.tenancy.tenants import DEFAULT_UPSTREAM, ModelRoute, Tenant, Upstream
 from switchboard.tenancy.tenants_file import DEFAULT_TIERS, parse_document
 from switchboard.tenancy.yaml_checks import decode
@@ -45,6 +46,8 @@ class TenantDirectory:
         raw: the tenants file as parsed (empty for development directories),
             for toolexec's own checks of `builtins` and `webhooks`.
         source: where this came from (a path or a variable name), for logs.
+        prices: upstream models' prices, by model name (none for development
+            directories: costs are then 0).
 
     Raises:
         ConfigError: two tenants share a key hash (on construction).
@@ -56,6 +59,7 @@ class TenantDirectory:
     tiers: tuple[str, ...] = DEFAULT_TIERS
     raw: Mapping[str, Any] = field(default_factory=_empty, repr=False)
     source: str = "<memory>"
+    prices: Mapping[str, Price] = field(default_factory=_empty, repr=False)
     _by_hash: Mapping[str, Tenant] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -138,6 +142,7 @@ class TenantDirectory:
             allow_private_hosts=document.allow_private_hosts,
             tiers=document.tiers,
             raw=document.raw,
+            prices=document.prices,
             source=source,
         )
 

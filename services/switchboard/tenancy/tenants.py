@@ -16,6 +16,7 @@ from typing import Any
 from switchboard.config import Secret
 from switchboard.errors import SwitchboardError
 from switchboard.tenancy.mcp_section import McpServer
+from switchboard.tenancy.moderation_section import ModerationPolicy
 from switchboard.v1 import common_pb2
 
 DEFAULT_TIER = "standard"
@@ -57,6 +58,14 @@ class Limits:
 
 
 LIMIT_NAMES: tuple[str, ...] = tuple(item.name for item in fields(Limits))
+
+
+@dataclass(frozen=True, slots=True)
+class MoneyBudget:
+    """A tenant's budgets in money, in pico-dollars (None: no such budget)."""
+
+    daily: int | None = None
+    monthly: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +201,9 @@ class Tenant:
         limits: rate, concurrency and size limits.
         daily_token_budget: tokens per UTC day; None is unlimited.
         session: defaults for new sessions.
+        money_budget: daily and monthly budgets in money; None is unlimited.
         mcp_servers: the remote MCP servers its clients may use, by label.
+        moderation: how its text is moderated (off by default).
         any_model_upstream: development tenants only: a model not in `models`
             is allowed too, and goes to this upstream under its own name.
         all_builtins: development tenants only: every built-in tool is allowed.
@@ -207,7 +218,9 @@ class Tenant:
     limits: Limits = Limits()
     daily_token_budget: int | None = None
     session: SessionDefaults = SessionDefaults()
+    money_budget: MoneyBudget | None = None
     mcp_servers: Mapping[str, McpServer] = field(default_factory=_no_servers, repr=False)
+    moderation: ModerationPolicy = field(default_factory=ModerationPolicy)
     any_model_upstream: str | None = None
     all_builtins: bool = False
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -26,6 +26,8 @@ from switchboard.config import ConfigError
 from switchboard.key_paths import KeyPath
 from switchboard.tenancy.keys import TENANT_ID, normalize_key_hash
 from switchboard.tenancy.mcp_section import parse_mcp_servers
+from switchboard.tenancy.moderation_section import parse_moderation
+from switchboard.tenancy.prices_section import Price, parse_money_budget, parse_prices
 from switchboard.tenancy.tenants import (
     DEFAULT_TIER,
     DEFAULT_UPSTREAM,
@@ -55,7 +57,7 @@ MODEL_NAME = re.compile(r"[^\s\x00-\x1f\x7f]{1,128}")
 UPSTREAM_MODEL = re.compile(r"[^\s\x00-\x1f\x7f]{1,256}")
 MAX_INSTRUCTIONS_CHARS = 64 * 1024
 
-_TOP_KEYS = ("upstreams", "tenants", "tiers", "allow_private_hosts")
+_TOP_KEYS = ("upstreams", "tenants", "tiers", "allow_private_hosts", "prices")
 _TENANT_KEYS = (
     "keys",
     "tier",
@@ -65,7 +67,9 @@ _TENANT_KEYS = (
     "limits",
     "daily_token_budget",
     "session",
+    "money_budget",
     "mcp_servers",
+    "moderation",
 )
 _MODEL_KEYS = ("upstream", "upstream_model", "deployments")
 _DEPLOYMENT_KEYS = ("upstream", "upstream_model", "weight", "priority")
@@ -82,6 +86,7 @@ class Document:
         tiers: the tier labels tenants may use.
         allow_private_hosts: webhook hosts exempt from toolexec's private-address rule.
         raw: the parsed YAML as written (a deep copy), for toolexec's own checks.
+        prices: upstream models' prices (the `prices:` section, prices_section.py).
     """
 
     upstreams: Mapping[str, Upstream]
@@ -89,6 +94,7 @@ class Document:
     tiers: tuple[str, ...]
     allow_private_hosts: tuple[str, ...]
     raw: Mapping[str, Any]
+    prices: Mapping[str, Price] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def parse_document(data: Any, environ: Mapping[str, str], *, require_env: bool = True) -> Document:
@@ -135,6 +141,7 @@ def parse_document(data: Any, environ: Mapping[str, str], *, require_env: bool =
         tiers=tiers,
         allow_private_hosts=hosts,
         raw=MappingProxyType(copy.deepcopy(top)),
+        prices=MappingProxyType(parse_prices(top.get("prices"))),
     )
 
 
@@ -185,7 +192,9 @@ def _tenant(
         limits=limits,
         daily_token_budget=count(body.get("daily_token_budget"), (*path, "daily_token_budget")),
         session=_session(body.get("session"), (*path, "session"), models, limits),
+        money_budget=parse_money_budget(body.get("money_budget"), (*path, "money_budget")),
         mcp_servers=parse_mcp_servers(body.get("mcp_servers"), (*path, "mcp_servers")),
+        moderation=parse_moderation(body.get("moderation"), (*path, "moderation"), upstreams),
     )
 
 

@@ -197,6 +197,8 @@ class RealtimeClient:
         self._url_index = 0
         # Why the client stopped by itself (what `events()` raises).
         self.error: Exception | None = None
+        # The URL of the current (or last) connection: which replica serves it.
+        self.url: str | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -383,6 +385,7 @@ class RealtimeClient:
                     log.info("connection attempt failed", extra={"reason": reason, "url": url})
                     continue
                 failures, suggested = 0, None
+                self.url = url
                 close_code, reason = await self._serve(ws, resuming)
                 self.tracker.connection_lost()
                 log.info("connection lost", extra={"close_code": close_code, "reason": reason})

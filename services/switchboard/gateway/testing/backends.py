@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import Counter
 from collections.abc import Coroutine
@@ -15,7 +16,7 @@ import orjson
 from switchboard.errors import ItemNotFound, SessionNotFound, SessionTakenOver, SwitchboardError
 from switchboard.gateway.testing.model import Fail, Script, ScriptedCall, ScriptedModel
 from switchboard.tokens import estimate_tokens
-from switchboard.v1 import broker_pb2, common_pb2, session_pb2, toolexec_pb2
+from switchboard.v1 import broker_pb2, common_pb2, moderation_pb2, session_pb2, toolexec_pb2
 
 Event = dict[str, Any]
 
@@ -75,6 +76,9 @@ class MemoryBackends:
         self.gates: dict[str, asyncio.Event] = {}
         self.tool_calls: list[toolexec_pb2.ExecuteRequest] = []
         self.calls: Counter[str] = Counter()
+        # MCP listings by server label (an unknown label is not registered).
+        self.mcp_listings: dict[str, toolexec_pb2.ListMcpToolsResponse] = {}
+        self.moderated: list[list[str]] = []
         self._sessions: dict[tuple[str, str], _Session] = {}
         self._ids = count(1)
         self._background: set[asyncio.Task[None]] = set()
@@ -287,8 +291,39 @@ class MemoryBackends:
         await self._enter("list_tools")
         return [tool.definition for tool in self.tools.values()]
 
+    async def list_mcp_tools(
+        self, tenant_id: str, session_id: str, server_label: str
+    ) -> toolexec_pb2.ListMcpToolsResponse:
+        await self._enter("list_mcp_tools")
+        reply = self.mcp_listings.get(server_label)
+        if reply is None:
+            return toolexec_pb2.ListMcpToolsResponse(
+                error_code=common_pb2.ERROR_CODE_MCP_SERVER_NOT_REGISTERED,
+                error_message=f"No MCP server labelled {server_label[:64]!r}.",
+            )
+        return reply
+
+    async def moderate(
+        self, tenant_id: str, session_id: str, texts: list[str], timeout_s: float
+    ) -> moderation_pb2.ModerateResponse:
+        """Flags a text that holds `sbflag-<category>`, as the simulator does."""
+        await self._enter("moderate")
+        self.moderated.append(list(texts))
+        results = []
+        for text in texts:
+            found = sorted(set(re.findall(r"sbflag-([a-z/-]+)", text.lower())))
+            results.append(moderation_pb2.ModerationResult(flagged=bool(found), categories=found))
+        return moderation_pb2.ModerateResponse(results=results, model="test")
+
     async def execute_tool(
-        self, tenant_id: str, session_id: str, call_id: str, name: str, arguments: str
+        self,
+        tenant_id: str,
+        session_id: str,
+        call_id: str,
+        name: str,
+        arguments: str,
+        *,
+        mcp_server_label: str = "",
     ) -> toolexec_pb2.ExecuteResponse:
         self.tool_calls.append(
             toolexec_pb2.ExecuteRequest(
@@ -297,8 +332,11 @@ class MemoryBackends:
                 call_id=call_id,
                 name=name,
                 arguments=arguments,
+                mcp_server_label=mcp_server_label,
             )
         )
+        if mcp_server_label:
+            name = f"{mcp_server_label}__{name}"
         tool = self.tools.get(name)
         if tool is None:
             return toolexec_pb2.ExecuteResponse(

@@ -1,4 +1,4 @@
-"""A tenant's `mcp_servers:` section: what it gives, and a specific error for every mistake."""
+"""A tenant's `mcp_servers:` and `moderation:` sections, and an error for every mistake."""
 
 from __future__ import annotations
 
@@ -116,3 +116,41 @@ def test_a_bad_entry_is_one_line_naming_its_key_path(servers: Any, message: str)
     assert message in text
     assert "\n" not in text
     assert "pw@" not in text and "team=7" not in text
+
+
+def with_moderation(policy: Any) -> dict[str, Any]:
+    data = document()
+    data["tenants"]["acme"]["moderation"] = policy
+    return data
+
+
+def test_a_moderation_policy_is_read_with_its_defaults() -> None:
+    directory = TenantDirectory.parse(
+        with_moderation({"mode": "input_output", "categories": ["violence"], "hold_back_chars": 0}),
+        ENVIRON,
+    )
+    policy = directory.tenants["acme"].moderation
+    assert policy.checks_input and policy.checks_output
+    assert (policy.window_chars, policy.overlap_chars, policy.hold_back_chars) == (400, 100, 0)
+    assert policy.blocks(True, ["violence", "hate"]) == ["violence"]
+    assert policy.blocks(True, ["hate"]) is None
+    assert directory.tenants["beta"].moderation.mode == "off"
+    # YAML 1.1 reads an unquoted `off` as false: it means off.
+    assert TenantDirectory.parse(with_moderation({"mode": False}), ENVIRON)
+
+
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        ({"mode": "sometimes"}, "moderation.mode: must be one of: off, input, input_output"),
+        ({"mode": "input", "upstream": "nope"}, "moderation.upstream: no upstream named 'nope'"),
+        ({"mode": "input", "categories": []}, "moderation.categories: must list at least one"),
+        ({"mode": "input", "window_chars": 0}, "moderation.window_chars: must be a positive"),
+        ({"mode": "input", "timeout_s": 90}, "moderation.timeout_s: must be at most 30 seconds"),
+        ({"mode": "input", "colour": 1}, "moderation.colour: unknown key"),
+    ],
+)
+def test_a_bad_moderation_policy_is_named(policy: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        TenantDirectory.parse(with_moderation(policy), ENVIRON)
+    assert message in str(caught.value)

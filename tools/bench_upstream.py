@@ -1,0 +1,450 @@
+"""Benchmark: the broker's CPU per token with its aiohttp upstream client vs the `openai` SDK's.
+
+The broker under test runs in its own process pinned to one core
+(`--sut-core`, 1): the real servicer (`switchboard.broker.service.running`)
+behind a real grpc.aio server, streaming from the upstream simulator, which
+runs with this load generator (a gRPC client of the broker) on another core
+(`--client-core`, 0). The same scenarios run against two brokers, one after
+the other, in the same run:
+
+- **sdk** (the baseline): the broker's upstream client before issue 18, kept
+  here as `SdkClients`: an `openai.AsyncOpenAI` on the SDK's aiohttp transport
+  (`DefaultAioHttpClient`, httpx2 on top of aiohttp), the body read raw with
+  `with_streaming_response` and decoded by the broker's own `SseDecoder`;
+- **aiohttp**: the broker as it is (`switchboard.broker.clients`).
+
+Scenarios: **paced** (`--paced-streams` streams of `--paced-tokens` tokens at
+`--delay-ms` per token: one token per upstream read, as from a real model) and
+**burst** (`--burst-streams` streams of `--burst-tokens` tokens, no delay:
+many tokens per read). For each it prints the broker's CPU-microseconds per
+token (utime + stime from /proc over the scenario) and, with `--callgrind`
+(valgrind installed), the instructions it executed per token, counted by
+callgrind between two points of the same process (start-up and warm-up left
+out): a figure without timing noise. Ratios are aiohttp / sdk.
+
+    python -m tools.bench_upstream [--callgrind] [--paced-streams 50] [--burst-tokens 2000]
+
+The broker process is also this module: `python -m tools.bench_upstream serve
+--client {sdk,aiohttp} --upstream URL` prints `broker listening on HOST:PORT`
+and serves until its stdin closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+import openai
+import orjson
+
+from switchboard.broker.chat_stream import DONE, SseDecoder, upstream_host
+from switchboard.broker.clients import UpstreamClient, UpstreamClients
+from switchboard.broker.service import running
+from switchboard.config import BrokerSettings
+from switchboard.telemetry.logs import configure_logging
+from switchboard.tenancy import Upstream, hash_key, load_tenants
+from switchboard.v1 import broker_pb2, broker_pb2_grpc, common_pb2, session_pb2
+from tools.bench_load import cpu_seconds
+
+TENANT = "bench"
+CLIENTS = ("sdk", "aiohttp")
+# Through the broker (gRPC in, upstream out), and the upstream client alone.
+PATHS = ("broker", "client")
+
+
+# ----------------------------------------------------- the baseline: the SDK path
+
+
+class SdkStream:
+    """The broker's `ChatStream` before issue 18, on the success path (what is measured)."""
+
+    def __init__(self, client: openai.AsyncOpenAI, payload: dict[str, Any]) -> None:
+        self._client = client
+        self._payload = payload
+        self._response: openai.AsyncAPIResponse[Any] | None = None
+        self.request_id: str | None = None
+
+    async def __aenter__(self) -> SdkStream:
+        manager = self._client.chat.completions.with_streaming_response.create(**self._payload)
+        self._response = await manager.__aenter__()
+        self.request_id = self._response.request_id
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        response, self._response = self._response, None
+        if response is not None:
+            await response.close()
+
+    def close_soon(self) -> None:
+        """Nothing to do: the bench's streams are always read to the end."""
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        assert self._response is not None
+        return self._chunks(self._response)
+
+    async def _chunks(self, response: openai.AsyncAPIResponse[Any]) -> AsyncIterator[Any]:
+        decoder = SseDecoder()
+        async for data in response.iter_bytes():
+            for event in decoder.feed(data):
+                if event == DONE:
+                    return
+                yield orjson.loads(event)
+
+
+class SdkClient:
+    def __init__(self, upstream: Upstream, settings: BrokerSettings) -> None:
+        timeout = openai.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s)
+        self._client = openai.AsyncOpenAI(
+            base_url=upstream.base_url,
+            api_key=upstream.api_key.reveal() or "no-key-configured",
+            http_client=openai.DefaultAioHttpClient(timeout=timeout),
+            max_retries=0,
+            timeout=timeout,
+        )
+        self.description = f"{upstream.name} ({upstream_host(upstream.base_url)})"
+
+    def stream(self, payload: dict[str, Any]) -> SdkStream:
+        return SdkStream(self._client, payload)
+
+
+class SdkClients:
+    """`UpstreamClients`' interface as the dispatcher uses it, with SDK clients."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        self._settings = settings
+        self._clients: dict[str, SdkClient] = {}
+
+    def client(self, upstream: Upstream) -> SdkClient:
+        if upstream.name not in self._clients:
+            self._clients[upstream.name] = SdkClient(upstream, self._settings)
+        return self._clients[upstream.name]
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client._client.close()
+
+
+# --------------------------------------------------------------- the broker
+
+
+def broker_environ(upstream: str) -> dict[str, str]:
+    return {
+        "SWITCHBOARD_TENANT_KEYS": f"{TENANT}={hash_key('sk-sb-bench-tenant-key')}",
+        "SWITCHBOARD_BROKER_UPSTREAM_URL": upstream,
+        "SWITCHBOARD_BROKER_MAX_CONCURRENT": "1024",
+        "SWITCHBOARD_BROKER_MAX_QUEUED_PER_TENANT": "1024",
+        "SWITCHBOARD_BROKER_METRICS_LISTEN": "off",
+        # Under callgrind, turning instrumentation on stalls the process for
+        # seconds; a connect timeout then would fail the warm-up.
+        "SWITCHBOARD_BROKER_CONNECT_TIMEOUT_S": "120",
+    }
+
+
+async def serve(client: str, upstream: str) -> None:
+    """The broker under test, until stdin closes; `client` picks its upstream client.
+
+    Each stdin line `read STREAMS TOKENS DELAY_MS` reads that many streams from
+    the upstream at once with the client alone (no gRPC, no broker) and answers
+    `read TOKENS` (the chunks read).
+    """
+    environ = broker_environ(upstream)
+    settings = BrokerSettings.from_environ(environ)
+    configure_logging("broker", "WARNING")
+    async with running(settings, load_tenants(environ)) as servicer:
+        clients: SdkClients | UpstreamClients = servicer.dispatcher.clients
+        if client == "sdk":
+            clients = servicer.dispatcher.clients = SdkClients(settings)  # type: ignore[assignment]
+        server = grpc.aio.server()
+        servicer.register(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print(f"broker listening on 127.0.0.1:{port}", flush=True)
+        loop = asyncio.get_running_loop()
+        target = Upstream("default", upstream)
+        while line := await loop.run_in_executor(None, sys.stdin.readline):
+            streams, tokens, delay_ms = (int(word) for word in line.split()[1:])
+            read = await read_streams(clients.client(target), streams, tokens, delay_ms)
+            print(f"read {read}", flush=True)
+        await server.stop(None)
+        if client == "sdk":
+            await clients.aclose()
+
+
+async def read_streams(
+    client: SdkClient | UpstreamClient, streams: int, tokens: int, delay_ms: int
+) -> int:
+    """Read `streams` replies of `tokens` tokens at once; the chunks read."""
+    behaviour = f'{{"tokens": {tokens}, "token_delay_ms": {delay_ms}}}'
+    payload = {
+        "model": "sim-small",
+        "messages": [{"role": "user", "content": f"go [[sim {behaviour}]]"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+    async def one() -> int:
+        chunks = 0
+        async with client.stream(payload) as stream:
+            async for _ in stream:
+                chunks += 1
+        return chunks
+
+    return sum(await asyncio.gather(*(one() for _ in range(streams))))
+
+
+# --------------------------------------------------------------- measuring
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    streams: int
+    tokens: int
+    delay_ms: int
+
+    def request(self, number: int) -> broker_pb2.GenerateRequest:
+        behaviour = f'{{"tokens": {self.tokens}, "token_delay_ms": {self.delay_ms}}}'
+        part = common_pb2.ContentPart(
+            type=common_pb2.CONTENT_TYPE_INPUT_TEXT, text=f"go {number} [[sim {behaviour}]]"
+        )
+        item = common_pb2.Item(
+            type=common_pb2.ITEM_TYPE_MESSAGE, role=common_pb2.ROLE_USER, content=[part]
+        )
+        return broker_pb2.GenerateRequest(
+            tenant_id=TENANT,
+            session_id=f"sess_{number}",
+            response_id=f"resp_{number}",
+            model="sim-small",
+            context=session_pb2.Context(items=[item], estimated_tokens=10),
+        )
+
+
+@dataclass
+class Result:
+    tokens: int
+    cpu_s: float
+    instructions: int | None
+
+
+class Broker:
+    """One broker process under test, pinned, optionally under callgrind."""
+
+    def __init__(self, client: str, upstream: str, core: int, callgrind: Path | None) -> None:
+        command = [sys.executable, "-m", "tools.bench_upstream", "serve"]
+        command += ["--client", client, "--upstream", upstream]
+        if callgrind is not None:
+            # Not instrumented until `callgrind_control -i on`: start-up stays fast.
+            command = [
+                "valgrind",
+                "--tool=callgrind",
+                "--instr-atstart=no",
+                f"--callgrind-out-file={callgrind / client}.out",
+                f"--log-file={callgrind / client}.log",
+                *command,
+            ]
+        self.callgrind = callgrind
+        self.client = client
+        self.process = subprocess.Popen(
+            ["taskset", "-c", str(core), *command],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line.startswith("broker listening on "):
+            raise RuntimeError(f"the {client} broker did not start: {line!r}")
+        self.address = line.split()[-1]
+        self._dumps = 0
+
+    def control(self, *flags: str) -> None:
+        if self.callgrind is not None:
+            subprocess.run(
+                ["callgrind_control", *flags, str(self.process.pid)],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+
+    def instructions(self) -> int | None:
+        """Instructions since the last zeroing (dumps and zeroes the counters)."""
+        if self.callgrind is None:
+            return None
+        self.control("-d")
+        self._dumps += 1
+        dump = self.callgrind / f"{self.client}.out.{self._dumps}"
+        for line in dump.read_text().splitlines():
+            if line.startswith(("totals:", "summary:")):
+                return int(line.split()[1])
+        raise RuntimeError(f"no totals in {dump}")
+
+    def read(self, scenario: Scenario) -> int:
+        """Have the process read `scenario`'s streams with its client alone; the chunks."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(f"read {scenario.streams} {scenario.tokens} {scenario.delay_ms}\n")
+        self.process.stdin.flush()
+        return int(self.process.stdout.readline().split()[1])
+
+    def stop(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+
+async def load(address: str, scenario: Scenario, first: int) -> int:
+    """Run `scenario`'s streams at once; the text deltas received."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = broker_pb2_grpc.BrokerServiceStub(channel)
+
+        async def one(number: int) -> int:
+            deltas = 0
+            async for event in stub.Generate(scenario.request(number)):
+                if event.WhichOneof("event") == "text_delta":
+                    deltas += 1
+            return deltas
+
+        counts = await asyncio.gather(*(one(first + i) for i in range(scenario.streams)))
+    return sum(counts)
+
+
+async def measure(broker: Broker, scenarios: list[Scenario]) -> dict[str, Result]:
+    """Each scenario through the broker (gRPC load) and by its upstream client alone."""
+    warm_up = Scenario("warm-up", 4, 32, 0)
+    # Warm before and after instrumentation is on: connections pooled, code translated.
+    await load(broker.address, warm_up, 0)
+    broker.control("-i", "on")
+    await load(broker.address, warm_up, 10_000)
+    await asyncio.to_thread(broker.read, warm_up)
+    results: dict[str, Result] = {}
+    for index, scenario in enumerate(scenarios, start=1):
+        for path in PATHS:
+            broker.control("-z")
+            before = cpu_seconds(broker.process.pid)
+            if path == "broker":
+                tokens = await load(broker.address, scenario, index * 100_000)
+            else:
+                await asyncio.to_thread(broker.read, scenario)
+                tokens = scenario.streams * scenario.tokens
+            cpu = cpu_seconds(broker.process.pid) - before
+            results[f"{scenario.name} {path}"] = Result(tokens, cpu, broker.instructions())
+    return results
+
+
+def start_simulator(core: int) -> tuple[subprocess.Popen[str], str]:
+    command = ["taskset", "-c", str(core), sys.executable, "-m", "tools.simulator"]
+    command += ["--port", "0", "--ttft-ms", "0", "--token-delay-ms", "0"]
+    sim = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert sim.stdout is not None
+    line = sim.stdout.readline()
+    if "listening on" not in line:
+        raise RuntimeError(f"the simulator did not start: {line!r}")
+    return sim, line.split()[-1] + "/v1"
+
+
+def ratio(new: float | None, old: float | None) -> str:
+    if new is None or old is None or not old:
+        return "-"
+    return f"{new / old:.2f} ({(new / old - 1) * 100:+.0f}%)"
+
+
+def report(scenarios: list[Scenario], results: dict[str, dict[str, Result]]) -> None:
+    print(f"{'scenario':<30} {'path':<7} {'client':<8} {'CPU us/token':>13} {'instr/token':>14}")
+    for scenario in scenarios:
+        label = f"{scenario.name}: {scenario.streams} x {scenario.tokens} @ {scenario.delay_ms} ms"
+        for path in PATHS:
+            per: dict[str, tuple[float, float | None]] = {}
+            for client in CLIENTS:
+                result = results[client][f"{scenario.name} {path}"]
+                cpu = result.cpu_s / result.tokens * 1e6
+                count = result.instructions
+                instr = None if count is None else count / result.tokens
+                per[client] = (cpu, instr)
+                instr_text = "-" if instr is None else f"{instr:,.0f}"
+                print(f"{label:<30} {path:<7} {client:<8} {cpu:>13.1f} {instr_text:>14}")
+                label = ""
+            (cpu_new, instr_new), (cpu_old, instr_old) = per["aiohttp"], per["sdk"]
+            print(
+                f"{'':<30} {path:<7} {'ratio':<8} {ratio(cpu_new, cpu_old):>13} "
+                f"{ratio(instr_new, instr_old):>14}"
+            )
+
+
+async def run(args: argparse.Namespace) -> None:
+    os.sched_setaffinity(0, {args.client_core})
+    callgrind: Path | None = None
+    if args.callgrind:
+        if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+            raise SystemExit("--callgrind needs valgrind (apt-get install valgrind)")
+        callgrind = Path(tempfile.mkdtemp(prefix="bench-upstream-"))
+    scenarios = [
+        Scenario("paced", args.paced_streams, args.paced_tokens, args.delay_ms),
+        Scenario("burst", args.burst_streams, args.burst_tokens, 0),
+    ]
+    sim, upstream = start_simulator(args.client_core)
+    results: dict[str, dict[str, Result]] = {}
+    try:
+        for client in CLIENTS:
+            started = time.monotonic()
+            broker = Broker(client, upstream, args.sut_core, callgrind)
+            try:
+                results[client] = await measure(broker, scenarios)
+            finally:
+                broker.stop()
+            print(f"# {client}: measured in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    finally:
+        sim.terminate()
+        sim.wait()
+        if callgrind is not None:
+            shutil.rmtree(callgrind, ignore_errors=True)
+    note = "callgrind on: CPU times are valgrind's, compare instructions" if callgrind else ""
+    print(f"broker CPU per token, sdk (baseline) vs aiohttp; {note}".rstrip("; "))
+    report(scenarios, results)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    sub = parser.add_subparsers(dest="command")
+    served = sub.add_parser("serve", help="the broker under test (started by the benchmark)")
+    served.add_argument("--client", choices=CLIENTS, required=True)
+    served.add_argument("--upstream", required=True)
+    parser.add_argument("--callgrind", action="store_true", help="count instructions too")
+    parser.add_argument("--paced-streams", type=int, default=50)
+    parser.add_argument("--paced-tokens", type=int, default=128)
+    parser.add_argument("--delay-ms", type=int, default=20)
+    parser.add_argument("--burst-streams", type=int, default=4)
+    parser.add_argument("--burst-tokens", type=int, default=2000)
+    parser.add_argument("--sut-core", type=int, default=1)
+    parser.add_argument("--client-core", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        import uvloop
+
+        uvloop.run(serve(args.client, args.upstream))
+        return
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

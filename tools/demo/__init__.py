@@ -1,0 +1,1 @@
+"""The demo page: a browser conversation through the TypeScript SDK (see server.py)."""
