@@ -97,6 +97,7 @@ class VoiceConnection:
         self._responding = ""
         self._turn_ended: float | None = None
         self._first_audio_sent: set[str] = set()
+        self._upstream_model = ""
         self._done = asyncio.Event()
         self._draining = False
         self._close: tuple[int, str] | None = None
@@ -274,6 +275,7 @@ class VoiceConnection:
                         "voice session opened",
                         extra={**self._log, "upstream": response.opened.upstream},
                     )
+                    self._upstream_model = response.opened.upstream_model
                     continue
                 for raw in response.events.events:
                     await self._upstream_event(raw)
@@ -326,14 +328,14 @@ class VoiceConnection:
             self.metrics.voice_interruptions.inc()
         elif kind == "input_audio_buffer.speech_stopped":
             self._turn_ended = time.monotonic()
+        refusal = None
         if kind == "response.created":
-            passes = await self._admit(event)
+            refusal = await self._admit(event)
         elif kind == "response.done":
-            passes = await self._settle(event)
-        else:
-            passes = True
-        if passes:
-            self._send(raw.decode(), first_audio)
+            await self._settle(event)
+        self._send(raw.decode(), first_audio)
+        if refusal is not None:
+            self._send(refusal)
 
     def _output_format(self) -> str:
         audio = self.session.get("audio")
@@ -349,8 +351,9 @@ class VoiceConnection:
             if fmt in voice_events.FORMATS:
                 self.audio.format = fmt
 
-    async def _admit(self, event: dict[str, Any]) -> bool:
-        """Admit a response the upstream started; False when it is refused (and cancelled)."""
+    async def _admit(self, event: dict[str, Any]) -> str | None:
+        """Admit a response the upstream started; the `error` event when it is refused
+        (it is cancelled upstream, and its output dropped)."""
         response = event.get("response") or {}
         response_id = str(response.get("id") or "")
         self._responding = response_id
@@ -360,6 +363,7 @@ class VoiceConnection:
                 response_id,
                 prompt_tokens=0,
                 max_output_tokens=self.gate.output_cap(self.tenant, 0),
+                price=self.gate.price_of(self.tenant, self.model, self._upstream_model),
             )
         except SwitchboardError as error:
             self._refused.add(response_id)
@@ -368,13 +372,12 @@ class VoiceConnection:
                 realtime_pb2.RealtimeRequest(events=realtime_pb2.RealtimeEvents(events=[cancel]))
             )
             self.metrics.rejections.labels(error.name, self.tenant.tier).inc()
-            self._send(error_event(error))
-            return False
+            return error_event(error)
         self._admitted[response_id] = admitted
-        return True
+        return None
 
-    async def _settle(self, event: dict[str, Any]) -> bool:
-        """Settle a finished response with its usage; False for a refused one."""
+    async def _settle(self, event: dict[str, Any]) -> None:
+        """Settle a finished response with its usage (a refused one has nothing to settle)."""
         response = event.get("response") or {}
         response_id = str(response.get("id") or "")
         if response_id == self._responding:
@@ -382,17 +385,32 @@ class VoiceConnection:
             if self._draining:
                 self._end(DRAIN_CLOSE, "draining", "drain")
         if response_id in self._refused:
+            # Its output was dropped; its end is the client's to see (cancelled).
             self._refused.discard(response_id)
-            return False
+            return
         usage = response.get("usage") or {}
         used = _tokens(usage)
         admitted = self._admitted.pop(response_id, None)
         self.metrics.tokens.labels(self.model, "input").inc(_count(usage.get("input_tokens")))
         self.metrics.tokens.labels(self.model, "output").inc(_count(usage.get("output_tokens")))
         if admitted is not None:
-            with contextlib.suppress(SwitchboardError):
+            try:
                 await self.gate.finish_response(self.tenant, admitted, used)
-        return True
+                # Audio tokens are priced as the model's tokens (one price per direction).
+                price = self.gate.price_of(self.tenant, self.model, self._upstream_model)
+                counted = common_pb2.Usage(
+                    input_tokens=_count(usage.get("input_tokens")),
+                    output_tokens=_count(usage.get("output_tokens")),
+                    total_tokens=used,
+                    cached_input_tokens=_count(
+                        (usage.get("input_token_details") or {}).get("cached_tokens")
+                    ),
+                )
+                await self.gate.record_cost(
+                    self.tenant, self.session_id, response_id, self.model, counted, price
+                )
+            except SwitchboardError as exc:
+                log.warning("usage not settled", extra={**self._log, "code": exc.name})
 
     async def _settle_all(self) -> None:
         """Free what responses still hold when the session ends mid-response."""
