@@ -260,3 +260,15 @@ async def test_an_ephemeral_secret_locks_a_voice_sessions_fields(stack: Stack) -
         assert error.type == "error"
         assert (error.error.code, error.error.param) == ("field_locked", "session.instructions")  # type: ignore[union-attr]
     await browser.close()
+
+
+async def test_a_text_session_reports_no_turn_detection(client: RealtimeClient) -> None:
+    # The Agents SDK skips response.cancel on interrupt when the session says the
+    # server interrupts: a text session must not claim voice it does not serve.
+    vad = {"type": "server_vad", "interrupt_response": True, "create_response": True}
+    audio = {"input": {"turn_detection": vad, "transcription": {"model": "x"}}}
+    await client.send({"type": "session.update", "session": {"type": "realtime", "audio": audio}})
+    updated = (await client.recv_until("session.updated"))[-1]["session"]
+    assert updated["output_modalities"] == ["text"]
+    assert updated["audio"]["input"]["turn_detection"] is None
+    assert updated["audio"]["input"]["transcription"] is None

@@ -56,6 +56,20 @@ def initial_session(session_id: str, config: session_pb2.SessionConfig) -> Event
     }
 
 
+def served_audio(session: Event) -> Event:
+    """`session` as a text session serves it: an `audio` object the client sent keeps
+    its formats and voice, but reports no turn detection, transcription or noise
+    reduction, none of which a text session runs (docs/protocol.md). The Agents
+    SDK reads `turn_detection.interrupt_response` and, when true, leaves the
+    cancel of an interrupted response to the server, which here would never come."""
+    audio = session.get("audio")
+    if not isinstance(audio, dict):
+        return session
+    served_input = dict(audio.get("input") or {})
+    served_input.update(turn_detection=None, transcription=None, noise_reduction=None)
+    return {**session, "audio": {**audio, "input": served_input}}
+
+
 def check_locked(raw: Event, session: Event, locked: frozenset[str]) -> None:
     """Refuse an update of a field an ephemeral secret fixed (`field_locked`)."""
     for name in LOCKABLE_FIELDS:
