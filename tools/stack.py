@@ -406,10 +406,14 @@ def main() -> None:
             or "https://api.openai.com/v1"
         )
     )
+    voice_note = "   (the simulator's Realtime endpoint)" if stack.simulate else ""
+    if not stack.simulate and not os.environ.get("SWITCHBOARD_BROKER_REALTIME_URL"):
+        voice_note = "   (set SWITCHBOARD_BROKER_REALTIME_URL for a Realtime upstream)"
     print(
         f"""
 Switchboard is running.
   WebSocket:  {stack.websocket_url}?model=gpt-realtime
+  Voice:      {stack.websocket_url}?model=gpt-realtime-voice{voice_note}
   API key:    {stack.dev_key}   (tenant "{DEV_TENANT}"; fix it with SWITCHBOARD_DEV_KEY)
   Upstream:   {upstream}
   Health:     {stack.gateway_url}/readyz
