@@ -272,3 +272,20 @@ async def test_a_text_session_reports_no_turn_detection(client: RealtimeClient) 
     assert updated["output_modalities"] == ["text"]
     assert updated["audio"]["input"]["turn_detection"] is None
     assert updated["audio"]["input"]["transcription"] is None
+
+
+async def test_an_upstream_that_drops_the_session_ends_it_with_a_clear_error(
+    stack: Stack, voice: RealtimeClient
+) -> None:
+    cut = directive(disconnect_after=1)
+    await voice.send({"type": "session.update", "session": {"instructions": cut}})
+    await voice.recv_until("session.updated")
+    await voice.say("hi")
+    await voice.send({"type": "response.create"})
+    error = (await voice.recv_until("error"))[-1]["error"]
+    assert error["code"] == "upstream_stream_broken"
+    assert stack.simulator_url not in error["message"]
+    with pytest.raises(websockets.exceptions.ConnectionClosed):
+        await voice.recv()
+    assert voice.connection.close_code == 1011
+    assert voice.connection.close_reason == "upstream_stream_broken"
