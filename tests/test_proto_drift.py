@@ -17,7 +17,7 @@ def test_committed_stubs_match_the_protos(tmp_path: Path) -> None:
 
 def test_every_proto_has_stubs() -> None:
     names = {p.stem for p in genproto.proto_files()}
-    assert names == {"common", "session", "broker", "toolexec", "moderation"}
+    assert names == {"common", "session", "broker", "toolexec", "moderation", "realtime"}
     for name in names:
         assert (genproto.STUBS_DIR / f"{name}_pb2.pyi").exists()
         assert (genproto.STUBS_DIR / f"{name}_pb2_grpc.pyi").exists()

@@ -177,6 +177,9 @@ class Stack:
         if self.simulate:
             env["SWITCHBOARD_BROKER_UPSTREAM_URL"] = f"{self.simulator_url}/v1"
             env["SWITCHBOARD_BROKER_UPSTREAM_API_KEY"] = SIMULATOR_KEY
+            # The simulator speaks the Realtime protocol too: development tenants
+            # get the voice model `gpt-realtime-voice` on it (docs/voice.md).
+            env.setdefault("SWITCHBOARD_BROKER_REALTIME_URL", f"{self.simulator_url}/v1")
         return env
 
     @property
@@ -403,10 +406,14 @@ def main() -> None:
             or "https://api.openai.com/v1"
         )
     )
+    voice_note = "   (the simulator's Realtime endpoint)" if stack.simulate else ""
+    if not stack.simulate and not os.environ.get("SWITCHBOARD_BROKER_REALTIME_URL"):
+        voice_note = "   (set SWITCHBOARD_BROKER_REALTIME_URL for a Realtime upstream)"
     print(
         f"""
 Switchboard is running.
   WebSocket:  {stack.websocket_url}?model=gpt-realtime
+  Voice:      {stack.websocket_url}?model=gpt-realtime-voice{voice_note}
   API key:    {stack.dev_key}   (tenant "{DEV_TENANT}"; fix it with SWITCHBOARD_DEV_KEY)
   Upstream:   {upstream}
   Health:     {stack.gateway_url}/readyz

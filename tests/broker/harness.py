@@ -51,6 +51,15 @@ class Served(NamedTuple):
 
 @asynccontextmanager
 async def serving(environ: dict[str, str], *, reload_s: float = 1.0) -> AsyncIterator[Served]:
+    """A broker on 127.0.0.1:0 built from `environ` (see `serving_channel`)."""
+    async with serving_channel(environ, reload_s=reload_s) as (served, _channel):
+        yield served
+
+
+@asynccontextmanager
+async def serving_channel(
+    environ: dict[str, str], *, reload_s: float = 1.0
+) -> AsyncIterator[tuple[Served, grpc.aio.Channel]]:
     """A broker on 127.0.0.1:0 built from `environ`, a stub for it, and its tenants.
 
     The tenants file, when `environ` names one, is checked every `reload_s`.
@@ -65,7 +74,8 @@ async def serving(environ: dict[str, str], *, reload_s: float = 1.0) -> AsyncIte
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                yield Served(broker_pb2_grpc.BrokerServiceStub(channel), servicer, tenants)
+                stub = broker_pb2_grpc.BrokerServiceStub(channel)
+                yield Served(stub, servicer, tenants), channel
         finally:
             await server.stop(None)
 

@@ -47,6 +47,10 @@ FAST = '[[sim {"ttft_ms": 5, "token_delay_ms": 0, "tokens":'
 
 
 async def connect_lagging(stack: Stack) -> Any:
+    return await connect_lagging_to(stack, "gpt-realtime")
+
+
+async def connect_lagging_to(stack: Stack, model: str) -> Any:
     """A client whose socket holds little, so the gateway feels it not reading.
 
     It sends no keepalive pings of its own: a client that reads nothing never sees
@@ -57,7 +61,7 @@ async def connect_lagging(stack: Stack) -> Any:
     sock.connect(("127.0.0.1", stack.ports.gateway))
     sock.setblocking(False)
     return await websockets.connect(
-        f"{stack.websocket_url}?model=gpt-realtime",
+        f"{stack.websocket_url}?model={model}",
         additional_headers={"Authorization": f"Bearer {stack.dev_key}"},
         sock=sock,
         max_queue=1,
@@ -241,3 +245,35 @@ async def fast_client_goes_on_then_the_stalled_one_is_cut(
     assert closed.value.rcvd.code == 4008
     assert closed.value.rcvd.reason == "slow_consumer"
     return delta_bytes
+
+
+async def test_a_voice_client_that_falls_behind_is_cut_and_its_upstream_closed(
+    stack: Stack, sim: aiohttp.ClientSession
+) -> None:
+    # Ten minutes of reply audio, sent by the simulator at ~640 KB/s: audio deltas
+    # are never merged, so a client that stops reading fills the 1 MiB outbox.
+    connection = await connect_lagging_to(stack, "gpt-realtime-voice")
+    client = RealtimeClient(connection)
+    await client.recv()
+    audio = '[[sim {"audio_ms": 600000, "ttfa_ms": 0}]]'
+    await client.send({"type": "session.update", "session": {"instructions": audio}})
+    await client.recv_until("session.updated")
+    await ask(client, "talk for ten minutes")
+    # Read nothing more: the gateway cuts the client, then the upstream socket.
+    async with asyncio.timeout(60):
+        while True:
+            async with sim.get("/_sim/realtime") as reply:
+                record = (await reply.json())["sessions"][-1]
+            if record["ended_at"] is not None:
+                break
+            await asyncio.sleep(0.1)
+    assert record["responses"][-1]["outcome"] == "client_closed"
+    with pytest.raises(websockets.exceptions.ConnectionClosed):
+        await asyncio.wait_for(_read_all(connection), 30)
+    assert connection.close_code == 4008
+    assert connection.close_reason == "slow_consumer"
+
+
+async def _read_all(connection: Any) -> None:
+    async for _ in connection:
+        pass

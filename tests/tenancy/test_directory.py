@@ -175,3 +175,23 @@ def test_the_toolexec_view_passes_toolexec_checks() -> None:
     # A fresh copy each time: toolexec may not reach into the directory.
     tools_document["tenants"]["acme"]["webhooks"][0]["name"] = "changed"
     assert directory.get("acme").webhooks[0]["name"] == "lookup_order"  # type: ignore[union-attr]
+
+
+def test_a_realtime_url_gives_development_tenants_a_voice_model() -> None:
+    environ = {
+        "SWITCHBOARD_BROKER_UPSTREAM_URL": "http://sim:8090/v1",
+        "SWITCHBOARD_BROKER_UPSTREAM_API_KEY": "sk-dev-upstream",
+        "SWITCHBOARD_BROKER_REALTIME_URL": "http://sim:8090/v1",
+    }
+    directory = TenantDirectory.from_key_spec(f"t1={hash_key('sk-x')}", environ)
+    route = directory.tenants["t1"].route("gpt-realtime-voice")
+    upstream = directory.upstreams[route.upstream]
+    assert (upstream.kind, route.upstream_model) == ("realtime", "gpt-realtime")
+    assert upstream.api_key.reveal() == "sk-dev-upstream"
+    assert directory.upstreams["default"].kind == "chat"
+    assert (
+        "realtime"
+        not in TenantDirectory.from_key_spec(
+            f"t1={hash_key('sk-x')}", {"SWITCHBOARD_BROKER_UPSTREAM_URL": "http://sim:8090/v1"}
+        ).upstreams
+    )

@@ -44,6 +44,21 @@ BAD_DOCUMENTS: list[tuple[str, Edit, str]] = [
     ("tier not a label", put("tiers", value=["Gold Plus"]), "tiers[0]: must match"),
     ("tier twice", put("tiers", value=["free", "free"]), "tiers[1]: 'free' is listed twice"),
     ("no upstreams", drop("upstreams"), "upstreams: is required"),
+    (
+        "upstream kind",
+        put("upstreams", "default", "kind", value="websocket"),
+        "upstreams.default.kind: must be one of chat, realtime",
+    ),
+    (
+        "a model mixing kinds",
+        lambda data: (
+            data["upstreams"]["local-vllm"].update(kind="realtime"),
+            data["tenants"]["acme"]["models"].update(
+                mixed={"deployments": [{"upstream": "default"}, {"upstream": "local-vllm"}]}
+            ),
+        ),
+        "tenants.acme.models.mixed.deployments[1].upstream: mixes chat and realtime upstreams",
+    ),
     ("empty upstreams", put("upstreams", value={}), "upstreams: must define at least one"),
     (
         "upstream name",

@@ -27,7 +27,7 @@ from typing import Any, Final, Literal
 import orjson
 from aiohttp import web
 
-from tools.simulator import moderation, script
+from tools.simulator import moderation, realtime_ws, script
 
 DEFAULT_MODELS: Final = ("sim-small", "gpt-4o-mini", "gpt-realtime")
 MAX_RECORDS: Final = 10_000
@@ -107,6 +107,7 @@ class SimulatorState:
         self.defaults = self.base
         self.overrides: dict[str, Any] = {}
         self.records: deque[StreamRecord] = deque(maxlen=MAX_RECORDS)
+        self.realtime = realtime_ws.RealtimeLog()
         self.active: dict[str, tuple[web.Request, StreamRecord]] = {}
         self._failures: OrderedDict[str, int] = OrderedDict()
         self._auth = None if config.api_key is None else f"Bearer {config.api_key}".encode()
@@ -389,6 +390,7 @@ def create_app(config: SimulatorConfig) -> web.Application:
     app.router.add_get("/_sim/config", _get_config)
     app.router.add_post("/_sim/config", _post_config)
     app.router.add_get("/healthz", _healthz)
+    realtime_ws.add_routes(app, app[STATE])
     return app
 
 

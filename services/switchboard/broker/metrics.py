@@ -97,6 +97,17 @@ class BrokerMetrics:
             ["upstream", "state"],
         )
 
+        self.realtime_sessions_active = metrics.gauge(
+            "realtime_sessions_active",
+            "Voice sessions holding an upstream Realtime WebSocket.",
+            ["upstream"],
+        )
+        self.realtime_sessions = metrics.counter(
+            "realtime_sessions_total",
+            "Voice sessions ended, by upstream and outcome (closed, cancelled, or the error code).",
+            ["upstream", "outcome"],
+        )
+
         self.orphaned_requests = metrics.gauge(
             "orphaned_requests",
             "Calls held without a follower (their caller went away without Cancel), "

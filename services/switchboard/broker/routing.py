@@ -26,6 +26,18 @@ class UnknownTenant(SwitchboardError):
     code = common_pb2.ERROR_CODE_PERMISSION_DENIED
 
 
+class UnsupportedFeature(SwitchboardError):
+    """The model is served by an upstream that does not speak what the call needs."""
+
+    code = common_pb2.ERROR_CODE_UNSUPPORTED_FEATURE
+
+
+_OTHER_KIND = {
+    "chat": "The model '{model}' is a voice model: use it in a Realtime session (docs/voice.md).",
+    "realtime": "The model '{model}' is not a voice model: it has no Realtime upstream.",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Candidate:
     """One deployment a call may go to.
@@ -78,6 +90,7 @@ def resolve(
     model: str,
     *,
     model_override: str | None = None,
+    kind: str = "chat",
 ) -> Target:
     """The deployments and upstream models of `tenant_id`'s call to `model`.
 
@@ -86,11 +99,14 @@ def resolve(
         tenant_id: the tenant the gateway authenticated.
         model: the model name the client asked for.
         model_override: when set, sent to every deployment instead of the route's model.
+        kind: the kind of upstream the caller speaks to (`chat` or `realtime`).
 
     Raises:
         InvalidRequest: no model is named (`missing_required_parameter`).
         UnknownTenant: the tenant is not configured (`permission_denied`).
         ModelNotAllowed: the tenant may not use `model` (`model_not_allowed`).
+        UnsupportedFeature: the model is served by an upstream of another kind
+            (`unsupported_feature`, param `model`).
         InternalError: the route names an upstream the directory lacks (the
             tenants file parser rules this out).
     """
@@ -110,6 +126,8 @@ def resolve(
         upstream = directory.upstreams.get(deployment.upstream)
         if upstream is None:
             raise InternalError("The model's upstream is not configured.")
+        if upstream.kind != kind:
+            raise UnsupportedFeature(_OTHER_KIND[kind].format(model=model[:128]), param="model")
         candidates.append(
             Candidate(
                 upstream,

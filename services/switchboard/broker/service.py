@@ -39,6 +39,7 @@ from switchboard.broker.clients import UpstreamClients
 from switchboard.broker.dispatch import Dispatcher, Progress
 from switchboard.broker.metrics import BrokerMetrics
 from switchboard.broker.multiplex import CallStream
+from switchboard.broker.realtime_session import RealtimeSessions
 from switchboard.broker.retry import RetryPolicy
 from switchboard.broker.routing import resolve
 from switchboard.broker.spans import ChatSpan
@@ -138,6 +139,8 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
         self._named = ((BROKER_METADATA_KEY, settings.advertise_address),)
         self._streams: set[CallStream] = set()
         self._draining = False
+        # Voice sessions (RealtimeService), served next to this one.
+        self.realtime = RealtimeSessions(tenants, self.dispatcher.admission, settings, self.metrics)
 
     @property
     def clients(self) -> UpstreamClients:
@@ -147,6 +150,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
     def register(self, server: grpc.aio.Server) -> None:
         """Add this servicer to a grpc.aio server (the `register` of `rpc.serve`)."""
         broker_pb2_grpc.add_BrokerServiceServicer_to_server(self, server)
+        self.realtime.register(server)
 
     async def Generate(
         self, request: broker_pb2.GenerateRequest, context: grpc.aio.ServicerContext

@@ -45,6 +45,7 @@ from switchboard.gateway.realtime import realtime
 from switchboard.gateway.resources import Resources
 from switchboard.gateway.tenant_gate import TenantGate
 from switchboard.gateway.usage_api import usage_endpoint
+from switchboard.gateway.voice import VoiceBroker
 from switchboard.limits import TenantLimiter
 from switchboard.limits.ledger import UsageLedger
 from switchboard.redis_client import any_client, warm_up
@@ -93,6 +94,7 @@ def create_app(
                 prices=lambda: tenants.current.prices,
             ),
             refusals=RateLimitedLog(log),
+            voice=VoiceBroker(settings.broker_target),
         )
         watcher = asyncio.create_task(tenants.watch())
         try:
@@ -101,6 +103,8 @@ def create_app(
             watcher.cancel()
             await recorder.close()
             await used.close()
+            if app.state.gateway.voice is not None:
+                await app.state.gateway.voice.close()
             await redis.aclose()
 
     app = Starlette(

@@ -53,6 +53,25 @@ class GatewayMetrics:
             ["model"],
             buckets=_LATENCY_BUCKETS,
         )
+        self.voice_time_to_first_audio = metrics.histogram(
+            "voice_time_to_first_audio_seconds",
+            "Voice sessions: from the end of the user's turn (speech_stopped, a commit "
+            "or response.create received) to the response's first audio sent to the client.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.voice_audio_seconds = metrics.counter(
+            "voice_audio_seconds_total",
+            "Voice sessions: seconds of audio, from clients (input) and to them (output).",
+            ["direction"],
+        )
+        self.voice_interruptions = metrics.counter(
+            "voice_interruptions_total",
+            "Voice sessions: the user spoke while a response was playing.",
+        )
+        self.voice_sessions_active = metrics.gauge(
+            "voice_sessions_active", "Voice sessions being served (each also a connection)."
+        )
         self.inter_token = metrics.histogram(
             "inter_token_seconds",
             "Gap between two consecutive deltas of a response sent to the client.",

@@ -105,7 +105,9 @@ class RealtimeProtocol:
         self.max_event_bytes = max_event_bytes
         self.ids = ids or Ids(first_event_seq=first_event_seq)
         self.conversation_id = "conv_" + session_id.removeprefix("sess_")
-        self.session: Event = session or sessions.initial_session(session_id, config)
+        self.session: Event = sessions.served_audio(
+            session or sessions.initial_session(session_id, config)
+        )
         # Session fields the client may not change (set by an ephemeral secret).
         self.locked = locked
         # The tenant's registered MCP servers: the only ones a client may name.
@@ -182,7 +184,8 @@ class RealtimeProtocol:
             locked=self.locked,
             mcp_servers=self.mcp_servers,
         )
-        return [UpdateSession(config=config, session=session, client_event_id=client_event_id)]
+        served = sessions.served_audio(session)
+        return [UpdateSession(config=config, session=served, client_event_id=client_event_id)]
 
     def session_updated(self, command: UpdateSession) -> None:
         self.config = command.config

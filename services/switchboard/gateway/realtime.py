@@ -17,7 +17,7 @@ import secrets
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from switchboard.errors import SwitchboardError
-from switchboard.gateway import handshake, sessions
+from switchboard.gateway import handshake, sessions, voice
 from switchboard.gateway.client_secrets import Grant
 from switchboard.gateway.connection import RealtimeConnection
 from switchboard.gateway.eventlog import SessionWriter
@@ -27,7 +27,9 @@ from switchboard.gateway.resources import Resources
 from switchboard.gateway.resume import check_resumable, reopen_response, replay, resume_point
 from switchboard.gateway.sender import close_with_error
 from switchboard.tenancy import Tenant
-from switchboard.v1 import session_pb2
+from switchboard.v1 import common_pb2, session_pb2
+
+RESUME_UNAVAILABLE = common_pb2.ERROR_CODE_RESUME_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,17 @@ async def _serve(
         await _refuse(gateway, websocket, error)
         return
     requested_protocols = websocket.scope.get("subprotocols") or []
-    await websocket.accept(subprotocol="realtime" if "realtime" in requested_protocols else None)
+    subprotocol = "realtime" if "realtime" in requested_protocols else None
+    if voice.is_voice_model(tenant, gateway.tenants.current.upstreams, session.config.model):
+        # A voice model's session is relayed to its Realtime upstream (voice.py).
+        if after_seq is not None:
+            refusal = SwitchboardError(voice.VOICE_NOT_RESUMABLE, code=RESUME_UNAVAILABLE)
+            await _refuse(gateway, websocket, refusal)
+            return
+        await websocket.accept(subprotocol=subprotocol)
+        await voice.serve_voice(gateway, websocket, tenant, grant, session, holder)
+        return
+    await websocket.accept(subprotocol=subprotocol)
     resumed = after_seq is not None
     if after_seq is not None:
         writer = SessionWriter(

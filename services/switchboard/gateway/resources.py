@@ -11,6 +11,7 @@ from switchboard.gateway.drain import Drainer
 from switchboard.gateway.eventlog import EventRecorder
 from switchboard.gateway.metrics import GatewayMetrics
 from switchboard.gateway.tenant_gate import TenantGate
+from switchboard.gateway.voice import VoiceBroker
 from switchboard.redis_client import AnyRedis
 from switchboard.telemetry.logs import RateLimitedLog
 from switchboard.tenancy import LiveTenants
@@ -29,3 +30,5 @@ class Resources:
     gate: TenantGate
     # Refused handshakes and requests: expected, client-caused, rate-limited.
     refusals: RateLimitedLog
+    # The broker's RealtimeService, for voice sessions (voice.py).
+    voice: VoiceBroker | None = None

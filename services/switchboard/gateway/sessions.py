@@ -56,6 +56,32 @@ def initial_session(session_id: str, config: session_pb2.SessionConfig) -> Event
     }
 
 
+def served_audio(session: Event) -> Event:
+    """`session` as a text session serves it: an `audio` object the client sent keeps
+    its formats and voice, but reports no turn detection, transcription or noise
+    reduction, none of which a text session runs (docs/protocol.md). The Agents
+    SDK reads `turn_detection.interrupt_response` and, when true, leaves the
+    cancel of an interrupted response to the server, which here would never come."""
+    audio = session.get("audio")
+    if not isinstance(audio, dict):
+        return session
+    served_input = dict(audio.get("input") or {})
+    served_input.update(turn_detection=None, transcription=None, noise_reduction=None)
+    return {**session, "audio": {**audio, "input": served_input}}
+
+
+def check_locked(raw: Event, session: Event, locked: frozenset[str]) -> None:
+    """Refuse an update of a field an ephemeral secret fixed (`field_locked`)."""
+    for name in LOCKABLE_FIELDS:
+        if name in locked and name in raw and raw[name] != session.get(name):
+            raise InvalidRequest(
+                f"'session.{name}' was fixed when this client secret was created and "
+                "cannot be changed.",
+                code=common_pb2.ERROR_CODE_FIELD_LOCKED,
+                param=f"session.{name}",
+            )
+
+
 def apply_update(
     session: Event,
     config: session_pb2.SessionConfig,
@@ -92,14 +118,7 @@ def apply_update(
         raise invalid_value(
             "session.type", f"Invalid value: {quote(session_type)}. Expected 'realtime'."
         )
-    for name in LOCKABLE_FIELDS:
-        if name in locked and name in raw and raw[name] != session.get(name):
-            raise InvalidRequest(
-                f"'session.{name}' was fixed when this client secret was created and "
-                "cannot be changed.",
-                code=common_pb2.ERROR_CODE_FIELD_LOCKED,
-                param=f"session.{name}",
-            )
+    check_locked(raw, session, locked)
     session = dict(session)
     updated = session_pb2.SessionConfig()
     updated.CopyFrom(config)

@@ -19,11 +19,15 @@ from typing import Any
 from switchboard.config import ConfigError, Env
 from switchboard.tenancy.keys import TENANT_ID, hash_key, normalize_key_hash
 from switchboard.tenancy.prices_section import Price
-from switchboard.tenancy.tenants import DEFAULT_UPSTREAM, Tenant, Upstream
+from switchboard.tenancy.tenants import DEFAULT_UPSTREAM, ModelRoute, Tenant, Upstream
 from switchboard.tenancy.tenants_file import DEFAULT_TIERS, parse_document
 from switchboard.tenancy.yaml_checks import decode
 
 TENANT_KEYS_VARIABLE = "SWITCHBOARD_TENANT_KEYS"
+# Development tenants' voice model, when SWITCHBOARD_BROKER_REALTIME_URL names a
+# Realtime upstream (docs/voice.md).
+DEV_VOICE_MODEL = "gpt-realtime-voice"
+REALTIME_UPSTREAM = "realtime"
 
 
 def _empty() -> Mapping[str, Any]:
@@ -163,14 +167,20 @@ class TenantDirectory:
                 )
             keys.setdefault(tenant_id, []).append(digest)
         upstream = environment_upstream(environ)
+        voice = realtime_upstream(environ)
         try:
-            return cls._development(keys, upstream, source=TENANT_KEYS_VARIABLE)
+            return cls._development(keys, upstream, voice, source=TENANT_KEYS_VARIABLE)
         except ConfigError as exc:
             raise ConfigError(f"{TENANT_KEYS_VARIABLE}: {exc}") from None
 
     @classmethod
     def _development(
-        cls, keys: Mapping[str, list[str]], upstream: Upstream, *, source: str
+        cls,
+        keys: Mapping[str, list[str]],
+        upstream: Upstream,
+        voice: tuple[Upstream, str] | None = None,
+        *,
+        source: str,
     ) -> TenantDirectory:
         tenants: dict[str, Tenant] = {}
         for tenant_id, digests in keys.items():
@@ -182,15 +192,23 @@ class TenantDirectory:
                     f"tenant {tenant_id!r}: a key hash is not 64 hex digits "
                     "(configure the SHA-256 of the key, not the key)"
                 )
+            models = {}
+            if voice is not None:
+                route = ModelRoute(DEV_VOICE_MODEL, voice[0].name, voice[1])
+                models[DEV_VOICE_MODEL] = route
             tenants[tenant_id] = Tenant(
                 id=tenant_id,
                 key_hashes=frozenset(digest for digest in hashes if digest is not None),
+                models=MappingProxyType(models),
                 any_model_upstream=upstream.name,
                 all_builtins=True,
             )
+        upstreams = {upstream.name: upstream}
+        if voice is not None:
+            upstreams[voice[0].name] = voice[0]
         return cls(
             tenants=MappingProxyType(tenants),
-            upstreams=MappingProxyType({upstream.name: upstream}),
+            upstreams=MappingProxyType(upstreams),
             source=source,
         )
 
@@ -253,3 +271,27 @@ def environment_upstream(environ: Mapping[str, str] | None = None) -> Upstream:
         if secret is not None:
             return Upstream(DEFAULT_UPSTREAM, url, secret, variable)
     return Upstream(DEFAULT_UPSTREAM, url)
+
+
+def realtime_upstream(environ: Mapping[str, str] | None = None) -> tuple[Upstream, str] | None:
+    """The development Realtime upstream and its model, when one is configured.
+
+    `SWITCHBOARD_BROKER_REALTIME_URL` (an http(s) base URL; the broker connects
+    to `{url}/realtime`), the model `SWITCHBOARD_BROKER_REALTIME_MODEL`
+    (default `gpt-realtime`), and the same key as the `default` upstream.
+    Development tenants reach it as the model `gpt-realtime-voice`. None when
+    the URL is not set.
+
+    Raises:
+        ConfigError: the URL variable holds no http(s) URL (named, not quoted).
+    """
+    env = Env(environ)
+    if not env.string("SWITCHBOARD_BROKER_REALTIME_URL", ""):
+        return None
+    url = env.url("SWITCHBOARD_BROKER_REALTIME_URL", "", schemes=("http", "https"))
+    model = env.string("SWITCHBOARD_BROKER_REALTIME_MODEL", "gpt-realtime")
+    key = environment_upstream(environ)
+    return (
+        Upstream(REALTIME_UPSTREAM, url, key.api_key, key.api_key_env, kind="realtime"),
+        model,
+    )

@@ -22,6 +22,8 @@ from switchboard.v1 import common_pb2
 
 DEFAULT_TIER = "standard"
 DEFAULT_UPSTREAM = "default"
+# What an upstream speaks: Chat Completions streaming, or the Realtime WebSocket protocol.
+UPSTREAM_KINDS = ("chat", "realtime")
 
 
 class ModelNotAllowed(SwitchboardError):
@@ -146,6 +148,8 @@ class Upstream:
     Attributes:
         name: the name routes refer to (`default` when a model names none).
         base_url: an http(s) URL without credentials, query or fragment.
+        kind: `chat` (Chat Completions streaming) or `realtime` (the Realtime
+            WebSocket protocol at `{base_url}/realtime`, for voice sessions).
         api_key: the key sent upstream; empty when the upstream needs none.
         api_key_env: the variable the key was read from (safe to log).
         admission: its concurrency limit and wait queue (broker defaults if unset).
@@ -158,6 +162,7 @@ class Upstream:
     api_key_env: str | None = None
     admission: UpstreamAdmission = UpstreamAdmission()
     circuit_breaker: UpstreamBreaker = UpstreamBreaker()
+    kind: str = "chat"
 
 
 @dataclass(frozen=True, slots=True)

@@ -313,6 +313,9 @@ def _deployments(
                 priority=non_negative(fields.get("priority", 0), (*where, "priority")) or 0,
             )
         )
+        if upstreams[upstream].kind != upstreams[deployments[0].upstream].kind:
+            # A voice session cannot fail over to Chat Completions, nor a text call to a socket.
+            raise error((*where, "upstream"), "mixes chat and realtime upstreams in one model")
     return tuple(deployments)
 
 

@@ -14,7 +14,12 @@ from typing import Any
 
 from switchboard.config import Secret
 from switchboard.key_paths import KeyPath
-from switchboard.tenancy.tenants import Upstream, UpstreamAdmission, UpstreamBreaker
+from switchboard.tenancy.tenants import (
+    UPSTREAM_KINDS,
+    Upstream,
+    UpstreamAdmission,
+    UpstreamBreaker,
+)
 from switchboard.tenancy.yaml_checks import (
     count,
     env_name,
@@ -27,7 +32,7 @@ from switchboard.tenancy.yaml_checks import (
 
 UPSTREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
-_UPSTREAM_KEYS = ("base_url", "api_key_env", "admission", "circuit_breaker")
+_UPSTREAM_KEYS = ("base_url", "api_key_env", "admission", "circuit_breaker", "kind")
 _ADMISSION_KEYS = ("max_concurrent", "max_queued", "max_queued_per_tenant", "queue_timeout_s")
 _BREAKER_KEYS = ("failures", "cooldown_s")
 
@@ -67,6 +72,7 @@ def parse_upstreams(raw: Any, environ: Mapping[str, str], require_env: bool) -> 
             api_key_env=key_env,
             admission=_admission(fields.get("admission"), (*path, "admission")),
             circuit_breaker=_breaker(fields.get("circuit_breaker"), (*path, "circuit_breaker")),
+            kind=_kind(fields.get("kind", "chat"), (*path, "kind")),
         )
     if not upstreams:
         raise error(("upstreams",), "must define at least one upstream")
@@ -96,6 +102,12 @@ def _breaker(raw: Any, path: KeyPath) -> UpstreamBreaker:
         failures=count(fields.get("failures"), (*path, "failures")),
         cooldown_s=seconds(fields.get("cooldown_s"), (*path, "cooldown_s")),
     )
+
+
+def _kind(raw: Any, path: KeyPath) -> str:
+    if raw not in UPSTREAM_KINDS:
+        raise error(path, f"must be one of {', '.join(UPSTREAM_KINDS)}")
+    return str(raw)
 
 
 def _base_url(raw: Any, path: KeyPath) -> str:

@@ -85,6 +85,14 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     """An MCP server could not list its tools (unreachable, timed out, bad answer)."""
     ERROR_CODE_INPUT_FLAGGED: _ErrorCode.ValueType  # 60
     """Moderation: a user message the tenant's moderation flagged; it was not stored."""
+    ERROR_CODE_INVALID_AUDIO: _ErrorCode.ValueType  # 61
+    """Voice sessions (docs/voice.md).
+    Audio that cannot be played: not base64, not whole samples of the format.
+    """
+    ERROR_CODE_AUDIO_RATE_EXCEEDED: _ErrorCode.ValueType  # 62
+    """Input audio arriving faster than the gateway allows (a multiple of real time)."""
+    ERROR_CODE_INPUT_AUDIO_BUFFER_FULL: _ErrorCode.ValueType  # 63
+    """The uncommitted input audio is at its bound; commit or clear it first."""
     ERROR_CODE_INTERNAL_ERROR: _ErrorCode.ValueType  # 99
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
@@ -154,6 +162,14 @@ ERROR_CODE_MCP_LIST_TOOLS_FAILED: ErrorCode.ValueType  # 57
 """An MCP server could not list its tools (unreachable, timed out, bad answer)."""
 ERROR_CODE_INPUT_FLAGGED: ErrorCode.ValueType  # 60
 """Moderation: a user message the tenant's moderation flagged; it was not stored."""
+ERROR_CODE_INVALID_AUDIO: ErrorCode.ValueType  # 61
+"""Voice sessions (docs/voice.md).
+Audio that cannot be played: not base64, not whole samples of the format.
+"""
+ERROR_CODE_AUDIO_RATE_EXCEEDED: ErrorCode.ValueType  # 62
+"""Input audio arriving faster than the gateway allows (a multiple of real time)."""
+ERROR_CODE_INPUT_AUDIO_BUFFER_FULL: ErrorCode.ValueType  # 63
+"""The uncommitted input audio is at its bound; commit or clear it first."""
 ERROR_CODE_INTERNAL_ERROR: ErrorCode.ValueType  # 99
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 

@@ -1,0 +1,434 @@
+"""Voice sessions: a client's Realtime WebSocket relayed to a Realtime upstream.
+
+A session whose model routes to a `kind: realtime` upstream (docs/voice.md)
+is served here instead of by `RealtimeConnection`: the model runs upstream as
+a Realtime session of its own, held by the broker (RealtimeService), and the
+gateway relays events both ways over one bidirectional gRPC call per session,
+keeping the text path's guarantees at its edge:
+
+- client events are checked before they go (voice_events.py): types, GA
+  `session.audio`, locked fields of `ek_` secrets, base64 audio of whole
+  samples, the input audio rate and buffer bounds; a refusal is an `error`
+  event and the session goes on;
+- each upstream response is admitted by the tenant gate when it starts
+  (`response.created`; VAD starts responses too) and settled with the
+  upstream's usage (audio tokens are tokens) at `response.done`; a response
+  the tenant may not have is cancelled upstream and its output dropped;
+- server events go through a bounded outbox whose events are never merged
+  (an audio delta stays a playable chunk); a client more than
+  `SWITCHBOARD_GATEWAY_MAX_BUFFERED_BYTES` behind is closed with 4008
+  `slow_consumer`;
+- the connection slot, the tenant's session length, the drain (1012) and the
+  metrics (time to first audio, audio seconds, interruptions, disconnects)
+  are kept as for text sessions.
+
+Voice sessions are not recorded in the session's event log: they cannot be
+resumed (a resume gets `resume_unavailable`); see docs/voice.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import grpc
+import orjson
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from switchboard.config import GatewaySettings
+from switchboard.errors import InvalidRequest, SwitchboardError
+from switchboard.gateway import client_events, voice_events
+from switchboard.gateway.client_secrets import Grant
+from switchboard.gateway.metrics import GatewayMetrics
+from switchboard.gateway.sender import SLOW_CONSUMER_CLOSE
+from switchboard.gateway.tenant_gate import (
+    CONNECTION_LEASE_S,
+    RESPONSE_LEASE_S,
+    Admitted,
+    TenantGate,
+)
+from switchboard.gateway.voice_outbox import SlowConsumer, VoiceOutbox, error_event
+from switchboard.telemetry import tracing
+from switchboard.tenancy import Tenant
+from switchboard.v1 import broker_pb2, common_pb2, realtime_pb2, realtime_pb2_grpc, session_pb2
+
+log = logging.getLogger(__name__)
+
+DRAIN_CLOSE = 1012
+_TRACER = tracing.tracer("switchboard.gateway.voice")
+
+
+class VoiceConnection:
+    """One client voice session, from the accept to the close (see the module)."""
+
+    def __init__(
+        self,
+        websocket: WebSocket,
+        broker: realtime_pb2_grpc.RealtimeServiceStub,
+        tenant: Tenant,
+        session: session_pb2.Session,
+        grant: Grant | None,
+        gate: TenantGate,
+        metrics: GatewayMetrics,
+        settings: GatewaySettings,
+        holder: str,
+    ) -> None:
+        self.websocket = websocket
+        self.broker = broker
+        self.tenant = tenant
+        self.session_id = session.id
+        self.model = session.config.model
+        self.grant = grant
+        self.locked = grant.locked if grant else frozenset()
+        self.gate = gate
+        self.metrics = metrics
+        self.settings = settings
+        self.holder = holder
+        self.end_reason = "client_closed"
+        self.outbox = VoiceOutbox(settings.max_buffered_bytes)
+        self.audio = voice_events.AudioInput()
+        self.session: dict[str, Any] = {"model": self.model}
+        self._requests: asyncio.Queue[realtime_pb2.RealtimeRequest | None] = asyncio.Queue()
+        self._admitted: dict[str, Admitted] = {}
+        self._refused: set[str] = set()
+        self._responding = ""
+        self._turn_ended: float | None = None
+        self._first_audio_sent: set[str] = set()
+        self._upstream_model = ""
+        self._done = asyncio.Event()
+        self._draining = False
+        self._close: tuple[int, str] | None = None
+        self._log = {"tenant_id": tenant.id, "session_id": session.id}
+        self._initial = session.config
+
+    # -- the drain (switchboard.gateway.drain.Drainable) ------------------------------
+
+    def drain(self) -> None:
+        """Close with 1012 once no response is running."""
+        self._draining = True
+        if not self._responding:
+            self._end(DRAIN_CLOSE, "draining", "drain")
+
+    def stop_now(self) -> None:
+        self._end(DRAIN_CLOSE, "draining", "drain")
+
+    def _end(self, code: int, reason: str, end_reason: str) -> None:
+        if self._close is None:
+            self._close = (code, reason)
+            self.end_reason = end_reason
+        self._done.set()
+
+    # -- the session ------------------------------------------------------------------
+
+    async def run(self, draining: bool) -> None:
+        """Serve until the client leaves, the upstream ends, or a limit closes it."""
+        attributes = tracing.ids(self.tenant.id, self.session_id)
+        with tracing.span(_TRACER, "voice session", attributes=attributes):
+            call = self.broker.Session(self._request_stream())
+            self._requests.put_nowait(realtime_pb2.RealtimeRequest(open=self._opening()))
+            tasks = [
+                asyncio.create_task(self._read_client()),
+                asyncio.create_task(self._read_upstream(call)),
+                asyncio.create_task(self._write()),
+                asyncio.create_task(self._keep_slots()),
+            ]
+            if draining:
+                self.drain()
+            try:
+                await self._done.wait()
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                self._requests.put_nowait(None)
+                call.cancel()
+                await self._settle_all()
+            if self._close is not None:
+                with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+                    await self.websocket.close(*self._close)
+
+    def _opening(self) -> realtime_pb2.RealtimeOpen:
+        config = self._initial
+        session: dict[str, Any] = {"type": "realtime"}
+        if config.instructions:
+            session["instructions"] = config.instructions
+        if config.max_output_tokens:
+            session["max_output_tokens"] = config.max_output_tokens
+        if self.grant is not None:
+            # What the ephemeral secret fixed; its other fields are the text
+            # path's defaults, which a voice session does not take.
+            granted = self.grant.session
+            for name in ("instructions", "tools", "tool_choice", "audio"):
+                if granted.get(name):
+                    session[name] = granted[name]
+        return realtime_pb2.RealtimeOpen(
+            tenant_id=self.tenant.id,
+            session_id=self.session_id,
+            model=self.model,
+            session_json=orjson.dumps(session).decode(),
+        )
+
+    async def _request_stream(self) -> Any:
+        while (request := await self._requests.get()) is not None:
+            yield request
+
+    def _send(self, text: str, first_audio_of: str = "") -> None:
+        try:
+            self.outbox.put(text, first_audio_of)
+        except SlowConsumer as exc:
+            log.warning("slow consumer", extra={**self._log, "detail": str(exc)})
+            self._end(SLOW_CONSUMER_CLOSE, "slow_consumer", "slow_consumer")
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                item = await self.outbox.get()
+                await self.websocket.send_text(item.text)
+                if item.first_audio_of and self._turn_ended is not None:
+                    elapsed = time.monotonic() - self._turn_ended
+                    self.metrics.voice_time_to_first_audio.labels(self.model).observe(elapsed)
+                    self._turn_ended = None
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            self._end(1000, "", "client_closed")
+
+    async def _keep_slots(self) -> None:
+        """Renew the connection slot; end the session at the tenant's length limit."""
+        started = time.monotonic()
+        limit = self.tenant.limits.max_session_seconds
+        period = min(CONNECTION_LEASE_S, RESPONSE_LEASE_S) / 3
+        while True:
+            wait = period if limit is None else min(period, limit - (time.monotonic() - started))
+            await asyncio.sleep(max(wait, 0))
+            if limit is not None and time.monotonic() - started >= limit:
+                error = SwitchboardError(
+                    "The session reached its maximum length.",
+                    code=common_pb2.ERROR_CODE_SESSION_EXPIRED,
+                )
+                self._send(error_event(error))
+                await asyncio.sleep(0.1)  # let the writer send it
+                self._end(error.spec.close_code or 1000, error.name, "session_expired")
+                return
+            with contextlib.suppress(SwitchboardError):
+                await self.gate.keep_connection(self.tenant, self.holder)
+                for admitted in list(self._admitted.values()):
+                    await self.gate.keep_response(self.tenant, admitted)
+
+    # -- client -> upstream ------------------------------------------------------------
+
+    async def _read_client(self) -> None:
+        try:
+            while True:
+                message = await self.websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    self._end(1000, "", "client_closed")
+                    return
+                text = message.get("text")
+                if text is None:
+                    error = InvalidRequest(
+                        "Binary frames are not supported; send JSON text frames.",
+                        code=common_pb2.ERROR_CODE_BINARY_FRAME_UNSUPPORTED,
+                    )
+                    self._send(error_event(error))
+                    continue
+                self._client_event(text)
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            self._end(1000, "", "client_closed")
+
+    def _client_event(self, text: str) -> None:
+        event: dict[str, Any] = {}
+        try:
+            event = client_events.decode(text, self.settings.max_event_bytes)
+            kind = client_events.event_type(event)
+            if kind == "input_audio_buffer.append":
+                seconds = self.audio.append(event.get("audio"), time.monotonic())
+                self.metrics.voice_audio_seconds.labels("input").inc(seconds)
+            elif kind == "session.update":
+                fmt = voice_events.check_session(event.get("session"), self.session, self.locked)
+                if fmt is not None:
+                    self.audio.format = fmt
+            else:
+                voice_events.check_event(event, kind)
+        except InvalidRequest as error:
+            self._send(error_event(error, event.get("event_id")))
+            return
+        if kind in ("input_audio_buffer.commit", "response.create"):
+            self._turn_ended = time.monotonic()
+        if kind in ("input_audio_buffer.commit", "input_audio_buffer.clear"):
+            self.audio.emptied()
+        batch = realtime_pb2.RealtimeEvents(events=[text.encode()])
+        self._requests.put_nowait(realtime_pb2.RealtimeRequest(events=batch))
+
+    # -- upstream -> client ------------------------------------------------------------
+
+    async def _read_upstream(self, call: Any) -> None:
+        try:
+            async for response in call:
+                kind = response.WhichOneof("kind")
+                if kind == "failure":
+                    await self._upstream_failed(response.failure)
+                    return
+                if kind == "opened":
+                    log.info(
+                        "voice session opened",
+                        extra={**self._log, "upstream": response.opened.upstream},
+                    )
+                    self._upstream_model = response.opened.upstream_model
+                    continue
+                for raw in response.events.events:
+                    await self._upstream_event(raw)
+        except grpc.RpcError:
+            await self._upstream_failed(
+                _failure("The broker does not answer.", common_pb2.ERROR_CODE_SERVICE_UNAVAILABLE)
+            )
+            return
+        if self._close is None:
+            await self._upstream_failed(
+                _failure(
+                    "The voice session ended upstream.",
+                    common_pb2.ERROR_CODE_UPSTREAM_STREAM_BROKEN,
+                )
+            )
+
+    async def _upstream_failed(self, failure: Any) -> None:
+        error = SwitchboardError(failure.message, code=failure.code, param=failure.param or None)
+        log.warning("voice session failed", extra={**self._log, "code": error.name})
+        self._send(error_event(error))
+        await asyncio.sleep(0)
+        # Let the writer send the error first (bounded: the close comes regardless).
+        for _ in range(50):
+            if not self.outbox.size:
+                break
+            await asyncio.sleep(0.01)
+        self._end(error.spec.close_code or 1011, error.name, "upstream_error")
+
+    async def _upstream_event(self, raw: bytes) -> None:
+        event = orjson.loads(raw)
+        kind = event.get("type")
+        response_id = event.get("response_id", "")
+        if response_id and response_id in self._refused:
+            return  # output of a response the tenant may not have
+        first_audio = ""
+        if kind == "response.output_audio.delta":
+            delta = event.get("delta")
+            if isinstance(delta, str):
+                fmt = self._output_format()
+                seconds = voice_events.audio_seconds(fmt, len(delta))
+                self.metrics.voice_audio_seconds.labels("output").inc(seconds)
+            if response_id not in self._first_audio_sent:
+                self._first_audio_sent.add(response_id)
+                first_audio = response_id
+        elif kind in ("session.created", "session.updated"):
+            self._session_event(event)
+        elif kind in ("input_audio_buffer.committed", "input_audio_buffer.cleared"):
+            self.audio.emptied()
+        elif kind == "input_audio_buffer.speech_started" and self._responding:
+            self.metrics.voice_interruptions.inc()
+        elif kind == "input_audio_buffer.speech_stopped":
+            self._turn_ended = time.monotonic()
+        refusal = None
+        if kind == "response.created":
+            refusal = await self._admit(event)
+        elif kind == "response.done":
+            await self._settle(event)
+        self._send(raw.decode(), first_audio)
+        if refusal is not None:
+            self._send(refusal)
+
+    def _output_format(self) -> str:
+        audio = self.session.get("audio")
+        fmt = (((audio or {}).get("output") or {}).get("format") or {}).get("type")
+        return fmt if fmt in voice_events.FORMATS else "audio/pcm"
+
+    def _session_event(self, event: dict[str, Any]) -> None:
+        session = event.get("session")
+        if isinstance(session, dict):
+            self.session = session
+            audio = session.get("audio") or {}
+            fmt = ((audio.get("input") or {}).get("format") or {}).get("type")
+            if fmt in voice_events.FORMATS:
+                self.audio.format = fmt
+
+    async def _admit(self, event: dict[str, Any]) -> str | None:
+        """Admit a response the upstream started; the `error` event when it is refused
+        (it is cancelled upstream, and its output dropped)."""
+        response = event.get("response") or {}
+        response_id = str(response.get("id") or "")
+        self._responding = response_id
+        try:
+            admitted = await self.gate.admit_response(
+                self.tenant,
+                response_id,
+                prompt_tokens=0,
+                max_output_tokens=self.gate.output_cap(self.tenant, 0),
+                price=self.gate.price_of(self.tenant, self.model, self._upstream_model),
+            )
+        except SwitchboardError as error:
+            self._refused.add(response_id)
+            cancel = orjson.dumps({"type": "response.cancel", "response_id": response_id})
+            self._requests.put_nowait(
+                realtime_pb2.RealtimeRequest(events=realtime_pb2.RealtimeEvents(events=[cancel]))
+            )
+            self.metrics.rejections.labels(error.name, self.tenant.tier).inc()
+            return error_event(error)
+        self._admitted[response_id] = admitted
+        return None
+
+    async def _settle(self, event: dict[str, Any]) -> None:
+        """Settle a finished response with its usage (a refused one has nothing to settle)."""
+        response = event.get("response") or {}
+        response_id = str(response.get("id") or "")
+        if response_id == self._responding:
+            self._responding = ""
+            if self._draining:
+                self._end(DRAIN_CLOSE, "draining", "drain")
+        if response_id in self._refused:
+            # Its output was dropped; its end is the client's to see (cancelled).
+            self._refused.discard(response_id)
+            return
+        usage = response.get("usage") or {}
+        used = _tokens(usage)
+        admitted = self._admitted.pop(response_id, None)
+        self.metrics.tokens.labels(self.model, "input").inc(_count(usage.get("input_tokens")))
+        self.metrics.tokens.labels(self.model, "output").inc(_count(usage.get("output_tokens")))
+        if admitted is not None:
+            try:
+                await self.gate.finish_response(self.tenant, admitted, used)
+                # Audio tokens are priced as the model's tokens (one price per direction).
+                price = self.gate.price_of(self.tenant, self.model, self._upstream_model)
+                counted = common_pb2.Usage(
+                    input_tokens=_count(usage.get("input_tokens")),
+                    output_tokens=_count(usage.get("output_tokens")),
+                    total_tokens=used,
+                    cached_input_tokens=_count(
+                        (usage.get("input_token_details") or {}).get("cached_tokens")
+                    ),
+                )
+                await self.gate.record_cost(
+                    self.tenant, self.session_id, response_id, self.model, counted, price
+                )
+            except SwitchboardError as exc:
+                log.warning("usage not settled", extra={**self._log, "code": exc.name})
+
+    async def _settle_all(self) -> None:
+        """Free what responses still hold when the session ends mid-response."""
+        for admitted in self._admitted.values():
+            with contextlib.suppress(SwitchboardError):
+                await self.gate.finish_response(self.tenant, admitted, 0)
+        self._admitted.clear()
+
+
+def _failure(message: str, code: int) -> broker_pb2.CallFailure:
+    return broker_pb2.CallFailure(code=common_pb2.ErrorCode.ValueType(code), message=message)
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _tokens(usage: dict[str, Any]) -> int:
+    """Tokens of a Realtime `usage` (text and audio, in and out)."""
+    total = _count(usage.get("total_tokens"))
+    return total or _count(usage.get("input_tokens")) + _count(usage.get("output_tokens"))
