@@ -9,6 +9,7 @@ make reply audio: a tone, deterministic and easy to check.
 
 from __future__ import annotations
 
+import functools
 import math
 from array import array
 from typing import Final
@@ -94,6 +95,7 @@ def _alaw_encode(sample: int) -> int:
     return (sign | code) ^ 0x55
 
 
+@functools.lru_cache(maxsize=4096)
 def tone(fmt: str, ms: int, offset_ms: int = 0) -> bytes:
     """`ms` milliseconds of a 440 Hz tone in `fmt`, continuing a tone begun `offset_ms` earlier."""
     rate = sample_rate(fmt)

@@ -225,10 +225,12 @@ class VoiceSession:
         frame_bytes = audio.bytes_per_ms(fmt) * audio.FRAME_MS
         whole = len(chunk) - len(chunk) % frame_bytes
         self._partial = chunk[whole:]
+        if not isinstance(detection, dict):
+            self._written_ms += audio.duration_ms(fmt, whole)
+            return reply
         for level in audio.frame_levels(fmt, chunk[:whole]):
             self._written_ms += audio.FRAME_MS
-            if isinstance(detection, dict):
-                self._vad_frame(detection, level, reply)
+            self._vad_frame(detection, level, reply)
         return reply
 
     def _vad_frame(self, detection: Mapping[str, Any], level: float, reply: Reply) -> None:

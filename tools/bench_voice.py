@@ -1,0 +1,167 @@
+"""Benchmark: voice sessions through the gateway vs straight to the upstream simulator.
+
+Starts the whole stack (the launcher of `make run`) on free ports, then runs N
+concurrent voice sessions twice in one run, each streaming 2 s of input audio
+in real time (20 ms chunks) and then asking for a spoken reply:
+
+- **direct**: the simulator's Realtime WebSocket (`gpt-realtime`);
+- **gateway**: `/v1/realtime?model=gpt-realtime-voice`: gateway -> broker
+  (RealtimeService) -> the simulator.
+
+Time to first audio (TTFA) is measured at the client, from sending
+`input_audio_buffer.commit` + `response.create` to the first
+`response.output_audio.delta`; the simulator waits `--ttfa-ms` itself, the
+same both ways, so the difference is what Switchboard adds. Jitter is the gap
+between consecutive audio deltas at the client beyond the simulator's own
+schedule (`--chunk-ms` apart). CPU and memory per session are the gateway's
+and broker's (from /proc) while the gateway round runs.
+
+    python -m tools.bench_voice [--sessions 20] [--ttfa-ms 50] [--chunk-ms 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import orjson
+import websockets
+
+from tools.stack import SIMULATOR_KEY, Ports, Stack
+
+RATE_BYTES_PER_MS = 48
+TONE = base64.b64encode(bytes(RATE_BYTES_PER_MS * 20)).decode()  # 20 ms of silence
+INPUT_CHUNKS = 100  # 2 s
+
+
+@dataclass
+class Sample:
+    ttfa_s: float
+    gaps_s: list[float] = field(default_factory=list)
+
+
+async def one_session(url: str, key: str, reply_ms: int) -> Sample:
+    headers = {"Authorization": f"Bearer {key}"}
+    async with websockets.connect(url, additional_headers=headers, max_size=2**24) as ws:
+        await ws.recv()  # session.created
+        instructions = f'[[sim {{"transcript": "hello there", "audio_ms": {reply_ms}}}]]'
+        update = {
+            "type": "session.update",
+            "session": {
+                "type": "realtime",
+                "instructions": instructions,
+                "audio": {"input": {"turn_detection": None}},
+            },
+        }
+        await ws.send(orjson.dumps(update).decode())
+        start = time.monotonic()
+        for index in range(INPUT_CHUNKS):  # real time, on an absolute schedule
+            event = {"type": "input_audio_buffer.append", "audio": TONE}
+            await ws.send(orjson.dumps(event).decode())
+            await asyncio.sleep(max(0.0, start + (index + 1) * 0.02 - time.monotonic()))
+        sent = time.monotonic()
+        await ws.send('{"type":"input_audio_buffer.commit"}')
+        await ws.send('{"type":"response.create"}')
+        first: float | None = None
+        last = 0.0
+        gaps: list[float] = []
+        while True:
+            frame = await asyncio.wait_for(ws.recv(), 30)
+            kind = orjson.loads(frame).get("type")
+            if kind == "response.output_audio.delta":
+                now = time.monotonic()
+                if first is None:
+                    first = now
+                else:
+                    gaps.append(now - last)
+                last = now
+            elif kind == "response.done":
+                break
+            elif kind == "error":
+                raise RuntimeError(frame)
+        assert first is not None, "no audio"
+        return Sample(first - sent, gaps)
+
+
+def cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def pct(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+async def run_round(url: str, key: str, sessions: int, reply_ms: int) -> list[Sample]:
+    return list(await asyncio.gather(*(one_session(url, key, reply_ms) for _ in range(sessions))))
+
+
+async def main_async(sessions: int, ttfa_ms: int, chunk_ms: int, reply_ms: int) -> None:
+    stack = Stack(
+        ports=Ports.free(),
+        simulator_args=["--ttft-ms", str(ttfa_ms), "--token-delay-ms", str(chunk_ms)],
+        # A voice session holds an admission slot of its upstream for its life.
+        extra_env={"SWITCHBOARD_BROKER_MAX_CONCURRENT": str(max(64, sessions * 2))},
+    )
+    with stack:
+        direct_url = f"ws://127.0.0.1:{stack.ports.simulator}/v1/realtime?model=gpt-realtime"
+        gateway_url = f"{stack.websocket_url}?model=gpt-realtime-voice"
+        await run_round(gateway_url, stack.dev_key, 2, reply_ms)  # warm up
+        direct = await run_round(direct_url, SIMULATOR_KEY, sessions, reply_ms)
+        pids = [stack.services[name].pid for name in ("gateway", "broker")]
+        cpu_before = sum(cpu_s(pid) for pid in pids)
+        rss_before = sum(rss_kib(pid) for pid in pids)
+        began = time.monotonic()
+        gateway = await run_round(gateway_url, stack.dev_key, sessions, reply_ms)
+        wall = time.monotonic() - began
+        cpu = sum(cpu_s(pid) for pid in pids) - cpu_before
+        rss = sum(rss_kib(pid) for pid in pids) - rss_before
+    print(
+        f"{sessions} concurrent voice sessions, simulator TTFA {ttfa_ms} ms,"
+        f" chunks {chunk_ms} ms apart"
+    )
+    for name, samples in (("direct", direct), ("gateway", gateway)):
+        ttfa = [s.ttfa_s * 1000 for s in samples]
+        gaps = [(g * 1000) - chunk_ms for s in samples for g in s.gaps_s]
+        print(
+            f"  {name:8} TTFA p50 {statistics.median(ttfa):7.1f} ms  p99 {pct(ttfa, 0.99):7.1f} ms"
+            f"   extra gap p99 {pct(gaps, 0.99):6.1f} ms  max {max(gaps):6.1f} ms"
+        )
+    d50 = statistics.median(s.ttfa_s for s in direct) * 1000
+    g50 = statistics.median(s.ttfa_s for s in gateway) * 1000
+    d99 = pct([s.ttfa_s * 1000 for s in direct], 0.99)
+    g99 = pct([s.ttfa_s * 1000 for s in gateway], 0.99)
+    print(f"  added by the gateway: TTFA p50 {g50 - d50:+.1f} ms, p99 {g99 - d99:+.1f} ms")
+    print(
+        f"  gateway+broker: CPU {cpu / sessions / wall * 100:.2f}% of a core per session,"
+        f" RSS {rss / sessions:+.0f} KiB per session (after the round)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--ttfa-ms", type=int, default=50)
+    parser.add_argument("--chunk-ms", type=int, default=20)
+    parser.add_argument("--reply-ms", type=int, default=2000)
+    args = parser.parse_args()
+    asyncio.run(main_async(args.sessions, args.ttfa_ms, args.chunk_ms, args.reply_ms))
+
+
+if __name__ == "__main__":
+    main()
