@@ -38,6 +38,11 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # it streams: where Cancel and Attach for that call go (broker.proto).
 BROKER_METADATA_KEY = "switchboard-broker"
 
+# The calls a broker `Stream` carries, named (in their spans, on both sides) as
+# their own RPCs are.
+BROKER_GENERATE = "switchboard.v1.BrokerService/Generate"
+BROKER_ATTACH = "switchboard.v1.BrokerService/Attach"
+
 # The largest gRPC message either side sends or takes. gRPC's default (4 MiB)
 # is less than the closing events of a long response, which carry its whole
 # text a few times over and are recorded in one append.

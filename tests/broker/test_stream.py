@@ -19,8 +19,10 @@ from tests.broker.harness import (
     B,
     dev_env,
     directive,
+    eventually,
     generate_request,
     kinds,
+    met,
     serving,
     text_of,
     user,
@@ -153,11 +155,7 @@ async def test_a_draining_broker_finishes_its_calls_refuses_new_ones_and_ends_th
         assert kinds(events)[-1] == "finished"
         assert len(text_of(events).split()) == 20
         # ...and then the broker ends its streams: nothing keeps the drain waiting.
-        for _ in range(100):
-            if not servicer._streams:
-                break
-            await asyncio.sleep(0.02)
-        assert not servicer._streams
+        await eventually(lambda: met(not servicer._streams))
         await stream.close()
 
 

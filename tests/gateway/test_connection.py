@@ -257,9 +257,13 @@ async def test_a_session_resumed_mid_turn_is_handed_over_after_it_unrecorded(
 async def test_a_streaming_turn_renews_its_lease_by_its_appends_and_hands_over_after_it(
     connect: Any,
 ) -> None:
-    steps = [asyncio.Event() for _ in range(12)]
+    steps = [asyncio.Event() for _ in range(30)]
     deltas = [step for event in steps for step in (Wait(event), Text("b"))]
-    client = await connect(scripts=(Script([Text("a"), *deltas, Finish()]),))
+    # A 3 s lease: renewals every 1 s, so only a one-second stall between two
+    # deltas (0.1 s apart) would let a claim through: not a quiet-machine test.
+    client = await connect(
+        scripts=(Script([Text("a"), *deltas, Finish()]),), SWITCHBOARD_GATEWAY_SESSION_LEASE_S="3"
+    )
     client.socket.send({"type": "response.create"})
     await client.socket.next_event("response.output_text.delta")
     claims = client.backends.calls["claim_session"]
@@ -268,7 +272,7 @@ async def test_a_streaming_turn_renews_its_lease_by_its_appends_and_hands_over_a
         client.tenant.id, client.session_id, "conn_elsewhere", 600
     )
     assert not elsewhere.claimed
-    for event in steps:  # a delta every 0.1 s for 1.2 s: 6 renewal intervals (0.2 s)
+    for event in steps:  # a delta every 0.1 s for 3 s: 3 renewal intervals (1 s)
         await asyncio.sleep(0.1)
         event.set()
     done = await client.socket.next_event("response.done")

@@ -40,11 +40,8 @@ from opentelemetry.trace import Span
 from switchboard.broker.calls import Follower
 from switchboard.errors import ServiceUnavailable, SwitchboardError, invalid_value
 from switchboard.interceptors import carried_server_span, end_carried_span
+from switchboard.rpc import BROKER_ATTACH, BROKER_GENERATE
 from switchboard.v1 import broker_pb2, common_pb2
-
-# A call's SERVER span is named as its own RPC would be (the gateway's CLIENT span too).
-GENERATE = "switchboard.v1.BrokerService/Generate"
-ATTACH = "switchboard.v1.BrokerService/Attach"
 
 Start = Callable[[broker_pb2.GenerateRequest], Follower]
 Attach = Callable[[broker_pb2.AttachRequest], "Follower | SwitchboardError"]
@@ -87,7 +84,7 @@ class CallStream:
             self._fail(number, error)
             return
         call_request = request.generate if action == "generate" else request.attach
-        method = GENERATE if action == "generate" else ATTACH
+        method = BROKER_GENERATE if action == "generate" else BROKER_ATTACH
         span = carried_server_span(method, request.trace_context, call_request)
         # Current while the call starts: its pump's task, and so its model span, is a child.
         with contextlib.ExitStack() as current:

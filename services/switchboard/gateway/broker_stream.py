@@ -28,14 +28,10 @@ from opentelemetry.trace import Span
 
 from switchboard.errors import ServiceUnavailable, SwitchboardError, from_rpc_error
 from switchboard.interceptors import carried_client_span, end_carried_span
-from switchboard.rpc import BROKER_METADATA_KEY
+from switchboard.rpc import BROKER_ATTACH, BROKER_GENERATE, BROKER_METADATA_KEY
 from switchboard.v1 import broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-# The spans of the calls carried on the stream are named as their own RPCs would be.
-GENERATE = "switchboard.v1.BrokerService/Generate"
-ATTACH = "switchboard.v1.BrokerService/Attach"
 
 
 class StreamedCall:
@@ -140,10 +136,10 @@ class BrokerStream:
         self._numbers = 0
 
     def generate(self, request: broker_pb2.GenerateRequest) -> StreamedCall:
-        return self._start(broker_pb2.StreamRequest(generate=request), GENERATE, request)
+        return self._start(broker_pb2.StreamRequest(generate=request), BROKER_GENERATE, request)
 
     def attach(self, request: broker_pb2.AttachRequest) -> StreamedCall:
-        return self._start(broker_pb2.StreamRequest(attach=request), ATTACH, request)
+        return self._start(broker_pb2.StreamRequest(attach=request), BROKER_ATTACH, request)
 
     def leave(self, call: StreamedCall) -> None:
         opened = call._opened
