@@ -120,7 +120,8 @@ async def run_round(url: str, key: str, sessions: int, reply_ms: int) -> list[Sa
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    sessions, ttfa_ms, chunk_ms, reply_ms = args.sessions, args.ttfa_ms, args.chunk_ms, args.reply_ms
+    sessions, ttfa_ms, chunk_ms = args.sessions, args.ttfa_ms, args.chunk_ms
+    reply_ms = args.reply_ms
     stack = Stack(
         ports=Ports.free(),
         simulator_args=["--ttft-ms", str(ttfa_ms), "--token-delay-ms", str(chunk_ms)],
