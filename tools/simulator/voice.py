@@ -644,7 +644,8 @@ class VoiceSession:
         if not isinstance(arguments, str):
             arguments = script.canonical_json(arguments).decode()
         item_id = self._id("item")
-        call_id = str(spec.get("id") or "call_" + item_id[-12:])
+        # Unique across sessions, as OpenAI's are (toolexec keeps results by call id).
+        call_id = str(spec.get("id") or f"call_{str(self.session['id'])[-8:]}{item_id[-6:]}")
         item = {
             "id": item_id,
             "object": "realtime.item",

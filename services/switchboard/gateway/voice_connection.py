@@ -18,6 +18,8 @@ keeping the text path's guarantees at its edge:
   (an audio delta stays a playable chunk); a client more than
   `SWITCHBOARD_GATEWAY_MAX_BUFFERED_BYTES` behind is closed with 4008
   `slow_consumer`;
+- the tenant's server-side tools (toolexec) are offered upstream and run by
+  the gateway when the upstream calls them (voice_tools.py);
 - the connection slot, the tenant's session length, the drain (1012) and the
   metrics (time to first audio, audio seconds, interruptions, disconnects)
   are kept as for text sessions.
@@ -41,9 +43,11 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from switchboard.config import GatewaySettings
 from switchboard.errors import InvalidRequest, SwitchboardError
 from switchboard.gateway import client_events, voice_events
+from switchboard.gateway.backends import Backends
 from switchboard.gateway.client_secrets import Grant
 from switchboard.gateway.metrics import GatewayMetrics
 from switchboard.gateway.sender import SLOW_CONSUMER_CLOSE
+from switchboard.gateway.server_tools import ServerTools
 from switchboard.gateway.tenant_gate import (
     CONNECTION_LEASE_S,
     RESPONSE_LEASE_S,
@@ -51,6 +55,7 @@ from switchboard.gateway.tenant_gate import (
     TenantGate,
 )
 from switchboard.gateway.voice_outbox import SlowConsumer, VoiceOutbox, error_event
+from switchboard.gateway.voice_tools import VoiceTools
 from switchboard.telemetry import tracing
 from switchboard.tenancy import Tenant
 from switchboard.v1 import broker_pb2, common_pb2, realtime_pb2, realtime_pb2_grpc, session_pb2
@@ -75,6 +80,8 @@ class VoiceConnection:
         metrics: GatewayMetrics,
         settings: GatewaySettings,
         holder: str,
+        *,
+        backends: Backends,
     ) -> None:
         self.websocket = websocket
         self.broker = broker
@@ -103,13 +110,25 @@ class VoiceConnection:
         self._close: tuple[int, str] | None = None
         self._log = {"tenant_id": tenant.id, "session_id": session.id}
         self._initial = session.config
+        self.tools = VoiceTools(
+            ServerTools(backends, tenant.id, session.id),
+            settings.max_tool_rounds,
+            to_upstream=self._to_upstream,
+            to_client=self._send,
+            on_idle=self._idle,
+        )
 
     # -- the drain (switchboard.gateway.drain.Drainable) ------------------------------
 
     def drain(self) -> None:
         """Close with 1012 once no response is running."""
         self._draining = True
-        if not self._responding:
+        if not self._responding and not self.tools.busy:
+            self._end(DRAIN_CLOSE, "draining", "drain")
+
+    def _idle(self) -> None:
+        """A server-tool round ended without a follow-up response."""
+        if self._draining and not self._responding:
             self._end(DRAIN_CLOSE, "draining", "drain")
 
     def stop_now(self) -> None:
@@ -127,6 +146,7 @@ class VoiceConnection:
         """Serve until the client leaves, the upstream ends, or a limit closes it."""
         attributes = tracing.ids(self.tenant.id, self.session_id)
         with tracing.span(_TRACER, "voice session", attributes=attributes):
+            await self.tools.load()
             call = self.broker.Session(self._request_stream())
             self._requests.put_nowait(realtime_pb2.RealtimeRequest(open=self._opening()))
             tasks = [
@@ -143,6 +163,7 @@ class VoiceConnection:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                self.tools.close()
                 self._requests.put_nowait(None)
                 call.cancel()
                 await self._settle_all()
@@ -168,12 +189,16 @@ class VoiceConnection:
             tenant_id=self.tenant.id,
             session_id=self.session_id,
             model=self.model,
-            session_json=orjson.dumps(session).decode(),
+            session_json=orjson.dumps(self.tools.opening(session)).decode(),
         )
 
     async def _request_stream(self) -> Any:
         while (request := await self._requests.get()) is not None:
             yield request
+
+    def _to_upstream(self, event: bytes) -> None:
+        batch = realtime_pb2.RealtimeEvents(events=[event])
+        self._requests.put_nowait(realtime_pb2.RealtimeRequest(events=batch))
 
     def _send(self, text: str, first_audio_of: str = "") -> None:
         try:
@@ -258,8 +283,9 @@ class VoiceConnection:
             self._turn_ended = time.monotonic()
         if kind in ("input_audio_buffer.commit", "input_audio_buffer.clear"):
             self.audio.emptied()
-        batch = realtime_pb2.RealtimeEvents(events=[text.encode()])
-        self._requests.put_nowait(realtime_pb2.RealtimeRequest(events=batch))
+        forwarded = self.tools.client(event, kind, text)
+        if forwarded is not None:
+            self._to_upstream(forwarded.encode())
 
     # -- upstream -> client ------------------------------------------------------------
 
@@ -321,6 +347,7 @@ class VoiceConnection:
                 self._first_audio_sent.add(response_id)
                 first_audio = response_id
         elif kind in ("session.created", "session.updated"):
+            raw = self.tools.session(event) or raw  # the client sees its own tools
             self._session_event(event)
         elif kind in ("input_audio_buffer.committed", "input_audio_buffer.cleared"):
             self.audio.emptied()
@@ -336,6 +363,7 @@ class VoiceConnection:
         self._send(raw.decode(), first_audio)
         if refusal is not None:
             self._send(refusal)
+        self.tools.upstream(event)
 
     def _output_format(self) -> str:
         audio = self.session.get("audio")
@@ -382,7 +410,7 @@ class VoiceConnection:
         response_id = str(response.get("id") or "")
         if response_id == self._responding:
             self._responding = ""
-            if self._draining:
+            if self._draining and not self.tools.wants(event):
                 self._end(DRAIN_CLOSE, "draining", "drain")
         if response_id in self._refused:
             # Its output was dropped; its end is the client's to see (cancelled).
