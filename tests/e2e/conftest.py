@@ -154,6 +154,15 @@ tenants:
     return path
 
 
+def realtime_upstream(simulator_port: int) -> str:
+    """The YAML of an `upstreams:` entry `realtime`: the simulator's Realtime endpoint."""
+    return f"""
+  realtime:
+    kind: realtime
+    base_url: http://127.0.0.1:{simulator_port}/v1
+    api_key_env: SWITCHBOARD_BROKER_UPSTREAM_API_KEY"""
+
+
 def connect(stack: Stack, *, key: str | None = None, **kwargs: Any) -> Any:
     headers = {"Authorization": f"Bearer {key if key is not None else stack.dev_key}"}
     return websockets.connect(

@@ -18,7 +18,12 @@ import websockets
 from aiohttp import web
 
 from switchboard.tenancy import hash_key, new_key
-from tests.e2e.conftest import RealtimeClient, assert_no_secret_leaks, reply_text
+from tests.e2e.conftest import (
+    RealtimeClient,
+    assert_no_secret_leaks,
+    realtime_upstream,
+    reply_text,
+)
 from tools.redis_server import free_port
 from tools.stack import Ports, Stack
 
@@ -33,11 +38,7 @@ WEATHER = {
 }
 TENANTS = """
 allow_private_hosts: ["127.0.0.1"]
-upstreams:
-  realtime:
-    kind: realtime
-    base_url: http://127.0.0.1:{simulator}/v1
-    api_key_env: SWITCHBOARD_BROKER_UPSTREAM_API_KEY
+upstreams:{upstream}
 tenants:
   caller:
     keys: ["{key}"]
@@ -59,7 +60,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     ports = Ports.free()
     tenants = tmp_path_factory.mktemp("tenants") / "tenants.yaml"
     tenants.write_text(
-        TENANTS.format(simulator=ports.simulator, key=hash_key(KEY), receiver=RECEIVER_PORT)
+        TENANTS.format(
+            upstream=realtime_upstream(ports.simulator),
+            key=hash_key(KEY),
+            receiver=RECEIVER_PORT,
+        )
     )
     env = {"SWITCHBOARD_TENANTS_FILE": str(tenants), "E2E_WEBHOOK_SECRET": SECRET}
     with Stack(ports=ports, extra_env=env) as stack:

@@ -56,8 +56,10 @@ from switchboard.gateway.tenant_gate import (
 )
 from switchboard.gateway.voice_outbox import SlowConsumer, VoiceOutbox, error_event
 from switchboard.gateway.voice_tools import VoiceTools
+from switchboard.limits.ledger import usd
 from switchboard.telemetry import tracing
 from switchboard.tenancy import Tenant
+from switchboard.tenancy.prices_section import Price
 from switchboard.v1 import broker_pb2, common_pb2, realtime_pb2, realtime_pb2_grpc, session_pb2
 
 log = logging.getLogger(__name__)
@@ -391,7 +393,7 @@ class VoiceConnection:
                 response_id,
                 prompt_tokens=0,
                 max_output_tokens=self.gate.output_cap(self.tenant, 0),
-                price=self.gate.price_of(self.tenant, self.model, self._upstream_model),
+                price=self._price(highest=True),
             )
         except SwitchboardError as error:
             self._refused.add(response_id)
@@ -416,29 +418,33 @@ class VoiceConnection:
             # Its output was dropped; its end is the client's to see (cancelled).
             self._refused.discard(response_id)
             return
-        usage = response.get("usage") or {}
-        used = _tokens(usage)
+        counted, audio = voice_events.response_usage(response.get("usage"))
         admitted = self._admitted.pop(response_id, None)
-        self.metrics.tokens.labels(self.model, "input").inc(_count(usage.get("input_tokens")))
-        self.metrics.tokens.labels(self.model, "output").inc(_count(usage.get("output_tokens")))
+        self.metrics.tokens.labels(self.model, "input").inc(counted.input_tokens)
+        self.metrics.tokens.labels(self.model, "output").inc(counted.output_tokens)
         if admitted is not None:
             try:
-                await self.gate.finish_response(self.tenant, admitted, used)
-                # Audio tokens are priced as the model's tokens (one price per direction).
-                price = self.gate.price_of(self.tenant, self.model, self._upstream_model)
-                counted = common_pb2.Usage(
-                    input_tokens=_count(usage.get("input_tokens")),
-                    output_tokens=_count(usage.get("output_tokens")),
-                    total_tokens=used,
-                    cached_input_tokens=_count(
-                        (usage.get("input_token_details") or {}).get("cached_tokens")
-                    ),
+                await self.gate.finish_response(self.tenant, admitted, counted.total_tokens)
+                # Audio tokens at the audio prices (text prices where none are listed).
+                cost = await self.gate.record_cost(
+                    self.tenant,
+                    self.session_id,
+                    response_id,
+                    self.model,
+                    counted,
+                    self._price(),
+                    audio,
                 )
-                await self.gate.record_cost(
-                    self.tenant, self.session_id, response_id, self.model, counted, price
-                )
+                if cost:
+                    self.metrics.cost_usd.labels(self.tenant.tier, self.model).inc(usd(cost))
             except SwitchboardError as exc:
                 log.warning("usage not settled", extra={**self._log, "code": exc.name})
+
+    def _price(self, *, highest: bool = False) -> Price | None:
+        """The upstream model's price; `highest`: per direction the higher of its
+        text and audio prices (what a response reserves of a money budget)."""
+        price = self.gate.price_of(self.tenant, self.model, self._upstream_model)
+        return price.highest() if price is not None and highest else price
 
     async def _settle_all(self) -> None:
         """Free what responses still hold when the session ends mid-response."""
@@ -450,13 +456,3 @@ class VoiceConnection:
 
 def _failure(message: str, code: int) -> broker_pb2.CallFailure:
     return broker_pb2.CallFailure(code=common_pb2.ErrorCode.ValueType(code), message=message)
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-def _tokens(usage: dict[str, Any]) -> int:
-    """Tokens of a Realtime `usage` (text and audio, in and out)."""
-    total = _count(usage.get("total_tokens"))
-    return total or _count(usage.get("input_tokens")) + _count(usage.get("output_tokens"))
