@@ -24,6 +24,7 @@ from tests.e2e.conftest import (
     realtime_upstream,
     reply_text,
 )
+from tests.voice_support import chunks, silence, speech
 from tools.redis_server import free_port
 from tools.stack import Ports, Stack
 
@@ -236,3 +237,28 @@ async def test_a_cancel_during_a_tool_run_keeps_its_output_and_asks_for_no_follo
     assert reply_text(later) == 'turn 2: you said "never mind".'
     assert not of_type(events + later, "error")
     assert last_session(stack)["client_events"]["response.create"] == 2
+
+
+async def test_speech_during_a_tool_run_gives_the_user_the_turn(
+    stack: Stack, voice: RealtimeClient, receiver: Receiver
+) -> None:
+    await voice.send(
+        {"type": "session.update", "session": {"instructions": '[[sim {"transcript": "stop"}]]'}}
+    )
+    await voice.recv_until("session.updated")
+    await voice.say("hold it " + calls(("hold_order", {"order_id": "B-2"})))
+    await voice.send({"type": "response.create"})
+    await voice.recv_until("response.done", timeout_s=30)
+    await asyncio.wait_for(receiver.called.wait(), 30)
+    for chunk in chunks(speech("stop") + silence(400)):
+        await voice.send({"type": "input_audio_buffer.append", "audio": chunk})
+    events = await voice.recv_until("input_audio_buffer.speech_started")
+    receiver.release.set()
+    events += await voice.recv_until("input_audio_buffer.committed", timeout_s=30)
+    # The upstream's VAD answers the user; the gateway asks for no follow-up.
+    events += await voice.recv_until("response.done", timeout_s=30)
+    while not outputs(events):
+        events.append(await voice.recv())
+    assert json.loads(outputs(events)[0]["output"]) == {"held": "B-2"}
+    assert reply_text(events) == 'turn 2: you said "stop".'
+    assert last_session(stack)["client_events"]["response.create"] == 1
