@@ -104,8 +104,13 @@ class BrokerMetrics:
         )
         self.realtime_sessions = metrics.counter(
             "realtime_sessions_total",
-            "Voice sessions ended, by upstream and outcome (closed, cancelled, or the error code).",
+            "Voice sessions ended, by upstream and outcome (closed, hold_expired, "
+            "upstream_closed, broker_stopped, cancelled, or the error code).",
             ["upstream", "outcome"],
+        )
+        self.realtime_held_sessions_active = metrics.gauge(
+            "realtime_held_sessions_active",
+            "Voice sessions whose caller went away, held for a resume.",
         )
 
         self.orphaned_requests = metrics.gauge(
