@@ -248,6 +248,44 @@ async def test_a_held_session_is_closed_when_its_hold_runs_out(sim: RunningSimul
         assert await _attach_refused(stub) == common_pb2.ERROR_CODE_RESUME_UNAVAILABLE
 
 
+async def test_audio_over_the_replay_bound_is_given_up_first_and_the_attach_says_so(
+    sim: RunningSimulator,
+) -> None:
+    env = dev_env(
+        sim.base_url,
+        SWITCHBOARD_BROKER_REALTIME_URL=sim.base_url,
+        SWITCHBOARD_BROKER_VOICE_REPLAY_MAX_BYTES="40000",
+    )
+    async with serving_channel(env) as (_, channel):
+        stub = realtime_pb2_grpc.RealtimeServiceStub(channel)
+        first = Session(stub)
+        first.open(session={"instructions": '[[sim {"audio_ms": 3000}]]'})
+        await first.next()
+        seen = await first.events_until("session.created")
+        first.send({"type": "conversation.item.create", "item": user_text("hi")})
+        first.send({"type": "response.create"})
+        seen += await first.events_until("response.output_audio.delta")
+        first.call.cancel()
+        async with asyncio.timeout(10):
+            while (await _realtime_log(sim))[-1]["responses"][-1]["outcome"] != "completed":
+                await asyncio.sleep(0.02)
+        resumed = Session(stub)
+        resumed.attach(int(seen[-1]["event_id"].removeprefix("event_v"), 16))
+        assert (await resumed.next()).attached.audio_lost
+        rest = await resumed.events_until("response.done")
+        kinds = [event["type"] for event in rest]
+        # 6.4 kB an audio delta (100 ms): most of the reply's 30 did not fit in 40 kB.
+        assert 0 < kinds.count("response.output_audio.delta") < 29
+        # Everything else is whole: the transcript, the item, the response's end.
+        spoken = "".join(
+            e["delta"] for e in rest if e["type"] == "response.output_audio_transcript.delta"
+        )
+        said = rest[kinds.index("response.output_audio_transcript.done")]["transcript"]
+        assert spoken == said and said
+        assert "response.output_item.done" in kinds
+        assert rest[-1]["response"]["status"] == "completed"
+
+
 async def test_a_refused_upstream_is_an_upstream_error_naming_no_url_or_key(
     broker: Any, sim: RunningSimulator
 ) -> None:

@@ -127,10 +127,18 @@ def assert_whole_reply(events: list[dict[str, Any]]) -> None:
     assert events[-1]["response"]["status"] == "completed"
 
 
+def voice_usage(stack: Stack) -> tuple[int, int]:
+    """The development tenant's voice responses and output tokens recorded today."""
+    request = urllib.request.Request(
+        f"{stack.gateway_url}/v1/usage", headers={"Authorization": f"Bearer {stack.dev_key}"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        rows = [row for row in orjson.loads(answer.read())["data"] if row["model"] == VOICE]
+    return sum(row["requests"] for row in rows), sum(row["output_tokens"] for row in rows)
+
+
 async def test_a_dropped_socket_resumes_mid_reply_on_another_gateway(stack: Stack) -> None:
-    tokens = 'switchboard_gateway_tokens_total{direction="output"'
-    second_gateway_metrics = stack.gateway_ports[1]
-    before = scrape(second_gateway_metrics, tokens)
+    requests, output_tokens = voice_usage(stack)
     async with open_voice(stack, 0) as connection:
         client = RealtimeClient(connection)
         created = await client.recv()
@@ -148,9 +156,8 @@ async def test_a_dropped_socket_resumes_mid_reply_on_another_gateway(stack: Stac
         assert_whole_reply(seen + rest)
         usage = rest[-1]["response"]["usage"]
         # The resuming gateway settled the response it finished, once.
-        await eventually(
-            lambda: scrape(second_gateway_metrics, tokens) - before == usage["output_tokens"]
-        )
+        settled = (requests + 1, output_tokens + usage["output_tokens"])
+        await eventually(lambda: voice_usage(stack) == settled)
         # The session goes on: another turn on the same upstream session.
         await client.send({"type": "response.create"})
         again = await client.recv_until("response.done")
@@ -204,6 +211,66 @@ async def test_bad_resumes_of_a_voice_session_are_refused(stack: Stack) -> None:
         await connection.send(orjson.dumps({"type": "response.create"}).decode())
         done = (await RealtimeClient(connection).recv_until("response.done"))[-1]
         assert done["response"]["status"] == "completed"
+
+
+@pytest.fixture(scope="module")
+def small_replay() -> Iterator[Stack]:
+    """A stack whose brokers keep 40 kB of a voice session's events (about 0.6 s of audio)."""
+    stack = Stack(
+        ports=Ports.free(),
+        simulator_args=["--ttft-ms", "20", "--token-delay-ms", "40"],
+        extra_env={"SWITCHBOARD_BROKER_VOICE_REPLAY_MAX_BYTES": "40000"},
+    )
+    with stack:
+        yield stack
+
+
+async def test_a_resume_past_the_kept_audio_is_told_so_and_gets_the_rest_whole(
+    small_replay: Stack,
+) -> None:
+    stack = small_replay
+    async with open_voice(stack, 0) as connection:
+        client = RealtimeClient(connection)
+        created = await client.recv()
+        session = {"type": "realtime", "instructions": directive(audio_ms=REPLY_MS)}
+        await client.send({"type": "session.update", "session": session})
+        await client.recv_until("session.updated")
+        await client.say("tell me about Paris")
+        await client.send({"type": "response.create"})
+        seen = await client.recv_until("response.output_audio.delta")
+        connection.transport.abort()
+    # The whole reply is sent upstream while the client is away.
+    await eventually(lambda: sim_responses(stack)[-1]["outcome"] == "completed")
+    async with open_voice(
+        stack, 0, session_id=created["session"]["id"], last_event_id=seen[-1]["event_id"]
+    ) as connection:
+        client = RealtimeClient(connection)
+        notice = await client.recv()
+        assert notice["type"] == "error"
+        assert notice["error"]["code"] == "resume_audio_lost"
+        rest = await client.recv_until("response.done")
+    events = [created, *seen, notice, *rest]
+    ids = [event["event_id"] for event in events]
+    assert len(ids) == len(set(ids))
+    kinds = [event["type"] for event in rest]
+    spoken = "".join(
+        e["delta"] for e in rest if e["type"] == "response.output_audio_transcript.delta"
+    )
+    assert spoken == rest[kinds.index("response.output_audio_transcript.done")]["transcript"]
+    heard = b"".join(
+        base64.b64decode(e["delta"])
+        for e in seen + rest
+        if e["type"] == "response.output_audio.delta"
+    )
+    assert 0 < duration_ms(heard) < REPLY_MS
+    assert rest[-1]["response"]["status"] == "completed"
+
+
+def sim_responses(stack: Stack) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"{stack.simulator_url}/_sim/realtime", timeout=5) as answer:
+        sessions = orjson.loads(answer.read())["sessions"]
+    responses: list[dict[str, Any]] = sessions[-1]["responses"] if sessions else []
+    return responses or [{"outcome": "none"}]
 
 
 async def test_a_killed_gateway_mid_reply_resumes_on_another(stack: Stack) -> None:
