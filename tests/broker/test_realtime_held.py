@@ -1,13 +1,20 @@
-"""The pure parts of held voice sessions: event numbering and the replay buffer."""
+"""Held voice sessions without a network: event numbering, the replay buffer, and a
+`HeldSession` over a fake upstream socket."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
 import orjson
 import pytest
+from websockets.exceptions import ConnectionClosedOK
 
-from switchboard.broker.realtime_held import ReplayBuffer, number_event
+from switchboard.broker import realtime_held
+from switchboard.broker.realtime_held import HeldSession, ReplayBuffer, SessionEnds, number_event
 from switchboard.errors import SwitchboardError
-from switchboard.v1 import common_pb2
+from switchboard.v1 import common_pb2, realtime_pb2
 
 
 def audio(seq: int, size: int = 5000) -> bytes:
@@ -59,3 +66,71 @@ def test_the_buffer_refuses_a_seq_never_sent_or_no_longer_kept() -> None:
             buffer.after(after)
         assert refused.value.code == common_pb2.ERROR_CODE_RESUME_UNAVAILABLE
         assert refused.value.param == "last_event_id"
+
+
+class FakeUpstream:
+    """An upstream socket whose events the test sends (recv/send/close only)."""
+
+    def __init__(self) -> None:
+        self.incoming: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.sent: list[Any] = []
+        self.closed = asyncio.Event()
+
+    async def recv(self, decode: bool | None = None) -> bytes:
+        event = await self.incoming.get()
+        if event is None:
+            raise ConnectionClosedOK(None, None)
+        return event
+
+    async def send(self, message: Any, text: bool | None = None) -> None:
+        self.sent.append(message)
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        self.closed.set()
+        self.incoming.put_nowait(None)
+
+
+async def test_a_caller_that_falls_far_behind_is_cut_and_the_session_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(realtime_held, "FOLLOWER_MAX_BYTES", 30_000)
+    upstream = FakeUpstream()
+    outcomes: list[str] = []
+
+    async def on_end(_held: HeldSession, outcome: str) -> None:
+        outcomes.append(outcome)
+
+    held = HeldSession(
+        ("acme", "sess_1"),
+        upstream,
+        hold_s=0.2,
+        replay_max_bytes=1_000_000,
+        ends=SessionEnds({}),
+        rewrite=lambda frame: frame,
+        on_end=on_end,
+    )
+    held.start(b'{"type":"session.created","session":{}}')
+    requests: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def request_stream() -> AsyncIterator[Any]:
+        while (request := await requests.get()) is not None:
+            yield request
+
+    opened = realtime_pb2.RealtimeResponse(opened=realtime_pb2.RealtimeOpened())
+    following = held.follow(request_stream(), 0, lambda _lost: opened)
+    assert (await anext(following)).WhichOneof("kind") == "opened"
+    # The caller reads nothing while 10 audio deltas of 5 kB arrive.
+    for _ in range(10):
+        upstream.incoming.put_nowait(audio(0))
+    await asyncio.sleep(0.05)
+
+    async def rest() -> list[Any]:
+        return [response async for response in following]
+
+    responses = await asyncio.wait_for(rest(), 5)
+    assert responses[-1].failure.code == common_pb2.ERROR_CODE_SLOW_CONSUMER
+    assert held.follower is None
+    # Held, then closed when the hold runs out.
+    await asyncio.wait_for(upstream.closed.wait(), 5)
+    await held.wait_ended()
+    assert outcomes == ["hold_expired"]

@@ -167,6 +167,10 @@ async def test_a_dropped_socket_resumes_mid_reply_on_another_gateway(stack: Stac
 async def test_a_clean_close_ends_the_upstream_and_a_hold_that_runs_out_too(
     stack: Stack,
 ) -> None:
+    # The sessions of earlier tests have ended (a closed socket ends its upstream
+    # a moment later).
+    active = "switchboard_broker_realtime_sessions_active"
+    await eventually(lambda: scrape(stack.ports.broker_metrics, active) == 0)
     closed, expired = broker_sessions(stack, "closed"), broker_sessions(stack, "hold_expired")
     async with open_voice(stack, 0) as connection:
         await RealtimeClient(connection).recv()

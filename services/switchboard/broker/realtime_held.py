@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 import grpc
 import orjson
-import websockets
+from websockets.exceptions import ConnectionClosed
 
 from switchboard.broker.multiplex import failure_of
 from switchboard.errors import SessionTakenOver, SwitchboardError, UpstreamStreamBroken
@@ -53,6 +53,9 @@ _EVENT_ID = re.compile(rb'"event_id"\s*:\s*"[^"]*"')
 # `"event_id"` key of a large event is its own.
 _PARSE_BELOW = 4096
 _AUDIO_DELTA = b'"response.output_audio.delta"'
+# Events waiting for a caller that reads slower than the upstream speaks (a
+# stuck gateway); past this it is cut with `slow_consumer` and the session held.
+FOLLOWER_MAX_BYTES = 16 * 1024 * 1024
 
 
 class UpstreamSocket(Protocol):
@@ -159,12 +162,14 @@ class _Follower:
 
     def __init__(self) -> None:
         self.events: list[tuple[int, bytes]] = []
+        self.size = 0  # bytes of `events` pushed since the last batch
         self.failure: SwitchboardError | None = None
         self.ended = False
         self.ready = asyncio.Event()
 
     def push(self, seq: int, event: bytes) -> None:
         self.events.append((seq, event))
+        self.size += len(event)
         self.ready.set()
 
     def end(self, failure: SwitchboardError | None = None) -> None:
@@ -176,7 +181,7 @@ class _Follower:
         """What arrived since the last batch, until the follower ends (then `failure`)."""
         while True:
             if self.events:
-                batch, self.events = self.events, []
+                batch, self.events, self.size = self.events, [], 0
                 yield batch
                 continue
             if self.ended:
@@ -241,8 +246,19 @@ class HeldSession:
         if b'"session.created"' in head or b'"session.updated"' in head:
             self.session_json = numbered
         self.buffer.add(self.seq, numbered)
-        if self.follower is not None:
-            self.follower.push(self.seq, numbered)
+        follower = self.follower
+        if follower is not None:
+            follower.push(self.seq, numbered)
+            if follower.size > FOLLOWER_MAX_BYTES:
+                # The caller reads slower than the upstream speaks: cut it (its
+                # client may resume); the session is held.
+                follower.end(
+                    SwitchboardError(
+                        "The gateway fell too far behind the voice session.",
+                        code=common_pb2.ERROR_CODE_SLOW_CONSUMER,
+                    )
+                )
+                self.detach(follower)
 
     async def _run(self) -> None:
         try:
@@ -250,7 +266,7 @@ class HeldSession:
                 frame = await self.socket.recv(decode=False)
                 self.ends.events_out += 1
                 self.publish(self._rewrite(frame))
-        except websockets.exceptions.ConnectionClosed:
+        except ConnectionClosed:
             pass
         except Exception:
             log.exception("held voice session failed", extra=self.ends.ids)
@@ -306,9 +322,12 @@ class HeldSession:
         requests: AsyncIterator[realtime_pb2.RealtimeRequest],
         after_seq: int,
         first: Callable[[bool], realtime_pb2.RealtimeResponse],
+        on_caller_gone: Callable[[Callable[[], None]], None] | None = None,
     ) -> AsyncGenerator[realtime_pb2.RealtimeResponse, None]:
         """Follow the session from after `after_seq`: `first(audio_lost)`, the kept
         events after it, then the live ones, while the caller's events go upstream.
+        `on_caller_gone` registers what to run when the call ends (a gRPC done
+        callback: the generator may be closed only later, the session is held at once).
 
         Raises:
             SwitchboardError: `resume_unavailable` (see `ReplayBuffer.after`), before
@@ -323,6 +342,8 @@ class HeldSession:
         self._cancel_hold()
         if previous is not None:
             previous.end(SessionTakenOver("Another connection resumed this session."))
+        if on_caller_gone is not None:
+            on_caller_gone(lambda: self.detach(follower))
         forward = asyncio.create_task(self._forward(requests, follower))
         try:
             yield first(audio_lost)
@@ -351,7 +372,7 @@ class HeldSession:
                 for event in request.events.events:
                     self.ends.events_in += 1
                     await self.socket.send(event, text=True)
-        except (grpc.RpcError, websockets.exceptions.ConnectionClosed):
+        except (grpc.RpcError, ConnectionClosed):
             pass
         finally:
             if not self.closing:

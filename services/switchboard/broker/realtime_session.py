@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -118,10 +118,14 @@ class RealtimeSessions(realtime_pb2_grpc.RealtimeServiceServicer):
         except (StopAsyncIteration, grpc.RpcError):
             return
         action = first.WhichOneof("action")
+
+        def on_caller_gone(detach: Callable[[], None]) -> None:
+            context.add_done_callback(lambda _context: detach())
+
         if action == "attach":
-            responses = self._attach(first.attach, requests)
+            responses = self._attach(first.attach, requests, on_caller_gone)
         elif action == "open":
-            responses = self._open(first.open, requests)
+            responses = self._open(first.open, requests, on_caller_gone)
         else:
             yield _failed(InvalidRequest("The first message of a voice session must open it."))
             return
@@ -133,6 +137,7 @@ class RealtimeSessions(realtime_pb2_grpc.RealtimeServiceServicer):
         self,
         attach: realtime_pb2.RealtimeAttach,
         requests: AsyncIterator[realtime_pb2.RealtimeRequest],
+        on_caller_gone: Callable[[Callable[[], None]], None],
     ) -> AsyncGenerator[realtime_pb2.RealtimeResponse, None]:
         held = self.held.get(attach.tenant_id, attach.session_id)
         if held is None:
@@ -158,7 +163,7 @@ class RealtimeSessions(realtime_pb2_grpc.RealtimeServiceServicer):
 
         try:
             async with contextlib.aclosing(
-                held.follow(requests, attach.after_seq, attached)
+                held.follow(requests, attach.after_seq, attached, on_caller_gone)
             ) as stream:
                 log.info(
                     "voice session attached",
@@ -173,6 +178,7 @@ class RealtimeSessions(realtime_pb2_grpc.RealtimeServiceServicer):
         self,
         opening: realtime_pb2.RealtimeOpen,
         requests: AsyncIterator[realtime_pb2.RealtimeRequest],
+        on_caller_gone: Callable[[Callable[[], None]], None],
     ) -> AsyncGenerator[realtime_pb2.RealtimeResponse, None]:
         ends = SessionEnds({"tenant_id": opening.tenant_id, "session_id": opening.session_id})
         held: HeldSession | None = None
@@ -238,7 +244,8 @@ class RealtimeSessions(realtime_pb2_grpc.RealtimeServiceServicer):
                 upstream=ends.upstream, upstream_model=ends.upstream_model
             )
         )
-        async with contextlib.aclosing(held.follow(requests, 0, lambda _lost: opened)) as stream:
+        following = held.follow(requests, 0, lambda _lost: opened, on_caller_gone)
+        async with contextlib.aclosing(following) as stream:
             async for response in stream:
                 yield response
 
