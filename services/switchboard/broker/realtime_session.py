@@ -33,6 +33,7 @@ import orjson
 import websockets
 from opentelemetry import trace
 
+from switchboard.broker import realtime_mux
 from switchboard.broker.admission import Admission
 from switchboard.broker.metrics import BrokerMetrics
 from switchboard.broker.multiplex import failure_of
@@ -53,7 +54,6 @@ from switchboard.errors import (
     UpstreamStreamBroken,
     UpstreamTimeout,
 )
-from switchboard.rpc import BROKER_METADATA_KEY
 from switchboard.telemetry import tracing
 from switchboard.tenancy import LiveTenants
 from switchboard.v1 import realtime_pb2, realtime_pb2_grpc
@@ -97,13 +97,33 @@ class RealtimeSessions(realtime_pb2_grpc.RealtimeServiceServicer):
         self._admission = admission
         self._settings = settings
         self._metrics = metrics
-        self._named = ((BROKER_METADATA_KEY, settings.advertise_address),)
         self.held = HeldSessions()
         metrics.realtime_held_sessions_active.set_function(self.held.held_count)
+        self._muxes: set[realtime_mux.SessionMux] = set()
+        self._draining = False
 
     def register(self, server: grpc.aio.Server) -> None:
         """Add this servicer to a grpc.aio server."""
         realtime_pb2_grpc.add_RealtimeServiceServicer_to_server(self, server)
+
+    def drain(self) -> None:
+        """The server drains: every `Sessions` call refuses new sessions, ends after its own."""
+        self._draining = True
+        for mux in self._muxes:
+            mux.drain()
+
+    async def Sessions(
+        self,
+        requests: AsyncIterator[realtime_pb2.RealtimeMuxRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[realtime_pb2.RealtimeMuxResponse]:
+        """A gateway's voice sessions over one call, each as `Session` runs it (realtime_mux.py)."""
+        # A session on the call is cancelled by the mux when the call ends.
+        handler = self._session
+        responses = realtime_mux.serve(handler, requests, context, self._muxes, self._draining)
+        async with contextlib.aclosing(responses) as each:
+            async for response in each:
+                yield response
 
     async def Session(
         self,
@@ -112,16 +132,27 @@ class RealtimeSessions(realtime_pb2_grpc.RealtimeServiceServicer):
     ) -> AsyncIterator[realtime_pb2.RealtimeResponse]:
         """One voice session (`opened`, or `attached` to a held one), then the
         upstream's events, maybe a last `failure`."""
-        await context.send_initial_metadata(self._named)
+
+        def on_caller_gone(detach: Callable[[], None]) -> None:
+            # The generator may be closed only later: hold the session at once.
+            context.add_done_callback(lambda _context: detach())
+
+        responses = self._session(requests, context, on_caller_gone)
+        async with contextlib.aclosing(responses) as stream:  # type: ignore[type-var]
+            async for response in stream:
+                yield response
+
+    async def _session(
+        self,
+        requests: AsyncIterator[realtime_pb2.RealtimeRequest],
+        context: grpc.aio.ServicerContext,
+        on_caller_gone: Callable[[Callable[[], None]], None] | None = None,
+    ) -> AsyncIterator[realtime_pb2.RealtimeResponse]:
         try:
             first = await anext(aiter(requests))
         except (StopAsyncIteration, grpc.RpcError):
             return
         action = first.WhichOneof("action")
-
-        def on_caller_gone(detach: Callable[[], None]) -> None:
-            context.add_done_callback(lambda _context: detach())
-
         if action == "attach":
             responses = self._attach(first.attach, requests, on_caller_gone)
         elif action == "open":
@@ -137,7 +168,7 @@ class RealtimeSessions(realtime_pb2_grpc.RealtimeServiceServicer):
         self,
         attach: realtime_pb2.RealtimeAttach,
         requests: AsyncIterator[realtime_pb2.RealtimeRequest],
-        on_caller_gone: Callable[[Callable[[], None]], None],
+        on_caller_gone: Callable[[Callable[[], None]], None] | None,
     ) -> AsyncGenerator[realtime_pb2.RealtimeResponse, None]:
         held = self.held.get(attach.tenant_id, attach.session_id)
         if held is None:
@@ -178,7 +209,7 @@ class RealtimeSessions(realtime_pb2_grpc.RealtimeServiceServicer):
         self,
         opening: realtime_pb2.RealtimeOpen,
         requests: AsyncIterator[realtime_pb2.RealtimeRequest],
-        on_caller_gone: Callable[[Callable[[], None]], None],
+        on_caller_gone: Callable[[Callable[[], None]], None] | None,
     ) -> AsyncGenerator[realtime_pb2.RealtimeResponse, None]:
         ends = SessionEnds({"tenant_id": opening.tenant_id, "session_id": opening.session_id})
         held: HeldSession | None = None
@@ -241,7 +272,9 @@ class RealtimeSessions(realtime_pb2_grpc.RealtimeServiceServicer):
         held.start(created)
         opened = realtime_pb2.RealtimeResponse(
             opened=realtime_pb2.RealtimeOpened(
-                upstream=ends.upstream, upstream_model=ends.upstream_model
+                upstream=ends.upstream,
+                upstream_model=ends.upstream_model,
+                broker=self._settings.advertise_address,
             )
         )
         following = held.follow(requests, 0, lambda _lost: opened, on_caller_gone)

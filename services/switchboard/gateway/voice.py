@@ -3,9 +3,10 @@
 A session whose model routes to a `kind: realtime` upstream is relayed to that
 upstream through the broker's RealtimeService by a `VoiceConnection`
 (voice_connection.py) instead of being served by `RealtimeConnection`.
-`VoiceBroker` is the gateway's client of that service, built in the lifespan.
-A resume of a voice session (`serve_voice` with `after_seq`) attaches to the
-session at the broker that holds it before the socket is accepted, so a
+`VoiceBroker` is the gateway's client of that service, built in the lifespan:
+all the gateway's voice sessions at the broker run over one call (voice_mux.py).
+A resume of a voice session (`voice_connection` with `after_seq`) attaches to
+the session at the broker that holds it before the socket is accepted, so a
 refusal is an HTTP status (voice_resume.py).
 """
 
@@ -82,10 +83,13 @@ async def voice_connection(
         holder,
     )
     if after_seq is None:
-        call = connection.open()
-        gateway.backends.spawn(
-            voice_resume.note_broker(gateway.recorder, tenant.id, session.id, call)
-        )
+
+        def opened(at: realtime_pb2.RealtimeOpened) -> None:
+            note = voice_resume.note_broker(gateway.recorder, tenant.id, session.id, at.broker)
+            gateway.backends.spawn(note)
+
+        connection.on_opened = opened
+        connection.open()
     else:
         notice = await _attach(connection, tenant, session, after_seq)
         if notice is not None:

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -53,10 +54,11 @@ from switchboard.gateway.tenant_gate import (
     Admitted,
     TenantGate,
 )
+from switchboard.gateway.voice_mux import VoiceMux
 from switchboard.gateway.voice_outbox import SlowConsumer, VoiceOutbox, error_event
 from switchboard.telemetry import tracing
 from switchboard.tenancy import Tenant
-from switchboard.v1 import broker_pb2, common_pb2, realtime_pb2, realtime_pb2_grpc, session_pb2
+from switchboard.v1 import broker_pb2, common_pb2, realtime_pb2, session_pb2
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ class VoiceConnection:
     def __init__(
         self,
         websocket: WebSocket,
-        broker: realtime_pb2_grpc.RealtimeServiceStub,
+        broker: VoiceMux,
         tenant: Tenant,
         session: session_pb2.Session,
         grant: Grant | None,
@@ -107,6 +109,8 @@ class VoiceConnection:
         self._log = {"tenant_id": tenant.id, "session_id": session.id}
         self._initial = session.config
         self.resume = voice_resume.ResumeState()
+        # Called with the broker's `opened` (where the session is held).
+        self.on_opened: Callable[[realtime_pb2.RealtimeOpened], None] | None = None
         self.client_close_code: int | None = None
         self._call: Any = None
         self._responses: Any = None
@@ -326,6 +330,8 @@ class VoiceConnection:
                         extra={**self._log, "upstream": response.opened.upstream},
                     )
                     self._upstream_model = response.opened.upstream_model
+                    if self.on_opened is not None:
+                        self.on_opened(response.opened)
                     continue
                 for raw in response.events.events:
                     await self._upstream_event(raw)

@@ -26,7 +26,7 @@ import grpc
 from switchboard import rpc
 from switchboard.errors import SwitchboardError, invalid_value
 from switchboard.gateway.eventlog import EventRecorder
-from switchboard.rpc import BROKER_METADATA_KEY
+from switchboard.gateway.voice_mux import VoiceMux
 from switchboard.v1 import common_pb2, realtime_pb2, realtime_pb2_grpc, session_pb2
 
 log = logging.getLogger(__name__)
@@ -106,61 +106,66 @@ def audio_lost_error() -> SwitchboardError:
 
 
 class VoiceBrokers:
-    """The gateway's stubs of RealtimeService: the configured broker, and the one
-    holding a session by the address it named itself by."""
+    """The gateway's voice sessions at the brokers, each broker's over one call
+    (`VoiceMux`): the configured broker target's, and those of the brokers
+    holding resumed sessions, by the address they named themselves by."""
 
     def __init__(self, target: str) -> None:
         self.target = target
         self.channel = rpc.channel(target)
         self.stub = realtime_pb2_grpc.RealtimeServiceStub(self.channel)
-        self._by_address: dict[str, tuple[grpc.aio.Channel, Any]] = {}
+        self.sessions = VoiceMux(self.stub, target)
+        self._by_address: dict[str, tuple[grpc.aio.Channel, VoiceMux]] = {}
         self._closing: set[asyncio.Future[None]] = set()
 
-    def at(self, address: str) -> realtime_pb2_grpc.RealtimeServiceStub:
-        """The stub of the broker at `address` ("": the configured target)."""
+    def at(self, address: str) -> VoiceMux:
+        """The sessions at the broker at `address` ("": the configured target)."""
         if not address or address == self.target:
-            return self.stub
+            return self.sessions
         known = self._by_address.pop(address, None)
         if known is None:
             if len(self._by_address) >= MAX_BROKER_CHANNELS:
                 oldest = next(iter(self._by_address))
-                channel, _ = self._by_address.pop(oldest)
-                closing = asyncio.ensure_future(channel.close(grace=1.0))
+                closing = asyncio.ensure_future(_close(*self._by_address.pop(oldest)))
                 self._closing.add(closing)
                 closing.add_done_callback(self._closing.discard)
             channel = rpc.channel(address)
-            known = (channel, realtime_pb2_grpc.RealtimeServiceStub(channel))
+            known = (channel, VoiceMux(realtime_pb2_grpc.RealtimeServiceStub(channel), address))
         self._by_address[address] = known  # the newest last
-        stub: realtime_pb2_grpc.RealtimeServiceStub = known[1]
-        return stub
+        return known[1]
 
     async def close(self) -> None:
-        await self.channel.close()
-        for channel, _ in self._by_address.values():
-            await channel.close()
+        await _close(self.channel, self.sessions)
+        for channel, sessions in self._by_address.values():
+            await _close(channel, sessions)
 
 
-async def note_broker(recorder: EventRecorder, tenant_id: str, session_id: str, call: Any) -> None:
-    """Note in the session the broker holding the voice session `call` opened."""
+async def _close(channel: grpc.aio.Channel, sessions: VoiceMux) -> None:
+    await sessions.close()
+    await channel.close()
+
+
+async def note_broker(
+    recorder: EventRecorder, tenant_id: str, session_id: str, broker: str
+) -> None:
+    """Note in the session the broker holding its voice session (from `opened`)."""
+    if not broker:
+        return
     try:
-        metadata = await call.initial_metadata()
-        broker = dict(metadata or ()).get(BROKER_METADATA_KEY, "")
-        if not broker:
-            return
         await recorder.append(
             session_pb2.AppendEventsRequest(
                 tenant_id=tenant_id,
                 session_id=session_id,
                 open_response_id=VOICE_CALL,
                 broker_response_id=VOICE_CALL,
-                broker_address=str(broker),
+                broker_address=broker,
             )
         )
-    except (SwitchboardError, grpc.RpcError) as exc:
+    except SwitchboardError as exc:
         # A resume then tries the configured broker target.
         log.info(
             "voice broker not noted",
-            extra={"tenant_id": tenant_id, "session_id": session_id, "error": type(exc).__name__},
+            extra={"tenant_id": tenant_id, "session_id": session_id, "code": exc.name},
         )
 
 

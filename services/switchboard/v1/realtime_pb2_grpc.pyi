@@ -42,8 +42,7 @@ class RealtimeServiceStub:
     upstream's key (which never leaves the broker), applies `session_json`
     and answers `opened`. Then each request carries client events, in order,
     and each response the upstream's events, in order, each with the event id
-    `event_v<seq in hex>` (seq 1, 2, ... over the session's life). The broker
-    names itself (HOST:PORT) in the `switchboard-broker` initial metadata.
+    `event_v<seq in hex>` (seq 1, 2, ... over the session's life).
 
     A `close` request closes the upstream socket. A call that ends without
     one (the gateway died, or its client dropped) leaves the session held by
@@ -56,6 +55,17 @@ class RealtimeServiceStub:
 
     The call also ends with a `failure` when the upstream refused or dropped
     the socket, the last message.
+    """
+    Sessions: _grpc.StreamStreamMultiCallable[_realtime_pb2.RealtimeMuxRequest, _realtime_pb2.RealtimeMuxResponse]
+    """Every voice session of one gateway at this broker over one call, each as
+    `Session` would run it (broker/realtime_mux.py, gateway/voice_mux.py):
+    a message carries the frames of many sessions, so an audio chunk costs a
+    share of a gRPC message rather than one of its own on each side. A
+    session starts with its first `request` (an `open`) and ends with an
+    `end` frame from the broker; the gateway ends its requests with `done`
+    (as a Session caller ends its request stream) or leaves with `cancel` (as
+    it cancels a Session call). When the call ends, every session on it is
+    cancelled.
     """
 
 @_typing.type_check_only
@@ -72,8 +82,7 @@ class RealtimeServiceAsyncStub(RealtimeServiceStub):
     upstream's key (which never leaves the broker), applies `session_json`
     and answers `opened`. Then each request carries client events, in order,
     and each response the upstream's events, in order, each with the event id
-    `event_v<seq in hex>` (seq 1, 2, ... over the session's life). The broker
-    names itself (HOST:PORT) in the `switchboard-broker` initial metadata.
+    `event_v<seq in hex>` (seq 1, 2, ... over the session's life).
 
     A `close` request closes the upstream socket. A call that ends without
     one (the gateway died, or its client dropped) leaves the session held by
@@ -86,6 +95,17 @@ class RealtimeServiceAsyncStub(RealtimeServiceStub):
 
     The call also ends with a `failure` when the upstream refused or dropped
     the socket, the last message.
+    """
+    Sessions: _aio.StreamStreamMultiCallable[_realtime_pb2.RealtimeMuxRequest, _realtime_pb2.RealtimeMuxResponse]  # type: ignore[assignment]
+    """Every voice session of one gateway at this broker over one call, each as
+    `Session` would run it (broker/realtime_mux.py, gateway/voice_mux.py):
+    a message carries the frames of many sessions, so an audio chunk costs a
+    share of a gRPC message rather than one of its own on each side. A
+    session starts with its first `request` (an `open`) and ends with an
+    `end` frame from the broker; the gateway ends its requests with `done`
+    (as a Session caller ends its request stream) or leaves with `cancel` (as
+    it cancels a Session call). When the call ends, every session on it is
+    cancelled.
     """
 
 class RealtimeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -105,8 +125,7 @@ class RealtimeServiceServicer(metaclass=_abc_1.ABCMeta):
         upstream's key (which never leaves the broker), applies `session_json`
         and answers `opened`. Then each request carries client events, in order,
         and each response the upstream's events, in order, each with the event id
-        `event_v<seq in hex>` (seq 1, 2, ... over the session's life). The broker
-        names itself (HOST:PORT) in the `switchboard-broker` initial metadata.
+        `event_v<seq in hex>` (seq 1, 2, ... over the session's life).
 
         A `close` request closes the upstream socket. A call that ends without
         one (the gateway died, or its client dropped) leaves the session held by
@@ -119,6 +138,23 @@ class RealtimeServiceServicer(metaclass=_abc_1.ABCMeta):
 
         The call also ends with a `failure` when the upstream refused or dropped
         the socket, the last message.
+        """
+
+    @_abc_1.abstractmethod
+    def Sessions(
+        self,
+        request_iterator: _MaybeAsyncIterator[_realtime_pb2.RealtimeMuxRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_realtime_pb2.RealtimeMuxResponse], _abc.AsyncIterator[_realtime_pb2.RealtimeMuxResponse]]:
+        """Every voice session of one gateway at this broker over one call, each as
+        `Session` would run it (broker/realtime_mux.py, gateway/voice_mux.py):
+        a message carries the frames of many sessions, so an audio chunk costs a
+        share of a gRPC message rather than one of its own on each side. A
+        session starts with its first `request` (an `open`) and ends with an
+        `end` frame from the broker; the gateway ends its requests with `done`
+        (as a Session caller ends its request stream) or leaves with `cancel` (as
+        it cancels a Session call). When the call ends, every session on it is
+        cancelled.
         """
 
 def add_RealtimeServiceServicer_to_server(servicer: RealtimeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
