@@ -40,7 +40,15 @@ MIN_COMMIT_MS: Final = 100
 # What VAD threshold 1.0 means as an RMS level (full scale 1): 0.5 -> about -32 dBFS.
 LEVEL_AT_THRESHOLD_1: Final = 0.05
 VOICE_KEYS: Final = frozenset(
-    {"transcript", "tool_calls", "audio_ms", "ttfa_ms", "disconnect_after", "session_limit_s"}
+    {
+        "transcript",
+        "tool_calls",
+        "audio_ms",
+        "ttfa_ms",
+        "disconnect_after",
+        "session_limit_s",
+        "echo_context",
+    }
 )
 
 
@@ -374,8 +382,15 @@ class VoiceSession:
                 for part in item.get("content", [])
                 if isinstance(part, dict) and part.get("type") == "input_text"
             )
-        previous = self.items[-1]["id"] if self.items else None
-        self.items.append(item)
+        after = event.get("previous_item_id")
+        if after == "root":
+            position = 0
+        elif isinstance(after, str):
+            position = self.items.index(self._find({"item_id": after})) + 1
+        else:
+            position = len(self.items)
+        previous = self.items[position - 1]["id"] if position else None
+        self.items.insert(position, item)
         return Reply(
             [
                 self._event("conversation.item.added", previous_item_id=previous, item=item),
@@ -497,7 +512,29 @@ class VoiceSession:
         calls = found.get("tool_calls", merged.get("tool_calls"))
         if isinstance(calls, list) and calls:
             return "", calls
-        return f'turn {self._users}: you said "{said.strip()}".', []
+        text = f'turn {self._users}: you said "{said.strip()}".'
+        if merged.get("echo_context") is True:
+            text += " context=[" + ", ".join(self._recalled(self.items[:-1])) + "]"
+        return text, []
+
+    def _recalled(self, items: list[dict[str, Any]]) -> list[str]:
+        """What the session holds of each of `items`, as `echo_context` names it."""
+        names = []
+        for item in items:
+            if item.get("type") == "function_call":
+                names.append(f"call {item.get('name', '?')}")
+            elif item.get("type") == "function_call_output":
+                names.append(f"output {item.get('output', '')}")
+            elif item.get("role") == "user":
+                names.append(f'user "{self._heard.get(item["id"], "")}"')
+            else:
+                said = "".join(
+                    str(part.get("text") or part.get("transcript") or "")
+                    for part in item.get("content", [])
+                    if isinstance(part, dict)
+                )
+                names.append(f'{item.get("role", "?")} "{said}"')
+        return names
 
     def _start_response(self, options: Mapping[str, Any]) -> Reply:
         directive = self.directive

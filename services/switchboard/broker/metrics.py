@@ -107,6 +107,12 @@ class BrokerMetrics:
             "Voice sessions ended, by upstream and outcome (closed, cancelled, or the error code).",
             ["upstream", "outcome"],
         )
+        self.realtime_rollovers = metrics.counter(
+            "realtime_rollovers_total",
+            "Voice sessions moved to a new upstream session before the upstream's session "
+            "limit, by upstream and outcome (completed, failed: the current one was kept).",
+            ["upstream", "outcome"],
+        )
 
         self.orphaned_requests = metrics.gauge(
             "orphaned_requests",

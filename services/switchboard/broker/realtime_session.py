@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from websockets.asyncio.client import ClientConnection
 from switchboard.broker.admission import Admission
 from switchboard.broker.metrics import BrokerMetrics
 from switchboard.broker.multiplex import failure_of
+from switchboard.broker.realtime_link import RealtimeLink
 from switchboard.broker.realtime_upstream import connect
 from switchboard.broker.routing import resolve
 from switchboard.config import BrokerSettings
@@ -132,11 +133,23 @@ class RealtimeSessions(realtime_pb2_grpc.RealtimeServiceServicer):
             ends.upstream, ends.upstream_model = chosen.upstream.name, chosen.model
             async with self._admission.slot(chosen.upstream, opening.tenant_id):
                 headers = tracing.headers(trace.get_current_span())
-                socket = await connect(
-                    chosen.upstream,
-                    chosen.model,
+
+                def reopen() -> Awaitable[ClientConnection]:
+                    return connect(
+                        chosen.upstream,
+                        chosen.model,
+                        timeout_s=self._settings.connect_timeout_s,
+                        headers=headers,
+                    )
+
+                upstream, rollovers = ends.upstream, self._metrics.realtime_rollovers
+                socket = RealtimeLink(
+                    await reopen(),
+                    reopen=reopen,
+                    rollover=chosen.upstream.rollover,
                     timeout_s=self._settings.connect_timeout_s,
-                    headers=headers,
+                    counted=lambda outcome: rollovers.labels(upstream, outcome).inc(),
+                    log_extra=ends.ids,
                 )
                 self._metrics.realtime_sessions_active.labels(ends.upstream).inc()
                 try:
@@ -182,9 +195,7 @@ class RealtimeSessions(realtime_pb2_grpc.RealtimeServiceServicer):
                 },
             )
 
-    async def _configure(
-        self, socket: ClientConnection, opening: realtime_pb2.RealtimeOpen
-    ) -> bytes:
+    async def _configure(self, socket: RealtimeLink, opening: realtime_pb2.RealtimeOpen) -> bytes:
         """Wait for the upstream's `session.created`, apply the gateway's session; the
         `session.created` the client gets (the session as configured)."""
         timeout = self._settings.connect_timeout_s
@@ -225,7 +236,7 @@ def _upstream_refused(answer: dict[str, Any]) -> SwitchboardError:
 
 async def _relay(
     requests: AsyncIterator[realtime_pb2.RealtimeRequest],
-    socket: ClientConnection,
+    socket: RealtimeLink,
     opening: realtime_pb2.RealtimeOpen,
     ends: _Ends,
 ) -> AsyncGenerator[realtime_pb2.RealtimeResponse, None]:
