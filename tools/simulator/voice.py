@@ -3,7 +3,8 @@
 `VoiceSession.receive(event)` takes one client event and returns a `Reply`:
 the server events to send now, and maybe a `Plan`, the events of a response
 to send on a schedule (the server's clock paces them; see realtime_ws.py).
-Everything is deterministic: ids are counters, the voice activity detection
+Everything is deterministic: ids are counters (after a tag of the session's
+id, so they are unique across sessions), the voice activity detection
 is an energy threshold on 10 ms frames, what the simulator "hears" in a
 stretch of speech is a transcript the test chose (a `[[sim {...}]]` directive
 in the session's instructions) or `"<N> ms of speech"`, and reply audio is a
@@ -137,6 +138,7 @@ class VoiceSession:
         self._heard: dict[str, str] = {}
         self._audio_ms: dict[str, int] = {}
         self._counter = 0
+        self._tag = session_id.removeprefix("sess_")[:8]
         self._users = 0
         self._transcripts_used = 0
         self.buffer = bytearray()
@@ -149,8 +151,10 @@ class VoiceSession:
     # -- ids and shapes ------------------------------------------------------------
 
     def _id(self, prefix: str) -> str:
+        # The session's own tag keeps ids unique across sessions, as OpenAI's
+        # are: a conversation carried to a new session keeps its items' ids.
         self._counter += 1
-        return f"{prefix}_sim{self._counter:06d}"
+        return f"{prefix}_sim{self._tag}{self._counter:06d}"
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
         return {"type": kind, "event_id": self._id("event"), **fields}

@@ -102,6 +102,8 @@ class RealtimeLink:
         self._closing: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         limit = rollover.session_limit_s
+        # Without a limit nothing is watched: the link is the socket.
+        self._rolls = limit is not None
         if limit is not None:
             self._task = asyncio.create_task(self._roll(limit, rollover.margin_s))
 
@@ -117,7 +119,7 @@ class RealtimeLink:
             frame = await self._socket.recv(decode=False)
             if isinstance(frame, str):
                 frame = frame.encode()
-            if not watched(frame):
+            if not self._rolls or not watched(frame):
                 return frame
             try:
                 event = orjson.loads(frame)
@@ -136,6 +138,9 @@ class RealtimeLink:
         if not self._gate.is_set():
             await self._gate.wait()
         data = message.encode() if isinstance(message, str) else message
+        if not self._rolls:
+            await self._socket.send(data, text=True)
+            return
         if _APPEND in data[:64]:
             self.carried.client_event("input_audio_buffer.append")
             self._note_idle()
