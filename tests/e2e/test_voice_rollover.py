@@ -14,8 +14,10 @@ import orjson
 import pytest
 import websockets
 
+from switchboard.broker.realtime_carry import UNTRANSCRIBED
 from switchboard.tenancy import hash_key
 from tests.e2e.conftest import RealtimeClient, assert_no_secret_leaks
+from tests.voice_support import chunks, silence, speech
 from tools.stack import Ports, Stack
 
 KEY = "sk-sb-voice-rollover-tenant-0001"
@@ -230,3 +232,77 @@ async def test_a_new_session_that_cannot_open_keeps_the_old_one_until_its_limit(
     finally:
         configure_simulator(stack, {})
     assert rollovers(stack, "failed") > failed
+
+
+async def speak(voice: RealtimeClient, text: str, seen: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stream espeak-ng speech of `text` in real time; the reply's `response.done`."""
+    for chunk in chunks(silence(200) + speech(text) + silence(400)):
+        await voice.send({"type": "input_audio_buffer.append", "audio": chunk})
+        await asyncio.sleep(0.02)
+    events = await voice.recv_until("response.done", timeout_s=30)
+    seen.extend(events)
+    return events[-1]["response"]
+
+
+async def test_spoken_turns_are_carried_as_their_transcripts(
+    stack: Stack, voice: RealtimeClient
+) -> None:
+    directive = orjson.dumps(
+        {"session_limit_s": LIMIT_S, "echo_context": True, "transcript": "good morning"}
+    ).decode()
+    await voice.send(
+        {
+            "type": "session.update",
+            "session": {
+                "type": "realtime",
+                "instructions": f"[[sim {directive}]]",
+                "audio": {"input": {"transcription": {"model": "gpt-4o-transcribe"}}},
+            },
+        }
+    )
+    await voice.recv_until("session.updated")
+    seen: list[dict[str, Any]] = []
+    first = await speak(voice, "good morning", seen)
+    assert transcript(first).startswith('turn 1: you said "good morning".')
+    # Transcription off: the next spoken turn has no transcript to carry.
+    off = {"audio": {"input": {"transcription": None}}}
+    await voice.send({"type": "session.update", "session": {"type": "realtime", **off}})
+    await voice.recv_until("session.updated")
+    await speak(voice, "good morning", seen)
+    await rolled_over(stack, "completed", rollovers(stack, "completed"))
+    third = await turn(voice, "and now", seen)
+    assert transcript(third).startswith(
+        'turn 3: you said "and now". context=[user "good morning", '
+    )
+    assert f'user "{UNTRANSCRIBED}"' in transcript(third), transcript(third)
+    kinds = [event["type"] for event in seen]
+    assert kinds.count("input_audio_buffer.speech_started") == 2
+    assert "error" not in kinds
+
+
+async def test_a_response_running_when_the_rollover_is_due_is_not_cut(
+    stack: Stack, voice: RealtimeClient
+) -> None:
+    # The first audio comes 2.5 s after response.created: the rollover, due
+    # 2 s after the upstream session opened, waits for its response.done.
+    late = orjson.dumps({"session_limit_s": LIMIT_S, "ttfa_ms": 2500, "audio_ms": 400}).decode()
+    await voice.send(
+        {
+            "type": "session.update",
+            "session": {"type": "realtime", "instructions": f"[[sim {late}]]"},
+        }
+    )
+    await voice.recv_until("session.updated")
+    completed = rollovers(stack, "completed")
+    seen: list[dict[str, Any]] = []
+    done = await turn(voice, "tell me", seen)
+    assert done["status"] == "completed"
+    assert [e["type"] for e in seen].count("response.output_audio.delta") == 4
+    await rolled_over(stack, "completed", completed)
+    # The response ran whole on the first upstream session, which the broker
+    # closed after it.
+    record = next(
+        s for s in sim_sessions(stack) if any(r["id"] == done["id"] for r in s["responses"])
+    )
+    assert record["outcome"] == "closed"
+    assert [r["outcome"] for r in record["responses"]] == ["completed"]
