@@ -297,8 +297,8 @@ class RealtimeLink:
         except (TimeoutError, websockets.exceptions.ConnectionClosed):
             pass
         finally:
+            # A late answer stays silent (the id stays in _silent) but swaps nothing.
             self._barrier = None
-            self._silent.discard(barrier)
             self._gate.set()
         if self._fresh is not None:  # not swapped: the session moved on meanwhile
             stale, self._fresh = self._fresh, None
