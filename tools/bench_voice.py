@@ -16,6 +16,11 @@ between consecutive audio deltas at the client beyond the simulator's own
 schedule (`--chunk-ms` apart). CPU and memory per session are the gateway's
 and broker's (from /proc) while the gateway round runs.
 
+As `tools/bench_load.py` does, the system under test (gateway, broker,
+session, toolexec, Redis) is pinned to one core (`--sut-core`, default 1) and
+the simulator and this load generator to the other (`--client-core`, 0), so
+the direct round and the gateway round load the client side alike.
+
     python -m tools.bench_voice [--sessions 20] [--ttfa-ms 50] [--chunk-ms 20]
 """
 
@@ -32,6 +37,7 @@ from dataclasses import dataclass, field
 import orjson
 import websockets
 
+from tools.bench_load import SUT, cpu_seconds
 from tools.stack import SIMULATOR_KEY, Ports, Stack
 
 RATE_BYTES_PER_MS = 48
@@ -88,10 +94,12 @@ async def one_session(url: str, key: str, reply_ms: int) -> Sample:
         return Sample(first - sent, gaps)
 
 
-def cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def pin(pids: dict[str, int], sut_core: int, client_core: int) -> None:
+    """Every thread of the system under test on one core, the client side on the other."""
+    for name, pid in pids.items():
+        core = client_core if name in ("simulator", "loadgen") else sut_core
+        for task in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setaffinity(int(task), {core})
 
 
 def rss_kib(pid: int) -> int:
@@ -111,7 +119,9 @@ async def run_round(url: str, key: str, sessions: int, reply_ms: int) -> list[Sa
     return list(await asyncio.gather(*(one_session(url, key, reply_ms) for _ in range(sessions))))
 
 
-async def main_async(sessions: int, ttfa_ms: int, chunk_ms: int, reply_ms: int) -> None:
+async def main_async(args: argparse.Namespace) -> None:
+    sessions, ttfa_ms, chunk_ms = args.sessions, args.ttfa_ms, args.chunk_ms
+    reply_ms = args.reply_ms
     stack = Stack(
         ports=Ports.free(),
         simulator_args=["--ttft-ms", str(ttfa_ms), "--token-delay-ms", str(chunk_ms)],
@@ -121,16 +131,24 @@ async def main_async(sessions: int, ttfa_ms: int, chunk_ms: int, reply_ms: int) 
     with stack:
         direct_url = f"ws://127.0.0.1:{stack.ports.simulator}/v1/realtime?model=gpt-realtime"
         gateway_url = f"{stack.websocket_url}?model=gpt-realtime-voice"
+        pids = {name: stack.services[name].pid for name in SUT if name in stack.services}
+        if stack.redis is not None and stack.redis.pid is not None:
+            pids["redis"] = stack.redis.pid
+        pids["simulator"] = stack.services["simulator"].pid
+        pids["loadgen"] = os.getpid()
+        if not args.no_pin:
+            pin(pids, args.sut_core, args.client_core)
         await run_round(gateway_url, stack.dev_key, 2, reply_ms)  # warm up
         direct = await run_round(direct_url, SIMULATOR_KEY, sessions, reply_ms)
-        pids = [stack.services[name].pid for name in ("gateway", "broker")]
-        cpu_before = sum(cpu_s(pid) for pid in pids)
-        rss_before = sum(rss_kib(pid) for pid in pids)
+        relays = [pids["gateway"], pids["broker"]]
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        rss_before = sum(rss_kib(pid) for pid in relays)
         began = time.monotonic()
         gateway = await run_round(gateway_url, stack.dev_key, sessions, reply_ms)
         wall = time.monotonic() - began
-        cpu = sum(cpu_s(pid) for pid in pids) - cpu_before
-        rss = sum(rss_kib(pid) for pid in pids) - rss_before
+        cpu_by = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+        cpu = cpu_by["gateway"] + cpu_by["broker"]
+        rss = sum(rss_kib(pid) for pid in relays) - rss_before
     print(
         f"{sessions} concurrent voice sessions, simulator TTFA {ttfa_ms} ms,"
         f" chunks {chunk_ms} ms apart"
@@ -151,6 +169,8 @@ async def main_async(sessions: int, ttfa_ms: int, chunk_ms: int, reply_ms: int) 
         f"  gateway+broker: CPU {cpu / sessions / wall * 100:.2f}% of a core per session,"
         f" RSS {rss / sessions:+.0f} KiB per session (after the round)"
     )
+    busy = "  ".join(f"{name} {seconds / wall * 100:.0f}%" for name, seconds in cpu_by.items())
+    print(f"  CPU during the gateway round, % of a core: {busy}")
 
 
 def main() -> None:
@@ -159,8 +179,11 @@ def main() -> None:
     parser.add_argument("--ttfa-ms", type=int, default=50)
     parser.add_argument("--chunk-ms", type=int, default=20)
     parser.add_argument("--reply-ms", type=int, default=2000)
+    parser.add_argument("--sut-core", type=int, default=1)
+    parser.add_argument("--client-core", type=int, default=0)
+    parser.add_argument("--no-pin", action="store_true", help="leave the scheduler alone")
     args = parser.parse_args()
-    asyncio.run(main_async(args.sessions, args.ttfa_ms, args.chunk_ms, args.reply_ms))
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import websockets
 from opentelemetry import trace
 from websockets.asyncio.client import ClientConnection
 
+from switchboard.broker import realtime_mux
 from switchboard.broker.admission import Admission
 from switchboard.broker.metrics import BrokerMetrics
 from switchboard.broker.multiplex import failure_of
@@ -100,10 +101,29 @@ class RealtimeSessions(realtime_pb2_grpc.RealtimeServiceServicer):
         self._admission = admission
         self._settings = settings
         self._metrics = metrics
+        self._muxes: set[realtime_mux.SessionMux] = set()
+        self._draining = False
 
     def register(self, server: grpc.aio.Server) -> None:
         """Add this servicer to a grpc.aio server."""
         realtime_pb2_grpc.add_RealtimeServiceServicer_to_server(self, server)
+
+    def drain(self) -> None:
+        """The server drains: every `Sessions` call refuses new sessions, ends after its own."""
+        self._draining = True
+        for mux in self._muxes:
+            mux.drain()
+
+    async def Sessions(
+        self,
+        requests: AsyncIterator[realtime_pb2.RealtimeMuxRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[realtime_pb2.RealtimeMuxResponse]:
+        """A gateway's voice sessions over one call, each as `Session` runs it (realtime_mux.py)."""
+        responses = realtime_mux.serve(self.Session, requests, context, self._muxes, self._draining)
+        async with contextlib.aclosing(responses) as each:
+            async for response in each:
+                yield response
 
     async def Session(
         self,

@@ -212,6 +212,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
         self._draining = True
         for stream in self._streams:
             stream.drain()
+        self.realtime.drain()
 
     def _start(self, request: broker_pb2.GenerateRequest) -> Follower:
         """Start a model call (see `Generate`); its follower."""

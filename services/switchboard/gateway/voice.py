@@ -3,7 +3,8 @@
 A session whose model routes to a `kind: realtime` upstream is relayed to that
 upstream through the broker's RealtimeService by a `VoiceConnection`
 (voice_connection.py) instead of being served by `RealtimeConnection`.
-`VoiceBroker` is the gateway's client of that service, built in the lifespan.
+`VoiceBroker` is the gateway's client of that service, built in the lifespan:
+all the gateway's voice sessions at the broker run over one call (voice_mux.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from switchboard.errors import SwitchboardError
 from switchboard.gateway.client_secrets import Grant
 from switchboard.gateway.sender import close_with_error
 from switchboard.gateway.voice_connection import VoiceConnection
+from switchboard.gateway.voice_mux import VoiceMux
 from switchboard.tenancy import Tenant, Upstream
 from switchboard.v1 import realtime_pb2_grpc, session_pb2
 
@@ -37,8 +39,10 @@ class VoiceBroker:
     def __init__(self, target: str) -> None:
         self.channel = rpc.channel(target)
         self.stub = realtime_pb2_grpc.RealtimeServiceStub(self.channel)
+        self.sessions = VoiceMux(self.stub, target)
 
     async def close(self) -> None:
+        await self.sessions.close()
         await self.channel.close()
 
 
@@ -64,7 +68,7 @@ async def serve_voice(
         return
     connection = VoiceConnection(
         websocket,
-        gateway.voice.stub,
+        gateway.voice.sessions,
         tenant,
         session,
         grant,

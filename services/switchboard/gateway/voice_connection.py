@@ -50,10 +50,11 @@ from switchboard.gateway.tenant_gate import (
     Admitted,
     TenantGate,
 )
+from switchboard.gateway.voice_mux import VoiceMux
 from switchboard.gateway.voice_outbox import SlowConsumer, VoiceOutbox, error_event
 from switchboard.telemetry import tracing
 from switchboard.tenancy import Tenant
-from switchboard.v1 import broker_pb2, common_pb2, realtime_pb2, realtime_pb2_grpc, session_pb2
+from switchboard.v1 import broker_pb2, common_pb2, realtime_pb2, session_pb2
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class VoiceConnection:
     def __init__(
         self,
         websocket: WebSocket,
-        broker: realtime_pb2_grpc.RealtimeServiceStub,
+        broker: VoiceMux,
         tenant: Tenant,
         session: session_pb2.Session,
         grant: Grant | None,

@@ -12,7 +12,6 @@ fills the uncommitted buffer past `MAX_BUFFER_S`. Every refusal is an
 
 from __future__ import annotations
 
-import base64
 import binascii
 import math
 from dataclasses import dataclass, field
@@ -121,7 +120,8 @@ class AudioInput:
         if not isinstance(audio, str):
             raise _error(_C.ERROR_CODE_INVALID_AUDIO, "audio", "'audio' must be a base64 string.")
         try:
-            size = len(base64.b64decode(audio, validate=True))
+            # Strict: only the base64 alphabet and proper padding (C, no regex pass).
+            size = len(binascii.a2b_base64(audio, strict_mode=True))
         except (binascii.Error, ValueError):
             raise _error(
                 _C.ERROR_CODE_INVALID_AUDIO, "audio", "'audio' is not valid base64."

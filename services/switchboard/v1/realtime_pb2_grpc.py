@@ -42,6 +42,11 @@ class RealtimeServiceStub:
                 request_serializer=switchboard_dot_v1_dot_realtime__pb2.RealtimeRequest.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_realtime__pb2.RealtimeResponse.FromString,
                 _registered_method=True)
+        self.Sessions = channel.stream_stream(
+                '/switchboard.v1.RealtimeService/Sessions',
+                request_serializer=switchboard_dot_v1_dot_realtime__pb2.RealtimeMuxRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_realtime__pb2.RealtimeMuxResponse.FromString,
+                _registered_method=True)
 
 
 class RealtimeServiceServicer:
@@ -63,6 +68,21 @@ class RealtimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Sessions(self, request_iterator, context):
+        """Every voice session of one gateway at this broker over one call, each as
+        `Session` would run it (broker/realtime_mux.py, gateway/voice_mux.py):
+        a message carries the frames of many sessions, so an audio chunk costs a
+        share of a gRPC message rather than one of its own on each side. A
+        session starts with its first `request` (an `open`) and ends with an
+        `end` frame from the broker; the gateway ends its requests with `done`
+        (as a Session caller ends its request stream) or leaves with `cancel` (as
+        it cancels a Session call). When the call ends, every session on it is
+        cancelled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RealtimeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -70,6 +90,11 @@ def add_RealtimeServiceServicer_to_server(servicer, server):
                     servicer.Session,
                     request_deserializer=switchboard_dot_v1_dot_realtime__pb2.RealtimeRequest.FromString,
                     response_serializer=switchboard_dot_v1_dot_realtime__pb2.RealtimeResponse.SerializeToString,
+            ),
+            'Sessions': grpc.stream_stream_rpc_method_handler(
+                    servicer.Sessions,
+                    request_deserializer=switchboard_dot_v1_dot_realtime__pb2.RealtimeMuxRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_realtime__pb2.RealtimeMuxResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -102,6 +127,33 @@ class RealtimeService:
             '/switchboard.v1.RealtimeService/Session',
             switchboard_dot_v1_dot_realtime__pb2.RealtimeRequest.SerializeToString,
             switchboard_dot_v1_dot_realtime__pb2.RealtimeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sessions(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/switchboard.v1.RealtimeService/Sessions',
+            switchboard_dot_v1_dot_realtime__pb2.RealtimeMuxRequest.SerializeToString,
+            switchboard_dot_v1_dot_realtime__pb2.RealtimeMuxResponse.FromString,
             options,
             channel_credentials,
             insecure,

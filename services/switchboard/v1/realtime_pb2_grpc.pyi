@@ -45,6 +45,17 @@ class RealtimeServiceStub:
     the caller ends its requests (the upstream socket is closed) or with a
     `failure` (the upstream refused or dropped the socket), the last message.
     """
+    Sessions: _grpc.StreamStreamMultiCallable[_realtime_pb2.RealtimeMuxRequest, _realtime_pb2.RealtimeMuxResponse]
+    """Every voice session of one gateway at this broker over one call, each as
+    `Session` would run it (broker/realtime_mux.py, gateway/voice_mux.py):
+    a message carries the frames of many sessions, so an audio chunk costs a
+    share of a gRPC message rather than one of its own on each side. A
+    session starts with its first `request` (an `open`) and ends with an
+    `end` frame from the broker; the gateway ends its requests with `done`
+    (as a Session caller ends its request stream) or leaves with `cancel` (as
+    it cancels a Session call). When the call ends, every session on it is
+    cancelled.
+    """
 
 @_typing.type_check_only
 class RealtimeServiceAsyncStub(RealtimeServiceStub):
@@ -62,6 +73,17 @@ class RealtimeServiceAsyncStub(RealtimeServiceStub):
     and each response the upstream's events, in order. The session ends when
     the caller ends its requests (the upstream socket is closed) or with a
     `failure` (the upstream refused or dropped the socket), the last message.
+    """
+    Sessions: _aio.StreamStreamMultiCallable[_realtime_pb2.RealtimeMuxRequest, _realtime_pb2.RealtimeMuxResponse]  # type: ignore[assignment]
+    """Every voice session of one gateway at this broker over one call, each as
+    `Session` would run it (broker/realtime_mux.py, gateway/voice_mux.py):
+    a message carries the frames of many sessions, so an audio chunk costs a
+    share of a gRPC message rather than one of its own on each side. A
+    session starts with its first `request` (an `open`) and ends with an
+    `end` frame from the broker; the gateway ends its requests with `done`
+    (as a Session caller ends its request stream) or leaves with `cancel` (as
+    it cancels a Session call). When the call ends, every session on it is
+    cancelled.
     """
 
 class RealtimeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -83,6 +105,23 @@ class RealtimeServiceServicer(metaclass=_abc_1.ABCMeta):
         and each response the upstream's events, in order. The session ends when
         the caller ends its requests (the upstream socket is closed) or with a
         `failure` (the upstream refused or dropped the socket), the last message.
+        """
+
+    @_abc_1.abstractmethod
+    def Sessions(
+        self,
+        request_iterator: _MaybeAsyncIterator[_realtime_pb2.RealtimeMuxRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_realtime_pb2.RealtimeMuxResponse], _abc.AsyncIterator[_realtime_pb2.RealtimeMuxResponse]]:
+        """Every voice session of one gateway at this broker over one call, each as
+        `Session` would run it (broker/realtime_mux.py, gateway/voice_mux.py):
+        a message carries the frames of many sessions, so an audio chunk costs a
+        share of a gRPC message rather than one of its own on each side. A
+        session starts with its first `request` (an `open`) and ends with an
+        `end` frame from the broker; the gateway ends its requests with `done`
+        (as a Session caller ends its request stream) or leaves with `cancel` (as
+        it cancels a Session call). When the call ends, every session on it is
+        cancelled.
         """
 
 def add_RealtimeServiceServicer_to_server(servicer: RealtimeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
