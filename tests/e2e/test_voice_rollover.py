@@ -306,3 +306,30 @@ async def test_a_response_running_when_the_rollover_is_due_is_not_cut(
     )
     assert record["outcome"] == "closed"
     assert [r["outcome"] for r in record["responses"]] == ["completed"]
+
+
+async def test_audio_streamed_across_a_rollover_reaches_exactly_one_upstream_session(
+    stack: Stack, voice: RealtimeClient
+) -> None:
+    # Silence from a microphone keeps coming while the sockets are swapped:
+    # every chunk reaches the old session or the new one, none is lost or sent twice.
+    sessions_before = len(sim_sessions(stack)) - 1
+    completed = rollovers(stack, "completed")
+    chunk = chunks(silence(20))[0]
+    sent = 0
+    while rollovers(stack, "completed") == completed or sent < 50:
+        await voice.send({"type": "input_audio_buffer.append", "audio": chunk})
+        sent += 1
+        await asyncio.sleep(0.02)
+        assert sent < 1500, "no rollover"
+    for _ in range(25):
+        await voice.send({"type": "input_audio_buffer.append", "audio": chunk})
+        sent += 1
+        await asyncio.sleep(0.02)
+    # The clear is answered once the session has taken every chunk before it.
+    await voice.send({"type": "input_audio_buffer.clear"})
+    events = await voice.recv_until("input_audio_buffer.cleared")
+    assert "error" not in [event["type"] for event in events]
+    mine = sim_sessions(stack)[sessions_before:]
+    assert len(mine) >= 2
+    assert sum(s["audio_in_bytes"] for s in mine) == sent * len(silence(20))
