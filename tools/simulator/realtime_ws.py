@@ -41,6 +41,8 @@ class ResponseRecord:
     ended_at: float | None = None
     outcome: str = "in_progress"
     audio_deltas: int = 0
+    # The names of the function tools the session offered when the response started.
+    tools: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -196,7 +198,9 @@ async def _serve(request: web.Request, state: SimulatorState) -> web.StreamRespo
             for out in reply.events:
                 await _send(ws, out)
             if reply.plan is not None:
-                response = ResponseRecord(reply.plan.response_id, time.time())
+                tools = session.session.get("tools") or []
+                offered = [str(t.get("name")) for t in tools if isinstance(t, dict)]
+                response = ResponseRecord(reply.plan.response_id, time.time(), tools=offered)
                 record.responses.append(response)
                 player = asyncio.create_task(_play(ws, session, reply.plan, response))
             if limit is None and kind == "session.update":

@@ -141,6 +141,8 @@ class VoiceSession:
         self._tag = session_id.removeprefix("sess_")[:8]
         self._users = 0
         self._transcripts_used = 0
+        # Items an earlier response read: the prompt cache of the next one.
+        self._cached_items = 0
         self.buffer = bytearray()
         self._written_ms = 0.0
         self._partial = b""
@@ -685,7 +687,8 @@ class VoiceSession:
         if not isinstance(arguments, str):
             arguments = script.canonical_json(arguments).decode()
         item_id = self._id("item")
-        call_id = str(spec.get("id") or "call_" + item_id[-12:])
+        # Unique across sessions, as OpenAI's are (toolexec keeps results by call id).
+        call_id = str(spec.get("id") or f"call_{str(self.session['id'])[-8:]}{item_id[-6:]}")
         item = {
             "id": item_id,
             "object": "realtime.item",
@@ -765,14 +768,24 @@ class VoiceSession:
         return max(1, math.ceil(len(arguments) / 4))
 
     def _usage(self, out_text: int, out_audio_ms: int) -> dict[str, Any]:
+        """The response's usage. Its prompt cache: the items an earlier response of
+        the session read (and the instructions) are cached input, text and audio."""
         chars = len(str(self.session.get("instructions") or ""))
-        audio_tokens = 0
-        for item in self.items:
+        cached_chars = chars if self._cached_items else 0
+        audio_tokens = cached_audio = 0
+        for index, item in enumerate(self.items):
+            cached = index < self._cached_items
             if item.get("role") == "user" and item["id"] in self._audio_ms:
-                audio_tokens += max(1, math.ceil(self._audio_ms[item["id"]] / 100))
+                tokens = max(1, math.ceil(self._audio_ms[item["id"]] / 100))
+                audio_tokens += tokens
+                cached_audio += tokens if cached else 0
             else:
-                chars += len(script.canonical_json(item.get("content", item.get("arguments", ""))))
+                size = len(script.canonical_json(item.get("content", item.get("arguments", ""))))
+                chars += size
+                cached_chars += size if cached else 0
+        self._cached_items = len(self.items)
         text_in = max(1, math.ceil(chars / 4))
+        cached_text = cached_chars // 4
         audio_out = math.ceil(out_audio_ms / 50)
         inputs, outputs = text_in + audio_tokens, out_text + audio_out
         return {
@@ -783,8 +796,12 @@ class VoiceSession:
                 "text_tokens": text_in,
                 "audio_tokens": audio_tokens,
                 "image_tokens": 0,
-                "cached_tokens": 0,
-                "cached_tokens_details": {"text_tokens": 0, "audio_tokens": 0, "image_tokens": 0},
+                "cached_tokens": cached_text + cached_audio,
+                "cached_tokens_details": {
+                    "text_tokens": cached_text,
+                    "audio_tokens": cached_audio,
+                    "image_tokens": 0,
+                },
             },
             "output_token_details": {"text_tokens": out_text, "audio_tokens": audio_out},
         }

@@ -76,6 +76,7 @@ async def serve_voice(
         metrics,
         gateway.settings,
         holder,
+        backends=gateway.backends,
     )
     extra = {"tenant_id": tenant.id, "session_id": session.id}
     log.info("connected", extra={**extra, "voice": True})
