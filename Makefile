@@ -5,7 +5,7 @@ UV := .cache/uv-venv/bin/uv
 VENV := .venv
 # The TypeScript client SDK, built with its pinned TypeScript (the demo page serves it).
 JS := clients/js
-# The npm `openai` package, a client in tests/e2e/test_sse_npm.py.
+# npm clients in the end-to-end tests: `openai` (test_sse_npm.py), `@openai/agents` (test_voice_agents_npm.py).
 NPM_TESTS := tests/npm
 export UV_PYTHON_DOWNLOADS := never
 

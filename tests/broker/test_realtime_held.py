@@ -76,16 +76,16 @@ class FakeUpstream:
         self.sent: list[Any] = []
         self.closed = asyncio.Event()
 
-    async def recv(self, decode: bool | None = None) -> bytes:
+    async def recv(self, decode: bool = False) -> bytes:
         event = await self.incoming.get()
         if event is None:
             raise ConnectionClosedOK(None, None)
         return event
 
-    async def send(self, message: Any, text: bool | None = None) -> None:
+    async def send(self, message: bytes | str, text: bool = True) -> None:
         self.sent.append(message)
 
-    async def close(self, code: int = 1000, reason: str = "") -> None:
+    async def close(self) -> None:
         self.closed.set()
         self.incoming.put_nowait(None)
 

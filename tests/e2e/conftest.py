@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,32 @@ tenants:
 {tenants}"""
     )
     return path
+
+
+NPM_CLIENTS = Path(__file__).parent.parent / "npm"
+
+
+def run_node(script: str, env: dict[str, str]) -> Any:
+    """Run a Node script of tests/npm with only `env` (and a PATH); what it printed
+    last, as JSON. Fails with its stderr when it exits non-zero."""
+    run = subprocess.run(
+        ["node", str(NPM_CLIENTS / script)],
+        env={"PATH": "/usr/bin:/bin:/usr/local/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return orjson.loads(run.stdout.strip().splitlines()[-1])
+
+
+def realtime_upstream(simulator_port: int) -> str:
+    """The YAML of an `upstreams:` entry `realtime`: the simulator's Realtime endpoint."""
+    return f"""
+  realtime:
+    kind: realtime
+    base_url: http://127.0.0.1:{simulator_port}/v1
+    api_key_env: SWITCHBOARD_BROKER_UPSTREAM_API_KEY"""
 
 
 def connect(stack: Stack, *, key: str | None = None, **kwargs: Any) -> Any:

@@ -5,28 +5,13 @@ deltas, and refusals mapped to the SDK's error classes."""
 from __future__ import annotations
 
 import json
-import subprocess
-from pathlib import Path
 
+from tests.e2e.conftest import run_node
 from tools.stack import Stack
-
-SCRIPT = Path(__file__).parent.parent / "npm" / "sse_openai.mjs"
 
 
 def test_the_npm_openai_package_streams_through_the_gateway(stack: Stack) -> None:
-    run = subprocess.run(
-        ["node", str(SCRIPT)],
-        env={
-            "PATH": "/usr/bin:/bin:/usr/local/bin",
-            "SB_HTTP": stack.gateway_url,
-            "SB_KEY": stack.dev_key,
-        },
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    seen = run_node("sse_openai.mjs", {"SB_HTTP": stack.gateway_url, "SB_KEY": stack.dev_key})
 
     chat = seen["chatText"]
     assert chat["text"].startswith('turn 1: you said "Hello from npm".')

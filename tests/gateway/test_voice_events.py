@@ -15,6 +15,7 @@ from switchboard.gateway.voice_events import (
     AudioInput,
     check_event,
     check_session,
+    response_usage,
 )
 from switchboard.gateway.voice_outbox import SlowConsumer, VoiceOutbox
 
@@ -160,3 +161,27 @@ async def test_the_outbox_never_merges_and_cuts_at_its_bound() -> None:
     assert (first.text, first.first_audio_of) == ("a" * 40, "resp_1")
     assert (await outbox.get()).text == "b" * 40
     assert outbox.size == 0
+
+
+def test_a_realtime_usage_is_counted_with_its_audio_share() -> None:
+    usage, audio = response_usage(
+        {
+            "total_tokens": 821,
+            "input_tokens": 789,
+            "output_tokens": 32,
+            "input_token_details": {
+                "text_tokens": 313,
+                "audio_tokens": 476,
+                "cached_tokens": 640,
+                "cached_tokens_details": {"text_tokens": 256, "audio_tokens": 384},
+            },
+            "output_token_details": {"text_tokens": 9, "audio_tokens": 23},
+        }
+    )
+    assert (usage.input_tokens, usage.cached_input_tokens, usage.output_tokens) == (789, 640, 32)
+    assert usage.total_tokens == 821
+    assert (audio.input, audio.cached_input, audio.output) == (476, 384, 23)
+    # Missing or bad counts are 0; the total is the sum when not given.
+    usage, audio = response_usage({"input_tokens": 5, "output_tokens": True})
+    assert (usage.total_tokens, usage.output_tokens, audio.input) == (5, 0, 0)
+    assert response_usage(None)[0].total_tokens == 0

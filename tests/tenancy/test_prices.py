@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from switchboard.config import ConfigError
-from switchboard.limits.ledger import cost_of, largest_cost
+from switchboard.limits.ledger import AudioTokens, cost_of, largest_cost
 from switchboard.tenancy import TenantDirectory
 from switchboard.tenancy.prices_section import Price
 from switchboard.v1 import common_pb2
@@ -67,3 +67,35 @@ def test_a_bad_money_budget_is_refused() -> None:
     data["tenants"]["beta"]["money_budget"] = {"weekly_usd": 3}
     with pytest.raises(ConfigError, match=r"tenants\.beta\.money_budget"):
         load(data)
+
+
+def test_audio_tokens_are_priced_at_the_audio_prices_or_the_text_ones() -> None:
+    data = document()
+    data["prices"] = {
+        "talk": {
+            "input": 4,
+            "cached_input": 0.4,
+            "output": 16,
+            "audio_input": 32,
+            "cached_audio_input": 0.4,
+            "audio_output": 64,
+        },
+        "plain": {"input": 4, "cached_input": 0.4, "output": 16},
+        "spoken": {"input": 4, "output": 16, "audio_input": 32},
+    }
+    prices = load(data).prices
+    # 1000 in (600 audio, of which 100 cached; 300 text cached), 200 out (150 audio).
+    usage = common_pb2.Usage(input_tokens=1000, cached_input_tokens=400, output_tokens=200)
+    audio = AudioTokens(input=600, cached_input=100, output=150)
+    text = 100 * 4_000_000 + 300 * 400_000 + 50 * 16_000_000
+    assert cost_of(usage, prices["talk"], audio) == (
+        text + 500 * 32_000_000 + 100 * 400_000 + 150 * 64_000_000
+    )
+    # Without audio prices, audio tokens cost what text tokens do.
+    assert cost_of(usage, prices["plain"], audio) == cost_of(usage, prices["plain"])
+    # Cached audio input defaults to the audio input price when that is listed.
+    assert prices["spoken"].audio == (32_000_000, 32_000_000, 16_000_000)
+    # A voice response reserves at the higher price of each direction.
+    highest = prices["talk"].highest()
+    assert (highest.input, highest.output) == (32_000_000, 64_000_000)
+    assert largest_cost(10, 100, highest) == 10 * 32_000_000 + 100 * 64_000_000

@@ -41,6 +41,8 @@ class ResponseRecord:
     ended_at: float | None = None
     outcome: str = "in_progress"
     audio_deltas: int = 0
+    # The names of the function tools the session offered when the response started.
+    tools: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -159,11 +161,13 @@ async def _serve(request: web.Request, state: SimulatorState) -> web.StreamRespo
     expired = False
     ending: set[asyncio.Task[None]] = set()
 
-    def expire() -> None:
+    def expire(seconds: float) -> None:
         nonlocal expired
         expired = True
-        error = session.error("session_expired", "Your session hit the maximum duration.")
-        task = asyncio.ensure_future(_expire(ws, error))
+        # OpenAI's words and close code (1001, going away) at its 60-minute limit.
+        minutes = f"{seconds / 60:g} minutes" if seconds >= 60 else f"{seconds:g} seconds"
+        message = f"Your session hit the maximum duration of {minutes}."
+        task = asyncio.ensure_future(_expire(ws, session.error("session_expired", message)))
         ending.add(task)
         task.add_done_callback(ending.discard)
 
@@ -194,13 +198,15 @@ async def _serve(request: web.Request, state: SimulatorState) -> web.StreamRespo
             for out in reply.events:
                 await _send(ws, out)
             if reply.plan is not None:
-                response = ResponseRecord(reply.plan.response_id, time.time())
+                tools = session.session.get("tools") or []
+                offered = [str(t.get("name")) for t in tools if isinstance(t, dict)]
+                response = ResponseRecord(reply.plan.response_id, time.time(), tools=offered)
                 record.responses.append(response)
                 player = asyncio.create_task(_play(ws, session, reply.plan, response))
             if limit is None and kind == "session.update":
                 seconds = session.directive.get("session_limit_s")
                 if isinstance(seconds, int | float) and seconds > 0:
-                    limit = asyncio.get_running_loop().call_later(seconds, expire)
+                    limit = asyncio.get_running_loop().call_later(seconds, expire, seconds)
     finally:
         state.realtime.open.discard(ws)
         if player is not None and not player.done():
@@ -217,4 +223,4 @@ async def _serve(request: web.Request, state: SimulatorState) -> web.StreamRespo
 async def _expire(ws: web.WebSocketResponse, error: dict[str, Any]) -> None:
     with contextlib.suppress(ConnectionError, RuntimeError):
         await _send(ws, error)
-        await ws.close()
+        await ws.close(code=1001, message=error["error"]["message"].encode())

@@ -3,7 +3,8 @@
 `VoiceSession.receive(event)` takes one client event and returns a `Reply`:
 the server events to send now, and maybe a `Plan`, the events of a response
 to send on a schedule (the server's clock paces them; see realtime_ws.py).
-Everything is deterministic: ids are counters, the voice activity detection
+Everything is deterministic: ids are counters (after a tag of the session's
+id, so they are unique across sessions), the voice activity detection
 is an energy threshold on 10 ms frames, what the simulator "hears" in a
 stretch of speech is a transcript the test chose (a `[[sim {...}]]` directive
 in the session's instructions) or `"<N> ms of speech"`, and reply audio is a
@@ -40,7 +41,15 @@ MIN_COMMIT_MS: Final = 100
 # What VAD threshold 1.0 means as an RMS level (full scale 1): 0.5 -> about -32 dBFS.
 LEVEL_AT_THRESHOLD_1: Final = 0.05
 VOICE_KEYS: Final = frozenset(
-    {"transcript", "tool_calls", "audio_ms", "ttfa_ms", "disconnect_after", "session_limit_s"}
+    {
+        "transcript",
+        "tool_calls",
+        "audio_ms",
+        "ttfa_ms",
+        "disconnect_after",
+        "session_limit_s",
+        "echo_context",
+    }
 )
 
 
@@ -129,8 +138,11 @@ class VoiceSession:
         self._heard: dict[str, str] = {}
         self._audio_ms: dict[str, int] = {}
         self._counter = 0
+        self._tag = session_id.removeprefix("sess_")[:8]
         self._users = 0
         self._transcripts_used = 0
+        # Items an earlier response read: the prompt cache of the next one.
+        self._cached_items = 0
         self.buffer = bytearray()
         self._written_ms = 0.0
         self._partial = b""
@@ -141,8 +153,10 @@ class VoiceSession:
     # -- ids and shapes ------------------------------------------------------------
 
     def _id(self, prefix: str) -> str:
+        # The session's own tag keeps ids unique across sessions, as OpenAI's
+        # are: a conversation carried to a new session keeps its items' ids.
         self._counter += 1
-        return f"{prefix}_sim{self._counter:06d}"
+        return f"{prefix}_sim{self._tag}{self._counter:06d}"
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
         return {"type": kind, "event_id": self._id("event"), **fields}
@@ -374,8 +388,15 @@ class VoiceSession:
                 for part in item.get("content", [])
                 if isinstance(part, dict) and part.get("type") == "input_text"
             )
-        previous = self.items[-1]["id"] if self.items else None
-        self.items.append(item)
+        after = event.get("previous_item_id")
+        if after == "root":
+            position = 0
+        elif isinstance(after, str):
+            position = self.items.index(self._find({"item_id": after})) + 1
+        else:
+            position = len(self.items)
+        previous = self.items[position - 1]["id"] if position else None
+        self.items.insert(position, item)
         return Reply(
             [
                 self._event("conversation.item.added", previous_item_id=previous, item=item),
@@ -497,7 +518,29 @@ class VoiceSession:
         calls = found.get("tool_calls", merged.get("tool_calls"))
         if isinstance(calls, list) and calls:
             return "", calls
-        return f'turn {self._users}: you said "{said.strip()}".', []
+        text = f'turn {self._users}: you said "{said.strip()}".'
+        if merged.get("echo_context") is True:
+            text += " context=[" + ", ".join(self._recalled(self.items[:-1])) + "]"
+        return text, []
+
+    def _recalled(self, items: list[dict[str, Any]]) -> list[str]:
+        """What the session holds of each of `items`, as `echo_context` names it."""
+        names = []
+        for item in items:
+            if item.get("type") == "function_call":
+                names.append(f"call {item.get('name', '?')}")
+            elif item.get("type") == "function_call_output":
+                names.append(f"output {item.get('output', '')}")
+            elif item.get("role") == "user":
+                names.append(f'user "{self._heard.get(item["id"], "")}"')
+            else:
+                said = "".join(
+                    str(part.get("text") or part.get("transcript") or "")
+                    for part in item.get("content", [])
+                    if isinstance(part, dict)
+                )
+                names.append(f'{item.get("role", "?")} "{said}"')
+        return names
 
     def _start_response(self, options: Mapping[str, Any]) -> Reply:
         directive = self.directive
@@ -644,7 +687,8 @@ class VoiceSession:
         if not isinstance(arguments, str):
             arguments = script.canonical_json(arguments).decode()
         item_id = self._id("item")
-        call_id = str(spec.get("id") or "call_" + item_id[-12:])
+        # Unique across sessions, as OpenAI's are (toolexec keeps results by call id).
+        call_id = str(spec.get("id") or f"call_{str(self.session['id'])[-8:]}{item_id[-6:]}")
         item = {
             "id": item_id,
             "object": "realtime.item",
@@ -724,14 +768,24 @@ class VoiceSession:
         return max(1, math.ceil(len(arguments) / 4))
 
     def _usage(self, out_text: int, out_audio_ms: int) -> dict[str, Any]:
+        """The response's usage. Its prompt cache: the items an earlier response of
+        the session read (and the instructions) are cached input, text and audio."""
         chars = len(str(self.session.get("instructions") or ""))
-        audio_tokens = 0
-        for item in self.items:
+        cached_chars = chars if self._cached_items else 0
+        audio_tokens = cached_audio = 0
+        for index, item in enumerate(self.items):
+            cached = index < self._cached_items
             if item.get("role") == "user" and item["id"] in self._audio_ms:
-                audio_tokens += max(1, math.ceil(self._audio_ms[item["id"]] / 100))
+                tokens = max(1, math.ceil(self._audio_ms[item["id"]] / 100))
+                audio_tokens += tokens
+                cached_audio += tokens if cached else 0
             else:
-                chars += len(script.canonical_json(item.get("content", item.get("arguments", ""))))
+                size = len(script.canonical_json(item.get("content", item.get("arguments", ""))))
+                chars += size
+                cached_chars += size if cached else 0
+        self._cached_items = len(self.items)
         text_in = max(1, math.ceil(chars / 4))
+        cached_text = cached_chars // 4
         audio_out = math.ceil(out_audio_ms / 50)
         inputs, outputs = text_in + audio_tokens, out_text + audio_out
         return {
@@ -742,8 +796,12 @@ class VoiceSession:
                 "text_tokens": text_in,
                 "audio_tokens": audio_tokens,
                 "image_tokens": 0,
-                "cached_tokens": 0,
-                "cached_tokens_details": {"text_tokens": 0, "audio_tokens": 0, "image_tokens": 0},
+                "cached_tokens": cached_text + cached_audio,
+                "cached_tokens_details": {
+                    "text_tokens": cached_text,
+                    "audio_tokens": cached_audio,
+                    "image_tokens": 0,
+                },
             },
             "output_token_details": {"text_tokens": out_text, "audio_tokens": audio_out},
         }

@@ -112,6 +112,12 @@ class BrokerMetrics:
             "realtime_held_sessions_active",
             "Voice sessions whose caller went away, held for a resume.",
         )
+        self.realtime_rollovers = metrics.counter(
+            "realtime_rollovers_total",
+            "Voice sessions moved to a new upstream session before the upstream's session "
+            "limit, by upstream and outcome (completed, failed: the current one was kept).",
+            ["upstream", "outcome"],
+        )
 
         self.orphaned_requests = metrics.gauge(
             "orphaned_requests",

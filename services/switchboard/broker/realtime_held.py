@@ -59,14 +59,14 @@ FOLLOWER_MAX_BYTES = 16 * 1024 * 1024
 
 
 class UpstreamSocket(Protocol):
-    """What a held session uses of the upstream socket (a websockets
-    `ClientConnection`, or anything that behaves as one)."""
+    """What a held session uses of the upstream socket (realtime_link.py's
+    `RealtimeLink`, which rolls the upstream session over, or a stand-in)."""
 
-    async def recv(self, decode: bool | None = None) -> Any: ...
+    async def recv(self, decode: bool = False) -> bytes: ...
 
-    async def send(self, message: Any, text: bool | None = None) -> None: ...
+    async def send(self, message: bytes | str, text: bool = True) -> None: ...
 
-    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+    async def close(self) -> None: ...
 
 
 def event_id(seq: int) -> str:

@@ -25,13 +25,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 import orjson
 import websockets
 from opentelemetry import trace
+from websockets.asyncio.client import ClientConnection
 
 from switchboard.broker import realtime_mux
 from switchboard.broker.admission import Admission
@@ -44,6 +45,7 @@ from switchboard.broker.realtime_held import (
     UpstreamSocket,
     resume_refused,
 )
+from switchboard.broker.realtime_link import RealtimeLink
 from switchboard.broker.realtime_upstream import connect
 from switchboard.broker.routing import resolve
 from switchboard.config import BrokerSettings
@@ -228,11 +230,23 @@ class RealtimeSessions(realtime_pb2_grpc.RealtimeServiceServicer):
                     self._admission.slot(chosen.upstream, opening.tenant_id)
                 )
                 headers = tracing.headers(trace.get_current_span())
-                socket = await connect(
-                    chosen.upstream,
-                    chosen.model,
+
+                def reopen() -> Awaitable[ClientConnection]:
+                    return connect(
+                        chosen.upstream,
+                        chosen.model,
+                        timeout_s=self._settings.connect_timeout_s,
+                        headers=headers,
+                    )
+
+                upstream, rollovers = ends.upstream, self._metrics.realtime_rollovers
+                socket = RealtimeLink(
+                    await reopen(),
+                    reopen=reopen,
+                    rollover=chosen.upstream.rollover,
                     timeout_s=self._settings.connect_timeout_s,
-                    headers=headers,
+                    counted=lambda outcome: rollovers.labels(upstream, outcome).inc(),
+                    log_extra=ends.ids,
                 )
                 stack.push_async_callback(socket.close)
                 created = await self._configure(socket, opening)

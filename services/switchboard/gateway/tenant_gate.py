@@ -24,7 +24,7 @@ from typing import Any
 
 from switchboard.errors import SwitchboardError
 from switchboard.limits import TenantLimiter
-from switchboard.limits.ledger import UsageLedger, cost_of, largest_cost, usd
+from switchboard.limits.ledger import AudioTokens, UsageLedger, cost_of, largest_cost, usd
 from switchboard.tenancy import Tenant
 from switchboard.tenancy.prices_section import Price
 from switchboard.v1 import common_pb2
@@ -219,10 +219,11 @@ class TenantGate:
         model: str,
         usage: common_pb2.Usage,
         price: Price | None,
+        audio: AudioTokens | None = None,
     ) -> int:
         """Record a finished response's usage and cost (settling its money
         reservation), and warn when the tenant's spending crosses a share of a
-        money budget.
+        money budget. `audio`: the audio share of `usage`, at the audio prices.
 
         Returns:
             The response's cost in pico-dollars.
@@ -230,7 +231,7 @@ class TenantGate:
         Raises:
             LimitsStoreUnavailable: Redis does not answer (nothing recorded).
         """
-        cost = cost_of(usage, price)
+        cost = cost_of(usage, price, audio)
         if self.ledger is None:
             return cost
         spent = await self.ledger.settle(tenant.id, session_id, response_id, model, usage, cost)

@@ -81,6 +81,7 @@ async def voice_connection(
         gateway.metrics,
         gateway.settings,
         holder,
+        backends=gateway.backends,
     )
     if after_seq is None:
 

@@ -18,6 +18,8 @@ keeping the text path's guarantees at its edge:
   (an audio delta stays a playable chunk); a client more than
   `SWITCHBOARD_GATEWAY_MAX_BUFFERED_BYTES` behind is closed with 4008
   `slow_consumer`;
+- the tenant's server-side tools (toolexec) are offered upstream and run by
+  the gateway when the upstream calls them (voice_tools.py);
 - the connection slot, the tenant's session length, the drain (1012) and the
   metrics (time to first audio, audio seconds, interruptions, disconnects)
   are kept as for text sessions.
@@ -45,9 +47,11 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from switchboard.config import GatewaySettings
 from switchboard.errors import InvalidRequest, SwitchboardError
 from switchboard.gateway import client_events, voice_events, voice_resume
+from switchboard.gateway.backends import Backends
 from switchboard.gateway.client_secrets import Grant
 from switchboard.gateway.metrics import GatewayMetrics
 from switchboard.gateway.sender import SLOW_CONSUMER_CLOSE
+from switchboard.gateway.server_tools import ServerTools
 from switchboard.gateway.tenant_gate import (
     CONNECTION_LEASE_S,
     RESPONSE_LEASE_S,
@@ -56,8 +60,11 @@ from switchboard.gateway.tenant_gate import (
 )
 from switchboard.gateway.voice_mux import VoiceMux
 from switchboard.gateway.voice_outbox import SlowConsumer, VoiceOutbox, error_event
+from switchboard.gateway.voice_tools import VoiceTools
+from switchboard.limits.ledger import usd
 from switchboard.telemetry import tracing
 from switchboard.tenancy import Tenant
+from switchboard.tenancy.prices_section import Price
 from switchboard.v1 import broker_pb2, common_pb2, realtime_pb2, session_pb2
 
 log = logging.getLogger(__name__)
@@ -80,6 +87,8 @@ class VoiceConnection:
         metrics: GatewayMetrics,
         settings: GatewaySettings,
         holder: str,
+        *,
+        backends: Backends,
     ) -> None:
         self.websocket = websocket
         self.broker = broker
@@ -108,6 +117,13 @@ class VoiceConnection:
         self._close: tuple[int, str] | None = None
         self._log = {"tenant_id": tenant.id, "session_id": session.id}
         self._initial = session.config
+        self.tools = VoiceTools(
+            ServerTools(backends, tenant.id, session.id),
+            settings.max_tool_rounds,
+            to_upstream=self._to_upstream,
+            to_client=self._send,
+            on_idle=self._idle,
+        )
         self.resume = voice_resume.ResumeState()
         # Called with the broker's `opened` (where the session is held).
         self.on_opened: Callable[[realtime_pb2.RealtimeOpened], None] | None = None
@@ -120,7 +136,12 @@ class VoiceConnection:
     def drain(self) -> None:
         """Close with 1012 once no response is running."""
         self._draining = True
-        if not self._responding:
+        if not self._responding and not self.tools.busy:
+            self._end(DRAIN_CLOSE, "draining", "drain")
+
+    def _idle(self) -> None:
+        """A server-tool round ended without a follow-up response."""
+        if self._draining and not self._responding:
             self._end(DRAIN_CLOSE, "draining", "drain")
 
     def stop_now(self) -> None:
@@ -138,6 +159,7 @@ class VoiceConnection:
         """Serve until the client leaves, the upstream ends, or a limit closes it."""
         attributes = tracing.ids(self.tenant.id, self.session_id)
         with tracing.span(_TRACER, "voice session", attributes=attributes):
+            await self.tools.load()
             call = self._call or self.open()
             tasks = [
                 asyncio.create_task(self._read_client()),
@@ -154,6 +176,7 @@ class VoiceConnection:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                self.tools.close()
                 self._requests.put_nowait(None)
                 call.cancel()
                 await self._settle_all()
@@ -218,12 +241,16 @@ class VoiceConnection:
             tenant_id=self.tenant.id,
             session_id=self.session_id,
             model=self.model,
-            session_json=orjson.dumps(session).decode(),
+            session_json=orjson.dumps(self.tools.opening(session)).decode(),
         )
 
     async def _request_stream(self) -> Any:
         while (request := await self._requests.get()) is not None:
             yield request
+
+    def _to_upstream(self, event: bytes) -> None:
+        batch = realtime_pb2.RealtimeEvents(events=[event])
+        self._requests.put_nowait(realtime_pb2.RealtimeRequest(events=batch))
 
     def _send(self, text: str, first_audio_of: str = "") -> None:
         try:
@@ -312,8 +339,9 @@ class VoiceConnection:
             self._turn_ended = time.monotonic()
         if kind in ("input_audio_buffer.commit", "input_audio_buffer.clear"):
             self.audio.emptied()
-        batch = realtime_pb2.RealtimeEvents(events=[text.encode()])
-        self._requests.put_nowait(realtime_pb2.RealtimeRequest(events=batch))
+        forwarded = self.tools.client(event, kind, text)
+        if forwarded is not None:
+            self._to_upstream(forwarded.encode())
 
     # -- upstream -> client ------------------------------------------------------------
 
@@ -380,6 +408,7 @@ class VoiceConnection:
                 self._first_audio_sent.add(response_id)
                 first_audio = response_id
         elif kind in ("session.created", "session.updated"):
+            raw = self.tools.session(event) or raw  # the client sees its own tools
             self._session_event(event)
         elif kind in ("input_audio_buffer.committed", "input_audio_buffer.cleared"):
             self.audio.emptied()
@@ -395,6 +424,8 @@ class VoiceConnection:
         self._send(raw.decode(), first_audio)
         if refusal is not None:
             self._send(refusal)
+        if not seen:  # an earlier connection ran the tool rounds of what it was given
+            self.tools.upstream(event)
 
     def _output_format(self) -> str:
         audio = self.session.get("audio")
@@ -426,7 +457,7 @@ class VoiceConnection:
                 response_id,
                 prompt_tokens=0,
                 max_output_tokens=self.gate.output_cap(self.tenant, 0),
-                price=self.gate.price_of(self.tenant, self.model, self._upstream_model),
+                price=self._price(highest=True),
             )
         except SwitchboardError as error:
             self._refused.add(response_id)
@@ -446,7 +477,7 @@ class VoiceConnection:
         response_id = str(response.get("id") or "")
         if response_id == self._responding:
             self._responding = ""
-            if self._draining:
+            if self._draining and not self.tools.wants(event):
                 self._end(DRAIN_CLOSE, "draining", "drain")
         if response_id in self._refused:
             # Its output was dropped; its end is the client's to see (cancelled).
@@ -458,28 +489,32 @@ class VoiceConnection:
         if admitted is None and self.resume.resumed:
             # Started before the resume by a connection that is gone.
             admitted = self.gate.adopt(self.tenant, response_id)
-        usage = response.get("usage") or {}
-        used = _tokens(usage)
-        self.metrics.tokens.labels(self.model, "input").inc(_count(usage.get("input_tokens")))
-        self.metrics.tokens.labels(self.model, "output").inc(_count(usage.get("output_tokens")))
+        counted, audio = voice_events.response_usage(response.get("usage"))
+        self.metrics.tokens.labels(self.model, "input").inc(counted.input_tokens)
+        self.metrics.tokens.labels(self.model, "output").inc(counted.output_tokens)
         if admitted is not None:
             try:
-                await self.gate.finish_response(self.tenant, admitted, used)
-                # Audio tokens are priced as the model's tokens (one price per direction).
-                price = self.gate.price_of(self.tenant, self.model, self._upstream_model)
-                counted = common_pb2.Usage(
-                    input_tokens=_count(usage.get("input_tokens")),
-                    output_tokens=_count(usage.get("output_tokens")),
-                    total_tokens=used,
-                    cached_input_tokens=_count(
-                        (usage.get("input_token_details") or {}).get("cached_tokens")
-                    ),
+                await self.gate.finish_response(self.tenant, admitted, counted.total_tokens)
+                # Audio tokens at the audio prices (text prices where none are listed).
+                cost = await self.gate.record_cost(
+                    self.tenant,
+                    self.session_id,
+                    response_id,
+                    self.model,
+                    counted,
+                    self._price(),
+                    audio,
                 )
-                await self.gate.record_cost(
-                    self.tenant, self.session_id, response_id, self.model, counted, price
-                )
+                if cost:
+                    self.metrics.cost_usd.labels(self.tenant.tier, self.model).inc(usd(cost))
             except SwitchboardError as exc:
                 log.warning("usage not settled", extra={**self._log, "code": exc.name})
+
+    def _price(self, *, highest: bool = False) -> Price | None:
+        """The upstream model's price; `highest`: per direction the higher of its
+        text and audio prices (what a response reserves of a money budget)."""
+        price = self.gate.price_of(self.tenant, self.model, self._upstream_model)
+        return price.highest() if price is not None and highest else price
 
     async def _settle_all(self) -> None:
         """Free what responses still hold when the session ends mid-response."""
@@ -491,13 +526,3 @@ class VoiceConnection:
 
 def _failure(message: str, code: int) -> broker_pb2.CallFailure:
     return broker_pb2.CallFailure(code=common_pb2.ErrorCode.ValueType(code), message=message)
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-def _tokens(usage: dict[str, Any]) -> int:
-    """Tokens of a Realtime `usage` (text and audio, in and out)."""
-    total = _count(usage.get("total_tokens"))
-    return total or _count(usage.get("input_tokens")) + _count(usage.get("output_tokens"))

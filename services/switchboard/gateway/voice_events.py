@@ -20,6 +20,7 @@ from typing import Any, Final
 from switchboard.errors import InvalidRequest, invalid_value, missing_parameter, quote
 from switchboard.gateway import bounds, fields
 from switchboard.gateway.sessions import SESSION_FIELDS, check_locked
+from switchboard.limits.ledger import AudioTokens
 from switchboard.v1 import common_pb2
 
 Event = dict[str, Any]
@@ -157,6 +158,42 @@ class AudioInput:
     def emptied(self) -> None:
         """The buffer was committed or cleared."""
         self.buffered_s = 0.0
+
+
+def response_usage(raw: Any) -> tuple[common_pb2.Usage, AudioTokens]:
+    """A Realtime `response.usage` as the ledger counts it: input (cached
+    included), cached input, output and total tokens, and their audio share
+    (`input_token_details.audio_tokens`,
+    `input_token_details.cached_tokens_details.audio_tokens`,
+    `output_token_details.audio_tokens`). Missing or bad counts are 0."""
+    usage = raw if isinstance(raw, dict) else {}
+    details_in = _mapping(usage.get("input_token_details"))
+    details_out = _mapping(usage.get("output_token_details"))
+    cached_details = _mapping(details_in.get("cached_tokens_details"))
+    input_tokens, output_tokens = (
+        _count(usage.get("input_tokens")),
+        _count(usage.get("output_tokens")),
+    )
+    counted = common_pb2.Usage(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        total_tokens=_count(usage.get("total_tokens")) or input_tokens + output_tokens,
+        cached_input_tokens=_count(details_in.get("cached_tokens")),
+    )
+    audio = AudioTokens(
+        input=_count(details_in.get("audio_tokens")),
+        cached_input=_count(cached_details.get("audio_tokens")),
+        output=_count(details_out.get("audio_tokens")),
+    )
+    return counted, audio
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def check_event(event: Event, kind: str) -> None:

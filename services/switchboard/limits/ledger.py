@@ -4,7 +4,8 @@ Every response's usage and cost are recorded per tenant, per UTC day and model,
 and per session (`UsageLedger.settle`); `report` reads them back by day and
 model (`GET /v1/usage`, `python -m switchboard.tenancy usage`). A cost is an
 integer of pico-dollars: tokens x the model's price in micro-dollars per
-million tokens (switchboard.tenancy.prices_section), so sums are exact.
+million tokens (switchboard.tenancy.prices_section), so sums are exact; a
+voice response's audio tokens are priced at the audio prices (`AudioTokens`).
 
 Money budgets (a tenant's `money_budget: {daily_usd, monthly_usd}`) are
 enforced as token budgets are (limiter.py): a response reserves its largest
@@ -99,15 +100,38 @@ return {tonumber(redis.call('HGET', KEYS[1], 'cost_pusd')), month}
 """
 
 
-def cost_of(usage: common_pb2.Usage, price: Price | None) -> int:
-    """A response's cost in pico-dollars (0 without a price)."""
+@dataclass(frozen=True, slots=True)
+class AudioTokens:
+    """The audio share of a response's usage (a Realtime response's
+    `input_token_details.audio_tokens`, `.cached_tokens_details.audio_tokens`,
+    `output_token_details.audio_tokens`): part of its input, cached input and
+    output tokens, priced at the audio prices."""
+
+    input: int = 0
+    cached_input: int = 0
+    output: int = 0
+
+
+def cost_of(usage: common_pb2.Usage, price: Price | None, audio: AudioTokens | None = None) -> int:
+    """A response's cost in pico-dollars (0 without a price): text tokens at the
+    text prices, the `audio` share at the audio prices."""
     if price is None:
         return 0
+    audio = audio or AudioTokens()
     cached = min(usage.cached_input_tokens, usage.input_tokens)
+    audio_in = min(audio.input, usage.input_tokens)
+    audio_cached = min(audio.cached_input, audio_in, cached)
+    text_in = usage.input_tokens - audio_in
+    text_cached = min(cached - audio_cached, text_in)
+    audio_out = min(audio.output, usage.output_tokens)
+    audio_input, cached_audio_input, audio_output = price.audio
     return (
-        (usage.input_tokens - cached) * price.input
-        + cached * price.cached_input
-        + usage.output_tokens * price.output
+        (text_in - text_cached) * price.input
+        + text_cached * price.cached_input
+        + (audio_in - audio_cached) * audio_input
+        + audio_cached * cached_audio_input
+        + (usage.output_tokens - audio_out) * price.output
+        + audio_out * audio_output
     )
 
 

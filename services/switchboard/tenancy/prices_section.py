@@ -2,8 +2,8 @@
 
 Prices are US dollars per million tokens, by the model name the upstream bills
 (a route's `upstream_model`, or the model's own name), for input, cached input,
-output, and audio input and output (docs/tenants.md#prices). The gateway
-counts each response's cost from its usage with them (switchboard.usage).
+output, and audio input, cached audio input and output (docs/tenants.md#prices).
+The gateway counts each response's cost from its usage with them.
 
 A price is kept as an integer number of micro-dollars per million tokens
 (at most six decimals are accepted), so a cost is an exact integer of
@@ -25,7 +25,14 @@ MODEL = re.compile(r"[^\s\x00-\x1f\x7f]{1,256}")
 # A million dollars per million tokens: far above any price, below int64 overflow
 # for any realistic day of tokens.
 MAX_PRICE = Decimal(1_000_000)
-_PRICE_KEYS = ("input", "cached_input", "output", "audio_input", "audio_output")
+_PRICE_KEYS = (
+    "input",
+    "cached_input",
+    "output",
+    "audio_input",
+    "cached_audio_input",
+    "audio_output",
+)
 _ENTRY_KEYS = (*_PRICE_KEYS, "as_of")
 _AS_OF = re.compile(r"\d{4}-\d{2}-\d{2}")
 
@@ -34,16 +41,38 @@ _AS_OF = re.compile(r"\d{4}-\d{2}-\d{2}")
 class Price:
     """One model's prices, in micro-dollars per million tokens (USD/M x 10^6).
 
-    `cached_input` defaults to `input`; the audio prices to 0 (text only).
+    `cached_input` defaults to `input`. The audio prices price a Realtime
+    response's audio tokens; None (not listed) means the text price of the same
+    kind (`cached_audio_input` defaults to `audio_input` when that is listed).
     """
 
     input: int
     cached_input: int
     output: int
-    audio_input: int = 0
-    audio_output: int = 0
+    audio_input: int | None = None
+    cached_audio_input: int | None = None
+    audio_output: int | None = None
     # The date the prices were taken (YYYY-MM-DD), or "".
     as_of: str = ""
+
+    @property
+    def audio(self) -> tuple[int, int, int]:
+        """Audio input, cached audio input and audio output, text prices filling in."""
+        audio_input = self.input if self.audio_input is None else self.audio_input
+        cached = self.cached_input if self.cached_audio_input is None else self.cached_audio_input
+        audio_output = self.output if self.audio_output is None else self.audio_output
+        return audio_input, cached, audio_output
+
+    def highest(self) -> Price:
+        """Per direction, the higher of the text and audio prices: what a response
+        that may speak or write reserves of a money budget."""
+        audio_input, _, audio_output = self.audio
+        return Price(
+            input=max(self.input, audio_input),
+            cached_input=self.cached_input,
+            output=max(self.output, audio_output),
+            as_of=self.as_of,
+        )
 
 
 def parse_prices(raw: Any) -> dict[str, Price]:
@@ -73,8 +102,9 @@ def parse_prices(raw: Any) -> dict[str, Price]:
             input=values["input"],
             cached_input=values.get("cached_input", values["input"]),
             output=values["output"],
-            audio_input=values.get("audio_input", 0),
-            audio_output=values.get("audio_output", 0),
+            audio_input=values.get("audio_input"),
+            cached_audio_input=values.get("cached_audio_input", values.get("audio_input")),
+            audio_output=values.get("audio_output"),
             as_of=as_of,
         )
     return prices
