@@ -88,7 +88,8 @@ class RealtimeServiceServicer:
         `end` frame from the broker; the gateway ends its requests with `done`
         (as a Session caller ends its request stream) or leaves with `cancel` (as
         it cancels a Session call). When the call ends, every session on it is
-        cancelled.
+        cancelled. A session left without `close` is held for a resume, as after
+        a Session call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -65,7 +65,8 @@ class RealtimeServiceStub:
     `end` frame from the broker; the gateway ends its requests with `done`
     (as a Session caller ends its request stream) or leaves with `cancel` (as
     it cancels a Session call). When the call ends, every session on it is
-    cancelled.
+    cancelled. A session left without `close` is held for a resume, as after
+    a Session call.
     """
 
 @_typing.type_check_only
@@ -105,7 +106,8 @@ class RealtimeServiceAsyncStub(RealtimeServiceStub):
     `end` frame from the broker; the gateway ends its requests with `done`
     (as a Session caller ends its request stream) or leaves with `cancel` (as
     it cancels a Session call). When the call ends, every session on it is
-    cancelled.
+    cancelled. A session left without `close` is held for a resume, as after
+    a Session call.
     """
 
 class RealtimeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -154,7 +156,8 @@ class RealtimeServiceServicer(metaclass=_abc_1.ABCMeta):
         `end` frame from the broker; the gateway ends its requests with `done`
         (as a Session caller ends its request stream) or leaves with `cancel` (as
         it cancels a Session call). When the call ends, every session on it is
-        cancelled.
+        cancelled. A session left without `close` is held for a resume, as after
+        a Session call.
         """
 
 def add_RealtimeServiceServicer_to_server(servicer: RealtimeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
