@@ -319,6 +319,11 @@ class BrokerSettings:
     # `switchboard-broker` metadata; by default the listen address, "" when
     # that names no dialable address (a wildcard host, port 0).
     advertise_address: str = ""
+    # A voice session whose gateway went away without closing it is held this
+    # long for a resume, and keeps up to this many bytes of its newest events
+    # (output audio dropped first) to replay (docs/voice.md#resume).
+    voice_hold_s: float = 30.0
+    voice_replay_max_bytes: int = 8 * 1024 * 1024
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> BrokerSettings:
@@ -361,6 +366,10 @@ class BrokerSettings:
                 "SWITCHBOARD_BROKER_ATTACH_MAX_BYTES", 4 * 1024 * 1024, minimum=0
             ),
             advertise_address=advertise,
+            voice_hold_s=env.number("SWITCHBOARD_BROKER_VOICE_HOLD_S", 30.0, minimum=0.0),
+            voice_replay_max_bytes=env.integer(
+                "SWITCHBOARD_BROKER_VOICE_REPLAY_MAX_BYTES", 8 * 1024 * 1024, minimum=0
+            ),
         )
 
 

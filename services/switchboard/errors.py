@@ -114,6 +114,8 @@ SPECS: dict[int, Spec] = {
     _C.ERROR_CODE_INPUT_AUDIO_BUFFER_FULL: Spec(
         grpc.StatusCode.RESOURCE_EXHAUSTED, 400, INVALID_REQUEST
     ),
+    # A notice on a resumed voice session, not a refusal: the session goes on.
+    _C.ERROR_CODE_RESUME_AUDIO_LOST: Spec(grpc.StatusCode.DATA_LOSS, 410, SERVER_ERROR),
     _C.ERROR_CODE_UPSTREAM_ERROR: Spec(grpc.StatusCode.UNAVAILABLE, 502, SERVER_ERROR, None, True),
     _C.ERROR_CODE_UPSTREAM_RATE_LIMITED: Spec(
         grpc.StatusCode.RESOURCE_EXHAUSTED, 429, RATE_LIMIT, None, True

@@ -4,6 +4,7 @@ Realtime WebSocket, with the development tenant's `gpt-realtime-voice` model."""
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -52,6 +53,10 @@ class Session:
             tenant_id=DEV_TENANT, session_id="sess_v1", model=model, session_json=body
         )
         self.requests.put_nowait(R.RealtimeRequest(open=opening))
+
+    def attach(self, after_seq: int, session_id: str = "sess_v1") -> None:
+        attach = R.RealtimeAttach(tenant_id=DEV_TENANT, session_id=session_id, after_seq=after_seq)
+        self.requests.put_nowait(R.RealtimeRequest(attach=attach))
 
     def send(self, *events: dict[str, Any]) -> None:
         batch = R.RealtimeEvents(events=[orjson.dumps(event) for event in events])
@@ -114,24 +119,171 @@ async def test_a_session_opens_configured_and_relays_a_spoken_turn(
     }
 
 
+async def _upstream_closed(sim: RunningSimulator) -> None:
+    """Wait until the simulator's last Realtime session has ended."""
+    async with asyncio.timeout(5):
+        while (await _realtime_log(sim))[-1]["ended_at"] is None:
+            await asyncio.sleep(0.02)
+
+
+async def _attach_refused(stub: Any) -> int:
+    """The failure code of an attach to the session after its first event."""
+    late = Session(stub)
+    late.attach(1)
+    failure = (await late.next()).failure
+    return int(failure.code)
+
+
 async def _realtime_log(sim: RunningSimulator) -> list[dict[str, Any]]:
     async with aiohttp.ClientSession() as http, http.get(f"{sim.url}/_sim/realtime") as answer:
         sessions: list[dict[str, Any]] = (await answer.json())["sessions"]
         return sessions
 
 
-async def test_ending_the_requests_closes_the_upstream_socket(
+async def test_a_close_closes_the_upstream_socket_at_once(
     broker: Any, sim: RunningSimulator
 ) -> None:
-    stub, _ = broker
+    stub, served = broker
     session = Session(stub)
     session.open()
     await session.next()
     await session.events_until("session.created")
-    session.requests.put_nowait(None)
-    async with asyncio.timeout(5):
-        while (await _realtime_log(sim))[-1]["ended_at"] is None:
-            await asyncio.sleep(0.02)
+    session.requests.put_nowait(R.RealtimeRequest(close=R.RealtimeClose()))
+    assert await asyncio.wait_for(session.call.read(), 5) is grpc.aio.EOF
+    await _upstream_closed(sim)
+    assert len(served.servicer.realtime.held) == 0
+    # A closed session is not held: an attach is refused.
+    assert await _attach_refused(stub) == common_pb2.ERROR_CODE_RESUME_UNAVAILABLE
+
+
+async def test_a_session_whose_caller_left_is_held_and_an_attach_replays_the_rest(
+    broker: Any, sim: RunningSimulator
+) -> None:
+    stub, served = broker
+    first = Session(stub)
+    first.open(session={"instructions": '[[sim {"audio_ms": 1500}]]'})
+    await first.next()
+    seen = await first.events_until("session.created")
+    first.send({"type": "conversation.item.create", "item": user_text("hi")})
+    first.send({"type": "response.create"})
+    seen += await first.events_until("response.output_audio.delta")
+    # The gateway dies: its call ends without a close.
+    first.call.cancel()
+    await asyncio.sleep(0.3)
+    assert (await _realtime_log(sim))[-1]["ended_at"] is None
+    registry = served.servicer.metrics.registry
+    assert registry.get_sample_value("switchboard_broker_realtime_held_sessions_active") == 1
+    # Its client saw all but the last two events.
+    client_saw = seen[:-2]
+    after = int(client_saw[-1]["event_id"].removeprefix("event_v"), 16)
+    resumed = Session(stub)
+    resumed.attach(after)
+    attached = (await resumed.next()).attached
+    assert attached.upstream == "realtime"
+    assert attached.delivered_seq >= len(seen)
+    assert attached.last_seq >= len(seen)
+    assert not attached.audio_lost
+    assert orjson.loads(attached.session_event)["type"] == "session.created"
+    rest = await resumed.events_until("response.done")
+    ids = [event["event_id"] for event in client_saw + rest]
+    # Numbered 1, 2, ... with nothing lost or repeated across the resume.
+    assert ids == [f"event_v{seq:x}" for seq in range(1, len(ids) + 1)]
+    assert rest[-1]["response"]["status"] == "completed"
+    audio_ms = sum(
+        len(base64.b64decode(event["delta"])) // 48
+        for event in client_saw + rest
+        if event["type"] == "response.output_audio.delta"
+    )
+    assert audio_ms == 1500
+    # A second attach takes the session over: the first attached caller is told.
+    third = Session(stub)
+    third.attach(int(ids[-1].removeprefix("event_v"), 16))
+    assert (await third.next()).WhichOneof("kind") == "attached"
+    failure = (await resumed.next()).failure
+    assert failure.code == common_pb2.ERROR_CODE_SESSION_TAKEN_OVER
+    third.requests.put_nowait(R.RealtimeRequest(close=R.RealtimeClose()))
+    assert await asyncio.wait_for(third.call.read(), 5) is grpc.aio.EOF
+
+
+async def test_an_attach_to_what_the_broker_does_not_hold_is_refused(broker: Any) -> None:
+    stub, _ = broker
+    unknown = Session(stub)
+    unknown.attach(1, session_id="sess_unknown")
+    failure = (await unknown.next()).failure
+    assert failure.code == common_pb2.ERROR_CODE_RESUME_UNAVAILABLE
+    session = Session(stub)
+    session.open()
+    await session.next()
+    await session.events_until("session.created")
+    session.call.cancel()
+    beyond = Session(stub)
+    beyond.attach(99)
+    failure = (await beyond.next()).failure
+    assert (failure.code, failure.param) == (
+        common_pb2.ERROR_CODE_RESUME_UNAVAILABLE,
+        "last_event_id",
+    )
+    assert "never sent" in failure.message
+
+
+async def test_a_held_session_is_closed_when_its_hold_runs_out(sim: RunningSimulator) -> None:
+    env = dev_env(
+        sim.base_url,
+        SWITCHBOARD_BROKER_REALTIME_URL=sim.base_url,
+        SWITCHBOARD_BROKER_VOICE_HOLD_S="0.3",
+    )
+    async with serving_channel(env) as (served, channel):
+        stub = realtime_pb2_grpc.RealtimeServiceStub(channel)
+        session = Session(stub)
+        session.open()
+        await session.next()
+        await session.events_until("session.created")
+        session.call.cancel()
+        await _upstream_closed(sim)
+        ended = served.servicer.metrics.registry.get_sample_value(
+            "switchboard_broker_realtime_sessions_total",
+            {"upstream": "realtime", "outcome": "hold_expired"},
+        )
+        assert ended == 1
+        assert await _attach_refused(stub) == common_pb2.ERROR_CODE_RESUME_UNAVAILABLE
+
+
+async def test_audio_over_the_replay_bound_is_given_up_first_and_the_attach_says_so(
+    sim: RunningSimulator,
+) -> None:
+    env = dev_env(
+        sim.base_url,
+        SWITCHBOARD_BROKER_REALTIME_URL=sim.base_url,
+        SWITCHBOARD_BROKER_VOICE_REPLAY_MAX_BYTES="40000",
+    )
+    async with serving_channel(env) as (_, channel):
+        stub = realtime_pb2_grpc.RealtimeServiceStub(channel)
+        first = Session(stub)
+        first.open(session={"instructions": '[[sim {"audio_ms": 3000}]]'})
+        await first.next()
+        seen = await first.events_until("session.created")
+        first.send({"type": "conversation.item.create", "item": user_text("hi")})
+        first.send({"type": "response.create"})
+        seen += await first.events_until("response.output_audio.delta")
+        first.call.cancel()
+        async with asyncio.timeout(10):
+            while (await _realtime_log(sim))[-1]["responses"][-1]["outcome"] != "completed":
+                await asyncio.sleep(0.02)
+        resumed = Session(stub)
+        resumed.attach(int(seen[-1]["event_id"].removeprefix("event_v"), 16))
+        assert (await resumed.next()).attached.audio_lost
+        rest = await resumed.events_until("response.done")
+        kinds = [event["type"] for event in rest]
+        # 6.4 kB an audio delta (100 ms): most of the reply's 30 did not fit in 40 kB.
+        assert 0 < kinds.count("response.output_audio.delta") < 29
+        # Everything else is whole: the transcript, the item, the response's end.
+        spoken = "".join(
+            e["delta"] for e in rest if e["type"] == "response.output_audio_transcript.delta"
+        )
+        said = rest[kinds.index("response.output_audio_transcript.done")]["transcript"]
+        assert spoken == said and said
+        assert "response.output_item.done" in kinds
+        assert rest[-1]["response"]["status"] == "completed"
 
 
 async def test_a_refused_upstream_is_an_upstream_error_naming_no_url_or_key(

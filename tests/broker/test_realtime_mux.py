@@ -29,7 +29,13 @@ async def sim() -> AsyncIterator[RunningSimulator]:
 
 @pytest.fixture
 async def served(sim: RunningSimulator) -> AsyncIterator[tuple[Served, VoiceMux]]:
-    env = dev_env(sim.base_url, SWITCHBOARD_BROKER_REALTIME_URL=sim.base_url)
+    # A session its gateway left is held for a resume (test_realtime.py); here
+    # not at all, so that leaving a session ends its upstream at once.
+    env = dev_env(
+        sim.base_url,
+        SWITCHBOARD_BROKER_REALTIME_URL=sim.base_url,
+        SWITCHBOARD_BROKER_VOICE_HOLD_S="0",
+    )
     async with serving_channel(env) as (served, channel):
         mux = VoiceMux(realtime_pb2_grpc.RealtimeServiceStub(channel), "127.0.0.1:0")
         try:

@@ -57,6 +57,38 @@ async function uninterrupted(prompt) {
 }
 
 const scenarios = {
+  async voice() {
+    // A voice session's reply audio across a dropped socket (docs/voice.md#resume).
+    const replyMs = 3000;
+    const sdk = client({ model: "gpt-realtime-voice" });
+    await sdk.connect();
+    const instructions = `[[sim {"audio_ms": ${replyMs}}]]`;
+    await sdk.send({ type: "session.update", session: { type: "realtime", instructions } });
+    await sdk.addText("tell me about Paris");
+    await sdk.createResponse();
+    const seen = [];
+    let deltas = 0;
+    const response = await readResponse(sdk, seen, (event) => {
+      if (event.type === "response.output_audio.delta" && ++deltas === 5) sdk.dropConnection();
+    });
+    const audioBytes = seen
+      .filter((e) => e.type === "response.output_audio.delta")
+      .reduce((bytes, e) => bytes + Buffer.from(e.data.delta, "base64").length, 0);
+    const next = sdk.createResponse();
+    await next;
+    const again = await readResponse(sdk, []);
+    await sdk.close();
+    return {
+      status: response.status,
+      resumed: response.resumed,
+      audioMs: audioBytes / 48,
+      replyMs,
+      repeats: repeats(seen),
+      duplicates: sdk.tracker.duplicates,
+      next: again.status,
+    };
+  },
+
   async drops() {
     const prompt = 'resume me [[sim {"tokens": 60, "token_delay_ms": 8}]]';
     const expected = await uninterrupted(prompt);

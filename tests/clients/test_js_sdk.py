@@ -69,6 +69,14 @@ async def test_dropped_sockets_lose_and_repeat_nothing(stack: Stack) -> None:
     assert result["duplicates"] == result["repeats"] == 0
 
 
+async def test_a_voice_sessions_reply_audio_comes_out_whole_across_a_cut(stack: Stack) -> None:
+    result = await scenario(stack, "voice")
+    assert result["status"] == "completed" and result["resumed"]
+    assert result["audioMs"] == result["replyMs"]
+    assert result["duplicates"] == result["repeats"] == 0
+    assert result["next"] == "completed"
+
+
 async def signalled(stack: Stack, name: str, signum: int) -> dict[str, Any]:
     """Run scenario `name`, sending `signum` to the gateway it names when it asks."""
     chosen: list[str] = []

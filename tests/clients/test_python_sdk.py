@@ -6,6 +6,7 @@ refused or expiring secret is refreshed through the token provider."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import random
@@ -119,6 +120,45 @@ async def test_dropped_sockets_at_random_points_lose_and_repeat_nothing(stack: S
     )
     assert resumed == cuts > 0
     assert duplicates == 0
+
+
+async def test_a_voice_sessions_reply_audio_comes_out_whole_across_a_cut(stack: Stack) -> None:
+    reply_ms = 3000
+    async with client_for(stack, model="gpt-realtime-voice") as client:
+        instructions = f'[[sim {{"audio_ms": {reply_ms}}}]]'
+        await client.send(
+            {
+                "type": "session.update",
+                "session": {"type": "realtime", "instructions": instructions},
+            }
+        )
+        await client.add_text("tell me about Paris")
+        await client.create_response()
+        seen = Seen()
+        deltas = 0
+
+        def cut(event: ServerEvent) -> None:
+            nonlocal deltas
+            if event.type == "response.output_audio.delta":
+                deltas += 1
+                if deltas == 5:
+                    client.drop_connection()
+
+        done = await read_response(client, seen, cut)
+        assert done.response is not None
+        assert done.response.status == "completed"
+        assert done.response.resumed
+        assert seen.repeats() == 0
+        audio = b"".join(
+            base64.b64decode(event.data["delta"])
+            for event in seen.events
+            if event.type == "response.output_audio.delta"
+        )
+        assert len(audio) == reply_ms * 48  # 24 kHz PCM16
+        # The session goes on.
+        await client.create_response()
+        again = await read_response(client, Seen())
+        assert again.response is not None and again.response.status == "completed"
 
 
 async def kill_mid_response(

@@ -101,3 +101,16 @@ def test_the_module_runs_as_a_command(tmp_path: Path) -> None:
     failed = subprocess.run([*command, str(missing)], env=env, capture_output=True, text=True)
     assert failed.returncode == 1
     assert failed.stderr.startswith(f"invalid: {missing}: cannot read the tenants file")
+
+
+def test_check_shows_a_realtime_upstreams_rollover(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in ENVIRON.items():
+        monkeypatch.setenv(name, value)
+    data = document()
+    data["upstreams"]["local-vllm"].update(
+        kind="realtime", rollover={"session_limit_s": 3600, "margin_s": 120}
+    )
+    assert main(["check", str(write(tmp_path / "tenants.yaml", data))]) == 0
+    assert "rollover: session_limit_s=3600, margin_s=120" in capsys.readouterr().out

@@ -15,6 +15,7 @@ from switchboard.tenancy import (
     TenantDirectory,
     UpstreamAdmission,
     UpstreamBreaker,
+    UpstreamRollover,
     hash_key,
 )
 from tests.tenancy.documents import (
@@ -209,3 +210,20 @@ def test_empty_lists_may_be_left_empty() -> None:
     acme = directory.get("acme")
     assert acme is not None and acme.builtins == () and acme.webhooks == ()
     assert directory.allow_private_hosts == ()
+
+
+def test_a_realtime_upstream_may_roll_sessions_over_before_its_limit() -> None:
+    data = document()
+    data["upstreams"]["local-vllm"].update(
+        kind="realtime", rollover={"session_limit_s": 3600, "margin_s": 120}
+    )
+    data["upstreams"]["voice-test"] = {
+        "base_url": "http://127.0.0.1:9/v1",
+        "kind": "realtime",
+        "rollover": {"session_limit_s": 6},
+    }
+    upstreams = TenantDirectory.parse(data, ENVIRON).upstreams
+    assert upstreams["local-vllm"].rollover == UpstreamRollover(3600.0, 120.0)
+    # Without margin_s: 300 s, or half of a shorter limit.
+    assert upstreams["voice-test"].rollover == UpstreamRollover(6.0, 3.0)
+    assert upstreams["default"].rollover.session_limit_s is None

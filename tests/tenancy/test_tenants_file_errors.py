@@ -59,6 +59,32 @@ BAD_DOCUMENTS: list[tuple[str, Edit, str]] = [
         ),
         "tenants.acme.models.mixed.deployments[1].upstream: mixes chat and realtime upstreams",
     ),
+    (
+        "rollover of a chat upstream",
+        put("upstreams", "default", "rollover", value={"session_limit_s": 3600}),
+        "upstreams.default.rollover: applies to upstreams of kind: realtime only",
+    ),
+    (
+        "rollover without a limit",
+        lambda data: data["upstreams"]["local-vllm"].update(
+            kind="realtime", rollover={"margin_s": 60}
+        ),
+        "upstreams.local-vllm.rollover.session_limit_s: is required",
+    ),
+    (
+        "rollover margin past the limit",
+        lambda data: data["upstreams"]["local-vllm"].update(
+            kind="realtime", rollover={"session_limit_s": 60, "margin_s": 60}
+        ),
+        "upstreams.local-vllm.rollover.margin_s: must be below session_limit_s",
+    ),
+    (
+        "rollover unknown key",
+        lambda data: data["upstreams"]["local-vllm"].update(
+            kind="realtime", rollover={"session_limit_s": 60, "every_s": 5}
+        ),
+        "upstreams.local-vllm.rollover.every_s: unknown key",
+    ),
     ("empty upstreams", put("upstreams", value={}), "upstreams: must define at least one"),
     (
         "upstream name",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -213,3 +214,51 @@ async def _collect(connection: Any, deltas: list[str]) -> None:
     async for event in connection:
         if event.type == "response.output_audio.delta":
             deltas.append(event.delta)
+
+
+async def test_session_limit_s_ends_the_session_as_openai_does(sim: RunningSimulator) -> None:
+    url = sim.base_url.replace("http", "ws", 1) + "/realtime?model=gpt-realtime"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    limit = '[[sim {"session_limit_s": 0.2}]]'
+    async with websockets.connect(url, additional_headers=headers) as socket:
+        update = {"type": "session.update", "session": {"instructions": limit}}
+        await socket.send(json.dumps(update))
+        events = [json.loads(await asyncio.wait_for(socket.recv(), 5)) for _ in range(3)]
+        with pytest.raises(websockets.exceptions.ConnectionClosedOK) as closed:
+            await asyncio.wait_for(socket.recv(), 5)
+    assert types(events) == ["session.created", "session.updated", "error"]
+    error = events[-1]["error"]
+    assert (error["type"], error["code"], error["event_id"]) == (
+        "invalid_request_error",
+        "session_expired",
+        None,
+    )
+    assert error["message"] == "Your session hit the maximum duration of 0.2 seconds."
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1001, error["message"])
+
+
+def test_echo_context_names_what_the_session_holds_in_order() -> None:
+    core = session()
+    core.receive(
+        {"type": "session.update", "session": {"instructions": '[[sim {"echo_context": true}]]'}}
+    )
+    core.receive({"type": "conversation.item.create", "item": {"id": "b", **user_text("two")}})
+    first = {"id": "a", **user_text("one")}
+    core.receive({"type": "conversation.item.create", "previous_item_id": "root", "item": first})
+    answer = {
+        "id": "c",
+        "type": "message",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": "ok"}],
+    }
+    added = core.receive(
+        {"type": "conversation.item.create", "previous_item_id": "a", "item": answer}
+    ).events[0]
+    assert added["previous_item_id"] == "a"
+    core.receive({"type": "conversation.item.create", "item": user_text("three")})
+    reply = core.receive({"type": "response.create"})
+    assert reply.plan is not None
+    done = next(s.event for s in reply.plan.steps if s.event["type"] == "response.done")
+    text = done["response"]["output"][0]["content"][0]["transcript"]
+    assert text == 'turn 3: you said "three". context=[user "one", assistant "ok", user "two"]'

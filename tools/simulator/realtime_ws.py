@@ -161,11 +161,13 @@ async def _serve(request: web.Request, state: SimulatorState) -> web.StreamRespo
     expired = False
     ending: set[asyncio.Task[None]] = set()
 
-    def expire() -> None:
+    def expire(seconds: float) -> None:
         nonlocal expired
         expired = True
-        error = session.error("session_expired", "Your session hit the maximum duration.")
-        task = asyncio.ensure_future(_expire(ws, error))
+        # OpenAI's words and close code (1001, going away) at its 60-minute limit.
+        minutes = f"{seconds / 60:g} minutes" if seconds >= 60 else f"{seconds:g} seconds"
+        message = f"Your session hit the maximum duration of {minutes}."
+        task = asyncio.ensure_future(_expire(ws, session.error("session_expired", message)))
         ending.add(task)
         task.add_done_callback(ending.discard)
 
@@ -204,7 +206,7 @@ async def _serve(request: web.Request, state: SimulatorState) -> web.StreamRespo
             if limit is None and kind == "session.update":
                 seconds = session.directive.get("session_limit_s")
                 if isinstance(seconds, int | float) and seconds > 0:
-                    limit = asyncio.get_running_loop().call_later(seconds, expire)
+                    limit = asyncio.get_running_loop().call_later(seconds, expire, seconds)
     finally:
         state.realtime.open.discard(ws)
         if player is not None and not player.done():
@@ -221,4 +223,4 @@ async def _serve(request: web.Request, state: SimulatorState) -> web.StreamRespo
 async def _expire(ws: web.WebSocketResponse, error: dict[str, Any]) -> None:
     with contextlib.suppress(ConnectionError, RuntimeError):
         await _send(ws, error)
-        await ws.close()
+        await ws.close(code=1001, message=error["error"]["message"].encode())

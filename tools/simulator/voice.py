@@ -3,7 +3,8 @@
 `VoiceSession.receive(event)` takes one client event and returns a `Reply`:
 the server events to send now, and maybe a `Plan`, the events of a response
 to send on a schedule (the server's clock paces them; see realtime_ws.py).
-Everything is deterministic: ids are counters, the voice activity detection
+Everything is deterministic: ids are counters (after a tag of the session's
+id, so they are unique across sessions), the voice activity detection
 is an energy threshold on 10 ms frames, what the simulator "hears" in a
 stretch of speech is a transcript the test chose (a `[[sim {...}]]` directive
 in the session's instructions) or `"<N> ms of speech"`, and reply audio is a
@@ -40,7 +41,15 @@ MIN_COMMIT_MS: Final = 100
 # What VAD threshold 1.0 means as an RMS level (full scale 1): 0.5 -> about -32 dBFS.
 LEVEL_AT_THRESHOLD_1: Final = 0.05
 VOICE_KEYS: Final = frozenset(
-    {"transcript", "tool_calls", "audio_ms", "ttfa_ms", "disconnect_after", "session_limit_s"}
+    {
+        "transcript",
+        "tool_calls",
+        "audio_ms",
+        "ttfa_ms",
+        "disconnect_after",
+        "session_limit_s",
+        "echo_context",
+    }
 )
 
 
@@ -129,6 +138,7 @@ class VoiceSession:
         self._heard: dict[str, str] = {}
         self._audio_ms: dict[str, int] = {}
         self._counter = 0
+        self._tag = session_id.removeprefix("sess_")[:8]
         self._users = 0
         self._transcripts_used = 0
         # Items an earlier response read: the prompt cache of the next one.
@@ -143,8 +153,10 @@ class VoiceSession:
     # -- ids and shapes ------------------------------------------------------------
 
     def _id(self, prefix: str) -> str:
+        # The session's own tag keeps ids unique across sessions, as OpenAI's
+        # are: a conversation carried to a new session keeps its items' ids.
         self._counter += 1
-        return f"{prefix}_sim{self._counter:06d}"
+        return f"{prefix}_sim{self._tag}{self._counter:06d}"
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
         return {"type": kind, "event_id": self._id("event"), **fields}
@@ -376,8 +388,15 @@ class VoiceSession:
                 for part in item.get("content", [])
                 if isinstance(part, dict) and part.get("type") == "input_text"
             )
-        previous = self.items[-1]["id"] if self.items else None
-        self.items.append(item)
+        after = event.get("previous_item_id")
+        if after == "root":
+            position = 0
+        elif isinstance(after, str):
+            position = self.items.index(self._find({"item_id": after})) + 1
+        else:
+            position = len(self.items)
+        previous = self.items[position - 1]["id"] if position else None
+        self.items.insert(position, item)
         return Reply(
             [
                 self._event("conversation.item.added", previous_item_id=previous, item=item),
@@ -499,7 +518,29 @@ class VoiceSession:
         calls = found.get("tool_calls", merged.get("tool_calls"))
         if isinstance(calls, list) and calls:
             return "", calls
-        return f'turn {self._users}: you said "{said.strip()}".', []
+        text = f'turn {self._users}: you said "{said.strip()}".'
+        if merged.get("echo_context") is True:
+            text += " context=[" + ", ".join(self._recalled(self.items[:-1])) + "]"
+        return text, []
+
+    def _recalled(self, items: list[dict[str, Any]]) -> list[str]:
+        """What the session holds of each of `items`, as `echo_context` names it."""
+        names = []
+        for item in items:
+            if item.get("type") == "function_call":
+                names.append(f"call {item.get('name', '?')}")
+            elif item.get("type") == "function_call_output":
+                names.append(f"output {item.get('output', '')}")
+            elif item.get("role") == "user":
+                names.append(f'user "{self._heard.get(item["id"], "")}"')
+            else:
+                said = "".join(
+                    str(part.get("text") or part.get("transcript") or "")
+                    for part in item.get("content", [])
+                    if isinstance(part, dict)
+                )
+                names.append(f'{item.get("role", "?")} "{said}"')
+        return names
 
     def _start_response(self, options: Mapping[str, Any]) -> Reply:
         directive = self.directive

@@ -104,7 +104,18 @@ class BrokerMetrics:
         )
         self.realtime_sessions = metrics.counter(
             "realtime_sessions_total",
-            "Voice sessions ended, by upstream and outcome (closed, cancelled, or the error code).",
+            "Voice sessions ended, by upstream and outcome (closed, hold_expired, "
+            "upstream_closed, broker_stopped, cancelled, or the error code).",
+            ["upstream", "outcome"],
+        )
+        self.realtime_held_sessions_active = metrics.gauge(
+            "realtime_held_sessions_active",
+            "Voice sessions whose caller went away, held for a resume.",
+        )
+        self.realtime_rollovers = metrics.counter(
+            "realtime_rollovers_total",
+            "Voice sessions moved to a new upstream session before the upstream's session "
+            "limit, by upstream and outcome (completed, failed: the current one was kept).",
             ["upstream", "outcome"],
         )
 

@@ -76,6 +76,7 @@ async def running(
         watcher.cancel()
         unsubscribe()
         await servicer.calls.aclose()
+        await servicer.realtime.held.close_all()
         await clients.aclose()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher

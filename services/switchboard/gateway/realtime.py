@@ -17,7 +17,7 @@ import secrets
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from switchboard.errors import SwitchboardError
-from switchboard.gateway import handshake, sessions, voice
+from switchboard.gateway import handshake, sessions, voice, voice_resume
 from switchboard.gateway.client_secrets import Grant
 from switchboard.gateway.connection import RealtimeConnection
 from switchboard.gateway.eventlog import SessionWriter
@@ -27,9 +27,7 @@ from switchboard.gateway.resources import Resources
 from switchboard.gateway.resume import check_resumable, reopen_response, replay, resume_point
 from switchboard.gateway.sender import close_with_error
 from switchboard.tenancy import Tenant
-from switchboard.v1 import common_pb2, session_pb2
-
-RESUME_UNAVAILABLE = common_pb2.ERROR_CODE_RESUME_UNAVAILABLE
+from switchboard.v1 import session_pb2
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +76,26 @@ async def _open_session(
     config: session_pb2.SessionConfig,
 ) -> tuple[session_pb2.Session, int | None]:
     """A new session, or the one the client resumes, with the seq it resumes after
-    (None for a new session)."""
+    (None for a new session). A voice session's events are numbered by the broker
+    that holds it, which checks the resume point when it is attached to."""
     backends = gateway.backends
-    resume = resume_point(dict(websocket.query_params))
-    if resume is None:
+    query = dict(websocket.query_params)
+    if query.get("session_id") is None:
         return await backends.create_session(tenant.id, config), None
-    session = await backends.get_session(tenant.id, resume.session_id)
-    await check_resumable(backends, tenant.id, session.id, resume.after_seq)
+    session = await backends.get_session(tenant.id, query["session_id"])
+    if _is_voice(gateway, tenant, session):
+        after_seq = voice_resume.after_seq(query.get("last_event_id") or "")
+    else:
+        resume = resume_point(query)
+        after_seq = resume.after_seq if resume is not None else 0
+        await check_resumable(backends, tenant.id, session.id, after_seq)
     if grant is not None:
         handshake.check_grant_model(grant, session.config.model)
-    return session, resume.after_seq
+    return session, after_seq
+
+
+def _is_voice(gateway: Resources, tenant: Tenant, session: session_pb2.Session) -> bool:
+    return voice.is_voice_model(tenant, gateway.tenants.current.upstreams, session.config.model)
 
 
 async def _serve(
@@ -106,14 +114,16 @@ async def _serve(
         return
     requested_protocols = websocket.scope.get("subprotocols") or []
     subprotocol = "realtime" if "realtime" in requested_protocols else None
-    if voice.is_voice_model(tenant, gateway.tenants.current.upstreams, session.config.model):
+    if _is_voice(gateway, tenant, session):
         # A voice model's session is relayed to its Realtime upstream (voice.py).
-        if after_seq is not None:
-            refusal = SwitchboardError(voice.VOICE_NOT_RESUMABLE, code=RESUME_UNAVAILABLE)
-            await _refuse(gateway, websocket, refusal)
+        try:
+            relay = await voice.voice_connection(
+                gateway, websocket, tenant, grant, session, holder, after_seq
+            )
+        except SwitchboardError as error:
+            await _refuse(gateway, websocket, error)
             return
-        await websocket.accept(subprotocol=subprotocol)
-        await voice.serve_voice(gateway, websocket, tenant, grant, session, holder)
+        await voice.serve_voice(gateway, relay, subprotocol, resumed=after_seq is not None)
         return
     await websocket.accept(subprotocol=subprotocol)
     resumed = after_seq is not None

@@ -24,8 +24,11 @@ keeping the text path's guarantees at its edge:
   metrics (time to first audio, audio seconds, interruptions, disconnects)
   are kept as for text sessions.
 
-Voice sessions are not recorded in the session's event log: they cannot be
-resumed (a resume gets `resume_unavailable`); see docs/voice.md.
+Voice sessions are not recorded in the session's event log: the broker holds
+the upstream session past a dropped connection and numbers its events, and a
+resume attaches to it there (voice_resume.py, docs/voice.md#resume). A client
+that closes its socket with 1000 closes the upstream session too; any other
+end (a drop, 4008, 4011, the drain's 1012) leaves it held for a resume.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -42,7 +46,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from switchboard.config import GatewaySettings
 from switchboard.errors import InvalidRequest, SwitchboardError
-from switchboard.gateway import client_events, voice_events
+from switchboard.gateway import client_events, voice_events, voice_resume
 from switchboard.gateway.backends import Backends
 from switchboard.gateway.client_secrets import Grant
 from switchboard.gateway.metrics import GatewayMetrics
@@ -120,6 +124,12 @@ class VoiceConnection:
             to_client=self._send,
             on_idle=self._idle,
         )
+        self.resume = voice_resume.ResumeState()
+        # Called with the broker's `opened` (where the session is held).
+        self.on_opened: Callable[[realtime_pb2.RealtimeOpened], None] | None = None
+        self.client_close_code: int | None = None
+        self._call: Any = None
+        self._responses: Any = None
 
     # -- the drain (switchboard.gateway.drain.Drainable) ------------------------------
 
@@ -150,8 +160,7 @@ class VoiceConnection:
         attributes = tracing.ids(self.tenant.id, self.session_id)
         with tracing.span(_TRACER, "voice session", attributes=attributes):
             await self.tools.load()
-            call = self.broker.Session(self._request_stream())
-            self._requests.put_nowait(realtime_pb2.RealtimeRequest(open=self._opening()))
+            call = self._call or self.open()
             tasks = [
                 asyncio.create_task(self._read_client()),
                 asyncio.create_task(self._read_upstream(call)),
@@ -163,6 +172,7 @@ class VoiceConnection:
             try:
                 await self._done.wait()
             finally:
+                await self._close_upstream(tasks[1])
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -173,6 +183,45 @@ class VoiceConnection:
             if self._close is not None:
                 with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
                     await self.websocket.close(*self._close)
+
+    def start(self, first: realtime_pb2.RealtimeRequest) -> Any:
+        """Start the broker call with `first` (`open`, or `attach` for a resume)."""
+        self._call = self.broker.Session(self._request_stream())
+        self._requests.put_nowait(first)
+        self._responses = aiter(self._call)
+        return self._call
+
+    def open(self) -> Any:
+        """Start the broker call that opens the session."""
+        return self.start(realtime_pb2.RealtimeRequest(open=self._opening()))
+
+    async def first_response(self) -> realtime_pb2.RealtimeResponse:
+        """The broker's first answer (before `run`; `attached` for a resume)."""
+        response: realtime_pb2.RealtimeResponse = await anext(self._responses)
+        return response
+
+    def cancel_call(self) -> None:
+        self._call.cancel()
+
+    def attached(self, attached: realtime_pb2.RealtimeAttached, after_seq: int) -> None:
+        """Take up a session another connection left: its upstream and its settings."""
+        self.resume.attached(attached, after_seq)
+        self._upstream_model = attached.upstream_model
+        if attached.session_event:
+            self._session_event(orjson.loads(attached.session_event))
+
+    def notify(self, text: str) -> None:
+        """Send an event of the gateway's before any other."""
+        self._send(text)
+
+    async def _close_upstream(self, reader: asyncio.Task[None]) -> None:
+        """When the client closed the session, have the broker close the upstream
+        (and wait a little for it); otherwise the broker holds it for a resume."""
+        if not voice_resume.closes_upstream(self.end_reason, self.client_close_code):
+            return
+        self._requests.put_nowait(voice_resume.CLOSE)
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(reader), voice_resume.CLOSE_WAIT_S)
 
     def _opening(self) -> realtime_pb2.RealtimeOpen:
         config = self._initial
@@ -205,7 +254,7 @@ class VoiceConnection:
 
     def _send(self, text: str, first_audio_of: str = "") -> None:
         try:
-            self.outbox.put(text, first_audio_of)
+            self.outbox.put(self.resume.local_ids(text), first_audio_of)
         except SlowConsumer as exc:
             log.warning("slow consumer", extra={**self._log, "detail": str(exc)})
             self._end(SLOW_CONSUMER_CLOSE, "slow_consumer", "slow_consumer")
@@ -251,6 +300,7 @@ class VoiceConnection:
             while True:
                 message = await self.websocket.receive()
                 if message["type"] == "websocket.disconnect":
+                    self.client_close_code = message.get("code")
                     self._end(1000, "", "client_closed")
                     return
                 text = message.get("text")
@@ -262,7 +312,10 @@ class VoiceConnection:
                     self._send(error_event(error))
                     continue
                 self._client_event(text)
-        except (WebSocketDisconnect, RuntimeError, OSError):
+        except WebSocketDisconnect as exc:
+            self.client_close_code = exc.code
+            self._end(1000, "", "client_closed")
+        except (RuntimeError, OSError):
             self._end(1000, "", "client_closed")
 
     def _client_event(self, text: str) -> None:
@@ -294,7 +347,7 @@ class VoiceConnection:
 
     async def _read_upstream(self, call: Any) -> None:
         try:
-            async for response in call:
+            async for response in self._responses:
                 kind = response.WhichOneof("kind")
                 if kind == "failure":
                     await self._upstream_failed(response.failure)
@@ -305,6 +358,8 @@ class VoiceConnection:
                         extra={**self._log, "upstream": response.opened.upstream},
                     )
                     self._upstream_model = response.opened.upstream_model
+                    if self.on_opened is not None:
+                        self.on_opened(response.opened)
                     continue
                 for raw in response.events.events:
                     await self._upstream_event(raw)
@@ -336,6 +391,9 @@ class VoiceConnection:
     async def _upstream_event(self, raw: bytes) -> None:
         event = orjson.loads(raw)
         kind = event.get("type")
+        # Given to an earlier connection of the session (a resume's replay),
+        # which admitted or settled it.
+        seen = self.resume.seen(event)
         response_id = event.get("response_id", "")
         if response_id and response_id in self._refused:
             return  # output of a response the tenant may not have
@@ -360,13 +418,14 @@ class VoiceConnection:
             self._turn_ended = time.monotonic()
         refusal = None
         if kind == "response.created":
-            refusal = await self._admit(event)
+            refusal = await self._admit(event, adopt=seen)
         elif kind == "response.done":
-            await self._settle(event)
+            await self._settle(event, settled=seen)
         self._send(raw.decode(), first_audio)
         if refusal is not None:
             self._send(refusal)
-        self.tools.upstream(event)
+        if not seen:  # an earlier connection ran the tool rounds of what it was given
+            self.tools.upstream(event)
 
     def _output_format(self) -> str:
         audio = self.session.get("audio")
@@ -382,12 +441,16 @@ class VoiceConnection:
             if fmt in voice_events.FORMATS:
                 self.audio.format = fmt
 
-    async def _admit(self, event: dict[str, Any]) -> str | None:
+    async def _admit(self, event: dict[str, Any], adopt: bool = False) -> str | None:
         """Admit a response the upstream started; the `error` event when it is refused
-        (it is cancelled upstream, and its output dropped)."""
+        (it is cancelled upstream, and its output dropped). `adopt`: an earlier
+        connection admitted it; settling it settles that admission."""
         response = event.get("response") or {}
         response_id = str(response.get("id") or "")
         self._responding = response_id
+        if adopt:
+            self._admitted[response_id] = self.gate.adopt(self.tenant, response_id)
+            return None
         try:
             admitted = await self.gate.admit_response(
                 self.tenant,
@@ -407,8 +470,9 @@ class VoiceConnection:
         self._admitted[response_id] = admitted
         return None
 
-    async def _settle(self, event: dict[str, Any]) -> None:
-        """Settle a finished response with its usage (a refused one has nothing to settle)."""
+    async def _settle(self, event: dict[str, Any], settled: bool = False) -> None:
+        """Settle a finished response with its usage (a refused one has nothing to
+        settle; one an earlier connection was given the end of, it settled)."""
         response = event.get("response") or {}
         response_id = str(response.get("id") or "")
         if response_id == self._responding:
@@ -419,8 +483,13 @@ class VoiceConnection:
             # Its output was dropped; its end is the client's to see (cancelled).
             self._refused.discard(response_id)
             return
-        counted, audio = voice_events.response_usage(response.get("usage"))
         admitted = self._admitted.pop(response_id, None)
+        if settled:
+            return
+        if admitted is None and self.resume.resumed:
+            # Started before the resume by a connection that is gone.
+            admitted = self.gate.adopt(self.tenant, response_id)
+        counted, audio = voice_events.response_usage(response.get("usage"))
         self.metrics.tokens.labels(self.model, "input").inc(counted.input_tokens)
         self.metrics.tokens.labels(self.model, "output").inc(counted.output_tokens)
         if admitted is not None:

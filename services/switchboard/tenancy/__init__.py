@@ -37,6 +37,7 @@ from switchboard.tenancy.tenants import (
     Upstream,
     UpstreamAdmission,
     UpstreamBreaker,
+    UpstreamRollover,
 )
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "Upstream",
     "UpstreamAdmission",
     "UpstreamBreaker",
+    "UpstreamRollover",
     "environment_upstream",
     "hash_key",
     "load_tenants",

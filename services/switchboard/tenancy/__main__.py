@@ -143,6 +143,12 @@ def print_summary(directory: TenantDirectory, out: TextIO) -> None:
         ):
             if configured := _configured(settings):
                 out.write(f"    {name}: {', '.join(configured)}\n")
+        rollover = upstream.rollover
+        if rollover.session_limit_s is not None:
+            out.write(
+                f"    rollover: session_limit_s={rollover.session_limit_s:g}, "
+                f"margin_s={rollover.margin_s:g}\n"
+            )
     out.write(f"tenants ({len(directory)}), tiers: {', '.join(directory.tiers)}\n")
     for tenant in directory:
         out.write(f"  {tenant.id}: tier {tenant.tier}, {len(tenant.key_hashes)} key(s)\n")

@@ -142,6 +142,21 @@ class UpstreamBreaker:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamRollover:
+    """Session rollover of a `kind: realtime` upstream (docs/voice.md#session-rollover).
+
+    Attributes:
+        session_limit_s: how long the upstream keeps a Realtime session open
+            (OpenAI: 3600); None: no limit known, no rollover.
+        margin_s: how long before that limit the broker starts looking for a
+            moment between turns to open the next session.
+    """
+
+    session_limit_s: float | None = None
+    margin_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     """An OpenAI-compatible deployment the broker may call.
 
@@ -154,6 +169,7 @@ class Upstream:
         api_key_env: the variable the key was read from (safe to log).
         admission: its concurrency limit and wait queue (broker defaults if unset).
         circuit_breaker: when the broker stops sending to it for a while.
+        rollover: when a voice session moves to a new upstream session.
     """
 
     name: str
@@ -163,6 +179,7 @@ class Upstream:
     admission: UpstreamAdmission = UpstreamAdmission()
     circuit_breaker: UpstreamBreaker = UpstreamBreaker()
     kind: str = "chat"
+    rollover: UpstreamRollover = UpstreamRollover()
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from switchboard.tenancy.tenants import (
     Upstream,
     UpstreamAdmission,
     UpstreamBreaker,
+    UpstreamRollover,
 )
 from switchboard.tenancy.yaml_checks import (
     count,
@@ -30,11 +31,14 @@ from switchboard.tenancy.yaml_checks import (
     seconds,
 )
 
+# Five minutes before OpenAI's 60-minute limit: time to find a pause between turns.
+DEFAULT_ROLLOVER_MARGIN_S = 300.0
 UPSTREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
-_UPSTREAM_KEYS = ("base_url", "api_key_env", "admission", "circuit_breaker", "kind")
+_UPSTREAM_KEYS = ("base_url", "api_key_env", "admission", "circuit_breaker", "kind", "rollover")
 _ADMISSION_KEYS = ("max_concurrent", "max_queued", "max_queued_per_tenant", "queue_timeout_s")
 _BREAKER_KEYS = ("failures", "cooldown_s")
+_ROLLOVER_KEYS = ("session_limit_s", "margin_s")
 
 
 def parse_upstreams(raw: Any, environ: Mapping[str, str], require_env: bool) -> dict[str, Upstream]:
@@ -65,6 +69,7 @@ def parse_upstreams(raw: Any, environ: Mapping[str, str], require_env: bool) -> 
                 secret = Secret(value)
             elif require_env:
                 raise error((*path, "api_key_env"), f"environment variable {key_env} is not set")
+        kind = _kind(fields.get("kind", "chat"), (*path, "kind"))
         upstreams[name] = Upstream(
             name=name,
             base_url=_base_url(fields["base_url"], (*path, "base_url")),
@@ -72,7 +77,8 @@ def parse_upstreams(raw: Any, environ: Mapping[str, str], require_env: bool) -> 
             api_key_env=key_env,
             admission=_admission(fields.get("admission"), (*path, "admission")),
             circuit_breaker=_breaker(fields.get("circuit_breaker"), (*path, "circuit_breaker")),
-            kind=_kind(fields.get("kind", "chat"), (*path, "kind")),
+            kind=kind,
+            rollover=_rollover(fields.get("rollover"), kind, (*path, "rollover")),
         )
     if not upstreams:
         raise error(("upstreams",), "must define at least one upstream")
@@ -102,6 +108,24 @@ def _breaker(raw: Any, path: KeyPath) -> UpstreamBreaker:
         failures=count(fields.get("failures"), (*path, "failures")),
         cooldown_s=seconds(fields.get("cooldown_s"), (*path, "cooldown_s")),
     )
+
+
+def _rollover(raw: Any, kind: str, path: KeyPath) -> UpstreamRollover:
+    if raw is None:
+        return UpstreamRollover()
+    if kind != "realtime":
+        raise error(path, "applies to upstreams of kind: realtime only")
+    fields = mapping(raw, path, _ROLLOVER_KEYS)
+    if "session_limit_s" not in fields:
+        raise error((*path, "session_limit_s"), "is required")
+    limit = seconds(fields["session_limit_s"], (*path, "session_limit_s")) or 0.0
+    margin = seconds(fields.get("margin_s"), (*path, "margin_s"))
+    if margin is None:
+        # A short limit (a test's) keeps half of itself for the search.
+        margin = min(DEFAULT_ROLLOVER_MARGIN_S, limit / 2)
+    elif margin >= limit:
+        raise error((*path, "margin_s"), "must be below session_limit_s")
+    return UpstreamRollover(session_limit_s=limit, margin_s=margin)
 
 
 def _kind(raw: Any, path: KeyPath) -> str:

@@ -93,6 +93,10 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     """Input audio arriving faster than the gateway allows (a multiple of real time)."""
     ERROR_CODE_INPUT_AUDIO_BUFFER_FULL: _ErrorCode.ValueType  # 63
     """The uncommitted input audio is at its bound; commit or clear it first."""
+    ERROR_CODE_RESUME_AUDIO_LOST: _ErrorCode.ValueType  # 64
+    """A resumed voice session: output audio sent while the client was away was
+    not kept for the replay (transcripts and items are whole).
+    """
     ERROR_CODE_INTERNAL_ERROR: _ErrorCode.ValueType  # 99
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
@@ -170,6 +174,10 @@ ERROR_CODE_AUDIO_RATE_EXCEEDED: ErrorCode.ValueType  # 62
 """Input audio arriving faster than the gateway allows (a multiple of real time)."""
 ERROR_CODE_INPUT_AUDIO_BUFFER_FULL: ErrorCode.ValueType  # 63
 """The uncommitted input audio is at its bound; commit or clear it first."""
+ERROR_CODE_RESUME_AUDIO_LOST: ErrorCode.ValueType  # 64
+"""A resumed voice session: output audio sent while the client was away was
+not kept for the replay (transcripts and items are whole).
+"""
 ERROR_CODE_INTERNAL_ERROR: ErrorCode.ValueType  # 99
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from switchboard.v1 import broker_pb2 as switchboard_dot_v1_dot_broker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dswitchboard/v1/realtime.proto\x12\x0eswitchboard.v1\x1a\x1bswitchboard/v1/broker.proto\"M\n\x12RealtimeMuxRequest\x12\x37\n\x06\x66rames\x18\x01 \x03(\x0b\x32\'.switchboard.v1.RealtimeMuxRequestFrame\"\x91\x02\n\x17RealtimeMuxRequestFrame\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12\x32\n\x07request\x18\x02 \x01(\x0b\x32\x1f.switchboard.v1.RealtimeRequestH\x00\x12\x0e\n\x04\x64one\x18\x03 \x01(\x08H\x00\x12\x10\n\x06\x63\x61ncel\x18\x04 \x01(\x08H\x00\x12P\n\rtrace_context\x18\x05 \x03(\x0b\x32\x39.switchboard.v1.RealtimeMuxRequestFrame.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06\x61\x63tion\"a\n\x13RealtimeMuxResponse\x12\x38\n\x06\x66rames\x18\x01 \x03(\x0b\x32(.switchboard.v1.RealtimeMuxResponseFrame\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\"x\n\x18RealtimeMuxResponseFrame\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12\x34\n\x08response\x18\x02 \x01(\x0b\x32 .switchboard.v1.RealtimeResponseH\x00\x12\r\n\x03\x65nd\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind\"Z\n\x0cRealtimeOpen\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0csession_json\x18\x04 \x01(\t\"{\n\x0fRealtimeRequest\x12,\n\x04open\x18\x01 \x01(\x0b\x32\x1c.switchboard.v1.RealtimeOpenH\x00\x12\x30\n\x06\x65vents\x18\x02 \x01(\x0b\x32\x1e.switchboard.v1.RealtimeEventsH\x00\x42\x08\n\x06\x61\x63tion\" \n\x0eRealtimeEvents\x12\x0e\n\x06\x65vents\x18\x01 \x03(\x0c\":\n\x0eRealtimeOpened\x12\x10\n\x08upstream\x18\x01 \x01(\t\x12\x16\n\x0eupstream_model\x18\x02 \x01(\t\"\xae\x01\n\x10RealtimeResponse\x12\x30\n\x06opened\x18\x01 \x01(\x0b\x32\x1e.switchboard.v1.RealtimeOpenedH\x00\x12\x30\n\x06\x65vents\x18\x02 \x01(\x0b\x32\x1e.switchboard.v1.RealtimeEventsH\x00\x12.\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x1b.switchboard.v1.CallFailureH\x00\x42\x06\n\x04kind2\xbc\x01\n\x0fRealtimeService\x12P\n\x07Session\x12\x1f.switchboard.v1.RealtimeRequest\x1a .switchboard.v1.RealtimeResponse(\x01\x30\x01\x12W\n\x08Sessions\x12\".switchboard.v1.RealtimeMuxRequest\x1a#.switchboard.v1.RealtimeMuxResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dswitchboard/v1/realtime.proto\x12\x0eswitchboard.v1\x1a\x1bswitchboard/v1/broker.proto\"M\n\x12RealtimeMuxRequest\x12\x37\n\x06\x66rames\x18\x01 \x03(\x0b\x32\'.switchboard.v1.RealtimeMuxRequestFrame\"\x91\x02\n\x17RealtimeMuxRequestFrame\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12\x32\n\x07request\x18\x02 \x01(\x0b\x32\x1f.switchboard.v1.RealtimeRequestH\x00\x12\x0e\n\x04\x64one\x18\x03 \x01(\x08H\x00\x12\x10\n\x06\x63\x61ncel\x18\x04 \x01(\x08H\x00\x12P\n\rtrace_context\x18\x05 \x03(\x0b\x32\x39.switchboard.v1.RealtimeMuxRequestFrame.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06\x61\x63tion\"a\n\x13RealtimeMuxResponse\x12\x38\n\x06\x66rames\x18\x01 \x03(\x0b\x32(.switchboard.v1.RealtimeMuxResponseFrame\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\"x\n\x18RealtimeMuxResponseFrame\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12\x34\n\x08response\x18\x02 \x01(\x0b\x32 .switchboard.v1.RealtimeResponseH\x00\x12\r\n\x03\x65nd\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind\"Z\n\x0cRealtimeOpen\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0csession_json\x18\x04 \x01(\t\"J\n\x0eRealtimeAttach\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\tafter_seq\x18\x03 \x01(\x03\"\x0f\n\rRealtimeClose\"\xdd\x01\n\x0fRealtimeRequest\x12,\n\x04open\x18\x01 \x01(\x0b\x32\x1c.switchboard.v1.RealtimeOpenH\x00\x12\x30\n\x06\x65vents\x18\x02 \x01(\x0b\x32\x1e.switchboard.v1.RealtimeEventsH\x00\x12\x30\n\x06\x61ttach\x18\x03 \x01(\x0b\x32\x1e.switchboard.v1.RealtimeAttachH\x00\x12.\n\x05\x63lose\x18\x04 \x01(\x0b\x32\x1d.switchboard.v1.RealtimeCloseH\x00\x42\x08\n\x06\x61\x63tion\" \n\x0eRealtimeEvents\x12\x0e\n\x06\x65vents\x18\x01 \x03(\x0c\"J\n\x0eRealtimeOpened\x12\x10\n\x08upstream\x18\x01 \x01(\t\x12\x16\n\x0eupstream_model\x18\x02 \x01(\t\x12\x0e\n\x06\x62roker\x18\x03 \x01(\t\"\x90\x01\n\x10RealtimeAttached\x12\x10\n\x08upstream\x18\x01 \x01(\t\x12\x16\n\x0eupstream_model\x18\x02 \x01(\t\x12\x15\n\rdelivered_seq\x18\x03 \x01(\x03\x12\x10\n\x08last_seq\x18\x04 \x01(\x03\x12\x15\n\rsession_event\x18\x05 \x01(\x0c\x12\x12\n\naudio_lost\x18\x06 \x01(\x08\"\xe4\x01\n\x10RealtimeResponse\x12\x30\n\x06opened\x18\x01 \x01(\x0b\x32\x1e.switchboard.v1.RealtimeOpenedH\x00\x12\x34\n\x08\x61ttached\x18\x04 \x01(\x0b\x32 .switchboard.v1.RealtimeAttachedH\x00\x12\x30\n\x06\x65vents\x18\x02 \x01(\x0b\x32\x1e.switchboard.v1.RealtimeEventsH\x00\x12.\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x1b.switchboard.v1.CallFailureH\x00\x42\x06\n\x04kind2\xbc\x01\n\x0fRealtimeService\x12P\n\x07Session\x12\x1f.switchboard.v1.RealtimeRequest\x1a .switchboard.v1.RealtimeResponse(\x01\x30\x01\x12W\n\x08Sessions\x12\".switchboard.v1.RealtimeMuxRequest\x1a#.switchboard.v1.RealtimeMuxResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,14 +46,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REALTIMEMUXRESPONSEFRAME']._serialized_end=652
   _globals['_REALTIMEOPEN']._serialized_start=654
   _globals['_REALTIMEOPEN']._serialized_end=744
-  _globals['_REALTIMEREQUEST']._serialized_start=746
-  _globals['_REALTIMEREQUEST']._serialized_end=869
-  _globals['_REALTIMEEVENTS']._serialized_start=871
-  _globals['_REALTIMEEVENTS']._serialized_end=903
-  _globals['_REALTIMEOPENED']._serialized_start=905
-  _globals['_REALTIMEOPENED']._serialized_end=963
-  _globals['_REALTIMERESPONSE']._serialized_start=966
-  _globals['_REALTIMERESPONSE']._serialized_end=1140
-  _globals['_REALTIMESERVICE']._serialized_start=1143
-  _globals['_REALTIMESERVICE']._serialized_end=1331
+  _globals['_REALTIMEATTACH']._serialized_start=746
+  _globals['_REALTIMEATTACH']._serialized_end=820
+  _globals['_REALTIMECLOSE']._serialized_start=822
+  _globals['_REALTIMECLOSE']._serialized_end=837
+  _globals['_REALTIMEREQUEST']._serialized_start=840
+  _globals['_REALTIMEREQUEST']._serialized_end=1061
+  _globals['_REALTIMEEVENTS']._serialized_start=1063
+  _globals['_REALTIMEEVENTS']._serialized_end=1095
+  _globals['_REALTIMEOPENED']._serialized_start=1097
+  _globals['_REALTIMEOPENED']._serialized_end=1171
+  _globals['_REALTIMEATTACHED']._serialized_start=1174
+  _globals['_REALTIMEATTACHED']._serialized_end=1318
+  _globals['_REALTIMERESPONSE']._serialized_start=1321
+  _globals['_REALTIMERESPONSE']._serialized_end=1549
+  _globals['_REALTIMESERVICE']._serialized_start=1552
+  _globals['_REALTIMESERVICE']._serialized_end=1740
 # @@protoc_insertion_point(module_scope)

@@ -185,28 +185,81 @@ class RealtimeOpen(_message.Message):
 Global___RealtimeOpen: _TypeAlias = RealtimeOpen  # noqa: Y015
 
 @_typing.final
+class RealtimeAttach(_message.Message):
+    """Follow a session this broker holds, from after the client's last event."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    session_id: _builtins.str
+    after_seq: _builtins.int
+    """The seq of the last event the client saw (0: from the start)."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        after_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "session_id", b"session_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RealtimeAttach: _TypeAlias = RealtimeAttach  # noqa: Y015
+
+@_typing.final
+class RealtimeClose(_message.Message):
+    """The client closed its session: close the upstream socket now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RealtimeClose: _TypeAlias = RealtimeClose  # noqa: Y015
+
+@_typing.final
 class RealtimeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OPEN_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
+    ATTACH_FIELD_NUMBER: _builtins.int
+    CLOSE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def open(self) -> Global___RealtimeOpen: ...
     @_builtins.property
     def events(self) -> Global___RealtimeEvents:
         """Client events (Realtime GA JSON, validated by the gateway), in order."""
 
+    @_builtins.property
+    def attach(self) -> Global___RealtimeAttach: ...
+    @_builtins.property
+    def close(self) -> Global___RealtimeClose: ...
     def __init__(
         self,
         *,
         open: Global___RealtimeOpen | None = ...,
         events: Global___RealtimeEvents | None = ...,
+        attach: Global___RealtimeAttach | None = ...,
+        close: Global___RealtimeClose | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "events", b"events", "open", b"open"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "attach", b"attach", "close", b"close", "events", b"events", "open", b"open"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "events", b"events", "open", b"open"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "attach", b"attach", "close", b"close", "events", b"events", "open", b"open"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["open", "events"]  # noqa: Y015
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["open", "events", "attach", "close"]  # noqa: Y015
     _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
 
@@ -238,32 +291,81 @@ class RealtimeOpened(_message.Message):
 
     UPSTREAM_FIELD_NUMBER: _builtins.int
     UPSTREAM_MODEL_FIELD_NUMBER: _builtins.int
+    BROKER_FIELD_NUMBER: _builtins.int
     upstream: _builtins.str
     """Which deployment serves the session (names from the tenants file, never URLs)."""
     upstream_model: _builtins.str
+    broker: _builtins.str
+    """HOST:PORT the gateways reach this broker at ("" when it has no dialable
+    address): where a resume attaches to the session.
+    """
     def __init__(
         self,
         *,
         upstream: _builtins.str = ...,
         upstream_model: _builtins.str = ...,
+        broker: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["upstream", b"upstream", "upstream_model", b"upstream_model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broker", b"broker", "upstream", b"upstream", "upstream_model", b"upstream_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RealtimeOpened: _TypeAlias = RealtimeOpened  # noqa: Y015
 
 @_typing.final
+class RealtimeAttached(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPSTREAM_FIELD_NUMBER: _builtins.int
+    UPSTREAM_MODEL_FIELD_NUMBER: _builtins.int
+    DELIVERED_SEQ_FIELD_NUMBER: _builtins.int
+    LAST_SEQ_FIELD_NUMBER: _builtins.int
+    SESSION_EVENT_FIELD_NUMBER: _builtins.int
+    AUDIO_LOST_FIELD_NUMBER: _builtins.int
+    upstream: _builtins.str
+    upstream_model: _builtins.str
+    delivered_seq: _builtins.int
+    """The newest seq yielded to an earlier call (what its gateway may have
+    admitted or settled); events after it were never given to a gateway.
+    """
+    last_seq: _builtins.int
+    """The newest seq of the session when the attach was served."""
+    session_event: _builtins.bytes
+    """The session's last `session.created`/`session.updated` event (JSON)."""
+    audio_lost: _builtins.bool
+    """Output audio after `after_seq` was dropped from the replay buffer."""
+    def __init__(
+        self,
+        *,
+        upstream: _builtins.str = ...,
+        upstream_model: _builtins.str = ...,
+        delivered_seq: _builtins.int = ...,
+        last_seq: _builtins.int = ...,
+        session_event: _builtins.bytes = ...,
+        audio_lost: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_lost", b"audio_lost", "delivered_seq", b"delivered_seq", "last_seq", b"last_seq", "session_event", b"session_event", "upstream", b"upstream", "upstream_model", b"upstream_model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RealtimeAttached: _TypeAlias = RealtimeAttached  # noqa: Y015
+
+@_typing.final
 class RealtimeResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OPENED_FIELD_NUMBER: _builtins.int
+    ATTACHED_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def opened(self) -> Global___RealtimeOpened: ...
+    @_builtins.property
+    def attached(self) -> Global___RealtimeAttached: ...
     @_builtins.property
     def events(self) -> Global___RealtimeEvents:
         """Upstream events (Realtime GA JSON), in order; `session.model` is the
@@ -276,14 +378,15 @@ class RealtimeResponse(_message.Message):
         self,
         *,
         opened: Global___RealtimeOpened | None = ...,
+        attached: Global___RealtimeAttached | None = ...,
         events: Global___RealtimeEvents | None = ...,
         failure: _broker_pb2.CallFailure | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "failure", b"failure", "kind", b"kind", "opened", b"opened"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "events", b"events", "failure", b"failure", "kind", b"kind", "opened", b"opened"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "failure", b"failure", "kind", b"kind", "opened", b"opened"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "events", b"events", "failure", b"failure", "kind", b"kind", "opened", b"opened"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["opened", "events", "failure"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["opened", "attached", "events", "failure"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

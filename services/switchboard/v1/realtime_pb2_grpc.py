@@ -60,9 +60,20 @@ class RealtimeServiceServicer:
         tenant's model to a `kind: realtime` upstream, connects to it with the
         upstream's key (which never leaves the broker), applies `session_json`
         and answers `opened`. Then each request carries client events, in order,
-        and each response the upstream's events, in order. The session ends when
-        the caller ends its requests (the upstream socket is closed) or with a
-        `failure` (the upstream refused or dropped the socket), the last message.
+        and each response the upstream's events, in order, each with the event id
+        `event_v<seq in hex>` (seq 1, 2, ... over the session's life).
+
+        A `close` request closes the upstream socket. A call that ends without
+        one (the gateway died, or its client dropped) leaves the session held by
+        the broker for SWITCHBOARD_BROKER_VOICE_HOLD_S: a later call's first
+        request may then be `attach`, answered `attached`, the kept events after
+        `after_seq`, then the live rest (docs/voice.md#resume). An attach takes
+        the session over: the call following it before ends with a `failure`
+        `session_taken_over`. An attach the broker cannot serve is answered with
+        a `failure` `resume_unavailable`.
+
+        The call also ends with a `failure` when the upstream refused or dropped
+        the socket, the last message.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -77,7 +88,8 @@ class RealtimeServiceServicer:
         `end` frame from the broker; the gateway ends its requests with `done`
         (as a Session caller ends its request stream) or leaves with `cancel` (as
         it cancels a Session call). When the call ends, every session on it is
-        cancelled.
+        cancelled. A session left without `close` is held for a resume, as after
+        a Session call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
