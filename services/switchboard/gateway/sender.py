@@ -97,8 +97,8 @@ class Sender:
         self._sending = False
         self._closer: asyncio.Task[None] | None = None
         self._unrecorded_warned = False
-        # Deltas sent and not yet recorded, and when the first of them was taken.
         self.checkpoint_s = checkpoint_s
+        # Deltas sent and not yet recorded, and when the first of them was taken.
         self._unrecorded: list[tuple[Event, str]] = []
         self._unrecorded_since = 0.0
         # The item of the output opened last: only its deltas go out unrecorded.
