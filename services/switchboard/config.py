@@ -186,6 +186,10 @@ class GatewaySettings:
     # The writer lease of a session: how long a gateway that stopped renewing it
     # (killed) keeps its sessions from being resumed elsewhere.
     session_lease_s: float
+    # 0: every event is recorded in the session's log before it is sent. Above
+    # 0: deltas go out at once and are recorded at checkpoints this far apart
+    # (docs/protocol.md, Resume; gateway/sender.py).
+    checkpoint_s: float
     log_level: str
 
     @classmethod
@@ -237,6 +241,7 @@ class GatewaySettings:
                 "SWITCHBOARD_GATEWAY_HANDSHAKE_TIMEOUT_S", 10.0, minimum=0.1
             ),
             session_lease_s=env.number("SWITCHBOARD_GATEWAY_SESSION_LEASE_S", 10.0, minimum=0.5),
+            checkpoint_s=env.number("SWITCHBOARD_GATEWAY_CHECKPOINT_S", 0.0, minimum=0.0),
             log_level=env.log_level(),
         )
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import pytest
 
 from switchboard.config import GatewaySettings
@@ -119,6 +120,55 @@ async def test_every_event_is_recorded_before_it_is_sent(connect: Any) -> None:
     logged = [event["event_id"] for event in client.logged()]
     assert sent == logged[: len(sent)]
     assert [e["type"] for e in client.logged()].count("response.done") == 1
+
+
+async def test_with_checkpoints_deltas_go_out_at_once_and_the_rest_after_all_is_logged(
+    connect: Any,
+) -> None:
+    pause, more = asyncio.Event(), asyncio.Event()
+    script = Script([Text("Hi"), Wait(pause), Text(" there"), Wait(more), Text("!"), Finish()])
+    client = await connect(scripts=(script,), SWITCHBOARD_GATEWAY_CHECKPOINT_S="0.1")
+    # At each send: the event, and whether the log then held every event sent so far.
+    sends: list[tuple[Event, bool]] = []
+    send_text = client.socket.send_text
+
+    async def watched(data: str) -> None:
+        logged = {e["event_id"] for e in client.logged()}
+        event = orjson.loads(data)
+        sent = [e["event_id"] for e in client.socket.sent] + [event["event_id"]]
+        sends.append((event, all(event_id in logged for event_id in sent)))
+        await send_text(data)
+
+    client.socket.send_text = watched  # type: ignore[method-assign]
+    client.socket.send(USER_SAYS)
+    client.socket.send({"type": "response.create"})
+    await client.socket.next_event("response.output_text.delta")
+    pause.set()
+    # A delta alone in its batch goes out before it is recorded.
+    await client.socket.next_event("response.output_text.delta")
+    assert sends[-1][0]["delta"] == " there" and not sends[-1][1]
+    more.set()
+    await client.socket.until("response.done")
+    for event, all_logged in sends:
+        assert all_logged or event["type"] == "response.output_text.delta", event["type"]
+    sent = [event["event_id"] for event in client.socket.sent]
+    logged = [event["event_id"] for event in client.logged()]
+    assert sent == logged[: len(sent)]
+    assert [e["type"] for e in client.logged()].count("response.done") == 1
+
+
+async def test_a_delta_sent_at_once_is_recorded_at_the_next_checkpoint(connect: Any) -> None:
+    release = asyncio.Event()
+    client = await connect(
+        scripts=(Script([Text("a"), Wait(release), Finish()]),),
+        SWITCHBOARD_GATEWAY_CHECKPOINT_S="0.1",
+    )
+    client.socket.send({"type": "response.create"})
+    delta = await client.socket.next_event("response.output_text.delta")
+    # Nothing else is sent meanwhile: the checkpoint's clock records it.
+    await eventually(lambda: delta["event_id"] in [e["event_id"] for e in client.logged()])
+    release.set()
+    await client.socket.next_event("response.done")
 
 
 async def test_bad_frames_get_errors_and_the_connection_goes_on(connect: Any) -> None:

@@ -16,8 +16,9 @@ from switchboard.gateway.commands import (
     StoreItem,
     UpdateSession,
 )
-from switchboard.gateway.ids import Ids, event_seq
+from switchboard.gateway.ids import Ids, event_position, event_seq
 from switchboard.gateway.protocol import InvalidState, RealtimeProtocol, State
+from switchboard.gateway.responses import FAST_DELTAS, UNSENT, ClientAhead, opened_output
 from switchboard.v1 import common_pb2, session_pb2, toolexec_pb2
 
 
@@ -577,6 +578,71 @@ def test_a_response_taken_over_from_its_log_goes_on_where_the_log_ends(
         opened = {e["item"]["id"] for e in logged if e["type"] == "response.output_item.added"}
         for (item_id, _, _), (expected_id, _, _) in zip(items, expected_items, strict=True):
             assert (item_id == expected_id) == (expected_id in opened), cut
+
+
+@pytest.mark.parametrize("stream", [_STREAM, _MERGED], ids=["chunked", "merged"])
+def test_a_client_ahead_of_the_log_gets_the_rest_once_and_the_log_its_gap(
+    stream: list[tuple[Any, ...]],
+) -> None:
+    """Cut the log at every point, and let the client have had any number of the
+    deltas a sender sends before recording them (of the output opened last):
+    taken over from the log and the client's last delta id, the client gets the
+    rest of each output once, and the log gets what it lacked, under that id."""
+    whole = make_protocol()
+    whole.take_events()
+    (command,) = send(whole, {"type": "response.create"})
+    feed(whole, command.response_id, _STREAM)
+    streamed = whole.take_events()
+    expected_items, expected_output = outputs(streamed + finish(whole, command.response_id))
+    cases = 0
+    for cut in range(1, len(streamed) + 1):
+        opened = None
+        for event in streamed[:cut]:
+            opened = opened_output(event) or opened
+        sent = cut
+        while (
+            sent < len(streamed)
+            and streamed[sent]["type"] in FAST_DELTAS
+            and streamed[sent]["item_id"] == opened
+        ):
+            sent += 1
+            received = streamed[:sent]
+            last = received[-1]["event_id"]
+            position = event_position(last)
+            assert position is not None and position.offset is not None
+            taker = RealtimeProtocol(
+                session_id="sess_abc",
+                config=session_pb2.SessionConfig(model="gpt-realtime", tool_choice="auto"),
+                max_event_bytes=4096,
+                first_event_seq=position.seq + 1,
+            )
+            taker.open(resumed=True)
+            resumed = taker.reopen(streamed[:cut], ClientAhead(last, position.offset))
+            feed(taker, resumed.response_id, stream)
+            after = taker.take_events() + finish(taker, resumed.response_id)
+            context = (cut, sent)
+            assert [e["event_id"] for e in after if UNSENT in e] == [last], context
+            sent_after = [e for e in after if UNSENT not in e]
+            for seen in (received + sent_after, streamed[:cut] + after):
+                items, output = outputs(seen)
+                assert output == expected_output, context
+                assert [row[1:] for row in items] == [row[1:] for row in expected_items], context
+            seqs = [event_seq(e["event_id"]) or 0 for e in sent_after]
+            assert min(seqs) > position.seq, context
+            cases += 1
+    assert cases > 3
+
+
+def test_a_delta_id_says_how_much_of_its_output_the_client_has() -> None:
+    protocol = make_protocol()
+    protocol.take_events()
+    _, events = run_response(protocol, ["Hé", "llo"])
+    offsets = [
+        event_position(e["event_id"]) for e in events if e["type"] == "response.output_text.delta"
+    ]
+    assert [p.offset for p in offsets if p is not None] == [2, 5]
+    others = [event_position(e["event_id"]) for e in events if e["type"] not in FAST_DELTAS]
+    assert all(p is not None and p.offset is None for p in others)
 
 
 def test_a_log_that_is_not_a_streaming_response_is_not_taken_over() -> None:

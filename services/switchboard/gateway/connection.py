@@ -104,6 +104,7 @@ class RealtimeConnection:
             max_bytes=settings.max_buffered_bytes,
             on_cut=self._cut_off,
             on_taken_over=self._taken_over,
+            checkpoint_s=settings.checkpoint_s,
         )
         self.turns = TurnRunner(
             protocol,

@@ -3,7 +3,9 @@
 A client that reads slower than the model writes falls behind. While a text (or
 function-call arguments) delta waits unsent at the tail of the outbox, the next
 delta of the same item is appended to it instead of queued: the client gets
-fewer, larger events, with no text lost and the order kept. When what waits
+fewer, larger events, with no text lost and the order kept. The merged event
+takes the id of the last delta in it, whose output offset (ids.py) then says
+how much of the output the client has. When what waits
 still grows past `max_bytes`, `put` raises `SlowConsumer` and the connection is
 closed (a documented, resumable close), so one slow client never holds more
 than `max_bytes` of the gateway's memory or slows the stream of another.
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from switchboard.gateway.responses import UNSENT
 
 Event = dict[str, Any]
 
@@ -75,6 +79,10 @@ class Outbox:
         if self.aborted or self._close is not None:
             return
         keys = _MERGEABLE.get(event["type"])
+        unsent = UNSENT in event
+        if unsent:
+            # Recorded, never sent: never merged with what the client is sent.
+            keys = None
         tail = self._queue[-1] if self._queue else None
         if (
             keys is not None
@@ -85,6 +93,7 @@ class Outbox:
         ):
             delta = event["delta"]
             tail.event["delta"] += delta
+            tail.event["event_id"] = event["event_id"]
             tail.size += len(delta)
             self.size += len(delta)
             self.merged += 1
@@ -92,7 +101,9 @@ class Outbox:
             if keys is not None:
                 entry = _Entry(event, None, _DELTA_OVERHEAD + len(event["delta"]))
             else:
-                data = orjson.dumps(event)
+                data = orjson.dumps(
+                    {k: v for k, v in event.items() if k != UNSENT} if unsent else event
+                )
                 entry = _Entry(event, data, len(data))
             self.size += entry.size
             self._queue.append(entry)
@@ -120,17 +131,31 @@ class Outbox:
         self.size = 0
         self._ready.set()
 
-    async def get_batch(self, max_events: int = 256) -> list[tuple[Event, str]] | Close | None:
+    async def get_batch(
+        self, max_events: int = 256, *, deadline: float | None = None
+    ) -> list[tuple[Event, str]] | Close | None:
         """Up to `max_events` of the oldest events, each with its JSON text; waits
-        for one. After the last event of a closing outbox, its `Close`; None once
+        for one, or until the event loop's clock passes `deadline` (then an empty
+        batch). After the last event of a closing outbox, its `Close`; None once
         aborted. (A batch lets the writer record many events in one round trip.)"""
-        while not self._queue:
-            if self.aborted:
-                return None
-            if self._close is not None:
-                return self._close
-            self._ready.clear()
-            await self._ready.wait()
+        timer: asyncio.TimerHandle | None = None
+        try:
+            while not self._queue:
+                if self.aborted:
+                    return None
+                if self._close is not None:
+                    return self._close
+                if deadline is not None:
+                    loop = asyncio.get_running_loop()
+                    if loop.time() >= deadline:
+                        return []
+                    if timer is None:
+                        timer = loop.call_at(deadline, self._ready.set)
+                self._ready.clear()
+                await self._ready.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
         batch = []
         for _ in range(min(max_events, len(self._queue))):
             entry = self._queue.popleft()

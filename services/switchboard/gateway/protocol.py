@@ -55,7 +55,7 @@ from switchboard.gateway.commands import (
     UpdateSession,
 )
 from switchboard.gateway.ids import Ids
-from switchboard.gateway.responses import ResponseOutput, usage_to_json
+from switchboard.gateway.responses import UNSENT, ClientAhead, ResponseOutput, usage_to_json
 from switchboard.tenancy import McpServer
 from switchboard.v1 import broker_pb2, common_pb2, session_pb2, toolexec_pb2
 
@@ -131,8 +131,21 @@ class RealtimeProtocol:
         events, self._events = self._events, []
         return events
 
-    def _emit(self, event_type: str, **fields: Any) -> None:
-        self._events.append({"type": event_type, "event_id": self.ids.new("event"), **fields})
+    def _emit(
+        self,
+        event_type: str,
+        *,
+        id_offset: int | None = None,
+        recorded_as: str | None = None,
+        **fields: Any,
+    ) -> None:
+        """Queue an event. `id_offset`: a delta's output offset, for its id.
+        `recorded_as`: an event to record under that id, not to send (`UNSENT`)."""
+        if recorded_as is not None:
+            self._events.append({"type": event_type, "event_id": recorded_as, **fields, UNSENT: 1})
+            return
+        event_id = self.ids.new("event") if id_offset is None else self.ids.delta_event(id_offset)
+        self._events.append({"type": event_type, "event_id": event_id, **fields})
 
     def fail(self, error: SwitchboardError, client_event_id: str | None = None) -> None:
         """Queue an `error` event for a failed client event or command."""
@@ -412,9 +425,11 @@ class RealtimeProtocol:
 
     # --- a response another gateway left unfinished -----------------------------------
 
-    def reopen(self, logged: list[Event]) -> StartResponse:
+    def reopen(self, logged: list[Event], ahead: ClientAhead | None = None) -> StartResponse:
         """Take over the response a killed gateway left streaming, from its logged
-        events (`response.created` first): its output goes on where the log ends.
+        events (`response.created` first): its output goes on where the log ends,
+        or where the client's last delta ends (`ahead`: the client had deltas
+        the log lacks; that text is recorded, not sent again).
 
         Returns:
             The command that runs the rest of its turn. Its model call is the one
@@ -436,7 +451,7 @@ class RealtimeProtocol:
             max_output_tokens=cap if isinstance(cap, int) else 0,
             metadata=body.get("metadata"),
         )
-        response.restore(logged[1:])
+        response.restore(logged[1:], ahead)
         self.response = response
         self.state = State.RESPONDING
         return StartResponse(

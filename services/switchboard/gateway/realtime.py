@@ -24,7 +24,13 @@ from switchboard.gateway.eventlog import SessionWriter
 from switchboard.gateway.metrics import refusal_reason
 from switchboard.gateway.protocol import RealtimeProtocol
 from switchboard.gateway.resources import Resources
-from switchboard.gateway.resume import check_resumable, reopen_response, replay, resume_point
+from switchboard.gateway.resume import (
+    Resume,
+    check_resumable,
+    reopen_response,
+    replay,
+    resume_point,
+)
 from switchboard.gateway.sender import close_with_error
 from switchboard.tenancy import Tenant
 from switchboard.v1 import session_pb2
@@ -74,24 +80,24 @@ async def _open_session(
     tenant: Tenant,
     grant: Grant | None,
     config: session_pb2.SessionConfig,
-) -> tuple[session_pb2.Session, int | None]:
-    """A new session, or the one the client resumes, with the seq it resumes after
-    (None for a new session). A voice session's events are numbered by the broker
-    that holds it, which checks the resume point when it is attached to."""
+) -> tuple[session_pb2.Session, Resume | None]:
+    """A new session, or the one the client resumes, with where it resumes (None
+    for a new session). A voice session's events are numbered by the broker that
+    holds it, which checks the resume point when it is attached to."""
     backends = gateway.backends
     query = dict(websocket.query_params)
     if query.get("session_id") is None:
         return await backends.create_session(tenant.id, config), None
     session = await backends.get_session(tenant.id, query["session_id"])
     if _is_voice(gateway, tenant, session):
-        after_seq = voice_resume.after_seq(query.get("last_event_id") or "")
+        last_event_id = query.get("last_event_id") or ""
+        resume: Resume | None = Resume(session.id, voice_resume.after_seq(last_event_id))
     else:
-        resume = resume_point(query)
-        after_seq = resume.after_seq if resume is not None else 0
-        await check_resumable(backends, tenant.id, session.id, after_seq)
+        resume = resume_point(query) or Resume(session.id, 0)
+        await check_resumable(backends, tenant.id, session, resume)
     if grant is not None:
         handshake.check_grant_model(grant, session.config.model)
-    return session, after_seq
+    return session, resume
 
 
 def _is_voice(gateway: Resources, tenant: Tenant, session: session_pb2.Session) -> bool:
@@ -108,7 +114,7 @@ async def _serve(
 ) -> None:
     backends, settings, metrics = gateway.backends, gateway.settings, gateway.metrics
     try:
-        session, after_seq = await _open_session(gateway, websocket, tenant, grant, config)
+        session, resume = await _open_session(gateway, websocket, tenant, grant, config)
     except SwitchboardError as error:
         await _refuse(gateway, websocket, error)
         return
@@ -116,6 +122,7 @@ async def _serve(
     subprotocol = "realtime" if "realtime" in requested_protocols else None
     if _is_voice(gateway, tenant, session):
         # A voice model's session is relayed to its Realtime upstream (voice.py).
+        after_seq = resume.after_seq if resume is not None else None
         try:
             relay = await voice.voice_connection(
                 gateway, websocket, tenant, grant, session, holder, after_seq
@@ -126,16 +133,18 @@ async def _serve(
         await voice.serve_voice(gateway, relay, subprotocol, resumed=after_seq is not None)
         return
     await websocket.accept(subprotocol=subprotocol)
-    resumed = after_seq is not None
-    if after_seq is not None:
+    resumed = resume is not None
+    ahead = None
+    if resume is not None:
         writer = SessionWriter(
             backends, gateway.recorder, tenant.id, session.id, holder, settings.session_lease_s
         )
         try:
-            await replay(writer, after_seq, websocket.send_text)
+            await replay(writer, resume.after_seq, websocket.send_text)
             # The session as its last writer left it (config, last seq, and a
             # response it may have left unfinished when it was killed).
             session = await backends.get_session(tenant.id, session.id)
+            ahead = resume.ahead_of(session)
         except SwitchboardError as error:
             await close_with_error(websocket, error)
             return
@@ -152,13 +161,15 @@ async def _serve(
         max_event_bytes=settings.max_event_bytes,
         session=initial,
         locked=grant.locked if grant else frozenset(),
-        first_event_seq=session.last_event_seq + 1,
+        # After the client's last event too: deltas it had may be missing from
+        # the log (the gap is recorded under its last delta's id).
+        first_event_seq=max(session.last_event_seq, resume.after_seq if resume else 0) + 1,
         mcp_servers=tenant.mcp_servers,
     )
     protocol.open(resumed=resumed)
     reattach = None
     if resumed and session.open_response_id:
-        reattach = await reopen_response(backends, protocol, session)
+        reattach = await reopen_response(backends, protocol, session, ahead)
     extra = {"tenant_id": tenant.id, "session_id": session.id}
     log.info("resumed" if resumed else "connected", extra=extra)
     connection = RealtimeConnection(

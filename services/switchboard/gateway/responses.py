@@ -9,6 +9,13 @@ A response whose gateway died mid-stream goes on elsewhere: `restore` takes up
 the output that gateway logged (items keep their ids and places), and the
 model call, re-attached at its broker, streams again from its beginning; the
 deltas repeat what was logged up to its length, and only the rest is emitted.
+A client can be ahead of the log (deltas are sent before they are recorded,
+sender.py): its last delta's id says how much of the open output it has, and
+that part of the output the log lacks (its *gap*) is recorded, not sent again,
+under that id (`UNSENT`).
+
+Delta events carry their output offset in their ids (ids.py): the characters
+of that output the client has once it has the delta.
 """
 
 from __future__ import annotations
@@ -25,6 +32,44 @@ Event = dict[str, Any]
 Emit = Callable[..., None]
 _C = common_pb2
 
+# The deltas a connection sends before it records them (sender.py): only those
+# of the output opened last (`opened_output`), so that a client ahead of the log
+# is ahead in one output only, by what its last delta's id says.
+FAST_DELTAS = frozenset({"response.output_text.delta", "response.function_call_arguments.delta"})
+# A key of an event to record in the log but not send (a client's gap); the
+# outbox drops it from what it serializes.
+UNSENT = "_unsent"
+
+
+def opened_output(event: Event) -> str | None:
+    """The item id of the output an event opens (its item's or content part's
+    `.added`), else None."""
+    kind = event["type"]
+    if kind == "response.output_item.added":
+        return str(event["item"]["id"])
+    if kind == "response.content_part.added":
+        return str(event["item_id"])
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAhead:
+    """A resuming client ahead of the log: its last event, a delta of the output
+    opened last, after which it had `offset` characters of that output."""
+
+    event_id: str
+    offset: int
+
+
+@dataclass(slots=True)
+class _Gap:
+    """Output a client had that the log lacks: recorded under its last delta's id
+    once all of it came by again."""
+
+    event_id: str
+    missing: int
+    parts: list[str] = field(default_factory=list)
+
 
 @dataclass(slots=True)
 class _Message:
@@ -33,6 +78,9 @@ class _Message:
     text: list[str] = field(default_factory=list)
     # Characters of text a re-attached stream repeats (restored from the log).
     repeated: int = 0
+    # Characters of text so far (the offset in a delta's id).
+    chars: int = 0
+    gap: _Gap | None = None
 
 
 @dataclass(slots=True)
@@ -44,15 +92,30 @@ class _Call:
     arguments: list[str] = field(default_factory=list)
     # Characters of arguments a re-attached stream repeats (restored from the log).
     repeated: int = 0
+    # Characters of arguments so far (the offset in a delta's id).
+    chars: int = 0
+    gap: _Gap | None = None
 
 
-def _unrepeated(entry: _Message | _Call, delta: str) -> str:
-    """What of `delta` was not logged yet; counts the repeated part off."""
+def _unrepeated(entry: _Message | _Call, delta: str) -> tuple[str, _Gap | None]:
+    """What of `delta` the client has not had yet, and the client's gap once all
+    of it came by; counts both off (a gap's text joins the entry's at once)."""
     if entry.repeated:
         skip = min(entry.repeated, len(delta))
         entry.repeated -= skip
         delta = delta[skip:]
-    return delta
+    gap = entry.gap
+    if gap is None or not delta:
+        return delta, None
+    part, delta = delta[: gap.missing], delta[gap.missing :]
+    gap.parts.append(part)
+    gap.missing -= len(part)
+    entry.chars += len(part)
+    (entry.text if isinstance(entry, _Message) else entry.arguments).append(part)
+    if gap.missing:
+        return delta, None
+    entry.gap = None
+    return delta, gap
 
 
 class ResponseOutput:
@@ -98,17 +161,21 @@ class ResponseOutput:
         ]
         return len(self.text) + sum(sum(map(len, call.arguments)) for call in calls)
 
-    def restore(self, logged: list[Event]) -> None:
+    def restore(self, logged: list[Event], ahead: ClientAhead | None = None) -> None:
         """Take up what another gateway streamed of this response: its logged
-        events after `response.created`, oldest first.
+        events after `response.created`, oldest first; `ahead` when the client
+        had more of the output opened last than the log has.
 
         Raises:
-            ValueError: the events are not those of a response left streaming.
+            ValueError: the events are not those of a response left streaming
+                (or the client's offset is behind the log).
         """
         calls: dict[str, _Call] = {}  # by item id
+        last_opened: str | None = None
         try:
             for event in logged:
                 kind = event["type"]
+                last_opened = opened_output(event) or last_opened
                 if kind == "response.output_item.added":
                     item, index = event["item"], event["output_index"]
                     self._count = max(self._count, index + 1)
@@ -127,10 +194,27 @@ class ResponseOutput:
                     raise ValueError(f"the response was ending ({kind})")
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a streaming response's events ({exc!r})") from None
+        entries: list[_Message | _Call] = [*self._restored_calls.values()]
         if self._message is not None:
-            self._message.repeated = len(self.text)
-        for call in self._restored_calls.values():
-            call.repeated = sum(map(len, call.arguments))
+            entries.append(self._message)
+        for entry in entries:
+            parts = entry.text if isinstance(entry, _Message) else entry.arguments
+            entry.repeated = entry.chars = sum(map(len, parts))
+        if ahead is not None:
+            self._restore_gap(entries, last_opened, ahead)
+
+    @staticmethod
+    def _restore_gap(
+        entries: list[_Message | _Call], last_opened: str | None, ahead: ClientAhead
+    ) -> None:
+        open_entry = next((e for e in entries if e.item_id == last_opened), None)
+        if open_entry is None:
+            raise ValueError("the client's last delta is of no output the log opened")
+        missing = ahead.offset - open_entry.chars
+        if missing < 0:
+            raise ValueError("the client's last delta is behind the log")
+        if missing:
+            open_entry.gap = _Gap(ahead.event_id, missing)
 
     def _open(self, item: Event) -> int:
         index, self._count = self._count, self._count + 1
@@ -142,8 +226,18 @@ class ResponseOutput:
         """A chunk of assistant text; the first one opens the message item. False
         when it repeated only what was logged before a take-over."""
         message = self._message
-        if message is not None and message.repeated:
-            delta = _unrepeated(message, delta)
+        if message is not None and (message.repeated or message.gap):
+            delta, gap = _unrepeated(message, delta)
+            if gap is not None:
+                self._emit(
+                    "response.output_text.delta",
+                    recorded_as=gap.event_id,
+                    response_id=self.id,
+                    item_id=message.item_id,
+                    output_index=message.output_index,
+                    content_index=0,
+                    delta="".join(gap.parts),
+                )
             if not delta:
                 return False
         if message is None:
@@ -168,8 +262,10 @@ class ResponseOutput:
                 part={"type": "text", "text": ""},
             )
         message.text.append(delta)
+        message.chars += len(delta)
         self._emit(
             "response.output_text.delta",
+            id_offset=message.chars,
             response_id=self.id,
             item_id=message.item_id,
             output_index=message.output_index,
@@ -200,12 +296,25 @@ class ResponseOutput:
                 }
             )
             call = self._calls[index] = _Call(item_id, output_index, call_id, name)
-        arguments = _unrepeated(call, arguments)
+        if call.repeated or call.gap:
+            arguments, gap = _unrepeated(call, arguments)
+            if gap is not None:
+                self._emit(
+                    "response.function_call_arguments.delta",
+                    recorded_as=gap.event_id,
+                    response_id=self.id,
+                    item_id=call.item_id,
+                    output_index=call.output_index,
+                    call_id=call.call_id,
+                    delta="".join(gap.parts),
+                )
         if not arguments:
             return False
         call.arguments.append(arguments)
+        call.chars += len(arguments)
         self._emit(
             "response.function_call_arguments.delta",
+            id_offset=call.chars,
             response_id=self.id,
             item_id=call.item_id,
             output_index=call.output_index,

@@ -9,6 +9,13 @@ writes it, until this connection holds the session's writer lease. If the
 previous writer died in the middle of a response, `reopen_response` takes the
 response up from its logged events, to be finished by re-attaching to its
 model call at its broker (`turns.Reattach`).
+
+A connection sends deltas before it records them (sender.py), so a client's
+last event may be a delta the log never got, its writer having died first.
+Its id carries its output offset (ids.py): the resume then goes on from that
+offset of the output opened last, taking the text between the log's end and
+the client's from the call's transcript at the broker, and numbers its events
+after the client's last.
 """
 
 from __future__ import annotations
@@ -23,8 +30,9 @@ import orjson
 from switchboard.errors import SwitchboardError, invalid_value
 from switchboard.gateway.backends import Backends
 from switchboard.gateway.eventlog import SessionWriter
-from switchboard.gateway.ids import event_seq
+from switchboard.gateway.ids import event_position
 from switchboard.gateway.protocol import RealtimeProtocol
+from switchboard.gateway.responses import ClientAhead
 from switchboard.gateway.turns import Reattach
 from switchboard.v1 import common_pb2, session_pb2
 
@@ -37,6 +45,16 @@ FOLLOW_POLL_S = 0.05
 class Resume(NamedTuple):
     session_id: str
     after_seq: int
+    # The client's last event: its id, and its output offset when it is a delta.
+    last_event_id: str = ""
+    offset: int | None = None
+
+    def ahead_of(self, session: session_pb2.Session) -> ClientAhead | None:
+        """The client's lead over the session's log, when its last event is a
+        delta the log lacks (its writer died before recording it)."""
+        if self.offset is None or self.after_seq <= session.last_event_seq:
+            return None
+        return ClientAhead(self.last_event_id, self.offset)
 
 
 def resume_point(query: dict[str, str]) -> Resume | None:
@@ -46,18 +64,26 @@ def resume_point(query: dict[str, str]) -> Resume | None:
     if session_id is None:
         return None
     last_event_id = query.get("last_event_id") or ""
-    after_seq = event_seq(last_event_id) if last_event_id else 0
-    if after_seq is None:
+    if not last_event_id:
+        return Resume(session_id, 0)
+    position = event_position(last_event_id)
+    if position is None:
         raise invalid_value("last_event_id", "'last_event_id' is not an event id of this session.")
-    return Resume(session_id, after_seq)
+    return Resume(session_id, position.seq, last_event_id, position.offset)
 
 
 async def check_resumable(
-    backends: Backends, tenant_id: str, session_id: str, after_seq: int
+    backends: Backends, tenant_id: str, session: session_pb2.Session, resume: Resume
 ) -> None:
-    """Refuse a resume whose missed events are not all in the session's log."""
-    page = await backends.read_events(tenant_id, session_id, after_seq, limit=1)
-    if after_seq > page.last_seq or after_seq < page.trimmed_seq:
+    """Refuse a resume whose missed events are not all in the session's log, or
+    (past the log's end) in the transcript of the response it has open."""
+    after_seq = resume.after_seq
+    page = await backends.read_events(tenant_id, session.id, after_seq, limit=1)
+    if after_seq < page.trimmed_seq:
+        raise resume_unavailable()
+    if after_seq > page.last_seq and (resume.offset is None or not session.open_response_id):
+        # Past the log's end only a delta of an open response can be: sent
+        # before it was recorded (its writer records it soon, or died).
         raise resume_unavailable()
 
 
@@ -116,11 +142,15 @@ def resume_unavailable() -> SwitchboardError:
 
 
 async def reopen_response(
-    backends: Backends, protocol: RealtimeProtocol, session: session_pb2.Session
+    backends: Backends,
+    protocol: RealtimeProtocol,
+    session: session_pb2.Session,
+    ahead: ClientAhead | None = None,
 ) -> Reattach | None:
     """Take over the response the session's last writer left streaming when it
-    died, to finish it by re-attaching to its model call at its broker. When its
-    events cannot be read back, end it `failed` with `response_interrupted`."""
+    died, to finish it by re-attaching to its model call at its broker (from the
+    client's last delta when it is `ahead` of the log). When its events cannot
+    be read back, end it `failed` with `response_interrupted`."""
     response_id = session.open_response_id
     extra = {"tenant_id": session.tenant_id, "session_id": session.id, "response_id": response_id}
     try:
@@ -132,7 +162,7 @@ async def reopen_response(
                 backends, session.tenant_id, session.id, session.open_response_seq - 1
             )
         ]
-        command = protocol.reopen(logged)
+        command = protocol.reopen(logged, ahead)
     except (SwitchboardError, ValueError, orjson.JSONDecodeError) as exc:
         log.warning("response not taken over", extra={**extra, "detail": str(exc)[:200]})
         protocol.interrupted(response_id)

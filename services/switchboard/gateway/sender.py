@@ -1,12 +1,21 @@
-"""The sending half of a client connection: outbox -> event log -> socket.
+"""The sending half of a client connection: outbox -> socket, and the event log.
 
 Events go into a bounded `Outbox` (`put`), which never waits on the client. One
-writer task takes what waits in batches, records each batch in the session's
-event log (eventlog.py) and only then sends it, so whatever a client has seen
-can be replayed by a resume. A client that reads slowly gets merged deltas; one
-that falls more than the outbox's bound behind is cut: it gets close 4008
-`slow_consumer` once it reads its backlog, and the sender goes on *detached*,
-recording without sending, like a sender whose client left.
+writer task takes what waits in batches and sends them, and records them in the
+session's event log (eventlog.py). By default it records each batch before it
+sends it. With a `checkpoint_s` (`SWITCHBOARD_GATEWAY_CHECKPOINT_S`), the text
+and function-call arguments deltas of the output opened last
+(`responses.FAST_DELTAS`) go out at once and are recorded at the next
+checkpoint: at most `checkpoint_s` later, before any other event is sent (every
+other event is recorded before it is sent, with all that waits unrecorded
+before it), and before the connection closes. So a client is never ahead of
+the log but by deltas of one output, whose last id says by how much (ids.py),
+and a resume serves that tail from the model call's transcript at the broker
+(resume.py) if this gateway dies before recording it. A client that reads
+slowly gets merged deltas; one that falls more than the outbox's bound behind
+is cut: it gets close 4008 `slow_consumer` once it reads its backlog, and the
+sender goes on *detached*, recording without sending, like a sender whose
+client left (it records at once: its events are for a resume to replay).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from switchboard import errors
 from switchboard.errors import SessionTakenOver, SwitchboardError
 from switchboard.gateway.eventlog import SessionWriter
 from switchboard.gateway.outbox import Close, Outbox, SlowConsumer
+from switchboard.gateway.responses import FAST_DELTAS, UNSENT, opened_output
 from switchboard.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -61,6 +71,8 @@ class Sender:
         on_cut: called once when the client is cut as a slow consumer.
         on_taken_over: called when an append finds the session is another
             connection's (the events are then dropped).
+        checkpoint_s: how long deltas sent at once may wait to be recorded; 0:
+            every event is recorded before it is sent.
     """
 
     def __init__(
@@ -71,6 +83,7 @@ class Sender:
         max_bytes: int,
         on_cut: Callable[[], None],
         on_taken_over: Callable[[], None],
+        checkpoint_s: float = 0.0,
     ) -> None:
         self.websocket = websocket
         self.log_writer = log_writer
@@ -84,6 +97,12 @@ class Sender:
         self._sending = False
         self._closer: asyncio.Task[None] | None = None
         self._unrecorded_warned = False
+        self.checkpoint_s = checkpoint_s
+        # Deltas sent and not yet recorded, and when the first of them was taken.
+        self._unrecorded: list[tuple[Event, str]] = []
+        self._unrecorded_since = 0.0
+        # The item of the output opened last: only its deltas go out unrecorded.
+        self._open_output: str | None = None
         self._log = {"tenant_id": log_writer.tenant_id, "session_id": log_writer.session_id}
 
     @property
@@ -155,40 +174,79 @@ class Sender:
             await self.websocket.close(code=code, reason=reason)
 
     async def _write_loop(self) -> None:
-        """Record each batch of events in the session's log, then send it."""
+        """Send each batch of events; record it first unless it is all deltas sent
+        at once, which are recorded at the next checkpoint."""
+        loop = asyncio.get_running_loop()
         while True:
-            batch = await self.outbox.get_batch()
+            deadline = self._unrecorded_since + self.checkpoint_s if self._unrecorded else None
+            batch = await self.outbox.get_batch(deadline=deadline)
             if batch is None:  # aborted: taken over
                 if self.attached:
                     await close_with_error(self.websocket, TAKEN_OVER)
                 return
             if isinstance(batch, Close):
+                await self._record([])
                 if self.attached and batch.code == TAKEN_OVER_CLOSE:
                     await close_with_error(self.websocket, TAKEN_OVER)
                 elif self.attached:
                     await self._close_socket(batch.code, batch.reason)
                 return
-            try:
-                await self.log_writer.record(batch)
-            except SessionTakenOver:
-                self.on_taken_over()
+            if not batch:  # the checkpoint's deadline passed
+                await self._record([])
                 continue
-            except SwitchboardError as exc:
-                # Serving goes on; only a resume across these events could miss them.
-                if not self._unrecorded_warned:
-                    log.warning("events not recorded", extra={**self._log, "code": exc.name})
-                    self._unrecorded_warned = True
+            if self._sent_at_once(batch) and self.attached and self.checkpoint_s > 0:
+                if not self._unrecorded:
+                    self._unrecorded_since = loop.time()
+                self._unrecorded += batch
+            elif not await self._record(batch):
+                continue
             if not self.attached:
                 continue
             self._sending = True
             try:
-                for _, text in batch:
-                    await self.websocket.send_text(text)
+                for event, text in batch:
+                    if UNSENT not in event:
+                        await self.websocket.send_text(text)
             except (WebSocketDisconnect, RuntimeError, OSError):
                 # The client is gone; the reader sees the disconnect. Keep recording.
                 self.attached = False
             finally:
                 self._sending = False
+            if self._unrecorded and loop.time() - self._unrecorded_since >= self.checkpoint_s:
+                await self._record([])
+
+    def _sent_at_once(self, batch: list[tuple[Event, str]]) -> bool:
+        """Whether the batch is all deltas of the output opened last (noting the
+        outputs it opens)."""
+        at_once = True
+        for event, _ in batch:
+            if event["type"] in FAST_DELTAS and UNSENT not in event:
+                if event["item_id"] != self._open_output:
+                    at_once = False
+                continue
+            at_once = False
+            opened = opened_output(event)
+            if opened is not None:
+                self._open_output = opened
+        return at_once
+
+    async def _record(self, batch: list[tuple[Event, str]]) -> bool:
+        """Record what waits unrecorded, then `batch`; False when the session is
+        another connection's (the events are then dropped)."""
+        events, self._unrecorded = self._unrecorded + batch, []
+        if not events:
+            return True
+        try:
+            await self.log_writer.record(events)
+        except SessionTakenOver:
+            self.on_taken_over()
+            return False
+        except SwitchboardError as exc:
+            # Serving goes on; only a resume across these events could miss them.
+            if not self._unrecorded_warned:
+                log.warning("events not recorded", extra={**self._log, "code": exc.name})
+                self._unrecorded_warned = True
+        return True
 
 
 async def close_with_error(websocket: ClientSocket, error: SwitchboardError) -> None:
