@@ -26,8 +26,9 @@ from tools.stack import Ports, Stack
 
 # The writer lease of a killed gateway lapses after 1 s (10 s by default).
 LEASE_S = "1"
-# A broker keeps a dead gateway's model call for 4 s (60 s by default).
-ORPHAN_GRACE_S = "4"
+# A broker keeps a dead gateway's model call for 8 s (60 s by default): time for a
+# resume on a loaded machine (the killed gateway's lease lapses first).
+ORPHAN_GRACE_S = "8"
 
 
 def two_gateways(**env: str) -> Stack:
