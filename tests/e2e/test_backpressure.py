@@ -184,11 +184,20 @@ async def test_a_reader_that_falls_too_far_behind_is_cut_and_others_go_on(
 
 
 async def last_response_done(stack: Stack, session_id: str) -> dict[str, Any]:
-    """The session's last recorded `response.done`, read from the session service."""
+    """The session's last recorded `response.done`, read from the session service.
+
+    A cut client's response is ended and recorded by the detached sender after
+    the close (its closing events hold the whole text, megabytes): it is waited
+    for, up to 15 s."""
     async with rpc.channel(f"127.0.0.1:{stack.ports.session}") as channel:
         sessions = session_pb2_grpc.SessionServiceStub(channel)
         ids = {"tenant_id": DEV_TENANT, "session_id": session_id}
-        session = await sessions.GetSession(session_pb2.GetSessionRequest(**ids))
+        deadline = time.monotonic() + 15.0
+        while True:
+            session = await sessions.GetSession(session_pb2.GetSessionRequest(**ids))
+            if session.open_response_id == "" or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
         assert session.open_response_id == ""  # ended, as recorded
         page = await sessions.ReadEvents(
             session_pb2.ReadEventsRequest(**ids, after_seq=session.last_event_seq - 5)
