@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import orjson
 import websockets
 
-from tools.bench_load import SUT, cpu_seconds
+from tools.bench_load import SUT, cpu_seconds, rss_mib
 from tools.stack import SIMULATOR_KEY, Ports, Stack
 
 RATE_BYTES_PER_MS = 48
@@ -102,14 +102,6 @@ def pin(pids: dict[str, int], sut_core: int, client_core: int) -> None:
             os.sched_setaffinity(int(task), {core})
 
 
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
 def pct(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
@@ -142,13 +134,13 @@ async def main_async(args: argparse.Namespace) -> None:
         direct = await run_round(direct_url, SIMULATOR_KEY, sessions, reply_ms)
         relays = [pids["gateway"], pids["broker"]]
         cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        rss_before = sum(rss_kib(pid) for pid in relays)
+        rss_before = sum(rss_mib(pid) for pid in relays) * 1024
         began = time.monotonic()
         gateway = await run_round(gateway_url, stack.dev_key, sessions, reply_ms)
         wall = time.monotonic() - began
         cpu_by = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
         cpu = cpu_by["gateway"] + cpu_by["broker"]
-        rss = sum(rss_kib(pid) for pid in relays) - rss_before
+        rss = sum(rss_mib(pid) for pid in relays) * 1024 - rss_before
     print(
         f"{sessions} concurrent voice sessions, simulator TTFA {ttfa_ms} ms,"
         f" chunks {chunk_ms} ms apart"
