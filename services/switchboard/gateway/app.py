@@ -39,6 +39,7 @@ from switchboard.gateway.backends import Backends, GrpcBackends
 from switchboard.gateway.client_secrets import ClientSecrets
 from switchboard.gateway.drain import Drainer
 from switchboard.gateway.eventlog import EventRecorder
+from switchboard.gateway.leases import LeaseRenewals
 from switchboard.gateway.metrics import GatewayMetrics
 from switchboard.gateway.openai_http import chat_completions_endpoint, responses_endpoint
 from switchboard.gateway.realtime import realtime
@@ -78,6 +79,7 @@ def create_app(
         redis = any_client(settings.redis_url.reveal(), cluster=settings.redis_cluster)
         await warm_up(redis)
         recorder = EventRecorder(used)
+        leases = LeaseRenewals(used, settings.session_lease_s)
         app.state.gateway = Resources(
             settings=settings,
             tenants=tenants,
@@ -85,6 +87,7 @@ def create_app(
             drainer=drainer,
             backends=used,
             recorder=recorder,
+            leases=leases,
             redis=redis,
             client_secrets=ClientSecrets(redis),
             gate=TenantGate(
@@ -102,6 +105,7 @@ def create_app(
         finally:
             watcher.cancel()
             await recorder.close()
+            await leases.close()
             await used.close()
             if app.state.gateway.voice is not None:
                 await app.state.gateway.voice.close()

@@ -180,6 +180,7 @@ async def _serve(
         gateway.gate,
         metrics,
         gateway.recorder,
+        gateway.leases,
         settings,
         holder=holder,
     )

@@ -9,6 +9,7 @@ from switchboard.gateway.backends import Backends
 from switchboard.gateway.client_secrets import ClientSecrets
 from switchboard.gateway.drain import Drainer
 from switchboard.gateway.eventlog import EventRecorder
+from switchboard.gateway.leases import LeaseRenewals
 from switchboard.gateway.metrics import GatewayMetrics
 from switchboard.gateway.tenant_gate import TenantGate
 from switchboard.gateway.voice import VoiceBroker
@@ -25,6 +26,8 @@ class Resources:
     drainer: Drainer
     backends: Backends
     recorder: EventRecorder
+    # The session writer leases of all connections, renewed together.
+    leases: LeaseRenewals
     redis: AnyRedis
     client_secrets: ClientSecrets
     gate: TenantGate
