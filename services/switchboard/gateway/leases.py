@@ -125,9 +125,13 @@ class LeaseRenewals:
                 # Nothing to renew: stop ticking (`hold` starts again).
                 self._task = None
                 return
-            due = [lease for lease in self._held if lease.due()]
-            chunks = [due[n : n + self.max_batch] for n in range(0, len(due), self.max_batch)]
-            await asyncio.gather(*(self._renew(chunk) for chunk in chunks))
+            try:
+                due = [lease for lease in self._held if lease.due()]
+                chunks = [due[n : n + self.max_batch] for n in range(0, len(due), self.max_batch)]
+                await asyncio.gather(*(self._renew(chunk) for chunk in chunks))
+            except Exception:
+                # A bug must not stop every lease of the gateway from being renewed.
+                log.exception("lease renewals failed")
 
     async def _renew(self, leases: list[Lease]) -> None:
         """One `ClaimSessionsBatch` for `leases`; each gets its own outcome."""
