@@ -56,6 +56,8 @@ SUT = ("gateway", "broker", "session", "toolexec", "redis")
 # The paths measured, each scenario in turn: the baseline first.
 KINDS = ("direct", "websocket", "sse")
 TICKS = os.sysconf("SC_CLK_TCK")
+# A stream refused with `server_busy` asks again after this long (the gateway's retry_after).
+RETRY_AFTER_S = 1.0
 
 
 @dataclass
@@ -139,6 +141,8 @@ async def sse_stream(
             if response.status != 200:
                 error = (await response.json())["error"]["code"]
                 phase.errors[error] += 1
+                if error == "server_busy":
+                    await asyncio.sleep(RETRY_AFTER_S)
                 continue
             async for line in response.content:
                 if line.startswith(b"data: {"):
@@ -160,13 +164,20 @@ async def switchboard_stream(url: str, key: str, phase: Phase, text: str, rounds
             await ws.send(say)
             stream.ask()
             await ws.send('{"type":"response.create"}')
+            created = False
             while True:
                 event = orjson.loads(await ws.recv())
                 kind = event["type"]
                 if kind == "response.output_text.delta":
                     stream.delta(event["delta"])
+                elif kind == "response.created":
+                    created = True
                 elif kind == "error":
                     phase.errors[event["error"]["code"]] += 1
+                    if not created and event["error"]["code"] == "server_busy":
+                        # Shed before a response was created: wait as told, ask again.
+                        await asyncio.sleep(RETRY_AFTER_S)
+                        break
                 elif kind == "response.done":
                     break
 
