@@ -27,9 +27,11 @@ Per scenario it prints time to first token (TTFT: from sending the request, or
 `response.create`, to the first text delta) p50/p99 and what Switchboard adds
 over direct, delivered tokens/s (tokens are the simulator's words, however
 many deltas carry them; over the scenario's wall time), the p99 gap between
-two deltas of a stream, errors by code, CPU-seconds per 1k tokens for each
-process (from /proc), and the gateway's memory per stream. It draws TTFT and
-throughput against the number of streams to `--png`.
+two deltas of a stream, errors by code (a round the gateway sheds with
+`server_busy` before creating its response waits the second it is told to,
+then the stream goes on), CPU-seconds per 1k tokens for each process (from
+/proc), and the gateway's memory per stream. It draws TTFT and throughput
+against the number of streams to `--png`.
 
     python -m tools.bench_load [--streams 1,50,200,400] [--png docs/images/bench_load.png]
 """
