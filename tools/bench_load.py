@@ -33,7 +33,8 @@ then the stream goes on), CPU-seconds per 1k tokens for each process (from
 /proc), and the gateway's memory per stream. It draws TTFT and throughput
 against the number of streams to `--png`.
 
-    python -m tools.bench_load [--streams 1,50,200,400] [--png docs/images/bench_load.png]
+    python -m tools.bench_load [--streams 1,50,200,400] [--paths websocket,sse]
+        [--png docs/images/bench_load.png]
 """
 
 from __future__ import annotations
@@ -55,8 +56,6 @@ import websockets
 from tools.stack import Ports, Stack
 
 SUT = ("gateway", "broker", "session", "toolexec", "redis")
-# The paths measured, each scenario in turn: the baseline first.
-KINDS = ("direct", "websocket", "sse")
 TICKS = os.sysconf("SC_CLK_TCK")
 # A stream refused with `server_busy` asks again after this long (the gateway's retry_after).
 RETRY_AFTER_S = 1.0
@@ -445,12 +444,12 @@ async def run(args: argparse.Namespace) -> None:
     litellm = None
     try:
         bench = Bench(stack, args)
-        kinds: tuple[str, ...] = KINDS
+        kinds: tuple[str, ...] = ("direct", *(k for k in args.paths.split(",") if k != "direct"))
         if args.litellm:
             litellm = bench.litellm = LiteLLM(args.litellm, stack.simulator_url)
             await litellm.start()
             bench.pids["litellm"] = litellm.pid
-            kinds = (*KINDS, "litellm")
+            kinds = (*kinds, "litellm")
         bench.pin()
         print(
             f"system under test on core {args.sut_core} ({', '.join(SUT)}); simulator and load "
@@ -498,6 +497,9 @@ def main() -> None:
     parser.add_argument("--burst-tokens", type=int, default=20000)
     parser.add_argument("--idle", type=int, default=500)
     parser.add_argument("--max-concurrent", type=int, default=256)
+    parser.add_argument(
+        "--paths", default="websocket,sse", help="Switchboard paths measured besides direct"
+    )
     parser.add_argument("--sut-core", type=int, default=1)
     parser.add_argument("--client-core", type=int, default=0)
     parser.add_argument("--png", default="docs/images/bench_load.png")
