@@ -1,0 +1,349 @@
+"""MCP tools in voice sessions (docs/voice.md#mcp-tools).
+
+A voice client offers the tools of an MCP server its tenant registered with an
+`{"type": "mcp"}` tool, as a text client does (mcp_config.py checks it). The
+upstream never sees the server: the gateway lists its tools through toolexec
+when the server is first offered (the client sees the `mcp_list_tools` item
+and its events, as in text sessions), declares each listed tool upstream as a
+function `<label>__<tool>` in place of the `mcp` tool, and turns the
+upstream's calls of those functions into `mcp_call` items for the client:
+
+- `response.output_item.added` / `conversation.item.added` of the call carry
+  an `mcp_call` item; its `response.function_call_arguments.delta` become
+  `response.mcp_call_arguments.delta`;
+- the call's `response.function_call_arguments.done`, `response.output_item.done`
+  and `conversation.item.done` are held back, with the response's
+  `response.done`, until the call ran: then the client gets
+  `response.mcp_call_arguments.done`, `response.mcp_call.in_progress`,
+  `response.mcp_call.completed` (or `.failed`), the item's `.done` events with
+  its `output` (or `error`), and the `response.done` whose output holds the
+  `mcp_call` items, as a text client does;
+- the answer the gateway gives the upstream (a `function_call_output`) is not
+  shown: the result is in the `mcp_call` item.
+
+The round itself (running, answering upstream, asking for the follow-up
+response, the round limit, cancel and speech) is voice_tools.py's. Calls need
+`require_approval: "never"` here (approvals are not served in voice sessions;
+a tool the tenant wants approved is not offered). Pure state and events but
+for `list_new` and `run`, which call toolexec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import orjson
+
+from switchboard.errors import InvalidRequest, SwitchboardError
+from switchboard.gateway import mcp_config
+from switchboard.gateway.backends import Backends
+from switchboard.gateway.mcp_output import McpEntry, McpName, output_text, tool_error
+from switchboard.gateway.mcp_session import execute, list_once, tool_json
+from switchboard.gateway.voice_outbox import error_event, local_event
+from switchboard.v1 import common_pb2, toolexec_pb2
+
+log = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+_C = common_pb2
+_CALL_EVENTS = frozenset(
+    {
+        "response.output_item.added",
+        "conversation.item.added",
+        "response.output_item.done",
+        "conversation.item.done",
+    }
+)
+
+
+def is_mcp(tool: Any) -> bool:
+    return isinstance(tool, dict) and tool.get("type") == "mcp"
+
+
+def check_approval(
+    tools: list[Any], configs: Iterable[common_pb2.McpToolConfig], param: str
+) -> None:
+    """Refuse an `mcp` tool of `tools` (`configs`: its `mcp` tools, checked, in
+    order) whose calls the client would approve: not served in voice.
+
+    Raises:
+        InvalidRequest: `unsupported_feature` naming its `require_approval`.
+    """
+    where = [index for index, tool in enumerate(tools) if is_mcp(tool)]
+    for index, config in zip(where, configs, strict=True):
+        if _approving(config):
+            raise InvalidRequest(
+                "Approving MCP calls is not served in voice sessions; send "
+                "'require_approval': 'never' (tools your tenant wants approved are not offered).",
+                code=_C.ERROR_CODE_UNSUPPORTED_FEATURE,
+                param=f"{param}[{index}].require_approval",
+            )
+
+
+def _approving(config: common_pb2.McpToolConfig) -> bool:
+    """Whether the client would approve some calls of the server."""
+    return config.require_approval != "never" or bool(config.approval_tools)
+
+
+class VoiceMcp:
+    """The MCP servers of one voice session (see the module).
+
+    Args:
+        backends: toolexec, for listing and calling.
+        servers: the tenant's registered MCP servers by label.
+        new_id: a new item id (`item_...`).
+        to_client: sends one event (JSON text) to the client.
+    """
+
+    def __init__(
+        self,
+        backends: Backends,
+        tenant_id: str,
+        session_id: str,
+        servers: mcp_config.Servers,
+        *,
+        new_id: Callable[[], str],
+        to_client: Callable[[str], None],
+    ) -> None:
+        self.backends = backends
+        self.tenant_id = tenant_id
+        self.session_id = session_id
+        self.servers = servers
+        self.new_id = new_id
+        self.to_client = to_client
+        # The session's `mcp` tools as the client sent them (shown in its echoes).
+        self.session_tools: list[Event] = []
+        self._listed: dict[str, list[toolexec_pb2.McpTool]] = {}
+        self._listing: dict[str, asyncio.Task[None]] = {}
+        # The function names declared upstream for MCP tools.
+        self.names: dict[str, McpName] = {}
+        # Calls of the responses in progress, by item id; what of them is held.
+        self._calls: dict[str, McpEntry] = {}
+        self._held: dict[str, dict[str, Event]] = {}
+        # Call ids the gateway answered upstream: their outputs are not shown.
+        self._answered: set[str] = set()
+
+    # -- offering ----------------------------------------------------------------------
+
+    def configs(self, raw: list[Event], param: str) -> list[common_pb2.McpToolConfig]:
+        _, configs = mcp_config.split_tools(raw, param, self.servers)
+        return configs
+
+    def unlisted(self, raw: list[Event], param: str) -> list[common_pb2.McpToolConfig]:
+        """The servers among `raw` whose tools are not listed yet."""
+        return [c for c in self.configs(raw, param) if c.server_label not in self._listed]
+
+    async def list_new(self, configs: Iterable[common_pb2.McpToolConfig]) -> None:
+        """List the tools of every server in `configs` not listed yet, in order; a
+        listing already running is awaited, never started twice."""
+        for config in configs:
+            if config.server_label not in self._listed:
+                await list_once(self._listing, config.server_label, self._list_once)
+
+    async def _list_once(self, label: str) -> None:
+        item_id = self.new_id()
+        item: Event = {
+            "id": item_id,
+            "object": "realtime.item",
+            "type": "mcp_list_tools",
+            "server_label": label,
+            "tools": [],
+        }
+        self.to_client(local_event("conversation.item.added", previous_item_id=None, item=item))
+        self.to_client(local_event("mcp_list_tools.in_progress", item_id=item_id))
+        try:
+            reply = await self.backends.list_mcp_tools(self.tenant_id, self.session_id, label)
+            if reply.error_code:
+                raise SwitchboardError(reply.error_message, code=reply.error_code, param=label)
+        except SwitchboardError as exc:
+            log.info(
+                "mcp tools not listed",
+                extra={
+                    "tenant_id": self.tenant_id,
+                    "session_id": self.session_id,
+                    "code": exc.name,
+                },
+            )
+            self.to_client(local_event("mcp_list_tools.failed", item_id=item_id))
+            self.to_client(error_event(exc))
+            return
+        self._listed[label] = list(reply.tools)
+        item["tools"] = [tool_json(tool) for tool in reply.tools]
+        self.to_client(local_event("mcp_list_tools.completed", item_id=item_id))
+        self.to_client(local_event("conversation.item.done", previous_item_id=None, item=item))
+
+    def functions(
+        self, configs: Iterable[common_pb2.McpToolConfig], taken: set[str]
+    ) -> list[Event]:
+        """The Realtime function tools that stand for the listed tools of `configs`
+        (within the client's `allowed_tools`; not those the tenant wants approved,
+        nor a name in `taken`, the client's own). A server whose calls the client
+        would approve offers none (an `ek_` secret's, minted for text sessions)."""
+        tools: list[Event] = []
+        for config in configs:
+            if _approving(config):
+                continue
+            label = config.server_label
+            for tool in self._listed.get(label, ()):
+                name = f"{label}__{tool.name}"
+                if (
+                    not mcp_config.client_allows(config, tool.name)
+                    or tool.requires_approval
+                    or name in taken
+                ):
+                    continue
+                self.names[name] = McpName(label, tool.name, needs_approval=False)
+                parameters = orjson.loads(tool.input_schema_json or "{}")
+                tools.append(
+                    {
+                        "type": "function",
+                        "name": name,
+                        "description": tool.description,
+                        "parameters": parameters,
+                    }
+                )
+        return tools
+
+    def owns(self, name: Any) -> bool:
+        """Whether a function name the upstream calls is an MCP tool's."""
+        return name in self.names
+
+    # -- the upstream's events ----------------------------------------------------------
+
+    def translate(self, event: Event) -> str | None:
+        """An upstream event as the client sees it: None when it goes as it is, ""
+        when it is held or hidden, else the rewritten event (JSON text)."""
+        kind = event.get("type")
+        if kind in _CALL_EVENTS:
+            item = event.get("item")
+            if not isinstance(item, dict):
+                return None
+            if item.get("type") == "function_call_output":
+                return "" if item.get("call_id") in self._answered else None
+            if item.get("type") != "function_call":
+                return None
+            return self._call_item(event, kind, item)
+        if kind == "response.function_call_arguments.delta":
+            entry = self._calls.get(str(event.get("item_id")))
+            if entry is None:
+                return None
+            delta = str(event.get("delta") or "")
+            entry.arguments.append(delta)
+            event = {
+                "type": "response.mcp_call_arguments.delta",
+                "event_id": event.get("event_id"),
+                "response_id": event.get("response_id"),
+                "item_id": entry.item_id,
+                "output_index": entry.output_index,
+                "delta": delta,
+            }
+            return orjson.dumps(event).decode()
+        if kind == "response.function_call_arguments.done":
+            entry = self._calls.get(str(event.get("item_id")))
+            if entry is None:
+                return None
+            entry.arguments[:] = [str(event.get("arguments") or "")]
+            self._held[entry.item_id][kind] = event
+            return ""
+        return None
+
+    def _call_item(self, event: Event, kind: Any, item: Event) -> str | None:
+        item_id = str(item.get("id") or "")
+        entry = self._calls.get(item_id)
+        if entry is None:
+            name = self.names.get(str(item.get("name") or ""))
+            if name is None or kind != "response.output_item.added":
+                return None
+            index = event.get("output_index")
+            entry = McpEntry(
+                item_id,
+                index if isinstance(index, int) else 0,
+                str(item.get("call_id") or ""),
+                name,
+                approval=False,
+            )
+            self._calls[item_id] = entry
+            self._held[item_id] = {}
+        if kind.endswith(".done"):
+            self._held[item_id][kind] = event
+            return ""
+        return orjson.dumps({**event, "item": entry.body(final=False)}).decode()
+
+    def calls_of(self, response: Event) -> list[McpEntry]:
+        """The MCP calls among a `response.done`'s output, in output order."""
+        output = response.get("output") or []
+        ids = [item.get("id") for item in output if isinstance(item, dict)]
+        return [self._calls[i] for i in ids if isinstance(i, str) and i in self._calls]
+
+    def started(self, entries: list[McpEntry]) -> None:
+        """The calls run now: their arguments are whole, then `in_progress`."""
+        for entry in entries:
+            entry.started = True
+            held = self._held[entry.item_id].pop("response.function_call_arguments.done", {})
+            self.to_client(self._arguments_done(entry, held))
+            self.to_client(
+                local_event(
+                    "response.mcp_call.in_progress",
+                    after=held.get("event_id"),
+                    item_id=entry.item_id,
+                    output_index=entry.output_index,
+                )
+            )
+
+    def _arguments_done(self, entry: McpEntry, held: Event) -> str:
+        where = {"item_id": entry.item_id, "output_index": entry.output_index}
+        body = {"response_id": held.get("response_id"), **where, "arguments": entry.text}
+        if held:
+            return orjson.dumps(
+                {"type": "response.mcp_call_arguments.done", "event_id": held["event_id"], **body}
+            ).decode()
+        return local_event("response.mcp_call_arguments.done", **body)
+
+    async def run(self, entries: list[McpEntry]) -> list[str]:
+        """Run the calls in parallel through toolexec (never raises); each ends
+        completed or failed. Returns what the model is given for each."""
+        results = await execute(self.backends, self.tenant_id, self.session_id, entries)
+        given = []
+        for entry, result in zip(entries, results, strict=True):
+            if result.outcome == toolexec_pb2.TOOL_OUTCOME_OK:
+                entry.output = output_text(result.output)
+            else:
+                entry.error = tool_error(result.error_message)
+            self._answered.add(entry.call_id)
+            kind = "failed" if entry.error is not None else "completed"
+            self.to_client(
+                local_event(
+                    f"response.mcp_call.{kind}",
+                    item_id=entry.item_id,
+                    output_index=entry.output_index,
+                )
+            )
+            # As the text path gives an MCP call's result to the model (broker/translate.py).
+            error = orjson.dumps({"error": entry.error}).decode() if entry.error else ""
+            given.append(entry.output if entry.output is not None else error)
+        return given
+
+    def response_done(self, event: Event, entries: list[McpEntry]) -> str:
+        """Close the calls of a finished response (`.done` events with their result;
+        arguments of calls that never ran end here) and its `response.done`, whose
+        output holds them as `mcp_call` items."""
+        for entry in entries:
+            held = self._held.pop(entry.item_id, {})
+            if not entry.started:
+                done = held.pop("response.function_call_arguments.done", {})
+                self.to_client(self._arguments_done(entry, done))
+            body = entry.body(final=True)
+            for kind in ("response.output_item.done", "conversation.item.done"):
+                if kind in held:
+                    self.to_client(orjson.dumps({**held[kind], "item": body}).decode())
+            self._calls.pop(entry.item_id, None)
+        bodies = {entry.item_id: entry.body(final=True) for entry in entries}
+        response = event.get("response") or {}
+        response["output"] = [
+            bodies.get(str(item.get("id")), item) if isinstance(item, dict) else item
+            for item in response.get("output") or []
+        ]
+        return orjson.dumps(event).decode()
