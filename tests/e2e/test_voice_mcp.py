@@ -25,6 +25,7 @@ from tests.e2e.conftest import (
 )
 from tests.e2e.tool_turns import calls, last_session, of_type, until_done
 from tests.mcp_support import TOKEN, McpTestServer
+from tests.voice_support import chunks, silence, speech
 from tools.redis_server import free_port
 from tools.stack import Ports, Stack
 
@@ -43,7 +44,7 @@ tenants:
       shop:
         url: {url}
         headers_env: {{Authorization: VOICE_SHOP_MCP_AUTH}}
-        allowed_tools: [lookup_order, add, fail, echo]
+        allowed_tools: [lookup_order, add, fail, slow, echo]
         require_approval: [echo]
         timeout_s: 5
       gone:
@@ -113,7 +114,13 @@ async def test_a_voice_turn_calls_an_mcp_tool_and_the_model_speaks_of_its_result
     ]
     listing = events[3]["item"]
     assert listing["type"] == "mcp_list_tools" and listing["server_label"] == "shop"
-    assert [tool["name"] for tool in listing["tools"]] == ["add", "echo", "fail", "lookup_order"]
+    assert [tool["name"] for tool in listing["tools"]] == [
+        "add",
+        "echo",
+        "fail",
+        "lookup_order",
+        "slow",
+    ]
     assert events[-1]["session"]["tools"] == [SHOP]
     for event in events:
         assert event["event_id"].startswith("event_v"), event
@@ -157,7 +164,12 @@ async def test_a_voice_turn_calls_an_mcp_tool_and_the_model_speaks_of_its_result
     upstream = last_session(stack)
     # The upstream was offered functions for the listed tools (not the one the tenant
     # wants approved) and never the server; the gateway asked for the follow-up.
-    assert upstream["responses"][0]["tools"] == ["shop__add", "shop__fail", "shop__lookup_order"]
+    assert upstream["responses"][0]["tools"] == [
+        "shop__add",
+        "shop__fail",
+        "shop__lookup_order",
+        "shop__slow",
+    ]
     assert upstream["client_events"]["response.create"] == 2
 
 
@@ -240,7 +252,29 @@ async def test_an_ephemeral_secrets_mcp_tool_is_listed_when_the_session_opens(
         "shop__add",
         "shop__fail",
         "shop__lookup_order",
+        "shop__slow",
     ]
+
+
+async def test_a_cancel_during_an_mcp_call_keeps_its_result_and_asks_for_no_follow_up(
+    stack: Stack, voice: RealtimeClient
+) -> None:
+    await offer(voice, SHOP)
+    await voice.say("wait " + calls(("shop__slow", {"seconds": 1.5})))
+    await voice.send({"type": "response.create"})
+    events = await voice.recv_until("response.mcp_call.in_progress", timeout_s=30)
+    assert not of_type(events, "response.done")  # held until the call ran
+    await voice.send({"type": "response.cancel"})
+    events = await voice.recv_until("response.done", timeout_s=30)
+    assert kinds(events)[:2] == ["response.mcp_call.completed", "response.output_item.done"]
+    (item,) = events[-1]["response"]["output"]
+    assert (item["type"], item["output"]) == ("mcp_call", '{"result":"done"}')
+    # The user has the turn: the next response is the client's, about its message.
+    await voice.say("never mind")
+    later = await voice.respond()
+    assert reply_text(later) == 'turn 2: you said "never mind".'
+    assert not of_type(events + later, "error")
+    assert last_session(stack)["client_events"]["response.create"] == 2
 
 
 def post_json(url: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -290,3 +324,24 @@ async def test_refused_mcp_tools(
     events = await voice.respond()
     assert events[-1]["response"]["status"] == "completed"
     assert not of_type(events, "error")
+
+
+async def test_speech_during_an_mcp_call_waits_for_it_and_gives_the_user_the_turn(
+    stack: Stack, voice: RealtimeClient
+) -> None:
+    instructions = '[[sim {"transcript": "stop"}]]'
+    await voice.send({"type": "session.update", "session": {"instructions": instructions}})
+    await voice.recv_until("session.updated")
+    await offer(voice, SHOP)
+    await voice.say("wait " + calls(("shop__slow", {"seconds": 2})))
+    await voice.send({"type": "response.create"})
+    await voice.recv_until("response.mcp_call.in_progress", timeout_s=30)
+    for chunk in chunks(speech("stop") + silence(400)):
+        await voice.send({"type": "input_audio_buffer.append", "audio": chunk})
+    # The upstream heard the user meanwhile; its events come after the call's end.
+    events = await voice.recv_until("input_audio_buffer.speech_started", timeout_s=30)
+    assert kinds(events).index("response.mcp_call.completed") < kinds(events).index("response.done")
+    # The upstream's VAD answers the user; the gateway asks for no follow-up.
+    events = await voice.recv_until("response.done", timeout_s=30)
+    assert reply_text(events) == 'turn 2: you said "stop".'
+    assert last_session(stack)["client_events"]["response.create"] == 1
