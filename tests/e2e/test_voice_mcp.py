@@ -2,7 +2,7 @@
 SDK, its own process) offered in a voice session, listed by the gateway, declared
 upstream as functions, called by the simulator's Realtime endpoint, run through
 toolexec, shown to the client as `mcp_call` items, followed up; a failing tool and an
-unreachable server; refusals."""
+unreachable server; approvals; refusals."""
 
 from __future__ import annotations
 
@@ -162,10 +162,11 @@ async def test_a_voice_turn_calls_an_mcp_tool_and_the_model_speaks_of_its_result
     )
     assert not of_type(events, "error")
     upstream = last_session(stack)
-    # The upstream was offered functions for the listed tools (not the one the tenant
-    # wants approved) and never the server; the gateway asked for the follow-up.
+    # The upstream was offered functions for the listed tools and never the server;
+    # the gateway asked for the follow-up.
     assert upstream["responses"][0]["tools"] == [
         "shop__add",
+        "shop__echo",
         "shop__fail",
         "shop__lookup_order",
         "shop__slow",
@@ -250,6 +251,7 @@ async def test_an_ephemeral_secrets_mcp_tool_is_listed_when_the_session_opens(
         assert reply_text(events).startswith("tool shop__lookup_order returned")
     assert last_session(stack)["responses"][0]["tools"] == [
         "shop__add",
+        "shop__echo",
         "shop__fail",
         "shop__lookup_order",
         "shop__slow",
@@ -288,14 +290,103 @@ def post_json(url: str, body: dict[str, Any]) -> dict[str, Any]:
         return minted
 
 
+async def test_a_call_needing_approval_runs_once_approved_in_the_next_response(
+    stack: Stack, voice: RealtimeClient
+) -> None:
+    # The tenant wants `echo` approved; the client asks for no other approvals.
+    await offer(voice, SHOP)
+    await voice.say("say it " + calls(("shop__echo", {"text": "hello there"})))
+    events = await voice.respond()
+    (request,) = events[-1]["response"]["output"]
+    assert (request["type"], request["server_label"], request["name"]) == (
+        "mcp_approval_request",
+        "shop",
+        "echo",
+    )
+    assert json.loads(request["arguments"]) == {"text": "hello there"}
+    assert of_type(events, "response.output_item.done")[0]["item"] == request
+    assert not [k for k in kinds(events) if k.startswith("response.mcp_call")]
+    # Not run, and no follow-up: the client answers.
+    await voice.send(
+        {
+            "type": "conversation.item.create",
+            "item": {
+                "type": "mcp_approval_response",
+                "approval_request_id": request["id"],
+                "approve": True,
+            },
+        }
+    )
+    added = (await voice.recv_until("conversation.item.done"))[-1]["item"]
+    assert (added["type"], added["approval_request_id"], added["approve"]) == (
+        "mcp_approval_response",
+        request["id"],
+        True,
+    )
+    events = await voice.respond()
+    assert [k for k in kinds(events) if "mcp" in k or "output_item" in k][:5] == [
+        "response.output_item.added",
+        "response.mcp_call_arguments.done",
+        "response.mcp_call.in_progress",
+        "response.mcp_call.completed",
+        "response.output_item.added",
+    ]
+    call, message = events[-1]["response"]["output"]
+    assert (call["type"], call["approval_request_id"], call["output"]) == (
+        "mcp_call",
+        request["id"],
+        '{"result":"hello there"}',
+    )
+    assert message["type"] == "message"
+    indices = [e["output_index"] for e in of_type(events, "response.output_item.added")]
+    assert indices == [0, 1]
+    assert reply_text(events) == 'tool shop__echo returned {"result":"hello there"}'
+    assert last_session(stack)["client_events"]["response.create"] == 2
+    # An approval request is acted on once.
+    await voice.send(
+        {
+            "type": "conversation.item.create",
+            "event_id": "ev_again",
+            "item": {
+                "type": "mcp_approval_response",
+                "approval_request_id": request["id"],
+                "approve": True,
+            },
+        }
+    )
+    error = await voice.recv()
+    assert (error["type"], error["error"]["code"]) == ("error", "item_not_found")
+    assert error["error"]["event_id"] == "ev_again"
+
+
+async def test_a_denied_call_is_not_run_and_the_model_reads_why(voice: RealtimeClient) -> None:
+    await offer(voice, {"type": "mcp", "server_label": "shop"})  # approve every call
+    await voice.say("add " + calls(("shop__add", {"a": 1, "b": 2})))
+    events = await voice.respond()
+    (request,) = events[-1]["response"]["output"]
+    assert request["type"] == "mcp_approval_request"
+    answer = {
+        "type": "mcp_approval_response",
+        "approval_request_id": request["id"],
+        "approve": False,
+        "reason": "not now",
+    }
+    await voice.send({"type": "conversation.item.create", "item": answer})
+    await voice.recv_until("conversation.item.done")
+    events = await voice.respond()
+    assert "response.mcp_call.failed" in kinds(events)
+    assert "response.mcp_call.in_progress" not in kinds(events)
+    call = events[-1]["response"]["output"][0]
+    assert call["output"] is None
+    assert call["error"]["message"] == (
+        "The user did not approve this call, so it was not made. Reason given: not now"
+    )
+    assert reply_text(events).startswith('tool shop__add returned {"error":')
+
+
 @pytest.mark.parametrize(
     ("tool", "code", "param"),
     [
-        (
-            {"type": "mcp", "server_label": "shop"},
-            "unsupported_feature",
-            "session.tools[1].require_approval",
-        ),
         (
             {"type": "mcp", "server_label": "elsewhere", "require_approval": "never"},
             "mcp_server_not_registered",

@@ -1,6 +1,6 @@
 """VoiceMcp's translation of an upstream's function calls into `mcp_call` items, fed
-events as a voice session sees them (no sockets); the approval refusal; the ids of
-the gateway's own events. (Listing and calling need toolexec and an MCP server:
+events as a voice session sees them (no sockets); approval requests and answers;
+the ids of the gateway's own events. (Listing and calling need toolexec and an MCP server:
 tests/e2e/test_voice_mcp.py.)"""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import orjson
 import pytest
 
 from switchboard.errors import InvalidRequest
-from switchboard.gateway import mcp_config
+from switchboard.gateway import items
 from switchboard.gateway.mcp_output import McpName
-from switchboard.gateway.voice_mcp import VoiceMcp, check_approval
+from switchboard.gateway.mcp_session import NOT_APPROVED
+from switchboard.gateway.voice_mcp import VoiceMcp
 from switchboard.gateway.voice_outbox import local_event
 from switchboard.gateway.voice_resume import ResumeState
 from switchboard.tenancy import McpServer
@@ -175,23 +176,74 @@ def test_a_call_of_a_cancelled_response_is_closed_without_running() -> None:
     assert (item["type"], item["output"], item["error"]) == ("mcp_call", None, None)
 
 
-def test_calls_the_client_would_approve_are_refused() -> None:
-    tools = [
-        {"type": "function", "name": "get_weather"},
-        {"type": "mcp", "server_label": "shop", "require_approval": "never"},
-        {"type": "mcp", "server_label": "shop", "server_url": SERVERS["shop"].url},
+def test_a_call_that_needs_approval_is_an_approval_request_answered_in_the_next_response() -> None:
+    voice, to_client = mcp()
+    voice.names["shop__lookup"] = McpName("shop", "lookup", needs_approval=True)
+    shown = [voice.translate(event) for event in call_events()]
+    added, _, delta1, delta2, arguments_done, item_done, conversation_done = shown
+    assert orjson.loads(added or "")["item"]["type"] == "mcp_approval_request"
+    assert (delta1, delta2, arguments_done) == ("", "", "")  # its arguments come whole
+    for text in (item_done, conversation_done):
+        item = orjson.loads(text or "")["item"]
+        assert (item["type"], item["arguments"]) == ("mcp_approval_request", '{"q":"ord_7"}')
+    done = {
+        "type": "response.done",
+        "response": {"id": "resp_1", "status": "completed", "output": [CALL]},
+    }
+    assert not voice.runs("shop__lookup")
+    text = voice.response_done(done, voice.calls_of(done["response"]))
+    assert orjson.loads(text)["response"]["output"][0]["type"] == "mcp_approval_request"
+    assert not to_client
+    # The client's answer: shown as added; one naming no request is item_not_found.
+    answer = items.item_from_client(
+        {"type": "mcp_approval_response", "approval_request_id": "item_9", "approve": False}
+    )
+    voice.approval_answer(answer)
+    assert [orjson.loads(t)["type"] for t in to_client] == [
+        "conversation.item.added",
+        "conversation.item.done",
     ]
     with pytest.raises(InvalidRequest) as refused:
-        mcp_config.split_tools(tools, "session.tools", {})
-    assert refused.value.param == "session.tools[1].server_label"
-    _, configs = mcp_config.split_tools(tools[:2], "session.tools", SERVERS)
-    check_approval(tools[:2], configs, "session.tools")
-    approving = [tools[0], tools[2]]
-    _, configs = mcp_config.split_tools(approving, "session.tools", SERVERS)
-    with pytest.raises(InvalidRequest) as refused:
-        check_approval(approving, configs, "session.tools")
-    assert refused.value.name == "unsupported_feature"
-    assert refused.value.param == "session.tools[1].require_approval"
+        voice.approval_answer(answer)  # acted on once
+    assert refused.value.name == "item_not_found"
+
+
+async def test_a_denied_call_opens_the_next_response_failed_before_its_output() -> None:
+    voice, to_client = mcp()
+    voice.names["shop__lookup"] = McpName("shop", "lookup", needs_approval=True)
+    for event in call_events():
+        voice.translate(event)
+    done = {"type": "response.done", "response": {"id": "resp_1", "output": [CALL]}}
+    voice.response_done(done, voice.calls_of(done["response"]))
+    voice.approval_answer(
+        items.item_from_client(
+            {
+                "type": "mcp_approval_response",
+                "approval_request_id": "item_9",
+                "approve": False,
+                "reason": "no",
+            }
+        )
+    )
+    to_client.clear()
+    ((call_id, given),) = await voice.answer_approvals()  # nothing runs: no toolexec
+    assert call_id == "call_1" and NOT_APPROVED in given
+    voice.opened({"type": "response.created", "response": {"id": "resp_2"}})
+    assert [orjson.loads(t)["type"] for t in to_client] == [
+        "response.output_item.added",
+        "conversation.item.added",
+        "response.mcp_call.failed",
+    ]
+    # The upstream's own output of that response comes after the call.
+    delta = {"type": "response.output_text.delta", "response_id": "resp_2", "output_index": 0}
+    assert orjson.loads(voice.translate(delta) or "")["output_index"] == 1
+    message = {"id": "item_m", "type": "message"}
+    done = {"type": "response.done", "response": {"id": "resp_2", "output": [message]}}
+    assert voice.closes(done["response"])
+    output = orjson.loads(voice.response_done(done, []))["response"]["output"]
+    assert [item["type"] for item in output] == ["mcp_call", "message"]
+    assert output[0]["error"]["message"] == NOT_APPROVED + " Reason given: no"
+    assert output[0]["approval_request_id"] == "item_9"
 
 
 def test_the_gateways_own_events_are_numbered_after_the_last_upstream_event() -> None:

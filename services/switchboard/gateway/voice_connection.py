@@ -47,7 +47,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from switchboard.config import GatewaySettings
 from switchboard.errors import InvalidRequest, SwitchboardError
-from switchboard.gateway import client_events, voice_events, voice_resume
+from switchboard.gateway import client_events, items, voice_events, voice_resume
 from switchboard.gateway.backends import Backends
 from switchboard.gateway.client_secrets import Grant
 from switchboard.gateway.ids import Ids
@@ -355,6 +355,11 @@ class VoiceConnection:
                     self.audio.format = fmt
             else:
                 voice_events.check_event(event, kind, self.tenant.mcp_servers)
+            item = event.get("item") if kind == "conversation.item.create" else None
+            if isinstance(item, dict) and item.get("type") == "mcp_approval_response":
+                # The gateway's to act on: the upstream knows no MCP.
+                self.mcp.approval_answer(items.item_from_client(item))
+                return
             # MCP servers offered for the first time are listed before the event goes.
             await self.tools.prepare(event, kind)
         except InvalidRequest as error:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from switchboard.errors import InvalidRequest, invalid_value, missing_parameter, quote
-from switchboard.gateway import bounds, fields, mcp_config, voice_mcp
+from switchboard.gateway import bounds, fields, items, mcp_config
 from switchboard.gateway.sessions import SESSION_FIELDS, check_locked
 from switchboard.limits.ledger import AudioTokens
 from switchboard.v1 import common_pb2
@@ -196,6 +196,9 @@ def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
+_ITEM_TYPES = ("message", "function_call", "function_call_output", "mcp_approval_response")
+
+
 def check_event(event: Event, kind: str, servers: mcp_config.Servers | None = None) -> None:
     """Refuse a voice session's client event that may not go upstream as sent
     (other than `session.update` and `input_audio_buffer.append`, checked apart).
@@ -227,12 +230,14 @@ def check_event(event: Event, kind: str, servers: mcp_config.Servers | None = No
                 if item is None
                 else invalid_value("item", "Invalid type for 'item': expected an object.")
             )
-        if item.get("type") not in ("message", "function_call", "function_call_output"):
+        if item.get("type") not in _ITEM_TYPES:
             raise invalid_value(
                 "item.type",
-                f"Invalid value: {quote(item.get('type'))}. "
-                "Expected 'message', 'function_call' or 'function_call_output'.",
+                f"Invalid value: {quote(item.get('type'))}. Expected 'message', "
+                "'function_call', 'function_call_output' or 'mcp_approval_response'.",
             )
+        if item["type"] == "mcp_approval_response":
+            items.item_from_client(item)
     elif kind == "response.create":
         response = event.get("response") or {}
         if not isinstance(response, dict):
@@ -302,10 +307,8 @@ def check_session(
 
 
 def _tools(value: Any, param: str, servers: mcp_config.Servers | None) -> None:
-    """Function tools and `mcp` tools of servers the tenant registered, whose calls
-    need no approval (voice_mcp.py)."""
-    _, mcp = mcp_config.split_tools(value, param, servers or {})
-    voice_mcp.check_approval(value, mcp, param)
+    """Function tools and `mcp` tools of servers the tenant registered (voice_mcp.py)."""
+    mcp_config.split_tools(value, param, servers or {})
 
 
 def _input(raw: Any, param: str) -> str | None:

@@ -22,10 +22,15 @@ upstream's calls of those functions into `mcp_call` items for the client:
   shown: the result is in the `mcp_call` item.
 
 The round itself (running, answering upstream, asking for the follow-up
-response, the round limit, cancel and speech) is voice_tools.py's. Calls need
-`require_approval: "never"` here (approvals are not served in voice sessions;
-a tool the tenant wants approved is not offered). Pure state and events but
-for `list_new` and `run`, which call toolexec.
+response, the round limit, cancel and speech) is voice_tools.py's.
+
+A call that needs the client's approval is shown as an `mcp_approval_request`
+item instead, and not run. The client's `mcp_approval_response` stays here
+(`approval_answer`); at its next `response.create` the approved calls run (the
+denied ones are refused), are answered upstream (`answer_approvals`), and open
+the response that follows as `mcp_call` items, the upstream's own output
+moved after them (`opened`). Pure state and events but for `list_new`, `run`
+and `answer_approvals`, which call toolexec.
 """
 
 from __future__ import annotations
@@ -38,10 +43,10 @@ from typing import Any
 import orjson
 
 from switchboard.errors import InvalidRequest, SwitchboardError
-from switchboard.gateway import mcp_config
+from switchboard.gateway import items, mcp_config
 from switchboard.gateway.backends import Backends
 from switchboard.gateway.mcp_output import McpEntry, McpName, output_text, tool_error
-from switchboard.gateway.mcp_session import execute, list_once, tool_json
+from switchboard.gateway.mcp_session import NOT_APPROVED, execute, list_once, tool_json
 from switchboard.gateway.voice_outbox import error_event, local_event
 from switchboard.v1 import common_pb2, toolexec_pb2
 
@@ -61,31 +66,6 @@ _CALL_EVENTS = frozenset(
 
 def is_mcp(tool: Any) -> bool:
     return isinstance(tool, dict) and tool.get("type") == "mcp"
-
-
-def check_approval(
-    tools: list[Any], configs: Iterable[common_pb2.McpToolConfig], param: str
-) -> None:
-    """Refuse an `mcp` tool of `tools` (`configs`: its `mcp` tools, checked, in
-    order) whose calls the client would approve: not served in voice.
-
-    Raises:
-        InvalidRequest: `unsupported_feature` naming its `require_approval`.
-    """
-    where = [index for index, tool in enumerate(tools) if is_mcp(tool)]
-    for index, config in zip(where, configs, strict=True):
-        if _approving(config):
-            raise InvalidRequest(
-                "Approving MCP calls is not served in voice sessions; send "
-                "'require_approval': 'never' (tools your tenant wants approved are not offered).",
-                code=_C.ERROR_CODE_UNSUPPORTED_FEATURE,
-                param=f"{param}[{index}].require_approval",
-            )
-
-
-def _approving(config: common_pb2.McpToolConfig) -> bool:
-    """Whether the client would approve some calls of the server."""
-    return config.require_approval != "never" or bool(config.approval_tools)
 
 
 class VoiceMcp:
@@ -125,6 +105,14 @@ class VoiceMcp:
         self._held: dict[str, dict[str, Event]] = {}
         # Call ids the gateway answered upstream: their outputs are not shown.
         self._answered: set[str] = set()
+        # Approval requests by item id; those answered; the answers not acted on.
+        self._requests: dict[str, McpEntry] = {}
+        self._decided: set[str] = set()
+        self._answers: list[common_pb2.Item] = []
+        # Calls answered before the next response, and those that opened a
+        # response (by its id): the upstream's output comes after them.
+        self._opening: list[McpEntry] = []
+        self._opened: dict[Any, list[McpEntry]] = {}
 
     # -- offering ----------------------------------------------------------------------
 
@@ -179,23 +167,20 @@ class VoiceMcp:
         self, configs: Iterable[common_pb2.McpToolConfig], taken: set[str]
     ) -> list[Event]:
         """The Realtime function tools that stand for the listed tools of `configs`
-        (within the client's `allowed_tools`; not those the tenant wants approved,
-        nor a name in `taken`, the client's own). A server whose calls the client
-        would approve offers none (an `ek_` secret's, minted for text sessions)."""
+        (within the client's `allowed_tools`; not a name in `taken`, the client's
+        own), noting which calls need the client's approval (the tenant's policy or
+        the client's `require_approval`)."""
         tools: list[Event] = []
         for config in configs:
-            if _approving(config):
-                continue
             label = config.server_label
             for tool in self._listed.get(label, ()):
                 name = f"{label}__{tool.name}"
-                if (
-                    not mcp_config.client_allows(config, tool.name)
-                    or tool.requires_approval
-                    or name in taken
-                ):
+                if not mcp_config.client_allows(config, tool.name) or name in taken:
                     continue
-                self.names[name] = McpName(label, tool.name, needs_approval=False)
+                approval = tool.requires_approval or mcp_config.client_wants_approval(
+                    config, tool.name
+                )
+                self.names[name] = McpName(label, tool.name, needs_approval=approval)
                 parameters = orjson.loads(tool.input_schema_json or "{}")
                 tools.append(
                     {
@@ -211,11 +196,34 @@ class VoiceMcp:
         """Whether a function name the upstream calls is an MCP tool's."""
         return name in self.names
 
+    def runs(self, name: Any) -> bool:
+        """Whether the gateway runs a call of `name` when the response ends (an MCP
+        tool's that needs no approval)."""
+        mcp = self.names.get(name) if isinstance(name, str) else None
+        return mcp is not None and not mcp.needs_approval
+
     # -- the upstream's events ----------------------------------------------------------
 
     def translate(self, event: Event) -> str | None:
         """An upstream event as the client sees it: None when it goes as it is, ""
         when it is held or hidden, else the rewritten event (JSON text)."""
+        shifted = self._shift(event)
+        translated = self._translate(event)
+        if translated is None and shifted:
+            return orjson.dumps(event).decode()
+        return translated
+
+    def _shift(self, event: Event) -> bool:
+        """Move the upstream's output of a response that opened with approved (or
+        denied) calls after them."""
+        opened = self._opened.get(event.get("response_id")) if self._opened else None
+        index = event.get("output_index")
+        if opened is None or not isinstance(index, int):
+            return False
+        event["output_index"] = index + len(opened)
+        return True
+
+    def _translate(self, event: Event) -> str | None:
         kind = event.get("type")
         if kind in _CALL_EVENTS:
             item = event.get("item")
@@ -232,6 +240,8 @@ class VoiceMcp:
                 return None
             delta = str(event.get("delta") or "")
             entry.arguments.append(delta)
+            if entry.approval:
+                return ""  # an approval request's arguments come whole, at its end
             event = {
                 "type": "response.mcp_call_arguments.delta",
                 "event_id": event.get("event_id"),
@@ -246,7 +256,8 @@ class VoiceMcp:
             if entry is None:
                 return None
             entry.arguments[:] = [str(event.get("arguments") or "")]
-            self._held[entry.item_id][kind] = event
+            if not entry.approval:
+                self._held[entry.item_id][kind] = event
             return ""
         return None
 
@@ -263,11 +274,13 @@ class VoiceMcp:
                 index if isinstance(index, int) else 0,
                 str(item.get("call_id") or ""),
                 name,
-                approval=False,
+                approval=name.needs_approval,
             )
             self._calls[item_id] = entry
             self._held[item_id] = {}
         if kind.endswith(".done"):
+            if entry.approval:  # not run: it ends with its arguments, at once
+                return orjson.dumps({**event, "item": entry.body(final=True)}).decode()
             self._held[item_id][kind] = event
             return ""
         return orjson.dumps({**event, "item": entry.body(final=False)}).decode()
@@ -277,6 +290,10 @@ class VoiceMcp:
         output = response.get("output") or []
         ids = [item.get("id") for item in output if isinstance(item, dict)]
         return [self._calls[i] for i in ids if isinstance(i, str) and i in self._calls]
+
+    def closes(self, response: Event) -> bool:
+        """Whether a `response.done` is to be rewritten (`response_done`)."""
+        return bool(self.calls_of(response)) or response.get("id") in self._opened
 
     def started(self, entries: list[McpEntry]) -> None:
         """The calls run now: their arguments are whole, then `in_progress`."""
@@ -308,10 +325,7 @@ class VoiceMcp:
         results = await execute(self.backends, self.tenant_id, self.session_id, entries)
         given = []
         for entry, result in zip(entries, results, strict=True):
-            if result.outcome == toolexec_pb2.TOOL_OUTCOME_OK:
-                entry.output = output_text(result.output)
-            else:
-                entry.error = tool_error(result.error_message)
+            _record(entry, result)
             self._answered.add(entry.call_id)
             kind = "failed" if entry.error is not None else "completed"
             self.to_client(
@@ -321,18 +335,26 @@ class VoiceMcp:
                     output_index=entry.output_index,
                 )
             )
-            # As the text path gives an MCP call's result to the model (broker/translate.py).
-            error = orjson.dumps({"error": entry.error}).decode() if entry.error else ""
-            given.append(entry.output if entry.output is not None else error)
+            given.append(_given(entry))
         return given
 
     def response_done(self, event: Event, entries: list[McpEntry]) -> str:
         """Close the calls of a finished response (`.done` events with their result;
         arguments of calls that never ran end here) and its `response.done`, whose
         output holds them as `mcp_call` items."""
+        response = event.get("response") or {}
+        response_id = response.get("id")
+        opened = self._opened.pop(response_id, [])
+        for entry in opened:
+            body = entry.body(final=True)
+            where = {"response_id": response_id, "output_index": entry.output_index}
+            self.to_client(local_event("response.output_item.done", **where, item=body))
+            self.to_client(local_event("conversation.item.done", previous_item_id=None, item=body))
         for entry in entries:
             held = self._held.pop(entry.item_id, {})
-            if not entry.started:
+            if entry.approval:
+                self._requests[entry.item_id] = entry  # for the client's answer
+            elif not entry.started:
                 done = held.pop("response.function_call_arguments.done", {})
                 self.to_client(self._arguments_done(entry, done))
             body = entry.body(final=True)
@@ -341,9 +363,115 @@ class VoiceMcp:
                     self.to_client(orjson.dumps({**held[kind], "item": body}).decode())
             self._calls.pop(entry.item_id, None)
         bodies = {entry.item_id: entry.body(final=True) for entry in entries}
-        response = event.get("response") or {}
-        response["output"] = [
+        response["output"] = [entry.body(final=True) for entry in opened] + [
             bodies.get(str(item.get("id")), item) if isinstance(item, dict) else item
             for item in response.get("output") or []
         ]
         return orjson.dumps(event).decode()
+
+    # -- approvals ----------------------------------------------------------------------
+
+    def approval_answer(self, item: common_pb2.Item) -> None:
+        """A client's `mcp_approval_response` (not sent upstream): added to the
+        conversation as the client sees it, acted on at its next `response.create`.
+
+        Raises:
+            InvalidRequest: `item_not_found` when it answers no approval request of
+                this connection (or one answered already).
+        """
+        request_id = item.approval_request_id
+        if request_id not in self._requests or request_id in self._decided:
+            raise InvalidRequest(
+                f"The item '{request_id}' is not an mcp_approval_request.",
+                code=_C.ERROR_CODE_ITEM_NOT_FOUND,
+                param="item.approval_request_id",
+            )
+        self._decided.add(request_id)
+        item.id = item.id or self.new_id()
+        self._answers.append(item)
+        body = items.item_to_json(item)
+        self.to_client(local_event("conversation.item.added", previous_item_id=None, item=body))
+        self.to_client(local_event("conversation.item.done", previous_item_id=None, item=body))
+
+    async def answer_approvals(self) -> list[tuple[str, str]]:
+        """Run the calls the client approved since the last response (refuse those it
+        denied); they open the next response (`opened`).
+
+        Returns:
+            Each call's id and what the model is given for it.
+        """
+        answers, self._answers = self._answers, []
+        entries = []
+        for answer in answers:
+            request = self._requests.pop(answer.approval_request_id)
+            entry = McpEntry(
+                self.new_id(),
+                -1,
+                request.call_id,
+                McpName(request.name.server_label, request.name.tool, needs_approval=False),
+                approval=False,
+                arguments=[request.text],
+                approval_request_id=answer.approval_request_id,
+            )
+            if not answer.approve:
+                reason = f" Reason given: {answer.reason}" if answer.reason else ""
+                entry.error = tool_error(NOT_APPROVED + reason)
+            entries.append(entry)
+        approved = [entry for entry in entries if entry.error is None]
+        results = await execute(self.backends, self.tenant_id, self.session_id, approved)
+        for entry, result in zip(approved, results, strict=True):
+            entry.started = True
+            _record(entry, result)
+        self._opening.extend(entries)
+        for entry in entries:
+            self._answered.add(entry.call_id)
+        return [(entry.call_id, _given(entry)) for entry in entries]
+
+    def opened(self, event: Event) -> None:
+        """A response started upstream: the calls answered before it open it, as in
+        text sessions (its own output follows them)."""
+        response_id = str((event.get("response") or {}).get("id") or "")
+        if not self._opening or not response_id:
+            return
+        opened, self._opening = self._opening, []
+        self._opened[response_id] = opened
+        for index, entry in enumerate(opened):
+            entry.output_index = index
+            body = entry.body(final=False)
+            where = {"item_id": entry.item_id, "output_index": index}
+            self.to_client(
+                local_event(
+                    "response.output_item.added",
+                    response_id=response_id,
+                    output_index=index,
+                    item=body,
+                )
+            )
+            self.to_client(local_event("conversation.item.added", previous_item_id=None, item=body))
+            if entry.started:
+                self.to_client(
+                    local_event(
+                        "response.mcp_call_arguments.done",
+                        response_id=response_id,
+                        **where,
+                        arguments=entry.text,
+                    )
+                )
+                self.to_client(local_event("response.mcp_call.in_progress", **where))
+            kind = "failed" if entry.error is not None else "completed"
+            self.to_client(local_event(f"response.mcp_call.{kind}", **where))
+
+
+def _record(entry: McpEntry, result: toolexec_pb2.ExecuteResponse) -> None:
+    """A call's answer from toolexec, on its item."""
+    if result.outcome == toolexec_pb2.TOOL_OUTCOME_OK:
+        entry.output = output_text(result.output)
+    else:
+        entry.error = tool_error(result.error_message)
+
+
+def _given(entry: McpEntry) -> str:
+    """What the model is given for a call, as the text path gives it (broker/translate.py)."""
+    if entry.output is not None:
+        return entry.output
+    return orjson.dumps({"error": entry.error}).decode()

@@ -161,6 +161,12 @@ class VoiceTools:
         if kind not in ("session.update", "response.create"):
             return
         tools = body.get("tools") if isinstance(body, dict) else None
+        if kind == "response.create":
+            # Calls the client approved (or denied) since the last response: run,
+            # answered upstream, and shown at the start of the response.
+            for call_id, output in await self.mcp.answer_approvals():
+                answer = {"type": "function_call_output", "call_id": call_id, "output": output}
+                self.to_upstream(orjson.dumps({"type": "conversation.item.create", "item": answer}))
         if isinstance(tools, list):
             mcp = [tool for tool in tools if is_mcp(tool)]
             param = "session.tools" if kind == "session.update" else "response.tools"
@@ -236,7 +242,13 @@ class VoiceTools:
             for item in response.get("output") or []
             if isinstance(item, dict) and item.get("type") == "function_call"
         ]
-        ours = [call for call in calls if not self._client_tool(call)]
+        ours = [
+            call
+            for call in calls
+            if call.get("name") not in self.client_names
+            and (call.get("name") in self.catalogue or self.mcp.runs(call.get("name")))
+        ]
+        # An MCP call that needs approval is the client's to answer too.
         return ours, len(ours) < len(calls)
 
     def held(self, event: Event) -> None:
@@ -261,6 +273,7 @@ class VoiceTools:
         it): note what takes the turn from a running round."""
         kind = event.get("type")
         if kind == "response.created":
+            self.mcp.opened(event)
             if self._follow_up:
                 self._follow_up = False
             else:
@@ -275,10 +288,13 @@ class VoiceTools:
         the round of its server calls. A response with MCP calls has its
         `response.done` sent by the round, once they ran (the upstream's next
         events are held back meanwhile)."""
-        entries = self.mcp.calls_of(event.get("response") or {})
+        response = event.get("response") or {}
+        entries = self.mcp.calls_of(response)
+        if self.mcp.closes(response):
+            text = ""  # rewritten, with its calls' ends before it
         ours, client_runs = self.server_calls(event) if run else ([], False)
         if not ours:
-            self.to_client(self.mcp.response_done(event, entries) if entries else text)
+            self.to_client(text or self.mcp.response_done(event, entries))
             return
         if self.rounds >= self.max_rounds:
             self.rounds = 0
@@ -286,22 +302,24 @@ class VoiceTools:
                 f"Stopped after {self.max_rounds} rounds of server-side tool calls in one turn.",
                 code=common_pb2.ERROR_CODE_TOOL_ROUNDS_EXCEEDED,
             )
-            self.to_client(self.mcp.response_done(event, entries) if entries else text)
+            self.to_client(text or self.mcp.response_done(event, entries))
             self.to_client(error_event(error))
             return
         self.rounds += 1
         self._stopped = client_runs
-        if entries:
-            self.hold()
-        else:
+        if text:
             self.to_client(text)
+        else:
+            self.hold()
         self._task = asyncio.create_task(self._run(event, ours))
 
     async def _run(self, event: Event, calls: list[Event]) -> None:
         """Run one round's calls, answer them upstream, ask for the follow-up."""
         response = event.get("response") or {}
         response_id = str(response.get("id") or "")
+        closes = self.mcp.closes(response)
         entries = self.mcp.calls_of(response)
+        runs = [entry for entry in entries if not entry.approval]
         items = [
             common_pb2.Item(
                 call_id=str(call.get("call_id") or ""),
@@ -313,24 +331,24 @@ class VoiceTools:
         ]
         attributes: dict[str, Any] = {
             **tracing.ids(self.server.tenant_id, self.server.session_id, response_id),
-            "switchboard.tool_calls": len(items) + len(entries),
+            "switchboard.tool_calls": len(items) + len(runs),
         }
         try:
             with tracing.span(_TRACER, "voice.tools", attributes=attributes):
-                self.mcp.started(entries)
-                results, given = await asyncio.gather(self.server.run(items), self.mcp.run(entries))
+                self.mcp.started(runs)
+                results, given = await asyncio.gather(self.server.run(items), self.mcp.run(runs))
             self._answer(items, results)
-            for entry, output in zip(entries, given, strict=True):
+            for entry, output in zip(runs, given, strict=True):
                 answer = {
                     "type": "function_call_output",
                     "call_id": entry.call_id,
                     "output": output,
                 }
                 self.to_upstream(orjson.dumps({"type": "conversation.item.create", "item": answer}))
-            if entries:
+            if closes:
                 self.to_client(self.mcp.response_done(event, entries))
         finally:
-            if entries:
+            if closes:
                 self.release()
         if self._stopped:
             log.info(
