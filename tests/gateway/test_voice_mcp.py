@@ -15,6 +15,7 @@ from switchboard.gateway import items
 from switchboard.gateway.mcp_output import McpName
 from switchboard.gateway.mcp_session import NOT_APPROVED
 from switchboard.gateway.voice_mcp import VoiceMcp
+from switchboard.gateway.voice_mcp_offer import McpOffer
 from switchboard.gateway.voice_outbox import local_event
 from switchboard.gateway.voice_resume import ResumeState
 from switchboard.tenancy import McpServer
@@ -33,7 +34,7 @@ CALL = {
 
 def mcp() -> tuple[VoiceMcp, list[str]]:
     to_client: list[str] = []
-    voice = VoiceMcp(
+    offer = McpOffer(
         None,  # type: ignore[arg-type]  # never called here
         "acme",
         "sess_1",
@@ -41,6 +42,7 @@ def mcp() -> tuple[VoiceMcp, list[str]]:
         new_id=lambda: "item_1",
         to_client=to_client.append,
     )
+    voice = VoiceMcp(offer)
     voice.names["shop__lookup"] = McpName("shop", "lookup", needs_approval=False)
     return voice, to_client
 
@@ -190,7 +192,7 @@ def test_a_call_that_needs_approval_is_an_approval_request_answered_in_the_next_
         "type": "response.done",
         "response": {"id": "resp_1", "status": "completed", "output": [CALL]},
     }
-    assert not voice.runs("shop__lookup")
+    assert not voice.offer.runs("shop__lookup")
     text = voice.response_done(done, voice.calls_of(done["response"]))
     assert orjson.loads(text)["response"]["output"][0]["type"] == "mcp_approval_request"
     assert not to_client

@@ -10,6 +10,7 @@ import orjson
 
 from switchboard.gateway.server_tools import ServerTools
 from switchboard.gateway.voice_mcp import VoiceMcp
+from switchboard.gateway.voice_mcp_offer import McpOffer
 from switchboard.gateway.voice_tools import VoiceTools
 from switchboard.v1 import common_pb2
 
@@ -24,12 +25,14 @@ def tools(max_rounds: int = 8) -> tuple[VoiceTools, list[str], list[bytes]]:
         to_client=to_client.append,
         on_idle=lambda: None,
         mcp=VoiceMcp(
-            None,  # type: ignore[arg-type]  # never called here
-            "acme",
-            "sess_1",
-            {},
-            new_id=lambda: "item_1",
-            to_client=to_client.append,
+            McpOffer(
+                None,  # type: ignore[arg-type]  # never called here
+                "acme",
+                "sess_1",
+                {},
+                new_id=lambda: "item_1",
+                to_client=to_client.append,
+            )
         ),
         hold=lambda: None,
         release=lambda: None,

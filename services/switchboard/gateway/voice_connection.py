@@ -61,6 +61,7 @@ from switchboard.gateway.tenant_gate import (
     TenantGate,
 )
 from switchboard.gateway.voice_mcp import VoiceMcp
+from switchboard.gateway.voice_mcp_offer import McpOffer
 from switchboard.gateway.voice_mux import VoiceMux
 from switchboard.gateway.voice_outbox import SlowConsumer, VoiceOutbox, error_event
 from switchboard.gateway.voice_tools import VoiceTools
@@ -122,12 +123,14 @@ class VoiceConnection:
         self._initial = session.config
         ids = Ids()
         self.mcp = VoiceMcp(
-            backends,
-            tenant.id,
-            session.id,
-            tenant.mcp_servers,
-            new_id=lambda: ids.new("item"),
-            to_client=self._send,
+            McpOffer(
+                backends,
+                tenant.id,
+                session.id,
+                tenant.mcp_servers,
+                new_id=lambda: ids.new("item"),
+                to_client=self._send,
+            )
         )
         self.tools = VoiceTools(
             ServerTools(backends, tenant.id, session.id),
@@ -468,7 +471,7 @@ class VoiceConnection:
         elif kind in ("session.created", "session.updated"):
             raw = self.tools.session(event) or raw  # the client sees its own tools
             self._session_event(event)
-            if kind == "session.created" and not seen and self.mcp.session_tools:
+            if kind == "session.created" and not seen and self.mcp.offer.session_tools:
                 # An `ek_` secret's MCP servers, listed now that the session is open.
                 task = asyncio.create_task(self.tools.list_session())
                 self._background.add(task)

@@ -2,11 +2,10 @@
 
 A voice client offers the tools of an MCP server its tenant registered with an
 `{"type": "mcp"}` tool, as a text client does (mcp_config.py checks it). The
-upstream never sees the server: the gateway lists its tools through toolexec
-when the server is first offered (the client sees the `mcp_list_tools` item
-and its events, as in text sessions), declares each listed tool upstream as a
-function `<label>__<tool>` in place of the `mcp` tool, and turns the
-upstream's calls of those functions into `mcp_call` items for the client:
+upstream never sees the server: the gateway lists its tools and declares each
+upstream as a function `<label>__<tool>` in place of the `mcp` tool
+(voice_mcp_offer.py), and turns the upstream's calls of those functions into
+`mcp_call` items for the client:
 
 - `response.output_item.added` / `conversation.item.added` of the call carry
   an `mcp_call` item; its `response.function_call_arguments.delta` become
@@ -29,25 +28,23 @@ item instead, and not run. The client's `mcp_approval_response` stays here
 (`approval_answer`); at its next `response.create` the approved calls run (the
 denied ones are refused), are answered upstream (`answer_approvals`), and open
 the response that follows as `mcp_call` items, the upstream's own output
-moved after them (`opened`). Pure state and events but for `list_new`, `run`
-and `answer_approvals`, which call toolexec.
+moved after them (`opened`). Pure state and events but for `run` and
+`answer_approvals`, which call toolexec.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
 
-from switchboard.errors import InvalidRequest, SwitchboardError
-from switchboard.gateway import items, mcp_config
-from switchboard.gateway.backends import Backends
+from switchboard.errors import InvalidRequest
+from switchboard.gateway import items
 from switchboard.gateway.mcp_output import McpEntry, McpName, output_text, tool_error
-from switchboard.gateway.mcp_session import NOT_APPROVED, execute, list_once, tool_json
-from switchboard.gateway.voice_outbox import error_event, local_event
+from switchboard.gateway.mcp_session import NOT_APPROVED, execute
+from switchboard.gateway.voice_mcp_offer import McpOffer
+from switchboard.gateway.voice_outbox import local_event
 from switchboard.v1 import common_pb2, toolexec_pb2
 
 log = logging.getLogger(__name__)
@@ -64,42 +61,18 @@ _CALL_EVENTS = frozenset(
 )
 
 
-def is_mcp(tool: Any) -> bool:
-    return isinstance(tool, dict) and tool.get("type") == "mcp"
-
-
 class VoiceMcp:
-    """The MCP servers of one voice session (see the module).
+    """The MCP calls of one voice session (see the module), of the servers `offer`
+    offers (its toolexec, ids and client are theirs)."""
 
-    Args:
-        backends: toolexec, for listing and calling.
-        servers: the tenant's registered MCP servers by label.
-        new_id: a new item id (`item_...`).
-        to_client: sends one event (JSON text) to the client.
-    """
-
-    def __init__(
-        self,
-        backends: Backends,
-        tenant_id: str,
-        session_id: str,
-        servers: mcp_config.Servers,
-        *,
-        new_id: Callable[[], str],
-        to_client: Callable[[str], None],
-    ) -> None:
-        self.backends = backends
-        self.tenant_id = tenant_id
-        self.session_id = session_id
-        self.servers = servers
-        self.new_id = new_id
-        self.to_client = to_client
-        # The session's `mcp` tools as the client sent them (shown in its echoes).
-        self.session_tools: list[Event] = []
-        self._listed: dict[str, list[toolexec_pb2.McpTool]] = {}
-        self._listing: dict[str, asyncio.Task[None]] = {}
-        # The function names declared upstream for MCP tools.
-        self.names: dict[str, McpName] = {}
+    def __init__(self, offer: McpOffer) -> None:
+        self.offer = offer
+        self.backends = offer.backends
+        self.tenant_id = offer.tenant_id
+        self.session_id = offer.session_id
+        self.new_id = offer.new_id
+        self.to_client = offer.to_client
+        self.names = offer.names
         # Calls of the responses in progress, by item id; what of them is held.
         self._calls: dict[str, McpEntry] = {}
         self._held: dict[str, dict[str, Event]] = {}
@@ -113,94 +86,6 @@ class VoiceMcp:
         # response (by its id): the upstream's output comes after them.
         self._opening: list[McpEntry] = []
         self._opened: dict[Any, list[McpEntry]] = {}
-
-    # -- offering ----------------------------------------------------------------------
-
-    def configs(self, raw: list[Event], param: str) -> list[common_pb2.McpToolConfig]:
-        _, configs = mcp_config.split_tools(raw, param, self.servers)
-        return configs
-
-    def unlisted(self, raw: list[Event], param: str) -> list[common_pb2.McpToolConfig]:
-        """The servers among `raw` whose tools are not listed yet."""
-        return [c for c in self.configs(raw, param) if c.server_label not in self._listed]
-
-    async def list_new(self, configs: Iterable[common_pb2.McpToolConfig]) -> None:
-        """List the tools of every server in `configs` not listed yet, in order; a
-        listing already running is awaited, never started twice."""
-        for config in configs:
-            if config.server_label not in self._listed:
-                await list_once(self._listing, config.server_label, self._list_once)
-
-    async def _list_once(self, label: str) -> None:
-        item_id = self.new_id()
-        item: Event = {
-            "id": item_id,
-            "object": "realtime.item",
-            "type": "mcp_list_tools",
-            "server_label": label,
-            "tools": [],
-        }
-        self.to_client(local_event("conversation.item.added", previous_item_id=None, item=item))
-        self.to_client(local_event("mcp_list_tools.in_progress", item_id=item_id))
-        try:
-            reply = await self.backends.list_mcp_tools(self.tenant_id, self.session_id, label)
-            if reply.error_code:
-                raise SwitchboardError(reply.error_message, code=reply.error_code, param=label)
-        except SwitchboardError as exc:
-            log.info(
-                "mcp tools not listed",
-                extra={
-                    "tenant_id": self.tenant_id,
-                    "session_id": self.session_id,
-                    "code": exc.name,
-                },
-            )
-            self.to_client(local_event("mcp_list_tools.failed", item_id=item_id))
-            self.to_client(error_event(exc))
-            return
-        self._listed[label] = list(reply.tools)
-        item["tools"] = [tool_json(tool) for tool in reply.tools]
-        self.to_client(local_event("mcp_list_tools.completed", item_id=item_id))
-        self.to_client(local_event("conversation.item.done", previous_item_id=None, item=item))
-
-    def functions(
-        self, configs: Iterable[common_pb2.McpToolConfig], taken: set[str]
-    ) -> list[Event]:
-        """The Realtime function tools that stand for the listed tools of `configs`
-        (within the client's `allowed_tools`; not a name in `taken`, the client's
-        own), noting which calls need the client's approval (the tenant's policy or
-        the client's `require_approval`)."""
-        tools: list[Event] = []
-        for config in configs:
-            label = config.server_label
-            for tool in self._listed.get(label, ()):
-                name = f"{label}__{tool.name}"
-                if not mcp_config.client_allows(config, tool.name) or name in taken:
-                    continue
-                approval = tool.requires_approval or mcp_config.client_wants_approval(
-                    config, tool.name
-                )
-                self.names[name] = McpName(label, tool.name, needs_approval=approval)
-                parameters = orjson.loads(tool.input_schema_json or "{}")
-                tools.append(
-                    {
-                        "type": "function",
-                        "name": name,
-                        "description": tool.description,
-                        "parameters": parameters,
-                    }
-                )
-        return tools
-
-    def owns(self, name: Any) -> bool:
-        """Whether a function name the upstream calls is an MCP tool's."""
-        return name in self.names
-
-    def runs(self, name: Any) -> bool:
-        """Whether the gateway runs a call of `name` when the response ends (an MCP
-        tool's that needs no approval)."""
-        mcp = self.names.get(name) if isinstance(name, str) else None
-        return mcp is not None and not mcp.needs_approval
 
     # -- the upstream's events ----------------------------------------------------------
 

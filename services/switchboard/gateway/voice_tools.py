@@ -42,7 +42,8 @@ import orjson
 
 from switchboard.errors import SwitchboardError
 from switchboard.gateway.server_tools import ServerTools
-from switchboard.gateway.voice_mcp import VoiceMcp, is_mcp
+from switchboard.gateway.voice_mcp import VoiceMcp
+from switchboard.gateway.voice_mcp_offer import is_mcp
 from switchboard.gateway.voice_outbox import error_event
 from switchboard.telemetry import tracing
 from switchboard.v1 import common_pb2, toolexec_pb2
@@ -138,7 +139,7 @@ class VoiceTools:
         self.client_names |= names
         mcp = [tool for tool in given if is_mcp(tool)]
         if mcp:
-            tools.extend(self.mcp.functions(self.mcp.configs(mcp, param), names))
+            tools.extend(self.mcp.offer.functions(self.mcp.offer.configs(mcp, param), names))
         tools.extend(tool_json(t) for name, t in self.catalogue.items() if name not in names)
         return tools
 
@@ -147,7 +148,7 @@ class VoiceTools:
         (an `mcp` tool of an `ek_` secret is listed once the session is open)."""
         if "tools" in session:
             self.session_tools = list(session["tools"])
-            self.mcp.session_tools = [tool for tool in self.session_tools if is_mcp(tool)]
+            self.mcp.offer.session_tools = [tool for tool in self.session_tools if is_mcp(tool)]
         if self.catalogue or "tools" in session:
             session["tools"] = self.declared(session.get("tools"))
         return session
@@ -170,18 +171,19 @@ class VoiceTools:
         if isinstance(tools, list):
             mcp = [tool for tool in tools if is_mcp(tool)]
             param = "session.tools" if kind == "session.update" else "response.tools"
-            await self.mcp.list_new(self.mcp.unlisted(mcp, param))
+            await self.mcp.offer.list_new(self.mcp.offer.unlisted(mcp, param))
         elif kind == "response.create":
             await self.list_session()
 
     async def list_session(self) -> None:
         """List the session's MCP servers not listed yet (an `ek_` secret's, at the
         open; one whose listing failed); declare what was listed upstream."""
-        unlisted = self.mcp.unlisted(self.mcp.session_tools, "session.tools")
+        offer = self.mcp.offer
+        unlisted = offer.unlisted(offer.session_tools, "session.tools")
         if not unlisted:
             return
-        await self.mcp.list_new(unlisted)
-        if len(self.mcp.unlisted(self.mcp.session_tools, "session.tools")) < len(unlisted):
+        await offer.list_new(unlisted)
+        if len(offer.unlisted(offer.session_tools, "session.tools")) < len(unlisted):
             update = {"type": "realtime", "tools": self.declared(self.session_tools)}
             self.to_upstream(orjson.dumps({"type": "session.update", "session": update}))
 
@@ -201,7 +203,7 @@ class VoiceTools:
         tools = body["tools"]
         if kind == "session.update":
             self.session_tools = list(tools)
-            self.mcp.session_tools = [tool for tool in tools if is_mcp(tool)]
+            self.mcp.offer.session_tools = [tool for tool in tools if is_mcp(tool)]
         if not self.catalogue and not any(is_mcp(tool) for tool in tools):
             self.client_names |= tool_names(tools)
             return text
@@ -219,15 +221,17 @@ class VoiceTools:
             return None
         tools = session["tools"]
         shown = [t for t in tools if self._client_tool(t)]
-        if len(shown) == len(tools) and not self.mcp.session_tools:
+        if len(shown) == len(tools) and not self.mcp.offer.session_tools:
             return None
         # As a text session echoes them: the `mcp` tools as the client sent them.
-        session["tools"] = shown + self.mcp.session_tools
+        session["tools"] = shown + self.mcp.offer.session_tools
         return orjson.dumps(event)
 
     def _client_tool(self, tool: Any) -> bool:
         name = tool.get("name") if isinstance(tool, dict) else None
-        return name in self.client_names or (name not in self.catalogue and not self.mcp.owns(name))
+        return name in self.client_names or (
+            name not in self.catalogue and not self.mcp.offer.owns(name)
+        )
 
     def server_calls(self, event: Event) -> tuple[list[Event], bool]:
         """The function calls of a completed `response.done` that are toolexec's to
@@ -246,7 +250,7 @@ class VoiceTools:
             call
             for call in calls
             if call.get("name") not in self.client_names
-            and (call.get("name") in self.catalogue or self.mcp.runs(call.get("name")))
+            and (call.get("name") in self.catalogue or self.mcp.offer.runs(call.get("name")))
         ]
         # An MCP call that needs approval is the client's to answer too.
         return ours, len(ours) < len(calls)
@@ -327,7 +331,7 @@ class VoiceTools:
                 arguments=str(call.get("arguments") or ""),
             )
             for call in calls
-            if not self.mcp.owns(call.get("name"))
+            if not self.mcp.offer.owns(call.get("name"))
         ]
         attributes: dict[str, Any] = {
             **tracing.ids(self.server.tenant_id, self.server.session_id, response_id),
