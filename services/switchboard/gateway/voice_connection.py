@@ -200,6 +200,8 @@ class VoiceConnection:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 self.tools.close()
+                for task in list(self._background):
+                    task.cancel()  # a listing, or held events let go
                 self._requests.put_nowait(None)
                 call.cancel()
                 await self._settle_all()
