@@ -59,6 +59,14 @@ _NOT_REATTACHED = frozenset(
 )
 
 
+def context_budget_ahead(tenant: Tenant) -> int | None:
+    """The budget of a context read with a stored item for the response that
+    follows (`TurnRunner.start`'s `context`); None when the tenant summarises
+    (the response's context may need a summary written first)."""
+    policy = tenant.summaries
+    return None if policy.enabled else policy.context_tokens
+
+
 @dataclass(frozen=True, slots=True)
 class Reattach:
     """A response another gateway left streaming when it died, to finish here: the
@@ -225,10 +233,9 @@ class TurnRunner:
         None when such a response builds its own: a turn is running (it stores its
         output after the item), the tenant summarises (a summary may be written
         first), or an MCP listing is running (it stores its item after)."""
-        policy = self.tenant.summaries
-        if self.running or policy.enabled or self.mcp.listing:
+        if self.running or self.mcp.listing:
             return None
-        return policy.context_tokens
+        return context_budget_ahead(self.tenant)
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
