@@ -360,34 +360,41 @@ class TurnRunner:
         if reattach is not None:
             outcome.admitted = self.gate.adopt(self.tenant, response_id)
             return self.backends.attach(reattach.broker, self.tenant.id, response_id)
-        # MCP servers first: their listings (a server offered for the first time),
-        # and the calls the client approved, whose results the model must see.
-        if not self.mcp.listed(command.mcp_tools):
-            ahead = None  # a listing stores its item: the context is read after it
-        await self.mcp.list_new(command.mcp_tools)
-        answered = await self.mcp.answer_approvals(response_id)
-        context = ahead if ahead is not None else await self.summaries.context()
-        context.items.extend(answered)
-        if command.instructions is not None:
-            context.instructions = command.instructions
-        mcp_tools, mcp_names = self.mcp.offered(command.mcp_tools)
-        self.protocol.mcp_output(response_id).mcp_names = mcp_names
-        outcome.prompt_tokens = context.estimated_tokens
-        max_output_tokens = self.gate.output_cap(self.tenant, command.max_output_tokens)
-        outcome.admitted = await self.gate.admit_response(
-            self.tenant,
-            response_id,
-            prompt_tokens=outcome.prompt_tokens,
-            max_output_tokens=max_output_tokens,
-            price=self.gate.price_of(self.tenant, command.model),
-        )
+        # The tenant's tools (toolexec, cached per session) are fetched meanwhile.
+        offered = asyncio.ensure_future(self.tools.offered(command.tools))
+        try:
+            # MCP servers first: their listings (a server offered for the first
+            # time), and the calls the client approved, whose results the model
+            # must see.
+            if not self.mcp.listed(command.mcp_tools):
+                ahead = None  # a listing stores its item: the context is read after it
+            await self.mcp.list_new(command.mcp_tools)
+            answered = await self.mcp.answer_approvals(response_id)
+            context = ahead if ahead is not None else await self.summaries.context()
+            context.items.extend(answered)
+            if command.instructions is not None:
+                context.instructions = command.instructions
+            mcp_tools, mcp_names = self.mcp.offered(command.mcp_tools)
+            self.protocol.mcp_output(response_id).mcp_names = mcp_names
+            outcome.prompt_tokens = context.estimated_tokens
+            max_output_tokens = self.gate.output_cap(self.tenant, command.max_output_tokens)
+            outcome.admitted = await self.gate.admit_response(
+                self.tenant,
+                response_id,
+                prompt_tokens=outcome.prompt_tokens,
+                max_output_tokens=max_output_tokens,
+                price=self.gate.price_of(self.tenant, command.model),
+            )
+            tools = await offered
+        finally:
+            offered.cancel()  # the response failed before it needed them
         request = broker_pb2.GenerateRequest(
             tenant_id=self.tenant.id,
             session_id=self.session_id,
             response_id=response_id,
             model=command.model,
             context=context,
-            tools=[*await self.tools.offered(command.tools), *mcp_tools],
+            tools=[*tools, *mcp_tools],
             tool_choice=command.tool_choice,
             max_output_tokens=max_output_tokens,
         )
