@@ -27,11 +27,14 @@ Per scenario it prints time to first token (TTFT: from sending the request, or
 `response.create`, to the first text delta) p50/p99 and what Switchboard adds
 over direct, delivered tokens/s (tokens are the simulator's words, however
 many deltas carry them; over the scenario's wall time), the p99 gap between
-two deltas of a stream, errors by code, CPU-seconds per 1k tokens for each
-process (from /proc), and the gateway's memory per stream. It draws TTFT and
-throughput against the number of streams to `--png`.
+two deltas of a stream, errors by code (a round the gateway sheds with
+`server_busy` before creating its response waits the second it is told to,
+then the stream goes on), CPU-seconds per 1k tokens for each process (from
+/proc), and the gateway's memory per stream. It draws TTFT and throughput
+against the number of streams to `--png`.
 
-    python -m tools.bench_load [--streams 1,50,200,400] [--png docs/images/bench_load.png]
+    python -m tools.bench_load [--streams 1,50,200,400] [--paths websocket,sse]
+        [--png docs/images/bench_load.png]
 """
 
 from __future__ import annotations
@@ -53,9 +56,9 @@ import websockets
 from tools.stack import Ports, Stack
 
 SUT = ("gateway", "broker", "session", "toolexec", "redis")
-# The paths measured, each scenario in turn: the baseline first.
-KINDS = ("direct", "websocket", "sse")
 TICKS = os.sysconf("SC_CLK_TCK")
+# A stream refused with `server_busy` asks again after this long (the gateway's retry_after).
+RETRY_AFTER_S = 1.0
 
 
 @dataclass
@@ -139,6 +142,8 @@ async def sse_stream(
             if response.status != 200:
                 error = (await response.json())["error"]["code"]
                 phase.errors[error] += 1
+                if error == "server_busy":
+                    await asyncio.sleep(RETRY_AFTER_S)
                 continue
             async for line in response.content:
                 if line.startswith(b"data: {"):
@@ -160,13 +165,20 @@ async def switchboard_stream(url: str, key: str, phase: Phase, text: str, rounds
             await ws.send(say)
             stream.ask()
             await ws.send('{"type":"response.create"}')
+            created = False
             while True:
                 event = orjson.loads(await ws.recv())
                 kind = event["type"]
                 if kind == "response.output_text.delta":
                     stream.delta(event["delta"])
+                elif kind == "response.created":
+                    created = True
                 elif kind == "error":
                     phase.errors[event["error"]["code"]] += 1
+                    if not created and event["error"]["code"] == "server_busy":
+                        # Shed before a response was created: wait as told, ask again.
+                        await asyncio.sleep(RETRY_AFTER_S)
+                        break
                 elif kind == "response.done":
                     break
 
@@ -432,12 +444,12 @@ async def run(args: argparse.Namespace) -> None:
     litellm = None
     try:
         bench = Bench(stack, args)
-        kinds: tuple[str, ...] = KINDS
+        kinds: tuple[str, ...] = ("direct", *(k for k in args.paths.split(",") if k != "direct"))
         if args.litellm:
             litellm = bench.litellm = LiteLLM(args.litellm, stack.simulator_url)
             await litellm.start()
             bench.pids["litellm"] = litellm.pid
-            kinds = (*KINDS, "litellm")
+            kinds = (*kinds, "litellm")
         bench.pin()
         print(
             f"system under test on core {args.sut_core} ({', '.join(SUT)}); simulator and load "
@@ -485,6 +497,9 @@ def main() -> None:
     parser.add_argument("--burst-tokens", type=int, default=20000)
     parser.add_argument("--idle", type=int, default=500)
     parser.add_argument("--max-concurrent", type=int, default=256)
+    parser.add_argument(
+        "--paths", default="websocket,sse", help="Switchboard paths measured besides direct"
+    )
     parser.add_argument("--sut-core", type=int, default=1)
     parser.add_argument("--client-core", type=int, default=0)
     parser.add_argument("--png", default="docs/images/bench_load.png")

@@ -41,6 +41,7 @@ from switchboard.gateway.drain import Drainer
 from switchboard.gateway.eventlog import EventRecorder
 from switchboard.gateway.metrics import GatewayMetrics
 from switchboard.gateway.openai_http import chat_completions_endpoint, responses_endpoint
+from switchboard.gateway.overload import LoopLag
 from switchboard.gateway.realtime import realtime
 from switchboard.gateway.resources import Resources
 from switchboard.gateway.tenant_gate import TenantGate
@@ -95,12 +96,15 @@ def create_app(
             ),
             refusals=RateLimitedLog(log),
             voice=VoiceBroker(settings.broker_target),
+            overload=LoopLag(settings.shed_loop_lag_s, metrics.event_loop_lag),
         )
+        app.state.gateway.overload.start()
         watcher = asyncio.create_task(tenants.watch())
         try:
             yield
         finally:
             watcher.cancel()
+            app.state.gateway.overload.stop()
             await recorder.close()
             await used.close()
             if app.state.gateway.voice is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from switchboard.config import GatewaySettings
 from switchboard.gateway.backends import Backends
@@ -10,6 +10,7 @@ from switchboard.gateway.client_secrets import ClientSecrets
 from switchboard.gateway.drain import Drainer
 from switchboard.gateway.eventlog import EventRecorder
 from switchboard.gateway.metrics import GatewayMetrics
+from switchboard.gateway.overload import LoopLag
 from switchboard.gateway.tenant_gate import TenantGate
 from switchboard.gateway.voice import VoiceBroker
 from switchboard.redis_client import AnyRedis
@@ -32,3 +33,5 @@ class Resources:
     refusals: RateLimitedLog
     # The broker's RealtimeService, for voice sessions (voice.py).
     voice: VoiceBroker | None = None
+    # The event loop's lag; new work is refused while it is over the limit.
+    overload: LoopLag = field(default_factory=lambda: LoopLag(0.0))
