@@ -57,7 +57,10 @@ async def recv_until(connection: ClientConnection, event_type: str) -> list[dict
 
 @pytest.fixture
 async def gateway(redis_server: RedisServer) -> AsyncIterator[Gateway]:
-    settings = GatewaySettings.from_environ({"SWITCHBOARD_REDIS_URL": redis_server.url})
+    # No load shedding, as for the suite's other gateways (tests/conftest.py).
+    settings = GatewaySettings.from_environ(
+        {"SWITCHBOARD_REDIS_URL": redis_server.url, "SWITCHBOARD_GATEWAY_SHED_LOOP_LAG_MS": "0"}
+    )
     tenants = load_tenants(
         {"SWITCHBOARD_TENANT_KEYS": f"apptest={hashlib.sha256(KEY.encode()).hexdigest()}"}
     )

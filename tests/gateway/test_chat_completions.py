@@ -94,6 +94,9 @@ async def test_the_sdk_streams_text_with_usage(gateway: Gateway, sdk: openai.Asy
     request = gateway.backends.model.requests[-1]
     roles = [item.role for item in request.context.items]
     assert len(roles) == 2 and request.model == "gpt-4o-mini"
+    # Read with the last message as it was stored, not by a BuildContext of its own.
+    assert gateway.backends.calls["build_context"] == 0
+    assert gateway.backends.calls["append_item"] == 3  # the two messages, the answer
 
 
 async def test_the_sdk_gets_a_whole_completion_without_stream(

@@ -124,6 +124,51 @@ async def test_every_event_is_recorded_before_it_is_sent(connect: Any) -> None:
     assert [e["type"] for e in client.logged()].count("response.done") == 1
 
 
+def user_says(item_id: str) -> Event:
+    return {**USER_SAYS, "item": {**USER_SAYS["item"], "id": item_id}}
+
+
+async def test_a_response_right_after_an_item_starts_from_the_context_read_with_it(
+    connect: Any,
+) -> None:
+    release = asyncio.Event()
+    client = await connect(
+        scripts=(reply("One."), Script([Text("Two"), Wait(release), Finish()]), reply("Three."))
+    )
+    backends, socket = client.backends, client.socket
+
+    def context_ids(n: int) -> list[str]:
+        return [item.id for item in backends.model.requests[n].context.items]
+
+    # The item and then the response: the context came with the item's append.
+    socket.send(user_says("item_u1"))
+    socket.send({"type": "response.create"})
+    await socket.until("response.done")
+    assert backends.calls["build_context"] == 0
+    assert context_ids(0) == ["item_u1"]
+    (answer,) = [item.id for item in client.backends.items(client.tenant.id, client.session_id)][1:]
+    # An item stored while a turn runs: the turn stores its output after it, so
+    # the next response reads its own context, with that output in it.
+    socket.send({"type": "response.create"})
+    await socket.next_event("response.output_text.delta")
+    socket.send(user_says("item_u2"))
+    await socket.until("conversation.item.done")
+    release.set()
+    await socket.until("response.done")
+    socket.send({"type": "response.create"})
+    await socket.until("response.done")
+    assert backends.calls["build_context"] == 2
+    second_answer = context_ids(2)[3]
+    assert context_ids(2) == ["item_u1", answer, "item_u2", second_answer]
+    # Any other command between the item and the response: the context is read again.
+    socket.send(user_says("item_u3"))
+    socket.send({"type": "conversation.item.delete", "item_id": "item_u1"})
+    socket.send({"type": "response.create"})
+    await socket.until("response.done")
+    assert backends.calls["build_context"] == 3
+    assert "item_u1" not in context_ids(3) and context_ids(3)[-1] == "item_u3"
+
+
 async def test_with_checkpoints_deltas_go_out_at_once_and_the_rest_after_all_is_logged(
     connect: Any,
 ) -> None:

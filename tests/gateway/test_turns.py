@@ -185,6 +185,24 @@ async def test_the_context_sent_is_the_sessions_with_the_responses_instructions(
     assert [item.id for item in request.context.items] == ["item_u"]
 
 
+async def test_the_tool_catalogue_is_fetched_while_the_context_is_read(make: Any) -> None:
+    h = await make()
+    h.backends.tools["lookup"] = canned_tool("lookup", "{}")
+    listed, read = asyncio.Event(), asyncio.Event()
+    h.backends.gates["list_tools"], h.backends.gates["build_context"] = listed, read
+    h.backends.model.queue(reply("ok"))
+    turn = h.ask()
+    # Both asked for before either answered: neither waits for the other.
+    await eventually(
+        lambda: h.backends.calls["list_tools"] == h.backends.calls["build_context"] == 1
+    )
+    listed.set()
+    read.set()
+    await turn.wait()
+    (request,) = h.backends.model.requests
+    assert [tool.name for tool in request.tools] == ["lookup"]
+
+
 @pytest.mark.parametrize("stage", ["context", "first token", "mid-stream"])
 async def test_a_cancel_at_each_stage_ends_the_response_cancelled(make: Any, stage: str) -> None:
     h = await make()

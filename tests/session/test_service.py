@@ -183,6 +183,45 @@ async def test_build_context_keeps_newest_turns(stub: Stub, tenant: str) -> None
         assert window.dropped_items == 6 - len(kept)
 
 
+async def test_append_item_with_context_is_build_context_after_the_append(
+    stub: Stub, tenant: str
+) -> None:
+    sid = (await create(stub, tenant, instructions="x" * 40)).id
+    await append(stub, tenant, sid, message("u0", "q" * 80))
+    await append(stub, tenant, sid, message("a0", "r" * 80, C.ROLE_ASSISTANT))
+    plain = await append(stub, tenant, sid, message("n0"))
+    assert not plain.HasField("context")  # only when asked for
+    ids = {"tenant_id": tenant, "session_id": sid}
+    for budget in (0, 40):
+        reply = await stub.AppendItem(
+            S.AppendItemRequest(
+                **ids,
+                item=message(f"u{budget + 1}", "q" * 80),
+                previous_item_id="root" if budget else "",
+                with_context=True,
+                max_context_tokens=budget,
+            )
+        )
+        built = await stub.BuildContext(S.BuildContextRequest(**ids, max_context_tokens=budget))
+        assert reply.context == built
+    everything = await stub.BuildContext(S.BuildContextRequest(**ids))
+    assert [i.id for i in everything.items] == ["u41", "u0", "a0", "n0", "u1"]
+    assert [i.id for i in reply.context.items] == ["u1"]  # the budget of 40 kept one turn
+    # A refused append reads nothing: its error, as without the context.
+    duplicate = await rpc_error(
+        stub.AppendItem(S.AppendItemRequest(**ids, item=message("u0"), with_context=True))
+    )
+    assert trailers(duplicate) == {GRPC_CODE_KEY: "invalid_value", GRPC_PARAM_KEY: "item.id"}
+    gone = await rpc_error(
+        stub.AppendItem(
+            S.AppendItemRequest(
+                tenant_id=tenant, session_id="sess_missing", item=message("x"), with_context=True
+            )
+        )
+    )
+    assert trailers(gone)[GRPC_CODE_KEY] == "session_not_found"
+
+
 async def test_event_log_seq_and_paging(stub: Stub, tenant: str) -> None:
     sid = (await create(stub, tenant)).id
     ids = {"tenant_id": tenant, "session_id": sid}

@@ -75,7 +75,13 @@ class Backends(Protocol):
         self, tenant_id: str, session_id: str, config: session_pb2.SessionConfig
     ) -> session_pb2.Session: ...
     async def append_item(
-        self, tenant_id: str, session_id: str, item: common_pb2.Item, previous_item_id: str = ""
+        self,
+        tenant_id: str,
+        session_id: str,
+        item: common_pb2.Item,
+        previous_item_id: str = "",
+        *,
+        context_tokens: int | None = None,
     ) -> session_pb2.AppendItemResponse: ...
     async def get_item(self, tenant_id: str, session_id: str, item_id: str) -> common_pb2.Item: ...
     async def delete_item(self, tenant_id: str, session_id: str, item_id: str) -> None: ...
@@ -193,10 +199,23 @@ class GrpcBackends:
         )
 
     async def append_item(
-        self, tenant_id: str, session_id: str, item: common_pb2.Item, previous_item_id: str = ""
+        self,
+        tenant_id: str,
+        session_id: str,
+        item: common_pb2.Item,
+        previous_item_id: str = "",
+        *,
+        context_tokens: int | None = None,
     ) -> session_pb2.AppendItemResponse:
+        """Store `item`; with `context_tokens` (a budget, 0: the service's default),
+        the reply's `context` is the session's context right after it, read with it."""
         request = session_pb2.AppendItemRequest(
-            tenant_id=tenant_id, session_id=session_id, item=item, previous_item_id=previous_item_id
+            tenant_id=tenant_id,
+            session_id=session_id,
+            item=item,
+            previous_item_id=previous_item_id,
+            with_context=context_tokens is not None,
+            max_context_tokens=context_tokens or 0,
         )
         return await self._call("session", self.session.AppendItem(request, timeout=self.timeout_s))
 

@@ -60,7 +60,7 @@ from switchboard.gateway.sender import (
 from switchboard.gateway.tenant_gate import TenantGate
 from switchboard.gateway.turns import Reattach, TurnRunner
 from switchboard.tenancy import Tenant
-from switchboard.v1 import common_pb2
+from switchboard.v1 import common_pb2, session_pb2
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,8 @@ class RealtimeConnection:
         self._ending: tuple[int, str] | None = None
         # Set when the gateway cuts the client (slow consumer): stop reading it.
         self._cut = asyncio.Event()
+        # The context read with the item the last command stored (`_execute`).
+        self._context_ahead: session_pb2.Context | None = None
         self._log = {"tenant_id": tenant.id, "session_id": self.session_id}
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -371,15 +373,24 @@ class RealtimeConnection:
 
     async def _execute(self, command: Command) -> None:
         tenant, session = self.tenant.id, self.session_id
+        # The context read with the item stored by the command just before serves a
+        # response asked for right after it; any other command may change it.
+        ahead, self._context_ahead = self._context_ahead, None
         try:
             match command:
                 case StoreItem():
                     # A flagged user message is refused here, before it is stored.
                     await self.turns.moderator.check_item(command.item)
                     stored = await self.backends.append_item(
-                        tenant, session, command.item, command.previous_item_id
+                        tenant,
+                        session,
+                        command.item,
+                        command.previous_item_id,
+                        context_tokens=self.turns.context_budget_ahead(),
                     )
                     self.protocol.item_added(stored.item, stored.previous_item_id)
+                    if stored.HasField("context"):
+                        self._context_ahead = stored.context
                 case UpdateSession():
                     self.tenant.route(command.config.model)  # model_not_allowed
                     await self.backends.update_session(tenant, session, command.config)
@@ -395,7 +406,7 @@ class RealtimeConnection:
                     item = await self.backends.get_item(tenant, session, command.item_id)
                     self.protocol.item_retrieved(item)
                 case StartResponse():
-                    self._start_turn(command)
+                    self._start_turn(command, context=ahead)
                 case CancelResponse():
                     if self.turns.turn is not None:
                         self.turns.turn.cancel("client_cancelled", command.response_id)
@@ -405,8 +416,13 @@ class RealtimeConnection:
                 self._session_gone(error, tell=False)
         self.publish()
 
-    def _start_turn(self, command: StartResponse, reattach: Reattach | None = None) -> None:
-        turn = self.turns.start(command, reattach)
+    def _start_turn(
+        self,
+        command: StartResponse,
+        reattach: Reattach | None = None,
+        context: session_pb2.Context | None = None,
+    ) -> None:
+        turn = self.turns.start(command, reattach, context)
         assert turn.task is not None
         turn.task.add_done_callback(self._turn_ended)
 

@@ -61,6 +61,15 @@ class McpSession:
 
     # --- listings -------------------------------------------------------------------
 
+    @property
+    def listing(self) -> bool:
+        """A listing is running (it stores its item when it ends)."""
+        return bool(self._listing)
+
+    def listed(self, configs: Iterable[common_pb2.McpToolConfig]) -> bool:
+        """Every server in `configs` is listed (`list_new` would store nothing)."""
+        return all(config.server_label in self._listed for config in configs)
+
     async def list_new(self, configs: Iterable[common_pb2.McpToolConfig]) -> None:
         """List the tools of every server in `configs` not listed yet, in order."""
         for config in configs:

@@ -40,6 +40,8 @@ from switchboard.gateway.sse import (
     parse_frame_id,
 )
 from switchboard.gateway.stream_format import OPEN_MARKER, Frame, TurnRequest
+from switchboard.gateway.turns import context_budget_ahead
+from switchboard.tenancy import Tenant
 from switchboard.v1 import common_pb2, session_pb2
 
 log = logging.getLogger(__name__)
@@ -129,7 +131,7 @@ async def _serve(
         pump.resume()
     else:
         try:
-            session = await _new_session(gateway, tenant.id, turn_request)
+            session, context = await _new_session(gateway, tenant, turn_request)
         except SwitchboardError as error:
             await gateway.gate.close_connection(tenant, holder)
             return _refuse(gateway, request, api, error)
@@ -137,7 +139,7 @@ async def _serve(
         pump = StreamPump(
             gateway, tenant, session, sink, api=api, holder=holder, resumable=resumable
         )
-        pump.start(turn_request)
+        pump.start(turn_request, context)
     gateway.drainer.add(pump)
     assert pump.task is not None
     pump.task.add_done_callback(lambda _: gateway.drainer.discard(pump))
@@ -157,16 +159,22 @@ async def _serve(
 
 
 async def _new_session(
-    gateway: Resources, tenant_id: str, turn_request: TurnRequest
-) -> session_pb2.Session:
-    """The request's session: its settings, and its messages as items."""
+    gateway: Resources, tenant: Tenant, turn_request: TurnRequest
+) -> tuple[session_pb2.Session, session_pb2.Context | None]:
+    """The request's session: its settings, and its messages as items; and the
+    context of its response, read with the last item (None: the turn reads it)."""
     backends = gateway.backends
-    session = await backends.create_session(tenant_id, turn_request.config)
+    session = await backends.create_session(tenant.id, turn_request.config)
     ids = Ids()
-    for item in turn_request.items:
+    context = None
+    for n, item in enumerate(turn_request.items, 1):
         item.id = ids.new("item")
-        await backends.append_item(tenant_id, session.id, item)
-    return session
+        last = n == len(turn_request.items)
+        budget = context_budget_ahead(tenant) if last else None
+        stored = await backends.append_item(tenant.id, session.id, item, context_tokens=budget)
+        if stored.HasField("context"):
+            context = stored.context
+    return session, context
 
 
 async def _resumable(

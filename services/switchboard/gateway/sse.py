@@ -222,8 +222,12 @@ class StreamPump:
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    def start(self, request: TurnRequest) -> None:
-        """Log the stream's first event and run the request's turn."""
+    def start(self, request: TurnRequest, context: session_pb2.Context | None = None) -> None:
+        """Log the stream's first event and run the request's turn.
+
+        Args:
+            context: read with the request's last item (`TurnRunner.start`).
+        """
         protocol, runner = self._open(1)
         self._pending.append(
             {
@@ -242,7 +246,7 @@ class StreamPump:
         command = commands[0]
         assert isinstance(command, StartResponse), "the protocol refused its own response.create"
         self.publish()
-        self.turn = runner.start(command)
+        self.turn = runner.start(command, context=context)
         self.task = asyncio.create_task(self._run())
 
     def resume(self) -> None:

@@ -42,7 +42,7 @@ from switchboard.gateway.tenant_gate import RESPONSE_LEASE_S, Admitted, TenantGa
 from switchboard.limits.ledger import usd
 from switchboard.tenancy import Tenant
 from switchboard.tokens import estimated_usage
-from switchboard.v1 import broker_pb2, common_pb2
+from switchboard.v1 import broker_pb2, common_pb2, session_pb2
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,14 @@ _NOT_REATTACHED = frozenset(
 )
 
 
+def context_budget_ahead(tenant: Tenant) -> int | None:
+    """The budget of a context read with a stored item for the response that
+    follows (`TurnRunner.start`'s `context`); None when the tenant summarises
+    (the response's context may need a summary written first)."""
+    policy = tenant.summaries
+    return None if policy.enabled else policy.context_tokens
+
+
 @dataclass(frozen=True, slots=True)
 class Reattach:
     """A response another gateway left streaming when it died, to finish here: the
@@ -71,9 +79,17 @@ class Reattach:
 class Turn:
     """One running turn and its state. Made by `TurnRunner.start`."""
 
-    def __init__(self, command: StartResponse, reattach: Reattach | None) -> None:
+    def __init__(
+        self,
+        command: StartResponse,
+        reattach: Reattach | None,
+        context: session_pb2.Context | None = None,
+    ) -> None:
         self.command = command
         self.reattach = reattach
+        # The context read with the client's item stored just before (its first
+        # response's, unless something was stored since: `TurnRunner._open_call`).
+        self.context = context
         self.task: asyncio.Task[None] | None = None
         # The response that may be cancelled now (None while it is finishing, so
         # that a late cancel cannot interrupt storing its items).
@@ -191,14 +207,35 @@ class TurnRunner:
     def running(self) -> bool:
         return self.turn is not None and self.turn.running
 
-    def start(self, command: StartResponse, reattach: Reattach | None = None) -> Turn:
-        """Run the turn that `command` (from `response.create`, or `reopen`) starts."""
+    def start(
+        self,
+        command: StartResponse,
+        reattach: Reattach | None = None,
+        context: session_pb2.Context | None = None,
+    ) -> Turn:
+        """Run the turn that `command` (from `response.create`, or `reopen`) starts.
+
+        Args:
+            context: the session's context as the client's item stored just before
+                left it (`append_item` with `context_budget_ahead()`), read in the
+                same round trip as that item; nothing may have been stored since.
+        """
         if self.running:
             raise RuntimeError("a turn is already running")
-        turn = self.turn = Turn(command, reattach)
+        turn = self.turn = Turn(command, reattach, context)
         turn.task = asyncio.create_task(self._run(turn))
         turn.task.add_done_callback(self._ended)
         return turn
+
+    def context_budget_ahead(self) -> int | None:
+        """The budget of the context to read with a client's item as it is stored
+        (`Backends.append_item`'s `context_tokens`), for a response asked for next;
+        None when such a response builds its own: a turn is running (it stores its
+        output after the item), the tenant summarises (a summary may be written
+        first), or an MCP listing is running (it stores its item after)."""
+        if self.running or self.mcp.listing:
+            return None
+        return context_budget_ahead(self.tenant)
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -307,40 +344,57 @@ class TurnRunner:
         return await self._finish(turn, command, outcome)
 
     async def _open_call(
-        self, command: StartResponse, reattach: Reattach | None, outcome: _Outcome
+        self,
+        command: StartResponse,
+        reattach: Reattach | None,
+        outcome: _Outcome,
+        ahead: session_pb2.Context | None,
     ) -> ModelCall:
         """Admit the response and start its model call; or, for a response a dead
-        gateway left, adopt its admission and re-attach to its call."""
+        gateway left, adopt its admission and re-attach to its call.
+
+        Args:
+            ahead: the context read with the client's last item (`TurnRunner.start`).
+        """
         response_id = command.response_id
         if reattach is not None:
             outcome.admitted = self.gate.adopt(self.tenant, response_id)
             return self.backends.attach(reattach.broker, self.tenant.id, response_id)
-        # MCP servers first: their listings (a server offered for the first time),
-        # and the calls the client approved, whose results the model must see.
-        await self.mcp.list_new(command.mcp_tools)
-        answered = await self.mcp.answer_approvals(response_id)
-        context = await self.summaries.context()
-        context.items.extend(answered)
-        if command.instructions is not None:
-            context.instructions = command.instructions
-        mcp_tools, mcp_names = self.mcp.offered(command.mcp_tools)
-        self.protocol.mcp_output(response_id).mcp_names = mcp_names
-        outcome.prompt_tokens = context.estimated_tokens
-        max_output_tokens = self.gate.output_cap(self.tenant, command.max_output_tokens)
-        outcome.admitted = await self.gate.admit_response(
-            self.tenant,
-            response_id,
-            prompt_tokens=outcome.prompt_tokens,
-            max_output_tokens=max_output_tokens,
-            price=self.gate.price_of(self.tenant, command.model),
-        )
+        # The tenant's tools (toolexec, cached per session) are fetched meanwhile.
+        offered = asyncio.ensure_future(self.tools.offered(command.tools))
+        try:
+            # MCP servers first: their listings (a server offered for the first
+            # time), and the calls the client approved, whose results the model
+            # must see.
+            if not self.mcp.listed(command.mcp_tools):
+                ahead = None  # a listing stores its item: the context is read after it
+            await self.mcp.list_new(command.mcp_tools)
+            answered = await self.mcp.answer_approvals(response_id)
+            context = ahead if ahead is not None else await self.summaries.context()
+            context.items.extend(answered)
+            if command.instructions is not None:
+                context.instructions = command.instructions
+            mcp_tools, mcp_names = self.mcp.offered(command.mcp_tools)
+            self.protocol.mcp_output(response_id).mcp_names = mcp_names
+            outcome.prompt_tokens = context.estimated_tokens
+            max_output_tokens = self.gate.output_cap(self.tenant, command.max_output_tokens)
+            outcome.admitted = await self.gate.admit_response(
+                self.tenant,
+                response_id,
+                prompt_tokens=outcome.prompt_tokens,
+                max_output_tokens=max_output_tokens,
+                price=self.gate.price_of(self.tenant, command.model),
+            )
+            tools = await offered
+        finally:
+            offered.cancel()  # the response failed before it needed them
         request = broker_pb2.GenerateRequest(
             tenant_id=self.tenant.id,
             session_id=self.session_id,
             response_id=response_id,
             model=command.model,
             context=context,
-            tools=[*await self.tools.offered(command.tools), *mcp_tools],
+            tools=[*tools, *mcp_tools],
             tool_choice=command.tool_choice,
             max_output_tokens=max_output_tokens,
         )
@@ -353,7 +407,8 @@ class TurnRunner:
     ) -> None:
         """Feed the model call's output to the protocol as it streams."""
         response_id = command.response_id
-        call = await self._open_call(command, reattach, outcome)
+        ahead, turn.context = turn.context, None  # for the turn's first response only
+        call = await self._open_call(command, reattach, outcome, ahead)
         turn.admitted = outcome.admitted
         broker = "" if reattach is None else reattach.broker
 
@@ -420,36 +475,16 @@ class TurnRunner:
             usage = estimated_usage(
                 outcome.prompt_tokens, self.protocol.generated_chars(response_id)
             )
-        cost = 0
-        if outcome.admitted is not None:
-            try:
-                await self.gate.finish_response(self.tenant, outcome.admitted, usage.total_tokens)
-            except SwitchboardError as exc:
-                log.warning("usage not settled", extra={**self._log, "code": exc.name})
-            price = self.gate.price_of(self.tenant, command.model, outcome.upstream_model)
-            try:
-                cost = await self.gate.record_cost(
-                    self.tenant, self.session_id, response_id, command.model, usage, price
-                )
-            except SwitchboardError as exc:
-                log.warning("cost not recorded", extra={**self._log, "code": exc.name})
-        if status == "completed":
-            # The model's MCP calls run now, inside the response (their items end
-            # with their results).
-            pending = self.protocol.mcp_output(response_id).pending_mcp_calls()
-            await self.mcp.run_calls(response_id, pending)
-        output = self.protocol.complete_output(response_id, complete=status == "completed")
-        for item in output:
-            try:
-                await self.backends.append_item(self.tenant.id, self.session_id, item)
-            except SwitchboardError as exc:
-                # Output that is not in the conversation: the response failed
-                # (docs/protocol.md), with the store's error as its reason.
-                log.warning("response output not stored", extra={**self._log, "code": exc.name})
-                if error is None:
-                    status, error = "failed", exc
-                    outcome.reason = None
-                break
+        # Usage is settled (limits store) while the output is stored (session
+        # service): neither waits for the other.
+        cost, (output, not_stored) = await asyncio.gather(
+            self._settle(command, outcome, usage), self._store_output(response_id, status)
+        )
+        if not_stored is not None and error is None:
+            # Output that is not in the conversation: the response failed
+            # (docs/protocol.md), with the store's error as its reason.
+            status, error = "failed", not_stored
+            outcome.reason = None
         self.protocol.response_done(
             response_id, status=status, usage=usage, reason=outcome.reason, error=error
         )
@@ -473,6 +508,51 @@ class TurnRunner:
             return []
         calls = (common_pb2.ITEM_TYPE_FUNCTION_CALL, common_pb2.ITEM_TYPE_MCP_CALL)
         return [item for item in output if item.type in calls]
+
+    async def _store_output(
+        self, response_id: str, status: str
+    ) -> tuple[list[common_pb2.Item], SwitchboardError | None]:
+        """Run a completed response's MCP calls, then store its output.
+
+        Returns:
+            The output, and the store's error when not all of it was stored.
+        """
+        if status == "completed":
+            # The model's MCP calls run now, inside the response (their items end
+            # with their results).
+            pending = self.protocol.mcp_output(response_id).pending_mcp_calls()
+            await self.mcp.run_calls(response_id, pending)
+        output = self.protocol.complete_output(response_id, complete=status == "completed")
+        for item in output:
+            try:
+                await self.backends.append_item(self.tenant.id, self.session_id, item)
+            except SwitchboardError as exc:
+                log.warning("response output not stored", extra={**self._log, "code": exc.name})
+                return output, exc
+        return output, None
+
+    async def _settle(
+        self, command: StartResponse, outcome: _Outcome, usage: common_pb2.Usage
+    ) -> int:
+        """Settle an admitted response's reservation and slot, and record its cost.
+
+        Returns:
+            The cost in pico-dollars (0 when it was not recorded).
+        """
+        if outcome.admitted is None:
+            return 0
+        try:
+            await self.gate.finish_response(self.tenant, outcome.admitted, usage.total_tokens)
+        except SwitchboardError as exc:
+            log.warning("usage not settled", extra={**self._log, "code": exc.name})
+        price = self.gate.price_of(self.tenant, command.model, outcome.upstream_model)
+        try:
+            return await self.gate.record_cost(
+                self.tenant, self.session_id, command.response_id, command.model, usage, price
+            )
+        except SwitchboardError as exc:
+            log.warning("cost not recorded", extra={**self._log, "code": exc.name})
+            return 0
 
     async def _run_tools(self, calls: list[common_pb2.Item]) -> None:
         """Run server-side calls in parallel; add each output to the conversation."""

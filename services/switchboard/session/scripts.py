@@ -25,29 +25,47 @@ return redis.call('HGETALL', KEYS[1])
 """
 )
 
+# The append of APPEND_ITEM and APPEND_ITEM_AND_LOAD, as a Lua function.
 # KEYS: meta items order events. ARGV: ttl_ms item_id item_bytes previous_item_id.
 # previous_item_id: '' appends at the end, 'root' inserts first, else after that id.
 # Returns {status, id of the item now before the new one ('' when first)}.
-APPEND_ITEM = (
+_APPEND = (
     TOUCH
     + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'no_session', ''} end
-local id, previous = ARGV[2], ARGV[4]
-if redis.call('HEXISTS', KEYS[2], id) == 1 then return {'duplicate', ''} end
-local before = ''
-if previous == '' then
-  before = redis.call('LINDEX', KEYS[3], -1) or ''
-  redis.call('RPUSH', KEYS[3], id)
-elseif previous == 'root' then
-  redis.call('LPUSH', KEYS[3], id)
-else
-  if redis.call('HEXISTS', KEYS[2], previous) == 0 then return {'no_previous', ''} end
-  redis.call('LINSERT', KEYS[3], 'AFTER', previous, id)
-  before = previous
+local function append()
+  if redis.call('EXISTS', KEYS[1]) == 0 then return {'no_session', ''} end
+  local id, previous = ARGV[2], ARGV[4]
+  if redis.call('HEXISTS', KEYS[2], id) == 1 then return {'duplicate', ''} end
+  local before = ''
+  if previous == '' then
+    before = redis.call('LINDEX', KEYS[3], -1) or ''
+    redis.call('RPUSH', KEYS[3], id)
+  elseif previous == 'root' then
+    redis.call('LPUSH', KEYS[3], id)
+  else
+    if redis.call('HEXISTS', KEYS[2], previous) == 0 then return {'no_previous', ''} end
+    redis.call('LINSERT', KEYS[3], 'AFTER', previous, id)
+    before = previous
+  end
+  redis.call('HSET', KEYS[2], id, ARGV[3])
+  touch()
+  return {'ok', before}
 end
-redis.call('HSET', KEYS[2], id, ARGV[3])
-touch()
-return {'ok', before}
+"""
+)
+
+# KEYS, ARGV and return value: as `append` above.
+APPEND_ITEM = _APPEND + "return append()\n"
+
+# APPEND_ITEM, then, when it appended, what `load_conversation` reads, in the same
+# atomic step: {'ok', before, HGETALL meta, PTTL meta, LRANGE order, HGETALL items}.
+APPEND_ITEM_AND_LOAD = (
+    _APPEND
+    + """
+local appended = append()
+if appended[1] ~= 'ok' then return appended end
+return {'ok', appended[2], redis.call('HGETALL', KEYS[1]), redis.call('PTTL', KEYS[1]),
+        redis.call('LRANGE', KEYS[3], 0, -1), redis.call('HGETALL', KEYS[2])}
 """
 )
 

@@ -135,10 +135,20 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self, request: session_pb2.AppendItemRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.AppendItemResponse:
         async with _RpcErrors(context, "AppendItem", request, self.metrics):
-            item, previous_item_id = await self._store.append_item(
-                request.tenant_id, request.session_id, request.item, request.previous_item_id
+            tenant_id, session_id = request.tenant_id, request.session_id
+            if not request.with_context:
+                item, previous_item_id = await self._store.append_item(
+                    tenant_id, session_id, request.item, request.previous_item_id
+                )
+                return session_pb2.AppendItemResponse(item=item, previous_item_id=previous_item_id)
+            item, previous_item_id, session, items = await self._store.append_item_and_load(
+                tenant_id, session_id, request.item, request.previous_item_id
             )
-            return session_pb2.AppendItemResponse(item=item, previous_item_id=previous_item_id)
+            return session_pb2.AppendItemResponse(
+                item=item,
+                previous_item_id=previous_item_id,
+                context=self._context(session, items, request.max_context_tokens),
+            )
 
     async def GetItem(
         self, request: session_pb2.GetItemRequest, context: grpc.aio.ServicerContext
@@ -162,18 +172,30 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             session, items = await self._store.load_conversation(
                 request.tenant_id, request.session_id
             )
-            requested = request.max_context_tokens
-            budget = requested if requested > 0 else self._default_context_tokens
-            instructions = session.config.instructions
-            window, unsummarized = build_window(instructions, items, budget)
-            return session_pb2.Context(
-                instructions=instructions,
-                items=window.items,
-                estimated_tokens=window.estimated_tokens,
-                dropped_items=window.dropped_items,
-                unsummarized=unsummarized if request.include_unsummarized else (),
-                unsummarized_count=len(unsummarized),
+            return self._context(
+                session, items, request.max_context_tokens, request.include_unsummarized
             )
+
+    def _context(
+        self,
+        session: session_pb2.Session,
+        items: list[common_pb2.Item],
+        max_context_tokens: int,
+        include_unsummarized: bool = False,
+    ) -> session_pb2.Context:
+        """The context of a response: the session's instructions and the newest
+        items within the budget (`max_context_tokens`, or the default when 0)."""
+        budget = max_context_tokens if max_context_tokens > 0 else self._default_context_tokens
+        instructions = session.config.instructions
+        window, unsummarized = build_window(instructions, items, budget)
+        return session_pb2.Context(
+            instructions=instructions,
+            items=window.items,
+            estimated_tokens=window.estimated_tokens,
+            dropped_items=window.dropped_items,
+            unsummarized=unsummarized if include_unsummarized else (),
+            unsummarized_count=len(unsummarized),
+        )
 
     async def AppendEventsBatch(
         self, request: session_pb2.AppendEventsBatchRequest, context: grpc.aio.ServicerContext

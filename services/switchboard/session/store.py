@@ -51,6 +51,40 @@ def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
+def _new_item(item: common_pb2.Item) -> common_pb2.Item:
+    """A copy of `item` to store, with a fresh `item_...` id when it has none.
+
+    Raises:
+        InvalidRequest: its id is too long or 'root'.
+    """
+    stored = common_pb2.Item()
+    stored.CopyFrom(item)
+    if not stored.id:
+        stored.id = new_item_id()
+    elif len(stored.id) > MAX_ITEM_ID_CHARS or stored.id == ROOT_ITEM_ID:
+        raise invalid_value(
+            "item.id", f"'item.id' must be at most {MAX_ITEM_ID_CHARS} chars and not 'root'."
+        )
+    return stored
+
+
+def _check_appended(status: bytes | str, item_id: str, previous_item_id: str) -> None:
+    """Raise what an append script's status other than 'ok' means."""
+    match _text(status):
+        case "ok":
+            return
+        case "no_session":
+            raise SessionNotFound("Session not found.", param="session_id")
+        case "duplicate":
+            raise invalid_value("item.id", f"Item with id {quote(item_id)} already exists.")
+        case "no_previous":
+            raise ItemNotFound(
+                f"Previous item with id {quote(previous_item_id)} does not exist.",
+                param="previous_item_id",
+            )
+    raise AssertionError(f"unexpected append_item status {status!r}")
+
+
 class SessionStore:
     """Sessions and items of all tenants, in one Redis; `events` holds their event logs.
 
@@ -78,6 +112,7 @@ class SessionStore:
         self._clock = clock
         self._update_config = client.register_script(scripts.UPDATE_CONFIG)
         self._append_item = client.register_script(scripts.APPEND_ITEM)
+        self._append_item_and_load = client.register_script(scripts.APPEND_ITEM_AND_LOAD)
         self._delete_item = client.register_script(scripts.DELETE_ITEM)
         self.events = EventLog(client, ttl_ms=self._ttl_ms, max_events=max_events)
 
@@ -184,32 +219,41 @@ class SessionStore:
             InvalidRequest: `item.id` is too long, is 'root', or already in the session.
             ItemNotFound: `previous_item_id` names no item of the session.
         """
-        keys = session_keys(tenant_id, session_id)
-        stored = common_pb2.Item()
-        stored.CopyFrom(item)
-        if not stored.id:
-            stored.id = new_item_id()
-        elif len(stored.id) > MAX_ITEM_ID_CHARS or stored.id == ROOT_ITEM_ID:
-            raise invalid_value(
-                "item.id", f"'item.id' must be at most {MAX_ITEM_ID_CHARS} chars and not 'root'."
-            )
+        stored = _new_item(item)
         status, before = await self._append_item(
-            keys=list(keys),
+            keys=list(session_keys(tenant_id, session_id)),
             args=[self._ttl_ms, stored.id, stored.SerializeToString(), previous_item_id],
         )
-        match _text(status):
-            case "ok":
-                return stored, _text(before)
-            case "no_session":
-                raise SessionNotFound("Session not found.", param="session_id")
-            case "duplicate":
-                raise invalid_value("item.id", f"Item with id {quote(stored.id)} already exists.")
-            case "no_previous":
-                raise ItemNotFound(
-                    f"Previous item with id {quote(previous_item_id)} does not exist.",
-                    param="previous_item_id",
-                )
-        raise AssertionError(f"unexpected append_item status {status!r}")
+        _check_appended(status, stored.id, previous_item_id)
+        return stored, _text(before)
+
+    @store_call
+    async def append_item_and_load(
+        self,
+        tenant_id: str,
+        session_id: str,
+        item: common_pb2.Item,
+        previous_item_id: str = "",
+    ) -> tuple[common_pb2.Item, str, session_pb2.Session, list[common_pb2.Item]]:
+        """`append_item`, then what `load_conversation` reads, in one atomic script.
+
+        Returns:
+            The stored item, the id of the item now before it, the session and
+            all its items in order.
+
+        Raises:
+            As `append_item`.
+        """
+        stored = _new_item(item)
+        reply = await self._append_item_and_load(
+            keys=list(session_keys(tenant_id, session_id)),
+            args=[self._ttl_ms, stored.id, stored.SerializeToString(), previous_item_id],
+        )
+        _check_appended(reply[0], stored.id, previous_item_id)
+        _, before, meta, pttl_ms, order, raw_items = reply
+        by_id = _pairs(raw_items)
+        items = [common_pb2.Item.FromString(by_id[i]) for i in order if i in by_id]
+        return stored, _text(before), self._session(_pairs(meta), pttl_ms), items
 
     @store_call
     async def get_item(self, tenant_id: str, session_id: str, item_id: str) -> common_pb2.Item:

@@ -198,10 +198,19 @@ class AppendItemRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     ITEM_FIELD_NUMBER: _builtins.int
     PREVIOUS_ITEM_ID_FIELD_NUMBER: _builtins.int
+    WITH_CONTEXT_FIELD_NUMBER: _builtins.int
+    MAX_CONTEXT_TOKENS_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     session_id: _builtins.str
     previous_item_id: _builtins.str
     """Insert after this item; empty appends at the end. "root" inserts first."""
+    with_context: _builtins.bool
+    """Also build the context of a response that follows (`AppendItemResponse.context`,
+    as BuildContext without unsummarized items), read in the same Redis script as
+    the append: one round trip instead of AppendItem then BuildContext.
+    """
+    max_context_tokens: _builtins.int
+    """The context's budget, as BuildContextRequest.max_context_tokens."""
     @_builtins.property
     def item(self) -> _common_pb2.Item: ...
     def __init__(
@@ -211,10 +220,12 @@ class AppendItemRequest(_message.Message):
         session_id: _builtins.str = ...,
         item: _common_pb2.Item | None = ...,
         previous_item_id: _builtins.str = ...,
+        with_context: _builtins.bool = ...,
+        max_context_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "previous_item_id", b"previous_item_id", "session_id", b"session_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "max_context_tokens", b"max_context_tokens", "previous_item_id", b"previous_item_id", "session_id", b"session_id", "tenant_id", b"tenant_id", "with_context", b"with_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -226,19 +237,25 @@ class AppendItemResponse(_message.Message):
 
     ITEM_FIELD_NUMBER: _builtins.int
     PREVIOUS_ITEM_ID_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     previous_item_id: _builtins.str
     """The item now before it, empty when it is first."""
     @_builtins.property
     def item(self) -> _common_pb2.Item: ...
+    @_builtins.property
+    def context(self) -> Global___Context:
+        """The session's context right after the append; set only when asked (`with_context`)."""
+
     def __init__(
         self,
         *,
         item: _common_pb2.Item | None = ...,
         previous_item_id: _builtins.str = ...,
+        context: Global___Context | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "item", b"item"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "previous_item_id", b"previous_item_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "item", b"item", "previous_item_id", b"previous_item_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -144,7 +144,13 @@ class MemoryBackends:
         return await self.get_session(tenant_id, session_id)
 
     async def append_item(
-        self, tenant_id: str, session_id: str, item: common_pb2.Item, previous_item_id: str = ""
+        self,
+        tenant_id: str,
+        session_id: str,
+        item: common_pb2.Item,
+        previous_item_id: str = "",
+        *,
+        context_tokens: int | None = None,
     ) -> session_pb2.AppendItemResponse:
         await self._enter("append_item")
         state = self._get(tenant_id, session_id)
@@ -163,7 +169,10 @@ class MemoryBackends:
         stored.CopyFrom(item)
         state.items.insert(at, stored)
         before = state.items[at - 1].id if at else ""
-        return session_pb2.AppendItemResponse(item=stored, previous_item_id=before)
+        reply = session_pb2.AppendItemResponse(item=stored, previous_item_id=before)
+        if context_tokens is not None:
+            reply.context.CopyFrom(self._context(state))
+        return reply
 
     async def get_item(self, tenant_id: str, session_id: str, item_id: str) -> common_pb2.Item:
         await self._enter("get_item")
@@ -187,7 +196,10 @@ class MemoryBackends:
     ) -> session_pb2.Context:
         """Every item (no budget), the instructions, chars/4 tokens."""
         await self._enter("build_context")
-        state = self._get(tenant_id, session_id)
+        return self._context(self._get(tenant_id, session_id))
+
+    @staticmethod
+    def _context(state: _Session) -> session_pb2.Context:
         chars = len(state.session.config.instructions) + sum(
             len(part.text) for item in state.items for part in item.content
         )
