@@ -41,8 +41,10 @@ from switchboard.broker.multiplex import failure_of
 from switchboard.broker.realtime_held import (
     HeldSession,
     HeldSessions,
+    Outgoing,
     SessionEnds,
     UpstreamSocket,
+    as_response,
     resume_refused,
 )
 from switchboard.broker.realtime_link import RealtimeLink
@@ -142,14 +144,14 @@ class RealtimeSessions(realtime_pb2_grpc.RealtimeServiceServicer):
         responses = self._session(requests, context, on_caller_gone)
         async with contextlib.aclosing(responses) as stream:  # type: ignore[type-var]
             async for response in stream:
-                yield response
+                yield as_response(response)
 
     async def _session(
         self,
         requests: AsyncIterator[realtime_pb2.RealtimeRequest],
         context: grpc.aio.ServicerContext,
         on_caller_gone: Callable[[Callable[[], None]], None] | None = None,
-    ) -> AsyncIterator[realtime_pb2.RealtimeResponse]:
+    ) -> AsyncIterator[Outgoing]:
         try:
             first = await anext(aiter(requests))
         except (StopAsyncIteration, grpc.RpcError):
@@ -171,7 +173,7 @@ class RealtimeSessions(realtime_pb2_grpc.RealtimeServiceServicer):
         attach: realtime_pb2.RealtimeAttach,
         requests: AsyncIterator[realtime_pb2.RealtimeRequest],
         on_caller_gone: Callable[[Callable[[], None]], None] | None,
-    ) -> AsyncGenerator[realtime_pb2.RealtimeResponse, None]:
+    ) -> AsyncGenerator[Outgoing, None]:
         held = self.held.get(attach.tenant_id, attach.session_id)
         if held is None:
             yield _failed(
@@ -212,7 +214,7 @@ class RealtimeSessions(realtime_pb2_grpc.RealtimeServiceServicer):
         opening: realtime_pb2.RealtimeOpen,
         requests: AsyncIterator[realtime_pb2.RealtimeRequest],
         on_caller_gone: Callable[[Callable[[], None]], None] | None,
-    ) -> AsyncGenerator[realtime_pb2.RealtimeResponse, None]:
+    ) -> AsyncGenerator[Outgoing, None]:
         ends = SessionEnds({"tenant_id": opening.tenant_id, "session_id": opening.session_id})
         held: HeldSession | None = None
         async with contextlib.AsyncExitStack() as stack:
