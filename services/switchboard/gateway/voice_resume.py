@@ -82,10 +82,7 @@ class ResumeState:
 
     def seen(self, event: dict[str, Any]) -> bool:
         """Note an upstream event; True when an earlier connection was given it."""
-        return self.seen_id(event.get("event_id"))
-
-    def seen_id(self, event_id: Any) -> bool:
-        """`seen` for the event whose `event_id` this is."""
+        event_id = event.get("event_id")
         match = _EVENT_ID.fullmatch(event_id) if isinstance(event_id, str) else None
         if match is None:
             return False
