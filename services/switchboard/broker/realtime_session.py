@@ -65,13 +65,14 @@ from switchboard.v1 import realtime_pb2, realtime_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "switchboard.v1.RealtimeService"
-# Events whose `session` object names the upstream's id and model.
-_SESSION_EVENTS = (b"session.created", b"session.updated")
+# Events whose `session` object names the upstream's id and model
+# (`session.created`, `session.updated`), found by their type's prefix.
+_SESSION_EVENT = b'"session.'
 
 
 def rewrite_session(event: bytes, session_id: str, model: str) -> bytes:
     """`event` with `session.id` and `session.model` made Switchboard's, if it carries a session."""
-    if not any(kind in event[:200] for kind in _SESSION_EVENTS):
+    if event.find(_SESSION_EVENT, 0, 200) < 0:  # every audio event: one scan, no copy
         return event
     try:
         parsed = orjson.loads(event)
