@@ -181,7 +181,9 @@ class SessionMux:
                 responses = self._handler(session.stream(), self._context)
                 async with contextlib.aclosing(responses) as each:  # type: ignore[type-var]
                     async for response in each:
-                        await self._put(number, response)
+                        if self._bytes >= MAX_BUFFERED_BYTES:
+                            await self._room_for_more()
+                        self._put_now(number, response)
         except asyncio.CancelledError:
             cancelled = True
             raise
@@ -193,11 +195,10 @@ class SessionMux:
             if span is not None:
                 end_carried_span(span, None, cancelled=cancelled)
 
-    async def _put(self, number: int, response: Outgoing) -> None:
+    async def _room_for_more(self) -> None:
         while self._bytes >= MAX_BUFFERED_BYTES:
             self._room.clear()
             await self._room.wait()
-        self._put_now(number, response)
 
     def _put_now(self, number: int, response: Outgoing | None) -> None:
         frame: _Frame
