@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -13,6 +14,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.util._once import Once
 
 from tools.redis_server import RedisCluster3, RedisServer
+
+# The gateways the tests start do not shed load: on a busy test machine a
+# gateway's event loop can run a quarter of a second late without being
+# overloaded by its own work, and a refused request would fail a test about
+# something else. tests/e2e/test_overload.py turns shedding on for its stack.
+os.environ.setdefault("SWITCHBOARD_GATEWAY_SHED_LOOP_LAG_MS", "0")
 
 
 @pytest.fixture(scope="session")

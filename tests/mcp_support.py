@@ -69,6 +69,13 @@ class McpTestServer:
                 time.sleep(0.05)
         raise RuntimeError("the MCP test server does not accept connections")
 
+    def assert_not_logged(self, log_dir: Path) -> None:
+        """Fail when a service log in `log_dir` holds the server's token or URL."""
+        for log in log_dir.glob("*.log"):
+            text = log.read_text(errors="replace")
+            assert self.token not in text, log.name
+            assert self.url not in text, log.name
+
     def stop(self) -> None:
         if self.process is None:
             return

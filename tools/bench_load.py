@@ -21,17 +21,22 @@ Every scenario runs on each path in the same run, one after the other:
 Scenarios: N paced streams for each N in `--streams` (each asks `--rounds`
 times for `--tokens` tokens at `--delay-ms` per token, the streams' starts
 spread over one token interval), a burst (one stream, no delay, `--burst-tokens`
-tokens), and `--idle` idle connections (the gateway's memory per connection).
+tokens), and `--idle` idle connections (the gateway's memory per connection,
+and what they cost each process per second while idle, over `--idle-s`: the
+lease renewals and timers of connections that do nothing).
 
 Per scenario it prints time to first token (TTFT: from sending the request, or
 `response.create`, to the first text delta) p50/p99 and what Switchboard adds
 over direct, delivered tokens/s (tokens are the simulator's words, however
 many deltas carry them; over the scenario's wall time), the p99 gap between
-two deltas of a stream, errors by code, CPU-seconds per 1k tokens for each
-process (from /proc), and the gateway's memory per stream. It draws TTFT and
-throughput against the number of streams to `--png`.
+two deltas of a stream, errors by code (a round the gateway sheds with
+`server_busy` before creating its response waits the second it is told to,
+then the stream goes on), CPU-seconds per 1k tokens for each process (from
+/proc), and the gateway's memory per stream. It draws TTFT and throughput
+against the number of streams to `--png`.
 
-    python -m tools.bench_load [--streams 1,50,200,400] [--png docs/images/bench_load.png]
+    python -m tools.bench_load [--streams 1,50,200,400] [--paths websocket,sse]
+        [--png docs/images/bench_load.png]
 """
 
 from __future__ import annotations
@@ -53,9 +58,9 @@ import websockets
 from tools.stack import Ports, Stack
 
 SUT = ("gateway", "broker", "session", "toolexec", "redis")
-# The paths measured, each scenario in turn: the baseline first.
-KINDS = ("direct", "websocket", "sse")
 TICKS = os.sysconf("SC_CLK_TCK")
+# A stream refused with `server_busy` asks again after this long (the gateway's retry_after).
+RETRY_AFTER_S = 1.0
 
 
 @dataclass
@@ -139,6 +144,8 @@ async def sse_stream(
             if response.status != 200:
                 error = (await response.json())["error"]["code"]
                 phase.errors[error] += 1
+                if error == "server_busy":
+                    await asyncio.sleep(RETRY_AFTER_S)
                 continue
             async for line in response.content:
                 if line.startswith(b"data: {"):
@@ -160,13 +167,20 @@ async def switchboard_stream(url: str, key: str, phase: Phase, text: str, rounds
             await ws.send(say)
             stream.ask()
             await ws.send('{"type":"response.create"}')
+            created = False
             while True:
                 event = orjson.loads(await ws.recv())
                 kind = event["type"]
                 if kind == "response.output_text.delta":
                     stream.delta(event["delta"])
+                elif kind == "response.created":
+                    created = True
                 elif kind == "error":
                     phase.errors[event["error"]["code"]] += 1
+                    if not created and event["error"]["code"] == "server_busy":
+                        # Shed before a response was created: wait as told, ask again.
+                        await asyncio.sleep(RETRY_AFTER_S)
+                        break
                 elif kind == "response.done":
                     break
 
@@ -249,8 +263,9 @@ class Bench:
         phase.gateway_rss_mib = (before_rss, peak_rss)
         return phase
 
-    async def idle_memory(self, count: int) -> float:
-        """KiB of gateway memory per idle connection."""
+    async def idle(self, count: int, hold_s: float) -> tuple[float, dict[str, float]]:
+        """`count` idle connections: KiB of gateway memory per connection, and what
+        they cost each process while they idle (CPU-ms per second, over `hold_s`)."""
         gateway = self.pids["gateway"]
         headers = {"Authorization": f"Bearer {self.stack.dev_key}"}
         url = f"{self.stack.websocket_url}?model=gpt-realtime"
@@ -261,11 +276,21 @@ class Bench:
                 ws = await websockets.connect(url, additional_headers=headers, ping_interval=None)
                 await ws.recv()
                 connections.append(ws)
-            await asyncio.sleep(1.0)
+            # Past the first lease renewals, so opening costs nothing in the window.
+            await asyncio.sleep(1.5)
             after = rss_mib(gateway)
+            start_cpu = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+            start = time.perf_counter()
+            await asyncio.sleep(hold_s)
+            wall = time.perf_counter() - start
+            cpu_ms = {
+                name: 1000 * (cpu_seconds(pid) - start_cpu[name]) / wall
+                for name, pid in self.pids.items()
+                if name in SUT
+            }
         finally:
             await asyncio.gather(*(ws.close() for ws in connections), return_exceptions=True)
-        return (after - before) * 1024 / count
+        return (after - before) * 1024 / count, cpu_ms
 
 
 class LiteLLM:
@@ -432,12 +457,12 @@ async def run(args: argparse.Namespace) -> None:
     litellm = None
     try:
         bench = Bench(stack, args)
-        kinds: tuple[str, ...] = KINDS
+        kinds: tuple[str, ...] = ("direct", *(k for k in args.paths.split(",") if k != "direct"))
         if args.litellm:
             litellm = bench.litellm = LiteLLM(args.litellm, stack.simulator_url)
             await litellm.start()
             bench.pids["litellm"] = litellm.pid
-            kinds = (*KINDS, "litellm")
+            kinds = (*kinds, "litellm")
         bench.pin()
         print(
             f"system under test on core {args.sut_core} ({', '.join(SUT)}); simulator and load "
@@ -464,8 +489,13 @@ async def run(args: argparse.Namespace) -> None:
             direct = phases.pop("direct")
             describe(f"burst: 1 stream, {args.burst_tokens} tokens, no delay", direct, phases, 1)
         if args.idle:
-            per_connection = await bench.idle_memory(args.idle)
+            per_connection, cpu_ms = await bench.idle(args.idle, args.idle_s)
             print(f"\n{args.idle} idle connections: {per_connection:.1f} KiB each in the gateway")
+            print(
+                f"  CPU-ms per second while they idle ({args.idle_s:g} s): "
+                + ", ".join(f"{name} {value:.1f}" for name, value in cpu_ms.items())
+                + f" (system under test {sum(cpu_ms.values()):.1f})"
+            )
         if args.png:
             draw(Path(args.png), rows)
     finally:
@@ -484,7 +514,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--burst-tokens", type=int, default=20000)
     parser.add_argument("--idle", type=int, default=500)
+    parser.add_argument("--idle-s", type=float, default=5.0)
     parser.add_argument("--max-concurrent", type=int, default=256)
+    parser.add_argument(
+        "--paths", default="websocket,sse", help="Switchboard paths measured besides direct"
+    )
     parser.add_argument("--sut-core", type=int, default=1)
     parser.add_argument("--client-core", type=int, default=0)
     parser.add_argument("--png", default="docs/images/bench_load.png")

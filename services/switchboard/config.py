@@ -190,6 +190,9 @@ class GatewaySettings:
     # 0: deltas go out at once and are recorded at checkpoints this far apart
     # (docs/protocol.md, Resume; gateway/sender.py).
     checkpoint_s: float
+    # Refuse new work (`server_busy`) while the event loop runs this late,
+    # smoothed over a second (gateway/overload.py); 0 never refuses.
+    shed_loop_lag_s: float
     log_level: str
 
     @classmethod
@@ -242,6 +245,8 @@ class GatewaySettings:
             ),
             session_lease_s=env.number("SWITCHBOARD_GATEWAY_SESSION_LEASE_S", 10.0, minimum=0.5),
             checkpoint_s=env.number("SWITCHBOARD_GATEWAY_CHECKPOINT_S", 0.0, minimum=0.0),
+            shed_loop_lag_s=env.number("SWITCHBOARD_GATEWAY_SHED_LOOP_LAG_MS", 250.0, minimum=0.0)
+            / 1000,
             log_level=env.log_level(),
         )
 

@@ -12,6 +12,7 @@ client's last (taken from the model call's transcript at the broker).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import orjson
 import pytest
 import websockets
+from redis.asyncio import Redis
 
 from switchboard.gateway.ids import event_seq
 from tests.e2e.conftest import RealtimeClient, reply_text
@@ -26,6 +28,8 @@ from tools.stack import Ports, Stack
 
 # The writer lease of a killed gateway lapses after 1 s (10 s by default).
 LEASE_S = "1"
+# A session's keys (docs/session.md).
+KEYS = ("meta", "items", "order", "events", "owner", "wanted")
 # A broker keeps a dead gateway's model call for 8 s (60 s by default): time for a
 # resume on a loaded machine (the killed gateway's lease lapses first).
 ORPHAN_GRACE_S = "8"
@@ -323,3 +327,47 @@ async def test_a_second_connection_takes_the_session_over(stack: Stack) -> None:
             client = RealtimeClient(new)
             await ask(client, "on the new connection")
             assert (await read_until_done(client))[-1]["response"]["status"] == "completed"
+
+
+async def test_renewals_batched_per_gateway_hand_each_connection_its_own_outcome(
+    stack: Stack,
+) -> None:
+    """Six idle connections on one gateway, their leases renewed in one batch a
+    tick: one session resumed elsewhere, one gone from the store. Exactly those
+    two connections close (4509, 4504); the other four keep their sessions."""
+    async with contextlib.AsyncExitStack() as opened:
+        sockets = [await opened.enter_async_context(open_client(stack, 0)) for _ in range(6)]
+        created = [orjson.loads(await socket.recv()) for socket in sockets]
+        sessions = [event["session"]["id"] for event in created]
+        taken, gone = 1, 4
+        resumer = await opened.enter_async_context(
+            open_client(
+                stack, 1, session_id=sessions[taken], last_event_id=created[taken]["event_id"]
+            )
+        )
+        redis = Redis.from_url(stack.redis_url or f"redis://127.0.0.1:{stack.ports.redis}/0")
+        try:
+            await redis.delete(*[f"sb:{{dev:{sessions[gone]}}}:{key}" for key in KEYS])
+        finally:
+            await redis.aclose()
+        for index, code, close in (
+            (taken, "session_taken_over", 4509),
+            (gone, "session_not_found", 4504),
+        ):
+            error = orjson.loads(await asyncio.wait_for(sockets[index].recv(), 10))
+            assert (error["type"], error["error"]["code"]) == ("error", code)
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(sockets[index].recv(), 10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == close
+        # Several renewal ticks later, the others still hold their sessions:
+        # their responses are recorded (an append without the lease is refused)
+        # and nothing else reached them.
+        for index in (0, 2, 3, 5):
+            client = RealtimeClient(sockets[index])
+            await ask(client, f"still mine {index}")
+            events = await read_until_done(client)
+            assert [e for e in events if e["type"] == "error"] == []
+            assert events[-1]["response"]["status"] == "completed"
+        client = RealtimeClient(resumer)
+        await ask(client, "on the new connection")
+        assert (await read_until_done(client))[-1]["response"]["status"] == "completed"

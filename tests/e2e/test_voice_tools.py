@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import orjson
 import pytest
 import websockets
 from aiohttp import web
@@ -24,6 +22,7 @@ from tests.e2e.conftest import (
     realtime_upstream,
     reply_text,
 )
+from tests.e2e.tool_turns import calls, last_session, of_type, until_done
 from tests.voice_support import chunks, silence, speech
 from tools.redis_server import free_port
 from tools.stack import Ports, Stack
@@ -121,15 +120,6 @@ async def voice(stack: Stack) -> AsyncIterator[RealtimeClient]:
         yield client
 
 
-def calls(*specs: tuple[str, dict[str, Any]]) -> str:
-    keys = {"tool_calls": [{"name": name, "arguments": args} for name, args in specs]}
-    return f"[[sim {orjson.dumps(keys).decode()}]]"
-
-
-def of_type(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [event for event in events if event["type"] == kind]
-
-
 def outputs(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The `function_call_output` items the client saw added."""
     return [
@@ -137,20 +127,6 @@ def outputs(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for event in of_type(events, "conversation.item.added")
         if event["item"]["type"] == "function_call_output"
     ]
-
-
-async def until_done(client: RealtimeClient, responses: int) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = []
-    for _ in range(responses):
-        events += await client.recv_until("response.done", timeout_s=30)
-    return events
-
-
-def last_session(stack: Stack) -> dict[str, Any]:
-    """The newest session in the simulator's log (what the upstream saw)."""
-    with urllib.request.urlopen(f"{stack.simulator_url}/_sim/realtime", timeout=5) as answer:
-        session: dict[str, Any] = orjson.loads(answer.read())["sessions"][-1]
-        return session
 
 
 async def test_a_server_tool_runs_in_a_voice_session_and_the_turn_goes_on(

@@ -21,6 +21,7 @@ from switchboard import errors
 from switchboard.config import GatewaySettings
 from switchboard.gateway.connection import RealtimeConnection
 from switchboard.gateway.eventlog import EventRecorder
+from switchboard.gateway.leases import LeaseRenewals
 from switchboard.gateway.metrics import GatewayMetrics
 from switchboard.gateway.protocol import RealtimeProtocol
 from switchboard.gateway.tenant_gate import TenantGate
@@ -90,6 +91,7 @@ async def test_hostile_frames_against_the_connection(
                 TenantGate(TenantLimiter(redis), reserve_output_tokens=100),
                 GatewayMetrics(),
                 recorder,
+                LeaseRenewals(backends, settings.session_lease_s),
                 settings,
                 holder=f"conn_fuzz_{number}",
             )

@@ -16,6 +16,7 @@ import pytest
 from switchboard.config import GatewaySettings
 from switchboard.gateway.connection import RealtimeConnection
 from switchboard.gateway.eventlog import EventRecorder
+from switchboard.gateway.leases import LeaseRenewals
 from switchboard.gateway.metrics import GatewayMetrics
 from switchboard.gateway.protocol import RealtimeProtocol
 from switchboard.gateway.tenant_gate import TenantGate
@@ -93,6 +94,7 @@ async def connect(redis_server: RedisServer) -> AsyncIterator[Any]:
             TenantGate(TenantLimiter(redis), reserve_output_tokens=100),
             GatewayMetrics(),
             EventRecorder(backends),
+            LeaseRenewals(backends, settings.session_lease_s),
             settings,
             holder=f"conn_{len(clients)}",
         )
@@ -316,7 +318,7 @@ async def test_a_streaming_turn_renews_its_lease_by_its_appends_and_hands_over_a
     )
     client.socket.send({"type": "response.create"})
     await client.socket.next_event("response.output_text.delta")
-    claims = client.backends.calls["claim_session"]
+    renewals = client.backends.calls["claim_sessions_batch"]
     # A resume elsewhere asks for the session while the response streams.
     elsewhere = await client.backends.claim_session(
         client.tenant.id, client.session_id, "conn_elsewhere", 600
@@ -328,7 +330,7 @@ async def test_a_streaming_turn_renews_its_lease_by_its_appends_and_hands_over_a
     done = await client.socket.next_event("response.done")
     assert done["response"]["status"] == "completed"
     # The appends kept the lease: at most the one renewal of the first interval.
-    assert client.backends.calls["claim_session"] - claims <= 1
+    assert client.backends.calls["claim_sessions_batch"] - renewals <= 1
     error = await client.socket.next_event("error")
     assert error["error"]["code"] == "session_taken_over"
     assert await client.socket.wait_closed() == (4509, "session_taken_over")

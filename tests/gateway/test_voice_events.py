@@ -97,7 +97,9 @@ def test_the_buffer_holds_max_buffer_s_of_uncommitted_audio() -> None:
         ({"audio": {"input": {"echo": True}}}, "session.audio.input.echo"),
         ({"model": "other"}, "session.model"),
         ({"output_modalities": ["audio", "text"]}, "session.output_modalities"),
-        ({"tools": [{"type": "mcp", "server_label": "x"}]}, "session.tools[0].type"),
+        ({"tools": [{"type": "file_search"}]}, "session.tools[0].type"),
+        # An MCP server the tenant did not register (voice_mcp.py for the rest).
+        ({"tools": [{"type": "mcp", "server_label": "x"}]}, "session.tools[0].server_label"),
     ],
 )
 def test_bad_session_updates_name_the_field(session: dict[str, Any], param: str) -> None:

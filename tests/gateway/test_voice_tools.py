@@ -9,6 +9,8 @@ from typing import Any
 import orjson
 
 from switchboard.gateway.server_tools import ServerTools
+from switchboard.gateway.voice_mcp import VoiceMcp
+from switchboard.gateway.voice_mcp_offer import McpOffer
 from switchboard.gateway.voice_tools import VoiceTools
 from switchboard.v1 import common_pb2
 
@@ -22,6 +24,18 @@ def tools(max_rounds: int = 8) -> tuple[VoiceTools, list[str], list[bytes]]:
         to_upstream=to_upstream.append,
         to_client=to_client.append,
         on_idle=lambda: None,
+        mcp=VoiceMcp(
+            McpOffer(
+                None,  # type: ignore[arg-type]  # never called here
+                "acme",
+                "sess_1",
+                {},
+                new_id=lambda: "item_1",
+                to_client=to_client.append,
+            )
+        ),
+        hold=lambda: None,
+        release=lambda: None,
     )
     voice.catalogue = {
         "calculate": common_pb2.ToolDefinition(
@@ -77,7 +91,9 @@ def test_which_calls_are_the_gateways() -> None:
 def test_the_round_limit_stops_the_loop_with_an_error() -> None:
     voice, to_client, to_upstream = tools(max_rounds=0)
     assert not voice.wants(done("calculate"))
-    voice.upstream(done("calculate"))
-    (error,) = [orjson.loads(text) for text in to_client]
+    event = done("calculate")
+    voice.response_done(event, orjson.dumps(event).decode(), run=True)
+    response_done, error = [orjson.loads(text) for text in to_client]
+    assert response_done == event
     assert error["error"]["code"] == "tool_rounds_exceeded"
     assert not to_upstream and not voice.busy

@@ -351,3 +351,48 @@ async def test_a_batch_of_appends_answers_each_on_its_own(stub: Stub, tenant: st
     page = await stub.ReadEvents(S.ReadEventsRequest(tenant_id=tenant, session_id=other))
     assert [e.event_id for e in page.events] == ["o1"]
     assert not (await stub.ReadEvents(S.ReadEventsRequest(tenant_id=tenant, session_id=sid))).events
+
+
+async def test_a_batch_of_claims_answers_each_on_its_own(stub: Stub, tenant: str) -> None:
+    """One ClaimSessionsBatch, every outcome a claim can have, each in its place."""
+    free, mine, theirs, wanted = [(await create(stub, tenant)).id for _ in range(4)]
+
+    def claim(session_id: str, holder: str) -> S.ClaimSessionRequest:
+        return S.ClaimSessionRequest(
+            tenant_id=tenant, session_id=session_id, holder=holder, lease_ms=10_000
+        )
+
+    for request in (claim(mine, "conn-mine"), claim(theirs, "conn-x"), claim(wanted, "conn-w")):
+        assert (await stub.ClaimSession(request)).claimed
+    # Another connection asks for `wanted`: its holder learns it at its next claim.
+    assert not (await stub.ClaimSession(claim(wanted, "conn-resumer"))).claimed
+    reply = await stub.ClaimSessionsBatch(
+        S.ClaimSessionsBatchRequest(
+            claims=[
+                claim(free, "conn-free"),
+                claim(theirs, "conn-theirs"),  # conn-x holds it: refused, asked for
+                claim("sess_missing", "conn-m"),
+                claim(mine, "conn-mine"),
+                claim("bad{id", "conn-b"),
+                claim(wanted, "conn-w"),
+                claim(free, ""),
+            ]
+        )
+    )
+    results = [
+        (r.claim.claimed, r.claim.handoff_requested, C.ErrorCode.Name(r.error_code), r.error_param)
+        for r in reply.results
+    ]
+    assert results == [
+        (True, False, "ERROR_CODE_UNSPECIFIED", ""),
+        (False, False, "ERROR_CODE_UNSPECIFIED", ""),
+        (False, False, "ERROR_CODE_SESSION_NOT_FOUND", "session_id"),
+        (True, False, "ERROR_CODE_UNSPECIFIED", ""),
+        (False, False, "ERROR_CODE_INVALID_VALUE", "session_id"),
+        (True, True, "ERROR_CODE_UNSPECIFIED", ""),
+        (False, False, "ERROR_CODE_MISSING_REQUIRED_PARAMETER", "holder"),
+    ]
+    # Each claim did what it would alone: conn-x was asked for its session ...
+    assert (await stub.ClaimSession(claim(theirs, "conn-x"))).handoff_requested
+    # ... and conn-free holds its own, so nobody else gets it.
+    assert not (await stub.ClaimSession(claim(free, "conn-other"))).claimed

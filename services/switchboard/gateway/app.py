@@ -39,8 +39,10 @@ from switchboard.gateway.backends import Backends, GrpcBackends
 from switchboard.gateway.client_secrets import ClientSecrets
 from switchboard.gateway.drain import Drainer
 from switchboard.gateway.eventlog import EventRecorder
+from switchboard.gateway.leases import LeaseRenewals
 from switchboard.gateway.metrics import GatewayMetrics
 from switchboard.gateway.openai_http import chat_completions_endpoint, responses_endpoint
+from switchboard.gateway.overload import LoopLag
 from switchboard.gateway.realtime import realtime
 from switchboard.gateway.resources import Resources
 from switchboard.gateway.tenant_gate import TenantGate
@@ -78,6 +80,7 @@ def create_app(
         redis = any_client(settings.redis_url.reveal(), cluster=settings.redis_cluster)
         await warm_up(redis)
         recorder = EventRecorder(used)
+        leases = LeaseRenewals(used, settings.session_lease_s)
         app.state.gateway = Resources(
             settings=settings,
             tenants=tenants,
@@ -85,6 +88,7 @@ def create_app(
             drainer=drainer,
             backends=used,
             recorder=recorder,
+            leases=leases,
             redis=redis,
             client_secrets=ClientSecrets(redis),
             gate=TenantGate(
@@ -95,13 +99,17 @@ def create_app(
             ),
             refusals=RateLimitedLog(log),
             voice=VoiceBroker(settings.broker_target),
+            overload=LoopLag(settings.shed_loop_lag_s, metrics.event_loop_lag),
         )
+        app.state.gateway.overload.start()
         watcher = asyncio.create_task(tenants.watch())
         try:
             yield
         finally:
             watcher.cancel()
+            app.state.gateway.overload.stop()
             await recorder.close()
+            await leases.close()
             await used.close()
             if app.state.gateway.voice is not None:
                 await app.state.gateway.voice.close()

@@ -97,6 +97,9 @@ class Backends(Protocol):
     async def claim_session(
         self, tenant_id: str, session_id: str, holder: str, lease_ms: int
     ) -> session_pb2.ClaimSessionResponse: ...
+    async def claim_sessions_batch(
+        self, claims: list[session_pb2.ClaimSessionRequest]
+    ) -> session_pb2.ClaimSessionsBatchResponse: ...
     async def release_session(self, tenant_id: str, session_id: str, holder: str) -> None: ...
     # broker
     def generate(self, request: broker_pb2.GenerateRequest) -> ModelCall: ...
@@ -398,6 +401,14 @@ class GrpcBackends:
         )
         return await self._call(
             "session", self.session.ClaimSession(request, timeout=self.timeout_s)
+        )
+
+    async def claim_sessions_batch(
+        self, claims: list[session_pb2.ClaimSessionRequest]
+    ) -> session_pb2.ClaimSessionsBatchResponse:
+        request = session_pb2.ClaimSessionsBatchRequest(claims=claims)
+        return await self._call(
+            "session", self.session.ClaimSessionsBatch(request, timeout=self.timeout_s)
         )
 
     async def release_session(self, tenant_id: str, session_id: str, holder: str) -> None:

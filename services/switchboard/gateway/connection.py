@@ -4,10 +4,10 @@ The pump only moves frames and keeps the connection's lifetime; turns are the
 `TurnRunner`'s (turns.py). Its lifecycle:
 
 1. `run()`, given an open protocol (`RealtimeProtocol.open`), sends what it
-   queued (`session.created` for a new session), starts the writer and three
-   helpers (the tenant's connection slot, the session's writer lease, the idle
-   and session-length timers), and starts the turn a dead gateway left open,
-   if it was handed one.
+   queued (`session.created` for a new session), starts the writer and two
+   helpers (the tenant's connection slot, the idle and session-length timers),
+   holds the session's writer lease in the gateway's renewals (leases.py), and
+   starts the turn a dead gateway left open, if it was handed one.
 2. It reads frames until the client leaves or the connection must end. Each
    frame goes to the protocol; the commands it returns run against the
    backends, a `StartResponse` as a turn.
@@ -47,6 +47,7 @@ from switchboard.gateway.commands import (
     UpdateSession,
 )
 from switchboard.gateway.eventlog import EventRecorder, SessionWriter
+from switchboard.gateway.leases import Lease, LeaseRenewals, Outcome
 from switchboard.gateway.metrics import GatewayMetrics, refusal_reason
 from switchboard.gateway.protocol import RealtimeProtocol
 from switchboard.gateway.sender import (
@@ -56,7 +57,7 @@ from switchboard.gateway.sender import (
     ClientSocket,
     Sender,
 )
-from switchboard.gateway.tenant_gate import CONNECTION_LEASE_S, TenantGate
+from switchboard.gateway.tenant_gate import TenantGate
 from switchboard.gateway.turns import Reattach, TurnRunner
 from switchboard.tenancy import Tenant
 from switchboard.v1 import common_pb2
@@ -79,6 +80,7 @@ class RealtimeConnection:
         gate: TenantGate,
         metrics: GatewayMetrics,
         recorder: EventRecorder,
+        leases: LeaseRenewals,
         settings: GatewaySettings,
         *,
         holder: str,
@@ -95,6 +97,9 @@ class RealtimeConnection:
         self.disconnect_grace_s = settings.disconnect_grace_s
         self.idle_timeout_s = settings.idle_timeout_s
         self.lease_s = settings.session_lease_s
+        self.leases = leases
+        self._lease: Lease | None = None
+        self._lease_failing = False
         self.log_writer = SessionWriter(
             backends, recorder, tenant.id, self.session_id, holder, self.lease_s
         )
@@ -137,9 +142,11 @@ class RealtimeConnection:
             reattach: a response to finish first, left by a gateway that died.
         """
         self.sender.start()
+        lease = self._lease = self.leases.hold(
+            self.log_writer, self._lease_renewed, due=self._lease_due
+        )
         helpers = [
-            asyncio.create_task(self._keep_connection_slot()),
-            asyncio.create_task(self._keep_session_lease()),
+            asyncio.create_task(self.gate.hold_connection(self.tenant, self.holder, self._log)),
             asyncio.create_task(self._watch_time_limits()),
         ]
         try:
@@ -148,7 +155,13 @@ class RealtimeConnection:
                 self._start_turn(reattach.command, reattach)
             await self._read()
         finally:
-            await self._end(helpers)
+            try:
+                await self._end(helpers)
+            finally:
+                # Even when cancelled: nothing more is renewed for this connection.
+                lease.stop()
+                for task in helpers:
+                    task.cancel()
 
     async def _read(self) -> None:
         """Feed client frames to the protocol until the client leaves, the writer
@@ -190,6 +203,9 @@ class RealtimeConnection:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # No renewal in flight may take the lease again after the release.
+        if self._lease is not None:
+            await self._lease.drop()
         try:
             await self.log_writer.release()
         except SwitchboardError as exc:
@@ -273,56 +289,40 @@ class RealtimeConnection:
 
     # --- helpers: slot, lease, timers ---------------------------------------------------
 
-    async def _keep_connection_slot(self) -> None:
-        """Renew the connection's slot lease while the connection lives."""
-        failing = False
-        while True:
-            await asyncio.sleep(CONNECTION_LEASE_S / 3)
-            try:
-                await self.gate.keep_connection(self.tenant, self.holder)
-            except SwitchboardError as exc:
-                if not failing:
-                    log.warning(
-                        "connection slot not renewed", extra={**self._log, "code": exc.name}
-                    )
-                failing = True
-            else:
-                failing = False
+    def _lease_due(self) -> bool:
+        """Whether this tick's lease renewal is needed: not while a turn runs and
+        its appends renew the lease (a hand-over waits for the turn's end anyway:
+        the first renewal after it asks)."""
+        return not (self.turns.running and self.log_writer.appended_within(self.leases.interval_s))
 
-    async def _keep_session_lease(self) -> None:
-        """Renew the session's writer lease; hand the session over when another
-        connection asks for it (after the running turn); close with 4504 when the
-        session is gone (its store lost it)."""
-        failing = False
-        interval_s = min(self.lease_s / 3, 1.0)
-        while True:
-            await asyncio.sleep(interval_s)
-            if self.turns.running and self.log_writer.appended_within(interval_s):
-                # The turn's appends renew the lease, and a hand-over waits for
-                # the turn's end anyway: the first renewal after it asks.
-                continue
-            try:
-                wanted = await self.log_writer.renew()
-            except SessionTakenOver:
-                self._taken_over()
+    def _lease_renewed(self, outcome: Outcome) -> None:
+        """A renewal of the session's writer lease (leases.py) answered: hand the
+        session over when another connection asks for it (after the running
+        turn); close with 4509 when it was taken, 4504 when the session is gone
+        (its store lost it)."""
+        assert self._lease is not None, "renewed before it was held"
+        if isinstance(outcome, SessionTakenOver):
+            self._lease.stop()
+            self._taken_over()
+            return
+        if isinstance(outcome, SwitchboardError):
+            if outcome.code == common_pb2.ERROR_CODE_SESSION_NOT_FOUND:
+                self._lease.stop()
+                self._session_gone(outcome, tell=True)
                 return
-            except SwitchboardError as exc:
-                if exc.code == common_pb2.ERROR_CODE_SESSION_NOT_FOUND:
-                    self._session_gone(exc, tell=True)
-                    return
-                if not failing:  # once per outage, not once a second
-                    log.warning("session lease not renewed", extra={**self._log, "code": exc.name})
-                failing = True
-                continue
-            if failing:
-                log.info("session lease renewed again", extra=self._log)
-                failing = False
-            if wanted:
-                # The `session_taken_over` error is for this connection's client
-                # only: it is sent with the close (sender.py), never recorded, or
-                # the resuming client would be replayed it.
-                log.info("session handed over", extra=self._log)
-                self._end_after_turn(TAKEN_OVER_CLOSE, TAKEN_OVER.name, "taken_over")
+            if not self._lease_failing:  # once per outage, not once a second
+                log.warning("session lease not renewed", extra={**self._log, "code": outcome.name})
+            self._lease_failing = True
+            return
+        if self._lease_failing:
+            log.info("session lease renewed again", extra=self._log)
+            self._lease_failing = False
+        if outcome:
+            # The `session_taken_over` error is for this connection's client
+            # only: it is sent with the close (sender.py), never recorded, or
+            # the resuming client would be replayed it.
+            log.info("session handed over", extra=self._log)
+            self._end_after_turn(TAKEN_OVER_CLOSE, TAKEN_OVER.name, "taken_over")
 
     async def _watch_time_limits(self) -> None:
         """Close an idle connection (4010), or one past the tenant's session length

@@ -13,8 +13,9 @@ next `AppendEventsBatch`, so many slow streams cost a few calls, not one per
 token each, and an idle gateway adds no wait.
 
 One connection at a time writes a session's log: it holds the session's writer
-lease, renewed by every append and by `SessionWriter.renew` (which a connection
-skips while its turn's appends keep the lease). A connection that
+lease, renewed by every append and by the gateway's `LeaseRenewals` (leases.py:
+all its connections' leases in one call a tick; a connection skips it while its
+turn's appends keep the lease). A connection that
 resumes a session elsewhere asks for the lease; the holder hands it over when
 its running response ends (it keeps recording that response for the resumer,
 which follows the log meanwhile), or at once when idle. An append by a holder
@@ -110,18 +111,19 @@ class EventRecorder:
         for (_, future), result in zip(batch, reply.results, strict=True):
             if future.done():
                 continue
-            if result.error_code == common_pb2.ERROR_CODE_SESSION_TAKEN_OVER:
-                future.set_exception(SessionTakenOver(result.error_message))
-            elif result.error_code:
+            if result.error_code:
                 future.set_exception(
-                    SwitchboardError(
-                        result.error_message,
-                        code=result.error_code,
-                        param=result.error_param or None,
-                    )
+                    batch_error(result.error_code, result.error_message, result.error_param)
                 )
             else:
                 future.set_result(None)
+
+
+def batch_error(code: int, message: str, param: str) -> SwitchboardError:
+    """The error one part of a batch call (an append, a claim) answered."""
+    if code == common_pb2.ERROR_CODE_SESSION_TAKEN_OVER:
+        return SessionTakenOver(message)
+    return SwitchboardError(message, code=code, param=param or None)
 
 
 class SessionWriter:
@@ -195,19 +197,6 @@ class SessionWriter:
                 broker_address=broker,
             )
         )
-
-    async def renew(self) -> bool:
-        """Renew the lease; True when another connection asked for the session.
-
-        Raises:
-            SessionTakenOver: the lease lapsed and another connection took it.
-        """
-        claim = await self.backends.claim_session(
-            self.tenant_id, self.session_id, self.holder, self.lease_ms
-        )
-        if not claim.claimed:
-            raise SessionTakenOver("Another connection resumed this session.")
-        return claim.handoff_requested
 
     async def release(self) -> None:
         await self.backends.release_session(self.tenant_id, self.session_id, self.holder)

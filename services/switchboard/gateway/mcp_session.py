@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import orjson
 
@@ -64,19 +64,8 @@ class McpSession:
     async def list_new(self, configs: Iterable[common_pb2.McpToolConfig]) -> None:
         """List the tools of every server in `configs` not listed yet, in order."""
         for config in configs:
-            label = config.server_label
-            if label in self._listed:
-                continue
-            task = self._listing.get(label)
-            if task is None:
-                task = self._listing[label] = asyncio.create_task(self._list(label))
-            await asyncio.shield(task)
-
-    async def _list(self, label: str) -> None:
-        try:
-            await self._list_once(label)
-        finally:
-            self._listing.pop(label, None)
+            if config.server_label not in self._listed:
+                await list_once(self._listing, config.server_label, self._list_once)
 
     async def _list_once(self, label: str) -> None:
         protocol, item_id = self.protocol, self.protocol.ids.new("item")
@@ -86,7 +75,7 @@ class McpSession:
             reply = await self.backends.list_mcp_tools(self.tenant_id, self.session_id, label)
             if reply.error_code:
                 raise SwitchboardError(reply.error_message, code=reply.error_code, param=label)
-            tools = [_tool_json(tool) for tool in reply.tools]
+            tools = [tool_json(tool) for tool in reply.tools]
             item = _C.Item(
                 id=item_id,
                 type=_C.ITEM_TYPE_MCP_LIST_TOOLS,
@@ -200,19 +189,7 @@ class McpSession:
         for entry in entries:
             output.mcp_call_started(entry)
         self.publish()
-        results = await asyncio.gather(
-            *(
-                self.backends.execute_tool(
-                    self.tenant_id,
-                    self.session_id,
-                    entry.call_id,
-                    entry.name.tool,
-                    entry.text,
-                    mcp_server_label=entry.name.server_label,
-                )
-                for entry in entries
-            )
-        )
+        results = await execute(self.backends, self.tenant_id, self.session_id, entries)
         for entry, result in zip(entries, results, strict=True):
             if result.outcome == toolexec_pb2.TOOL_OUTCOME_OK:
                 output.mcp_call_finished(entry, output=output_text(result.output), error=None)
@@ -221,7 +198,47 @@ class McpSession:
         self.publish()
 
 
-def _tool_json(tool: toolexec_pb2.McpTool) -> dict[str, object]:
+async def list_once(
+    listing: dict[str, asyncio.Task[None]], label: str, list_tools: Callable[[str], Awaitable[None]]
+) -> None:
+    """Await the listing of `label`'s tools, started unless one runs (`listing`:
+    those running, by label): a listing is never started twice at once."""
+    task = listing.get(label)
+    if task is None:
+
+        async def run() -> None:
+            try:
+                await list_tools(label)
+            finally:
+                listing.pop(label, None)
+
+        task = listing[label] = asyncio.create_task(run())
+    await asyncio.shield(task)
+
+
+async def execute(
+    backends: Backends, tenant_id: str, session_id: str, entries: list[McpEntry]
+) -> list[toolexec_pb2.ExecuteResponse]:
+    """Run MCP calls in parallel through toolexec; one answer per call, in order
+    (never raises: an unreachable toolexec is an outcome too)."""
+    return list(
+        await asyncio.gather(
+            *(
+                backends.execute_tool(
+                    tenant_id,
+                    session_id,
+                    entry.call_id,
+                    entry.name.tool,
+                    entry.text,
+                    mcp_server_label=entry.name.server_label,
+                )
+                for entry in entries
+            )
+        )
+    )
+
+
+def tool_json(tool: toolexec_pb2.McpTool) -> dict[str, object]:
     """A tool of an `mcp_list_tools` item."""
     return {
         "name": tool.name,

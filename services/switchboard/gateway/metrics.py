@@ -101,6 +101,11 @@ class GatewayMetrics:
             "connections_active", "Open client WebSocket connections."
         )
         self.sessions_active = metrics.gauge("sessions_active", "Realtime sessions being served.")
+        self.event_loop_lag = metrics.gauge(
+            "event_loop_lag_seconds",
+            "How late the event loop runs its timers, smoothed over a second: above "
+            "SWITCHBOARD_GATEWAY_SHED_LOOP_LAG_MS new work is refused with server_busy.",
+        )
         self.sse_streams_active = metrics.gauge(
             "sse_streams_active",
             "Chat Completions and Responses requests being answered (SSE or whole).",

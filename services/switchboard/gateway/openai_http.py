@@ -98,6 +98,7 @@ async def _serve(
     last_event_id = request.headers.get("last-event-id")
     try:
         gateway.drainer.check_open("send the request")
+        gateway.overload.check("send the request")
         tenant, grant = await handshake.authenticate(
             request, gateway.tenants.current, gateway.client_secrets
         )

@@ -99,6 +99,7 @@ class RealtimeProtocol:
         locked: frozenset[str] = frozenset(),
         first_event_seq: int = 1,
         mcp_servers: Mapping[str, McpServer] | None = None,
+        admit_response: Callable[[], None] | None = None,
     ) -> None:
         self.session_id = session_id
         self.config = config
@@ -112,6 +113,9 @@ class RealtimeProtocol:
         self.locked = locked
         # The tenant's registered MCP servers: the only ones a client may name.
         self.mcp_servers: Mapping[str, McpServer] = mcp_servers or {}
+        # Asked before a response.create is taken; raises `SwitchboardError` to
+        # refuse it (load shedding: gateway/overload.py).
+        self.admit_response = admit_response
         # Answers to MCP approval requests, stored and not yet acted on (the next
         # response runs or refuses the calls they answer).
         self.approvals: list[common_pb2.Item] = []
@@ -249,6 +253,8 @@ class RealtimeProtocol:
                 code=_C.ERROR_CODE_CONVERSATION_ALREADY_HAS_ACTIVE_RESPONSE,
             )
         settings = client_events.response_settings(raw, self.config, self.mcp_servers)
+        if self.admit_response is not None:
+            self.admit_response()
         command = StartResponse(
             response_id=self.ids.new("resp"),
             model=self.config.model,

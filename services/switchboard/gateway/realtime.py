@@ -43,6 +43,7 @@ async def realtime(websocket: WebSocket) -> None:
     # Resolve the tenant before accept() so a refused socket costs no session.
     try:
         gateway.drainer.check_open()
+        gateway.overload.check()
         tenant, grant = await handshake.authenticate(
             websocket, gateway.tenants.current, gateway.client_secrets
         )
@@ -63,6 +64,13 @@ async def realtime(websocket: WebSocket) -> None:
             log.warning(
                 "connection slot not released", extra={"tenant_id": tenant.id, "code": exc.name}
             )
+
+
+def _shed(gateway: Resources, tenant: Tenant) -> None:
+    """Refuse a new response while the gateway is overloaded (gateway/overload.py)."""
+    if gateway.overload.overloaded:
+        gateway.metrics.rejections.labels("server_busy", tenant.tier).inc()
+        gateway.overload.check("send response.create")
 
 
 async def _refuse(gateway: Resources, websocket: WebSocket, error: SwitchboardError) -> None:
@@ -165,6 +173,7 @@ async def _serve(
         # the log (the gap is recorded under its last delta's id).
         first_event_seq=max(session.last_event_seq, resume.after_seq if resume else 0) + 1,
         mcp_servers=tenant.mcp_servers,
+        admit_response=lambda: _shed(gateway, tenant),
     )
     protocol.open(resumed=resumed)
     reattach = None
@@ -180,6 +189,7 @@ async def _serve(
         gateway.gate,
         metrics,
         gateway.recorder,
+        gateway.leases,
         settings,
         holder=holder,
     )

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from switchboard.config import GatewaySettings
 from switchboard.gateway.backends import Backends
 from switchboard.gateway.client_secrets import ClientSecrets
 from switchboard.gateway.drain import Drainer
 from switchboard.gateway.eventlog import EventRecorder
+from switchboard.gateway.leases import LeaseRenewals
 from switchboard.gateway.metrics import GatewayMetrics
+from switchboard.gateway.overload import LoopLag
 from switchboard.gateway.tenant_gate import TenantGate
 from switchboard.gateway.voice import VoiceBroker
 from switchboard.redis_client import AnyRedis
@@ -25,6 +27,8 @@ class Resources:
     drainer: Drainer
     backends: Backends
     recorder: EventRecorder
+    # The session writer leases of all connections, renewed together.
+    leases: LeaseRenewals
     redis: AnyRedis
     client_secrets: ClientSecrets
     gate: TenantGate
@@ -32,3 +36,5 @@ class Resources:
     refusals: RateLimitedLog
     # The broker's RealtimeService, for voice sessions (voice.py).
     voice: VoiceBroker | None = None
+    # The event loop's lag; new work is refused while it is over the limit.
+    overload: LoopLag = field(default_factory=lambda: LoopLag(0.0))

@@ -43,11 +43,11 @@ from switchboard.errors import SessionTakenOver, SwitchboardError, invalid_value
 from switchboard.gateway.commands import StartResponse
 from switchboard.gateway.eventlog import SessionWriter
 from switchboard.gateway.ids import event_seq
+from switchboard.gateway.leases import Lease, Outcome
 from switchboard.gateway.protocol import RealtimeProtocol
 from switchboard.gateway.resources import Resources
 from switchboard.gateway.resume import reopen_response, replay
 from switchboard.gateway.stream_format import END_MARKER, OPEN_MARKER, Frame, StreamEnd, TurnRequest
-from switchboard.gateway.tenant_gate import CONNECTION_LEASE_S
 from switchboard.gateway.turns import Turn, TurnRunner
 from switchboard.tenancy import Tenant
 from switchboard.v1 import session_pb2
@@ -193,6 +193,7 @@ class StreamPump:
         self._pending: list[Event] = []
         self._wake = asyncio.Event()
         self._taken = False
+        self._lease: Lease | None = None
         self._unrecorded_warned = False
         self._log = {"tenant_id": tenant.id, "session_id": session.id, "api": api}
 
@@ -284,7 +285,10 @@ class StreamPump:
     async def _run(self) -> None:
         """Until the turn has ended (if one runs), record its last events, release."""
         writer = asyncio.create_task(self._write_loop())
-        keeper = asyncio.create_task(self._keep_leases())
+        lease = self._lease = self.gateway.leases.hold(self.writer, self._lease_renewed)
+        keeper = asyncio.create_task(
+            self.gateway.gate.hold_connection(self.tenant, self.holder, self._log)
+        )
         try:
             if self.turn is not None:
                 await self.turn.wait()
@@ -301,6 +305,8 @@ class StreamPump:
             writer.cancel()
             keeper.cancel()
             self.sink.finish()
+            # No renewal in flight may take the lease again after the release.
+            await lease.drop()
             await self._release()
 
     async def _release(self) -> None:
@@ -386,21 +392,15 @@ class StreamPump:
                 log.warning("events not recorded", extra={**self._log, "code": exc.name})
                 self._unrecorded_warned = True
 
-    async def _keep_leases(self) -> None:
-        """Renew the session's writer lease and the tenant's connection slot."""
-        period = min(self.gateway.settings.session_lease_s / 3, 1.0)
-        slot_every = max(1, int(CONNECTION_LEASE_S / 3 / period))
-        for tick in range(1, 1 << 62):
-            await asyncio.sleep(period)
-            try:
-                await self.writer.renew()
-                if tick % slot_every == 0:
-                    await self.gateway.gate.keep_connection(self.tenant, self.holder)
-            except SessionTakenOver:
-                self._taken_over()
-                return
-            except SwitchboardError as exc:
-                log.info("stream lease not renewed", extra={**self._log, "code": exc.name})
+    def _lease_renewed(self, outcome: Outcome) -> None:
+        """A renewal of the session's writer lease (leases.py) answered. A stream
+        does not hand its session over: it ends with its turn."""
+        if isinstance(outcome, SessionTakenOver):
+            if self._lease is not None:
+                self._lease.stop()
+            self._taken_over()
+        elif isinstance(outcome, SwitchboardError):
+            log.info("stream lease not renewed", extra={**self._log, "code": outcome.name})
 
 
 ErrorAnswer = Callable[[SwitchboardError | Event], Response]

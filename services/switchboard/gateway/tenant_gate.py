@@ -17,6 +17,7 @@ hold however many gateway replicas serve a tenant:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -97,6 +98,22 @@ class TenantGate:
     async def keep_connection(self, tenant: Tenant, holder: str) -> None:
         if tenant.limits.concurrent_connections is not None:
             await self.limiter.renew(tenant.id, "connections", holder, lease_s=CONNECTION_LEASE_S)
+
+    async def hold_connection(self, tenant: Tenant, holder: str, extra: Mapping[str, str]) -> None:
+        """Renew a connection's slot every `CONNECTION_LEASE_S` / 3 until cancelled;
+        a failure is logged (with `extra`) once per outage, and the next renewal
+        tries again."""
+        failing = False
+        while True:
+            await asyncio.sleep(CONNECTION_LEASE_S / 3)
+            try:
+                await self.keep_connection(tenant, holder)
+            except SwitchboardError as exc:
+                if not failing:
+                    log.warning("connection slot not renewed", extra={**extra, "code": exc.name})
+                failing = True
+            else:
+                failing = False
 
     async def close_connection(self, tenant: Tenant, holder: str) -> None:
         if tenant.limits.concurrent_connections is not None:

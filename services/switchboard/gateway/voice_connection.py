@@ -34,6 +34,7 @@ end (a drop, 4008, 4011, the drain's 1012) leaves it held for a resume.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -46,9 +47,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from switchboard.config import GatewaySettings
 from switchboard.errors import InvalidRequest, SwitchboardError
-from switchboard.gateway import client_events, voice_events, voice_resume
+from switchboard.gateway import client_events, items, voice_events, voice_resume
 from switchboard.gateway.backends import Backends
 from switchboard.gateway.client_secrets import Grant
+from switchboard.gateway.ids import Ids
 from switchboard.gateway.metrics import GatewayMetrics
 from switchboard.gateway.sender import SLOW_CONSUMER_CLOSE
 from switchboard.gateway.server_tools import ServerTools
@@ -58,6 +60,8 @@ from switchboard.gateway.tenant_gate import (
     Admitted,
     TenantGate,
 )
+from switchboard.gateway.voice_mcp import VoiceMcp
+from switchboard.gateway.voice_mcp_offer import McpOffer
 from switchboard.gateway.voice_mux import MuxedSession, VoiceMux
 from switchboard.gateway.voice_outbox import SlowConsumer, VoiceOutbox, error_event
 from switchboard.gateway.voice_tools import VoiceTools
@@ -118,13 +122,32 @@ class VoiceConnection:
         self._close: tuple[int, str] | None = None
         self._log = {"tenant_id": tenant.id, "session_id": session.id}
         self._initial = session.config
+        ids = Ids()
+        self.mcp = VoiceMcp(
+            McpOffer(
+                backends,
+                tenant.id,
+                session.id,
+                tenant.mcp_servers,
+                new_id=lambda: ids.new("item"),
+                to_client=self._send,
+            )
+        )
         self.tools = VoiceTools(
             ServerTools(backends, tenant.id, session.id),
             settings.max_tool_rounds,
             to_upstream=self._to_upstream,
             to_client=self._send,
             on_idle=self._idle,
+            mcp=self.mcp,
+            hold=self._hold,
+            release=self._release,
         )
+        # Upstream events held back while a response's MCP calls run, in order.
+        self._holding = False
+        self._held: collections.deque[bytes] = collections.deque()
+        self._holds = 0
+        self._background: set[asyncio.Task[None]] = set()
         self.resume = voice_resume.ResumeState()
         # Called with the broker's `opened` (where the session is held).
         self.on_opened: Callable[[realtime_pb2.RealtimeOpened], None] | None = None
@@ -178,6 +201,8 @@ class VoiceConnection:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 self.tools.close()
+                for task in list(self._background):
+                    task.cancel()  # a listing, or held events let go
                 call.cancel()
                 await self._settle_all()
             if self._close is not None:
@@ -309,14 +334,14 @@ class VoiceConnection:
                     )
                     self._send(error_event(error))
                     continue
-                self._client_event(text)
+                await self._client_event(text)
         except WebSocketDisconnect as exc:
             self.client_close_code = exc.code
             self._end(1000, "", "client_closed")
         except (RuntimeError, OSError):
             self._end(1000, "", "client_closed")
 
-    def _client_event(self, text: str) -> None:
+    async def _client_event(self, text: str) -> None:
         event: dict[str, Any] = {}
         try:
             event = client_events.decode(text, self.settings.max_event_bytes)
@@ -325,11 +350,21 @@ class VoiceConnection:
                 seconds = self.audio.append(event.get("audio"), time.monotonic())
                 self._audio_in.inc(seconds)
             elif kind == "session.update":
-                fmt = voice_events.check_session(event.get("session"), self.session, self.locked)
+                servers = self.tenant.mcp_servers
+                fmt = voice_events.check_session(
+                    event.get("session"), self.session, self.locked, servers
+                )
                 if fmt is not None:
                     self.audio.format = fmt
             else:
-                voice_events.check_event(event, kind)
+                voice_events.check_event(event, kind, self.tenant.mcp_servers)
+            item = event.get("item") if kind == "conversation.item.create" else None
+            if isinstance(item, dict) and item.get("type") == "mcp_approval_response":
+                # The gateway's to act on: the upstream knows no MCP.
+                self.mcp.approval_answer(items.item_from_client(item))
+                return
+            # MCP servers offered for the first time are listed before the event goes.
+            await self.tools.prepare(event, kind)
         except InvalidRequest as error:
             self._send(error_event(error, event.get("event_id")))
             return
@@ -360,6 +395,10 @@ class VoiceConnection:
                         self.on_opened(response.opened)
                     continue
                 for raw in response.events.events:
+                    if self._holding:
+                        self._held.append(raw)
+                        self.tools.held(orjson.loads(raw))
+                        continue
                     await self._upstream_event(raw)
         except grpc.RpcError:
             await self._upstream_failed(
@@ -373,6 +412,24 @@ class VoiceConnection:
                     common_pb2.ERROR_CODE_UPSTREAM_STREAM_BROKEN,
                 )
             )
+
+    def _hold(self) -> None:
+        """Hold the upstream's next events back (a response's MCP calls run)."""
+        self._holding = True
+        self._holds += 1
+
+    def _release(self) -> None:
+        """Let the held events go, in order, then the live stream."""
+        task = asyncio.create_task(self._flush_held(self._holds))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _flush_held(self, hold: int) -> None:
+        while self._held:
+            await self._upstream_event(self._held.popleft())
+            if self._holds != hold:
+                return  # a held response's MCP calls run now: its round releases the rest
+        self._holding = False
 
     async def _upstream_failed(self, failure: Any) -> None:
         error = SwitchboardError(failure.message, code=failure.code, param=failure.param or None)
@@ -397,6 +454,12 @@ class VoiceConnection:
         response_id = event.get("response_id", "")
         if response_id and response_id in self._refused:
             return  # output of a response the tenant may not have
+        # An MCP call's events are the client's `mcp_call` item's.
+        translated = self.mcp.translate(event)
+        if translated == "":
+            return  # held until the call ran, or the gateway's own answer
+        if translated is not None:
+            raw = translated.encode()
         first_audio = ""
         if kind == "response.output_audio.delta":
             audio = event.get("delta")
@@ -406,6 +469,11 @@ class VoiceConnection:
         elif kind in ("session.created", "session.updated"):
             raw = self.tools.session(event) or raw  # the client sees its own tools
             self._session_event(event)
+            if kind == "session.created" and not seen and self.mcp.offer.session_tools:
+                # An `ek_` secret's MCP servers, listed now that the session is open.
+                task = asyncio.create_task(self.tools.list_session())
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
         elif kind in ("input_audio_buffer.committed", "input_audio_buffer.cleared"):
             self.audio.emptied()
         elif kind == "input_audio_buffer.speech_started" and self._responding:
@@ -417,6 +485,9 @@ class VoiceConnection:
             refusal = await self._admit(event, adopt=seen)
         elif kind == "response.done":
             await self._settle(event, settled=seen)
+            # An earlier connection ran the tool rounds of what it was given.
+            self.tools.response_done(event, raw.decode(), run=not seen)
+            return
         self._send(raw.decode(), first_audio)
         if refusal is not None:
             self._send(refusal)

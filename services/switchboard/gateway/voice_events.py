@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from switchboard.errors import InvalidRequest, invalid_value, missing_parameter, quote
-from switchboard.gateway import bounds, fields
+from switchboard.gateway import bounds, fields, items, mcp_config
 from switchboard.gateway.sessions import SESSION_FIELDS, check_locked
 from switchboard.limits.ledger import AudioTokens
 from switchboard.v1 import common_pb2
@@ -196,7 +196,10 @@ def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-def check_event(event: Event, kind: str) -> None:
+_ITEM_TYPES = ("message", "function_call", "function_call_output", "mcp_approval_response")
+
+
+def check_event(event: Event, kind: str, servers: mcp_config.Servers | None = None) -> None:
     """Refuse a voice session's client event that may not go upstream as sent
     (other than `session.update` and `input_audio_buffer.append`, checked apart).
 
@@ -227,18 +230,20 @@ def check_event(event: Event, kind: str) -> None:
                 if item is None
                 else invalid_value("item", "Invalid type for 'item': expected an object.")
             )
-        if item.get("type") not in ("message", "function_call", "function_call_output"):
+        if item.get("type") not in _ITEM_TYPES:
             raise invalid_value(
                 "item.type",
-                f"Invalid value: {quote(item.get('type'))}. "
-                "Expected 'message', 'function_call' or 'function_call_output'.",
+                f"Invalid value: {quote(item.get('type'))}. Expected 'message', "
+                "'function_call', 'function_call_output' or 'mcp_approval_response'.",
             )
+        if item["type"] == "mcp_approval_response":
+            items.item_from_client(item)
     elif kind == "response.create":
         response = event.get("response") or {}
         if not isinstance(response, dict):
             raise invalid_value("response", "Invalid type for 'response': expected an object.")
         if "tools" in response:
-            fields.function_tools(response["tools"], "response.tools")
+            _tools(response["tools"], "response.tools", servers)
         if "instructions" in response:
             fields.instructions(response, "response")
         if "audio" in response:
@@ -248,7 +253,9 @@ def check_event(event: Event, kind: str) -> None:
             )
 
 
-def check_session(raw: Any, current: Event, locked: frozenset[str]) -> str | None:
+def check_session(
+    raw: Any, current: Event, locked: frozenset[str], servers: mcp_config.Servers | None = None
+) -> str | None:
     """Check a voice session's `session.update` against the session it updates.
 
     Returns:
@@ -276,7 +283,7 @@ def check_session(raw: Any, current: Event, locked: frozenset[str]) -> str | Non
     if "instructions" in raw:
         fields.instructions(raw, "session")
     if "tools" in raw:
-        fields.function_tools(raw["tools"], "session.tools")
+        _tools(raw["tools"], "session.tools", servers)
     if "tool_choice" in raw:
         fields.tool_choice(raw["tool_choice"], "session.tool_choice")
     if "max_output_tokens" in raw:
@@ -297,6 +304,11 @@ def check_session(raw: Any, current: Event, locked: frozenset[str]) -> str | Non
     fields.reject_unknown(audio, frozenset({"input", "output"}), "session.audio")
     _output(audio.get("output"), "session.audio.output")
     return _input(audio.get("input"), "session.audio.input")
+
+
+def _tools(value: Any, param: str, servers: mcp_config.Servers | None) -> None:
+    """Function tools and `mcp` tools of servers the tenant registered (voice_mcp.py)."""
+    mcp_config.split_tools(value, param, servers or {})
 
 
 def _input(raw: Any, param: str) -> str | None:

@@ -32,6 +32,16 @@ def error_event(error: SwitchboardError, client_event_id: Any = None) -> str:
     return orjson.dumps(body).decode()
 
 
+def local_event(kind: str, *, after: Any = None, **fields: Any) -> str:
+    """An event the gateway makes (not the upstream's), as JSON text. Its id is
+    `event_sbv<n>`, placed after the last upstream event by `ResumeState.local_ids`,
+    or `<after>_sbv<n>` when it follows the upstream event whose id is `after`."""
+    event_id = _event_id()
+    if isinstance(after, str) and after:
+        event_id = f"{after}_sbv{event_id.removeprefix('event_sbv')}"
+    return orjson.dumps({"type": kind, "event_id": event_id, **fields}).decode()
+
+
 class SlowConsumer(Exception):
     """The client fell further behind than the outbox may hold."""
 

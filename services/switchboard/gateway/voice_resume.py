@@ -41,7 +41,7 @@ CLOSE_WAIT_S = 2.0
 CLOSE = realtime_pb2.RealtimeRequest(close=realtime_pb2.RealtimeClose())
 
 _EVENT_ID = re.compile(r"event_v([0-9a-f]{1,15})(?:_sbv[0-9]{1,18})?")
-_LOCAL_ERROR = '{"type":"error","event_id":"event_sbv'
+_LOCAL_ID = '"event_id":"event_sbv'
 
 
 def after_seq(last_event_id: str) -> int:
@@ -90,8 +90,10 @@ class ResumeState:
         return self.last_seq <= self.delivered_seq
 
     def local_ids(self, text: str) -> str:
-        """`text` with the id of an `error` the gateway made placed after the last seq."""
-        if text.startswith(_LOCAL_ERROR):
+        """`text` with the id of an event the gateway made (an `error`, an MCP
+        event: `event_sbv<n>`, its first field after `type`) placed after the last seq."""
+        at = text.find(_LOCAL_ID, 0, 96)
+        if at >= 0 and text.find('"event_id":"', 0, at) < 0:
             return text.replace("event_sbv", f"event_v{self.last_seq:x}_sbv", 1)
         return text
 

@@ -42,6 +42,8 @@ import orjson
 
 from switchboard.errors import SwitchboardError
 from switchboard.gateway.server_tools import ServerTools
+from switchboard.gateway.voice_mcp import VoiceMcp
+from switchboard.gateway.voice_mcp_offer import is_mcp
 from switchboard.gateway.voice_outbox import error_event
 from switchboard.telemetry import tracing
 from switchboard.v1 import common_pb2, toolexec_pb2
@@ -81,6 +83,9 @@ class VoiceTools:
         to_upstream: sends one event (JSON) to the upstream session.
         to_client: sends one event (JSON text) to the client.
         on_idle: a tool round ended with no follow-up response (for the drain).
+        mcp: the session's MCP servers, whose calls are rounds' calls too.
+        hold: holds the upstream's next events back (a response's MCP calls run).
+        release: lets them go again.
     """
 
     def __init__(
@@ -91,12 +96,20 @@ class VoiceTools:
         to_upstream: Callable[[bytes], None],
         to_client: Callable[[str], None],
         on_idle: Callable[[], None],
+        mcp: VoiceMcp,
+        hold: Callable[[], None],
+        release: Callable[[], None],
     ) -> None:
         self.server = server
         self.max_rounds = max_rounds
         self.to_upstream = to_upstream
         self.to_client = to_client
         self.on_idle = on_idle
+        self.mcp = mcp
+        self.hold = hold
+        self.release = release
+        # The client's session `tools` as it sent them (its `mcp` tools included).
+        self.session_tools: list[Any] = []
         self.catalogue: dict[str, common_pb2.ToolDefinition] = {}
         # The function tools the client declared (session or response), by name.
         self.client_names: set[str] = set()
@@ -117,19 +130,62 @@ class VoiceTools:
 
     # -- what goes upstream -----------------------------------------------------------
 
-    def declared(self, client_tools: Any) -> list[Any]:
-        """The client's tools followed by the server tools it does not shadow."""
-        tools = list(client_tools) if isinstance(client_tools, list) else []
+    def declared(self, client_tools: Any, param: str = "session.tools") -> list[Any]:
+        """The client's function tools, the functions standing for the listed tools
+        of its `mcp` tools, then the server tools it does not shadow."""
+        given = list(client_tools) if isinstance(client_tools, list) else []
+        tools = [tool for tool in given if not is_mcp(tool)]
         names = tool_names(tools)
         self.client_names |= names
+        mcp = [tool for tool in given if is_mcp(tool)]
+        if mcp:
+            tools.extend(self.mcp.offer.functions(self.mcp.offer.configs(mcp, param), names))
         tools.extend(tool_json(t) for name, t in self.catalogue.items() if name not in names)
         return tools
 
     def opening(self, session: Event) -> Event:
-        """The session configuration the upstream opens with, server tools added."""
+        """The session configuration the upstream opens with, server tools added
+        (an `mcp` tool of an `ek_` secret is listed once the session is open)."""
+        if "tools" in session:
+            self.session_tools = list(session["tools"])
+            self.mcp.offer.session_tools = [tool for tool in self.session_tools if is_mcp(tool)]
         if self.catalogue or "tools" in session:
             session["tools"] = self.declared(session.get("tools"))
         return session
+
+    async def prepare(self, event: Event, kind: str) -> None:
+        """Before a checked client event goes upstream: list the tools of the MCP
+        servers it offers for the first time; before a `response.create`, those of
+        the session's servers whose listing failed (their tools are then declared
+        upstream with a `session.update`)."""
+        body = event.get("session") if kind == "session.update" else event.get("response")
+        if kind not in ("session.update", "response.create"):
+            return
+        tools = body.get("tools") if isinstance(body, dict) else None
+        if kind == "response.create":
+            # Calls the client approved (or denied) since the last response: run,
+            # answered upstream, and shown at the start of the response.
+            for call_id, output in await self.mcp.answer_approvals():
+                answer = {"type": "function_call_output", "call_id": call_id, "output": output}
+                self.to_upstream(orjson.dumps({"type": "conversation.item.create", "item": answer}))
+        if isinstance(tools, list):
+            mcp = [tool for tool in tools if is_mcp(tool)]
+            param = "session.tools" if kind == "session.update" else "response.tools"
+            await self.mcp.offer.list_new(self.mcp.offer.unlisted(mcp, param))
+        elif kind == "response.create":
+            await self.list_session()
+
+    async def list_session(self) -> None:
+        """List the session's MCP servers not listed yet (an `ek_` secret's, at the
+        open; one whose listing failed); declare what was listed upstream."""
+        offer = self.mcp.offer
+        unlisted = offer.unlisted(offer.session_tools, "session.tools")
+        if not unlisted:
+            return
+        await offer.list_new(unlisted)
+        if len(offer.unlisted(offer.session_tools, "session.tools")) < len(unlisted):
+            update = {"type": "realtime", "tools": self.declared(self.session_tools)}
+            self.to_upstream(orjson.dumps({"type": "session.update", "session": update}))
 
     def client(self, event: Event, kind: str, text: str) -> str | None:
         """A checked client event as it goes upstream (server tools added to its
@@ -144,10 +200,15 @@ class VoiceTools:
             return text
         if "tools" not in body:
             return text
-        if not self.catalogue:
-            self.client_names |= tool_names(body["tools"])
+        tools = body["tools"]
+        if kind == "session.update":
+            self.session_tools = list(tools)
+            self.mcp.offer.session_tools = [tool for tool in tools if is_mcp(tool)]
+        if not self.catalogue and not any(is_mcp(tool) for tool in tools):
+            self.client_names |= tool_names(tools)
             return text
-        body["tools"] = self.declared(body["tools"])
+        param = "session.tools" if kind == "session.update" else "response.tools"
+        body["tools"] = self.declared(tools, param)
         return orjson.dumps(event).decode()
 
     # -- what comes back --------------------------------------------------------------
@@ -160,14 +221,17 @@ class VoiceTools:
             return None
         tools = session["tools"]
         shown = [t for t in tools if self._client_tool(t)]
-        if len(shown) == len(tools):
+        if len(shown) == len(tools) and not self.mcp.offer.session_tools:
             return None
-        session["tools"] = shown
+        # As a text session echoes them: the `mcp` tools as the client sent them.
+        session["tools"] = shown + self.mcp.offer.session_tools
         return orjson.dumps(event)
 
     def _client_tool(self, tool: Any) -> bool:
         name = tool.get("name") if isinstance(tool, dict) else None
-        return name in self.client_names or name not in self.catalogue
+        return name in self.client_names or (
+            name not in self.catalogue and not self.mcp.offer.owns(name)
+        )
 
     def server_calls(self, event: Event) -> tuple[list[Event], bool]:
         """The function calls of a completed `response.done` that are toolexec's to
@@ -182,8 +246,24 @@ class VoiceTools:
             for item in response.get("output") or []
             if isinstance(item, dict) and item.get("type") == "function_call"
         ]
-        ours = [call for call in calls if not self._client_tool(call)]
+        ours = [
+            call
+            for call in calls
+            if call.get("name") not in self.client_names
+            and (call.get("name") in self.catalogue or self.mcp.offer.runs(call.get("name")))
+        ]
+        # An MCP call that needs approval is the client's to answer too.
         return ours, len(ours) < len(calls)
+
+    def held(self, event: Event) -> None:
+        """An upstream event held back while a round's MCP calls run: the user
+        speaking, or a response started upstream, takes the turn."""
+        kind = event.get("type")
+        if (
+            kind in ("input_audio_buffer.speech_started", "response.created")
+            and not self._follow_up
+        ):
+            self._stopped = True
 
     def wants(self, event: Event) -> bool:
         """Whether this upstream event starts a tool round (the drain waits for it)."""
@@ -193,10 +273,11 @@ class VoiceTools:
         return bool(ours) and self.rounds < self.max_rounds
 
     def upstream(self, event: Event) -> None:
-        """Follow an upstream event (after the client got it): run a response's server
-        calls; note what takes the turn from a running round."""
+        """Follow an upstream event other than `response.done` (after the client got
+        it): note what takes the turn from a running round."""
         kind = event.get("type")
         if kind == "response.created":
+            self.mcp.opened(event)
             if self._follow_up:
                 self._follow_up = False
             else:
@@ -205,12 +286,19 @@ class VoiceTools:
                     self._stopped = True
         elif kind == "input_audio_buffer.speech_started" and self.busy:
             self._stopped = True
-        elif kind == "response.done":
-            self._response_done(event)
 
-    def _response_done(self, event: Event) -> None:
-        ours, client_runs = self.server_calls(event)
+    def response_done(self, event: Event, text: str, *, run: bool) -> None:
+        """Send the client an upstream `response.done` (`text`) and, when `run`, start
+        the round of its server calls. A response with MCP calls has its
+        `response.done` sent by the round, once they ran (the upstream's next
+        events are held back meanwhile)."""
+        response = event.get("response") or {}
+        entries = self.mcp.calls_of(response)
+        if self.mcp.closes(response):
+            text = ""  # rewritten, with its calls' ends before it
+        ours, client_runs = self.server_calls(event) if run else ([], False)
         if not ours:
+            self.to_client(text or self.mcp.response_done(event, entries))
             return
         if self.rounds >= self.max_rounds:
             self.rounds = 0
@@ -218,15 +306,24 @@ class VoiceTools:
                 f"Stopped after {self.max_rounds} rounds of server-side tool calls in one turn.",
                 code=common_pb2.ERROR_CODE_TOOL_ROUNDS_EXCEEDED,
             )
+            self.to_client(text or self.mcp.response_done(event, entries))
             self.to_client(error_event(error))
             return
         self.rounds += 1
         self._stopped = client_runs
-        response_id = str((event.get("response") or {}).get("id") or "")
-        self._task = asyncio.create_task(self._run(response_id, ours))
+        if text:
+            self.to_client(text)
+        else:
+            self.hold()
+        self._task = asyncio.create_task(self._run(event, ours))
 
-    async def _run(self, response_id: str, calls: list[Event]) -> None:
+    async def _run(self, event: Event, calls: list[Event]) -> None:
         """Run one round's calls, answer them upstream, ask for the follow-up."""
+        response = event.get("response") or {}
+        response_id = str(response.get("id") or "")
+        closes = self.mcp.closes(response)
+        entries = self.mcp.calls_of(response)
+        runs = [entry for entry in entries if not entry.approval]
         items = [
             common_pb2.Item(
                 call_id=str(call.get("call_id") or ""),
@@ -234,22 +331,29 @@ class VoiceTools:
                 arguments=str(call.get("arguments") or ""),
             )
             for call in calls
+            if not self.mcp.offer.owns(call.get("name"))
         ]
         attributes: dict[str, Any] = {
             **tracing.ids(self.server.tenant_id, self.server.session_id, response_id),
-            "switchboard.tool_calls": len(items),
+            "switchboard.tool_calls": len(items) + len(runs),
         }
-        with tracing.span(_TRACER, "voice.tools", attributes=attributes):
-            results = await self.server.run(items)
-        for call, result in zip(items, results, strict=True):
-            if result.outcome != toolexec_pb2.TOOL_OUTCOME_OK:
-                self.to_client(error_event(_tool_error(call, result)))
-            output = {
-                "type": "function_call_output",
-                "call_id": call.call_id,
-                "output": result.output,
-            }
-            self.to_upstream(orjson.dumps({"type": "conversation.item.create", "item": output}))
+        try:
+            with tracing.span(_TRACER, "voice.tools", attributes=attributes):
+                self.mcp.started(runs)
+                results, given = await asyncio.gather(self.server.run(items), self.mcp.run(runs))
+            self._answer(items, results)
+            for entry, output in zip(runs, given, strict=True):
+                answer = {
+                    "type": "function_call_output",
+                    "call_id": entry.call_id,
+                    "output": output,
+                }
+                self.to_upstream(orjson.dumps({"type": "conversation.item.create", "item": answer}))
+            if closes:
+                self.to_client(self.mcp.response_done(event, entries))
+        finally:
+            if closes:
+                self.release()
         if self._stopped:
             log.info(
                 "voice tool round without follow-up",
@@ -259,6 +363,20 @@ class VoiceTools:
             return
         self._follow_up = True
         self.to_upstream(orjson.dumps({"type": "response.create"}))
+
+    def _answer(
+        self, items: list[common_pb2.Item], results: list[toolexec_pb2.ExecuteResponse]
+    ) -> None:
+        """Answer the toolexec calls upstream; a failed one is reported to the client."""
+        for call, result in zip(items, results, strict=True):
+            if result.outcome != toolexec_pb2.TOOL_OUTCOME_OK:
+                self.to_client(error_event(_tool_error(call, result)))
+            output = {
+                "type": "function_call_output",
+                "call_id": call.call_id,
+                "output": result.output,
+            }
+            self.to_upstream(orjson.dumps({"type": "conversation.item.create", "item": output}))
 
     def close(self) -> None:
         """Stop a running round (the session ended)."""

@@ -16,17 +16,29 @@ client and TTL; a Redis outage surfaces as `SessionStoreUnavailable`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-from switchboard.errors import SessionNotFound, SessionTakenOver, SwitchboardError, invalid_value
+from switchboard.errors import (
+    SessionNotFound,
+    SessionTakenOver,
+    SwitchboardError,
+    invalid_value,
+    missing_parameter,
+)
 from switchboard.redis_client import AnyRedis
 from switchboard.session import scripts
 from switchboard.session.keys import lease_keys, session_keys
 from switchboard.session.outage import store_call
 from switchboard.v1 import session_pb2
+
+T = TypeVar("T")
+# The KEYS and ARGV of one run of a script.
+ScriptCall = tuple[list[str], list[int | str | bytes]]
 
 DEFAULT_MAX_EVENTS = 10_000
 # How long a session's writer lease lasts unless renewed (appends renew it).
@@ -82,49 +94,64 @@ class EventLog:
             Per append, the seq of its last event (the log's last seq when it has
             no events), or the error it got.
         """
-        calls: list[tuple[list[str], list[int | str | bytes]] | SwitchboardError] = []
+        calls: list[ScriptCall | SwitchboardError] = []
         for a in appends:
             try:
                 calls.append(self._append_call(a))
             except SwitchboardError as error:
                 calls.append(error)
+        return await self._run_each(self._append, calls, lambda reply: _appended(int(reply)))
+
+    async def _run_each(
+        self,
+        script: AsyncScript,
+        calls: Sequence[ScriptCall | SwitchboardError],
+        answer: Callable[[Any], T],
+    ) -> list[T | SwitchboardError]:
+        """Run `script` for each of `calls` (its KEYS and ARGV, or the error that
+        call already got) in one Redis round trip (on a cluster, one per call,
+        concurrently), and turn each reply into its `answer` (or the
+        `SwitchboardError` that raises). A Redis error other than NOSCRIPT is
+        raised."""
         queued = [call for call in calls if not isinstance(call, SwitchboardError)]
-        if isinstance(self._redis, RedisCluster):
-            replies = await asyncio.gather(
-                *(self._append(keys=keys, args=args) for keys, args in queued)
-            )
-        else:
-            # EVALSHA itself, not the Script in the pipeline: redis-py would ask
-            # SCRIPT EXISTS before every batch (a tenth of this service's time
-            # under load). A Redis that lost its scripts (a restart) answers
-            # NOSCRIPT to those appends, and nothing of them ran: they go again,
-            # each through the Script, which loads it.
-            sha = self._append.sha
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for keys, args in queued:
-                    pipe.evalsha(sha, len(keys), *keys, *args)
-                replies = await pipe.execute(raise_on_error=False)
-            for n, reply in enumerate(replies):
-                if isinstance(reply, NoScriptError):
-                    keys, args = queued[n]
-                    replies[n] = await self._append(keys=keys, args=args)
-                elif isinstance(reply, Exception):
-                    raise reply
-        results: list[int | SwitchboardError] = []
-        answers = iter(replies)
+        replies = iter(await self._run_all(script, queued))
+        results: list[T | SwitchboardError] = []
         for call in calls:
             if isinstance(call, SwitchboardError):
                 results.append(call)
                 continue
             try:
-                results.append(_appended(int(next(answers))))
+                results.append(answer(next(replies)))
             except SwitchboardError as error:
                 results.append(error)
         return results
 
-    def _append_call(
-        self, request: session_pb2.AppendEventsRequest
-    ) -> tuple[list[str], list[int | str | bytes]]:
+    async def _run_all(self, script: AsyncScript, calls: list[ScriptCall]) -> list[Any]:
+        """The replies of `script` run for each of `calls`, in order."""
+        if not calls:
+            return []
+        if isinstance(self._redis, RedisCluster):
+            return list(
+                await asyncio.gather(*(script(keys=keys, args=args) for keys, args in calls))
+            )
+        # EVALSHA itself, not the Script in the pipeline: redis-py would ask
+        # SCRIPT EXISTS before every batch (a tenth of this service's time
+        # under load). A Redis that lost its scripts (a restart) answers
+        # NOSCRIPT to those calls, and nothing of them ran: they go again,
+        # each through the Script, which loads it.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        for n, reply in enumerate(replies):
+            if isinstance(reply, NoScriptError):
+                keys, args = calls[n]
+                replies[n] = await script(keys=keys, args=args)
+            elif isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    def _append_call(self, request: session_pb2.AppendEventsRequest) -> ScriptCall:
         """The KEYS and ARGV of APPEND_EVENTS (ids validated first)."""
         tenant_id, session_id = request.tenant_id, request.session_id
         keys = session_keys(tenant_id, session_id)
@@ -151,17 +178,29 @@ class EventLog:
         self, tenant_id: str, session_id: str, holder: str, lease_ms: int
     ) -> session_pb2.ClaimSessionResponse:
         """Take or renew the session's writer lease for `holder`; see CLAIM_SESSION."""
-        keys = session_keys(tenant_id, session_id)
-        lease = lease_keys(tenant_id, session_id)
-        lease_ms = lease_ms_within(lease_ms)
-        claimed, handoff, last_seq = await self._claim(
-            keys=[keys.meta, lease.owner, lease.wanted], args=[holder, lease_ms]
-        )
-        if int(claimed) < 0:
-            raise SessionNotFound("Session not found.", param="session_id")
-        return session_pb2.ClaimSessionResponse(
-            claimed=bool(claimed), handoff_requested=bool(handoff), last_event_seq=int(last_seq)
-        )
+        keys, args = _claim_call(tenant_id, session_id, holder, lease_ms)
+        return _claimed(await self._claim(keys=keys, args=args))
+
+    @store_call
+    async def claim_batch(
+        self, claims: Sequence[session_pb2.ClaimSessionRequest]
+    ) -> list[session_pb2.ClaimSessionResponse | SwitchboardError]:
+        """Several claims (of different sessions), each applied on its own as `claim`,
+        in one Redis round trip (on a cluster, one per claim, concurrently).
+
+        Returns:
+            Per claim, in order, its answer or the error it got (a claim without
+            a holder: `missing_required_parameter`).
+        """
+        calls: list[ScriptCall | SwitchboardError] = []
+        for c in claims:
+            try:
+                if not c.holder:
+                    raise missing_parameter("holder")
+                calls.append(_claim_call(c.tenant_id, c.session_id, c.holder, c.lease_ms))
+            except SwitchboardError as error:
+                calls.append(error)
+        return await self._run_each(self._claim, calls, _claimed)
 
     @store_call
     async def release(self, tenant_id: str, session_id: str, holder: str) -> None:
@@ -198,6 +237,23 @@ class EventLog:
             event.seq = int(seq)
             events.append(event)
         return events, int(last_seq or 0), int(float(trimmed_seq or 0))
+
+
+def _claim_call(tenant_id: str, session_id: str, holder: str, lease_ms: int) -> ScriptCall:
+    """The KEYS and ARGV of CLAIM_SESSION (ids validated first)."""
+    keys = session_keys(tenant_id, session_id)
+    lease = lease_keys(tenant_id, session_id)
+    return [keys.meta, lease.owner, lease.wanted], [holder, lease_ms_within(lease_ms)]
+
+
+def _claimed(reply: Sequence[int]) -> session_pb2.ClaimSessionResponse:
+    """The reply of CLAIM_SESSION, or `SessionNotFound`."""
+    claimed, handoff, last_seq = reply
+    if int(claimed) < 0:
+        raise SessionNotFound("Session not found.", param="session_id")
+    return session_pb2.ClaimSessionResponse(
+        claimed=bool(claimed), handoff_requested=bool(handoff), last_event_seq=int(last_seq)
+    )
 
 
 def _appended(last_seq: int) -> int:

@@ -204,6 +204,13 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             )
         raise AssertionError("unreachable")  # _RpcErrors aborts or re-raises
 
+    async def ClaimSessionsBatch(
+        self, request: session_pb2.ClaimSessionsBatchRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.ClaimSessionsBatchResponse:
+        async with _RpcErrors(context, "ClaimSessionsBatch", request, self.metrics):
+            outcomes = await self._store.events.claim_batch(request.claims)
+            return session_pb2.ClaimSessionsBatchResponse(results=map(_claim_result, outcomes))
+
     async def ReleaseSession(
         self, request: session_pb2.ReleaseSessionRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.ReleaseSessionResponse:
@@ -215,9 +222,23 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 def _append_result(outcome: int | SwitchboardError) -> session_pb2.AppendEventsResult:
     """One append of a batch: its last seq, or its own error."""
     if isinstance(outcome, SwitchboardError):
-        return session_pb2.AppendEventsResult(
-            error_code=common_pb2.ErrorCode.ValueType(outcome.code),
-            error_message=outcome.message,
-            error_param=outcome.param or "",
-        )
+        return session_pb2.AppendEventsResult(**_error_fields(outcome))
     return session_pb2.AppendEventsResult(last_seq=outcome)
+
+
+def _claim_result(
+    outcome: session_pb2.ClaimSessionResponse | SwitchboardError,
+) -> session_pb2.ClaimSessionResult:
+    """One claim of a batch: its answer, or its own error."""
+    if isinstance(outcome, SwitchboardError):
+        return session_pb2.ClaimSessionResult(**_error_fields(outcome))
+    return session_pb2.ClaimSessionResult(claim=outcome)
+
+
+def _error_fields(error: SwitchboardError) -> dict[str, Any]:
+    """The error of one part of a batch, as the fields of its result."""
+    return {
+        "error_code": common_pb2.ErrorCode.ValueType(error.code),
+        "error_message": error.message,
+        "error_param": error.param or "",
+    }

@@ -662,6 +662,81 @@ class ClaimSessionResponse(_message.Message):
 Global___ClaimSessionResponse: _TypeAlias = ClaimSessionResponse  # noqa: Y015
 
 @_typing.final
+class ClaimSessionsBatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLAIMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def claims(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClaimSessionRequest]: ...
+    def __init__(
+        self,
+        *,
+        claims: _abc.Iterable[Global___ClaimSessionRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claims", b"claims"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimSessionsBatchRequest: _TypeAlias = ClaimSessionsBatchRequest  # noqa: Y015
+
+@_typing.final
+class ClaimSessionResult(_message.Message):
+    """The outcome of one claim of a batch: what ClaimSession would answer, or the
+    error it would fail with (`session_not_found`, `invalid_value`, ...).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLAIM_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    ERROR_PARAM_FIELD_NUMBER: _builtins.int
+    error_code: _common_pb2.ErrorCode.ValueType
+    error_message: _builtins.str
+    error_param: _builtins.str
+    @_builtins.property
+    def claim(self) -> Global___ClaimSessionResponse: ...
+    def __init__(
+        self,
+        *,
+        claim: Global___ClaimSessionResponse | None = ...,
+        error_code: _common_pb2.ErrorCode.ValueType = ...,
+        error_message: _builtins.str = ...,
+        error_param: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["claim", b"claim"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim", b"claim", "error_code", b"error_code", "error_message", b"error_message", "error_param", b"error_param"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimSessionResult: _TypeAlias = ClaimSessionResult  # noqa: Y015
+
+@_typing.final
+class ClaimSessionsBatchResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClaimSessionResult]:
+        """One per claim, in the request's order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ClaimSessionResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimSessionsBatchResponse: _TypeAlias = ClaimSessionsBatchResponse  # noqa: Y015
+
+@_typing.final
 class ReleaseSessionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -88,6 +88,11 @@ class SessionServiceStub:
                 request_serializer=switchboard_dot_v1_dot_session__pb2.ClaimSessionRequest.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_session__pb2.ClaimSessionResponse.FromString,
                 _registered_method=True)
+        self.ClaimSessionsBatch = channel.unary_unary(
+                '/switchboard.v1.SessionService/ClaimSessionsBatch',
+                request_serializer=switchboard_dot_v1_dot_session__pb2.ClaimSessionsBatchRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_session__pb2.ClaimSessionsBatchResponse.FromString,
+                _registered_method=True)
         self.ReleaseSession = channel.unary_unary(
                 '/switchboard.v1.SessionService/ReleaseSession',
                 request_serializer=switchboard_dot_v1_dot_session__pb2.ReleaseSessionRequest.SerializeToString,
@@ -169,6 +174,15 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClaimSessionsBatch(self, request, context):
+        """Many claims (of different sessions) in one call: a gateway renews the
+        leases of all its connections together, once per renewal tick. Each claim
+        is applied on its own, as ClaimSession would, and answered on its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReleaseSession(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -227,6 +241,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.ClaimSession,
                     request_deserializer=switchboard_dot_v1_dot_session__pb2.ClaimSessionRequest.FromString,
                     response_serializer=switchboard_dot_v1_dot_session__pb2.ClaimSessionResponse.SerializeToString,
+            ),
+            'ClaimSessionsBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimSessionsBatch,
+                    request_deserializer=switchboard_dot_v1_dot_session__pb2.ClaimSessionsBatchRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_session__pb2.ClaimSessionsBatchResponse.SerializeToString,
             ),
             'ReleaseSession': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseSession,
@@ -507,6 +526,33 @@ class SessionService:
             '/switchboard.v1.SessionService/ClaimSession',
             switchboard_dot_v1_dot_session__pb2.ClaimSessionRequest.SerializeToString,
             switchboard_dot_v1_dot_session__pb2.ClaimSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimSessionsBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.SessionService/ClaimSessionsBatch',
+            switchboard_dot_v1_dot_session__pb2.ClaimSessionsBatchRequest.SerializeToString,
+            switchboard_dot_v1_dot_session__pb2.ClaimSessionsBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,11 @@ class SessionServiceStub:
     event log. A claim on a session held by another asks that holder to hand it
     over (it does when its running response ends).
     """
+    ClaimSessionsBatch: _grpc.UnaryUnaryMultiCallable[_session_pb2.ClaimSessionsBatchRequest, _session_pb2.ClaimSessionsBatchResponse]
+    """Many claims (of different sessions) in one call: a gateway renews the
+    leases of all its connections together, once per renewal tick. Each claim
+    is applied on its own, as ClaimSession would, and answered on its own.
+    """
     ReleaseSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.ReleaseSessionRequest, _session_pb2.ReleaseSessionResponse]
 
 @_typing.type_check_only
@@ -86,6 +91,11 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """The session's writer lease: one connection at a time writes a session's
     event log. A claim on a session held by another asks that holder to hand it
     over (it does when its running response ends).
+    """
+    ClaimSessionsBatch: _aio.UnaryUnaryMultiCallable[_session_pb2.ClaimSessionsBatchRequest, _session_pb2.ClaimSessionsBatchResponse]  # type: ignore[assignment]
+    """Many claims (of different sessions) in one call: a gateway renews the
+    leases of all its connections together, once per renewal tick. Each claim
+    is applied on its own, as ClaimSession would, and answered on its own.
     """
     ReleaseSession: _aio.UnaryUnaryMultiCallable[_session_pb2.ReleaseSessionRequest, _session_pb2.ReleaseSessionResponse]  # type: ignore[assignment]
 
@@ -173,6 +183,17 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         """The session's writer lease: one connection at a time writes a session's
         event log. A claim on a session held by another asks that holder to hand it
         over (it does when its running response ends).
+        """
+
+    @_abc_1.abstractmethod
+    def ClaimSessionsBatch(
+        self,
+        request: _session_pb2.ClaimSessionsBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.ClaimSessionsBatchResponse, _abc.Awaitable[_session_pb2.ClaimSessionsBatchResponse]]:
+        """Many claims (of different sessions) in one call: a gateway renews the
+        leases of all its connections together, once per renewal tick. Each claim
+        is applied on its own, as ClaimSession would, and answered on its own.
         """
 
     @_abc_1.abstractmethod

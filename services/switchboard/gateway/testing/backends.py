@@ -251,6 +251,25 @@ class MemoryBackends:
         self, tenant_id: str, session_id: str, holder: str, lease_ms: int
     ) -> session_pb2.ClaimSessionResponse:
         await self._enter("claim_session")
+        return self._claim(tenant_id, session_id, holder, lease_ms)
+
+    async def claim_sessions_batch(
+        self, claims: list[session_pb2.ClaimSessionRequest]
+    ) -> session_pb2.ClaimSessionsBatchResponse:
+        await self._enter("claim_sessions_batch")
+        reply = session_pb2.ClaimSessionsBatchResponse()
+        for c in claims:
+            try:
+                reply.results.add(
+                    claim=self._claim(c.tenant_id, c.session_id, c.holder, c.lease_ms)
+                )
+            except SwitchboardError as error:
+                reply.results.add(error_code=error.code, error_message=error.message)
+        return reply
+
+    def _claim(
+        self, tenant_id: str, session_id: str, holder: str, lease_ms: int
+    ) -> session_pb2.ClaimSessionResponse:
         state = self._get(tenant_id, session_id)
         last = state.session.last_event_seq
         owner = state.lease_holder()
