@@ -14,7 +14,10 @@ Time to first audio (TTFA) is measured at the client, from sending
 same both ways, so the difference is what Switchboard adds. Jitter is the gap
 between consecutive audio deltas at the client beyond the simulator's own
 schedule (`--chunk-ms` apart). CPU and memory per session are the gateway's
-and broker's (from /proc) while the gateway round runs.
+and broker's (from /proc) while the gateway round runs: CPU as milliseconds
+per session over the round (the work done, whatever else runs on the
+machine) and as a share of a core (which a busy machine lowers by stretching
+the round).
 
 As `tools/bench_load.py` does, the system under test (gateway, broker,
 session, toolexec, Redis) is pinned to one core (`--sut-core`, default 1) and
@@ -157,9 +160,13 @@ async def main_async(args: argparse.Namespace) -> None:
     d99 = pct([s.ttfa_s * 1000 for s in direct], 0.99)
     g99 = pct([s.ttfa_s * 1000 for s in gateway], 0.99)
     print(f"  added by the gateway: TTFA p50 {g50 - d50:+.1f} ms, p99 {g99 - d99:+.1f} ms")
+    # CPU time per session over the round is the work done; the share of a core
+    # also falls when a busy machine stretches the round.
     print(
-        f"  gateway+broker: CPU {cpu / sessions / wall * 100:.2f}% of a core per session,"
-        f" RSS {rss / sessions:+.0f} KiB per session (after the round)"
+        f"  gateway+broker: CPU {cpu / sessions * 1000:.1f} ms per session over the round"
+        f" (gateway {cpu_by['gateway'] / sessions * 1000:.1f}, broker"
+        f" {cpu_by['broker'] / sessions * 1000:.1f}), {cpu / sessions / wall * 100:.2f}% of a"
+        f" core per session, RSS {rss / sessions:+.0f} KiB per session (after the round)"
     )
     busy = "  ".join(f"{name} {seconds / wall * 100:.0f}%" for name, seconds in cpu_by.items())
     print(f"  CPU during the gateway round, % of a core: {busy}")

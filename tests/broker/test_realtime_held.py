@@ -38,6 +38,10 @@ def test_events_get_the_id_of_their_seq_small_or_large() -> None:
     assert (numbered["event_id"], numbered["error"]["event_id"]) == ("event_v2", "evt_client")
     missing = b'{"type":"response.output_audio.delta","delta":"' + b"A" * 5000 + b'"}'
     assert orjson.loads(number_event(missing, 3))["event_id"] == "event_v3"
+    # A small audio delta is numbered in place too (not parsed), with the same result.
+    small = orjson.loads(audio(4, size=8))
+    assert (small["event_id"], small["delta"]) == ("event_v4", "A" * 8)
+    assert orjson.loads(number_event(missing[:60] + b'"}', 5))["event_id"] == "event_v5"
 
 
 def test_the_buffer_replays_after_a_seq_and_gives_up_audio_first() -> None:

@@ -48,11 +48,18 @@ log = logging.getLogger(__name__)
 # An event id of a voice session: "event_v" and the event's seq in hex.
 EVENT_ID_PREFIX = "event_v"
 _EVENT_ID = re.compile(rb'"event_id"\s*:\s*"[^"]*"')
-# Events up to this size are numbered by parsing them; larger ones (audio
-# deltas) by replacing their id in place: base64 holds no quote, so the first
-# `"event_id"` key of a large event is its own.
+# Events up to this size are numbered by parsing them; larger ones, and audio
+# deltas of any size, by replacing their id in place: base64 holds no quote,
+# and an audio delta nests no object, so the first `"event_id"` key of such an
+# event is its own.
 _PARSE_BELOW = 4096
 _AUDIO_DELTA = b'"response.output_audio.delta"'
+# How an audio delta starts (the type first, as OpenAI and the simulator send it).
+AUDIO_DELTA_START = b'{"type":"response.output_audio.delta"'
+# What a voice session gives its caller: a response, or a batch of upstream
+# events as they are (bytes: realtime_mux.py nests them into its message once;
+# `as_response` makes the `events` response a `Session` call sends).
+Outgoing = realtime_pb2.RealtimeResponse | list[bytes]
 # Events waiting for a caller that reads slower than the upstream speaks (a
 # stuck gateway); past this it is cut with `slow_consumer` and the session held.
 FOLLOWER_MAX_BYTES = 16 * 1024 * 1024
@@ -77,7 +84,7 @@ def event_id(seq: int) -> str:
 def number_event(event: bytes, seq: int) -> bytes:
     """`event` with its `event_id` made `event_id(seq)` (added when it has none)."""
     new_id = event_id(seq)
-    if len(event) < _PARSE_BELOW:
+    if len(event) < _PARSE_BELOW and not event.startswith(AUDIO_DELTA_START):
         try:
             parsed = orjson.loads(event)
         except orjson.JSONDecodeError:
@@ -323,9 +330,10 @@ class HeldSession:
         after_seq: int,
         first: Callable[[bool], realtime_pb2.RealtimeResponse],
         on_caller_gone: Callable[[Callable[[], None]], None] | None = None,
-    ) -> AsyncGenerator[realtime_pb2.RealtimeResponse, None]:
+    ) -> AsyncGenerator[Outgoing, None]:
         """Follow the session from after `after_seq`: `first(audio_lost)`, the kept
-        events after it, then the live ones, while the caller's events go upstream.
+        events after it, then the live ones (in batches of bytes), while the
+        caller's events go upstream.
         `on_caller_gone` registers what to run when the call ends (a gRPC done
         callback: the generator may be closed only later, the session is held at once).
 
@@ -348,7 +356,7 @@ class HeldSession:
         try:
             yield first(audio_lost)
             async for batch in follower.batches():
-                yield _events([event for _, event in batch])
+                yield [event for _, event in batch]
                 self.delivered_seq = max(self.delivered_seq, batch[-1][0])
             if follower.failure is not None:
                 yield realtime_pb2.RealtimeResponse(failure=failure_of(follower.failure))
@@ -415,5 +423,8 @@ class HeldSessions:
             await held.wait_ended()
 
 
-def _events(events: list[bytes]) -> realtime_pb2.RealtimeResponse:
-    return realtime_pb2.RealtimeResponse(events=realtime_pb2.RealtimeEvents(events=events))
+def as_response(out: Outgoing) -> realtime_pb2.RealtimeResponse:
+    """`out` as the message a `Session` call sends."""
+    if isinstance(out, list):
+        return realtime_pb2.RealtimeResponse(events=realtime_pb2.RealtimeEvents(events=out))
+    return out

@@ -36,11 +36,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from typing import Any
 
 import grpc
 from opentelemetry import trace
 
 from switchboard.broker.multiplex import failure_of
+from switchboard.broker.realtime_held import Outgoing
 from switchboard.errors import ServiceUnavailable
 from switchboard.interceptors import carried_server_span, end_carried_span
 from switchboard.v1 import realtime_pb2
@@ -51,8 +53,12 @@ MAX_BUFFERED_BYTES = 8 * 1024 * 1024
 
 Handler = Callable[
     [AsyncIterator[realtime_pb2.RealtimeRequest], grpc.aio.ServicerContext],
-    AsyncIterator[realtime_pb2.RealtimeResponse],
+    AsyncIterator[Outgoing],
 ]
+# A frame of a `RealtimeMuxResponse`, as the keyword arguments of its message: the
+# message is built once, for the whole batch, in `responses` (each message built
+# apart and then nested would copy an audio delta once per level).
+_Frame = dict[str, Any]
 
 
 class _Session:
@@ -75,7 +81,7 @@ class SessionMux:
         self._context = context
         self._sessions: dict[int, _Session] = {}
         self._highest = 0  # numbers at or below it have started (maybe ended)
-        self._frames: list[realtime_pb2.RealtimeMuxResponseFrame] = []
+        self._frames: list[_Frame] = []
         self._bytes = 0
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
@@ -136,7 +142,11 @@ class SessionMux:
             self._room.set()
             draining = self._draining
             self._draining_said = self._draining_said or draining
-            yield realtime_pb2.RealtimeMuxResponse(frames=frames, draining=draining)
+            # protobuf takes a message's fields as a dict (its stubs do not say so).
+            yield realtime_pb2.RealtimeMuxResponse(
+                frames=frames,  # type: ignore[arg-type]
+                draining=draining,
+            )
 
     def _draining_news(self) -> bool:
         return self._draining and not self._draining_said
@@ -171,7 +181,9 @@ class SessionMux:
                 responses = self._handler(session.stream(), self._context)
                 async with contextlib.aclosing(responses) as each:  # type: ignore[type-var]
                     async for response in each:
-                        await self._put(number, response)
+                        if self._bytes >= MAX_BUFFERED_BYTES:
+                            await self._room_for_more()
+                        self._put_now(number, response)
         except asyncio.CancelledError:
             cancelled = True
             raise
@@ -183,17 +195,20 @@ class SessionMux:
             if span is not None:
                 end_carried_span(span, None, cancelled=cancelled)
 
-    async def _put(self, number: int, response: realtime_pb2.RealtimeResponse) -> None:
+    async def _room_for_more(self) -> None:
         while self._bytes >= MAX_BUFFERED_BYTES:
             self._room.clear()
             await self._room.wait()
-        self._put_now(number, response)
 
-    def _put_now(self, number: int, response: realtime_pb2.RealtimeResponse | None) -> None:
+    def _put_now(self, number: int, response: Outgoing | None) -> None:
+        frame: _Frame
         if response is None:
-            frame = realtime_pb2.RealtimeMuxResponseFrame(session=number, end=True)
+            frame = {"session": number, "end": True}
+        elif isinstance(response, list):  # upstream events, kept as bytes until sent
+            frame = {"session": number, "response": {"events": {"events": response}}}
+            self._bytes += sum(map(len, response))
         else:
-            frame = realtime_pb2.RealtimeMuxResponseFrame(session=number, response=response)
+            frame = {"session": number, "response": response}
             self._bytes += response.ByteSize()
         self._frames.append(frame)
         self._wake.set()

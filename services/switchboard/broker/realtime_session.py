@@ -41,8 +41,10 @@ from switchboard.broker.multiplex import failure_of
 from switchboard.broker.realtime_held import (
     HeldSession,
     HeldSessions,
+    Outgoing,
     SessionEnds,
     UpstreamSocket,
+    as_response,
     resume_refused,
 )
 from switchboard.broker.realtime_link import RealtimeLink
@@ -63,13 +65,14 @@ from switchboard.v1 import realtime_pb2, realtime_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "switchboard.v1.RealtimeService"
-# Events whose `session` object names the upstream's id and model.
-_SESSION_EVENTS = (b"session.created", b"session.updated")
+# Events whose `session` object names the upstream's id and model
+# (`session.created`, `session.updated`), found by their type's prefix.
+_SESSION_EVENT = b'"session.'
 
 
 def rewrite_session(event: bytes, session_id: str, model: str) -> bytes:
     """`event` with `session.id` and `session.model` made Switchboard's, if it carries a session."""
-    if not any(kind in event[:200] for kind in _SESSION_EVENTS):
+    if event.find(_SESSION_EVENT, 0, 200) < 0:  # every audio event: one scan, no copy
         return event
     try:
         parsed = orjson.loads(event)
@@ -142,14 +145,14 @@ class RealtimeSessions(realtime_pb2_grpc.RealtimeServiceServicer):
         responses = self._session(requests, context, on_caller_gone)
         async with contextlib.aclosing(responses) as stream:  # type: ignore[type-var]
             async for response in stream:
-                yield response
+                yield as_response(response)
 
     async def _session(
         self,
         requests: AsyncIterator[realtime_pb2.RealtimeRequest],
         context: grpc.aio.ServicerContext,
         on_caller_gone: Callable[[Callable[[], None]], None] | None = None,
-    ) -> AsyncIterator[realtime_pb2.RealtimeResponse]:
+    ) -> AsyncIterator[Outgoing]:
         try:
             first = await anext(aiter(requests))
         except (StopAsyncIteration, grpc.RpcError):
@@ -171,7 +174,7 @@ class RealtimeSessions(realtime_pb2_grpc.RealtimeServiceServicer):
         attach: realtime_pb2.RealtimeAttach,
         requests: AsyncIterator[realtime_pb2.RealtimeRequest],
         on_caller_gone: Callable[[Callable[[], None]], None] | None,
-    ) -> AsyncGenerator[realtime_pb2.RealtimeResponse, None]:
+    ) -> AsyncGenerator[Outgoing, None]:
         held = self.held.get(attach.tenant_id, attach.session_id)
         if held is None:
             yield _failed(
@@ -212,7 +215,7 @@ class RealtimeSessions(realtime_pb2_grpc.RealtimeServiceServicer):
         opening: realtime_pb2.RealtimeOpen,
         requests: AsyncIterator[realtime_pb2.RealtimeRequest],
         on_caller_gone: Callable[[Callable[[], None]], None] | None,
-    ) -> AsyncGenerator[realtime_pb2.RealtimeResponse, None]:
+    ) -> AsyncGenerator[Outgoing, None]:
         ends = SessionEnds({"tenant_id": opening.tenant_id, "session_id": opening.session_id})
         held: HeldSession | None = None
         async with contextlib.AsyncExitStack() as stack:

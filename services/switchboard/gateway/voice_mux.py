@@ -4,13 +4,17 @@ Every voice session this gateway relays to a broker runs over one
 `RealtimeService.Sessions` call (proto/switchboard/v1/realtime.proto; the
 broker's side is broker/realtime_mux.py), so that an audio chunk costs a share
 of a gRPC message rather than one of its own. `VoiceMux.Session` stands in
-for the `Session` call of a `RealtimeServiceStub`: it takes the session's
-requests as a stream and gives a `MuxedSession` to iterate for its responses
-and to `cancel`, which is all voice_connection.py uses of a call.
+for the `Session` call of a `RealtimeServiceStub`: it gives a `MuxedSession`
+to `write` the session's requests to (or takes them as a stream), to iterate
+for its responses and to `cancel`, which is all voice_connection.py uses of a
+call.
 
 The mux numbers the sessions and sends their requests in order; a writer task
 sends everything queued since its last write in one message, so under load
 many sessions' chunks share a message, and a lone session waits on no clock.
+A frame waits as the keyword arguments of its message (client events as bytes),
+and the message is built once per write: a message built per frame and then
+nested would copy an audio chunk once per level.
 The call opens with the first session and again after it broke. When it
 breaks (the broker died, the network), each session on it fails as its
 `Session` call would have, with a `grpc.RpcError`; when the broker drains,
@@ -26,6 +30,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from opentelemetry.trace import Span
@@ -37,6 +42,8 @@ from switchboard.v1 import realtime_pb2, realtime_pb2_grpc
 log = logging.getLogger(__name__)
 
 SESSION_METHOD = "/switchboard.v1.RealtimeService/Session"
+# A `RealtimeMuxRequestFrame` waiting to be sent, as its message's fields.
+_Frame = dict[str, Any]
 
 
 class MuxBroken(grpc.RpcError):  # type: ignore[misc]
@@ -56,9 +63,12 @@ class MuxBroken(grpc.RpcError):  # type: ignore[misc]
 class MuxedSession:
     """One voice session on a `VoiceMux`: what a `Session` call is to its caller."""
 
-    def __init__(self, opened: _Opened, number: int, span: Span | None) -> None:
+    def __init__(
+        self, opened: _Opened, number: int, span: Span | None, carrier: dict[str, str]
+    ) -> None:
         self._opened = opened
         self.number = number
+        self._carrier = carrier  # the trace context, sent with the first frame
         self._responses: deque[realtime_pb2.RealtimeResponse] = deque()
         self._error: MuxBroken | None = None
         self._ended = False
@@ -76,6 +86,26 @@ class MuxedSession:
                 return
             self._ready.clear()
             await self._ready.wait()
+
+    def write(self, request: realtime_pb2.RealtimeRequest) -> None:
+        """Send one request of the session (after those written before it)."""
+        self._put({"request": request})
+
+    def write_events(self, events: list[bytes]) -> None:
+        """Send client events upstream: the request `events`, built with the message."""
+        self._put({"request": {"events": {"events": events}}})
+
+    def done_writing(self) -> None:
+        """No more requests (the session's requests stream ended)."""
+        self._put({"done": True})
+
+    def _put(self, frame: _Frame) -> None:
+        if self.number not in self._opened.sessions:
+            return  # ended or left: the broker has nothing more to hear of it
+        frame["session"] = self.number
+        if self._carrier:
+            frame["trace_context"], self._carrier = self._carrier, {}
+        self._opened.put(frame)
 
     def cancel(self) -> None:
         """Leave the session: the broker cancels it, as a cancelled `Session` call."""
@@ -119,17 +149,17 @@ class _Opened:
     def __init__(self, stub: realtime_pb2_grpc.RealtimeServiceStub) -> None:
         self.call = stub.Sessions()
         self.sessions: dict[int, MuxedSession] = {}
-        self._frames: list[realtime_pb2.RealtimeMuxRequestFrame] = []
+        self._frames: list[_Frame] = []
         self._wake = asyncio.Event()
         self.writer = asyncio.create_task(self._write())
 
-    def put(self, frame: realtime_pb2.RealtimeMuxRequestFrame) -> None:
+    def put(self, frame: _Frame) -> None:
         self._frames.append(frame)
         self._wake.set()
 
     def leave(self, session: MuxedSession) -> None:
         if self.sessions.pop(session.number, None) is not None and not self.writer.done():
-            self.put(realtime_pb2.RealtimeMuxRequestFrame(session=session.number, cancel=True))
+            self.put({"session": session.number, "cancel": True})
 
     async def _write(self) -> None:
         # A call that ended refuses writes; its reader fails the sessions on it.
@@ -138,7 +168,9 @@ class _Opened:
                 await self._wake.wait()
                 self._wake.clear()
                 frames, self._frames = self._frames, []
-                await self.call.write(realtime_pb2.RealtimeMuxRequest(frames=frames))
+                # protobuf takes a message's fields as a dict (its stubs do not say so).
+                message = realtime_pb2.RealtimeMuxRequest(frames=frames)  # type: ignore[arg-type]
+                await self.call.write(message)
 
 
 class VoiceMux:
@@ -152,8 +184,11 @@ class VoiceMux:
         self._readers: dict[_Opened, asyncio.Task[None]] = {}
         self._numbers = 0
 
-    def Session(self, requests: AsyncIterator[realtime_pb2.RealtimeRequest]) -> MuxedSession:
-        """Start a session whose requests are `requests` (the first an `open`)."""
+    def Session(
+        self, requests: AsyncIterator[realtime_pb2.RealtimeRequest] | None = None
+    ) -> MuxedSession:
+        """Start a session whose requests are written to it, or are `requests`
+        (the first an `open` or `attach`)."""
         opened = self._opened
         if opened is None:
             opened = self._opened = _Opened(self._stub)
@@ -161,9 +196,10 @@ class VoiceMux:
         self._numbers += 1
         traced = carried_client_span(SESSION_METHOD, self._target, None)
         span, carrier = traced if traced is not None else (None, {})
-        session = MuxedSession(opened, self._numbers, span)
+        session = MuxedSession(opened, self._numbers, span, carrier)
         opened.sessions[session.number] = session
-        session.pump = asyncio.create_task(_pump(opened, session, requests, carrier))
+        if requests is not None:
+            session.pump = asyncio.create_task(_pump(opened, session, requests))
         return session
 
     async def close(self) -> None:
@@ -207,23 +243,14 @@ class VoiceMux:
 
 
 async def _pump(
-    opened: _Opened,
-    session: MuxedSession,
-    requests: AsyncIterator[realtime_pb2.RealtimeRequest],
-    carrier: dict[str, str],
+    opened: _Opened, session: MuxedSession, requests: AsyncIterator[realtime_pb2.RealtimeRequest]
 ) -> None:
-    """Queue the session's requests as frames, in order, then `done`."""
-    number = session.number
+    """Write the session's requests, in order, then `done`."""
     async for request in requests:
-        if number not in opened.sessions:
+        if session.number not in opened.sessions:
             return
-        frame = realtime_pb2.RealtimeMuxRequestFrame(session=number, request=request)
-        if carrier:
-            frame.trace_context.update(carrier)
-            carrier = {}
-        opened.put(frame)
-    if number in opened.sessions:
-        opened.put(realtime_pb2.RealtimeMuxRequestFrame(session=number, done=True))
+        session.write(request)
+    session.done_writing()
 
 
 def _fail_all(opened: _Opened, error: MuxBroken) -> None:
