@@ -164,12 +164,25 @@ def errors_by_code(width: int = 12) -> JSON:
 def rate_limit_rejections(width: int = 12) -> JSON:
     return timeseries(
         "Rate-limit and quota rejections",
-        "Requests refused by a tenant limit per second (rate_limit_exceeded, "
-        "insufficient_quota), by tier.",
+        "Requests refused per second by a tenant limit (rate_limit_exceeded, "
+        "insufficient_quota) or by a gateway shedding load (server_busy), by tier.",
         PER_SECOND,
         Query(rate("switchboard_gateway_rejections_total", by="code, tier"), "{{code}} ({{tier}})"),
         width=width,
         stacked=True,
+    )
+
+
+def event_loop_lag(width: int = 8) -> JSON:
+    return timeseries(
+        "Event loop lag (load shedding)",
+        "How late the gateways' event loops run their timers, smoothed over a second: "
+        "above SWITCHBOARD_GATEWAY_SHED_LOOP_LAG_MS (250 ms by default) a gateway refuses "
+        "new connections, responses and requests with server_busy (docs/performance.md).",
+        SECONDS,
+        Query("max(switchboard_gateway_event_loop_lag_seconds)", "worst gateway"),
+        Query("avg(switchboard_gateway_event_loop_lag_seconds)", "mean"),
+        width=width,
     )
 
 
