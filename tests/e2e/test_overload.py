@@ -104,7 +104,8 @@ async def test_an_overloaded_gateway_refuses_new_work_and_recovers(stack: Stack)
             before = await ask(ws, "before")
             assert before[-1]["type"] == "response.done", before[-1]
 
-            await stall(stack, 0.8)
+            # 1.5 s late: shedding lasts about 2.5 s after, time for the three refusals.
+            await stall(stack, 1.5)
             await until_overloaded(http, stack)
             refused = await ask(ws, "during")
             # No response is created: the refusal costs the gateway nothing more.

@@ -67,10 +67,13 @@ async def realtime(websocket: WebSocket) -> None:
 
 
 def _shed(gateway: Resources, tenant: Tenant) -> None:
-    """Refuse a new response while the gateway is overloaded (gateway/overload.py)."""
-    if gateway.overload.overloaded:
-        gateway.metrics.rejections.labels("server_busy", tenant.tier).inc()
+    """Refuse a new response while the gateway is overloaded (gateway/overload.py),
+    counting the refusal."""
+    try:
         gateway.overload.check("send response.create")
+    except SwitchboardError:
+        gateway.metrics.rejections.labels("server_busy", tenant.tier).inc()
+        raise
 
 
 async def _refuse(gateway: Resources, websocket: WebSocket, error: SwitchboardError) -> None:
