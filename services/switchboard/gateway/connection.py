@@ -389,7 +389,11 @@ class RealtimeConnection:
                     # the whole conversation once per item.
                     budget = None if after_item else self.turns.context_budget_ahead()
                     stored = await self.backends.append_item(
-                        tenant, session, command.item, command.previous_item_id, context_tokens=budget
+                        tenant,
+                        session,
+                        command.item,
+                        command.previous_item_id,
+                        context_tokens=budget,
                     )
                     self.protocol.item_added(stored.item, stored.previous_item_id)
                     if stored.HasField("context"):
