@@ -159,18 +159,44 @@ async def test_a_draining_broker_finishes_its_calls_refuses_new_ones_and_ends_th
         await stream.close()
 
 
+async def test_calls_started_together_go_out_in_one_message(sim: RunningSimulator) -> None:
+    async with serving(dev_env(sim.base_url)) as (stub, _, _):
+        stream = BrokerStream(stub, "broker:0")
+        first = stream.generate(generate_request(user(f"first {directive(tokens=3)}")))
+        opened = first._opened
+        written: list[int] = []
+        write = opened.call.write
+
+        async def counted(message: B.StreamRequests) -> None:
+            written.append(len(message.requests))
+            await write(message)
+
+        opened.call.write = counted  # type: ignore[method-assign]
+        # Twenty more in the same turn of the loop: the writer, which has not
+        # run yet, takes all that waits into one message.
+        calls = [first] + [
+            stream.generate(generate_request(user(f"q{n} {directive(tokens=3)}")))
+            for n in range(20)
+        ]
+        replies = await asyncio.gather(*(events_of(call) for call in calls))
+        assert all(kinds(events)[-1] == "finished" for events in replies)
+        assert written[0] == 21, written
+        await stream.close()
+
+
 async def test_a_call_number_in_use_is_refused(sim: RunningSimulator) -> None:
     async with serving(dev_env(sim.base_url)) as (stub, _, _):
-        requests: asyncio.Queue[B.StreamRequest] = asyncio.Queue()
+        requests: asyncio.Queue[B.StreamRequests] = asyncio.Queue()
 
-        async def send() -> AsyncIterator[B.StreamRequest]:
+        async def send() -> AsyncIterator[B.StreamRequests]:
             while True:
                 yield await requests.get()
 
         call = stub.Stream(send())
         slow = generate_request(user(f"a {directive(tokens=50, token_delay_ms=20)}"))
-        requests.put_nowait(B.StreamRequest(call=7, generate=slow))
-        requests.put_nowait(B.StreamRequest(call=7, generate=generate_request(user("b"))))
+        requests.put_nowait(B.StreamRequests(requests=[B.StreamRequest(call=7, generate=slow)]))
+        again = B.StreamRequest(call=7, generate=generate_request(user("b")))
+        requests.put_nowait(B.StreamRequests(requests=[again]))
         failure = None
         async for response in call:
             for entry in response.calls:

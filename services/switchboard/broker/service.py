@@ -187,7 +187,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
 
     async def Stream(
         self,
-        requests: AsyncIterator[broker_pb2.StreamRequest],
+        requests: AsyncIterator[broker_pb2.StreamRequests],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[broker_pb2.StreamResponse]:
         """Many calls over one stream, as Generate and Attach run them (multiplex.py)."""
@@ -287,12 +287,13 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
 
 
 async def _read_requests(
-    requests: AsyncIterator[broker_pb2.StreamRequest], stream: CallStream
+    requests: AsyncIterator[broker_pb2.StreamRequests], stream: CallStream
 ) -> None:
     """Hand a Stream's requests to it; when they end (or break), it ends after its calls."""
     try:
-        async for request in requests:
-            stream.handle(request)
+        async for batch in requests:
+            for request in batch.requests:
+                stream.handle(request)
     except (grpc.RpcError, asyncio.CancelledError):
         pass
     finally:
