@@ -82,6 +82,7 @@ class SdkStream:
         self._client = client
         self._payload = payload
         self._response: openai.AsyncAPIResponse[Any] | None = None
+        self._reader: AsyncIterator[Any] | None = None
         self.request_id: str | None = None
 
     async def __aenter__(self) -> SdkStream:
@@ -106,6 +107,13 @@ class SdkStream:
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         assert self._response is not None
         return self._chunks(self._response)
+
+    async def read(self) -> list[dict[str, Any]] | None:
+        """`ChatStream.read`'s interface (one chunk per call here), as the dispatcher reads."""
+        if self._reader is None:
+            assert self._response is not None
+            self._reader = self._chunks(self._response)
+        return [chunk] if (chunk := await anext(self._reader, None)) is not None else None
 
     async def _chunks(self, response: openai.AsyncAPIResponse[Any]) -> AsyncIterator[Any]:
         decoder = SseDecoder()

@@ -155,7 +155,13 @@ class CallStream:
             if not (events or ended):
                 continue
             entry = response.calls.add(call=number)
-            entry.events.extend(events)
+            add = entry.events.add
+            for event in events:
+                if isinstance(event, str):
+                    # A text delta's message is built here, in place: once per batch.
+                    add().text_delta.text = event
+                else:
+                    entry.events.append(event)
             if error is not None:
                 entry.failure.CopyFrom(failure_of(error))
             if ended:
