@@ -74,6 +74,15 @@ class SseDecoder:
         """The data of every event that this chunk completes, in order."""
         if self._pending_cr or b"\r" in chunk:
             chunk = self._lf_only(chunk)
+        if (
+            not self._tail
+            and chunk.startswith(b"data: ")
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk.endswith(b"\n\n")
+        ):
+            # The common case, a read that is one whole `data: ` event (a paced
+            # token): no buffer to join, split or keep.
+            return [chunk[6:-2]] if len(chunk) > 8 else []
         buffer = self._tail + chunk if self._tail else chunk
         end = buffer.rfind(b"\n\n")
         if end < 0:

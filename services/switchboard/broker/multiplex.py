@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable
 
 from opentelemetry import trace
@@ -102,7 +103,7 @@ class CallStream:
         self._followers[number] = follower
         if span is not None:
             self._spans[number] = span
-        follower.on_news = lambda: self._mark(number)
+        follower.on_news = functools.partial(self._mark, number)
         self._mark(number)  # an attached call starts with its snapshot
 
     def requests_ended(self) -> None:

@@ -108,6 +108,10 @@ class ChatSpan:
         span, self._span = self._span, None
         if span is None:
             return
+        if not span.is_recording():
+            # Tracing is off, or the trace is not sampled: no attributes to compute.
+            span.end()
+            return
         progress = self._progress
         translator = progress.translator
         usage: common_pb2.Usage = finished.usage if finished is not None else translator.usage()
