@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from switchboard.broker.calls import Calls, Follower, HeldCall
+from switchboard.broker.events import Event, as_event
 from switchboard.broker.metrics import BrokerMetrics
 from switchboard.errors import SwitchboardError
 from switchboard.gateway.broker_stream import BrokerStream, StreamedCall
@@ -229,7 +230,7 @@ async def test_the_stream_ending_orphans_its_calls(sim: RunningSimulator) -> Non
 # ------------------------------------------------------- Follower.take (pure)
 
 
-def follower_with(*events: B.GenerateEvent) -> tuple[Calls, Follower]:
+def follower_with(*events: Event) -> tuple[Calls, Follower]:
     calls = Calls(orphan_grace_s=1.0, attach_max_bytes=1 << 20, metrics=BrokerMetrics())
     call = HeldCall(calls, {"tenant_id": "t", "response_id": "r", "session_id": "s"}, None)
     follower = call.follower = Follower(call, events)
@@ -262,7 +263,8 @@ def test_take_merges_consecutive_deltas_of_one_output() -> None:
     _, follower = follower_with(*queued)
     events, error, ended = follower.take()
     assert (error, ended) == (None, False)
-    assert events == [
+    assert events[1] == "abc"  # text stays a str until the stream's message is built
+    assert [as_event(event) for event in events] == [
         started,
         text("abc"),
         fragment(0, '{"city":"x"}', call_id="call_1", name="f"),
@@ -275,21 +277,30 @@ def test_take_merges_consecutive_deltas_of_one_output() -> None:
     assert follower.take() == ([], None, False)
 
 
+def test_take_merges_text_as_published_and_as_a_snapshot_holds_it() -> None:
+    # The pump publishes text deltas as str; an Attach's snapshot holds a TextDelta.
+    tool = fragment(0, "{}", call_id="call_1", name="f")
+    _, follower = follower_with(text("Hel"), "lo", ", ", tool, "wor", text("ld"))
+    events, error, ended = follower.take()
+    assert (events, error, ended) == (["Hello, ", tool, "world"], None, False)
+    assert [as_event(event) for event in events] == [text("Hello, "), tool, text("world")]
+
+
 def test_take_ends_after_finished_or_with_the_error_after_the_events() -> None:
     finished = B.GenerateEvent(finished=B.Finished(reason=B.FINISH_REASON_STOP))
-    _, follower = follower_with(text("a"), finished)
-    assert follower.take() == ([text("a"), finished], None, True)
+    _, follower = follower_with("a", finished)
+    assert follower.take() == (["a", finished], None, True)
 
-    _, follower = follower_with(text("a"), text("b"))
+    _, follower = follower_with("a", "b")
     error = SwitchboardError("upstream broke", code=common_pb2.ERROR_CODE_UPSTREAM_ERROR)
     follower.end(error)
-    assert follower.take() == ([text("ab")], error, True)
+    assert follower.take() == (["ab"], error, True)
 
 
 def test_news_is_announced_for_each_event_and_the_end() -> None:
     _, follower = follower_with()
     news: list[int] = []
     follower.on_news = lambda: news.append(1)
-    follower.push(text("a"))
+    follower.push("a")
     follower.end(SwitchboardError("x", code=common_pb2.ERROR_CODE_UPSTREAM_ERROR))
     assert len(news) == 2

@@ -241,7 +241,6 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
         progress = Progress(started=time.monotonic(), translator=ChunkTranslator())
         line = _CallLog(call.ids, request.model, progress, self.metrics)
         line.span = ChatSpan(request, progress)
-        finished: broker_pb2.GenerateEvent | None = None
         self.metrics.streams_active.inc()
         try:
             target = resolve(
@@ -250,16 +249,12 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
                 request.model,
                 model_override=self._settings.upstream_model,
             )
-            dispatched = self.dispatcher.events(request, target, progress)
-            events = line.span.around(dispatched, target)  # the model span, current per step
-            # aclosing: a cancellation while the pump waits for its follower
-            # closes the dispatcher's generator too, releasing its slot and stream.
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    if event.WhichOneof("event") == "finished":
-                        finished = event  # the last event: published once the call is logged
-                        continue
-                    await call.publish(event)
+            # The model span is current in this task (the pump's own) while the call runs.
+            # A cancellation while the pump waits for its follower ends the
+            # dispatcher's attempt too, releasing its slot and stream.
+            with line.span.current(target):
+                # Finished, the last event, is published once the call is logged.
+                finished = await self.dispatcher.run(request, target, progress, call.publish)
         except SwitchboardError as err:
             line.log_failure(err)
             call.fail(err)
@@ -277,11 +272,6 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
             return
         finally:
             self.metrics.streams_active.dec()
-        if finished is None:
-            # The dispatcher always ends with Finished or an error; never end silently.
-            line.log_failure(InternalError("The broker failed."))
-            call.fail(InternalError("The broker failed."))
-            return
         line.log_completed(finished.finished)
         await call.publish(finished)
 
