@@ -4,6 +4,7 @@ restarted server's closed connections replaced."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 
 import pytest
@@ -106,5 +107,40 @@ async def test_connections_a_restarted_server_closed_are_replaced_before_use(
         await asyncio.sleep(0.1)
         counts = await asyncio.gather(*(client.incr("n") for _ in range(8)))
         assert sorted(counts) == list(range(1, 9))
+    finally:
+        await client.aclose()
+
+
+async def test_a_pipeline_to_a_hung_server_times_out_and_the_connection_recovers(
+    server: RedisServer,
+) -> None:
+    client = redis_client(server.url, timeout_s=0.2)
+    process = server._process
+    assert process is not None
+    try:
+        assert await client.ping()
+        process.send_signal(signal.SIGSTOP)  # accepts connections, never answers
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.incr("a").incr("b")
+                with pytest.raises(redis.exceptions.TimeoutError):
+                    await pipe.execute()
+            with pytest.raises(redis.exceptions.TimeoutError):
+                await client.incr("a")
+        finally:
+            process.send_signal(signal.SIGCONT)
+        # Nothing of the timed-out commands is read as the reply of a later one.
+        assert await client.set("c", "fresh")
+        assert await client.get("c") == b"fresh"
+    finally:
+        await client.aclose()
+
+
+async def test_an_idle_pooled_connection_outlives_the_deadline(server: RedisServer) -> None:
+    client = redis_client(server.url, timeout_s=0.1)
+    try:
+        first = await client.client_id()
+        await asyncio.sleep(0.3)  # the deadline of that use must have been stopped
+        assert await client.client_id() == first
     finally:
         await client.aclose()
