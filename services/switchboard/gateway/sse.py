@@ -387,7 +387,7 @@ class StreamPump:
 
     async def _record(self, events: list[Event]) -> None:
         try:
-            await self.writer.record([(event, orjson.dumps(event).decode()) for event in events])
+            await self.writer.record([(event, orjson.dumps(event)) for event in events])
         except SessionTakenOver:
             self._taken_over()
         except SwitchboardError as exc:

@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from prometheus_client import Histogram
+
 from switchboard import errors
 from switchboard.errors import SwitchboardError
 from switchboard.gateway import spans
@@ -102,6 +104,9 @@ class Turn:
         # When the running response was asked for, and when its last delta went out.
         self.asked_at = 0.0
         self.last_delta_at: float | None = None
+        # The running response's inter-token histogram (its model's label, looked
+        # up once a response rather than once a delta).
+        self.inter_token: Histogram | None = None
         # The error that failed the turn's last failed response (its retry_after
         # included), for a transport that answers with an HTTP status.
         self.failure: SwitchboardError | None = None
@@ -317,6 +322,7 @@ class TurnRunner:
         turn.asked_at = time.monotonic()
         # A re-attached response has no time to first token to observe.
         turn.last_delta_at = None if reattach is None else turn.asked_at
+        turn.inter_token = self.metrics.inter_token.labels(self._model_label)
         outcome = _Outcome()
         turn.cancellable = response_id
         try:
@@ -592,7 +598,8 @@ class TurnRunner:
         if turn.last_delta_at is None:
             self.metrics.time_to_first_token.labels(self._model_label).observe(now - turn.asked_at)
         else:
-            self.metrics.inter_token.labels(self._model_label).observe(now - turn.last_delta_at)
+            assert turn.inter_token is not None  # set with `asked_at`
+            turn.inter_token.observe(now - turn.last_delta_at)
         turn.last_delta_at = now
 
     def _count_response(
