@@ -423,6 +423,30 @@ class TurnRunner:
                 self._timed_delta(turn)
             self.publish()
 
+        # The task this runs in: once it is being cancelled, no event reaches the
+        # protocol (as none would reach a task waiting for the next one).
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_event(event: broker_pb2.GenerateEvent) -> None:
+            if task.cancelling():
+                return
+            kind = event.WhichOneof("event")
+            if kind == "text_delta":
+                send_text(event.text_delta.text)
+            elif kind == "tool_call_delta":
+                delta = event.tool_call_delta
+                if self.protocol.call_delta(
+                    response_id, delta.index, delta.call_id, delta.name, delta.arguments
+                ):
+                    self._timed_delta(turn)
+                self.publish()
+            elif kind == "started":
+                outcome.upstream_model = event.started.upstream_model
+            elif kind == "finished":
+                outcome.usage = event.finished.usage
+                outcome.status, outcome.reason = finish_status(event.finished.reason)
+
         # With output moderation, text reaches the client only as its checks allow.
         moderated = self.moderator.output(send_text)
         stopped = False
@@ -430,26 +454,16 @@ class TurnRunner:
             broker = await call.broker() or broker
             if broker:
                 self.backends.spawn(self._note_broker(response_id, broker))
-            async for event in call:
-                kind = event.WhichOneof("event")
-                if kind == "text_delta":
-                    if moderated is None:
-                        send_text(event.text_delta.text)
-                    else:
+            if moderated is None:
+                # Each event goes to the protocol as the broker stream's reader
+                # takes it: this task wakes when the call ends, not per token.
+                await call.follow(on_event)
+            else:
+                async for event in call:
+                    if event.WhichOneof("event") == "text_delta":
                         await moderated.feed(event.text_delta.text)
-                elif kind == "tool_call_delta":
-                    delta = event.tool_call_delta
-                    if self.protocol.call_delta(
-                        response_id, delta.index, delta.call_id, delta.name, delta.arguments
-                    ):
-                        self._timed_delta(turn)
-                    self.publish()
-                elif kind == "started":
-                    outcome.upstream_model = event.started.upstream_model
-                elif kind == "finished":
-                    outcome.usage = event.finished.usage
-                    outcome.status, outcome.reason = finish_status(event.finished.reason)
-            if moderated is not None:
+                    else:
+                        on_event(event)
                 await moderated.finish()
         except ContentFiltered:
             stopped = True
