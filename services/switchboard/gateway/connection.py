@@ -58,6 +58,7 @@ from switchboard.gateway.sender import (
     ClientSocket,
     Sender,
 )
+from switchboard.gateway.server_tools import ToolCatalogues
 from switchboard.gateway.tenant_gate import TenantGate
 from switchboard.gateway.turns import Reattach, TurnRunner
 from switchboard.tenancy import Tenant
@@ -85,6 +86,7 @@ class RealtimeConnection:
         settings: GatewaySettings,
         *,
         holder: str,
+        catalogues: ToolCatalogues | None = None,
     ) -> None:
         self.websocket = websocket
         self.protocol = protocol
@@ -123,6 +125,7 @@ class RealtimeConnection:
             on_refused=self._refused,
             on_taken_over=self._taken_over,
             max_tool_rounds=settings.max_tool_rounds,
+            catalogues=catalogues,
         )
         # Why the connection ended, for the disconnects metric.
         self.end_reason = "client_closed"

@@ -217,6 +217,7 @@ class StreamPump:
             on_refused=lambda error: None,  # the stream ends with its turn anyway
             on_taken_over=self._taken_over,
             max_tool_rounds=settings.max_tool_rounds,
+            catalogues=self.gateway.catalogues,
         )
         return protocol, runner
 

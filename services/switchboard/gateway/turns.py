@@ -38,7 +38,7 @@ from switchboard.gateway.mcp_session import McpSession
 from switchboard.gateway.metrics import GatewayMetrics, refusal_reason
 from switchboard.gateway.moderation import ContentFiltered, Moderator
 from switchboard.gateway.protocol import RealtimeProtocol, finish_status
-from switchboard.gateway.server_tools import ServerTools, server_calls
+from switchboard.gateway.server_tools import ServerTools, ToolCatalogues, server_calls
 from switchboard.gateway.summaries import Summaries
 from switchboard.gateway.tenant_gate import RESPONSE_LEASE_S, Admitted, TenantGate
 from switchboard.limits.ledger import usd
@@ -170,6 +170,8 @@ class TurnRunner:
             response; the transport ends with the error's close code.
         on_taken_over: another connection took the session over (this one's
             lease had lapsed): stop, sending nothing more.
+        catalogues: the tenants' tool catalogues the gateway's sessions share
+            (by default, this runner's own).
     """
 
     def __init__(
@@ -185,6 +187,7 @@ class TurnRunner:
         on_refused: Callable[[SwitchboardError], None],
         on_taken_over: Callable[[], None],
         max_tool_rounds: int,
+        catalogues: ToolCatalogues | None = None,
     ) -> None:
         self.protocol = protocol
         self.backends = backends
@@ -193,7 +196,7 @@ class TurnRunner:
         self.tenant = tenant
         self.writer = writer
         self.session_id = protocol.session_id
-        self.tools = ServerTools(backends, tenant.id, self.session_id)
+        self.tools = ServerTools(backends, tenant.id, self.session_id, catalogues)
         self.mcp = McpSession(protocol, backends, tenant.id, publish=publish)
         self.summaries = Summaries(
             backends, tenant, self.session_id, metrics.summaries, protocol.ids
