@@ -77,6 +77,63 @@ async def test_a_failing_call_fails_alone_with_its_error(sim: RunningSimulator) 
         await stream.close()
 
 
+async def test_a_followed_call_hands_every_event_over_from_the_streams_reader(
+    sim: RunningSimulator,
+) -> None:
+    async with serving(dev_env(sim.base_url)) as (stub, _, _):
+        stream = BrokerStream(stub, "broker:0")
+        request = generate_request(user(f"followed {directive(tokens=30)}"))
+        iterated = stream.generate(request)
+        followed = stream.generate(generate_request(user(f"followed {directive(tokens=30)}")))
+        handed: list[B.GenerateEvent] = []
+        tasks: set[asyncio.Task[object] | None] = set()
+
+        def handle(event: B.GenerateEvent) -> None:
+            handed.append(event)
+            tasks.add(asyncio.current_task())
+
+        follower = asyncio.ensure_future(followed.follow(handle))
+        expected = await events_of(iterated)
+        await follower
+        assert kinds(handed) == kinds(expected)
+        assert text_of(handed) == text_of(expected)
+        # The follower's task was not woken per event: the reader handed them.
+        assert follower not in tasks
+        await stream.close()
+
+
+async def test_a_followed_call_raises_its_error_or_what_its_handler_raised(
+    sim: RunningSimulator,
+) -> None:
+    async with serving(dev_env(sim.base_url)) as (stub, servicer, _):
+        stream = BrokerStream(stub, "broker:0")
+        bad = stream.generate(generate_request(user("no model"), model=""))
+        with pytest.raises(SwitchboardError) as failed:
+            await bad.follow(lambda event: None)
+        assert failed.value.name == "missing_required_parameter"
+
+        request = generate_request(user(f"long {directive(tokens=40, token_delay_ms=5)}"))
+        call = stream.generate(request)
+        handed: list[B.GenerateEvent] = []
+
+        def handle(event: B.GenerateEvent) -> None:
+            handed.append(event)
+            if event.WhichOneof("event") == "text_delta":
+                raise ValueError("a bug in the handler")
+
+        with pytest.raises(ValueError, match="a bug in the handler"):
+            await call.follow(handle)
+        assert kinds(handed)[-1] == "text_delta"
+        assert kinds(handed).count("text_delta") == 1  # nothing handed after it raised
+        call.cancel()  # leave: the broker keeps the call for a resume
+        await asyncio.sleep(0.05)
+        assert servicer.calls.holds(DEV_TENANT, request.response_id)
+        # The stream goes on serving the other calls.
+        good = stream.generate(generate_request(user(f"fine {directive(tokens=20)}")))
+        assert len(text_of(await events_of(good)).split()) == 20
+        await stream.close()
+
+
 async def test_leaving_orphans_the_call_and_an_attach_gets_all_of_it(
     sim: RunningSimulator,
 ) -> None:

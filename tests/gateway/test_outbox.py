@@ -9,8 +9,8 @@ import pytest
 from switchboard.gateway.outbox import Close, Outbox, SlowConsumer
 
 
-async def next_text(outbox: Outbox) -> str | Close | None:
-    """The oldest event as JSON text, as the writer takes it (a batch of one)."""
+async def next_text(outbox: Outbox) -> bytes | Close | None:
+    """The oldest event as JSON, as the writer takes it (a batch of one)."""
     batch = await outbox.get_batch(1)
     return batch[0][1] if isinstance(batch, list) else batch
 
@@ -59,9 +59,9 @@ async def test_unsent_deltas_of_one_item_merge_in_order() -> None:
 async def test_a_sent_delta_is_not_merged_into() -> None:
     outbox = Outbox(max_bytes=1 << 20)
     outbox.put(delta("a"))
-    assert json.loads(await next_text(outbox) or "")["delta"] == "a"
+    assert json.loads(await next_text(outbox) or b"")["delta"] == "a"
     outbox.put(delta("b"))
-    assert json.loads(await next_text(outbox) or "")["delta"] == "b"
+    assert json.loads(await next_text(outbox) or b"")["delta"] == "b"
     assert outbox.merged == 0
 
 
@@ -98,7 +98,7 @@ async def test_close_sends_what_waits_then_the_close() -> None:
     outbox.close(4529, "insufficient_quota")
     outbox.put(delta("too late"))  # dropped: the connection is ending
     first = await next_text(outbox)
-    assert isinstance(first, str)
+    assert isinstance(first, bytes)
     assert json.loads(first)["delta"] == "last words"
     assert await next_text(outbox) == Close(4529, "insufficient_quota")
 

@@ -45,6 +45,7 @@ from switchboard.gateway.openai_http import chat_completions_endpoint, responses
 from switchboard.gateway.overload import LoopLag
 from switchboard.gateway.realtime import realtime
 from switchboard.gateway.resources import Resources
+from switchboard.gateway.server_tools import ToolCatalogues
 from switchboard.gateway.tenant_gate import TenantGate
 from switchboard.gateway.usage_api import usage_endpoint
 from switchboard.gateway.voice import VoiceBroker
@@ -89,6 +90,7 @@ def create_app(
             backends=used,
             recorder=recorder,
             leases=leases,
+            catalogues=ToolCatalogues(used),
             redis=redis,
             client_secrets=ClientSecrets(redis),
             gate=TenantGate(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -55,6 +55,18 @@ class ModelCall(Protocol):
 
     def __aiter__(self) -> AsyncIterator[broker_pb2.GenerateEvent]:
         """The call's events. Raises `SwitchboardError` when the call fails."""
+        ...
+
+    async def follow(self, handle: Callable[[broker_pb2.GenerateEvent], None]) -> None:
+        """Hand each of the call's events to `handle`, in order, until the call
+        ends; an alternative to iterating. `handle` must not block: it may run
+        in whatever task receives the events (no wake-up of the caller's task
+        per event).
+
+        Raises:
+            SwitchboardError: the call failed.
+            Exception: what `handle` raised (no event is handed over after it).
+        """
         ...
 
     def cancel(self) -> None:

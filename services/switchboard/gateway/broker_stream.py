@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -35,7 +35,12 @@ log = logging.getLogger(__name__)
 
 
 class StreamedCall:
-    """One model call on a `BrokerStream`: a `ModelCall` (backends.py)."""
+    """One model call on a `BrokerStream`: a `ModelCall` (backends.py).
+
+    Followed (`follow`), the call hands each event to its handler from the
+    stream's reader as it arrives, and wakes the follower's task only when
+    the call ends; iterated, it queues the events for the iterating task.
+    """
 
     def __init__(
         self, stream: BrokerStream, opened: _Opened, number: int, span: Span | None
@@ -47,6 +52,10 @@ class StreamedCall:
         self._error: SwitchboardError | None = None
         self._ended = False
         self._ready = asyncio.Event()
+        # While followed: the handler, what it raised, and the follower's wake-up.
+        self._handle: Callable[[broker_pb2.GenerateEvent], None] | None = None
+        self._raised: Exception | None = None
+        self._ended_waiter: asyncio.Future[None] | None = None
         # The CLIENT span of the call, as a Generate call would have had (traced turns).
         self._span = span
 
@@ -65,31 +74,77 @@ class StreamedCall:
             self._ready.clear()
             await self._ready.wait()
 
+    async def follow(self, handle: Callable[[broker_pb2.GenerateEvent], None]) -> None:
+        """See `ModelCall.follow`: the events queued so far, then each as the
+        stream's reader takes it."""
+        while self._events:
+            handle(self._events.popleft())
+        self._handle = handle
+        try:
+            while self._raised is None and self._error is None and not self._ended:
+                self._ended_waiter = asyncio.get_running_loop().create_future()
+                await self._ended_waiter
+        finally:
+            self._handle = self._ended_waiter = None
+        if self._raised is not None:
+            raise self._raised
+        if self._error is not None:
+            raise self._error
+
     def cancel(self) -> None:
         """Stop following the call; the broker orphans it unless it was cancelled there."""
         if not self._ended:
             self._ended = True
             self._stream.leave(self)
             self._end_span(None, cancelled=True)
-        self._ready.set()
+        self._wake()
 
     def deliver(self, batch: broker_pb2.CallEvents) -> bool:
         """Take the call's part of a response; True when it ended the call."""
-        self._events.extend(batch.events)
+        handle = self._handle
+        if handle is None:
+            self._events.extend(batch.events)
+        else:
+            self._hand(handle, batch.events)
         if batch.HasField("failure"):
             self.fail(error_of(batch.failure))
         elif batch.events and batch.events[-1].WhichOneof("event") == "finished":
             self._ended = True
             self._end_span(None)
-        self._ready.set()
+            self._wake()
+        elif handle is None:
+            self._ready.set()
         return self._ended
+
+    def _hand(
+        self,
+        handle: Callable[[broker_pb2.GenerateEvent], None],
+        events: Sequence[broker_pb2.GenerateEvent],
+    ) -> None:
+        for number, event in enumerate(events):
+            try:
+                handle(event)
+            except Exception as exc:
+                # The follower raises it; nothing more is handed over.
+                self._handle = None
+                self._raised = exc
+                self._events.extend(events[number + 1 :])
+                self._wake()
+                return
 
     def fail(self, error: SwitchboardError) -> None:
         if not self._ended:
             self._ended = True
             self._error = error
             self._end_span(error)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the iterating or following task: the call ended, or its handler raised."""
         self._ready.set()
+        waiter = self._ended_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _end_span(self, error: SwitchboardError | None, *, cancelled: bool = False) -> None:
         span, self._span = self._span, None

@@ -4,10 +4,11 @@ The pump only moves frames and keeps the connection's lifetime; turns are the
 `TurnRunner`'s (turns.py). Its lifecycle:
 
 1. `run()`, given an open protocol (`RealtimeProtocol.open`), sends what it
-   queued (`session.created` for a new session), starts the writer and two
-   helpers (the tenant's connection slot, the idle and session-length timers),
-   holds the session's writer lease in the gateway's renewals (leases.py), and
-   starts the turn a dead gateway left open, if it was handed one.
+   queued (`session.created` for a new session), starts the writer and a
+   helper (the tenant's connection slot), holds the session's writer lease in
+   the gateway's renewals (leases.py), whose tick also runs its idle and
+   session-length timers, and starts the turn a dead gateway left open, if it
+   was handed one.
 2. It reads frames until the client leaves or the connection must end. Each
    frame goes to the protocol; the commands it returns run against the
    backends, a `StartResponse` as a turn.
@@ -57,6 +58,7 @@ from switchboard.gateway.sender import (
     ClientSocket,
     Sender,
 )
+from switchboard.gateway.server_tools import ToolCatalogues
 from switchboard.gateway.tenant_gate import TenantGate
 from switchboard.gateway.turns import Reattach, TurnRunner
 from switchboard.tenancy import Tenant
@@ -84,6 +86,7 @@ class RealtimeConnection:
         settings: GatewaySettings,
         *,
         holder: str,
+        catalogues: ToolCatalogues | None = None,
     ) -> None:
         self.websocket = websocket
         self.protocol = protocol
@@ -122,6 +125,7 @@ class RealtimeConnection:
             on_refused=self._refused,
             on_taken_over=self._taken_over,
             max_tool_rounds=settings.max_tool_rounds,
+            catalogues=catalogues,
         )
         # Why the connection ended, for the disconnects metric.
         self.end_reason = "client_closed"
@@ -147,11 +151,13 @@ class RealtimeConnection:
         """
         self.sender.start()
         lease = self._lease = self.leases.hold(
-            self.log_writer, self._lease_renewed, due=self._lease_due
+            self.log_writer,
+            self._lease_renewed,
+            due=self._lease_due,
+            every_tick=self._check_time_limits,
         )
         helpers = [
             asyncio.create_task(self.gate.hold_connection(self.tenant, self.holder, self._log)),
-            asyncio.create_task(self._watch_time_limits()),
         ]
         try:
             self.publish()
@@ -328,31 +334,30 @@ class RealtimeConnection:
             log.info("session handed over", extra=self._log)
             self._end_after_turn(TAKEN_OVER_CLOSE, TAKEN_OVER.name, "taken_over")
 
-    async def _watch_time_limits(self) -> None:
-        """Close an idle connection (4010), or one past the tenant's session length
-        (4011), once no turn runs."""
+    def _check_time_limits(self) -> None:
+        """At each tick of the lease renewals (at most 1 s apart): close an idle
+        connection (4010), or one past the tenant's session length (4011), once
+        no turn runs."""
+        if self._ending is not None or self.turns.running:
+            return
         max_session_s = self.tenant.limits.max_session_seconds
-        while self._ending is None:
-            await asyncio.sleep(1.0)
-            if self.turns.running:
-                continue
-            now = time.monotonic()
-            if max_session_s and now - self.opened_at >= max_session_s:
-                self._end_with_error(
-                    SwitchboardError(
-                        f"The session reached its maximum length of {max_session_s} s.",
-                        code=common_pb2.ERROR_CODE_SESSION_EXPIRED,
-                    ),
-                    "session_expired",
-                )
-            elif self.idle_timeout_s and now - self._last_client_event >= self.idle_timeout_s:
-                self._end_with_error(
-                    SwitchboardError(
-                        f"No client event for {self.idle_timeout_s:g} s.",
-                        code=common_pb2.ERROR_CODE_IDLE_TIMEOUT,
-                    ),
-                    "idle",
-                )
+        now = time.monotonic()
+        if max_session_s and now - self.opened_at >= max_session_s:
+            self._end_with_error(
+                SwitchboardError(
+                    f"The session reached its maximum length of {max_session_s} s.",
+                    code=common_pb2.ERROR_CODE_SESSION_EXPIRED,
+                ),
+                "session_expired",
+            )
+        elif self.idle_timeout_s and now - self._last_client_event >= self.idle_timeout_s:
+            self._end_with_error(
+                SwitchboardError(
+                    f"No client event for {self.idle_timeout_s:g} s.",
+                    code=common_pb2.ERROR_CODE_IDLE_TIMEOUT,
+                ),
+                "idle",
+            )
 
     # --- sending ------------------------------------------------------------------------
 

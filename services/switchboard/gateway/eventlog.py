@@ -31,7 +31,8 @@ from typing import Any
 
 from switchboard.errors import SessionTakenOver, SwitchboardError
 from switchboard.gateway.backends import Backends
-from switchboard.gateway.ids import event_seq
+from switchboard.gateway.ids import event_seq, made_event_seq
+from switchboard.gateway.responses import UNSENT
 from switchboard.v1 import common_pb2, session_pb2
 
 Event = dict[str, Any]
@@ -146,9 +147,9 @@ class SessionWriter:
         self.lease_ms = int(lease_s * 1000)
         self._appended_at = -1e9  # monotonic time of the last append that succeeded
 
-    async def record(self, batch: list[tuple[Event, str]]) -> None:
-        """Append a batch of sent-to-be events, in order, and mark the response in
-        progress after them.
+    async def record(self, batch: list[tuple[Event, bytes]]) -> None:
+        """Append a batch of sent-to-be events (each with its JSON), in order, and
+        mark the response in progress after them.
 
         Raises:
             SessionTakenOver: another connection holds the session now.
@@ -161,9 +162,12 @@ class SessionWriter:
             lease_ms=self.lease_ms,
         )
         open_response: str | None = None
-        for event, text in batch:
-            seq = event_seq(event["event_id"]) or 0
-            request.events.add(seq=seq, event_id=event["event_id"], payload=text.encode())
+        add = request.events.add
+        for event, payload in batch:
+            event_id = event["event_id"]
+            # An unsent event is recorded under a client's last event id (a gap).
+            seq = (event_seq(event_id) or 0) if UNSENT in event else made_event_seq(event_id)
+            add(seq=seq, event_id=event_id, payload=payload)
             kind = event["type"]
             if kind == "response.created":
                 open_response = event["response"]["id"]

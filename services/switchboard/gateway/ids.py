@@ -21,6 +21,8 @@ from typing import NamedTuple
 # An event id: "event_", the connection's 12-hex-digit prefix, its seq in hex,
 # and for a delta "o" and its output offset in hex.
 _EVENT_ID = re.compile(r"event_[0-9a-f]{12}([0-9a-f]{1,15})(?:o([0-9a-f]{1,15}))?")
+# Where the seq starts in such an id.
+_SEQ_AT = len("event_") + 12
 
 
 class Ids:
@@ -68,3 +70,10 @@ def event_seq(event_id: str) -> int | None:
     """The seq an event id of ours carries; None for anything else."""
     match = _EVENT_ID.fullmatch(event_id)
     return int(match.group(1), 16) if match else None
+
+
+def made_event_seq(event_id: str) -> int:
+    """The seq of an event id an `Ids` made (never a client's): `event_seq`
+    without the pattern match, for the event log's hot path."""
+    offset = event_id.find("o", _SEQ_AT)
+    return int(event_id[_SEQ_AT:offset] if offset > 0 else event_id[_SEQ_AT:], 16)

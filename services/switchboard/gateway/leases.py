@@ -16,6 +16,9 @@ connection its own outcome:
 - any other `SwitchboardError`: the session is gone (`session_not_found`), or
   the renewal failed (the session service or Redis: the next tick tries again).
 
+The same tick runs each connection's `every_tick` callback (its idle and
+session-length timers), so a connection keeps no timer task of its own.
+
 A gateway that dies stops renewing, so its leases lapse within the lease as
 before. A connection that ends `drop`s its lease before it releases it, so no
 renewal still in flight can take the lease again after the release.
@@ -51,11 +54,13 @@ class Lease:
         claim: session_pb2.ClaimSessionRequest,
         on_renewed: Callable[[Outcome], None],
         due: Callable[[], bool],
+        every_tick: Callable[[], None] | None,
     ) -> None:
         self.renewals = renewals
         self.claim = claim
         self.on_renewed = on_renewed
         self.due = due
+        self.every_tick = every_tick
         self.flight: asyncio.Future[None] | None = None  # the renewal in flight, if any
 
     def stop(self) -> None:
@@ -93,6 +98,7 @@ class LeaseRenewals:
         on_renewed: Callable[[Outcome], None],
         *,
         due: Callable[[], bool] = _always,
+        every_tick: Callable[[], None] | None = None,
     ) -> Lease:
         """Renew `writer`'s lease every tick until the lease is stopped or dropped.
 
@@ -101,6 +107,8 @@ class LeaseRenewals:
                 docstring); it must not block. It may `stop` the lease.
             due: asked at each tick; False skips this tick's renewal (a
                 connection whose appends renew the lease).
+            every_tick: called at each tick (at most `interval_s` apart) before
+                `due`, while the lease is held; it must not block.
         """
         claim = session_pb2.ClaimSessionRequest(
             tenant_id=writer.tenant_id,
@@ -108,7 +116,7 @@ class LeaseRenewals:
             holder=writer.holder,
             lease_ms=writer.lease_ms,
         )
-        lease = Lease(self, claim, on_renewed, due)
+        lease = Lease(self, claim, on_renewed, due, every_tick)
         self._held[lease] = None
         if self._task is None:
             self._task = asyncio.create_task(self._run())
@@ -125,6 +133,7 @@ class LeaseRenewals:
                 # Nothing to renew: stop ticking (`hold` starts again).
                 self._task = None
                 return
+            self._run_ticks()
             try:
                 due = [lease for lease in self._held if lease.due()]
                 chunks = [due[n : n + self.max_batch] for n in range(0, len(due), self.max_batch)]
@@ -132,6 +141,22 @@ class LeaseRenewals:
             except Exception:
                 # A bug must not stop every lease of the gateway from being renewed.
                 log.exception("lease renewals failed")
+
+    def _run_ticks(self) -> None:
+        for lease in list(self._held):
+            if lease.every_tick is None or lease not in self._held:
+                continue
+            try:
+                lease.every_tick()
+            except Exception:
+                # One connection's bug must not stop the others' ticks or renewals.
+                log.exception(
+                    "tick not handled",
+                    extra={
+                        "tenant_id": lease.claim.tenant_id,
+                        "session_id": lease.claim.session_id,
+                    },
+                )
 
     async def _renew(self, leases: list[Lease]) -> None:
         """One `ClaimSessionsBatch` for `leases`; each gets its own outcome."""

@@ -133,8 +133,8 @@ class Outbox:
 
     async def get_batch(
         self, max_events: int = 256, *, deadline: float | None = None
-    ) -> list[tuple[Event, str]] | Close | None:
-        """Up to `max_events` of the oldest events, each with its JSON text; waits
+    ) -> list[tuple[Event, bytes]] | Close | None:
+        """Up to `max_events` of the oldest events, each with its JSON (UTF-8); waits
         for one, or until the event loop's clock passes `deadline` (then an empty
         batch). After the last event of a closing outbox, its `Close`; None once
         aborted. (A batch lets the writer record many events in one round trip.)"""
@@ -161,5 +161,5 @@ class Outbox:
             entry = self._queue.popleft()
             self.size -= entry.size
             data = entry.data if entry.data is not None else orjson.dumps(entry.event)
-            batch.append((entry.event, data.decode()))
+            batch.append((entry.event, data))
         return batch

@@ -195,6 +195,7 @@ async def _serve(
         gateway.leases,
         settings,
         holder=holder,
+        catalogues=gateway.catalogues,
     )
     metrics.connections_opened.labels(tenant.tier).inc()
     metrics.connections_active.inc()

@@ -12,6 +12,7 @@ from switchboard.gateway.eventlog import EventRecorder
 from switchboard.gateway.leases import LeaseRenewals
 from switchboard.gateway.metrics import GatewayMetrics
 from switchboard.gateway.overload import LoopLag
+from switchboard.gateway.server_tools import ToolCatalogues
 from switchboard.gateway.tenant_gate import TenantGate
 from switchboard.gateway.voice import VoiceBroker
 from switchboard.redis_client import AnyRedis
@@ -29,6 +30,8 @@ class Resources:
     recorder: EventRecorder
     # The session writer leases of all connections, renewed together.
     leases: LeaseRenewals
+    # The tenants' toolexec tool catalogues, shared by all sessions.
+    catalogues: ToolCatalogues
     redis: AnyRedis
     client_secrets: ClientSecrets
     gate: TenantGate

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any, Protocol
 
 from starlette.websockets import WebSocketDisconnect
@@ -33,6 +33,7 @@ from switchboard.errors import SessionTakenOver, SwitchboardError
 from switchboard.gateway.eventlog import SessionWriter
 from switchboard.gateway.outbox import Close, Outbox, SlowConsumer
 from switchboard.gateway.responses import FAST_DELTAS, UNSENT, opened_output
+from switchboard.gateway.transport import SEND_FRAMES
 from switchboard.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ _DETACHED_MAX_BYTES = 64 * 1024 * 1024
 
 class ClientSocket(Protocol):
     """What the gateway uses of a client's WebSocket (Starlette's `WebSocket`;
-    `switchboard.gateway.testing.MemorySocket` in tests)."""
+    `switchboard.gateway.testing.MemorySocket` in tests). A socket whose ASGI
+    scope offers `transport.SEND_FRAMES` is sent events through it."""
 
     async def receive(self) -> MutableMapping[str, Any]: ...
     async def send_text(self, data: str) -> None: ...
@@ -86,6 +88,7 @@ class Sender:
         checkpoint_s: float = 0.0,
     ) -> None:
         self.websocket = websocket
+        self.send_frames = frame_sender(websocket)
         self.log_writer = log_writer
         self.outbox = Outbox(max_bytes=max_bytes)
         # False once the client is gone (or cut): events are recorded, not sent.
@@ -99,7 +102,7 @@ class Sender:
         self._unrecorded_warned = False
         self.checkpoint_s = checkpoint_s
         # Deltas sent and not yet recorded, and when the first of them was taken.
-        self._unrecorded: list[tuple[Event, str]] = []
+        self._unrecorded: list[tuple[Event, bytes]] = []
         self._unrecorded_since = 0.0
         # The item of the output opened last: only its deltas go out unrecorded.
         self._open_output: str | None = None
@@ -204,9 +207,9 @@ class Sender:
                 continue
             self._sending = True
             try:
-                for event, text in batch:
-                    if UNSENT not in event:
-                        await self.websocket.send_text(text)
+                frames = [data for event, data in batch if UNSENT not in event]
+                if frames:
+                    await self.send_frames(frames)
             except (WebSocketDisconnect, RuntimeError, OSError):
                 # The client is gone; the reader sees the disconnect. Keep recording.
                 self.attached = False
@@ -215,7 +218,7 @@ class Sender:
             if self._unrecorded and loop.time() - self._unrecorded_since >= self.checkpoint_s:
                 await self._record([])
 
-    def _sent_at_once(self, batch: list[tuple[Event, str]]) -> bool:
+    def _sent_at_once(self, batch: list[tuple[Event, bytes]]) -> bool:
         """Whether the batch is all deltas of the output opened last (noting the
         outputs it opens)."""
         at_once = True
@@ -230,7 +233,7 @@ class Sender:
                 self._open_output = opened
         return at_once
 
-    async def _record(self, batch: list[tuple[Event, str]]) -> bool:
+    async def _record(self, batch: list[tuple[Event, bytes]]) -> bool:
         """Record what waits unrecorded, then `batch`; False when the session is
         another connection's (the events are then dropped)."""
         events, self._unrecorded = self._unrecorded + batch, []
@@ -247,6 +250,22 @@ class Sender:
                 log.warning("events not recorded", extra={**self._log, "code": exc.name})
                 self._unrecorded_warned = True
         return True
+
+
+def frame_sender(websocket: ClientSocket) -> Callable[[Sequence[bytes]], Awaitable[None]]:
+    """How to send a batch of encoded events to `websocket`: the transport's
+    `send_frames` when its ASGI scope offers it (transport.py), else one
+    `send_text` each."""
+    scope = getattr(websocket, "scope", None)
+    direct = scope.get("extensions", {}).get(SEND_FRAMES) if isinstance(scope, dict) else None
+    if direct is not None:
+        return direct  # type: ignore[no-any-return]
+
+    async def one_by_one(texts: Sequence[bytes]) -> None:
+        for text in texts:
+            await websocket.send_text(text.decode())
+
+    return one_by_one
 
 
 async def close_with_error(websocket: ClientSocket, error: SwitchboardError) -> None:

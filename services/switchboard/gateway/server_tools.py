@@ -19,38 +19,90 @@ from switchboard.v1 import common_pb2, toolexec_pb2
 
 log = logging.getLogger(__name__)
 
-# How long the tenant's tool catalogue is kept before it is asked for again.
+# How long a tenant's tool catalogue is kept before it is asked for again.
 CATALOGUE_TTL_S = 60.0
+
+Catalogue = dict[str, common_pb2.ToolDefinition]
+
+
+class ToolCatalogues:
+    """The tenants' toolexec tool catalogues, shared by the sessions that use
+    it (all of a gateway's): each fetched at most once a `CATALOGUE_TTL_S`, and
+    sessions that miss it while it is being fetched wait for that one
+    `ListTools` call."""
+
+    def __init__(self, backends: Backends) -> None:
+        self.backends = backends
+        self._cached: dict[str, tuple[float, Catalogue]] = {}
+        # A fetch under way, by tenant: its outcome (None: the fetch was cancelled).
+        self._fetching: dict[str, asyncio.Future[Catalogue | SwitchboardError | None]] = {}
+
+    async def get(self, tenant_id: str, session_id: str) -> Catalogue:
+        """The tenant's toolexec tools by name. Without toolexec, none (the turn
+        goes on with the client's tools); the next call asks again."""
+        while True:
+            cached = self._cached.get(tenant_id)
+            if cached is not None and time.monotonic() - cached[0] <= CATALOGUE_TTL_S:
+                return cached[1]
+            fetching = self._fetching.get(tenant_id)
+            if fetching is None:
+                break
+            # Shielded: a session that stops waiting does not cancel the fetch.
+            outcome = await asyncio.shield(fetching)
+            if outcome is not None:
+                return self._served(outcome, tenant_id, session_id)
+            # The session that fetched stopped waiting: fetch here.
+        done = self._fetching[tenant_id] = asyncio.get_running_loop().create_future()
+        now = time.monotonic()
+        outcome = None
+        try:
+            tools = await self.backends.list_tools(tenant_id)
+            outcome = {tool.name: tool for tool in tools}
+            self._cached[tenant_id] = (now, outcome)
+        except SwitchboardError as exc:
+            outcome = exc
+        finally:
+            del self._fetching[tenant_id]
+            done.set_result(outcome)
+        return self._served(outcome, tenant_id, session_id)
+
+    @staticmethod
+    def _served(
+        outcome: Catalogue | SwitchboardError, tenant_id: str, session_id: str
+    ) -> Catalogue:
+        if isinstance(outcome, SwitchboardError):
+            log.warning(
+                "server tools unavailable",
+                extra={"tenant_id": tenant_id, "session_id": session_id, "code": outcome.name},
+            )
+            return {}
+        return outcome
 
 
 class ServerTools:
-    """The toolexec tools of one tenant, for the turns of one session."""
+    """The toolexec tools of one tenant, for the turns of one session.
 
-    def __init__(self, backends: Backends, tenant_id: str, session_id: str) -> None:
+    Args:
+        catalogues: the catalogues shared with the gateway's other sessions;
+            by default this session's own.
+    """
+
+    def __init__(
+        self,
+        backends: Backends,
+        tenant_id: str,
+        session_id: str,
+        catalogues: ToolCatalogues | None = None,
+    ) -> None:
         self.backends = backends
         self.tenant_id = tenant_id
         self.session_id = session_id
-        self._catalogue: tuple[float, dict[str, common_pb2.ToolDefinition]] | None = None
+        self.catalogues = catalogues or ToolCatalogues(backends)
 
-    async def catalogue(self) -> dict[str, common_pb2.ToolDefinition]:
+    async def catalogue(self) -> Catalogue:
         """The tenant's toolexec tools by name, cached for a minute. Without
         toolexec, none (the turn goes on with the client's tools)."""
-        now = time.monotonic()
-        if self._catalogue is None or now - self._catalogue[0] > CATALOGUE_TTL_S:
-            try:
-                tools = await self.backends.list_tools(self.tenant_id)
-            except SwitchboardError as exc:
-                log.warning(
-                    "server tools unavailable",
-                    extra={
-                        "tenant_id": self.tenant_id,
-                        "session_id": self.session_id,
-                        "code": exc.name,
-                    },
-                )
-                return {}
-            self._catalogue = (now, {tool.name: tool for tool in tools})
-        return self._catalogue[1]
+        return await self.catalogues.get(self.tenant_id, self.session_id)
 
     async def offered(
         self, client_tools: Iterable[common_pb2.ToolDefinition]

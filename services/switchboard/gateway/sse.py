@@ -217,6 +217,7 @@ class StreamPump:
             on_refused=lambda error: None,  # the stream ends with its turn anyway
             on_taken_over=self._taken_over,
             max_tool_rounds=settings.max_tool_rounds,
+            catalogues=self.gateway.catalogues,
         )
         return protocol, runner
 
@@ -387,7 +388,7 @@ class StreamPump:
 
     async def _record(self, events: list[Event]) -> None:
         try:
-            await self.writer.record([(event, orjson.dumps(event).decode()) for event in events])
+            await self.writer.record([(event, orjson.dumps(event)) for event in events])
         except SessionTakenOver:
             self._taken_over()
         except SwitchboardError as exc:

@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from prometheus_client import Histogram
+
 from switchboard import errors
 from switchboard.errors import SwitchboardError
 from switchboard.gateway import spans
@@ -36,7 +38,7 @@ from switchboard.gateway.mcp_session import McpSession
 from switchboard.gateway.metrics import GatewayMetrics, refusal_reason
 from switchboard.gateway.moderation import ContentFiltered, Moderator
 from switchboard.gateway.protocol import RealtimeProtocol, finish_status
-from switchboard.gateway.server_tools import ServerTools, server_calls
+from switchboard.gateway.server_tools import ServerTools, ToolCatalogues, server_calls
 from switchboard.gateway.summaries import Summaries
 from switchboard.gateway.tenant_gate import RESPONSE_LEASE_S, Admitted, TenantGate
 from switchboard.limits.ledger import usd
@@ -102,6 +104,9 @@ class Turn:
         # When the running response was asked for, and when its last delta went out.
         self.asked_at = 0.0
         self.last_delta_at: float | None = None
+        # The running response's inter-token histogram (its model's label, looked
+        # up once a response rather than once a delta).
+        self.inter_token: Histogram | None = None
         # The error that failed the turn's last failed response (its retry_after
         # included), for a transport that answers with an HTTP status.
         self.failure: SwitchboardError | None = None
@@ -165,6 +170,8 @@ class TurnRunner:
             response; the transport ends with the error's close code.
         on_taken_over: another connection took the session over (this one's
             lease had lapsed): stop, sending nothing more.
+        catalogues: the tenants' tool catalogues the gateway's sessions share
+            (by default, this runner's own).
     """
 
     def __init__(
@@ -180,6 +187,7 @@ class TurnRunner:
         on_refused: Callable[[SwitchboardError], None],
         on_taken_over: Callable[[], None],
         max_tool_rounds: int,
+        catalogues: ToolCatalogues | None = None,
     ) -> None:
         self.protocol = protocol
         self.backends = backends
@@ -188,7 +196,7 @@ class TurnRunner:
         self.tenant = tenant
         self.writer = writer
         self.session_id = protocol.session_id
-        self.tools = ServerTools(backends, tenant.id, self.session_id)
+        self.tools = ServerTools(backends, tenant.id, self.session_id, catalogues)
         self.mcp = McpSession(protocol, backends, tenant.id, publish=publish)
         self.summaries = Summaries(
             backends, tenant, self.session_id, metrics.summaries, protocol.ids
@@ -317,6 +325,7 @@ class TurnRunner:
         turn.asked_at = time.monotonic()
         # A re-attached response has no time to first token to observe.
         turn.last_delta_at = None if reattach is None else turn.asked_at
+        turn.inter_token = self.metrics.inter_token.labels(self._model_label)
         outcome = _Outcome()
         turn.cancellable = response_id
         try:
@@ -417,6 +426,30 @@ class TurnRunner:
                 self._timed_delta(turn)
             self.publish()
 
+        # The task this runs in: once it is being cancelled, no event reaches the
+        # protocol (as none would reach a task waiting for the next one).
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_event(event: broker_pb2.GenerateEvent) -> None:
+            if task.cancelling():
+                return
+            kind = event.WhichOneof("event")
+            if kind == "text_delta":
+                send_text(event.text_delta.text)
+            elif kind == "tool_call_delta":
+                delta = event.tool_call_delta
+                if self.protocol.call_delta(
+                    response_id, delta.index, delta.call_id, delta.name, delta.arguments
+                ):
+                    self._timed_delta(turn)
+                self.publish()
+            elif kind == "started":
+                outcome.upstream_model = event.started.upstream_model
+            elif kind == "finished":
+                outcome.usage = event.finished.usage
+                outcome.status, outcome.reason = finish_status(event.finished.reason)
+
         # With output moderation, text reaches the client only as its checks allow.
         moderated = self.moderator.output(send_text)
         stopped = False
@@ -424,26 +457,16 @@ class TurnRunner:
             broker = await call.broker() or broker
             if broker:
                 self.backends.spawn(self._note_broker(response_id, broker))
-            async for event in call:
-                kind = event.WhichOneof("event")
-                if kind == "text_delta":
-                    if moderated is None:
-                        send_text(event.text_delta.text)
-                    else:
+            if moderated is None:
+                # Each event goes to the protocol as the broker stream's reader
+                # takes it: this task wakes when the call ends, not per token.
+                await call.follow(on_event)
+            else:
+                async for event in call:
+                    if event.WhichOneof("event") == "text_delta":
                         await moderated.feed(event.text_delta.text)
-                elif kind == "tool_call_delta":
-                    delta = event.tool_call_delta
-                    if self.protocol.call_delta(
-                        response_id, delta.index, delta.call_id, delta.name, delta.arguments
-                    ):
-                        self._timed_delta(turn)
-                    self.publish()
-                elif kind == "started":
-                    outcome.upstream_model = event.started.upstream_model
-                elif kind == "finished":
-                    outcome.usage = event.finished.usage
-                    outcome.status, outcome.reason = finish_status(event.finished.reason)
-            if moderated is not None:
+                    else:
+                        on_event(event)
                 await moderated.finish()
         except ContentFiltered:
             stopped = True
@@ -592,7 +615,8 @@ class TurnRunner:
         if turn.last_delta_at is None:
             self.metrics.time_to_first_token.labels(self._model_label).observe(now - turn.asked_at)
         else:
-            self.metrics.inter_token.labels(self._model_label).observe(now - turn.last_delta_at)
+            assert turn.inter_token is not None  # set with `asked_at`
+            turn.inter_token.observe(now - turn.last_delta_at)
         turn.last_delta_at = now
 
     def _count_response(

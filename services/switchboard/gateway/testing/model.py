@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from switchboard.errors import SwitchboardError, code_from_name
@@ -111,6 +111,10 @@ class ScriptedCall:
                 yield broker_pb2.GenerateEvent(
                     finished=broker_pb2.Finished(reason=reason, usage=usage)
                 )
+
+    async def follow(self, handle: Callable[[broker_pb2.GenerateEvent], None]) -> None:
+        async for event in self:
+            handle(event)
 
     def cancel(self) -> None:
         self.cancelled = True
