@@ -95,8 +95,12 @@ async def test_a_followed_call_hands_every_event_over_from_the_streams_reader(
         follower = asyncio.ensure_future(followed.follow(handle))
         expected = await events_of(iterated)
         await follower
-        assert kinds(handed) == kinds(expected)
+        # The same reply (the broker merges deltas as they wait, so how many
+        # deltas carry it may differ between the two calls).
+        assert kinds(handed)[0] == "started" and kinds(handed)[-1] == "finished"
+        assert set(kinds(handed)[1:-1]) == {"text_delta"}
         assert text_of(handed) == text_of(expected)
+        assert handed[-1].finished.usage == expected[-1].finished.usage
         # The follower's task was not woken per event: the reader handed them.
         assert follower not in tasks
         await stream.close()
