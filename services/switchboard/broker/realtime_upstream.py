@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 # gateway bounds client events far below this.
 MAX_EVENT_BYTES = 16 * 1024 * 1024
 # A ping when the upstream has said nothing for this long; no pong within half
-# of it ends the session (as `websockets`' keepalive did, 20 s).
+# of it ends the session (`websockets`' keepalive pinged every 20 s too).
 HEARTBEAT_S = 20.0
 # The longest a close waits for the upstream's close frame.
 CLOSE_TIMEOUT_S = 10.0
