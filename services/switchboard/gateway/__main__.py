@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 import sys
 
@@ -45,9 +46,28 @@ def main() -> None:
         access_log=False,
         timeout_graceful_shutdown=10,
     )
+    tune_gc()
     DrainingServer(config, app.state.drainer, settings.drain_timeout_s).run(
         sockets=[listen(settings)]
     )
+
+
+# Container allocations between two young-generation collections (CPython's
+# default is 700). The token path allocates a few dicts and messages per delta,
+# nearly all freed by reference counting; collecting every 700 allocations
+# cost the gateway ~7% of its CPU at 200 paced streams (gc.callbacks, thread
+# time), 10,000 about 2% (docs/performance.md#the-gateways-cpu-per-token).
+_GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """Move what start-up built (modules, classes, descriptors: most of the
+    heap) out of the collector's sight, and collect young objects less often.
+    Garbage cycles made while serving are still collected."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(_GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def listen(settings: GatewaySettings) -> socket.socket:
