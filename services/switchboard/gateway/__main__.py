@@ -28,7 +28,6 @@ def main() -> None:
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    freeze_startup_objects()  # no full GC walks the imports (docs/voice.md#performance)
     http, ws = protocols(settings)
     config = uvicorn.Config(
         app,
@@ -62,10 +61,10 @@ _GC_YOUNG_THRESHOLD = 10_000
 
 def tune_gc() -> None:
     """Move what start-up built (modules, classes, descriptors: most of the
-    heap) out of the collector's sight, and collect young objects less often.
-    Garbage cycles made while serving are still collected."""
-    gc.collect()
-    gc.freeze()
+    heap) out of the collector's sight (no full collection walks the imports:
+    docs/voice.md#performance), and collect young objects less often. Garbage
+    cycles made while serving are still collected."""
+    freeze_startup_objects()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(_GC_YOUNG_THRESHOLD, older, oldest)
 
