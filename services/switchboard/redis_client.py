@@ -256,11 +256,15 @@ class FailFastPool(ConnectionPool):
 def redis_client(url: str, *, timeout_s: float = 1.0, max_connections: int = 64) -> Redis:
     """A redis.asyncio client for the store that fails fast when Redis is away.
 
-    Connect and read timeouts are `timeout_s`. Commands are not retried (a retried
-    script could apply a write twice); the pool instead replaces connections that a
-    restarted Redis closed before handing them out. Callers beyond
-    `max_connections` wait up to `timeout_s` for one. Replies are parsed by
-    hiredis. Close it with `aclose()`.
+    The connect timeout is `timeout_s`, and a command (or a pipeline) must be
+    answered within `timeout_s` of taking its connection (`FailFastConnection`),
+    else it raises `redis.exceptions.TimeoutError`. Commands are not retried (a
+    retried script could apply a write twice); the pool instead replaces
+    connections that a restarted Redis closed before handing them out. Callers
+    beyond `max_connections` wait up to `timeout_s` for one (`FailFastPool`).
+    Commands are packed and replies parsed by hiredis. For request and reply
+    commands only: a blocking command or pub/sub would outlive the deadline.
+    Close it with `aclose()`.
 
     Raises:
         ValueError: the URL cannot be parsed.
