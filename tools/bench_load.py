@@ -33,7 +33,9 @@ two deltas of a stream, errors by code (a round the gateway sheds with
 `server_busy` before creating its response waits the second it is told to,
 then the stream goes on), CPU-seconds per 1k tokens for each process (from
 /proc), and the gateway's memory per stream. It draws TTFT and throughput
-against the number of streams to `--png`.
+against the number of streams to `--png`. `--shed-ms` sets the gateway's
+load-shedding limit (`SWITCHBOARD_GATEWAY_SHED_LOOP_LAG_MS`; 0 turns shedding
+off, for measuring CPU per token on a machine busy enough to trip it).
 
     python -m tools.bench_load [--streams 1,50,200,400] [--paths websocket,sse]
         [--png docs/images/bench_load.png]
@@ -443,6 +445,11 @@ def draw(path: Path, rows: dict[int, dict[str, float]]) -> None:
     print(f"\ndrew {path}")
 
 
+def shedding(shed_ms: float | None) -> dict[str, str]:
+    """The gateway's load-shedding limit: its default unless `--shed-ms` is given."""
+    return {} if shed_ms is None else {"SWITCHBOARD_GATEWAY_SHED_LOOP_LAG_MS": f"{shed_ms:g}"}
+
+
 async def run(args: argparse.Namespace) -> None:
     stack = Stack(
         ports=Ports.free(),
@@ -451,6 +458,7 @@ async def run(args: argparse.Namespace) -> None:
             "SWITCHBOARD_BROKER_MAX_CONCURRENT": str(args.max_concurrent),
             "SWITCHBOARD_BROKER_MAX_QUEUED": str(args.max_concurrent),
             "SWITCHBOARD_LOG_LEVEL": "WARNING",
+            **shedding(args.shed_ms),
         },
     )
     await asyncio.to_thread(stack.start)
@@ -516,6 +524,9 @@ def main() -> None:
     parser.add_argument("--idle", type=int, default=500)
     parser.add_argument("--idle-s", type=float, default=5.0)
     parser.add_argument("--max-concurrent", type=int, default=256)
+    parser.add_argument(
+        "--shed-ms", type=float, help="the gateway's load-shedding limit (0: off); its default"
+    )
     parser.add_argument(
         "--paths", default="websocket,sse", help="Switchboard paths measured besides direct"
     )
