@@ -16,6 +16,7 @@ from switchboard.broker.calls import BUFFERED_EVENTS, CallCancelled, Calls, Foll
 from switchboard.broker.metrics import BrokerMetrics
 from switchboard.errors import SessionTakenOver
 from switchboard.v1 import broker_pb2 as B
+from tests.broker.harness import eventually, met
 
 TOKENS = 3 * BUFFERED_EVENTS
 IDS = {"tenant_id": "t1", "session_id": "sess_1", "response_id": "resp_1"}
@@ -33,13 +34,17 @@ WHOLE = "".join(f" w{i}" for i in range(TOKENS))
 class Counting:
     """A pump that publishes Started, TOKENS words (as fast as it may), then Finished."""
 
-    def __init__(self, delay_s: float = 0.0) -> None:
+    def __init__(self, delay_s: float = 0.0, *, stall_after: int | None = None) -> None:
         self.published = 0
         self.delay_s = delay_s
+        # After this many words the pump waits for ever (a model gone quiet).
+        self.stall_after = stall_after
 
     async def __call__(self, call: HeldCall) -> None:
         await call.publish(STARTED)
         for i in range(TOKENS):
+            if i == self.stall_after:
+                await asyncio.Event().wait()
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
             await call.publish(text(i))
@@ -124,19 +129,18 @@ async def test_cancel_ends_the_follower_and_the_pump(calls: Calls) -> None:
 async def test_an_orphan_is_dropped_after_its_grace(running: bool) -> None:
     # Running, it is cancelled then; ended meanwhile, it is held, ended, until then.
     metrics = BrokerMetrics()
-    calls = Calls(orphan_grace_s=0.1, attach_max_bytes=1 << 20, metrics=metrics)
+    calls = Calls(orphan_grace_s=1.0, attach_max_bytes=1 << 20, metrics=metrics)
     try:
-        follower = calls.start(IDS, Counting(delay_s=0.01 if running else 0.0))
+        follower = calls.start(IDS, Counting(stall_after=5 if running else None))
         await take(follower, 2)
         follower.detach()
         pump = follower.call.pump
         assert metrics.orphaned_requests._value.get() == 1
-        await asyncio.sleep(0.05)
+        await settle()  # a pump that is not stalled runs to its end
         assert pump.done() is not running
         assert calls.holds("t1", "resp_1")
-        await asyncio.sleep(0.1)
+        await eventually(lambda: met(not calls.holds("t1", "resp_1")), timeout_s=10)
         assert pump.cancelled() is running
-        assert not calls.holds("t1", "resp_1")
         assert metrics.orphaned_requests._value.get() == 0
         assert metrics.orphans.labels("expired")._value.get() == 1
     finally:
