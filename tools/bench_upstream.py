@@ -1,28 +1,35 @@
-"""Benchmark: the broker's CPU per token with its aiohttp upstream client vs the `openai` SDK's.
+"""Benchmark: the broker's CPU per token, against a baseline broker in the same run.
 
 The broker under test runs in its own process pinned to one core
 (`--sut-core`, 1): the real servicer (`switchboard.broker.service.running`)
 behind a real grpc.aio server, streaming from the upstream simulator, which
 runs with this load generator (a gRPC client of the broker) on another core
 (`--client-core`, 0). The same scenarios run against two brokers, one after
-the other, in the same run:
+the other, in the same run, the baseline first:
 
-- **sdk** (the baseline): the broker's upstream client before issue 18, kept
-  here as `SdkClients`: an `openai.AsyncOpenAI` on the SDK's aiohttp transport
-  (`DefaultAioHttpClient`, httpx2 on top of aiohttp), the body read raw with
-  `with_streaming_response` and decoded by the broker's own `SseDecoder`;
+- the baseline, by default **sdk**: the broker's upstream client before issue
+  18, kept here as `SdkClients`: an `openai.AsyncOpenAI` on the SDK's aiohttp
+  transport (`DefaultAioHttpClient`, httpx2 on top of aiohttp), the body read
+  raw with `with_streaming_response` and decoded by the broker's own
+  `SseDecoder`; with `--against REF`, the broker of git commit REF instead
+  (its source exported with `git archive` to a temporary directory, run with
+  its own aiohttp client): the figure for a change to the broker;
 - **aiohttp**: the broker as it is (`switchboard.broker.clients`).
 
 Scenarios: **paced** (`--paced-streams` streams of `--paced-tokens` tokens at
 `--delay-ms` per token: one token per upstream read, as from a real model) and
 **burst** (`--burst-streams` streams of `--burst-tokens` tokens, no delay:
-many tokens per read). For each it prints the broker's CPU-microseconds per
-token (utime + stime from /proc over the scenario) and, with `--callgrind`
-(valgrind installed), the instructions it executed per token, counted by
-callgrind between two points of the same process (start-up and warm-up left
-out): a figure without timing noise. Ratios are aiohttp / sdk.
+many tokens per read). Each runs three ways: through the broker's `Stream`
+call (**stream**: every call multiplexed over one gRPC stream, as the gateway
+calls it), through one `Generate` call per stream (**broker**), and by the
+upstream client alone (**client**: no gRPC, no broker). For each it prints the
+broker's CPU-microseconds per token (utime + stime from /proc over the
+scenario) and, with `--callgrind` (valgrind installed), the instructions it
+executed per token, counted by callgrind between two points of the same
+process (start-up and warm-up left out): a figure without timing noise.
+Ratios are aiohttp (this tree) / the baseline.
 
-    python -m tools.bench_upstream [--callgrind] [--paced-streams 50] [--burst-tokens 2000]
+    python -m tools.bench_upstream [--callgrind] [--against main] [--paced-streams 50]
 
 The broker process is also this module: `python -m tools.bench_upstream serve
 --client {sdk,aiohttp} --upstream URL` prints `broker listening on HOST:PORT`
@@ -61,8 +68,8 @@ from tools.bench_load import cpu_seconds
 
 TENANT = "bench"
 CLIENTS = ("sdk", "aiohttp")
-# Through the broker (gRPC in, upstream out), and the upstream client alone.
-PATHS = ("broker", "client")
+# Through the broker's multiplexed Stream, through Generate, and the upstream client alone.
+PATHS = ("stream", "broker", "client")
 
 
 # ----------------------------------------------------- the baseline: the SDK path
@@ -75,6 +82,7 @@ class SdkStream:
         self._client = client
         self._payload = payload
         self._response: openai.AsyncAPIResponse[Any] | None = None
+        self._reader: AsyncIterator[Any] | None = None
         self.request_id: str | None = None
 
     async def __aenter__(self) -> SdkStream:
@@ -99,6 +107,13 @@ class SdkStream:
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         assert self._response is not None
         return self._chunks(self._response)
+
+    async def read(self) -> list[dict[str, Any]] | None:
+        """`ChatStream.read`'s interface (one chunk per call here), as the dispatcher reads."""
+        if self._reader is None:
+            assert self._response is not None
+            self._reader = self._chunks(self._response)
+        return [chunk] if (chunk := await anext(self._reader, None)) is not None else None
 
     async def _chunks(self, response: openai.AsyncAPIResponse[Any]) -> AsyncIterator[Any]:
         decoder = SseDecoder()
@@ -244,34 +259,64 @@ class Result:
     instructions: int | None
 
 
+@dataclass(frozen=True)
+class Side:
+    """One of the two brokers compared: its label, upstream client and source tree.
+
+    `source` None: this tree; else the root of an exported commit, whose
+    `services` and own `tools.bench_upstream serve` are run.
+    """
+
+    label: str
+    client: str
+    source: Path | None = None
+
+
+def exported(ref: str, into: Path) -> Path:
+    """The source tree of git commit `ref`, exported under `into`."""
+    root = into / "baseline"
+    root.mkdir()
+    archive = subprocess.run(["git", "archive", ref], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    return root
+
+
 class Broker:
     """One broker process under test, pinned, optionally under callgrind."""
 
-    def __init__(self, client: str, upstream: str, core: int, callgrind: Path | None) -> None:
+    def __init__(self, side: Side, upstream: str, core: int, callgrind: Path | None) -> None:
+        client = side.client
         command = [sys.executable, "-m", "tools.bench_upstream", "serve"]
         command += ["--client", client, "--upstream", upstream]
+        env = None
+        if side.source is not None:
+            # The exported tree's packages before this tree's (installed as editable).
+            path = f"{side.source / 'services'}{os.pathsep}{side.source}"
+            env = {**os.environ, "PYTHONPATH": path}
         if callgrind is not None:
             # Not instrumented until `callgrind_control -i on`: start-up stays fast.
             command = [
                 "valgrind",
                 "--tool=callgrind",
                 "--instr-atstart=no",
-                f"--callgrind-out-file={callgrind / client}.out",
-                f"--log-file={callgrind / client}.log",
+                f"--callgrind-out-file={callgrind / side.label}.out",
+                f"--log-file={callgrind / side.label}.log",
                 *command,
             ]
         self.callgrind = callgrind
-        self.client = client
+        self.label = side.label
         self.process = subprocess.Popen(
             ["taskset", "-c", str(core), *command],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            cwd=side.source,
+            env=env,
         )
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
         if not line.startswith("broker listening on "):
-            raise RuntimeError(f"the {client} broker did not start: {line!r}")
+            raise RuntimeError(f"the {side.label} broker did not start: {line!r}")
         self.address = line.split()[-1]
         self._dumps = 0
 
@@ -290,7 +335,7 @@ class Broker:
             return None
         self.control("-d")
         self._dumps += 1
-        dump = self.callgrind / f"{self.client}.out.{self._dumps}"
+        dump = self.callgrind / f"{self.label}.out.{self._dumps}"
         for line in dump.read_text().splitlines():
             if line.startswith(("totals:", "summary:")):
                 return int(line.split()[1])
@@ -313,8 +358,37 @@ class Broker:
             self.process.wait()
 
 
+async def load_stream(address: str, scenario: Scenario, first: int) -> int:
+    """Run `scenario`'s streams at once over one `Stream` call; the text deltas received."""
+    requests: asyncio.Queue[broker_pb2.StreamRequest | None] = asyncio.Queue()
+    for number in range(scenario.streams):
+        generate = scenario.request(first + number)
+        requests.put_nowait(broker_pb2.StreamRequest(call=number, generate=generate))
+
+    async def sent() -> AsyncIterator[broker_pb2.StreamRequest]:
+        while (request := await requests.get()) is not None:
+            yield request
+
+    deltas, running = 0, scenario.streams
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = broker_pb2_grpc.BrokerServiceStub(channel)
+        async for response in stub.Stream(sent()):
+            for entry in response.calls:
+                if entry.HasField("failure"):
+                    raise RuntimeError(f"call {entry.call} failed: {entry.failure.message}")
+                for event in entry.events:
+                    kind = event.WhichOneof("event")
+                    if kind == "text_delta":
+                        deltas += 1
+                    elif kind == "finished":
+                        running -= 1
+            if not running:
+                requests.put_nowait(None)  # the stream ends once its calls have
+    return deltas
+
+
 async def load(address: str, scenario: Scenario, first: int) -> int:
-    """Run `scenario`'s streams at once; the text deltas received."""
+    """Run `scenario`'s streams at once, a Generate call each; the text deltas received."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = broker_pb2_grpc.BrokerServiceStub(channel)
 
@@ -336,14 +410,19 @@ async def measure(broker: Broker, scenarios: list[Scenario]) -> dict[str, Result
     await load(broker.address, warm_up, 0)
     broker.control("-i", "on")
     await load(broker.address, warm_up, 10_000)
+    await load_stream(broker.address, warm_up, 20_000)
     await asyncio.to_thread(broker.read, warm_up)
     results: dict[str, Result] = {}
     for index, scenario in enumerate(scenarios, start=1):
         for path in PATHS:
             broker.control("-z")
             before = cpu_seconds(broker.process.pid)
-            if path == "broker":
-                tokens = await load(broker.address, scenario, index * 100_000)
+            if path == "stream":
+                # Counted as the text deltas sent: merged deltas count once.
+                await load_stream(broker.address, scenario, index * 100_000)
+                tokens = scenario.streams * scenario.tokens
+            elif path == "broker":
+                tokens = await load(broker.address, scenario, index * 100_000 + 50_000)
             else:
                 await asyncio.to_thread(broker.read, scenario)
                 tokens = scenario.streams * scenario.tokens
@@ -369,35 +448,46 @@ def ratio(new: float | None, old: float | None) -> str:
     return f"{new / old:.2f} ({(new / old - 1) * 100:+.0f}%)"
 
 
-def report(scenarios: list[Scenario], results: dict[str, dict[str, Result]]) -> None:
-    print(f"{'scenario':<30} {'path':<7} {'client':<8} {'CPU us/token':>13} {'instr/token':>14}")
+def report(
+    scenarios: list[Scenario], sides: list[Side], results: dict[str, dict[str, Result]]
+) -> None:
+    """One line per scenario, path and side, then the ratio of the second side to the first."""
+    width = max(8, *(len(side.label) for side in sides))
+    print(
+        f"{'scenario':<30} {'path':<7} {'broker':<{width}} {'CPU us/token':>13} {'instr/token':>14}"
+    )
     for scenario in scenarios:
         label = f"{scenario.name}: {scenario.streams} x {scenario.tokens} @ {scenario.delay_ms} ms"
         for path in PATHS:
-            per: dict[str, tuple[float, float | None]] = {}
-            for client in CLIENTS:
-                result = results[client][f"{scenario.name} {path}"]
+            per: list[tuple[float, float | None]] = []
+            for side in sides:
+                result = results[side.label][f"{scenario.name} {path}"]
                 cpu = result.cpu_s / result.tokens * 1e6
                 count = result.instructions
                 instr = None if count is None else count / result.tokens
-                per[client] = (cpu, instr)
+                per.append((cpu, instr))
                 instr_text = "-" if instr is None else f"{instr:,.0f}"
-                print(f"{label:<30} {path:<7} {client:<8} {cpu:>13.1f} {instr_text:>14}")
+                print(f"{label:<30} {path:<7} {side.label:<{width}} {cpu:>13.1f} {instr_text:>14}")
                 label = ""
-            (cpu_new, instr_new), (cpu_old, instr_old) = per["aiohttp"], per["sdk"]
+            (cpu_old, instr_old), (cpu_new, instr_new) = per
             print(
-                f"{'':<30} {path:<7} {'ratio':<8} {ratio(cpu_new, cpu_old):>13} "
+                f"{'':<30} {path:<7} {'ratio':<{width}} {ratio(cpu_new, cpu_old):>13} "
                 f"{ratio(instr_new, instr_old):>14}"
             )
 
 
 async def run(args: argparse.Namespace) -> None:
     os.sched_setaffinity(0, {args.client_core})
-    callgrind: Path | None = None
-    if args.callgrind:
-        if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
-            raise SystemExit("--callgrind needs valgrind (apt-get install valgrind)")
-        callgrind = Path(tempfile.mkdtemp(prefix="bench-upstream-"))
+    tools = ("valgrind", "callgrind_control")
+    if args.callgrind and not all(shutil.which(tool) for tool in tools):
+        raise SystemExit("--callgrind needs valgrind (apt-get install valgrind)")
+    scratch = Path(tempfile.mkdtemp(prefix="bench-upstream-"))
+    callgrind = scratch if args.callgrind else None
+    if args.against:
+        baseline = Side(args.against, "aiohttp", exported(args.against, scratch))
+    else:
+        baseline = Side("sdk", "sdk")
+    sides = [baseline, Side("aiohttp", "aiohttp")]
     scenarios = [
         Scenario("paced", args.paced_streams, args.paced_tokens, args.delay_ms),
         Scenario("burst", args.burst_streams, args.burst_tokens, 0),
@@ -405,22 +495,22 @@ async def run(args: argparse.Namespace) -> None:
     sim, upstream = start_simulator(args.client_core)
     results: dict[str, dict[str, Result]] = {}
     try:
-        for client in CLIENTS:
+        for side in sides:
             started = time.monotonic()
-            broker = Broker(client, upstream, args.sut_core, callgrind)
+            broker = Broker(side, upstream, args.sut_core, callgrind)
             try:
-                results[client] = await measure(broker, scenarios)
+                results[side.label] = await measure(broker, scenarios)
             finally:
                 broker.stop()
-            print(f"# {client}: measured in {time.monotonic() - started:.0f} s", file=sys.stderr)
+            elapsed = time.monotonic() - started
+            print(f"# {side.label}: measured in {elapsed:.0f} s", file=sys.stderr)
     finally:
         sim.terminate()
         sim.wait()
-        if callgrind is not None:
-            shutil.rmtree(callgrind, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     note = "callgrind on: CPU times are valgrind's, compare instructions" if callgrind else ""
-    print(f"broker CPU per token, sdk (baseline) vs aiohttp; {note}".rstrip("; "))
-    report(scenarios, results)
+    print(f"broker CPU per token, {baseline.label} (baseline) vs aiohttp; {note}".rstrip("; "))
+    report(scenarios, sides, results)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -430,6 +520,9 @@ def main(argv: list[str] | None = None) -> None:
     served.add_argument("--client", choices=CLIENTS, required=True)
     served.add_argument("--upstream", required=True)
     parser.add_argument("--callgrind", action="store_true", help="count instructions too")
+    parser.add_argument(
+        "--against", metavar="REF", help="baseline: the broker of this git commit, not the SDK"
+    )
     parser.add_argument("--paced-streams", type=int, default=50)
     parser.add_argument("--paced-tokens", type=int, default=128)
     parser.add_argument("--delay-ms", type=int, default=20)

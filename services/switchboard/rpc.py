@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -179,6 +180,20 @@ class _Settings(Protocol):
 S = TypeVar("S", bound=_Settings)
 
 
+def freeze_startup_objects() -> None:
+    """Leave what start-up made (modules, classes, settings) out of every later
+    garbage collection.
+
+    A full collection walks every tracked object; in a gateway or a broker most
+    of them are the ~50,000 the imports made, which never die. Frozen, a full
+    collection in the middle of a burst of voice sessions takes a few
+    milliseconds instead of 40-120 ms: a pause the clients hear as a gap in the
+    audio (docs/voice.md#performance).
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def main(
     service: str, load: Callable[[], S], run: Callable[[S], Coroutine[Any, Any, None]]
 ) -> None:
@@ -195,6 +210,7 @@ def main(
         print(f"{service}: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(service, settings.log_level)
+    freeze_startup_objects()
     try:
         try:
             import uvloop

@@ -272,6 +272,17 @@ def test_sse_decoder_gives_the_same_events_at_every_split_point() -> None:
         assert events == expected, split
 
 
+def test_sse_decoder_takes_a_read_of_one_whole_event_as_it_is() -> None:
+    # A paced upstream sends one event per read: the decoder's shortcut.
+    decoder = SseDecoder()
+    reads = [b'data: {"a":1}\n\n', b"data: \n\n", b"data: x\n", b"\n", b"data: y\n\n"]
+    assert [decoder.feed(data) for data in reads] == [[b'{"a":1}'], [], [], [b"x"], [b"y"]]
+    # Two events in one read, or one with two lines, take the general way.
+    assert decoder.feed(b"data: a\n\ndata: b\n\n") == [b"a", b"b"]
+    assert decoder.feed(b"data: a\ndata: b\n\n") == [b"a\nb"]
+    assert decoder.close() == []
+
+
 def test_the_proxy_comes_from_the_environment_unless_no_proxy_exempts_the_host() -> None:
     env = {"HTTPS_PROXY": "http://proxy:3128", "http_proxy": "http://plain:8080"}
     assert env_proxy("https://api.openai.com/v1", env) == "http://proxy:3128"

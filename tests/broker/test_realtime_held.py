@@ -9,10 +9,10 @@ from typing import Any
 
 import orjson
 import pytest
-from websockets.exceptions import ConnectionClosedOK
 
 from switchboard.broker import realtime_held
 from switchboard.broker.realtime_held import HeldSession, ReplayBuffer, SessionEnds, number_event
+from switchboard.broker.realtime_upstream import UpstreamClosed
 from switchboard.errors import SwitchboardError
 from switchboard.v1 import common_pb2, realtime_pb2
 
@@ -83,7 +83,7 @@ class FakeUpstream:
     async def recv(self, decode: bool = False) -> bytes:
         event = await self.incoming.get()
         if event is None:
-            raise ConnectionClosedOK(None, None)
+            raise UpstreamClosed("closed")
         return event
 
     async def send(self, message: bytes | str, text: bool = True) -> None:

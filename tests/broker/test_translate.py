@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from switchboard.broker.events import as_event
 from switchboard.broker.translate import ChunkTranslator, chat_request
 from switchboard.errors import InvalidRequest
 from switchboard.v1 import broker_pb2, common_pb2, session_pb2
@@ -285,8 +286,9 @@ PARALLEL_CALLS = [
 
 
 def run(chunks: list[dict[str, Any]], **kwargs: Any) -> tuple[list[B.GenerateEvent], B.Finished]:
+    """The events as they go out (`as_event`), and the `Finished`."""
     translator = ChunkTranslator(**kwargs)
-    events = [event for c in chunks for event in translator.feed(c)]
+    events = [as_event(event) for c in chunks for event in translator.feed(c)]
     return events, translator.finish().finished
 
 
@@ -302,6 +304,14 @@ def test_text_stream() -> None:
     events, finished = run(TEXT_STREAM)
     assert [e.WhichOneof("event") for e in events] == ["text_delta"] * 4
     assert texts(events) == "Hello! How can I help?"
+    # A text delta leaves the translator as its str: no message per token.
+    translator = ChunkTranslator()
+    assert [event for c in TEXT_STREAM for event in translator.feed(c)] == [
+        "Hello",
+        "!",
+        " How can I",
+        " help?",
+    ]
     assert finished.reason == B.FINISH_REASON_STOP
     assert finished.usage == C.Usage(
         input_tokens=19, output_tokens=6, total_tokens=25, cached_input_tokens=8

@@ -169,6 +169,27 @@ async def test_a_response_right_after_an_item_starts_from_the_context_read_with_
     assert "item_u1" not in context_ids(3) and context_ids(3)[-1] == "item_u3"
 
 
+async def test_a_history_seeded_item_by_item_reads_the_context_once(connect: Any) -> None:
+    client = await connect(scripts=(reply("Seen."),))
+    backends, socket = client.backends, client.socket
+    seeded = [f"item_h{n}" for n in range(6)]
+    for item_id in seeded:
+        socket.send(user_says(item_id))
+    socket.send({"type": "response.create"})
+    await socket.until("response.done")
+    # The first item of the run read the context along; the next five did not,
+    # and the response read its own, with all six in it.
+    assert backends.calls["append_item_with_context"] == 1
+    assert backends.calls["build_context"] == 1
+    assert [item.id for item in backends.model.requests[0].context.items] == seeded
+    # An item after the response starts a new run: it reads the context again.
+    socket.send(user_says("item_next"))
+    socket.send({"type": "response.create"})
+    await socket.until("response.done")
+    assert backends.calls["append_item_with_context"] == 2
+    assert backends.calls["build_context"] == 1
+
+
 async def test_with_checkpoints_deltas_go_out_at_once_and_the_rest_after_all_is_logged(
     connect: Any,
 ) -> None:

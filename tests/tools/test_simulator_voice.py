@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -262,3 +263,32 @@ def test_echo_context_names_what_the_session_holds_in_order() -> None:
     done = next(s.event for s in reply.plan.steps if s.event["type"] == "response.done")
     text = done["response"]["output"][0]["content"][0]["transcript"]
     assert text == 'turn 3: you said "three". context=[user "one", assistant "ok", user "two"]'
+
+
+async def test_stamp_audio_gives_each_delta_its_send_time(sim: RunningSimulator) -> None:
+    url = sim.base_url.replace("http", "ws", 1) + "/realtime?model=gpt-realtime"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for stamped in (True, False):
+        directive = json.dumps({"audio_ms": 300, "stamp_audio": stamped})
+        async with websockets.connect(url, additional_headers=headers) as socket:
+            update = {"type": "session.update", "session": {"instructions": f"[[sim {directive}]]"}}
+            await socket.send(json.dumps(update))
+            await socket.send(
+                json.dumps({"type": "conversation.item.create", "item": user_text("hi")})
+            )
+            await socket.send(json.dumps({"type": "response.create"}))
+            deltas: list[tuple[float, dict[str, Any]]] = []
+            while True:
+                event = json.loads(await asyncio.wait_for(socket.recv(), 5))
+                if event["type"] == "response.output_audio.delta":
+                    deltas.append((time.monotonic(), event))
+                if event["type"] == "response.done":
+                    break
+        assert len(deltas) == 3
+        if not stamped:
+            assert all("sim_sent_at" not in event for _, event in deltas)
+            continue
+        sent = [event["sim_sent_at"] for _, event in deltas]
+        assert sent == sorted(sent)
+        # The same clock as this process's: each was sent before it arrived.
+        assert all(0 <= received - event["sim_sent_at"] < 5 for received, event in deltas)

@@ -84,7 +84,12 @@ async def _play(
         delay = start + step.at_ms / 1000 - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        await _send(ws, step.event)
+        if step.audio_ms and plan.stamp_audio:
+            # The send time (CLOCK_MONOTONIC, the same in every process of the
+            # machine): what the upstream's own gaps were (tools/bench_voice.py).
+            await _send(ws, {**step.event, "sim_sent_at": time.monotonic()})
+        else:
+            await _send(ws, step.event)
         if step.audio_ms:
             record.audio_deltas += 1
             if plan.disconnect_after is not None and record.audio_deltas >= plan.disconnect_after:

@@ -49,6 +49,7 @@ VOICE_KEYS: Final = frozenset(
         "disconnect_after",
         "session_limit_s",
         "echo_context",
+        "stamp_audio",
     }
 )
 
@@ -69,6 +70,8 @@ class Plan:
     response_id: str
     steps: list[Step]
     disconnect_after: int | None = None
+    # `stamp_audio`: each audio delta carries `sim_sent_at`, when it was sent.
+    stamp_audio: bool = False
 
 
 @dataclass
@@ -570,9 +573,13 @@ class VoiceSession:
             Step(steps[-1].at_ms if steps else ttfa, self._event("response.done", response=body))
         )
         disconnect = directive.get("disconnect_after")
-        return Reply(
-            [start], Plan(response.id, steps, disconnect if isinstance(disconnect, int) else None)
+        plan = Plan(
+            response.id,
+            steps,
+            disconnect if isinstance(disconnect, int) else None,
+            stamp_audio=directive.get("stamp_audio") is True,
         )
+        return Reply([start], plan)
 
     def _plan_message(
         self, response: _Response, words: list[str], total_ms: int, steps: list[Step], ttfa: int

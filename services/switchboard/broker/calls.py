@@ -29,7 +29,8 @@ longer be attached to: orphaned, it is cancelled at once. A Generate without
 a response_id is not held: it is cancelled as soon as its follower leaves.
 
 Every state change happens in synchronous code on the event loop; only the
-pump's wait for room and the follower's wait for events await.
+pump's wait for room and the follower's wait for events await. Events are
+`events.Event`s: a text delta is its `str` until it is sent.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
+from switchboard.broker.events import Event, as_event, text_of
 from switchboard.broker.metrics import AttachOutcome, BrokerMetrics, OrphanOutcome
 from switchboard.broker.transcript import Transcript
 from switchboard.errors import SessionTakenOver, SwitchboardError
@@ -87,18 +89,21 @@ class HeldCall:
     def orphaned(self) -> bool:
         return self.orphan_timer is not None
 
-    async def publish(self, event: broker_pb2.GenerateEvent) -> None:
+    async def publish(self, event: Event) -> None:
         """Record `event` and hand it to the follower, once the follower has room."""
         while (follower := self.follower) is not None and follower.full:
             self._room.clear()
             await self._room.wait()
         # From here to the hand-over nothing awaits: an Attach sees the event
         # either in the transcript or in its own queue, never in both.
-        if event.WhichOneof("event") == "finished":
+        transcript = self.transcript
+        if isinstance(event, str):
+            if transcript is not None and not transcript.add_text(event):
+                self._unattachable()
+        elif event.WhichOneof("event") == "finished":
             self.finished = event
-        elif self.transcript is not None and not self.transcript.add(event):
-            self.transcript = None
-            self._calls._unattachable(self)
+        elif transcript is not None and not transcript.add(event):
+            self._unattachable()
         if self.follower is not None:
             self.follower.push(event)
 
@@ -112,6 +117,10 @@ class HeldCall:
         """Wake a pump waiting for its follower."""
         self._room.set()
 
+    def _unattachable(self) -> None:
+        self.transcript = None
+        self._calls._unattachable(self)
+
 
 class Follower:
     """The reader of a held call: the Generate or Attach call that streams it.
@@ -122,9 +131,9 @@ class Follower:
     once. `detach()` when the caller went away; idempotent.
     """
 
-    def __init__(self, call: HeldCall, events: Iterable[broker_pb2.GenerateEvent]) -> None:
+    def __init__(self, call: HeldCall, events: Iterable[Event]) -> None:
         self.call = call
-        self._events = deque(events)
+        self._events: deque[Event] = deque(events)
         self._ready = asyncio.Event()
         self._end: SwitchboardError | None = None  # after the queued events
         self._stop: Exception | None = None  # at once
@@ -137,7 +146,7 @@ class Follower:
     def full(self) -> bool:
         return len(self._events) >= BUFFERED_EVENTS
 
-    def push(self, event: broker_pb2.GenerateEvent) -> None:
+    def push(self, event: Event) -> None:
         self._events.append(event)
         self._news()
 
@@ -155,35 +164,48 @@ class Follower:
         if self.on_news is not None:
             self.on_news()
 
-    def take(self) -> tuple[list[broker_pb2.GenerateEvent], Exception | None, bool]:
+    def take(self) -> tuple[list[Event], Exception | None, bool]:
         """Without waiting, what iterating would yield now: the waiting events,
-        consecutive deltas of one output merged into one (`same_output`), then
-        the end if it came. Returns (events, error, ended): `ended` after
-        `Finished`, or with the `error` iterating would raise."""
+        consecutive deltas of one output merged into one (text into one `str`,
+        see `same_output`), then the end if it came. Returns (events, error,
+        ended): `ended` after `Finished`, or with the `error` iterating would raise."""
         if self._stop is not None:
             self._done = True
             return [], self._stop, True
         if self._done:
             return [], None, True
-        events: list[broker_pb2.GenerateEvent] = []
+        events: list[Event] = []
+        texts: list[str] = []  # consecutive text deltas, joined when they end
         merged = False  # whether events[-1] is a copy of ours, to merge into
-        while self._events:
-            event = self._events.popleft()
-            if event.WhichOneof("event") == "finished":
-                events.append(event)
+        queued = self._events
+        while queued:
+            event = queued.popleft()
+            text = text_of(event)
+            if text is not None:
+                texts.append(text)
+                continue
+            if texts:
+                events.append("".join(texts))
+                texts = []
+            message = as_event(event)
+            if message.WhichOneof("event") == "finished":
+                events.append(message)
                 self._done = True
                 break
-            if events and same_output(events[-1], event):
+            last = events[-1] if events else None
+            if last is not None and not isinstance(last, str) and same_output(last, message):
                 if not merged:
-                    events[-1] = copy_event(events[-1])
+                    last = events[-1] = copy_event(last)
                     merged = True
-                append_delta(events[-1], event)
+                append_delta(last, message)
             else:
-                events.append(event)
+                events.append(message)
                 merged = False
+        if texts:
+            events.append("".join(texts))
         self.call.has_room()
         error = None
-        if not self._done and not self._events and self._end is not None:
+        if not self._done and not queued and self._end is not None:
             self._done = True
             error = self._end
         if self._done:
@@ -203,7 +225,7 @@ class Follower:
             if self._done:
                 raise StopAsyncIteration
             if self._events:
-                event = self._events.popleft()
+                event = as_event(self._events.popleft())
                 self.call.has_room()
                 if event.WhichOneof("event") == "finished":
                     self._done = True

@@ -7,6 +7,9 @@ deployment, live in `switchboard.broker.clients`):
     async with client.stream(payload) as chunks:     # HTTP status checked here
         async for chunk in chunks:                    # dicts, until `[DONE]`
             ...
+        # or, a list of dicts per read of the body, None after `[DONE]`:
+        while (batch := await chunks.read()) is not None:
+            ...
 
 The body is read as raw bytes, split into SSE events here (`SseDecoder`) and
 their `data:` decoded with orjson straight into dicts: no HTTP library
@@ -71,6 +74,15 @@ class SseDecoder:
         """The data of every event that this chunk completes, in order."""
         if self._pending_cr or b"\r" in chunk:
             chunk = self._lf_only(chunk)
+        if (
+            not self._tail
+            and chunk.startswith(b"data: ")
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk.endswith(b"\n\n")
+        ):
+            # The common case, a read that is one whole `data: ` event (a paced
+            # token): no buffer to join, split or keep.
+            return [chunk[6:-2]] if len(chunk) > 8 else []
         buffer = self._tail + chunk if self._tail else chunk
         end = buffer.rfind(b"\n\n")
         if end < 0:
@@ -281,6 +293,10 @@ class ChatStream:
         self._closed = closed
         self._response: aiohttp.ClientResponse | None = None
         self.request_id: str | None = None
+        self._decoder = SseDecoder()
+        # Set once the body ended: cleanly (`[DONE]`), or not (`_broken`).
+        self._over = False
+        self._broken = False
 
     async def __aenter__(self) -> ChatStream:
         # Counted before the first await, so the session cannot be closed under
@@ -350,26 +366,49 @@ class ChatStream:
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         if self._response is None:
             raise RuntimeError("iterate a ChatStream inside its `async with` block")
-        return self._chunks(self._response.content)
+        return self._chunks()
 
-    async def _chunks(self, body: aiohttp.StreamReader) -> AsyncIterator[dict[str, Any]]:
-        decoder = SseDecoder()
-        while True:
-            try:
-                data = await body.readany()
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                raise read_error(exc) from exc
-            if not data:
-                break
-            for event in decoder.feed(data):
-                if event == DONE:
-                    return
-                yield self._decode(event)
-        for event in decoder.close():
+    async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
+        while (chunks := await self.read()) is not None:
+            for chunk in chunks:
+                yield chunk
+
+    async def read(self) -> list[dict[str, Any]] | None:
+        """The chunks that the next read of the body completes, in order (often
+        one, possibly none); None once the stream ended with `[DONE]`.
+
+        One call per read rather than an iterator step per chunk: the broker's
+        hot loop (`dispatch`) pays for a read, not for a layer per chunk.
+
+        Raises:
+            SwitchboardError: `read_error` when the body broke off or fell
+                silent, `UpstreamStreamBroken` when it ended before `[DONE]`
+                (after the chunks before the end) or sent a malformed or
+                `error` chunk.
+        """
+        response = self._response
+        if response is None:
+            raise RuntimeError("read a ChatStream inside its `async with` block")
+        if self._over:
+            if self._broken:
+                raise UpstreamStreamBroken("The upstream stream ended before it was complete.")
+            return None
+        try:
+            data = await response.content.readany()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise read_error(exc) from exc
+        if data:
+            events = self._decoder.feed(data)
+        else:
+            events = self._decoder.close()
+            self._over = self._broken = True
+        chunks: list[dict[str, Any]] = []
+        for event in events:
             if event == DONE:
-                return
-            yield self._decode(event)
-        raise UpstreamStreamBroken("The upstream stream ended before it was complete.")
+                self._over, self._broken = True, False
+                break
+            chunks.append(self._decode(event))
+        return chunks
 
     def _decode(self, data: bytes) -> dict[str, Any]:
         try:

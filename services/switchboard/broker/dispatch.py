@@ -1,25 +1,29 @@
 """One model call's way to its deployments: attempts, admission, breakers, the stream.
 
-`Dispatcher.events` yields the `GenerateEvent`s of one call. It tries the
-call's deployments in `routing.order`; each attempt holds a slot of its
-upstream's admission control (`admission`), passes its circuit breaker
-(`breaker`), and streams the upstream's chunks through a fresh
-`ChunkTranslator`. The call is *committed* when the first delta (or the
-finish) is about to go out: then `Started` names the deployment, and from
-then on a failure ends the call, since the client may have shown the text.
-Before that, a failure another attempt might not meet is retried or failed
-over as `retry.Attempts` decides. Every failure leaves as a `SwitchboardError`.
+`Dispatcher.run` runs one call: it hands each event (`events.Event`) to the
+caller's `publish` as it comes, and returns `Finished`. It tries the call's
+deployments in `routing.order`; each attempt holds a slot of its upstream's
+admission control (`admission`), passes its circuit breaker (`breaker`), and
+streams the upstream's chunks through a fresh `ChunkTranslator`. The call is
+*committed* when the first delta (or the finish) is about to go out: then
+`Started` names the deployment, and from then on a failure ends the call,
+since the client may have shown the text. Before that, a failure another
+attempt might not meet is retried or failed over as `retry.Attempts` decides.
+Every failure leaves as a `SwitchboardError`.
+
+The events are pushed, not yielded: a token's way from the upstream read to
+the call's follower is one loop in one coroutine (`_Attempt.run`), with no
+generator layer to step per chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import random
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +31,7 @@ from switchboard.broker.admission import Admission, Lease
 from switchboard.broker.breaker import Breakers, CircuitBreaker
 from switchboard.broker.chat_stream import ChatStream
 from switchboard.broker.clients import UpstreamClients
+from switchboard.broker.events import Event
 from switchboard.broker.metrics import BrokerMetrics
 from switchboard.broker.retry import BREAKER_REASONS, Attempts, RetryPolicy, retry_reason
 from switchboard.broker.routing import Candidate, Target, order
@@ -35,6 +40,8 @@ from switchboard.errors import SwitchboardError, UpstreamError
 from switchboard.v1 import broker_pb2, common_pb2
 
 log = logging.getLogger(__name__)
+
+Publish = Callable[[Event], Awaitable[None]]
 
 
 @dataclass
@@ -84,21 +91,27 @@ class Dispatcher:
         self._draw = draw
         self._sleep = sleep
 
-    async def events(
+    async def run(
         self,
         request: broker_pb2.GenerateRequest,
         target: Target,
         progress: Progress,
-    ) -> AsyncGenerator[broker_pb2.GenerateEvent, None]:
-        """Stream one call: `Started`, the deltas, then `Finished`.
+        publish: Publish,
+    ) -> broker_pb2.GenerateEvent:
+        """Run one call: `publish` `Started` and the deltas; return `Finished`.
 
-        Closing the generator (or cancelling the task that reads it) releases
-        the attempt's admission slot and closes its upstream stream at once.
+        Cancelling the task that runs it releases the attempt's admission slot
+        and closes its upstream stream at once.
 
         Args:
             request: the call.
             target: its deployments (`routing.resolve`).
             progress: filled in as the call goes, for the caller's log line.
+            publish: awaited with each event in order, once the call is
+                committed (`Started` first); it may wait (backpressure).
+
+        Returns:
+            The `Finished` event, not published: the caller's to send.
 
         Raises:
             SwitchboardError: the call failed (after retries, when it could).
@@ -130,12 +143,7 @@ class Dispatcher:
             progress.attempts = plan.made
             attempt = self._attempt(request, candidate, breaker, payloads[step.upstream], progress)
             try:
-                # aclosing: when this generator is closed at a `yield`, the
-                # attempt's is closed too (its slot and stream released) at once.
-                async with contextlib.aclosing(attempt.events()) as events:
-                    async for event in events:
-                        yield event
-                return
+                return await attempt.run(publish)
             except SwitchboardError as error:
                 reason = retry_reason(error)
                 if attempt.committed or reason is None:
@@ -220,26 +228,28 @@ class _Attempt:
         self._lease: Lease | None = None
         self._stream: ChatStream | None = None
 
-    async def events(self) -> AsyncGenerator[broker_pb2.GenerateEvent, None]:
+    async def run(self, publish: Publish) -> broker_pb2.GenerateEvent:
         dispatcher, candidate, progress = self._dispatcher, self._candidate, self._progress
-        translator = progress.translator
+        feed = progress.translator.feed
         try:
             async with dispatcher.admission.slot(
                 candidate.upstream, self._request.tenant_id
             ) as self._lease:
                 client = dispatcher.clients.client(candidate.upstream)
                 async with client.stream(self._payload) as self._stream:
-                    progress.request_id = self._stream.request_id
-                    async for chunk in self._stream:
-                        events = translator.feed(chunk)
-                        if events and not self.committed:
-                            yield self._commit(client.description)
-                        for event in events:
-                            yield event
-                finished = translator.finish()
+                    stream = self._stream
+                    progress.request_id = stream.request_id
+                    while (chunks := await stream.read()) is not None:
+                        for chunk in chunks:
+                            events = feed(chunk)
+                            if events and not self.committed:
+                                await publish(self._commit(client.description))
+                            for event in events:
+                                await publish(event)
+                finished = progress.translator.finish()
                 if not self.committed:  # a reply with no delta at all
-                    yield self._commit(client.description)
-                yield finished
+                    await publish(self._commit(client.description))
+                return finished
         except SwitchboardError as error:
             if retry_reason(error) in BREAKER_REASONS:
                 # After the commit too: a deployment that breaks its streams is failing.
@@ -256,8 +266,8 @@ class _Attempt:
     def abandon(self) -> None:
         """Let go of everything the attempt holds, from synchronous code; idempotent.
 
-        Runs when the attempt's generator ends, however it ends (closed, or its
-        task cancelled). A breaker given no verdict (cancelled, refused by
+        Runs when the attempt ends, however it ends (done, failed, or its task
+        cancelled). A breaker given no verdict (cancelled, refused by
         admission control) frees a half-open probe's place for the next call.
         """
         if self._stream is not None:

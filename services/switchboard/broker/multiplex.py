@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable
 
 from opentelemetry import trace
@@ -102,7 +103,7 @@ class CallStream:
         self._followers[number] = follower
         if span is not None:
             self._spans[number] = span
-        follower.on_news = lambda: self._mark(number)
+        follower.on_news = functools.partial(self._mark, number)
         self._mark(number)  # an attached call starts with its snapshot
 
     def requests_ended(self) -> None:
@@ -155,7 +156,13 @@ class CallStream:
             if not (events or ended):
                 continue
             entry = response.calls.add(call=number)
-            entry.events.extend(events)
+            add = entry.events.add
+            for event in events:
+                if isinstance(event, str):
+                    # A text delta's message is built here, in place: once per batch.
+                    add().text_delta.text = event
+                else:
+                    entry.events.append(event)
             if error is not None:
                 entry.failure.CopyFrom(failure_of(error))
             if ended:

@@ -37,9 +37,9 @@ from typing import Any, Protocol
 
 import grpc
 import orjson
-from websockets.exceptions import ConnectionClosed
 
 from switchboard.broker.multiplex import failure_of
+from switchboard.broker.realtime_upstream import UpstreamClosed
 from switchboard.errors import SessionTakenOver, SwitchboardError, UpstreamStreamBroken
 from switchboard.v1 import common_pb2, realtime_pb2
 
@@ -273,7 +273,7 @@ class HeldSession:
                 frame = await self.socket.recv(decode=False)
                 self.ends.events_out += 1
                 self.publish(self._rewrite(frame))
-        except ConnectionClosed:
+        except UpstreamClosed:
             pass
         except Exception:
             log.exception("held voice session failed", extra=self.ends.ids)
@@ -380,7 +380,7 @@ class HeldSession:
                 for event in request.events.events:
                     self.ends.events_in += 1
                     await self.socket.send(event, text=True)
-        except (grpc.RpcError, ConnectionClosed):
+        except (grpc.RpcError, UpstreamClosed):
             pass
         finally:
             if not self.closing:

@@ -1,7 +1,7 @@
 """The upstream end of a voice session as one socket that outlives upstream sessions.
 
-`RealtimeLink` has the methods of the websockets `ClientConnection` that
-realtime_session.py uses (`recv(decode=False)`, `send(message, text=True)`,
+`RealtimeLink` has the methods of the `RealtimeSocket` (realtime_upstream.py)
+that realtime_session.py uses (`recv(decode=False)`, `send(message, text=True)`,
 `close()`) and owns the current upstream socket. Every event through it is
 shown to a `Carried` (realtime_carry.py), which keeps the session's
 configuration and items. When the upstream has a session limit
@@ -23,7 +23,7 @@ The client sees none of it: no `session.created`, no `error`, its events in
 order. A failed step 1 keeps the old socket and is retried every
 `min(5 s, margin_s / 4)`; a session that changed meanwhile is prepared again.
 If the upstream's limit ends the old session first, its `error` goes to the
-client and `recv()` raises `ConnectionClosed`, as without rollover.
+client and `recv()` raises `UpstreamClosed`, as without rollover.
 docs/voice.md#session-rollover is the contract.
 """
 
@@ -38,10 +38,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 import orjson
-import websockets
-from websockets.asyncio.client import ClientConnection
 
 from switchboard.broker.realtime_carry import Carried, watched
+from switchboard.broker.realtime_upstream import RealtimeSocket, UpstreamClosed
 from switchboard.errors import SwitchboardError, UpstreamStreamBroken
 from switchboard.tenancy import UpstreamRollover
 
@@ -67,9 +66,9 @@ class RealtimeLink:
 
     def __init__(
         self,
-        socket: ClientConnection,
+        socket: RealtimeSocket,
         *,
-        reopen: Callable[[], Awaitable[ClientConnection]],
+        reopen: Callable[[], Awaitable[RealtimeSocket]],
         rollover: UpstreamRollover,
         timeout_s: float,
         counted: Callable[[str], None],
@@ -89,7 +88,7 @@ class RealtimeLink:
         self._idle.set()
         self._barrier: str | None = None
         self._barrier_answered = asyncio.Event()
-        self._fresh: ClientConnection | None = None
+        self._fresh: RealtimeSocket | None = None
         self._fresh_version = -1
         self._fresh_spoken: set[str] = set()
         # Events the link sent itself: the errors they cause go nowhere...
@@ -113,12 +112,10 @@ class RealtimeLink:
         """The next upstream event for the client (bytes; `decode` is ignored).
 
         Raises:
-            websockets.exceptions.ConnectionClosed: the upstream session ended.
+            UpstreamClosed: the upstream session ended.
         """
         while True:
             frame = await self._socket.recv(decode=False)
-            if isinstance(frame, str):
-                frame = frame.encode()
             if not self._rolls or not watched(frame):
                 return frame
             try:
@@ -266,7 +263,7 @@ class RealtimeLink:
             fresh, spoken = await self._prepare()
         except (
             SwitchboardError,
-            websockets.exceptions.ConnectionClosed,
+            UpstreamClosed,
             TimeoutError,
             orjson.JSONDecodeError,
         ) as exc:
@@ -294,7 +291,7 @@ class RealtimeLink:
             await self._socket.send(orjson.dumps(retrieve), text=True)
             async with asyncio.timeout(self._timeout_s):
                 await self._barrier_answered.wait()
-        except (TimeoutError, websockets.exceptions.ConnectionClosed):
+        except (TimeoutError, UpstreamClosed):
             pass
         finally:
             # A late answer stays silent (the id stays in _silent) but swaps nothing.
@@ -328,7 +325,7 @@ class RealtimeLink:
         self._gate.set()
         self._barrier_answered.set()
 
-    async def _prepare(self) -> tuple[ClientConnection, set[str]]:
+    async def _prepare(self) -> tuple[RealtimeSocket, set[str]]:
         """A new upstream session configured as this one, its conversation replayed."""
         async with asyncio.timeout(self._timeout_s):
             fresh = await self._reopen()

@@ -30,9 +30,7 @@ from typing import Any
 
 import grpc
 import orjson
-import websockets
 from opentelemetry import trace
-from websockets.asyncio.client import ClientConnection
 
 from switchboard.broker import realtime_mux
 from switchboard.broker.admission import Admission
@@ -48,7 +46,7 @@ from switchboard.broker.realtime_held import (
     resume_refused,
 )
 from switchboard.broker.realtime_link import RealtimeLink
-from switchboard.broker.realtime_upstream import connect
+from switchboard.broker.realtime_upstream import RealtimeSocket, UpstreamClosed, connect
 from switchboard.broker.routing import resolve
 from switchboard.config import BrokerSettings
 from switchboard.errors import (
@@ -234,7 +232,7 @@ class RealtimeSessions(realtime_pb2_grpc.RealtimeServiceServicer):
                 )
                 headers = tracing.headers(trace.get_current_span())
 
-                def reopen() -> Awaitable[ClientConnection]:
+                def reopen() -> Awaitable[RealtimeSocket]:
                     return connect(
                         chosen.upstream,
                         chosen.model,
@@ -340,7 +338,7 @@ class RealtimeSessions(realtime_pb2_grpc.RealtimeServiceServicer):
                             raise _upstream_refused(answer)
         except TimeoutError:
             raise UpstreamTimeout("The upstream did not configure the session in time.") from None
-        except websockets.exceptions.ConnectionClosed:
+        except UpstreamClosed:
             raise UpstreamStreamBroken("The upstream closed the session as it opened.") from None
         except (orjson.JSONDecodeError, AttributeError, KeyError):
             raise UpstreamStreamBroken("The upstream sent an event that is not JSON.") from None

@@ -187,7 +187,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
 
     async def Stream(
         self,
-        requests: AsyncIterator[broker_pb2.StreamRequest],
+        requests: AsyncIterator[broker_pb2.StreamRequests],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[broker_pb2.StreamResponse]:
         """Many calls over one stream, as Generate and Attach run them (multiplex.py)."""
@@ -241,7 +241,6 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
         progress = Progress(started=time.monotonic(), translator=ChunkTranslator())
         line = _CallLog(call.ids, request.model, progress, self.metrics)
         line.span = ChatSpan(request, progress)
-        finished: broker_pb2.GenerateEvent | None = None
         self.metrics.streams_active.inc()
         try:
             target = resolve(
@@ -250,16 +249,12 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
                 request.model,
                 model_override=self._settings.upstream_model,
             )
-            dispatched = self.dispatcher.events(request, target, progress)
-            events = line.span.around(dispatched, target)  # the model span, current per step
-            # aclosing: a cancellation while the pump waits for its follower
-            # closes the dispatcher's generator too, releasing its slot and stream.
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    if event.WhichOneof("event") == "finished":
-                        finished = event  # the last event: published once the call is logged
-                        continue
-                    await call.publish(event)
+            # The model span is current in this task (the pump's own) while the call runs.
+            # A cancellation while the pump waits for its follower ends the
+            # dispatcher's attempt too, releasing its slot and stream.
+            with line.span.current(target):
+                # Finished, the last event, is published once the call is logged.
+                finished = await self.dispatcher.run(request, target, progress, call.publish)
         except SwitchboardError as err:
             line.log_failure(err)
             call.fail(err)
@@ -277,22 +272,18 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
             return
         finally:
             self.metrics.streams_active.dec()
-        if finished is None:
-            # The dispatcher always ends with Finished or an error; never end silently.
-            line.log_failure(InternalError("The broker failed."))
-            call.fail(InternalError("The broker failed."))
-            return
         line.log_completed(finished.finished)
         await call.publish(finished)
 
 
 async def _read_requests(
-    requests: AsyncIterator[broker_pb2.StreamRequest], stream: CallStream
+    requests: AsyncIterator[broker_pb2.StreamRequests], stream: CallStream
 ) -> None:
     """Hand a Stream's requests to it; when they end (or break), it ends after its calls."""
     try:
-        async for request in requests:
-            stream.handle(request)
+        async for batch in requests:
+            for request in batch.requests:
+                stream.handle(request)
     except (grpc.RpcError, asyncio.CancelledError):
         pass
     finally:

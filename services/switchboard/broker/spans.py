@@ -8,18 +8,21 @@ address, the attempts made and the tenant, session and response ids. It never
 holds prompt text, tool arguments or the upstream's key. One span covers every
 attempt of a call (retries and failover), as the conventions ask.
 
-Call order: `ChatSpan(request, progress)` when the call starts; iterate the
-call's events through `around(events, target)`, which starts the span with
-the first step and makes it the current span while each step runs (so the
-upstream HTTP request carries it as `traceparent`, see `upstream.ChatStream`);
-`end(...)` once when the call is over (a no-op when `around` never ran, as
-for a call refused before routing).
+Call order: `ChatSpan(request, progress)` when the call starts; run the call
+inside `with span.current(target):`, which starts the span and makes it the
+current span of the running task for the block (so the upstream HTTP request
+carries it as `traceparent`, see `chat_stream.ChatStream`); `end(...)` once
+when the call is over (a no-op when `current` never ran, as for a call
+refused before routing). The block must not span a `yield`: the call runs in
+a task of its own (its pump, see `calls`), so the span is attached once per
+call, not once per chunk.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
-from typing import Any, Protocol, TypeVar
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from opentelemetry import context as otel_context
@@ -40,8 +43,6 @@ _FINISH_REASONS = {
     broker_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
     broker_pb2.FINISH_REASON_CONTENT_FILTER: "content_filter",
 }
-
-T = TypeVar("T")
 
 
 class CallProgress(Protocol):
@@ -64,28 +65,16 @@ class ChatSpan:
         self._span: Span | None = None
         self._addresses: dict[str, str] = {}
 
-    async def around(self, events: AsyncGenerator[T], target: Target) -> AsyncGenerator[T]:
-        """`events`, each step run with this span current (the span starts with the first).
-
-        Closing this generator closes `events`.
-        """
+    @contextmanager
+    def current(self, target: Target) -> Iterator[None]:
+        """Start the span and make it current in this task until the block ends."""
         self._addresses = {c.upstream.name: c.upstream.base_url for c in target.candidates}
         span = self._span = self._start()
-        current = trace.set_span_in_context(span)
+        token = otel_context.attach(trace.set_span_in_context(span))
         try:
-            while True:
-                # Attached for one step at a time: never across a `yield`, where the
-                # generator may be closed from another context.
-                token = otel_context.attach(current)
-                try:
-                    event = await anext(events)
-                except StopAsyncIteration:
-                    return
-                finally:
-                    otel_context.detach(token)
-                yield event
+            yield
         finally:
-            await events.aclose()
+            otel_context.detach(token)
 
     def _start(self) -> Span:
         request = self._request
@@ -118,6 +107,10 @@ class ChatSpan:
         """Record how the call ended and end the span (once; a no-op if it never started)."""
         span, self._span = self._span, None
         if span is None:
+            return
+        if not span.is_recording():
+            # Tracing is off, or the trace is not sampled: no attributes to compute.
+            span.end()
             return
         progress = self._progress
         translator = progress.translator

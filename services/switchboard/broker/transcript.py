@@ -9,13 +9,15 @@ arguments)` per call — whose text and arguments equal the concatenation of
 the deltas so far. `size` counts the UTF-8 bytes of text, ids, names and
 arguments; `add` refuses (returns False) once they pass `max_bytes`, and the
 holder then drops the transcript. `Finished` is not recorded: the holder
-keeps the end of a call. Pure: no I/O, no clock.
+keeps the end of a call. Events are `events.Event`s: a text delta may be its
+`str`. Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from switchboard.broker.events import Event
 from switchboard.v1 import broker_pb2
 
 
@@ -49,17 +51,14 @@ class Transcript:
         self._text: _Output | None = None
         self._calls: dict[int, _Output] = {}
 
-    def add(self, event: broker_pb2.GenerateEvent) -> bool:
+    def add(self, event: Event) -> bool:
         """Record one event of the call; False once the transcript passed `max_bytes`."""
+        if isinstance(event, str):
+            return self.add_text(event)
         kind = event.WhichOneof("event")
         if kind == "text_delta":
-            text = event.text_delta.text
-            if self._text is None:
-                self._text = _Output(None)
-                self._outputs.append(self._text)
-            self._text.parts.append(text)
-            self.size += len(text.encode())
-        elif kind == "tool_call_delta":
+            return self.add_text(event.text_delta.text)
+        if kind == "tool_call_delta":
             delta = event.tool_call_delta
             call = self._calls.get(delta.index)
             if call is None:
@@ -76,6 +75,17 @@ class Transcript:
                 self.size += len(delta.arguments.encode())
         elif kind == "started":
             self._started = event
+        return self.size <= self.max_bytes
+
+    def add_text(self, text: str) -> bool:
+        """Record a text delta; False once the transcript passed `max_bytes`."""
+        output = self._text
+        if output is None:
+            output = self._text = _Output(None)
+            self._outputs.append(output)
+        output.parts.append(text)
+        # ASCII (the common case, and O(1) to tell) is one byte a character: no encoding.
+        self.size += len(text) if text.isascii() else len(text.encode())
         return self.size <= self.max_bytes
 
     def snapshot(self) -> list[broker_pb2.GenerateEvent]:

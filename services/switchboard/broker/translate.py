@@ -2,7 +2,8 @@
 
 Nothing here does I/O. `chat_request` turns a `GenerateRequest` into the JSON
 payload of a streamed `POST /chat/completions`; `ChunkTranslator` turns the
-upstream's stream chunks (already decoded to dicts) into `GenerateEvent`s.
+upstream's stream chunks (already decoded to dicts) into events
+(`events.Event`: a text delta as its `str`, the others as `GenerateEvent`s).
 
 Call order of `ChunkTranslator`: `feed(chunk)` for every chunk in stream order,
 then `finish()` once, after the stream ended with `[DONE]`. `usage()` may be
@@ -21,6 +22,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from switchboard.broker.events import Event
 from switchboard.errors import InvalidRequest
 from switchboard.tokens import estimated_usage
 from switchboard.v1 import broker_pb2, common_pb2, session_pb2
@@ -182,14 +184,15 @@ class _Call:
 
 
 class ChunkTranslator:
-    """Turns the chunks of one streamed chat completion into `GenerateEvent`s.
+    """Turns the chunks of one streamed chat completion into events (`events.Event`).
 
-    Text deltas become `TextDelta`s. Tool-call fragments are accumulated by
-    their `index` (parallel calls interleave; arguments arrive split over many
-    chunks) and each fragment is also streamed as a `ToolCallDelta`: the first
-    delta of a call carries its `call_id` and `name`, later ones only argument
-    text. `finish()` returns the `Finished` event with the finish reason, the
-    usage (the upstream's, or an estimate) and the assembled calls.
+    Text deltas become their text (a `str`; `TextDelta` on the wire).
+    Tool-call fragments are accumulated by their `index` (parallel calls
+    interleave; arguments arrive split over many chunks) and each fragment is
+    also streamed as a `ToolCallDelta`: the first delta of a call carries its
+    `call_id` and `name`, later ones only argument text. `finish()` returns
+    the `Finished` event with the finish reason, the usage (the upstream's, or
+    an estimate) and the assembled calls.
     """
 
     def __init__(self, *, estimated_input_tokens: int = 0, call_id_prefix: str = "call_") -> None:
@@ -211,7 +214,7 @@ class ChunkTranslator:
         self.response_model = ""
         self.response_id = ""
 
-    def feed(self, chunk: dict[str, Any]) -> list[broker_pb2.GenerateEvent]:
+    def feed(self, chunk: dict[str, Any]) -> list[Event]:
         """The events for one upstream chunk, in order (often one, possibly none)."""
         if not self.response_model:
             model, completion_id = chunk.get("model"), chunk.get("id")
@@ -220,7 +223,7 @@ class ChunkTranslator:
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self._upstream_usage = usage
-        events: list[broker_pb2.GenerateEvent] = []
+        events: list[Event] = []
         for choice in chunk.get("choices") or ():
             # Switchboard never asks for n > 1; ignore any other choice.
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
@@ -233,13 +236,13 @@ class ChunkTranslator:
                 self._finish_reason = reason
         return events
 
-    def _feed_delta(self, delta: dict[str, Any], events: list[broker_pb2.GenerateEvent]) -> None:
+    def _feed_delta(self, delta: dict[str, Any], events: list[Event]) -> None:
         for key in ("content", "refusal"):
             # A refusal is what the model says instead of an answer: show it as text.
             text = delta.get(key)
-            if isinstance(text, str) and text:
+            if text and isinstance(text, str):
                 self._text_chars += len(text)
-                events.append(broker_pb2.GenerateEvent(text_delta=broker_pb2.TextDelta(text=text)))
+                events.append(text)
         for fragment in delta.get("tool_calls") or ():
             if isinstance(fragment, dict):
                 event = self._feed_tool_call(fragment)

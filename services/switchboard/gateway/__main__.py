@@ -12,6 +12,7 @@ from switchboard.config import ConfigError, GatewaySettings
 from switchboard.gateway.app import create_app
 from switchboard.gateway.drain import DrainingServer
 from switchboard.gateway.transport import protocols
+from switchboard.rpc import freeze_startup_objects
 from switchboard.telemetry.logs import configure_logging
 from switchboard.telemetry.tracing import configure_tracing
 from switchboard.tenancy import load_tenants
@@ -60,10 +61,10 @@ _GC_YOUNG_THRESHOLD = 10_000
 
 def tune_gc() -> None:
     """Move what start-up built (modules, classes, descriptors: most of the
-    heap) out of the collector's sight, and collect young objects less often.
-    Garbage cycles made while serving are still collected."""
-    gc.collect()
-    gc.freeze()
+    heap) out of the collector's sight (no full collection walks the imports:
+    docs/voice.md#performance), and collect young objects less often. Garbage
+    cycles made while serving are still collected."""
+    freeze_startup_objects()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(_GC_YOUNG_THRESHOLD, older, oldest)
 

@@ -154,7 +154,10 @@ class StreamedCall:
 
 class _Opened:
     """One opening of the stream: its gRPC call, and the task that writes the
-    requests queued for it (`call.write`, one at a time, in order)."""
+    requests queued for it, in order: each message carries every request that
+    waits. A write takes a turn of the event loop at each end, so one message
+    per request would cap how fast calls start (at saturation, a few dozen a
+    second), and the requests of a busy gateway would queue without bound."""
 
     def __init__(self, stub: broker_pb2_grpc.BrokerServiceStub) -> None:
         self.requests: asyncio.Queue[broker_pb2.StreamRequest] = asyncio.Queue()
@@ -167,7 +170,10 @@ class _Opened:
         # A call that ended refuses writes; its reader fails the calls on it.
         with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
             while True:
-                await self.call.write(await self.requests.get())
+                batch = broker_pb2.StreamRequests(requests=[await self.requests.get()])
+                while not self.requests.empty():
+                    batch.requests.append(self.requests.get_nowait())
+                await self.call.write(batch)
 
     async def broker(self) -> str:
         try:

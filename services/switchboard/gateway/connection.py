@@ -136,6 +136,8 @@ class RealtimeConnection:
         self._cut = asyncio.Event()
         # The context read with the item the last command stored (`_execute`).
         self._context_ahead: session_pb2.Context | None = None
+        # Whether the last command stored an item (`_execute`).
+        self._after_item = False
         self._log = {"tenant_id": tenant.id, "session_id": self.session_id}
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -381,17 +383,22 @@ class RealtimeConnection:
         # The context read with the item stored by the command just before serves a
         # response asked for right after it; any other command may change it.
         ahead, self._context_ahead = self._context_ahead, None
+        after_item, self._after_item = self._after_item, isinstance(command, StoreItem)
         try:
             match command:
                 case StoreItem():
                     # A flagged user message is refused here, before it is stored.
                     await self.turns.moderator.check_item(command.item)
+                    # Only the first item of a run reads the context along: a
+                    # client seeding a history item by item would otherwise read
+                    # the whole conversation once per item.
+                    budget = None if after_item else self.turns.context_budget_ahead()
                     stored = await self.backends.append_item(
                         tenant,
                         session,
                         command.item,
                         command.previous_item_id,
-                        context_tokens=self.turns.context_budget_ahead(),
+                        context_tokens=budget,
                     )
                     self.protocol.item_added(stored.item, stored.previous_item_id)
                     if stored.HasField("context"):

@@ -32,7 +32,7 @@ from switchboard.errors import (
 )
 from switchboard.redis_client import AnyRedis
 from switchboard.session import scripts
-from switchboard.session.keys import lease_keys, session_keys
+from switchboard.session.keys import lease_keys, lease_keys_of, session_keys
 from switchboard.session.outage import store_call
 from switchboard.v1 import session_pb2
 
@@ -171,7 +171,7 @@ class EventLog:
             args.append(
                 session_pb2.SessionEvent(event_id=e.event_id, payload=e.payload).SerializeToString()
             )
-        return [*keys, lease_keys(tenant_id, session_id).owner], args
+        return [*keys, lease_keys_of(keys).owner], args
 
     @store_call
     async def claim(
@@ -242,7 +242,7 @@ class EventLog:
 def _claim_call(tenant_id: str, session_id: str, holder: str, lease_ms: int) -> ScriptCall:
     """The KEYS and ARGV of CLAIM_SESSION (ids validated first)."""
     keys = session_keys(tenant_id, session_id)
-    lease = lease_keys(tenant_id, session_id)
+    lease = lease_keys_of(keys)
     return [keys.meta, lease.owner, lease.wanted], [holder, lease_ms_within(lease_ms)]
 
 

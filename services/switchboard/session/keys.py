@@ -69,7 +69,12 @@ class LeaseKeys(NamedTuple):
 
 def lease_keys(tenant_id: str, session_id: str) -> LeaseKeys:
     """The lease keys of a session, after validating both ids."""
-    prefix = session_keys(tenant_id, session_id).meta.removesuffix(":meta")
+    return lease_keys_of(session_keys(tenant_id, session_id))
+
+
+def lease_keys_of(keys: SessionKeys) -> LeaseKeys:
+    """The lease keys of the session whose `keys` are given (ids already validated)."""
+    prefix = keys.meta.removesuffix(":meta")
     return LeaseKeys(f"{prefix}:owner", f"{prefix}:wanted")
 
 

@@ -10,6 +10,8 @@ a small fixed set of the library's own.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry
 
 from switchboard.telemetry.metrics import MetricFactory
@@ -43,7 +45,15 @@ class SessionMetrics:
         self.redis_up = metrics.gauge(
             "redis_up", "1 while Redis answers the readiness probe, 0 while it does not."
         )
+        # The children of (method, outcome), looked up once: `labels()` takes a
+        # lock and builds a key on every call, on every RPC.
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def observe(self, method: str, outcome: str, seconds: float) -> None:
-        self.rpcs.labels(method, outcome).inc()
-        self.rpc_duration.labels(method, outcome).observe(seconds)
+        children = self._children.get((method, outcome))
+        if children is None:
+            children = self.rpcs.labels(method, outcome), self.rpc_duration.labels(method, outcome)
+            self._children[(method, outcome)] = children
+        count, duration = children
+        count.inc()
+        duration.observe(seconds)

@@ -26,7 +26,7 @@ from switchboard.v1 import common_pb2 as switchboard_dot_v1_dot_common__pb2
 from switchboard.v1 import session_pb2 as switchboard_dot_v1_dot_session__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bswitchboard/v1/broker.proto\x12\x0eswitchboard.v1\x1a\x1bswitchboard/v1/common.proto\x1a\x1cswitchboard/v1/session.proto\"\x9b\x02\n\rStreamRequest\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12\x33\n\x08generate\x18\x02 \x01(\x0b\x32\x1f.switchboard.v1.GenerateRequestH\x00\x12/\n\x06\x61ttach\x18\x03 \x01(\x0b\x32\x1d.switchboard.v1.AttachRequestH\x00\x12\x0f\n\x05leave\x18\x04 \x01(\x08H\x00\x12\x46\n\rtrace_context\x18\x05 \x03(\x0b\x32/.switchboard.v1.StreamRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06\x61\x63tion\"M\n\x0eStreamResponse\x12)\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x1a.switchboard.v1.CallEvents\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\"w\n\nCallEvents\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12-\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1d.switchboard.v1.GenerateEvent\x12,\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x1b.switchboard.v1.CallFailure\"m\n\x0b\x43\x61llFailure\x12\'\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x19.switchboard.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05param\x18\x03 \x01(\t\x12\x15\n\rretry_after_s\x18\x04 \x01(\x01\"\x8f\x02\n\x0fGenerateRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0bresponse_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12(\n\x07\x63ontext\x18\x05 \x01(\x0b\x32\x17.switchboard.v1.Context\x12-\n\x05tools\x18\x06 \x03(\x0b\x32\x1e.switchboard.v1.ToolDefinition\x12\x13\n\x0btool_choice\x18\x07 \x01(\t\x12\x19\n\x11max_output_tokens\x18\x08 \x01(\x05\x12\x18\n\x0btemperature\x18\t \x01(\x02H\x00\x88\x01\x01\x42\x0e\n\x0c_temperature\"7\n\rCancelRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x13\n\x0bresponse_id\x18\x02 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"7\n\rAttachRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x13\n\x0bresponse_id\x18\x02 \x01(\t\"\xdd\x01\n\rGenerateEvent\x12*\n\x07started\x18\x01 \x01(\x0b\x32\x17.switchboard.v1.StartedH\x00\x12/\n\ntext_delta\x18\x02 \x01(\x0b\x32\x19.switchboard.v1.TextDeltaH\x00\x12\x38\n\x0ftool_call_delta\x18\x03 \x01(\x0b\x32\x1d.switchboard.v1.ToolCallDeltaH\x00\x12,\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x18.switchboard.v1.FinishedH\x00\x42\x07\n\x05\x65vent\"3\n\x07Started\x12\x10\n\x08upstream\x18\x01 \x01(\t\x12\x16\n\x0eupstream_model\x18\x02 \x01(\t\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"P\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\x8c\x01\n\x08\x46inished\x12,\n\x06reason\x18\x01 \x01(\x0e\x32\x1c.switchboard.v1.FinishReason\x12$\n\x05usage\x18\x02 \x01(\x0b\x32\x15.switchboard.v1.Usage\x12,\n\ntool_calls\x18\x03 \x03(\x0b\x32\x18.switchboard.v1.ToolCall*\x9f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x04\x32\xbd\x02\n\rBrokerService\x12L\n\x08Generate\x12\x1f.switchboard.v1.GenerateRequest\x1a\x1d.switchboard.v1.GenerateEvent0\x01\x12G\n\x06\x43\x61ncel\x12\x1d.switchboard.v1.CancelRequest\x1a\x1e.switchboard.v1.CancelResponse\x12H\n\x06\x41ttach\x12\x1d.switchboard.v1.AttachRequest\x1a\x1d.switchboard.v1.GenerateEvent0\x01\x12K\n\x06Stream\x12\x1d.switchboard.v1.StreamRequest\x1a\x1e.switchboard.v1.StreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bswitchboard/v1/broker.proto\x12\x0eswitchboard.v1\x1a\x1bswitchboard/v1/common.proto\x1a\x1cswitchboard/v1/session.proto\"A\n\x0eStreamRequests\x12/\n\x08requests\x18\x01 \x03(\x0b\x32\x1d.switchboard.v1.StreamRequest\"\x9b\x02\n\rStreamRequest\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12\x33\n\x08generate\x18\x02 \x01(\x0b\x32\x1f.switchboard.v1.GenerateRequestH\x00\x12/\n\x06\x61ttach\x18\x03 \x01(\x0b\x32\x1d.switchboard.v1.AttachRequestH\x00\x12\x0f\n\x05leave\x18\x04 \x01(\x08H\x00\x12\x46\n\rtrace_context\x18\x05 \x03(\x0b\x32/.switchboard.v1.StreamRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06\x61\x63tion\"M\n\x0eStreamResponse\x12)\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x1a.switchboard.v1.CallEvents\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\"w\n\nCallEvents\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12-\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1d.switchboard.v1.GenerateEvent\x12,\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x1b.switchboard.v1.CallFailure\"m\n\x0b\x43\x61llFailure\x12\'\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x19.switchboard.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05param\x18\x03 \x01(\t\x12\x15\n\rretry_after_s\x18\x04 \x01(\x01\"\x8f\x02\n\x0fGenerateRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0bresponse_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12(\n\x07\x63ontext\x18\x05 \x01(\x0b\x32\x17.switchboard.v1.Context\x12-\n\x05tools\x18\x06 \x03(\x0b\x32\x1e.switchboard.v1.ToolDefinition\x12\x13\n\x0btool_choice\x18\x07 \x01(\t\x12\x19\n\x11max_output_tokens\x18\x08 \x01(\x05\x12\x18\n\x0btemperature\x18\t \x01(\x02H\x00\x88\x01\x01\x42\x0e\n\x0c_temperature\"7\n\rCancelRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x13\n\x0bresponse_id\x18\x02 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"7\n\rAttachRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x13\n\x0bresponse_id\x18\x02 \x01(\t\"\xdd\x01\n\rGenerateEvent\x12*\n\x07started\x18\x01 \x01(\x0b\x32\x17.switchboard.v1.StartedH\x00\x12/\n\ntext_delta\x18\x02 \x01(\x0b\x32\x19.switchboard.v1.TextDeltaH\x00\x12\x38\n\x0ftool_call_delta\x18\x03 \x01(\x0b\x32\x1d.switchboard.v1.ToolCallDeltaH\x00\x12,\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x18.switchboard.v1.FinishedH\x00\x42\x07\n\x05\x65vent\"3\n\x07Started\x12\x10\n\x08upstream\x18\x01 \x01(\t\x12\x16\n\x0eupstream_model\x18\x02 \x01(\t\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"P\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\x8c\x01\n\x08\x46inished\x12,\n\x06reason\x18\x01 \x01(\x0e\x32\x1c.switchboard.v1.FinishReason\x12$\n\x05usage\x18\x02 \x01(\x0b\x32\x15.switchboard.v1.Usage\x12,\n\ntool_calls\x18\x03 \x03(\x0b\x32\x18.switchboard.v1.ToolCall*\x9f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x04\x32\xbe\x02\n\rBrokerService\x12L\n\x08Generate\x12\x1f.switchboard.v1.GenerateRequest\x1a\x1d.switchboard.v1.GenerateEvent0\x01\x12G\n\x06\x43\x61ncel\x12\x1d.switchboard.v1.CancelRequest\x1a\x1e.switchboard.v1.CancelResponse\x12H\n\x06\x41ttach\x12\x1d.switchboard.v1.AttachRequest\x1a\x1d.switchboard.v1.GenerateEvent0\x01\x12L\n\x06Stream\x12\x1e.switchboard.v1.StreamRequests\x1a\x1e.switchboard.v1.StreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,36 +35,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STREAMREQUEST_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_STREAMREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1658
-  _globals['_FINISHREASON']._serialized_end=1817
-  _globals['_STREAMREQUEST']._serialized_start=107
-  _globals['_STREAMREQUEST']._serialized_end=390
-  _globals['_STREAMREQUEST_TRACECONTEXTENTRY']._serialized_start=329
-  _globals['_STREAMREQUEST_TRACECONTEXTENTRY']._serialized_end=380
-  _globals['_STREAMRESPONSE']._serialized_start=392
-  _globals['_STREAMRESPONSE']._serialized_end=469
-  _globals['_CALLEVENTS']._serialized_start=471
-  _globals['_CALLEVENTS']._serialized_end=590
-  _globals['_CALLFAILURE']._serialized_start=592
-  _globals['_CALLFAILURE']._serialized_end=701
-  _globals['_GENERATEREQUEST']._serialized_start=704
-  _globals['_GENERATEREQUEST']._serialized_end=975
-  _globals['_CANCELREQUEST']._serialized_start=977
-  _globals['_CANCELREQUEST']._serialized_end=1032
-  _globals['_CANCELRESPONSE']._serialized_start=1034
-  _globals['_CANCELRESPONSE']._serialized_end=1069
-  _globals['_ATTACHREQUEST']._serialized_start=1071
-  _globals['_ATTACHREQUEST']._serialized_end=1126
-  _globals['_GENERATEEVENT']._serialized_start=1129
-  _globals['_GENERATEEVENT']._serialized_end=1350
-  _globals['_STARTED']._serialized_start=1352
-  _globals['_STARTED']._serialized_end=1403
-  _globals['_TEXTDELTA']._serialized_start=1405
-  _globals['_TEXTDELTA']._serialized_end=1430
-  _globals['_TOOLCALLDELTA']._serialized_start=1432
-  _globals['_TOOLCALLDELTA']._serialized_end=1512
-  _globals['_FINISHED']._serialized_start=1515
-  _globals['_FINISHED']._serialized_end=1655
-  _globals['_BROKERSERVICE']._serialized_start=1820
-  _globals['_BROKERSERVICE']._serialized_end=2137
+  _globals['_FINISHREASON']._serialized_start=1725
+  _globals['_FINISHREASON']._serialized_end=1884
+  _globals['_STREAMREQUESTS']._serialized_start=106
+  _globals['_STREAMREQUESTS']._serialized_end=171
+  _globals['_STREAMREQUEST']._serialized_start=174
+  _globals['_STREAMREQUEST']._serialized_end=457
+  _globals['_STREAMREQUEST_TRACECONTEXTENTRY']._serialized_start=396
+  _globals['_STREAMREQUEST_TRACECONTEXTENTRY']._serialized_end=447
+  _globals['_STREAMRESPONSE']._serialized_start=459
+  _globals['_STREAMRESPONSE']._serialized_end=536
+  _globals['_CALLEVENTS']._serialized_start=538
+  _globals['_CALLEVENTS']._serialized_end=657
+  _globals['_CALLFAILURE']._serialized_start=659
+  _globals['_CALLFAILURE']._serialized_end=768
+  _globals['_GENERATEREQUEST']._serialized_start=771
+  _globals['_GENERATEREQUEST']._serialized_end=1042
+  _globals['_CANCELREQUEST']._serialized_start=1044
+  _globals['_CANCELREQUEST']._serialized_end=1099
+  _globals['_CANCELRESPONSE']._serialized_start=1101
+  _globals['_CANCELRESPONSE']._serialized_end=1136
+  _globals['_ATTACHREQUEST']._serialized_start=1138
+  _globals['_ATTACHREQUEST']._serialized_end=1193
+  _globals['_GENERATEEVENT']._serialized_start=1196
+  _globals['_GENERATEEVENT']._serialized_end=1417
+  _globals['_STARTED']._serialized_start=1419
+  _globals['_STARTED']._serialized_end=1470
+  _globals['_TEXTDELTA']._serialized_start=1472
+  _globals['_TEXTDELTA']._serialized_end=1497
+  _globals['_TOOLCALLDELTA']._serialized_start=1499
+  _globals['_TOOLCALLDELTA']._serialized_end=1579
+  _globals['_FINISHED']._serialized_start=1582
+  _globals['_FINISHED']._serialized_end=1722
+  _globals['_BROKERSERVICE']._serialized_start=1887
+  _globals['_BROKERSERVICE']._serialized_end=2205
 # @@protoc_insertion_point(module_scope)

@@ -43,6 +43,26 @@ FINISH_REASON_CONTENT_FILTER: FinishReason.ValueType  # 4
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 @_typing.final
+class StreamRequests(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamRequest]: ...
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___StreamRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamRequests: _TypeAlias = StreamRequests  # noqa: Y015
+
+@_typing.final
 class StreamRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -59,7 +59,7 @@ class BrokerServiceStub:
                 _registered_method=True)
         self.Stream = channel.stream_stream(
                 '/switchboard.v1.BrokerService/Stream',
-                request_serializer=switchboard_dot_v1_dot_broker__pb2.StreamRequest.SerializeToString,
+                request_serializer=switchboard_dot_v1_dot_broker__pb2.StreamRequests.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_broker__pb2.StreamResponse.FromString,
                 _registered_method=True)
 
@@ -109,6 +109,8 @@ class BrokerServiceServicer:
         `failure`, exactly as Generate and Attach would end. Leaving a call, or the
         stream ending, orphans the calls still running, as a cancelled Generate does.
         A draining broker says so (`draining`) and ends the stream after its calls.
+        Requests come in batches too: each message carries every request the caller
+        had waiting, handled in order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -134,7 +136,7 @@ def add_BrokerServiceServicer_to_server(servicer, server):
             ),
             'Stream': grpc.stream_stream_rpc_method_handler(
                     servicer.Stream,
-                    request_deserializer=switchboard_dot_v1_dot_broker__pb2.StreamRequest.FromString,
+                    request_deserializer=switchboard_dot_v1_dot_broker__pb2.StreamRequests.FromString,
                     response_serializer=switchboard_dot_v1_dot_broker__pb2.StreamResponse.SerializeToString,
             ),
     }
@@ -252,7 +254,7 @@ class BrokerService:
             request_iterator,
             target,
             '/switchboard.v1.BrokerService/Stream',
-            switchboard_dot_v1_dot_broker__pb2.StreamRequest.SerializeToString,
+            switchboard_dot_v1_dot_broker__pb2.StreamRequests.SerializeToString,
             switchboard_dot_v1_dot_broker__pb2.StreamResponse.FromString,
             options,
             channel_credentials,

@@ -51,7 +51,7 @@ class BrokerServiceStub:
     previous one, whose stream ends with `session_taken_over`. A call the broker
     does not hold (never, or no more) is NOT_FOUND with `response_interrupted`.
     """
-    Stream: _grpc.StreamStreamMultiCallable[_broker_pb2.StreamRequest, _broker_pb2.StreamResponse]
+    Stream: _grpc.StreamStreamMultiCallable[_broker_pb2.StreamRequests, _broker_pb2.StreamResponse]
     """Many calls over one stream, what a gateway process uses: it starts
     (`generate`), attaches to (`attach`) and leaves (`leave`) calls by a number
     of its own, and gets their events back in batches: each response carries,
@@ -61,6 +61,8 @@ class BrokerServiceStub:
     `failure`, exactly as Generate and Attach would end. Leaving a call, or the
     stream ending, orphans the calls still running, as a cancelled Generate does.
     A draining broker says so (`draining`) and ends the stream after its calls.
+    Requests come in batches too: each message carries every request the caller
+    had waiting, handled in order.
     """
 
 @_typing.type_check_only
@@ -86,7 +88,7 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     previous one, whose stream ends with `session_taken_over`. A call the broker
     does not hold (never, or no more) is NOT_FOUND with `response_interrupted`.
     """
-    Stream: _aio.StreamStreamMultiCallable[_broker_pb2.StreamRequest, _broker_pb2.StreamResponse]  # type: ignore[assignment]
+    Stream: _aio.StreamStreamMultiCallable[_broker_pb2.StreamRequests, _broker_pb2.StreamResponse]  # type: ignore[assignment]
     """Many calls over one stream, what a gateway process uses: it starts
     (`generate`), attaches to (`attach`) and leaves (`leave`) calls by a number
     of its own, and gets their events back in batches: each response carries,
@@ -96,6 +98,8 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     `failure`, exactly as Generate and Attach would end. Leaving a call, or the
     stream ending, orphans the calls still running, as a cancelled Generate does.
     A draining broker says so (`draining`) and ends the stream after its calls.
+    Requests come in batches too: each message carries every request the caller
+    had waiting, handled in order.
     """
 
 class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -140,7 +144,7 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def Stream(
         self,
-        request_iterator: _MaybeAsyncIterator[_broker_pb2.StreamRequest],
+        request_iterator: _MaybeAsyncIterator[_broker_pb2.StreamRequests],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_broker_pb2.StreamResponse], _abc.AsyncIterator[_broker_pb2.StreamResponse]]:
         """Many calls over one stream, what a gateway process uses: it starts
@@ -152,6 +156,8 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         `failure`, exactly as Generate and Attach would end. Leaving a call, or the
         stream ending, orphans the calls still running, as a cancelled Generate does.
         A draining broker says so (`draining`) and ends the stream after its calls.
+        Requests come in batches too: each message carries every request the caller
+        had waiting, handled in order.
         """
 
 def add_BrokerServiceServicer_to_server(servicer: BrokerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

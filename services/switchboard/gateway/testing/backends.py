@@ -171,6 +171,7 @@ class MemoryBackends:
         before = state.items[at - 1].id if at else ""
         reply = session_pb2.AppendItemResponse(item=stored, previous_item_id=before)
         if context_tokens is not None:
+            self.calls["append_item_with_context"] += 1
             reply.context.CopyFrom(self._context(state))
         return reply
 
