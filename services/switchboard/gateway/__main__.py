@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import socket
 import sys
 
@@ -12,7 +11,7 @@ from switchboard.config import ConfigError, GatewaySettings
 from switchboard.gateway.app import create_app
 from switchboard.gateway.drain import DrainingServer
 from switchboard.gateway.transport import protocols
-from switchboard.rpc import freeze_startup_objects
+from switchboard.rpc import tune_gc
 from switchboard.telemetry.logs import configure_logging
 from switchboard.telemetry.tracing import configure_tracing
 from switchboard.tenancy import load_tenants
@@ -49,24 +48,6 @@ def main() -> None:
     DrainingServer(config, app.state.drainer, settings.drain_timeout_s).run(
         sockets=[listen(settings)]
     )
-
-
-# Container allocations between two young-generation collections (CPython's
-# default is 700). The token path allocates a few dicts and messages per delta,
-# nearly all freed by reference counting; collecting every 700 allocations
-# cost the gateway ~7% of its CPU at 200 paced streams (gc.callbacks, thread
-# time), 10,000 about 2% (docs/performance.md#the-gateways-cpu-per-token).
-_GC_YOUNG_THRESHOLD = 10_000
-
-
-def tune_gc() -> None:
-    """Move what start-up built (modules, classes, descriptors: most of the
-    heap) out of the collector's sight (no full collection walks the imports:
-    docs/voice.md#performance), and collect young objects less often. Garbage
-    cycles made while serving are still collected."""
-    freeze_startup_objects()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(_GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def listen(settings: GatewaySettings) -> socket.socket:
