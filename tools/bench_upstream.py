@@ -359,15 +359,19 @@ class Broker:
 
 
 async def load_stream(address: str, scenario: Scenario, first: int) -> int:
-    """Run `scenario`'s streams at once over one `Stream` call; the text deltas received."""
-    requests: asyncio.Queue[broker_pb2.StreamRequest | None] = asyncio.Queue()
+    """Run `scenario`'s streams at once over one `Stream` call; the text deltas received.
+
+    The calls go in one `StreamRequests` message (the protocol since 258cfab: a
+    baseline older than that does not speak it)."""
+    batch = broker_pb2.StreamRequests()
     for number in range(scenario.streams):
         generate = scenario.request(first + number)
-        requests.put_nowait(broker_pb2.StreamRequest(call=number, generate=generate))
+        batch.requests.add(call=number, generate=generate)
+    done = asyncio.Event()
 
-    async def sent() -> AsyncIterator[broker_pb2.StreamRequest]:
-        while (request := await requests.get()) is not None:
-            yield request
+    async def sent() -> AsyncIterator[broker_pb2.StreamRequests]:
+        yield batch
+        await done.wait()
 
     deltas, running = 0, scenario.streams
     async with grpc.aio.insecure_channel(address) as channel:
@@ -383,7 +387,7 @@ async def load_stream(address: str, scenario: Scenario, first: int) -> int:
                     elif kind == "finished":
                         running -= 1
             if not running:
-                requests.put_nowait(None)  # the stream ends once its calls have
+                done.set()  # the stream ends once its calls have
     return deltas
 
 
