@@ -24,6 +24,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 
+from switchboard.broker.clients import env_proxy
 from switchboard.errors import (
     SwitchboardError,
     UpstreamError,
@@ -117,13 +118,18 @@ async def connect(
     key = upstream.api_key.reveal()
     if key:
         sent["Authorization"] = f"Bearer {key}"
-    # One connection per session: no pool, nothing kept after the close.
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+    # One connection per session: no pool, no cookies, nothing kept after the close.
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=1),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,  # the proxy variables are read once, as for the chat upstreams
+    )
     try:
         async with asyncio.timeout(timeout_s):
             ws = await session.ws_connect(
                 realtime_url(upstream, model),
                 headers=sent,
+                proxy=env_proxy(upstream.base_url),
                 max_msg_size=MAX_EVENT_BYTES,
                 # Audio is base64 noise to deflate: compression costs CPU and latency for little.
                 compress=0,
