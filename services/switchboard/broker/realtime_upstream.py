@@ -12,6 +12,9 @@ upstream and receives as many; aiohttp masks what it sends in C with a key
 from `random` and parses frames in C, where `websockets` (the client before)
 read `os.urandom` and masked in Python per frame: at a hundred sessions that
 send path was over half the broker's time (docs/voice.md#performance).
+As for the chat upstreams, the proxy variables are honoured (read once, by
+`env_proxy`) and no cookies kept; a redirect of the handshake is followed
+(as `websockets` did), the key dropped when it leads to another origin.
 """
 
 from __future__ import annotations
