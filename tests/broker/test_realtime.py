@@ -269,8 +269,11 @@ async def test_audio_over_the_replay_bound_is_given_up_first_and_the_attach_says
         async with asyncio.timeout(10):
             while (await _realtime_log(sim))[-1]["responses"][-1]["outcome"] != "completed":
                 await asyncio.sleep(0.02)
+        # From the first audio delta: a batch read may have brought later events
+        # too (transcript deltas among them), which the checks below need whole.
+        first_audio = next(e for e in seen if e["type"] == "response.output_audio.delta")
         resumed = Session(stub)
-        resumed.attach(int(seen[-1]["event_id"].removeprefix("event_v"), 16))
+        resumed.attach(int(first_audio["event_id"].removeprefix("event_v"), 16))
         assert (await resumed.next()).attached.audio_lost
         rest = await resumed.events_until("response.done")
         kinds = [event["type"] for event in rest]

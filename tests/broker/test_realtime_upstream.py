@@ -74,12 +74,17 @@ async def test_an_unreachable_or_silent_upstream_fails_in_time() -> None:
     assert "could not be reached" in unreachable.value.message
     assert str(port) not in unreachable.value.message
 
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()  # takes the handshake, never answers it
-        writer.close()
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # takes the handshake, never answers it
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     async with server:
         with pytest.raises(UpstreamTimeout):
             await connect(upstream(f"http://127.0.0.1:{port}/v1"), "m", timeout_s=0.3, headers={})
+        assert accepted
+        for writer in accepted:
+            writer.close()
+            await writer.wait_closed()

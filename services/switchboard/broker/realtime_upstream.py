@@ -12,6 +12,9 @@ upstream and receives as many; aiohttp masks what it sends in C with a key
 from `random` and parses frames in C, where `websockets` (the client before)
 read `os.urandom` and masked in Python per frame: at a hundred sessions that
 send path was over half the broker's time (docs/voice.md#performance).
+As for the chat upstreams, the proxy variables are honoured (read once, by
+`env_proxy`) and no cookies kept; a redirect of the handshake is followed
+(as `websockets` did), the key dropped when it leads to another origin.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 
+from switchboard.broker.clients import env_proxy
 from switchboard.errors import (
     SwitchboardError,
     UpstreamError,
@@ -117,13 +121,18 @@ async def connect(
     key = upstream.api_key.reveal()
     if key:
         sent["Authorization"] = f"Bearer {key}"
-    # One connection per session: no pool, nothing kept after the close.
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+    # One connection per session: no pool, no cookies, nothing kept after the close.
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=1),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,  # the proxy variables are read once, as for the chat upstreams
+    )
     try:
         async with asyncio.timeout(timeout_s):
             ws = await session.ws_connect(
                 realtime_url(upstream, model),
                 headers=sent,
+                proxy=env_proxy(upstream.base_url),
                 max_msg_size=MAX_EVENT_BYTES,
                 # Audio is base64 noise to deflate: compression costs CPU and latency for little.
                 compress=0,
