@@ -27,6 +27,7 @@ renewal still in flight can take the lease again after the release.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 
@@ -146,17 +147,7 @@ class LeaseRenewals:
         for lease in list(self._held):
             if lease.every_tick is None or lease not in self._held:
                 continue
-            try:
-                lease.every_tick()
-            except Exception:
-                # One connection's bug must not stop the others' ticks or renewals.
-                log.exception(
-                    "tick not handled",
-                    extra={
-                        "tenant_id": lease.claim.tenant_id,
-                        "session_id": lease.claim.session_id,
-                    },
-                )
+            _guarded(lease, "tick not handled", lease.every_tick)
 
     async def _renew(self, leases: list[Lease]) -> None:
         """One `ClaimSessionsBatch` for `leases`; each gets its own outcome."""
@@ -172,16 +163,9 @@ class LeaseRenewals:
         for lease, outcome in zip(leases, outcomes, strict=True):
             if lease not in self._held:
                 continue  # stopped or dropped meanwhile
-            try:
-                lease.on_renewed(outcome)
-            except Exception:
-                log.exception(
-                    "lease outcome not handled",
-                    extra={
-                        "tenant_id": lease.claim.tenant_id,
-                        "session_id": lease.claim.session_id,
-                    },
-                )
+            _guarded(
+                lease, "lease outcome not handled", functools.partial(lease.on_renewed, outcome)
+            )
 
     async def _claim(self, claims: list[session_pb2.ClaimSessionRequest]) -> list[Outcome]:
         try:
@@ -202,3 +186,15 @@ class LeaseRenewals:
             wrong = SwitchboardError("The session service answered the wrong number of claims.")
             return [wrong] * len(claims)
         return outcomes
+
+
+def _guarded(lease: Lease, what: str, callback: Callable[[], None]) -> None:
+    """Run one connection's callback: its bug is logged (`what`), and must not
+    stop the other connections' ticks or renewals."""
+    try:
+        callback()
+    except Exception:
+        log.exception(
+            what,
+            extra={"tenant_id": lease.claim.tenant_id, "session_id": lease.claim.session_id},
+        )
