@@ -369,7 +369,7 @@ class TurnRunner:
         if reattach is not None:
             outcome.admitted = self.gate.adopt(self.tenant, response_id)
             return self.backends.attach(reattach.broker, self.tenant.id, response_id)
-        # The tenant's tools (toolexec, cached per session) are fetched meanwhile.
+        # The tenant's tools (toolexec, cached per tenant: ToolCatalogues) are fetched meanwhile.
         offered = asyncio.ensure_future(self.tools.offered(command.tools))
         try:
             # MCP servers first: their listings (a server offered for the first

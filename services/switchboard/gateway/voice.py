@@ -82,6 +82,7 @@ async def voice_connection(
         gateway.settings,
         holder,
         backends=gateway.backends,
+        catalogues=gateway.catalogues,
     )
     if after_seq is None:
 

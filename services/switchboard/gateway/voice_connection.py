@@ -53,7 +53,7 @@ from switchboard.gateway.client_secrets import Grant
 from switchboard.gateway.ids import Ids
 from switchboard.gateway.metrics import GatewayMetrics
 from switchboard.gateway.sender import SLOW_CONSUMER_CLOSE
-from switchboard.gateway.server_tools import ServerTools
+from switchboard.gateway.server_tools import ServerTools, ToolCatalogues
 from switchboard.gateway.tenant_gate import (
     CONNECTION_LEASE_S,
     RESPONSE_LEASE_S,
@@ -93,6 +93,7 @@ class VoiceConnection:
         holder: str,
         *,
         backends: Backends,
+        catalogues: ToolCatalogues | None = None,
     ) -> None:
         self.websocket = websocket
         self.broker = broker
@@ -134,7 +135,7 @@ class VoiceConnection:
             )
         )
         self.tools = VoiceTools(
-            ServerTools(backends, tenant.id, session.id),
+            ServerTools(backends, tenant.id, session.id, catalogues),
             settings.max_tool_rounds,
             to_upstream=self._to_upstream,
             to_client=self._send,
