@@ -140,6 +140,8 @@ async def test_an_orphan_is_dropped_after_its_grace(running: bool) -> None:
         assert pump.done() is not running
         assert calls.holds("t1", "resp_1")
         await eventually(lambda: met(not calls.holds("t1", "resp_1")), timeout_s=10)
+        # Dropped, a running pump was cancelled; it ends on the loop's next turn.
+        await asyncio.wait([pump], timeout=5)
         assert pump.cancelled() is running
         assert metrics.orphaned_requests._value.get() == 0
         assert metrics.orphans.labels("expired")._value.get() == 1
