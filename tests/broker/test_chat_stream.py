@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -423,3 +424,47 @@ def test_text_only_is_a_chunk_whose_one_effect_is_its_text() -> None:
     assert text_only({"choices": [{"index": 1, "delta": {"content": "hi"}}]}) is None
     two = {"choices": [{"index": 0, "delta": {"content": "a"}}] * 2}
     assert text_only(two) is None
+
+
+# ------------------------------------------- the read timeout while the body is read
+
+
+def paused_body(pause_s: float) -> Handler:
+    """A stream that sends one chunk, is silent for `pause_s`, then ends."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: " + text_chunk("one") + b"\n\n")
+        await asyncio.sleep(pause_s)
+        await response.write(b"data: " + text_chunk("two") + b"\n\ndata: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    return handler
+
+
+async def test_silence_between_chunks_is_a_timeout(upstreams: Upstreams) -> None:
+    upstreams.handler = paused_body(5)
+    async for client in client_for(upstreams, SWITCHBOARD_BROKER_READ_TIMEOUT_S="0.2"):
+        started = time.monotonic()
+        with pytest.raises(UpstreamTimeout, match="stopped sending"):
+            await fed(client)
+        assert time.monotonic() - started < 3
+        assert client.active == 0
+
+
+async def test_time_spent_not_reading_is_not_silence(upstreams: Upstreams) -> None:
+    # The upstream is silent for 1 s, longer than the timeout, while the reader
+    # is busy elsewhere (a full follower) for 0.9 s of it: it waits 0.1 s at most.
+    upstreams.handler = paused_body(1.0)
+    translator = ChunkTranslator()
+    texts: list[Any] = []
+    async for client in client_for(upstreams, SWITCHBOARD_BROKER_READ_TIMEOUT_S="0.5"):
+        async with client.stream(PAYLOAD) as stream:
+            while (chunks := await stream.read()) is not None:
+                for chunk in chunks:
+                    texts += translator.feed(chunk)
+                if texts == ["one"]:
+                    await asyncio.sleep(0.9)
+    assert texts == ["one", "two"]

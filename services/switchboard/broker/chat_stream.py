@@ -24,6 +24,7 @@ so the upstream sees the client go away at once and stops generating.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import re
 import time
@@ -303,6 +304,12 @@ class ChatStream:
         self._prefix: bytes | None = None
         self._suffix = b""
         self._learn_tries = LEARN_TRIES
+        # The read timeout while the body is read (`_bound_silence`): since when
+        # `read` waits (None while it does not), and the timer that checks it.
+        self._read_timeout = 0.0
+        self._waiting_since: float | None = None
+        self._silence: asyncio.TimerHandle | None = None
+        self._clock: Callable[[], float] = time.monotonic
         # Set once the body ended: cleanly (`[DONE]`), or not (`_broken`).
         self._over = False
         self._broken = False
@@ -339,7 +346,47 @@ class ChatStream:
             raise status_error(response.status, response.headers, body, self._secrets)
         self._response = response
         self.request_id = response.headers.get("x-request-id")
+        self._bound_silence(response)
         return self
+
+    def _bound_silence(self, response: aiohttp.ClientResponse) -> None:
+        """Bound the wait for the body with one timer per call instead of aiohttp's.
+
+        aiohttp bounds the silence between two packets (`sock_read`) by
+        cancelling and scheduling a timer for every packet it receives. From
+        the headers on, the stream does it instead: a timer that fires once
+        per read timeout and fails the body (`SocketTimeoutError`, as aiohttp's
+        would) when `read` has been waiting that long for bytes. Time the
+        broker spends not reading (its follower is full) does not count.
+        """
+        timeout = self._session.timeout.sock_read
+        connection = response.connection
+        protocol = connection.protocol if connection is not None else None
+        if not timeout or protocol is None:
+            return  # no timeout, or the whole body is in already
+        # No timeout: `start_timeout` cancels aiohttp's pending timer and
+        # schedules none, nor does each packet; the next request sets it again.
+        protocol.read_timeout = None
+        protocol.start_timeout()
+        self._read_timeout = timeout
+        loop = asyncio.get_running_loop()
+        self._clock = loop.time
+        self._silence = loop.call_at(loop.time() + timeout, self._check_silence)
+
+    def _check_silence(self) -> None:
+        self._silence = None
+        response = self._response
+        if response is None or self._over:
+            return
+        loop = asyncio.get_running_loop()
+        since, now = self._waiting_since, loop.time()
+        if since is not None and now - since >= self._read_timeout:
+            response.content.set_exception(
+                aiohttp.SocketTimeoutError("Timeout on reading data from socket")
+            )
+            return
+        start = now if since is None else since
+        self._silence = loop.call_at(start + self._read_timeout, self._check_silence)
 
     async def __aexit__(
         self,
@@ -362,6 +409,9 @@ class ChatStream:
         response, self._response = self._response, None
         if response is None:
             return
+        if self._silence is not None:
+            self._silence.cancel()
+            self._silence = None
         try:
             response.release()
         finally:
@@ -412,10 +462,14 @@ class ChatStream:
             if self._broken:
                 raise UpstreamStreamBroken("The upstream stream ended before it was complete.")
             return None
+        if self._silence is not None:
+            self._waiting_since = self._clock()
         try:
             data = await response.content.readany()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise read_error(exc) from exc
+        finally:
+            self._waiting_since = None
         if data:
             events = self._decoder.feed(data)
         else:

@@ -22,6 +22,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from switchboard.broker.events import Event
 from switchboard.errors import InvalidRequest
 from switchboard.tokens import estimated_usage
@@ -150,8 +152,8 @@ def _mcp_call(item: common_pb2.Item) -> list[dict[str, Any]]:
 
 def _tool(tool: common_pb2.ToolDefinition) -> dict[str, Any]:
     try:
-        parameters = json.loads(tool.parameters_json or "{}")
-    except json.JSONDecodeError:
+        parameters = orjson.loads(tool.parameters_json or "{}")
+    except orjson.JSONDecodeError:
         parameters = None
     if not isinstance(parameters, dict):
         raise InvalidRequest(
