@@ -259,4 +259,17 @@ class SessionWriter:
         )
 
     async def release(self) -> None:
-        await self.backends.release_session(self.tenant_id, self.session_id, self.holder)
+        """Free the session's writer lease if this connection holds it, in the
+        recorder's next batch (no call of its own).
+
+        Raises:
+            SwitchboardError: the session service or Redis failed.
+        """
+        await self.recorder.append(
+            session_pb2.AppendEventsRequest(
+                tenant_id=self.tenant_id,
+                session_id=self.session_id,
+                holder=self.holder,
+                release_lease=True,
+            )
+        )
