@@ -104,11 +104,13 @@ def sim_sessions(stack: Stack) -> list[dict[str, Any]]:
     return sessions
 
 
-async def ended_sessions(stack: Stack, first: int, timeout_s: float = 20) -> list[dict[str, Any]]:
-    """The simulator's upstream sessions from the `first`, once none is open."""
+async def ended_sessions(
+    stack: Stack, first: int, upto: int | None = None, timeout_s: float = 20
+) -> list[dict[str, Any]]:
+    """The simulator's upstream sessions `first:upto`, once none is open."""
     deadline = time.monotonic() + timeout_s
     while True:
-        mine = sim_sessions(stack)[first:]
+        mine = sim_sessions(stack)[first:upto]
         if all(s["outcome"] != "in_progress" for s in mine):
             return mine
         assert time.monotonic() < deadline, [s["outcome"] for s in mine]
@@ -314,10 +316,13 @@ async def test_a_response_running_when_the_rollover_is_due_is_not_cut(
     assert [e["type"] for e in seen].count("response.output_audio.delta") == 4
     await rolled_over(stack, "completed", completed)
     # The response ran whole on the first upstream session, which the broker
-    # closed after it.
-    record = next(
-        s for s in sim_sessions(stack) if any(r["id"] == done["id"] for r in s["responses"])
+    # closed after it (in a task, after the swap it counts).
+    first = next(
+        i
+        for i, s in enumerate(sim_sessions(stack))
+        if any(r["id"] == done["id"] for r in s["responses"])
     )
+    record = (await ended_sessions(stack, first, upto=first + 1))[0]
     assert record["outcome"] == "closed"
     assert [r["outcome"] for r in record["responses"]] == ["completed"]
 
