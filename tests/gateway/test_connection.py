@@ -245,7 +245,6 @@ async def test_a_delta_sent_at_once_is_recorded_at_the_next_checkpoint(connect: 
 @pytest.fixture
 def long_holds(monkeypatch: pytest.MonkeyPatch) -> None:
     """Holds that no clock ends within a test: only what the connection does ends them."""
-    monkeypatch.setattr(connection_module, "NEXT_COMMAND_S", 600.0)
     monkeypatch.setattr(connection_module, "BEFORE_OUTPUT_S", 600.0)
     monkeypatch.setattr(turns, "NOTE_BROKER_WAIT_S", 600.0)
 
@@ -294,11 +293,15 @@ async def test_a_responses_first_events_are_recorded_with_its_first_output(
     assert all(not a.broker_response_id for a in appends[1:])
 
 
-async def test_held_events_go_out_with_the_next_command_or_the_responses_end(
+async def test_held_events_go_out_when_no_response_follows_or_it_ends(
     connect: Any, long_holds: None
 ) -> None:
     client = await connect(scripts=(Script([Fail("upstream_stream_broken")]),))
-    # An item with no response.create behind it: the next command lets its events go.
+    # An item with nothing behind it: its events go when the reader finds no frame.
+    client.socket.send(user_says("item_alone"))
+    assert (await client.socket.next_event())["type"] == "conversation.item.added"
+    assert (await client.socket.next_event())["type"] == "conversation.item.done"
+    # An item with another command behind it: that command lets its events go.
     client.socket.send(USER_SAYS)
     client.socket.send({"type": "conversation.item.retrieve", "item_id": "nope"})
     assert (await client.socket.next_event())["type"] == "conversation.item.added"

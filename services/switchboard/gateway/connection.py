@@ -14,9 +14,10 @@ The pump only moves frames and keeps the connection's lifetime; turns are the
    backends, a `StartResponse` as a turn.
 3. Events the protocol queues go into a bounded `Outbox` (`publish`). The writer
    records each batch in the session's event log (eventlog.py), then sends it.
-   The events of a client's item and of the response it asks for wait for the
-   response's first output (`_hold`), at most `BEFORE_OUTPUT_S`: recorded
-   meanwhile, they would compete for the CPU with the model call's start.
+   The events of a client's item and of the response it asks for right behind
+   it wait for the response's first output (`_hold`), at most
+   `turns.BEFORE_OUTPUT_S`: recorded meanwhile, they would compete for the CPU
+   with the model call's start.
    A client that reads slowly gets merged deltas; one that falls too far behind
    is cut with 4008 `slow_consumer` and the connection goes on "detached",
    recording without sending.
@@ -71,10 +72,6 @@ log = logging.getLogger(__name__)
 
 # A gateway that drains closes its connections with 1012 "service restart".
 DRAIN_CLOSE = 1012
-
-# How long a stored item's events wait for a `response.create` right behind it
-# (a client sends the two together: the next frame is usually read already).
-NEXT_COMMAND_S = 0.002
 
 
 class RealtimeConnection:
@@ -148,6 +145,8 @@ class RealtimeConnection:
         self._after_item = False
         # While set, `publish` leaves the protocol's events queued (`_hold`).
         self._held: asyncio.TimerHandle | None = None
+        # Held for a stored item: until the reader finds no command behind it.
+        self._item_held = False
         self._log = {"tenant_id": tenant.id, "session_id": self.session_id}
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -190,6 +189,12 @@ class RealtimeConnection:
         try:
             while not self.sender.task.done():
                 receive = asyncio.ensure_future(self.websocket.receive())
+                if self._item_held:
+                    # A client sends `response.create` right behind its item, so
+                    # its frame is read already; if none is, the item's events go.
+                    await asyncio.wait((receive,), timeout=0)
+                    if not receive.done():
+                        self._release()
                 await asyncio.wait(
                     (receive, self.sender.task, cut), return_when=asyncio.FIRST_COMPLETED
                 )
@@ -209,6 +214,7 @@ class RealtimeConnection:
                     # The item's events (if any), `response.created` and the
                     # response's first output go to the log together.
                     self._hold(BEFORE_OUTPUT_S)
+                    self._item_held = False
                 self.publish()
                 for command in commands:
                     await self._execute(command)
@@ -397,7 +403,8 @@ class RealtimeConnection:
         """Keep the protocol's events from the sender until `_release`, or for
         `seconds` at most (one hold at a time: a new one replaces the last).
 
-        Held from a client's item being stored to its response's first output,
+        Held from a client's item being stored (while the reader finds a command
+        behind it: `_read`) or a `response.create` to the response's first output,
         they are recorded in one append with that output (eventlog.py) instead of
         while the model call starts: on a busy core that work is what the call's
         start would wait for. Nothing is sent out of order, and nothing is sent
@@ -410,6 +417,7 @@ class RealtimeConnection:
     def _release(self) -> None:
         """End the hold, if any: what waits goes to the sender."""
         held, self._held = self._held, None
+        self._item_held = False
         if held is not None:
             held.cancel()
             self.publish()
@@ -450,8 +458,9 @@ class RealtimeConnection:
                     self.protocol.item_added(stored.item, stored.previous_item_id)
                     if stored.HasField("context"):
                         self._context_ahead = stored.context
-                    # For a `response.create` right behind it (or the next command).
-                    self._hold(NEXT_COMMAND_S)
+                    # For a `response.create` right behind it (`_read`).
+                    self._hold(BEFORE_OUTPUT_S)
+                    self._item_held = True
                 case UpdateSession():
                     self.tenant.route(command.config.model)  # model_not_allowed
                     await self.backends.update_session(tenant, session, command.config)
