@@ -255,10 +255,10 @@ def watch_appends(client: Client) -> list[session_pb2.AppendEventsRequest]:
     append_events_batch = client.backends.append_events_batch
 
     async def watched(
-        requests: list[session_pb2.AppendEventsRequest],
+        batch: session_pb2.AppendEventsBatchRequest,
     ) -> session_pb2.AppendEventsBatchResponse:
-        appends.extend(r for r in requests if r.session_id == client.session_id)
-        return await append_events_batch(requests)
+        appends.extend(a for a in batch.appends if a.session_id == client.session_id)
+        return await append_events_batch(batch)
 
     client.backends.append_events_batch = watched  # type: ignore[method-assign]
     return appends
