@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import pytest
 import redis.exceptions
+import uvloop
 from redis.asyncio import Redis
 
 from switchboard.redis_client import FailFastPool, redis_client
@@ -146,3 +148,32 @@ async def test_an_idle_pooled_connection_outlives_the_deadline(server: RedisServ
         assert await client.client_id() == first
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_a_deadline_that_passed_before_the_send_is_a_timeout(
+    run: Callable[[Coroutine[Any, Any, None]], None],
+) -> None:
+    # The event loop ran late between the checkout and the command: the deadline
+    # aborted the socket, and uvloop raised RuntimeError writing to it (which no
+    # store translates: a response's cost settlement failed the whole turn).
+    async def scenario(url: str) -> None:
+        client = redis_client(url, timeout_s=0.2)
+        pool = pool_of(client)
+        try:
+            assert await client.ping()
+            connection = await pool.get_connection()
+            try:
+                await asyncio.sleep(0.4)  # past the deadline of this use
+                with pytest.raises(redis.exceptions.TimeoutError):
+                    await connection.send_command("PING")
+                with pytest.raises(redis.exceptions.TimeoutError):
+                    await connection.read_response()
+            finally:
+                await pool.release(connection)
+            assert await client.ping()
+        finally:
+            await client.aclose()
+
+    with RedisServer() as server:
+        run(scenario(server.url))

@@ -117,6 +117,11 @@ class FailFastConnection(Connection):
     async def send_packed_command(
         self, command: bytes | str | Iterable[bytes], check_health: bool = True
     ) -> None:
+        if self._expired:
+            # The deadline passed before the send (the event loop ran late): the
+            # socket is aborted, and uvloop would raise RuntimeError writing to it.
+            await self.disconnect(nowait=True)
+            raise redis.exceptions.TimeoutError("Timeout writing to socket")
         writer = self._writer
         if writer is None or self._deadline is None or self.health_check_interval:
             await super().send_packed_command(command, check_health)
@@ -150,6 +155,9 @@ class FailFastConnection(Connection):
         disconnect_on_error: bool = True,
         push_request: bool | None = False,
     ) -> Any:
+        if self._expired:
+            await self.disconnect(nowait=True)
+            raise redis.exceptions.TimeoutError(f"Timeout reading from {self._host_error()}")
         if timeout is not None or self._deadline is None:
             return await super().read_response(
                 disable_decoding,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from switchboard.broker.chat_stream import (
 )
 from switchboard.broker.clients import UpstreamClient, env_proxy, keepalive_socket
 from switchboard.broker.retry import TransientUpstreamError
+from switchboard.broker.translate import ChunkTranslator, text_only
 from switchboard.config import BrokerSettings, Secret
 from switchboard.errors import UpstreamError, UpstreamStreamBroken, UpstreamTimeout
 from switchboard.tenancy import Upstream
@@ -309,3 +311,160 @@ async def test_requests_go_through_the_proxy_of_the_environment(
         await client.aclose()
     ((headers, _, _),) = upstreams.requests
     assert headers["Host"] == "upstream.invalid"
+
+
+# ------------------------------------------- the text-only chunk fast path (`ChatStream.read`)
+
+ENVELOPE = b'{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m",'
+
+
+def text_chunk(text: str, tail: bytes = b',"logprobs":null,"finish_reason":null}]}') -> bytes:
+    """A compact text-only chunk as OpenAI, vLLM and the simulator write them."""
+    delta = orjson.dumps({"content": text})
+    return ENVELOPE + b'"choices":[{"index":0,"delta":' + delta + tail
+
+
+# Chunks a stream may hold, in an order that exercises every way out of the fast path.
+FAST_PATH_CHUNKS = [
+    ENVELOPE + b'"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}',
+    text_chunk("Hello"),  # learnt
+    text_chunk(" world"),  # taken as text
+    text_chunk(""),
+    text_chunk('a "quote"'),  # escaped: decoded in full
+    text_chunk("back\\slash"),
+    text_chunk("new\nline"),
+    text_chunk("tab\there"),
+    text_chunk("caf\u00e9 \u4e16\u754c \U0001f600"),  # non-ASCII, printable: taken as text
+    text_chunk("zero\u200dwidth"),  # unprintable: decoded in full
+    text_chunk("\u2028"),
+    text_chunk("x", b',"logprobs":null,"finish_reason":"length"}]}'),  # another shape
+    text_chunk("after"),
+    ENVELOPE + b'"choices":[{"index":0,"delta":{"content":"sp"} ,"finish_reason":null}]}',
+    ENVELOPE
+    + b'"choices":[{"index":0,"delta":{"content":"a"},"extra":{"delta":{"content":"b"}}}]}',
+    text_chunk("last"),
+    ENVELOPE + b'"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":9,"total_tokens":12}}',
+]
+
+
+def sse_body(chunks: list[bytes]) -> bytes:
+    return b"".join(b"data: " + chunk + b"\n\n" for chunk in chunks) + b"data: [DONE]\n\n"
+
+
+async def fed(client: UpstreamClient) -> tuple[list[Any], ChunkTranslator, int]:
+    """The events a translator makes of the stream read with `read()`, and how many
+    chunks came as text."""
+    translator = ChunkTranslator()
+    events: list[Any] = []
+    texts = 0
+    async with client.stream(PAYLOAD) as stream:
+        while (chunks := await stream.read()) is not None:
+            for chunk in chunks:
+                texts += isinstance(chunk, str)
+                events.extend(translator.feed(chunk))
+    return events, translator, texts
+
+
+@pytest.mark.parametrize("one_write_per_chunk", [True, False])
+async def test_text_only_chunks_read_as_text_translate_as_their_json_does(
+    client: UpstreamClient, upstreams: Upstreams, one_write_per_chunk: bool
+) -> None:
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        body = sse_body(FAST_PATH_CHUNKS)
+        if one_write_per_chunk:
+            for event in body.split(b"\n\n")[:-1]:
+                await response.write(event + b"\n\n")
+                await asyncio.sleep(0.001)
+        else:
+            await response.write(body)
+        await response.write_eof()
+        return response
+
+    upstreams.handler = stream
+    events, translator, texts = await fed(client)
+
+    expected = ChunkTranslator()
+    expected_events = [e for c in FAST_PATH_CHUNKS for e in expected.feed(orjson.loads(c))]
+    assert events == expected_events
+    assert translator.finish() == expected.finish()
+    assert (translator.response_model, translator.response_id) == ("m", "chatcmpl-1")
+    # " world", "", the non-ASCII text and "after" as text; each other text
+    # chunk is a shape learnt, escaped, unprintable or not text-only.
+    assert texts == 4
+
+
+async def test_iterating_gives_every_chunk_as_its_json(
+    client: UpstreamClient, upstreams: Upstreams
+) -> None:
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(sse_body(FAST_PATH_CHUNKS))
+        await response.write_eof()
+        return response
+
+    upstreams.handler = stream
+    assert await chunks_of(client) == [orjson.loads(c) for c in FAST_PATH_CHUNKS]
+
+
+def test_text_only_is_a_chunk_whose_one_effect_is_its_text() -> None:
+    def chunk(**choice: Any) -> dict[str, Any]:
+        return {"choices": [{"index": 0, **choice}]}
+
+    assert text_only(chunk(delta={"content": "hi"})) == "hi"
+    assert text_only(chunk(delta={"content": "hi"}, finish_reason=None)) == "hi"
+    assert text_only({**chunk(delta={"content": "hi"}), "usage": None}) == "hi"
+    assert text_only(chunk(delta={"content": "hi"}, finish_reason="stop")) is None
+    assert text_only({**chunk(delta={"content": "hi"}), "usage": {"total_tokens": 1}}) is None
+    assert text_only(chunk(delta={"content": "hi", "role": "assistant"})) is None
+    assert text_only(chunk(delta={"refusal": "no"})) is None
+    assert text_only(chunk(delta={"content": None})) is None
+    assert text_only({"choices": [{"index": 1, "delta": {"content": "hi"}}]}) is None
+    two = {"choices": [{"index": 0, "delta": {"content": "a"}}] * 2}
+    assert text_only(two) is None
+
+
+# ------------------------------------------- the read timeout while the body is read
+
+
+def paused_body(pause_s: float) -> Handler:
+    """A stream that sends one chunk, is silent for `pause_s`, then ends."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: " + text_chunk("one") + b"\n\n")
+        await asyncio.sleep(pause_s)
+        await response.write(b"data: " + text_chunk("two") + b"\n\ndata: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    return handler
+
+
+async def test_silence_between_chunks_is_a_timeout(upstreams: Upstreams) -> None:
+    upstreams.handler = paused_body(5)
+    async for client in client_for(upstreams, SWITCHBOARD_BROKER_READ_TIMEOUT_S="0.2"):
+        started = time.monotonic()
+        with pytest.raises(UpstreamTimeout, match="stopped sending"):
+            await fed(client)
+        assert time.monotonic() - started < 3
+        assert client.active == 0
+
+
+async def test_time_spent_not_reading_is_not_silence(upstreams: Upstreams) -> None:
+    # The upstream is silent for 1 s, longer than the timeout, while the reader
+    # is busy elsewhere (a full follower) for 0.9 s of it: it waits 0.1 s at most.
+    upstreams.handler = paused_body(1.0)
+    translator = ChunkTranslator()
+    texts: list[Any] = []
+    async for client in client_for(upstreams, SWITCHBOARD_BROKER_READ_TIMEOUT_S="0.5"):
+        async with client.stream(PAYLOAD) as stream:
+            while (chunks := await stream.read()) is not None:
+                for chunk in chunks:
+                    texts += translator.feed(chunk)
+                if texts == ["one"]:
+                    await asyncio.sleep(0.9)
+    assert texts == ["one", "two"]

@@ -19,6 +19,7 @@ from switchboard.errors import (
     SessionTakenOver,
 )
 from switchboard.redis_client import redis_client
+from switchboard.session.events import APPENDS_PER_SCRIPT
 from switchboard.session.keys import session_keys
 from switchboard.session.store import SessionStore
 from switchboard.v1 import session_pb2
@@ -221,6 +222,48 @@ async def test_appends_go_on_after_redis_lost_its_scripts(
     assert await append_events(store, tenant, sid, [event("e2"), event("e3")]) == 3
     events, _, _ = await store.events.read(tenant, sid)
     assert [(e.seq, e.event_id) for e in events] == [(1, "e1"), (2, "e2"), (3, "e3")]
+
+
+async def test_a_batch_of_several_script_runs_answers_each_append_on_its_own(
+    store: SessionStore, client: Redis, tenant: str
+) -> None:
+    # More appends than one run of the script takes: several runs, in one
+    # pipeline, after Redis lost its scripts (each run gets NOSCRIPT and goes
+    # again, once). Refusals stay with their append, in any run.
+    sids = [(await store.create_session(tenant, session_pb2.SessionConfig())).id for _ in range(3)]
+    count = 2 * APPENDS_PER_SCRIPT + 5
+    appends = [
+        session_pb2.AppendEventsRequest(
+            tenant_id=tenant, session_id=sids[n % 3], events=[event(f"e{n}")]
+        )
+        for n in range(count)
+    ]
+    refused = {
+        7: session_pb2.SessionEvent(seq=1, event_id="stale", payload=b"{}"),  # not above the last
+        APPENDS_PER_SCRIPT + 1: None,  # no such session
+        count - 1: None,  # a malformed session id: refused before Redis
+    }
+    appends[7].events.append(refused[7])
+    appends[APPENDS_PER_SCRIPT + 1].session_id = "sess_missing"
+    appends[count - 1].session_id = "not/an/id"
+    await client.script_flush()
+    outcomes = await store.events.append_batch(appends)
+    assert isinstance(outcomes[7], InvalidRequest) and outcomes[7].param == "events.seq"
+    assert isinstance(outcomes[APPENDS_PER_SCRIPT + 1], SessionNotFound)
+    assert isinstance(outcomes[count - 1], InvalidRequest)
+    assert outcomes[count - 1].param == "session_id"
+    written = [n for n in range(count) if n not in refused]
+    assert all(isinstance(outcomes[n], int) for n in written)
+    for index, sid in enumerate(sids):
+        events, last, _ = await store.events.read(tenant, sid)
+        mine = [n for n in written if n % 3 == index]
+        assert [(e.seq, e.event_id) for e in events] == [
+            (seq, f"e{n}") for seq, n in enumerate(mine, 1)
+        ]
+        assert [outcomes[n] for n in mine] == list(range(1, len(mine) + 1))
+        assert last == len(mine)
+        # The append that made the log gave it the session's TTL.
+        assert 0 < await client.pttl(session_keys(tenant, sid).events) <= TTL_S * 1000
 
 
 async def test_events_keep_the_seq_their_writer_gives(store: SessionStore, tenant: str) -> None:

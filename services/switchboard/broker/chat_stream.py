@@ -24,6 +24,7 @@ so the upstream sees the client go away at once and stops generating.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import re
 import time
@@ -37,6 +38,7 @@ import orjson
 from opentelemetry import trace
 
 from switchboard.broker.retry import TransientUpstreamError
+from switchboard.broker.translate import text_only
 from switchboard.errors import (
     SwitchboardError,
     UpstreamError,
@@ -47,6 +49,10 @@ from switchboard.errors import (
 from switchboard.telemetry import tracing
 
 DONE = b"[DONE]"
+# Where a text-only chunk's text starts, as servers write their chunks (compact JSON).
+TEXT_MARK = b'"delta":{"content":"'
+# Shapes of text-only chunks checked (each costs a second decode) per stream, at most.
+LEARN_TRIES = 4
 # The most of an error response's body that is read (for its `message`).
 MAX_ERROR_BODY = 64 * 1024
 MAX_MESSAGE_CHARS = 300
@@ -294,6 +300,16 @@ class ChatStream:
         self._response: aiohttp.ClientResponse | None = None
         self.request_id: str | None = None
         self._decoder = SseDecoder()
+        # The bytes around the text of the last text-only chunk learnt (`_learn`).
+        self._prefix: bytes | None = None
+        self._suffix = b""
+        self._learn_tries = LEARN_TRIES
+        # The read timeout while the body is read (`_bound_silence`): since when
+        # `read` waits (None while it does not), and the timer that checks it.
+        self._read_timeout = 0.0
+        self._waiting_since: float | None = None
+        self._silence: asyncio.TimerHandle | None = None
+        self._clock: Callable[[], float] = time.monotonic
         # Set once the body ended: cleanly (`[DONE]`), or not (`_broken`).
         self._over = False
         self._broken = False
@@ -330,7 +346,47 @@ class ChatStream:
             raise status_error(response.status, response.headers, body, self._secrets)
         self._response = response
         self.request_id = response.headers.get("x-request-id")
+        self._bound_silence(response)
         return self
+
+    def _bound_silence(self, response: aiohttp.ClientResponse) -> None:
+        """Bound the wait for the body with one timer per call instead of aiohttp's.
+
+        aiohttp bounds the silence between two packets (`sock_read`) by
+        cancelling and scheduling a timer for every packet it receives. From
+        the headers on, the stream does it instead: a timer that fires once
+        per read timeout and fails the body (`SocketTimeoutError`, as aiohttp's
+        would) when `read` has been waiting that long for bytes. Time the
+        broker spends not reading (its follower is full) does not count.
+        """
+        timeout = self._session.timeout.sock_read
+        connection = response.connection
+        protocol = connection.protocol if connection is not None else None
+        if not timeout or protocol is None:
+            return  # no timeout, or the whole body is in already
+        # No timeout: `start_timeout` cancels aiohttp's pending timer and
+        # schedules none, nor does each packet; the next request sets it again.
+        protocol.read_timeout = None
+        protocol.start_timeout()
+        self._read_timeout = timeout
+        loop = asyncio.get_running_loop()
+        self._clock = loop.time
+        self._silence = loop.call_at(loop.time() + timeout, self._check_silence)
+
+    def _check_silence(self) -> None:
+        self._silence = None
+        response = self._response
+        if response is None or self._over:
+            return
+        loop = asyncio.get_running_loop()
+        since, now = self._waiting_since, loop.time()
+        if since is not None and now - since >= self._read_timeout:
+            response.content.set_exception(
+                aiohttp.SocketTimeoutError("Timeout on reading data from socket")
+            )
+            return
+        start = now if since is None else since
+        self._silence = loop.call_at(start + self._read_timeout, self._check_silence)
 
     async def __aexit__(
         self,
@@ -353,6 +409,9 @@ class ChatStream:
         response, self._response = self._response, None
         if response is None:
             return
+        if self._silence is not None:
+            self._silence.cancel()
+            self._silence = None
         try:
             response.release()
         finally:
@@ -366,19 +425,29 @@ class ChatStream:
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         if self._response is None:
             raise RuntimeError("iterate a ChatStream inside its `async with` block")
+        self._learn_tries = 0  # every chunk as its dict
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
         while (chunks := await self.read()) is not None:
             for chunk in chunks:
+                assert not isinstance(chunk, str)
                 yield chunk
 
-    async def read(self) -> list[dict[str, Any]] | None:
+    async def read(self) -> list[dict[str, Any] | str] | None:
         """The chunks that the next read of the body completes, in order (often
         one, possibly none); None once the stream ended with `[DONE]`.
 
         One call per read rather than an iterator step per chunk: the broker's
         hot loop (`dispatch`) pays for a read, not for a layer per chunk.
+
+        A chunk is its decoded JSON, or, when it is a text-only chunk
+        (`translate.text_only`) byte for byte like the last one decoded in
+        full except for its text, that text as a `str`, without decoding the
+        JSON (`ChunkTranslator.feed` takes both). The shape is learnt from a
+        decoded chunk (`_learn`) and a text is taken as it is only when it
+        holds no quote, no backslash and nothing unprintable; any other chunk
+        is decoded in full.
 
         Raises:
             SwitchboardError: `read_error` when the body broke off or fell
@@ -393,21 +462,32 @@ class ChatStream:
             if self._broken:
                 raise UpstreamStreamBroken("The upstream stream ended before it was complete.")
             return None
+        if self._silence is not None:
+            self._waiting_since = self._clock()
         try:
             data = await response.content.readany()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise read_error(exc) from exc
+        finally:
+            self._waiting_since = None
         if data:
             events = self._decoder.feed(data)
         else:
             events = self._decoder.close()
             self._over = self._broken = True
-        chunks: list[dict[str, Any]] = []
+        chunks: list[dict[str, Any] | str] = []
+        prefix, suffix = self._prefix, self._suffix
         for event in events:
+            if prefix is not None and event.startswith(prefix) and event.endswith(suffix):
+                text = _plain_text(event, len(prefix), len(event) - len(suffix))
+                if text is not None:
+                    chunks.append(text)
+                    continue
             if event == DONE:
                 self._over, self._broken = True, False
                 break
             chunks.append(self._decode(event))
+            prefix, suffix = self._prefix, self._suffix  # it may have learnt a shape
         return chunks
 
     def _decode(self, data: bytes) -> dict[str, Any]:
@@ -421,7 +501,56 @@ class ChatStream:
             # OpenAI reports a failure after the stream started as an `error` chunk.
             detail = error_message(chunk, self._secrets) or "no details"
             raise UpstreamStreamBroken(f"The upstream failed mid-stream: {detail}")
+        if self._learn_tries > 0:
+            text = text_only(chunk)
+            if text is not None:
+                self._learn(data, chunk, text)
         return chunk
+
+    def _learn(self, data: bytes, chunk: dict[str, Any], text: str) -> None:
+        """Take the bytes around the text of a text-only chunk as the shape of the next.
+
+        Only when the text sits where `TEXT_MARK` says, once, without escapes,
+        and the chunk with other text there decodes to the same chunk with
+        that text: then any run of bytes without a quote or a backslash put in
+        its place is that chunk with that text.
+        """
+        start = data.find(TEXT_MARK)
+        if start < 0 or data.find(TEXT_MARK, start + 1) >= 0:
+            return
+        start += len(TEXT_MARK)
+        end = data.find(b'"', start)
+        if end < 0 or b"\\" in data[start:end] or data[end : end + 2] != b'"}':
+            return
+        prefix, suffix = data[:start], data[end:]
+        if prefix == self._prefix and suffix == self._suffix:
+            return  # the shape known: the text alone was not plain
+        self._learn_tries -= 1
+        probe = "." if text != "." else ","
+        try:
+            other = orjson.loads(prefix + probe.encode() + suffix)
+        except orjson.JSONDecodeError:
+            return
+        if text_only(other) != probe:
+            return
+        other["choices"][0]["delta"]["content"] = text
+        if other == chunk:
+            self._prefix, self._suffix = prefix, suffix
+
+
+def _plain_text(event: bytes, start: int, end: int) -> str | None:
+    """`event[start:end]` as the text of a JSON string that needs no unescaping:
+    no quote, no backslash, valid UTF-8 and printable; None otherwise."""
+    if end < start:
+        return None  # the shape's two ends overlap: not this shape
+    raw = event[start:end]
+    if b'"' in raw or b"\\" in raw:
+        return None
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        return None
+    return text if text.isprintable() else None
 
 
 async def _error_body(response: aiohttp.ClientResponse) -> object:

@@ -31,7 +31,6 @@ Generate call is.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 from collections.abc import AsyncIterator, Callable
 
@@ -87,14 +86,13 @@ class CallStream:
         call_request = request.generate if action == "generate" else request.attach
         method = BROKER_GENERATE if action == "generate" else BROKER_ATTACH
         span = carried_server_span(method, request.trace_context, call_request)
-        # Current while the call starts: its pump's task, and so its model span, is a child.
-        with contextlib.ExitStack() as current:
-            if span is not None:
-                current.enter_context(trace.use_span(span, end_on_exit=False))
-            if action == "generate":
-                follower: Follower | SwitchboardError = self._start(request.generate)
-            else:
-                follower = self._attach(request.attach)
+        follower: Follower | SwitchboardError
+        if span is None:
+            follower = self._follow(action, request)
+        else:
+            # Current while the call starts: its pump's task, and so its model span, is a child.
+            with trace.use_span(span, end_on_exit=False):
+                follower = self._follow(action, request)
         if isinstance(follower, SwitchboardError):
             self._fail(number, follower)
             if span is not None:
@@ -105,6 +103,13 @@ class CallStream:
             self._spans[number] = span
         follower.on_news = functools.partial(self._mark, number)
         self._mark(number)  # an attached call starts with its snapshot
+
+    def _follow(
+        self, action: str, request: broker_pb2.StreamRequest
+    ) -> Follower | SwitchboardError:
+        if action == "generate":
+            return self._start(request.generate)
+        return self._attach(request.attach)
 
     def requests_ended(self) -> None:
         """The caller sends no more: the stream ends once its calls have."""

@@ -22,6 +22,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from switchboard.broker.events import Event
 from switchboard.errors import InvalidRequest
 from switchboard.tokens import estimated_usage
@@ -150,8 +152,8 @@ def _mcp_call(item: common_pb2.Item) -> list[dict[str, Any]]:
 
 def _tool(tool: common_pb2.ToolDefinition) -> dict[str, Any]:
     try:
-        parameters = json.loads(tool.parameters_json or "{}")
-    except json.JSONDecodeError:
+        parameters = orjson.loads(tool.parameters_json or "{}")
+    except orjson.JSONDecodeError:
         parameters = None
     if not isinstance(parameters, dict):
         raise InvalidRequest(
@@ -214,8 +216,17 @@ class ChunkTranslator:
         self.response_model = ""
         self.response_id = ""
 
-    def feed(self, chunk: dict[str, Any]) -> list[Event]:
-        """The events for one upstream chunk, in order (often one, possibly none)."""
+    def feed(self, chunk: dict[str, Any] | str) -> list[Event]:
+        """The events for one upstream chunk, in order (often one, possibly none).
+
+        A chunk is its decoded JSON, or, for a chunk whose only effect here
+        is its text (see `text_only`), that text (`ChatStream.read`'s fast path).
+        """
+        if isinstance(chunk, str):
+            if not chunk:
+                return []
+            self._text_chars += len(chunk)
+            return [chunk]
         if not self.response_model:
             model, completion_id = chunk.get("model"), chunk.get("id")
             self.response_model = model if isinstance(model, str) else ""
@@ -347,6 +358,33 @@ class ChunkTranslator:
             ]
         finished = broker_pb2.Finished(reason=reason, usage=self.usage(), tool_calls=calls)
         return broker_pb2.GenerateEvent(finished=finished)
+
+
+def text_only(chunk: dict[str, Any]) -> str | None:
+    """The text of a chunk that `ChunkTranslator.feed` turns into that text and nothing
+    else, whatever came before it; None for any other chunk.
+
+    Such a chunk has one choice (index 0) whose delta is `{"content": <str>}`, no
+    finish reason and no usage: feeding it again, or another like it with other
+    text, changes nothing but the text it adds (`response_model` and
+    `response_id` are taken from the first chunk only).
+    """
+    if isinstance(chunk.get("usage"), dict):
+        return None
+    choices = chunk.get("choices")
+    if not isinstance(choices, list) or len(choices) != 1:
+        return None
+    (choice,) = choices
+    if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+        return None
+    reason = choice.get("finish_reason")
+    if isinstance(reason, str) and reason:
+        return None
+    delta = choice.get("delta")
+    if not isinstance(delta, dict) or len(delta) != 1:
+        return None
+    text = delta.get("content")
+    return text if isinstance(text, str) else None
 
 
 def _count(value: Any) -> int:

@@ -107,7 +107,7 @@ class Backends(Protocol):
     ) -> session_pb2.Context: ...
     # the session's event log and writer lease
     async def append_events_batch(
-        self, appends: list[session_pb2.AppendEventsRequest]
+        self, request: session_pb2.AppendEventsBatchRequest
     ) -> session_pb2.AppendEventsBatchResponse: ...
     async def read_events(
         self, tenant_id: str, session_id: str, after_seq: int, limit: int = 0
@@ -409,9 +409,8 @@ class GrpcBackends:
         return await self._call("session", self.session.GetSession(request, timeout=self.timeout_s))
 
     async def append_events_batch(
-        self, appends: list[session_pb2.AppendEventsRequest]
+        self, request: session_pb2.AppendEventsBatchRequest
     ) -> session_pb2.AppendEventsBatchResponse:
-        request = session_pb2.AppendEventsBatchRequest(appends=appends)
         return await self._call(
             "session", self.session.AppendEventsBatch(request, timeout=self.timeout_s)
         )

@@ -101,14 +101,16 @@ class StreamedCall:
 
     def deliver(self, batch: broker_pb2.CallEvents) -> bool:
         """Take the call's part of a response; True when it ended the call."""
+        # Each access to a repeated field or oneof makes Python objects: once each.
+        events = batch.events
         handle = self._handle
         if handle is None:
-            self._events.extend(batch.events)
+            self._events.extend(events)
         else:
-            self._hand(handle, batch.events)
+            self._hand(handle, events)
         if batch.HasField("failure"):
             self.fail(error_of(batch.failure))
-        elif batch.events and batch.events[-1].WhichOneof("event") == "finished":
+        elif events and events[-1].HasField("finished"):
             self._ended = True
             self._end_span(None)
             self._wake()

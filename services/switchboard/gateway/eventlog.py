@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from switchboard.errors import SessionTakenOver, SwitchboardError
@@ -38,8 +40,23 @@ from switchboard.v1 import common_pb2, session_pb2
 Event = dict[str, Any]
 
 
+class _Batch:
+    """An `AppendEventsBatch` request being filled, and the appenders waiting on it."""
+
+    __slots__ = ("futures", "request", "size")
+
+    def __init__(self) -> None:
+        self.request = session_pb2.AppendEventsBatchRequest()
+        self.futures: list[asyncio.Future[None]] = []
+        self.size = 0
+
+
 class EventRecorder:
-    """The gateway's appends to session event logs, sent in shared batches."""
+    """The gateway's appends to session event logs, sent in shared batches.
+
+    An append is written in place into the batch that goes next (`append_with`),
+    not built apart and copied into it.
+    """
 
     def __init__(
         self,
@@ -55,15 +72,51 @@ class EventRecorder:
         # larger than this still goes, alone.
         self.max_batch_bytes = max_batch_bytes
         self._slots = asyncio.Semaphore(max_in_flight)
-        self._pending: list[tuple[session_pb2.AppendEventsRequest, asyncio.Future[None]]] = []
+        # Full batches waiting for a slot, oldest first; then the one being filled.
+        self._full: deque[_Batch] = deque()
+        self._filling: _Batch | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._calls: set[asyncio.Task[None]] = set()
 
     async def append(self, request: session_pb2.AppendEventsRequest) -> None:
-        """Append, in the next batch; raises what this append got (see AppendEventsBatch)."""
+        """Append `request` (copied), in the next batch; raises what this append
+        got (see AppendEventsBatch)."""
+
+        def fill(into: session_pb2.AppendEventsRequest) -> int:
+            into.CopyFrom(request)
+            return sum(len(event.payload) for event in request.events)
+
+        await self.append_with(fill)
+
+    async def append_with(self, fill: Callable[[session_pb2.AppendEventsRequest], int]) -> None:
+        """Append the request `fill` writes into the empty one it is given (and
+        returns the bytes of its payloads), in the next batch; raises what this
+        append got (see AppendEventsBatch)."""
+        batch = self._filling
+        if batch is None:
+            batch = self._filling = _Batch()
+        appends = batch.request.appends
+        request = appends.add()
+        try:
+            size = fill(request)
+        except BaseException:
+            del appends[-1]
+            raise
+        if batch.futures and batch.size + size > self.max_batch_bytes:
+            # Over the batch's bytes: this append opens the next batch.
+            moved = session_pb2.AppendEventsRequest()
+            moved.CopyFrom(request)
+            del appends[-1]
+            self._full.append(batch)
+            batch = self._filling = _Batch()
+            batch.request.appends.append(moved)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((request, future))
+        batch.futures.append(future)
+        batch.size += size
+        if len(batch.futures) >= self.max_batch:
+            self._full.append(batch)
+            self._filling = None
         self._wake.set()
         if self._task is None:
             self._task = asyncio.create_task(self._run())
@@ -78,38 +131,37 @@ class EventRecorder:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._pending:
+            while self._full or (self._filling is not None and self._filling.futures):
                 await self._slots.acquire()
                 batch = self._take_batch()
+                if batch is None:
+                    self._slots.release()
+                    break
                 call = asyncio.create_task(self._send(batch))
                 self._calls.add(call)
                 call.add_done_callback(self._calls.discard)
 
-    def _take_batch(self) -> list[tuple[session_pb2.AppendEventsRequest, asyncio.Future[None]]]:
-        """The oldest pending appends, up to `max_batch` of them and `max_batch_bytes`."""
-        size = count = 0
-        for request, _ in self._pending[: self.max_batch]:
-            size += sum(len(event.payload) for event in request.events)
-            if count and size > self.max_batch_bytes:
-                break
-            count += 1
-        batch = self._pending[:count]
-        del self._pending[:count]
+    def _take_batch(self) -> _Batch | None:
+        """The oldest batch: a full one, else the one being filled (None: none waits)."""
+        if self._full:
+            return self._full.popleft()
+        batch = self._filling
+        if batch is None or not batch.futures:
+            return None
+        self._filling = None
         return batch
 
-    async def _send(
-        self, batch: list[tuple[session_pb2.AppendEventsRequest, asyncio.Future[None]]]
-    ) -> None:
+    async def _send(self, batch: _Batch) -> None:
         try:
-            reply = await self.backends.append_events_batch([request for request, _ in batch])
+            reply = await self.backends.append_events_batch(batch.request)
         except SwitchboardError as error:
-            for _, future in batch:
+            for future in batch.futures:
                 if not future.done():
                     future.set_exception(error)
             return
         finally:
             self._slots.release()
-        for (_, future), result in zip(batch, reply.results, strict=True):
+        for future, result in zip(batch.futures, reply.results, strict=True):
             if future.done():
                 continue
             if result.error_code:
@@ -146,6 +198,8 @@ class SessionWriter:
         self.holder = holder
         self.lease_ms = int(lease_s * 1000)
         self._appended_at = -1e9  # monotonic time of the last append that succeeded
+        # A note of the broker running a response, for the next `record` to carry.
+        self._broker_note: tuple[str, str] | None = None
 
     async def record(self, batch: list[tuple[Event, bytes]]) -> None:
         """Append a batch of sent-to-be events (each with its JSON), in order, and
@@ -155,42 +209,64 @@ class SessionWriter:
             SessionTakenOver: another connection holds the session now.
             SwitchboardError: the session service or Redis failed.
         """
-        request = session_pb2.AppendEventsRequest(
-            tenant_id=self.tenant_id,
-            session_id=self.session_id,
-            holder=self.holder,
-            lease_ms=self.lease_ms,
-        )
-        open_response: str | None = None
-        add = request.events.add
-        for event, payload in batch:
-            event_id = event["event_id"]
-            # An unsent event is recorded under a client's last event id (a gap).
-            seq = (event_seq(event_id) or 0) if UNSENT in event else made_event_seq(event_id)
-            add(seq=seq, event_id=event_id, payload=payload)
-            kind = event["type"]
-            if kind == "response.created":
-                open_response = event["response"]["id"]
-                request.open_response_seq = seq
-            elif kind == "response.done":
-                open_response = ""
-                request.open_response_seq = 0
-        if open_response is not None:
-            request.open_response_id = open_response
-        await self.recorder.append(request)
+
+        def fill(request: session_pb2.AppendEventsRequest) -> int:
+            request.tenant_id = self.tenant_id
+            request.session_id = self.session_id
+            request.holder = self.holder
+            request.lease_ms = self.lease_ms
+            open_response: str | None = None
+            size = 0
+            add = request.events.add
+            for event, payload in batch:
+                event_id = event["event_id"]
+                # An unsent event is recorded under a client's last event id (a gap).
+                seq = (event_seq(event_id) or 0) if UNSENT in event else made_event_seq(event_id)
+                add(seq=seq, event_id=event_id, payload=payload)
+                size += len(payload)
+                kind = event["type"]
+                if kind == "response.created":
+                    open_response = event["response"]["id"]
+                    request.open_response_seq = seq
+                elif kind == "response.done":
+                    open_response = ""
+                    request.open_response_seq = 0
+            if open_response is not None:
+                request.open_response_id = open_response
+            if note is not None:
+                request.broker_response_id, request.broker_address = note
+            return size
+
+        note, self._broker_note = self._broker_note, None
+        try:
+            await self.recorder.append_with(fill)
+        except BaseException:
+            if note is not None and self._broker_note is None:
+                self._broker_note = note  # for the next append, or alone
+            raise
         self._appended_at = time.monotonic()
 
     def appended_within(self, seconds: float) -> bool:
         """Whether an append succeeded in the last `seconds` (it renewed the lease)."""
         return time.monotonic() - self._appended_at < seconds
 
-    async def note_broker(self, response_id: str, broker: str) -> None:
+    async def note_broker(self, response_id: str, broker: str, *, wait_s: float = 0.0) -> None:
         """Note the broker running `response_id`, where a connection that resumes
         this session after this gateway died re-attaches to the model call.
 
+        Args:
+            wait_s: how long the note may wait for a `record` to carry it (one
+                append for both) before it is appended alone.
+
         Raises:
-            SessionTakenOver, SwitchboardError: as `record`.
+            SessionTakenOver, SwitchboardError: as `record` (appended alone).
         """
+        if wait_s > 0:
+            note = self._broker_note = (response_id, broker)
+            await asyncio.sleep(wait_s)
+            if self._broker_note is not note:
+                return  # a `record` carried it (or a newer note replaced it)
+            self._broker_note = None
         await self.recorder.append(
             session_pb2.AppendEventsRequest(
                 tenant_id=self.tenant_id,

@@ -26,11 +26,9 @@ from switchboard.gateway.responses import UNSENT
 
 Event = dict[str, Any]
 
-# Deltas that may be merged, with the fields that must match for a merge.
-_MERGEABLE = {
-    "response.output_text.delta": ("item_id", "content_index"),
-    "response.function_call_arguments.delta": ("item_id",),
-}
+# Deltas that may be merged: two merge when their `item_id` and (for text)
+# `content_index` match.
+_MERGEABLE = frozenset({"response.output_text.delta", "response.function_call_arguments.delta"})
 # Rough size of a delta event besides its text, for the byte budget.
 _DELTA_OVERHEAD = 192
 
@@ -78,18 +76,17 @@ class Outbox:
         """
         if self.aborted or self._close is not None:
             return
-        keys = _MERGEABLE.get(event["type"])
         unsent = UNSENT in event
-        if unsent:
-            # Recorded, never sent: never merged with what the client is sent.
-            keys = None
+        # Recorded, never sent: never merged with what the client is sent.
+        mergeable = not unsent and event["type"] in _MERGEABLE
         tail = self._queue[-1] if self._queue else None
         if (
-            keys is not None
+            mergeable
             and tail is not None
             and tail.data is None
             and tail.event["type"] == event["type"]
-            and all(tail.event[k] == event[k] for k in keys)
+            and tail.event["item_id"] == event["item_id"]
+            and tail.event.get("content_index") == event.get("content_index")
         ):
             delta = event["delta"]
             tail.event["delta"] += delta
@@ -98,7 +95,7 @@ class Outbox:
             self.size += len(delta)
             self.merged += 1
         else:
-            if keys is not None:
+            if mergeable:
                 entry = _Entry(event, None, _DELTA_OVERHEAD + len(event["delta"]))
             else:
                 data = orjson.dumps(

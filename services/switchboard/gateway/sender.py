@@ -197,7 +197,7 @@ class Sender:
             if not batch:  # the checkpoint's deadline passed
                 await self._record([])
                 continue
-            if self._sent_at_once(batch) and self.attached and self.checkpoint_s > 0:
+            if self.checkpoint_s > 0 and self._sent_at_once(batch) and self.attached:
                 if not self._unrecorded:
                     self._unrecorded_since = loop.time()
                 self._unrecorded += batch

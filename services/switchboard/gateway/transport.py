@@ -18,7 +18,10 @@ events: `scope["extensions"][SEND_FRAMES]` (`send_frames`) takes already
 encoded JSON texts and writes them as text frames, all of a batch in one
 `transport.write`, instead of one `websocket.send` message per event through
 Starlette's and uvicorn's layers (with a str encoded again each time). It
-waits on the same flow control and fails as uvicorn's `send` would.
+frames them itself (a two- to ten-byte head each) unless an extension was
+negotiated (the gateway runs without permessage-deflate), then through the
+`websockets` protocol. It waits on the same flow control and fails as
+uvicorn's `send` would.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState, SecurityError
+from websockets.protocol import State
 
 from switchboard.config import GatewaySettings
 from switchboard.gateway import bounds
@@ -251,12 +255,23 @@ class QuietWebSocketProtocol(WebSocketsSansIOProtocol):
             raise ClientDisconnected()
         if not self.handshake_complete or self.close_sent or self.initial_response is not None:
             raise RuntimeError("The WebSocket is not open for sending.")
-        try:
-            for text in texts:
-                self.conn.send_text(text)
-        except InvalidState:
-            raise ClientDisconnected() from None
-        self.transport.write(b"".join(self.conn.data_to_send()))
+        conn = self.conn
+        if conn.extensions or conn.expect_continuation_frame or conn.state is not State.OPEN:
+            # What `send_text` would refuse, or frames an extension must shape.
+            try:
+                for text in texts:
+                    conn.send_text(text)
+            except InvalidState:
+                raise ClientDisconnected() from None
+            self.transport.write(b"".join(conn.data_to_send()))
+            return
+        # Unmasked, unfragmented text frames, as `send_text` serializes them
+        # without its per-frame objects (RFC 6455 section 5.2).
+        chunks = conn.data_to_send()
+        for text in texts:
+            chunks.append(_frame_head(len(text)))
+            chunks.append(text)
+        self.transport.write(b"".join(chunks))
 
     async def send(self, message: Any) -> None:
         await super().send(message)
@@ -281,6 +296,18 @@ class QuietWebSocketProtocol(WebSocketsSansIOProtocol):
         if not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
+
+
+def _frame_head(length: int) -> bytes:
+    """The head of a final, unmasked text frame carrying `length` bytes."""
+    if length < 126:
+        return _TEXT_HEADS[length]
+    if length < 65536:
+        return b"\x81\x7e" + length.to_bytes(2, "big")
+    return b"\x81\x7f" + length.to_bytes(8, "big")
+
+
+_TEXT_HEADS = [bytes((0x81, length)) for length in range(126)]
 
 
 def protocols(

@@ -5,9 +5,9 @@ seq; docs/session.md) holds the server events the gateway sent, so a client
 that reconnects resumes from the last event it saw. One connection at a time
 writes a session's log: it holds the session's writer lease
 (`...:owner`, expiring unless renewed; a claimant waiting for it is in
-`...:wanted`). Appends arrive in batches, each append one Lua script that
-checks the session, the lease and the seqs, writes, and refreshes the
-session's TTL.
+`...:wanted`). Appends arrive in batches, run by one Lua script (up to
+`APPENDS_PER_SCRIPT` appends a run) that, for each append on its own, checks
+the session, the lease and the seqs, writes, and refreshes the session's TTL.
 
 `EventLog` is built by `SessionStore` (as its `events`) on the same Redis
 client and TTL; a Redis outage surfaces as `SessionStoreUnavailable`.
@@ -45,6 +45,11 @@ DEFAULT_MAX_EVENTS = 10_000
 DEFAULT_LEASE_MS = 10_000
 DEFAULT_READ_LIMIT = 1000
 MAX_READ_LIMIT = 10_000
+# Appends per run of APPEND_EVENTS (a batch of more runs the script several
+# times, in one pipeline): a run blocks Redis for some 10-20 µs per append.
+APPENDS_PER_SCRIPT = 64
+# The sessions whose keys `EventLog` keeps built (all are dropped when full).
+KEYS_CACHED = 10_000
 
 
 def lease_ms_within(requested: int) -> int:
@@ -72,13 +77,16 @@ class EventLog:
         self._append = client.register_script(scripts.APPEND_EVENTS)
         self._claim = client.register_script(scripts.CLAIM_SESSION)
         self._release = client.register_script(scripts.RELEASE_SESSION)
+        # (tenant_id, session_id) -> the keys of `_append_call`.
+        self._keys: dict[tuple[str, str], list[str]] = {}
 
     @store_call
     async def append_batch(
         self, appends: Sequence[session_pb2.AppendEventsRequest]
     ) -> list[int | SwitchboardError]:
         """Several appends (of different sessions), each applied atomically on its own,
-        in one Redis round trip (on a cluster, one per append, concurrently).
+        one script run for up to `APPENDS_PER_SCRIPT` of them, in one Redis round
+        trip (on a cluster, one run per append, concurrently).
 
         An event with seq 0 is numbered after the log's last; others keep their
         seq, which must be increasing and above the log's last (`invalid_value`
@@ -100,21 +108,40 @@ class EventLog:
                 calls.append(self._append_call(a))
             except SwitchboardError as error:
                 calls.append(error)
-        return await self._run_each(self._append, calls, lambda reply: _appended(int(reply)))
+        return await self._run_each(
+            self._append, calls, lambda reply: _appended(int(reply)), runs=self._appends_run
+        )
+
+    def _appends_run(self, calls: Sequence[ScriptCall]) -> ScriptCall:
+        """One run of APPEND_EVENTS for the appends of `calls`."""
+        keys: list[str] = []
+        args: list[int | str | bytes] = [self._ttl_ms, self._max_events]
+        for call_keys, call_args in calls:
+            keys += call_keys
+            args += call_args
+        return keys, args
 
     async def _run_each(
         self,
         script: AsyncScript,
         calls: Sequence[ScriptCall | SwitchboardError],
         answer: Callable[[Any], T],
+        runs: Callable[[Sequence[ScriptCall]], ScriptCall] | None = None,
     ) -> list[T | SwitchboardError]:
         """Run `script` for each of `calls` (its KEYS and ARGV, or the error that
         call already got) in one Redis round trip (on a cluster, one per call,
         concurrently), and turn each reply into its `answer` (or the
-        `SwitchboardError` that raises). A Redis error other than NOSCRIPT is
-        raised."""
+        `SwitchboardError` that raises). With `runs`, the script takes up to
+        `APPENDS_PER_SCRIPT` calls a run (`runs` makes a run of them; on a
+        cluster, one) and replies a list, one reply per call. A Redis error
+        other than NOSCRIPT is raised."""
         queued = [call for call in calls if not isinstance(call, SwitchboardError)]
-        replies = iter(await self._run_all(script, queued))
+        if runs is None:
+            replies = iter(await self._run_all(script, queued))
+        else:
+            per_run = 1 if isinstance(self._redis, RedisCluster) else APPENDS_PER_SCRIPT
+            batched = [runs(queued[n : n + per_run]) for n in range(0, len(queued), per_run)]
+            replies = iter([one for run in await self._run_all(script, batched) for one in run])
         results: list[T | SwitchboardError] = []
         for call in calls:
             if isinstance(call, SwitchboardError):
@@ -134,6 +161,10 @@ class EventLog:
             return list(
                 await asyncio.gather(*(script(keys=keys, args=args) for keys, args in calls))
             )
+        if len(calls) == 1:
+            # The Script: EVALSHA, and on NOSCRIPT (nothing ran) loads it and runs it.
+            [(keys, args)] = calls
+            return [await script(keys=keys, args=args)]
         # EVALSHA itself, not the Script in the pipeline: redis-py would ask
         # SCRIPT EXISTS before every batch (a tenth of this service's time
         # under load). A Redis that lost its scripts (a restart) answers
@@ -152,26 +183,34 @@ class EventLog:
         return replies
 
     def _append_call(self, request: session_pb2.AppendEventsRequest) -> ScriptCall:
-        """The KEYS and ARGV of APPEND_EVENTS (ids validated first)."""
-        tenant_id, session_id = request.tenant_id, request.session_id
-        keys = session_keys(tenant_id, session_id)
+        """The KEYS and ARGV of one append in APPEND_EVENTS (ids validated first)."""
         has_open = request.HasField("open_response_id")
         args: list[int | str | bytes] = [
-            self._ttl_ms,
-            self._max_events,
             request.holder,
             lease_ms_within(request.lease_ms),
             request.open_response_id if has_open else "-",
             request.open_response_seq if has_open else 0,
             request.broker_response_id,
             request.broker_address,
+            len(request.events),
         ]
         for e in request.events:
-            args.append(e.seq)
-            args.append(
-                session_pb2.SessionEvent(event_id=e.event_id, payload=e.payload).SerializeToString()
-            )
-        return [*keys, lease_keys_of(keys).owner], args
+            # The event as it came, seq and all: a reader takes the seq from the
+            # member's prefix (the one the script gave it).
+            args += (e.seq, e.SerializeToString())
+        return self._append_keys(request.tenant_id, request.session_id), args
+
+    def _append_keys(self, tenant_id: str, session_id: str) -> list[str]:
+        """A session's keys as APPEND_EVENTS takes them, built (and the ids
+        validated) once while the session keeps appending."""
+        keys = self._keys.get((tenant_id, session_id))
+        if keys is None:
+            session = session_keys(tenant_id, session_id)
+            keys = [*session, lease_keys_of(session).owner]
+            if len(self._keys) >= KEYS_CACHED:
+                self._keys.clear()
+            self._keys[(tenant_id, session_id)] = keys
+        return keys
 
     @store_call
     async def claim(

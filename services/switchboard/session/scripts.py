@@ -2,8 +2,10 @@
 
 Every write script takes the session's four keys (meta items order events) as
 its first KEYS, the TTL in ms as ARGV[1], checks that the session exists, and
-refreshes the TTL of those four keys before it returns. The lease scripts take
-the lease keys, which expire with the lease.
+refreshes the TTL of those four keys before it returns; APPEND_EVENTS takes
+them (and the lease's owner key) per append of its batch, and refreshes them
+when they were last refreshed over a second ago. The lease scripts take the
+lease keys, which expire with the lease.
 """
 
 # Every write script takes the TTL in ms as ARGV[1] and ends by calling touch().
@@ -81,55 +83,78 @@ return 'ok'
 """
 )
 
-# KEYS: meta items order events owner.
-# ARGV: ttl_ms max_events holder lease_ms open_response ('-' keeps it)
-# open_response_seq broker_response ('' keeps it) broker_address, then seq
-# event_bytes per event.
-# With a holder, refuses (-2) unless the lease is free or the holder's, and renews
-# it. Seq 0 numbers an event after the last; others must be increasing and above
-# the last (-3 otherwise, nothing written). Keeps the newest max_events and
-# returns the new last seq, or -1 when the session does not exist.
-APPEND_EVENTS = (
-    TOUCH
-    + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local holder = ARGV[3]
-if holder ~= '' then
-  local owner = redis.call('GET', KEYS[5])
-  if owner and owner ~= holder then return -2 end
+# Appends of events, each to one session: one script for a whole batch of them
+# (on a cluster, whose scripts see one slot, a batch of one).
+# KEYS: meta items order events owner of each append, in order.
+# ARGV: ttl_ms max_events, then per append: holder lease_ms open_response ('-'
+# keeps it) open_response_seq broker_response ('' keeps it) broker_address
+# event_count, then seq event_bytes per event.
+# Each append is applied on its own, as if by a script of its own (an append
+# that fails writes nothing and the others go on). With a holder, it is refused
+# (-2) unless the lease is free or the holder's, and renews it. Seq 0 numbers an
+# event after the last; others must be increasing and above the last (-3
+# otherwise). Keeps the newest max_events. Its TTLs are refreshed when they were
+# last over a second ago (the events key's tells: every write refreshes all
+# four keys at once, and a new events key has none). Returns per append the new
+# last seq, or -1 when the session does not exist.
+APPEND_EVENTS = """
+local ttl, max_events = tonumber(ARGV[1]), tonumber(ARGV[2])
+local results = {}
+local a = 3
+for n = 1, (#KEYS / 5) do
+  local k = 5 * (n - 1)
+  local meta, events, owner = KEYS[k + 1], KEYS[k + 4], KEYS[k + 5]
+  local holder, count = ARGV[a], tonumber(ARGV[a + 6])
+  local first = a + 7
+  a = first + 2 * count
+  local result
+  local last = redis.call('HGET', meta, 'last_event_seq')
+  if not last and redis.call('EXISTS', meta) == 0 then result = -1
+  elseif holder ~= '' and (redis.call('GET', owner) or holder) ~= holder then result = -2
+  else
+    local seq = tonumber(last or '0')
+    local added = {}
+    for i = first, a - 1, 2 do
+      local given = tonumber(ARGV[i])
+      if given == 0 then seq = seq + 1
+      elseif given <= seq then result = -3; break
+      else seq = given end
+      added[#added + 1] = seq
+      added[#added + 1] = string.format('%d', seq) .. '\\n' .. ARGV[i + 1]
+    end
+    if not result then
+      for i = 1, #added, 200 do
+        redis.call('ZADD', events, unpack(added, i, math.min(i + 199, #added)))
+      end
+      if holder ~= '' then redis.call('SET', owner, holder, 'PX', ARGV[first - 6]) end
+      local fields = {'last_event_seq', string.format('%d', seq)}
+      if ARGV[first - 5] ~= '-' then
+        fields[3], fields[4] = 'open_response', ARGV[first - 5]
+        fields[5], fields[6] = 'open_response_seq', ARGV[first - 4]
+      end
+      if ARGV[first - 3] ~= '' then
+        fields[#fields + 1], fields[#fields + 2] = 'broker_response', ARGV[first - 3]
+        fields[#fields + 1], fields[#fields + 2] = 'broker', ARGV[first - 2]
+      end
+      redis.call('HSET', meta, unpack(fields))
+      if seq > max_events then
+        local excess = redis.call('ZCARD', events) - max_events
+        if excess > 0 then
+          local gone = redis.call('ZRANGE', events, excess - 1, excess - 1, 'WITHSCORES')
+          redis.call('HSET', meta, 'trimmed_seq', gone[2])
+          redis.call('ZREMRANGEBYRANK', events, 0, excess - 1)
+        end
+      end
+      if redis.call('PTTL', events) < ttl - 1000 then
+        for i = 1, 4 do redis.call('PEXPIRE', KEYS[k + i], ttl) end
+      end
+      result = seq
+    end
+  end
+  results[n] = result
 end
-local last = tonumber(redis.call('HGET', KEYS[1], 'last_event_seq') or '0')
-local seqs = {}
-local seq = last
-for i = 9, #ARGV, 2 do
-  local given = tonumber(ARGV[i])
-  if given == 0 then seq = seq + 1
-  elseif given <= seq then return -3
-  else seq = given end
-  seqs[#seqs + 1] = seq
-end
-for n, s in ipairs(seqs) do
-  local member = string.format('%d', s) .. '\\n' .. ARGV[8 + 2 * n]
-  redis.call('ZADD', KEYS[4], s, member)
-end
-if holder ~= '' then redis.call('SET', KEYS[5], holder, 'PX', ARGV[4]) end
-if ARGV[5] ~= '-' then
-  redis.call('HSET', KEYS[1], 'open_response', ARGV[5], 'open_response_seq', ARGV[6])
-end
-if ARGV[7] ~= '' then
-  redis.call('HSET', KEYS[1], 'broker_response', ARGV[7], 'broker', ARGV[8])
-end
-redis.call('HSET', KEYS[1], 'last_event_seq', string.format('%d', seq))
-local excess = redis.call('ZCARD', KEYS[4]) - tonumber(ARGV[2])
-if excess > 0 then
-  local gone = redis.call('ZRANGE', KEYS[4], excess - 1, excess - 1, 'WITHSCORES')
-  redis.call('HSET', KEYS[1], 'trimmed_seq', gone[2])
-  redis.call('ZREMRANGEBYRANK', KEYS[4], 0, excess - 1)
-end
-touch()
-return seq
+return results
 """
-)
 
 # KEYS: meta owner wanted. ARGV: holder lease_ms.
 # Takes (or renews) the lease when it is free or the holder's; otherwise marks it

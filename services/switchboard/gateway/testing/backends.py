@@ -213,13 +213,13 @@ class MemoryBackends:
     # --- event log and lease ------------------------------------------------------------
 
     async def append_events_batch(
-        self, appends: list[session_pb2.AppendEventsRequest]
+        self, request: session_pb2.AppendEventsBatchRequest
     ) -> session_pb2.AppendEventsBatchResponse:
         await self._enter("append_events_batch")
         reply = session_pb2.AppendEventsBatchResponse()
-        for request in appends:
+        for append in request.appends:
             try:
-                reply.results.add(last_seq=self._append(request))
+                reply.results.add(last_seq=self._append(append))
             except SwitchboardError as error:
                 reply.results.add(error_code=error.code, error_message=error.message)
         return reply
