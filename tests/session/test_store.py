@@ -266,6 +266,33 @@ async def test_a_batch_of_several_script_runs_answers_each_append_on_its_own(
         assert 0 < await client.pttl(session_keys(tenant, sid).events) <= TTL_S * 1000
 
 
+async def test_an_append_that_releases_frees_only_its_holders_lease(
+    store: SessionStore, tenant: str
+) -> None:
+    sid = (await store.create_session(tenant, session_pb2.SessionConfig())).id
+
+    def release(holder: str, session_id: str = sid) -> session_pb2.AppendEventsRequest:
+        # Its events, like its other fields, are not written.
+        return session_pb2.AppendEventsRequest(
+            tenant_id=tenant,
+            session_id=session_id,
+            holder=holder,
+            release_lease=True,
+            events=[event("ignored")],
+        )
+
+    assert (await store.events.claim(tenant, sid, "conn-a", 10_000)).claimed
+    # Another holder's release, and one of a session that is gone: no effect, no error.
+    assert await store.events.append_batch([release("conn-b"), release("conn-b", "sess_gone")]) == [
+        0,
+        0,
+    ]
+    assert not (await store.events.claim(tenant, sid, "conn-b", 10_000)).claimed
+    assert await store.events.append_batch([release("conn-a")]) == [0]
+    assert (await store.events.claim(tenant, sid, "conn-b", 10_000)).claimed
+    assert await store.events.read(tenant, sid) == ([], 0, 0)
+
+
 async def test_events_keep_the_seq_their_writer_gives(store: SessionStore, tenant: str) -> None:
     session = await store.create_session(tenant, session_pb2.SessionConfig())
     sid = session.id

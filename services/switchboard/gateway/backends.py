@@ -118,7 +118,6 @@ class Backends(Protocol):
     async def claim_sessions_batch(
         self, claims: list[session_pb2.ClaimSessionRequest]
     ) -> session_pb2.ClaimSessionsBatchResponse: ...
-    async def release_session(self, tenant_id: str, session_id: str, holder: str) -> None: ...
     # broker
     def generate(self, request: broker_pb2.GenerateRequest) -> ModelCall: ...
     def attach(self, broker: str, tenant_id: str, response_id: str) -> ModelCall: ...
@@ -440,9 +439,3 @@ class GrpcBackends:
         return await self._call(
             "session", self.session.ClaimSessionsBatch(request, timeout=self.timeout_s)
         )
-
-    async def release_session(self, tenant_id: str, session_id: str, holder: str) -> None:
-        request = session_pb2.ReleaseSessionRequest(
-            tenant_id=tenant_id, session_id=session_id, holder=holder
-        )
-        await self._call("session", self.session.ReleaseSession(request, timeout=self.timeout_s))

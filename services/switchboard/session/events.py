@@ -192,6 +192,7 @@ class EventLog:
             request.open_response_seq if has_open else 0,
             request.broker_response_id,
             request.broker_address,
+            1 if request.release_lease else 0,
             len(request.events),
         ]
         for e in request.events:

@@ -88,7 +88,9 @@ return 'ok'
 # KEYS: meta items order events owner of each append, in order.
 # ARGV: ttl_ms max_events, then per append: holder lease_ms open_response ('-'
 # keeps it) open_response_seq broker_response ('' keeps it) broker_address
-# event_count, then seq event_bytes per event.
+# release event_count, then seq event_bytes per event.
+# An append with release '1' only frees the lease if the holder has it (as
+# RELEASE_SESSION) and returns 0.
 # Each append is applied on its own, as if by a script of its own (an append
 # that fails writes nothing and the others go on). With a holder, it is refused
 # (-2) unless the lease is free or the holder's, and renews it. Seq 0 numbers an
@@ -104,12 +106,15 @@ local a = 3
 for n = 1, (#KEYS / 5) do
   local k = 5 * (n - 1)
   local meta, events, owner = KEYS[k + 1], KEYS[k + 4], KEYS[k + 5]
-  local holder, count = ARGV[a], tonumber(ARGV[a + 6])
-  local first = a + 7
+  local holder, release, count = ARGV[a], ARGV[a + 6], tonumber(ARGV[a + 7])
+  local first = a + 8
   a = first + 2 * count
   local result
-  local last = redis.call('HGET', meta, 'last_event_seq')
-  if not last and redis.call('EXISTS', meta) == 0 then result = -1
+  local last = release == '0' and redis.call('HGET', meta, 'last_event_seq')
+  if release ~= '0' then
+    if redis.call('GET', owner) == holder then redis.call('DEL', owner) end
+    result = 0
+  elseif not last and redis.call('EXISTS', meta) == 0 then result = -1
   elseif holder ~= '' and (redis.call('GET', owner) or holder) ~= holder then result = -2
   else
     local seq = tonumber(last or '0')
@@ -126,15 +131,15 @@ for n = 1, (#KEYS / 5) do
       for i = 1, #added, 200 do
         redis.call('ZADD', events, unpack(added, i, math.min(i + 199, #added)))
       end
-      if holder ~= '' then redis.call('SET', owner, holder, 'PX', ARGV[first - 6]) end
+      if holder ~= '' then redis.call('SET', owner, holder, 'PX', ARGV[first - 7]) end
       local fields = {'last_event_seq', string.format('%d', seq)}
-      if ARGV[first - 5] ~= '-' then
-        fields[3], fields[4] = 'open_response', ARGV[first - 5]
-        fields[5], fields[6] = 'open_response_seq', ARGV[first - 4]
+      if ARGV[first - 6] ~= '-' then
+        fields[3], fields[4] = 'open_response', ARGV[first - 6]
+        fields[5], fields[6] = 'open_response_seq', ARGV[first - 5]
       end
-      if ARGV[first - 3] ~= '' then
-        fields[#fields + 1], fields[#fields + 2] = 'broker_response', ARGV[first - 3]
-        fields[#fields + 1], fields[#fields + 2] = 'broker', ARGV[first - 2]
+      if ARGV[first - 4] ~= '' then
+        fields[#fields + 1], fields[#fields + 2] = 'broker_response', ARGV[first - 4]
+        fields[#fields + 1], fields[#fields + 2] = 'broker', ARGV[first - 3]
       end
       redis.call('HSET', meta, unpack(fields))
       if seq > max_events then

@@ -447,6 +447,7 @@ class AppendEventsRequest(_message.Message):
     OPEN_RESPONSE_SEQ_FIELD_NUMBER: _builtins.int
     BROKER_RESPONSE_ID_FIELD_NUMBER: _builtins.int
     BROKER_ADDRESS_FIELD_NUMBER: _builtins.int
+    RELEASE_LEASE_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     session_id: _builtins.str
     holder: _builtins.str
@@ -465,6 +466,12 @@ class AppendEventsRequest(_message.Message):
     may arrive before or after the events that open and end the response.
     """
     broker_address: _builtins.str
+    release_lease: _builtins.bool
+    """When set, the append only frees the session's writer lease if `holder` holds
+    it, as ReleaseSession does (its other fields are ignored); it answers
+    `last_seq` 0 and is never refused. A gateway's connection releases in the
+    batch its appends go in, instead of a call of its own.
+    """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionEvent]:
         """Events with seq 0 are numbered after the log's last seq; others keep theirs,
@@ -483,10 +490,11 @@ class AppendEventsRequest(_message.Message):
         open_response_seq: _builtins.int = ...,
         broker_response_id: _builtins.str = ...,
         broker_address: _builtins.str = ...,
+        release_lease: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_open_response_id", b"_open_response_id", "open_response_id", b"open_response_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_open_response_id", b"_open_response_id", "broker_address", b"broker_address", "broker_response_id", b"broker_response_id", "events", b"events", "holder", b"holder", "lease_ms", b"lease_ms", "open_response_id", b"open_response_id", "open_response_seq", b"open_response_seq", "session_id", b"session_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_open_response_id", b"_open_response_id", "broker_address", b"broker_address", "broker_response_id", b"broker_response_id", "events", b"events", "holder", b"holder", "lease_ms", b"lease_ms", "open_response_id", b"open_response_id", "open_response_seq", b"open_response_seq", "release_lease", b"release_lease", "session_id", b"session_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__open_response_id: _TypeAlias = _typing.Literal["open_response_id"]  # noqa: Y015
     _WhichOneofArgType__open_response_id: _TypeAlias = _typing.Literal["_open_response_id", b"_open_response_id"]  # noqa: Y015

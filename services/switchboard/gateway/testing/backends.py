@@ -226,6 +226,10 @@ class MemoryBackends:
 
     def _append(self, request: session_pb2.AppendEventsRequest) -> int:
         state = self._get(request.tenant_id, request.session_id)
+        if request.release_lease:
+            if state.owner == request.holder:
+                state.owner = ""
+            return 0
         holder = state.lease_holder()
         if request.holder and holder and holder != request.holder:
             raise SessionTakenOver("Another connection holds this session.")
@@ -296,12 +300,6 @@ class MemoryBackends:
         return session_pb2.ClaimSessionResponse(
             claimed=True, handoff_requested=wanted, last_event_seq=last
         )
-
-    async def release_session(self, tenant_id: str, session_id: str, holder: str) -> None:
-        await self._enter("release_session")
-        state = self._get(tenant_id, session_id)
-        if state.owner == holder:
-            state.owner = ""
 
     # --- broker -------------------------------------------------------------------------
 
