@@ -14,6 +14,8 @@ import orjson
 import pytest
 
 from switchboard.config import GatewaySettings
+from switchboard.gateway import connection as connection_module
+from switchboard.gateway import turns
 from switchboard.gateway.connection import RealtimeConnection
 from switchboard.gateway.eventlog import EventRecorder
 from switchboard.gateway.leases import LeaseRenewals
@@ -21,6 +23,7 @@ from switchboard.gateway.metrics import GatewayMetrics
 from switchboard.gateway.protocol import RealtimeProtocol
 from switchboard.gateway.tenant_gate import TenantGate
 from switchboard.gateway.testing import (
+    Fail,
     Finish,
     MemoryBackends,
     MemorySocket,
@@ -237,6 +240,81 @@ async def test_a_delta_sent_at_once_is_recorded_at_the_next_checkpoint(connect: 
     await eventually(lambda: delta["event_id"] in [e["event_id"] for e in client.logged()])
     release.set()
     await client.socket.next_event("response.done")
+
+
+@pytest.fixture
+def long_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Holds that no clock ends within a test: only what the connection does ends them."""
+    monkeypatch.setattr(connection_module, "BEFORE_OUTPUT_S", 600.0)
+    monkeypatch.setattr(turns, "NOTE_BROKER_WAIT_S", 600.0)
+
+
+def watch_appends(client: Client) -> list[session_pb2.AppendEventsRequest]:
+    """The appends of the client's session, as the session service gets them."""
+    appends: list[session_pb2.AppendEventsRequest] = []
+    append_events_batch = client.backends.append_events_batch
+
+    async def watched(
+        batch: session_pb2.AppendEventsBatchRequest,
+    ) -> session_pb2.AppendEventsBatchResponse:
+        appends.extend(a for a in batch.appends if a.session_id == client.session_id)
+        return await append_events_batch(batch)
+
+    client.backends.append_events_batch = watched  # type: ignore[method-assign]
+    return appends
+
+
+async def test_a_responses_first_events_are_recorded_with_its_first_output(
+    connect: Any, long_holds: None
+) -> None:
+    first, release = asyncio.Event(), asyncio.Event()
+    client = await connect(scripts=(Script([Wait(first), Text("Hi"), Wait(release), Finish()]),))
+    appends = watch_appends(client)
+    client.socket.send(USER_SAYS)
+    client.socket.send({"type": "response.create"})
+    # The model call runs, and nothing of the item or the response is recorded
+    # or sent until its first output.
+    await eventually(lambda: len(client.backends.model.requests) == 1)
+    await asyncio.sleep(0.05)
+    assert appends == [] and [e["type"] for e in client.socket.sent] == ["session.created"]
+    first.set()
+    await client.socket.next_event("response.output_text.delta")
+    kinds = [orjson.loads(event.payload)["type"] for event in appends[0].events]
+    assert kinds[:3] == ["conversation.item.added", "conversation.item.done", "response.created"]
+    assert kinds[-1] == "response.output_text.delta"
+    # The broker holding the call is noted with them, not in an append of its own.
+    assert appends[0].broker_response_id == appends[0].open_response_id
+    assert appends[0].broker_address == "broker-a:50052"
+    release.set()
+    await client.socket.until("response.done")
+    sent = [event["event_id"] for event in client.socket.sent]
+    logged = [event["event_id"] for event in client.logged()]
+    assert sent == logged[: len(sent)]
+    assert all(not a.broker_response_id for a in appends[1:])
+
+
+async def test_held_events_go_out_when_no_response_follows_or_it_ends(
+    connect: Any, long_holds: None
+) -> None:
+    client = await connect(scripts=(Script([Fail("upstream_stream_broken")]),))
+    # An item with nothing behind it: its events go when the reader finds no frame.
+    client.socket.send(user_says("item_alone"))
+    assert (await client.socket.next_event())["type"] == "conversation.item.added"
+    assert (await client.socket.next_event())["type"] == "conversation.item.done"
+    # An item with another command behind it: that command lets its events go.
+    client.socket.send(USER_SAYS)
+    client.socket.send({"type": "conversation.item.retrieve", "item_id": "nope"})
+    assert (await client.socket.next_event())["type"] == "conversation.item.added"
+    assert (await client.socket.next_event())["type"] == "conversation.item.done"
+    assert (await client.socket.next_event())["error"]["code"] == "item_not_found"
+    # A response that fails before any output: its events go out as it ends.
+    client.socket.send({"type": "response.create"})
+    assert (await client.socket.next_event())["type"] == "response.created"
+    done = (await client.socket.until("response.done"))[-1]["response"]
+    assert done["status"] == "failed"
+    sent = [event["event_id"] for event in client.socket.sent]
+    logged = [event["event_id"] for event in client.logged()]
+    assert sent == logged[: len(sent)]
 
 
 async def test_bad_frames_get_errors_and_the_connection_goes_on(connect: Any) -> None:

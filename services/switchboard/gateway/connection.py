@@ -14,6 +14,10 @@ The pump only moves frames and keeps the connection's lifetime; turns are the
    backends, a `StartResponse` as a turn.
 3. Events the protocol queues go into a bounded `Outbox` (`publish`). The writer
    records each batch in the session's event log (eventlog.py), then sends it.
+   The events of a client's item and of the response it asks for right behind
+   it wait for the response's first output (`_hold`), at most
+   `turns.BEFORE_OUTPUT_S`: recorded meanwhile, they would compete for the CPU
+   with the model call's start.
    A client that reads slowly gets merged deltas; one that falls too far behind
    is cut with 4008 `slow_consumer` and the connection goes on "detached",
    recording without sending.
@@ -60,7 +64,7 @@ from switchboard.gateway.sender import (
 )
 from switchboard.gateway.server_tools import ToolCatalogues
 from switchboard.gateway.tenant_gate import TenantGate
-from switchboard.gateway.turns import Reattach, TurnRunner
+from switchboard.gateway.turns import BEFORE_OUTPUT_S, Reattach, TurnRunner
 from switchboard.tenancy import Tenant
 from switchboard.v1 import common_pb2, session_pb2
 
@@ -126,6 +130,7 @@ class RealtimeConnection:
             on_taken_over=self._taken_over,
             max_tool_rounds=settings.max_tool_rounds,
             catalogues=catalogues,
+            on_output=self._release,
         )
         # Why the connection ended, for the disconnects metric.
         self.end_reason = "client_closed"
@@ -138,6 +143,10 @@ class RealtimeConnection:
         self._context_ahead: session_pb2.Context | None = None
         # Whether the last command stored an item (`_execute`).
         self._after_item = False
+        # While set, `publish` leaves the protocol's events queued (`_hold`).
+        self._held: asyncio.TimerHandle | None = None
+        # Held for a stored item: until the reader finds no command behind it.
+        self._item_held = False
         self._log = {"tenant_id": tenant.id, "session_id": self.session_id}
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -180,6 +189,12 @@ class RealtimeConnection:
         try:
             while not self.sender.task.done():
                 receive = asyncio.ensure_future(self.websocket.receive())
+                if self._item_held:
+                    # A client sends `response.create` right behind its item, so
+                    # its frame is read already; if none is, the item's events go.
+                    await asyncio.wait((receive,), timeout=0)
+                    if not receive.done():
+                        self._release()
                 await asyncio.wait(
                     (receive, self.sender.task, cut), return_when=asyncio.FIRST_COMPLETED
                 )
@@ -195,6 +210,11 @@ class RealtimeConnection:
                     commands = self.protocol.receive_text(text)
                 else:
                     commands = self.protocol.receive_bytes(message.get("bytes") or b"")
+                if any(isinstance(command, StartResponse) for command in commands):
+                    # The item's events (if any), `response.created` and the
+                    # response's first output go to the log together.
+                    self._hold(BEFORE_OUTPUT_S)
+                    self._item_held = False
                 self.publish()
                 for command in commands:
                     await self._execute(command)
@@ -204,6 +224,7 @@ class RealtimeConnection:
     async def _end(self, helpers: list[asyncio.Task[None]]) -> None:
         """The client is gone: finish the turn detached, record what waits,
         release the session."""
+        self._release()
         self.sender.detach()
         await self._finish_detached()
         # Waiting longer than a lease would be pointless: by then a resume
@@ -250,6 +271,7 @@ class RealtimeConnection:
         self.end_reason = "drain"
         turn = self.turns.turn
         if turn is None or not turn.cancel("drain"):
+            self._release()
             self.sender.close(DRAIN_CLOSE, "draining")
 
     def _end_after_turn(self, code: int, reason: str, end_reason: str) -> None:
@@ -258,6 +280,7 @@ class RealtimeConnection:
         self._ending = (code, reason)
         self.end_reason = end_reason
         if not self.turns.running:
+            self._release()
             self.sender.close(code, reason)
 
     def _end_with_error(self, error: SwitchboardError, end_reason: str) -> None:
@@ -284,6 +307,7 @@ class RealtimeConnection:
     def _refused(self, error: SwitchboardError) -> None:
         """A refusal no retry on this connection can cure: close with its code."""
         self.end_reason = refusal_reason(error.name)
+        self._release()
         self.sender.close(error.spec.close_code or 1011, error.name)
 
     def _taken_over(self) -> None:
@@ -295,6 +319,9 @@ class RealtimeConnection:
         self._ending = (TAKEN_OVER_CLOSE, TAKEN_OVER.name)
         if self.turns.turn is not None:
             self.turns.turn.abandon()
+        if self._held is not None:  # nothing more is sent
+            self._held.cancel()
+            self._held = None
         self.sender.taken_over()
 
     # --- helpers: slot, lease, timers ---------------------------------------------------
@@ -362,12 +389,38 @@ class RealtimeConnection:
     # --- sending ------------------------------------------------------------------------
 
     def publish(self) -> None:
-        """Move the protocol's queued events to the sender, in order. Never waits on
-        the client: a client too far behind is cut instead."""
+        """Move the protocol's queued events to the sender, in order (unless they
+        are held: `_hold`). Never waits on the client: a client too far behind is
+        cut instead."""
+        if self._held is not None:
+            return
         for event in self.protocol.take_events():
             if event["type"] == "error":
                 self.metrics.errors.labels(event["error"]["code"]).inc()
             self.sender.put(event)
+
+    def _hold(self, seconds: float) -> None:
+        """Keep the protocol's events from the sender until `_release`, or for
+        `seconds` at most (one hold at a time: a new one replaces the last).
+
+        Held from a client's item being stored (while the reader finds a command
+        behind it: `_read`) or a `response.create` to the response's first output,
+        they are recorded in one append with that output (eventlog.py) instead of
+        while the model call starts: on a busy core that work is what the call's
+        start would wait for. Nothing is sent out of order, and nothing is sent
+        before it is recorded; a response whose item was not stored never starts
+        (its `response.create` comes after the item's error)."""
+        if self._held is not None:
+            self._held.cancel()
+        self._held = asyncio.get_running_loop().call_later(seconds, self._release)
+
+    def _release(self) -> None:
+        """End the hold, if any: what waits goes to the sender."""
+        held, self._held = self._held, None
+        self._item_held = False
+        if held is not None:
+            held.cancel()
+            self.publish()
 
     def _cut_off(self) -> None:
         """The sender cut a slow consumer (4008): stop reading it; the connection
@@ -384,6 +437,8 @@ class RealtimeConnection:
         # response asked for right after it; any other command may change it.
         ahead, self._context_ahead = self._context_ahead, None
         after_item, self._after_item = self._after_item, isinstance(command, StoreItem)
+        if not isinstance(command, StartResponse):
+            self._release()
         try:
             match command:
                 case StoreItem():
@@ -403,6 +458,9 @@ class RealtimeConnection:
                     self.protocol.item_added(stored.item, stored.previous_item_id)
                     if stored.HasField("context"):
                         self._context_ahead = stored.context
+                    # For a `response.create` right behind it (`_read`).
+                    self._hold(BEFORE_OUTPUT_S)
+                    self._item_held = True
                 case UpdateSession():
                     self.tenant.route(command.config.model)  # model_not_allowed
                     await self.backends.update_session(tenant, session, command.config)
@@ -439,5 +497,6 @@ class RealtimeConnection:
         turn.task.add_done_callback(self._turn_ended)
 
     def _turn_ended(self, task: asyncio.Task[None]) -> None:
+        self._release()
         if self._ending is not None:
             self.sender.close(*self._ending)

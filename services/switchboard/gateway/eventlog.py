@@ -198,6 +198,8 @@ class SessionWriter:
         self.holder = holder
         self.lease_ms = int(lease_s * 1000)
         self._appended_at = -1e9  # monotonic time of the last append that succeeded
+        # A note of the broker running a response, for the next `record` to carry.
+        self._broker_note: tuple[str, str] | None = None
 
     async def record(self, batch: list[tuple[Event, bytes]]) -> None:
         """Append a batch of sent-to-be events (each with its JSON), in order, and
@@ -231,22 +233,40 @@ class SessionWriter:
                     request.open_response_seq = 0
             if open_response is not None:
                 request.open_response_id = open_response
+            if note is not None:
+                request.broker_response_id, request.broker_address = note
             return size
 
-        await self.recorder.append_with(fill)
+        note, self._broker_note = self._broker_note, None
+        try:
+            await self.recorder.append_with(fill)
+        except BaseException:
+            if note is not None and self._broker_note is None:
+                self._broker_note = note  # for the next append, or alone
+            raise
         self._appended_at = time.monotonic()
 
     def appended_within(self, seconds: float) -> bool:
         """Whether an append succeeded in the last `seconds` (it renewed the lease)."""
         return time.monotonic() - self._appended_at < seconds
 
-    async def note_broker(self, response_id: str, broker: str) -> None:
+    async def note_broker(self, response_id: str, broker: str, *, wait_s: float = 0.0) -> None:
         """Note the broker running `response_id`, where a connection that resumes
         this session after this gateway died re-attaches to the model call.
 
+        Args:
+            wait_s: how long the note may wait for a `record` to carry it (one
+                append for both) before it is appended alone.
+
         Raises:
-            SessionTakenOver, SwitchboardError: as `record`.
+            SessionTakenOver, SwitchboardError: as `record` (appended alone).
         """
+        if wait_s > 0:
+            note = self._broker_note = (response_id, broker)
+            await asyncio.sleep(wait_s)
+            if self._broker_note is not note:
+                return  # a `record` carried it (or a newer note replaced it)
+            self._broker_note = None
         await self.recorder.append(
             session_pb2.AppendEventsRequest(
                 tenant_id=self.tenant_id,

@@ -48,7 +48,7 @@ from switchboard.gateway.protocol import RealtimeProtocol
 from switchboard.gateway.resources import Resources
 from switchboard.gateway.resume import reopen_response, replay
 from switchboard.gateway.stream_format import END_MARKER, OPEN_MARKER, Frame, StreamEnd, TurnRequest
-from switchboard.gateway.turns import Turn, TurnRunner
+from switchboard.gateway.turns import BEFORE_OUTPUT_S, Turn, TurnRunner
 from switchboard.tenancy import Tenant
 from switchboard.v1 import session_pb2
 
@@ -192,6 +192,8 @@ class StreamPump:
         self.end_reason: str | None = None
         self._pending: list[Event] = []
         self._wake = asyncio.Event()
+        # While set, the writer leaves what waits (`start`).
+        self._held: asyncio.TimerHandle | None = None
         self._taken = False
         self._lease: Lease | None = None
         self._unrecorded_warned = False
@@ -218,6 +220,7 @@ class StreamPump:
             on_taken_over=self._taken_over,
             max_tool_rounds=settings.max_tool_rounds,
             catalogues=self.gateway.catalogues,
+            on_output=self._unhold,
         )
         return protocol, runner
 
@@ -246,6 +249,10 @@ class StreamPump:
         commands = protocol.receive_text('{"type":"response.create"}')
         command = commands[0]
         assert isinstance(command, StartResponse), "the protocol refused its own response.create"
+        # The first events wait for the response's first output, to be recorded
+        # with it rather than while the model call starts (turns.BEFORE_OUTPUT_S).
+        loop = asyncio.get_running_loop()
+        self._held = loop.call_later(BEFORE_OUTPUT_S, self._unhold)
         self.publish()
         self.turn = runner.start(command, context=context)
         self.task = asyncio.create_task(self._run())
@@ -297,6 +304,7 @@ class StreamPump:
         try:
             if self.turn is not None:
                 await self.turn.wait()
+            self._unhold()
             if not self._taken and self.protocol is not None:
                 self._pending.append(
                     {"type": END_MARKER, "event_id": self.protocol.ids.new("event")}
@@ -369,7 +377,15 @@ class StreamPump:
             if event["type"] == "error":
                 self.gateway.metrics.errors.labels(event["error"]["code"]).inc()
             self._pending.append(event)
-        self._wake.set()
+        if self._held is None:
+            self._wake.set()
+
+    def _unhold(self) -> None:
+        """The events held since `start` go to the writer."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.cancel()
+            self._wake.set()
 
     async def _write_loop(self) -> None:
         """Record each batch of events in the session's log, then translate it."""

@@ -54,6 +54,15 @@ _NOT_RECOVERED = SwitchboardError(
     "response.create.",
     code=common_pb2.ERROR_CODE_RESPONSE_INTERRUPTED,
 )
+# How long the events before a response's first output (`response.created`,
+# and the client's item's before it) may wait for it, to be recorded and sent
+# with it (`TurnRunner`'s `on_output`; connection.py, sse.py): recorded while
+# the model call starts, they would compete with it for the CPU.
+BEFORE_OUTPUT_S = 0.02
+# How long the note of the broker holding a response's model call waits to go
+# with the connection's next append of events (its first output's, usually)
+# before it is appended alone.
+NOTE_BROKER_WAIT_S = 0.05
 # What a broker answers an Attach with when the call is gone (or the broker is):
 # the response cannot be finished.
 _NOT_REATTACHED = frozenset(
@@ -172,6 +181,9 @@ class TurnRunner:
             lease had lapsed): stop, sending nothing more.
         catalogues: the tenants' tool catalogues the gateway's sessions share
             (by default, this runner's own).
+        on_output: called when a response's model call has its first event
+            other than `started` (its first output, or its end), after that
+            event reached the protocol.
     """
 
     def __init__(
@@ -188,6 +200,7 @@ class TurnRunner:
         on_taken_over: Callable[[], None],
         max_tool_rounds: int,
         catalogues: ToolCatalogues | None = None,
+        on_output: Callable[[], None] | None = None,
     ) -> None:
         self.protocol = protocol
         self.backends = backends
@@ -207,6 +220,7 @@ class TurnRunner:
         self.publish = publish
         self.on_refused = on_refused
         self.on_taken_over = on_taken_over
+        self.on_output = on_output
         self.max_tool_rounds = max_tool_rounds
         self.turn: Turn | None = None
         self._log = {"tenant_id": tenant.id, "session_id": self.session_id}
@@ -430,6 +444,13 @@ class TurnRunner:
         # protocol (as none would reach a task waiting for the next one).
         task = asyncio.current_task()
         assert task is not None
+        waiting = self.on_output is not None  # for the call's first output
+
+        def output_began() -> None:
+            nonlocal waiting
+            waiting = False
+            assert self.on_output is not None
+            self.on_output()
 
         def on_event(event: broker_pb2.GenerateEvent) -> None:
             if task.cancelling():
@@ -449,6 +470,8 @@ class TurnRunner:
             elif kind == "finished":
                 outcome.usage = event.finished.usage
                 outcome.status, outcome.reason = finish_status(event.finished.reason)
+            if waiting and kind != "started":
+                output_began()
 
         # With output moderation, text reaches the client only as its checks allow.
         moderated = self.moderator.output(send_text)
@@ -465,6 +488,8 @@ class TurnRunner:
                 async for event in call:
                     if event.WhichOneof("event") == "text_delta":
                         await moderated.feed(event.text_delta.text)
+                        if waiting:
+                            output_began()
                     else:
                         on_event(event)
                 await moderated.finish()
@@ -592,9 +617,10 @@ class TurnRunner:
 
     async def _note_broker(self, response_id: str, broker: str) -> None:
         """Note in the session the broker holding the model call, for a resume
-        after this gateway dies."""
+        after this gateway dies: with the connection's next append of events
+        (the response's first, usually), or alone after `NOTE_BROKER_WAIT_S`."""
         try:
-            await self.writer.note_broker(response_id, broker)
+            await self.writer.note_broker(response_id, broker, wait_s=NOTE_BROKER_WAIT_S)
         except SwitchboardError as exc:
             # Only a resume after this gateway dies needs it (it then re-attaches
             # at the broker target it knows, or ends the response interrupted).
