@@ -255,14 +255,21 @@ async def fast_client_goes_on_then_the_stalled_one_is_cut(
     ) as connection:
         reader = RealtimeClient(connection)
         await reader.recv()
+        # The fast client asks once the stalled one's stream runs (it is then
+        # filling the stalled client's outbox, cut, and recorded on through the
+        # grace; whether the fast reply ends before all that does is a matter of
+        # the machine's speed, not asserted) and is served in full.
+        for _ in range(1200):
+            if await tokens_sent(sim, "never reads") > 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await tokens_sent(sim, "never reads") > 0
         await reader.say("a quick question")
         events = await reader.respond()
         done = events[-1]
         assert done["response"]["status"] == "completed"
         delta = next(e for e in events if e["type"] == "response.output_text.delta")
         delta_bytes = len(orjson.dumps({**delta, "delta": "word "}))
-        # The fast client finished while the stalled one was still being streamed.
-        assert await stream_outcome(sim, "never reads") == "in_progress"
 
     # The stalled client is cut once 1 MiB waits for it; its response runs on,
     # recorded, for the 4 s disconnect grace, and then the gateway stops the

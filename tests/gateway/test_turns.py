@@ -403,6 +403,24 @@ async def test_output_that_cannot_be_stored_fails_the_response(make: Any) -> Non
     assert done(await h.turn())[0]["status"] == "completed"
 
 
+async def test_a_bug_in_a_turn_ends_its_response_failed_and_the_session_goes_on(
+    make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An exception no code path expects (here while the output is stored): the
+    # client still gets `response.done`, and the next response runs.
+    h = await make()
+    h.backends.failures["append_item"] = RuntimeError("a bug")  # type: ignore[assignment]
+    events = await h.turn()
+    assert errors_of(events) == ["internal_error"]
+    body = done(events)[0]
+    assert body["status"] == "failed"
+    assert body["status_details"]["error"]["code"] == "internal_error"
+    assert "a bug" not in str(events)
+    assert "turn failed" in caplog.text
+    del h.backends.failures["append_item"]
+    assert done(await h.turn())[0]["status"] == "completed"
+
+
 async def test_a_spent_budget_fails_the_response_and_ends_the_connection(
     make: Any,
 ) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
+from switchboard import rpc
 from switchboard.errors import SwitchboardError
 from switchboard.session.service import SessionServicer
 from switchboard.session.store import SessionStore
@@ -105,6 +106,17 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 3.
     deadline = time.monotonic() + timeout_s
     while not await check():
         assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+async def main_serving(process: subprocess.Popen[str], channel: grpc.aio.Channel) -> None:
+    """Wait until `process` (from `run_main`) answers its health check: its start-up
+    (imports, Redis, gRPC) may take many seconds on a loaded machine, so the bound is
+    a generous 30 s; an exit fails at once."""
+    deadline = time.monotonic() + 30.0
+    while not await rpc.check_health(channel):
+        assert process.poll() is None, "the session service exited"
+        assert time.monotonic() < deadline, "the session service did not become healthy"
         await asyncio.sleep(0.05)
 
 

@@ -18,7 +18,16 @@ from switchboard.session.service import SessionServicer
 from switchboard.session.store import SessionStore
 from switchboard.v1 import session_pb2_grpc
 from tests.metrics_support import conventional_families
-from tests.session.support import S, Stub, create, eventually, rpc_error, run_main, start_server
+from tests.session.support import (
+    S,
+    Stub,
+    create,
+    eventually,
+    main_serving,
+    rpc_error,
+    run_main,
+    start_server,
+)
 from tools.redis_server import RedisServer, free_port
 
 
@@ -83,7 +92,7 @@ async def test_the_service_serves_metrics_and_counts_a_redis_outage() -> None:
                     assert reply.status == 200
                     return await reply.text()
 
-            await eventually(lambda: rpc.check_health(channel), timeout_s=10.0)
+            await main_serving(process, channel)
             stub = session_pb2_grpc.SessionServiceStub(channel)
             session = await create(stub, "acme")
             text = await scrape()

@@ -24,6 +24,7 @@ from tests.session.support import (
     Stub,
     create,
     eventually,
+    main_serving,
     message,
     rpc_error,
     run_main,
@@ -344,7 +345,7 @@ async def test_main_serves_and_stops_on_sigterm(redis_server: RedisServer) -> No
     )
     try:
         async with rpc.channel(address) as channel:
-            await eventually(lambda: rpc.check_health(channel), timeout_s=10.0)
+            await main_serving(process, channel)
             stub = session_pb2_grpc.SessionServiceStub(channel)
             session = await create(stub, "acme")
             assert session.id.startswith("sess_")

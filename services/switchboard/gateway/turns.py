@@ -260,10 +260,21 @@ class TurnRunner:
         return context_budget_ahead(self.tenant)
 
     def _ended(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            # A bug: the turn's response could not even be ended. Logged with its
-            # traceback; the connection goes on.
-            log.error("turn failed", extra=self._log, exc_info=task.exception())
+        if task.cancelled() or task.exception() is None:
+            return
+        # A bug: logged with its traceback. The response it left open ends
+        # `failed` with `internal_error`, so that its client is not left waiting
+        # for `response.done` and the session can take the next response; the
+        # connection goes on.
+        log.error("turn failed", extra=self._log, exc_info=task.exception())
+        response = self.protocol.response
+        if response is None:
+            return
+        error = errors.InternalError("The response failed on an internal error.")
+        self.protocol.response_done(
+            response.id, status="failed", usage=common_pb2.Usage(), error=error
+        )
+        self.publish()
 
     async def _run(self, turn: Turn) -> None:
         """The turn, as the root span of a trace of its own (gateway/spans.py)."""
