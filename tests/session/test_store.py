@@ -293,6 +293,37 @@ async def test_an_append_that_releases_frees_only_its_holders_lease(
     assert await store.events.read(tenant, sid) == ([], 0, 0)
 
 
+async def test_a_batch_of_claims_of_several_script_runs_answers_each(
+    store: SessionStore, tenant: str
+) -> None:
+    sids = [
+        (await store.create_session(tenant, session_pb2.SessionConfig())).id
+        for _ in range(APPENDS_PER_SCRIPT + 3)
+    ]
+
+    def claims(holder: str) -> list[session_pb2.ClaimSessionRequest]:
+        return [
+            session_pb2.ClaimSessionRequest(
+                tenant_id=tenant, session_id=sid, holder=holder, lease_ms=10_000
+            )
+            for sid in [*sids, "sess_gone"]
+        ]
+
+    first = await store.events.claim_batch(claims("conn-a"))
+    assert isinstance(first[-1], SessionNotFound)
+    assert all(isinstance(c, session_pb2.ClaimSessionResponse) and c.claimed for c in first[:-1])
+    second = await store.events.claim_batch(claims("conn-b"))
+    assert all(
+        isinstance(c, session_pb2.ClaimSessionResponse) and not c.claimed for c in second[:-1]
+    )
+    # conn-a learns at its next renewal that conn-b waits for each.
+    third = await store.events.claim_batch(claims("conn-a"))
+    assert all(
+        isinstance(c, session_pb2.ClaimSessionResponse) and c.claimed and c.handoff_requested
+        for c in third[:-1]
+    )
+
+
 async def test_events_keep_the_seq_their_writer_gives(store: SessionStore, tenant: str) -> None:
     session = await store.create_session(tenant, session_pb2.SessionConfig())
     sid = session.id

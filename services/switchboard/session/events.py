@@ -76,6 +76,7 @@ class EventLog:
         self._max_events = max_events
         self._append = client.register_script(scripts.APPEND_EVENTS)
         self._claim = client.register_script(scripts.CLAIM_SESSION)
+        self._claims = client.register_script(scripts.CLAIM_SESSIONS)
         self._release = client.register_script(scripts.RELEASE_SESSION)
         # (tenant_id, session_id) -> the keys of `_append_call`.
         self._keys: dict[tuple[str, str], list[str]] = {}
@@ -114,12 +115,7 @@ class EventLog:
 
     def _appends_run(self, calls: Sequence[ScriptCall]) -> ScriptCall:
         """One run of APPEND_EVENTS for the appends of `calls`."""
-        keys: list[str] = []
-        args: list[int | str | bytes] = [self._ttl_ms, self._max_events]
-        for call_keys, call_args in calls:
-            keys += call_keys
-            args += call_args
-        return keys, args
+        return _merged(calls, [self._ttl_ms, self._max_events])
 
     async def _run_each(
         self,
@@ -127,21 +123,27 @@ class EventLog:
         calls: Sequence[ScriptCall | SwitchboardError],
         answer: Callable[[Any], T],
         runs: Callable[[Sequence[ScriptCall]], ScriptCall] | None = None,
+        width: int = 1,
     ) -> list[T | SwitchboardError]:
         """Run `script` for each of `calls` (its KEYS and ARGV, or the error that
         call already got) in one Redis round trip (on a cluster, one per call,
         concurrently), and turn each reply into its `answer` (or the
         `SwitchboardError` that raises). With `runs`, the script takes up to
         `APPENDS_PER_SCRIPT` calls a run (`runs` makes a run of them; on a
-        cluster, one) and replies a list, one reply per call. A Redis error
-        other than NOSCRIPT is raised."""
+        cluster, one) and replies a flat list, `width` values per call (one
+        value: the call's reply; more: a list of them). A Redis error other
+        than NOSCRIPT is raised."""
         queued = [call for call in calls if not isinstance(call, SwitchboardError)]
         if runs is None:
             replies = iter(await self._run_all(script, queued))
         else:
             per_run = 1 if isinstance(self._redis, RedisCluster) else APPENDS_PER_SCRIPT
             batched = [runs(queued[n : n + per_run]) for n in range(0, len(queued), per_run)]
-            replies = iter([one for run in await self._run_all(script, batched) for one in run])
+            flat = [one for run in await self._run_all(script, batched) for one in run]
+            grouped = (
+                flat if width == 1 else [flat[n : n + width] for n in range(0, len(flat), width)]
+            )
+            replies = iter(grouped)
         results: list[T | SwitchboardError] = []
         for call in calls:
             if isinstance(call, SwitchboardError):
@@ -240,7 +242,9 @@ class EventLog:
                 calls.append(_claim_call(c.tenant_id, c.session_id, c.holder, c.lease_ms))
             except SwitchboardError as error:
                 calls.append(error)
-        return await self._run_each(self._claim, calls, _claimed)
+        return await self._run_each(
+            self._claims, calls, _claimed, runs=lambda calls: _merged(calls, []), width=3
+        )
 
     @store_call
     async def release(self, tenant_id: str, session_id: str, holder: str) -> None:
@@ -284,6 +288,15 @@ def _claim_call(tenant_id: str, session_id: str, holder: str, lease_ms: int) -> 
     keys = session_keys(tenant_id, session_id)
     lease = lease_keys_of(keys)
     return [keys.meta, lease.owner, lease.wanted], [holder, lease_ms_within(lease_ms)]
+
+
+def _merged(calls: Sequence[ScriptCall], args: list[int | str | bytes]) -> ScriptCall:
+    """One run of a script for several `calls`: their KEYS, and `args` then their ARGV."""
+    keys: list[str] = []
+    for call_keys, call_args in calls:
+        keys += call_keys
+        args += call_args
+    return keys, args
 
 
 def _claimed(reply: Sequence[int]) -> session_pb2.ClaimSessionResponse:

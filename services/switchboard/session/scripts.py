@@ -161,26 +161,51 @@ end
 return results
 """
 
-# KEYS: meta owner wanted. ARGV: holder lease_ms.
-# Takes (or renews) the lease when it is free or the holder's; otherwise marks it
-# wanted by the holder, which the owner learns at its next renewal.
-# Returns {claimed, handoff_requested, last_event_seq}; claimed -1: no session.
-CLAIM_SESSION = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0, 0} end
-local last = tonumber(redis.call('HGET', KEYS[1], 'last_event_seq') or '0')
-local owner = redis.call('GET', KEYS[2])
-local wanted = redis.call('GET', KEYS[3])
-if owner and owner ~= ARGV[1] then
-  redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
-  return {0, 0, last}
+# claim(meta, owner, wanted, holder, lease_ms): takes (or renews) the lease when
+# it is free or the holder's; otherwise marks it wanted by the holder, which the
+# owner learns at its next renewal. Returns claimed, handoff_requested,
+# last_event_seq; claimed -1: no session.
+_CLAIM = """
+local function claim(meta, owner, wanted, holder, lease_ms)
+  if redis.call('EXISTS', meta) == 0 then return -1, 0, 0 end
+  local last = tonumber(redis.call('HGET', meta, 'last_event_seq') or '0')
+  local held = redis.call('GET', owner)
+  local waiting = redis.call('GET', wanted)
+  if held and held ~= holder then
+    redis.call('SET', wanted, holder, 'PX', lease_ms)
+    return 0, 0, last
+  end
+  redis.call('SET', owner, holder, 'PX', lease_ms)
+  if waiting == holder then
+    redis.call('DEL', wanted)
+    waiting = false
+  end
+  return 1, waiting and 1 or 0, last
 end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-if wanted == ARGV[1] then
-  redis.call('DEL', KEYS[3])
-  wanted = false
-end
-return {1, wanted and 1 or 0, last}
 """
+
+# KEYS: meta owner wanted. ARGV: holder lease_ms.
+# Returns {claimed, handoff_requested, last_event_seq} (see _CLAIM).
+CLAIM_SESSION = _CLAIM + "return {claim(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])}\n"
+
+# Claims of several sessions, each on its own, in one run (on a cluster, whose
+# scripts see one slot, a run of one). KEYS: meta owner wanted of each claim.
+# ARGV: holder lease_ms of each claim. Returns the three values of each claim,
+# in order, in one flat list.
+CLAIM_SESSIONS = (
+    _CLAIM
+    + """
+local results = {}
+for n = 1, #KEYS / 3 do
+  local claimed, handoff, last =
+    claim(KEYS[3 * n - 2], KEYS[3 * n - 1], KEYS[3 * n], ARGV[2 * n - 1], ARGV[2 * n])
+  results[#results + 1] = claimed
+  results[#results + 1] = handoff
+  results[#results + 1] = last
+end
+return results
+"""
+)
 
 # KEYS: owner. ARGV: holder. Frees the lease if the holder has it.
 RELEASE_SESSION = """
