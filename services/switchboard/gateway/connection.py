@@ -271,8 +271,7 @@ class RealtimeConnection:
         self.end_reason = "drain"
         turn = self.turns.turn
         if turn is None or not turn.cancel("drain"):
-            self._release()
-            self.sender.close(DRAIN_CLOSE, "draining")
+            self._close(DRAIN_CLOSE, "draining")
 
     def _end_after_turn(self, code: int, reason: str, end_reason: str) -> None:
         if self._ending is not None:
@@ -280,8 +279,7 @@ class RealtimeConnection:
         self._ending = (code, reason)
         self.end_reason = end_reason
         if not self.turns.running:
-            self._release()
-            self.sender.close(code, reason)
+            self._close(code, reason)
 
     def _end_with_error(self, error: SwitchboardError, end_reason: str) -> None:
         """Tell the client why, then close with the error's code after the turn."""
@@ -307,8 +305,7 @@ class RealtimeConnection:
     def _refused(self, error: SwitchboardError) -> None:
         """A refusal no retry on this connection can cure: close with its code."""
         self.end_reason = refusal_reason(error.name)
-        self._release()
-        self.sender.close(error.spec.close_code or 1011, error.name)
+        self._close(error.spec.close_code or 1011, error.name)
 
     def _taken_over(self) -> None:
         """Another connection holds the session: stop at once, sending nothing more."""
@@ -421,6 +418,11 @@ class RealtimeConnection:
         if held is not None:
             held.cancel()
             self.publish()
+
+    def _close(self, code: int, reason: str) -> None:
+        """Close the socket with `code`, after what is held (`_hold`)."""
+        self._release()
+        self.sender.close(code, reason)
 
     def _cut_off(self) -> None:
         """The sender cut a slow consumer (4008): stop reading it; the connection
